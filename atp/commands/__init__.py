@@ -1,0 +1,1 @@
+"""CLI subcommands, one module each (the top floor: may import every stage)."""

@@ -1,0 +1,179 @@
+"""``DoseInfluence``: the dose-influence (dij) matrix and what it refers to.
+
+``matrix`` is a scipy.sparse CSC matrix of shape (n_dose_voxels, n_beamlets), float32,
+in Gy per unit beamlet weight: dose_gy (flattened dose grid, C order) = matrix @ weights.
+Each column is one beamlet; ``beamlets`` says which beam it belongs to, the beam's
+gantry/collimator/couch angles (IEC 61217, degrees) and its centre in the beam's-eye
+view at the isocentre plane (mm): ``bev_x_mm`` along leaf travel, ``bev_y_mm`` across
+leaf pairs. ``dose_grid`` is the grid of the matrix rows (may be coarser than the CT;
+``patient_grid`` is the CT grid it maps back onto).
+
+File format (``save``/``load``, a plain ``.npz``, documented so other tools can write it):
+  format            str    "atp-dij-1"
+  data, indices, indptr, shape   the CSC arrays (float32, int32/int64, int64, (2,))
+  beam_index        int32 (n_beamlets,)
+  gantry_deg, collimator_deg, couch_deg   float64 (n_beams,)
+  isocenter_mm      float64 (n_beams, 3) patient LPS mm
+  bev_x_mm, bev_y_mm  float64 (n_beamlets,) beamlet centres at the isocentre plane
+  beamlet_size_mm   float64 (2,) (x along leaves, y across)
+  dose_grid_*       shape, spacing_mm, origin_mm, direction of the dose grid
+  patient_grid_*    same for the patient grid (absent when equal to the dose grid)
+  meta_json         str, JSON of free metadata (engine, version, threshold, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from atp.errors import InputError
+from atp.grid import Grid
+
+FORMAT_TAG = "atp-dij-1"
+
+
+@dataclass(frozen=True, eq=False)
+class BeamletInfo:
+    """Per-beam geometry and per-beamlet BEV positions (all numpy arrays)."""
+
+    beam_index: np.ndarray  # (n_beamlets,) int: which beam each column belongs to
+    gantry_deg: np.ndarray  # (n_beams,)
+    collimator_deg: np.ndarray  # (n_beams,)
+    couch_deg: np.ndarray  # (n_beams,)
+    isocenter_mm: np.ndarray  # (n_beams, 3)
+    bev_x_mm: np.ndarray  # (n_beamlets,) along leaf travel, at isocentre plane
+    bev_y_mm: np.ndarray  # (n_beamlets,) across leaf pairs, at isocentre plane
+    beamlet_size_mm: tuple[float, float] = (5.0, 5.0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beam_index", np.asarray(self.beam_index, dtype=np.int32))
+        for name in ("gantry_deg", "collimator_deg", "couch_deg", "bev_x_mm", "bev_y_mm"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        iso = np.asarray(self.isocenter_mm, dtype=np.float64).reshape(-1, 3)
+        object.__setattr__(self, "isocenter_mm", iso)
+        nb = self.gantry_deg.shape[0]
+        if not (self.collimator_deg.shape[0] == self.couch_deg.shape[0] == iso.shape[0] == nb):
+            raise InputError("per-beam arrays differ in length", field="beams")
+        n = self.beam_index.shape[0]
+        if not (self.bev_x_mm.shape[0] == self.bev_y_mm.shape[0] == n):
+            raise InputError("per-beamlet arrays differ in length", field="beamlets")
+        if n and (self.beam_index.min() < 0 or self.beam_index.max() >= nb):
+            raise InputError("beam_index out of range", field="beam_index")
+
+    @property
+    def n_beams(self) -> int:
+        return int(self.gantry_deg.shape[0])
+
+    @property
+    def n_beamlets(self) -> int:
+        return int(self.beam_index.shape[0])
+
+    def columns_of_beam(self, beam: int) -> np.ndarray:
+        return np.flatnonzero(self.beam_index == beam)
+
+
+@dataclass(frozen=True, eq=False)
+class DoseInfluence:
+    """Sparse dose-influence matrix + beamlet metadata + dose-grid geometry."""
+
+    matrix: sp.csc_matrix
+    beamlets: BeamletInfo
+    dose_grid: Grid
+    patient_grid: Grid | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        m = self.matrix
+        if not sp.issparse(m):
+            m = sp.csc_matrix(np.asarray(m))
+        m = sp.csc_matrix(m, dtype=np.float32)
+        if m.shape[0] != self.dose_grid.n_voxels:
+            raise InputError(f"dij has {m.shape[0]} rows but the dose grid has "
+                             f"{self.dose_grid.n_voxels} voxels", field="matrix.shape")
+        if m.shape[1] != self.beamlets.n_beamlets:
+            raise InputError(f"dij has {m.shape[1]} columns but {self.beamlets.n_beamlets} "
+                             "beamlets are described", field="matrix.shape")
+        if m.nnz and not np.all(np.isfinite(m.data)):
+            raise InputError("dij contains NaN/inf", field="matrix.data")
+        object.__setattr__(self, "matrix", m)
+        if self.patient_grid is None:
+            object.__setattr__(self, "patient_grid", self.dose_grid)
+
+    @property
+    def n_beamlets(self) -> int:
+        return self.matrix.shape[1]
+
+    @property
+    def n_voxels(self) -> int:
+        return self.matrix.shape[0]
+
+    def dose(self, weights) -> np.ndarray:
+        """Dose on the dose grid (Gy, 3-D) for beamlet weights (n_beamlets,)."""
+        w = np.asarray(weights, dtype=np.float32).reshape(-1)
+        if w.shape[0] != self.n_beamlets:
+            raise InputError(f"{w.shape[0]} weights for {self.n_beamlets} beamlets",
+                             field="weights")
+        return (self.matrix @ w).reshape(self.dose_grid.shape)
+
+    # --- persistence -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the documented ``.npz`` format (atomically: temp file then rename)."""
+        path = Path(path)
+        m = self.matrix
+        arrays = {
+            "format": np.array(FORMAT_TAG),
+            "data": m.data.astype(np.float32), "indices": m.indices, "indptr": m.indptr,
+            "shape": np.array(m.shape, dtype=np.int64),
+            "beam_index": self.beamlets.beam_index,
+            "gantry_deg": self.beamlets.gantry_deg,
+            "collimator_deg": self.beamlets.collimator_deg,
+            "couch_deg": self.beamlets.couch_deg,
+            "isocenter_mm": self.beamlets.isocenter_mm,
+            "bev_x_mm": self.beamlets.bev_x_mm, "bev_y_mm": self.beamlets.bev_y_mm,
+            "beamlet_size_mm": np.array(self.beamlets.beamlet_size_mm, dtype=np.float64),
+            "meta_json": np.array(json.dumps(self.meta, default=str)),
+        }
+        for prefix, g in (("dose_grid", self.dose_grid), ("patient_grid", self.patient_grid)):
+            arrays[f"{prefix}_shape"] = np.array(g.shape, dtype=np.int64)
+            arrays[f"{prefix}_spacing_mm"] = g.spacing_mm
+            arrays[f"{prefix}_origin_mm"] = g.origin_mm
+            arrays[f"{prefix}_direction"] = g.direction
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DoseInfluence":
+        path = Path(path)
+        try:
+            d = np.load(path, allow_pickle=False)
+            files = set(d.files)
+        except Exception as exc:
+            raise InputError(f"cannot read dij npz: {exc}", file=path) from None
+        if "format" not in files or str(d["format"]) != FORMAT_TAG:
+            raise InputError(f"not an {FORMAT_TAG} file", file=path, field="format")
+        try:
+            m = sp.csc_matrix((d["data"], d["indices"], d["indptr"]),
+                              shape=tuple(int(s) for s in d["shape"]))
+            info = BeamletInfo(d["beam_index"], d["gantry_deg"], d["collimator_deg"],
+                               d["couch_deg"], d["isocenter_mm"], d["bev_x_mm"], d["bev_y_mm"],
+                               tuple(float(v) for v in d["beamlet_size_mm"]))
+
+            def grid(prefix):
+                if f"{prefix}_shape" not in files:
+                    return None
+                return Grid(tuple(int(s) for s in d[f"{prefix}_shape"]),
+                            d[f"{prefix}_spacing_mm"], d[f"{prefix}_origin_mm"],
+                            d[f"{prefix}_direction"])
+
+            meta = json.loads(str(d["meta_json"])) if "meta_json" in files else {}
+            return cls(m, info, grid("dose_grid"), grid("patient_grid"), meta)
+        except InputError as exc:
+            raise InputError(exc.message, file=path, field=exc.field) from None
+        except KeyError as exc:
+            raise InputError("missing array", file=path, field=str(exc.args[0])) from None

@@ -1,0 +1,49 @@
+"""Pick the right reader for a patient path.
+
+* ``phantom`` (or ``demo``): the embedded default case, built in code;
+* ``*.npz``: compact OpenKBP patient;
+* a folder with ``ct.csv``: original OpenKBP CSV layout;
+* a folder with DICOM files (CT series + RTSTRUCT): DICOM import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from atp.errors import InputError
+from atp.patient import Patient
+
+PHANTOM_NAMES = ("phantom", "demo", "default")
+
+
+def load_patient(path: str | Path, *, prescription_file: str | Path | None = None,
+                 prescriptions: dict[str, float] | None = None,
+                 fractions: int | None = None) -> Patient:
+    """Load a patient from ``path`` (see module docstring for what is recognised).
+
+    prescription_file / prescriptions / fractions apply to DICOM input, where the
+    prescription is usually not in the data (sidecar YAML or explicit values).
+    """
+    text = str(path)
+    if text in PHANTOM_NAMES:
+        from atp.phantom import head_neck_phantom
+
+        return head_neck_phantom()
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", file=p)
+    if p.is_file() and p.suffix == ".npz":
+        from atp.io.openkbp import load_openkbp_npz
+
+        return load_openkbp_npz(p)
+    if p.is_dir() and (p / "ct.csv").is_file():
+        from atp.io.openkbp import load_openkbp_csv
+
+        return load_openkbp_csv(p)
+    if p.is_dir():
+        from atp.io.dicom import load_dicom
+
+        return load_dicom(p, prescription_file=prescription_file,
+                          prescriptions=prescriptions, fractions=fractions)
+    raise InputError("not a recognised patient (expected an OpenKBP .npz, an OpenKBP CSV "
+                     "folder, a DICOM folder, or 'phantom')", file=p)

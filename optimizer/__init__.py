@@ -1,0 +1,1 @@
+"""optimizer stage of atp (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""predictor stage of atp (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""sequencer stage of atp (see ARCHITECTURE.md)."""
