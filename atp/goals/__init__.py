@@ -1,0 +1,1 @@
+"""Goal-list language: schema, YAML loading, institution overlays, resolution, evaluation."""
