@@ -6,8 +6,8 @@ A goal list is YAML (``goal_lists/<site>.yaml``); loading gives :class:`Goal` ob
 against them giving :class:`GoalResult`.
 
 Metric text (``Metric.parse``):
-  ``Dmean``, ``Dmax``, ``Dmin``           dose in Gy (Dmax = D0.03cc by default? no: the
-                                          voxel maximum; use ``D0.03cc`` for near-max)
+  ``Dmean``, ``Dmax``, ``Dmin``           dose in Gy (Dmax/Dmin: voxel maximum/minimum;
+                                          use ``D0.03cc`` for a near-maximum)
   ``D95%``, ``D0.1cc``, ``D2cc``          dose (Gy) received by at least that volume
   ``V20Gy%``, ``V20Gy`` (cc), ``V95%%``   volume (% of structure, or cc) receiving >= a
                                           dose (Gy, or % of the structure's Rx with ``%%``)
