@@ -1,0 +1,79 @@
+"""Error map E = grad_D J(D) for a pluggable differentiable dose objective J.
+
+Default J (AIRT-style, per voxel i of the dose grid, doses in Gy):
+
+* PTV homogeneity, asymmetric: ``lam_hot/2 * relu(D - Rx)^2 + lam_cold/2 * relu(Rx - D)^2``
+  over target voxels, with ``lam_hot > lam_cold`` so hot spots cost more than cold spots;
+  ``Rx`` is each voxel's highest prescription.
+* OAR sparing slider s_o in [0, 1): squared hinge ``1/2 * relu(D - R_o)^2`` over the OAR
+  with the reference ``R_o = (1 - s_o) * D0`` (D0: the baseline dose, i.e. the plan with
+  no sparing). s_o = 0 gives R_o = D0, so the term vanishes at the baseline.
+
+Every term is normalised by its voxel count so weights do not depend on structure size.
+Any callable ``J(dose) -> scalar tensor`` can replace :class:`HotColdObjective`;
+:func:`error_map` differentiates it with autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+
+@dataclass
+class HotColdObjective:
+    """Differentiable dose objective J(D) (see module docstring).
+
+    rx_gy: (n,) per-voxel prescription on target voxels (0 elsewhere).
+    target_weight: (n,) target voxel weights (mask or partial-volume fraction).
+    oar_weights: name -> (n,) voxel weights of each OAR.
+    sparing: name -> s_o in [0, 1).
+    baseline_dose: (n,) D0 used for the OAR references (needed when any s_o > 0).
+    """
+
+    rx_gy: torch.Tensor
+    target_weight: torch.Tensor
+    lam_hot: float = 2.0
+    lam_cold: float = 1.0
+    oar_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    sparing: Mapping[str, float] = field(default_factory=dict)
+    baseline_dose: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lam_hot > self.lam_cold > 0:
+            raise ValueError("need lam_hot > lam_cold > 0 (hot spots cost more)")
+        for name, s in self.sparing.items():
+            if name not in self.oar_weights:
+                raise KeyError(f"sparing given for unknown OAR '{name}'; "
+                               f"known: {sorted(self.oar_weights)}")
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparing factor for {name} must be in [0, 1), got {s}")
+        if any(float(s) > 0 for s in self.sparing.values()) and self.baseline_dose is None:
+            raise ValueError("baseline_dose is needed when a sparing factor is > 0")
+
+    def __call__(self, dose: torch.Tensor) -> torch.Tensor:
+        x = dose - self.rx_gy
+        tw = self.target_weight
+        n_t = tw.sum().clamp_min(1.0)
+        j = (tw * (0.5 * self.lam_hot * torch.relu(x) ** 2
+                   + 0.5 * self.lam_cold * torch.relu(-x) ** 2)).sum() / n_t
+        for name, s in self.sparing.items():
+            s = float(s)
+            if s <= 0.0:
+                continue
+            w = self.oar_weights[name]
+            ref = (1.0 - s) * self.baseline_dose
+            j = j + (w * 0.5 * torch.relu(dose - ref) ** 2).sum() / w.sum().clamp_min(1.0)
+        return j
+
+
+def error_map(dose: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+    """E = dJ/dD at ``dose`` (same shape as dose), by autograd; ``dose`` is not modified."""
+    d = dose.detach().requires_grad_(True)
+    with torch.enable_grad():
+        j = objective(d)
+        (grad,) = torch.autograd.grad(j, d)
+    return grad

@@ -1,0 +1,48 @@
+"""Exact non-learned initial fluence: predicted dose -> fluence per control point.
+
+Back-projection through the dose-influence matrix (w0 = A.T v D_pred, scaled by the
+least-squares factor), then K projected-gradient steps on the dose-mimicking objective
+``1/2 sum_i v_i (A w - D_pred)_i^2 / sum v`` with fluence >= 0. ``v`` weights voxels
+(targets and OARs more than the rest of the body). Used when no trained Bev2Fluence
+weights are present.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optimizer.fastpath.correction import unrolled_correction
+from optimizer.fastpath.torch_dose import TorchDose
+
+
+class DoseMimicking:
+    """J(D) = 1/2 * sum v (D - D_pred)^2 / sum v (Gy^2)."""
+
+    def __init__(self, predicted_gy: torch.Tensor, voxel_weight: torch.Tensor) -> None:
+        self.predicted_gy = predicted_gy
+        self.voxel_weight = voxel_weight
+        self.norm = float(voxel_weight.sum().clamp_min(1.0))
+
+    def __call__(self, dose: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.voxel_weight * (dose - self.predicted_gy) ** 2).sum() / self.norm
+
+
+def back_projection(dose_op: TorchDose, predicted_gy: torch.Tensor,
+                    voxel_weight: torch.Tensor) -> torch.Tensor:
+    """w0 = alpha * A.T (v * D_pred), alpha minimising sum v (A w0 - D_pred)^2."""
+    w = dose_op.transpose_apply(voxel_weight * predicted_gy)
+    d = dose_op(w)
+    denom = float((voxel_weight * d * d).sum())
+    alpha = float((voxel_weight * d * predicted_gy).sum()) / denom if denom > 0 else 0.0
+    return torch.clamp_min(alpha * w, 0.0)
+
+
+def initial_fluence(dose_op: TorchDose, predicted_gy: torch.Tensor, voxel_weight: torch.Tensor,
+                    steps: int, lipschitz: float) -> torch.Tensor:
+    """Back-projection then ``steps`` projected-gradient steps of dose mimicking (MU)."""
+    w0 = back_projection(dose_op, predicted_gy, voxel_weight)
+    if steps <= 0 or lipschitz <= 0:
+        return w0
+    objective = DoseMimicking(predicted_gy, voxel_weight)
+    step = objective.norm / lipschitz
+    return unrolled_correction(w0, dose_op, objective, steps, step)
