@@ -11,4 +11,15 @@ from atp.errors import InputError  # noqa: E402
 from atp.grid import Grid  # noqa: E402
 from atp.patient import Patient, Prescription, Role, Structure  # noqa: E402
 
-__all__ = ["Grid", "InputError", "Patient", "Prescription", "Role", "Structure", "__version__"]
+__all__ = ["Grid", "InputError", "Patient", "Prescription", "Role", "Structure", "__version__",
+           "plan", "load_plan", "Plan"]
+
+_PIPELINE_NAMES = ("plan", "load_plan", "Plan")
+
+
+def __getattr__(name):  # lazy: `import atp` stays light; the pipeline loads on first use
+    if name in _PIPELINE_NAMES:
+        from atp import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'atp' has no attribute {name!r}")

@@ -15,7 +15,15 @@ from atp.errors import AtpError, InputError
 
 COMMAND_MODULES = [
     "atp.commands.demo",
+    "atp.commands.plan",
+    "atp.commands.replan",
     "atp.commands.info",
+    "atp.commands.goals",
+    "atp.commands.evaluate",
+    "atp.commands.train",
+    "atp.commands.predict",
+    "atp.commands.dij",
+    "atp.commands.commission",
 ]
 
 

@@ -1,1 +1,37 @@
-"""sequencer stage of atp (see ARCHITECTURE.md)."""
+"""sequencer stage of atp (see ARCHITECTURE.md): MLC/machine models as data, IMRT
+(step-and-shoot, sliding window) and VMAT leaf sequencing, deliverable dose.
+
+Typical use::
+
+    from sequencer import load_machine, fluence_set, get_sequencer, deliverable_dose
+    machine = load_machine("millennium120")
+    fl = fluence_set(weights_mu, dij.beamlets, machine.leaf_edges_mm, fractions=35)
+    delivery = get_sequencer("vmat").sequence(fl, machine)
+    dose_gy = deliverable_dose(delivery, dij)
+"""
+
+from sequencer.api import default_technique, sequence
+from sequencer.deliverable import deliverable_dose, delivered_weights
+from sequencer.delivery import BeamDelivery, Delivery, check_delivery
+from sequencer.fluence import BeamFluence, FluenceSet, fluence_set
+from sequencer.machine import Machine, available_machines, load_machine
+from sequencer.registry import get as get_sequencer
+from sequencer.registry import names as sequencer_names
+
+__all__ = [
+           "BeamDelivery",
+           "BeamFluence",
+           "Delivery",
+           "FluenceSet",
+           "Machine",
+           "available_machines",
+           "check_delivery",
+           "default_technique",
+           "deliverable_dose",
+           "delivered_weights",
+           "fluence_set",
+           "get_sequencer",
+           "load_machine",
+           "sequence",
+           "sequencer_names",
+]

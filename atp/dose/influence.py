@@ -120,6 +120,13 @@ class DoseInfluence:
                              field="weights")
         return (self.matrix @ w).reshape(self.dose_grid.shape)
 
+    def patient_dose(self, weights) -> np.ndarray:
+        """Dose on the patient (CT) grid (Gy, float32, 3-D): :meth:`dose` mapped back by
+        trilinear interpolation (:func:`atp.dose.resample.dose_to_patient_grid`)."""
+        from atp.dose.resample import dose_to_patient_grid
+
+        return dose_to_patient_grid(self.dose(weights), self.dose_grid, self.patient_grid)
+
     # --- persistence -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the documented ``.npz`` format (atomically: temp file then rename)."""
@@ -148,12 +155,12 @@ class DoseInfluence:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "DoseInfluence":
+    def load(cls, path: str | os.PathLike) -> DoseInfluence:
         path = Path(path)
         try:
             d = np.load(path, allow_pickle=False)
             files = set(d.files)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
             raise InputError(f"cannot read dij npz: {exc}", file=path) from None
         if "format" not in files or str(d["format"]) != FORMAT_TAG:
             raise InputError(f"not an {FORMAT_TAG} file", file=path, field="format")

@@ -12,6 +12,8 @@ Metric text (``Metric.parse``):
   ``V20Gy%``, ``V20Gy`` (cc), ``V95%%``   volume (% of structure, or cc) receiving >= a
                                           dose (Gy, or % of the structure's Rx with ``%%``)
   ``CI`` (RTOG), ``CIpaddick``, ``HI`` (ICRU-83), ``GI``   plan-quality indices
+  (``V95%Rx`` is accepted as a synonym of ``V95%%``; the full grammar is in
+  :mod:`atp.goals.metric`)
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ class Metric:
     dose: float | None = None
     dose_unit: str | None = None
 
+    @classmethod
+    def parse(cls, text: str) -> Metric:
+        """Parse metric text such as 'D95%', 'D0.1cc', 'V20Gy%', 'Dmean', 'CI'.
+
+        Raises :class:`~atp.errors.GoalListError` (field 'metric') for unknown text.
+        """
+        from atp.goals.metric import parse_metric
+
+        return parse_metric(text)
+
+    @property
+    def is_index(self) -> bool:
+        """True for the plan-quality indices (CI, CIpaddick, HI, GI)."""
+        return self.kind in ("CI", "CIpaddick", "HI", "GI")
+
+    def __str__(self) -> str:
+        return self.text
+
 
 @dataclass(frozen=True)
 class Goal:
@@ -48,7 +68,11 @@ class Goal:
     tolerance_pct: for 'predicted' values: -t means ask for t % less than predicted.
     priority: 1 = hard; targets default 2; OAR goals usually 3+.
     kind: 'target' | 'organ' | 'control'.
+    required: a patient lacking the structure is an error (True, default for targets)
+        or the goal is skipped and recorded (False, default for organs).
     source_file / line: where it was written (for error messages).
+    params: for control goals: {'control': 'ring'|'global_max'|'conformity', 'around':
+        target name or 'each_target', 'inner_mm', 'outer_mm'}.
     """
 
     id: str
@@ -64,14 +88,25 @@ class Goal:
     source_file: str | None = None
     line: int | None = None
     params: dict = field(default_factory=dict)  # control-goal parameters (ring mm, ...)
+    required: bool = False
+
+    @property
+    def is_predicted(self) -> bool:
+        return isinstance(self.value, str) and self.value == "predicted"
+
+    def where(self) -> str:
+        """'file:line' of the goal, for messages."""
+        return f"{self.source_file or '?'}:{self.line or '?'}"
 
 
 @dataclass(frozen=True)
 class ResolvedGoal:
     """A goal with a numeric value for one patient.
 
-    value: numeric target value in ``metric.result_unit``.
+    value: numeric target value in ``metric.result_unit``; None only for a 'predicted'
+        goal resolved without a predicted dose (evaluation then reports pass = None).
     source: 'user' (written value) | 'predicted' (from the predicted DVH) | 'control'.
+    reference_rx_gy: the prescription that '%Rx' values / ``V95%%`` doses refer to.
     predicted_value: the predicted dose's value of the metric (before tolerance), if any.
     weight: the objective weight after the priority -> weight rule.
     """
@@ -80,7 +115,7 @@ class ResolvedGoal:
     structure: str
     metric: Metric
     operator: str
-    value: float
+    value: float | None
     priority: int
     weight: float
     kind: str
@@ -89,10 +124,35 @@ class ResolvedGoal:
     predicted_value: float | None = None
     note: str = ""
     params: dict = field(default_factory=dict)
+    reference_rx_gy: float | None = None
+    source_file: str | None = None
+    line: int | None = None
 
     @property
     def is_hard(self) -> bool:
         return self.priority == 1
+
+    def met_by(self, achieved: float) -> bool | None:
+        """Whether ``achieved`` satisfies the goal (None when the value is unknown)."""
+        if self.value is None:
+            return None
+        return achieved <= self.value if self.operator == "<=" else achieved >= self.value
+
+    def margin_of(self, achieved: float) -> float | None:
+        """Signed room to spare (metric unit): > 0 met, < 0 violated by that much."""
+        if self.value is None:
+            return None
+        return self.value - achieved if self.operator == "<=" else achieved - self.value
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "structure": self.structure, "metric": self.metric.text,
+            "unit": self.metric.result_unit, "operator": self.operator,
+            "value": self.value, "priority": self.priority, "weight": self.weight,
+            "kind": self.kind, "source": self.source, "tolerance_pct": self.tolerance_pct,
+            "predicted_value": self.predicted_value, "reference_rx_gy": self.reference_rx_gy,
+            "note": self.note, "params": dict(self.params),
+        }
 
 
 @dataclass(frozen=True)
@@ -101,5 +161,13 @@ class GoalResult:
 
     goal: ResolvedGoal
     achieved: float
-    passed: bool
-    margin: float  # signed: > 0 means met with room to spare (in the metric's unit)
+    passed: bool | None  # None: the goal's value is unknown (see ``reason``)
+    margin: float | None  # signed: > 0 means met with room to spare (in the metric's unit)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        d = self.goal.to_dict()
+        d.update(achieved=self.achieved, passed=self.passed, margin=self.margin)
+        if self.reason:
+            d["reason"] = self.reason
+        return d

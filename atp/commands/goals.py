@@ -1,0 +1,94 @@
+"""``atp goals show|list``: inspect shipped goal lists and institution overlays.
+
+* ``atp goals list [--json]``: shipped sites and institutions.
+* ``atp goals show (--site SITE [--institution X] | --goal-list FILE) [--json]``: the
+  goal list after the overlay merge: priority, structure, metric, operator, value (or
+  'predicted' with its tolerance), weight and note of every goal.
+"""
+
+from __future__ import annotations
+
+from atp.commands.common import print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("goals", help="show shipped goal lists and institution overlays")
+    gsub = p.add_subparsers(dest="goals_command", metavar="{show,list}")
+    show = gsub.add_parser("show", help="print a site's goal list after an overlay merge")
+    add_goal_list_arguments(show)
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=run_show)
+    lst = gsub.add_parser("list", help="list shipped sites and institutions")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=run_list)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def add_goal_list_arguments(p) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--site", help="shipped goal list by site name (see `atp goals list`)")
+    g.add_argument("--goal-list", metavar="FILE", help="a goal-list YAML file")
+    p.add_argument("--institution", metavar="NAME|FILE",
+                   help="institution overlay: shipped name or a YAML file")
+
+
+def goal_list_from_args(args):
+    from atp.goals.loader import load_goal_list
+
+    return load_goal_list(site=args.site, path=args.goal_list, institution=args.institution)
+
+
+def format_value(goal) -> str:
+    if goal.is_predicted:
+        return f"predicted{goal.tolerance_pct:+g}%"
+    if isinstance(goal.value, str):
+        return goal.value
+    unit = goal.metric.result_unit
+    return f"{goal.value:g}" + (f" {unit}" if unit else "")
+
+
+def run_show(args) -> int:
+    gl = goal_list_from_args(args)
+    if args.json:
+        print_json(gl.to_dict())
+        return 0
+    title = f"goal list '{gl.site}'" + (f" + institution '{gl.institution}'"
+                                        if gl.institution else "")
+    print(f"{title}  ({gl.source_file}" + (f", {gl.overlay_file})" if gl.overlay_file
+                                          else ")"))
+    if gl.description:
+        print(gl.description)
+    print(f"priority -> weight: {gl.priority_weights.describe()}")
+    if gl.beam_template or gl.beams:
+        print(f"beams: {gl.beam_template or '-'} ({gl.beams or '-'} beams)")
+    print(f"{'P':>2} {'id':<30}{'structure':<22}{'metric':<11}{'op':<3}{'value':<16}"
+          f"{'weight':>8}  note")
+    for g in sorted(gl.goals, key=lambda g: g.priority):
+        where = g.structure
+        if g.params.get("control") in ("ring", "conformity"):
+            where = f"{g.params['control']}:{g.params['around']}"
+        if g.params.get("control") == "ring":
+            where = f"ring {g.params['inner_mm']:g}-{g.params['outer_mm']:g}mm"
+        print(f"{g.priority:>2} {g.id:<30}{where:<22}{g.metric.text:<11}{g.operator:<3}"
+              f"{format_value(g):<16}{gl.weight_for(g):>8g}  {g.note}")
+    return 0
+
+
+def run_list(args) -> int:
+    from atp.goals.loader import list_institutions, list_sites, read_goal_list, site_path
+
+    sites = []
+    for s in list_sites():
+        gl, _ = read_goal_list(site_path(s))
+        sites.append({"site": s, "goals": len(gl.goals), "description": gl.description})
+    insts = list_institutions()
+    if args.json:
+        print_json({"sites": sites, "institutions": insts})
+        return 0
+    print("sites (--site):")
+    for s in sites:
+        print(f"  {s['site']:<14}{s['goals']:>3} goals  {s['description'][:70]}")
+    print("institutions (--institution):")
+    for i in insts:
+        print(f"  {i}")
+    return 0

@@ -1,0 +1,117 @@
+"""``atp plan PATIENT --site hn [--institution X] [--predictor NAME]
+[--backend auto|cpu|gpu|qp] [--beams 9 | --beam-template NAME] [--refine N] --out DIR``
+
+Runs the whole pipeline (predict -> resolve goals -> dose influence -> optimise ->
+evaluate) and writes the plan directory atomically (see :mod:`atp.pipeline`). Progress
+goes to stderr (``--quiet`` silences it); ``--json`` prints the plan summary as JSON.
+
+Exit codes: 0 plan written and every priority-1 goal met; 3 plan written but some
+priority-1 goals cannot be met (each listed with the amount it misses by); 2 bad input
+or an unavailable backend (e.g. ``--backend gpu`` without a GPU).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
+
+EXIT_HARD_UNMET = 3
+
+
+def add_optimiser_arguments(p) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu", "qp"],
+                   help="optimiser backend (auto: gpu when a GPU is present, else cpu)")
+    p.add_argument("--refine", type=int, default=None, metavar="N",
+                   help="AIRTP-style refinement rounds (0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--json", action="store_true", help="print the plan summary as JSON")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="plan a patient: predict, resolve goals, optimise, "
+                                    "evaluate")
+    add_patient_arguments(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--site", default=None, help="shipped goal list by site (default hn)")
+    g.add_argument("--goal-list", metavar="FILE", help="a goal-list YAML file")
+    p.add_argument("--institution", metavar="NAME|FILE", help="institution overlay")
+    p.add_argument("--predictor", default=None,
+                   help="dose predictor name (default: the best installed)")
+    p.add_argument("--predicted-dose", metavar="PRED.npy",
+                   help="use this predicted dose (Gy, patient grid) instead of predicting")
+    p.add_argument("--dose-engine", default="pencil-beam", help="dose engine name")
+    p.add_argument("--dij", metavar="DIJ.npz",
+                   help="use this dose-influence matrix (atp-dij-1 .npz) instead of the "
+                        "engine")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--beams", type=int, default=None, help="number of equispaced beams "
+                                                           "(default: the goal list's, else 9)")
+    b.add_argument("--beam-template", default=None, help="named beam arrangement")
+    p.add_argument("--dose-grid-factor", type=int, default=2,
+                   help="dose grid = CT grid downsampled by this factor (default 2)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="first-order iteration limit per solve")
+    add_optimiser_arguments(p)
+    p.add_argument("--out", required=True, help="plan directory to write")
+    p.set_defaults(func=run)
+
+
+def progress_arg(args):
+    return not args.quiet and not args.json
+
+
+def report(plan, out, args) -> int:
+    """Print the outcome; exit code 3 when priority-1 goals are unmet."""
+    unmet = plan.unmet_hard
+    if args.json:
+        summary = plan.summary()
+        summary.update(out=str(out), backend=plan.backend, timings_s=plan.timings_s,
+                       optimizer_status=plan.optimizer.get("status"))
+        print_json(summary)
+    else:
+        s = plan.summary()
+        print(f"plan written to {out.resolve()}  (backend {plan.backend}, "
+              f"{plan.timings_s.get('total', plan.timings_s.get('replan', 0.0)):.1f} s)")
+        print(f"goals met: {s['goals_passed']}/{s['goals_total']}")
+        for r in plan.results:
+            if r.passed is False:
+                g = r.goal
+                print(f"  not met: {g.id} ({g.structure} {g.metric.text} {g.operator} "
+                      f"{g.value:.4g}): {r.achieved:.4g}")
+    for u in unmet:
+        print(f"atp: priority-1 goal {u['id']} cannot be met: {u['metric']} "
+              f"{u['operator']} {u['value']:.4g} {u['unit']}, achieved {u['achieved']:.4g} "
+              f"(misses by {u['misses_by']:.3g} {u['unit']})", file=sys.stderr)
+    return EXIT_HARD_UNMET if unmet else 0
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from atp.pipeline import plan as run_plan
+
+    patient = load_patient_from_args(args)
+    predicted = None
+    if args.predicted_dose:
+        from atp.commands.evaluate import load_dose_npy
+
+        predicted = load_dose_npy(args.predicted_dose, patient, what="predicted dose")
+    dij = None
+    if args.dij:
+        from atp.dose.influence import DoseInfluence
+
+        dij = DoseInfluence.load(args.dij)
+    opts = {}
+    if args.max_iter:
+        opts["max_iter"] = args.max_iter
+    site = args.site if args.site or args.goal_list else "hn"
+    plan = run_plan(patient, site=site, institution=args.institution,
+                    goal_list=args.goal_list, predictor=args.predictor,
+                    predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
+                    backend=args.backend, beams=args.beams, beam_template=args.beam_template,
+                    refine=args.refine or 0, progress=progress_arg(args),
+                    dose_grid_factor=args.dose_grid_factor, optimizer_options=opts)
+    out = Path(args.out)
+    plan.save(out)
+    return report(plan, out, args)

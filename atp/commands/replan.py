@@ -1,0 +1,60 @@
+"""``atp replan PLAN_DIR --set "Parotid_L.Dmean.tolerance=-20" [--warm] [--out DIR]``
+
+Re-optimises a saved plan after goal changes, reusing its stored dose-influence matrix
+and predicted dose. ``--set GOAL.FIELD=VALUE`` (repeatable) with FIELD one of tolerance
+(% on a predicted goal), value, weight, priority; GOAL is a goal id (the ``.pred``
+suffix may be left off) or STRUCTURE.METRIC. ``--warm`` starts from the saved fluence.
+Writes to ``--out`` (default: PLAN_DIR itself, replaced atomically). Exit codes as for
+``atp plan``.
+"""
+
+from __future__ import annotations
+
+from atp.commands.plan import add_optimiser_arguments, progress_arg, report
+from atp.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("replan", help="re-optimise a saved plan after changing goals")
+    p.add_argument("plan_dir", help="a plan directory written by `atp plan`")
+    p.add_argument("--set", action="append", default=[], metavar="GOAL.FIELD=VALUE",
+                   help="change a goal (repeatable), e.g. Parotid_L.Dmean.tolerance=-20")
+    p.add_argument("--warm", action="store_true",
+                   help="warm start from the saved fluence (default: cold start)")
+    p.add_argument("--patient", default=None,
+                   help="the patient (default: the source recorded in plan.json)")
+    p.add_argument("--out", default=None, help="output plan directory (default PLAN_DIR)")
+    add_optimiser_arguments(p)
+    p.set_defaults(func=run, backend=None)
+
+
+def parse_sets(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"expected GOAL.FIELD=VALUE, got '{item}'", field="--set")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"'{item}': value must be a number", field="--set") from None
+    return out
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from atp.pipeline import load_plan
+
+    changes = parse_sets(args.set)
+    patient = None
+    if args.patient:
+        from atp.io import load_patient
+
+        patient = load_patient(args.patient)
+    old = load_plan(args.plan_dir, patient=patient)
+    new = old.replan(set=changes, warm=args.warm, backend=args.backend, refine=args.refine,
+                     progress=progress_arg(args))
+    out = Path(args.out or args.plan_dir)
+    new.save(out)
+    return report(new, out, args)

@@ -1,0 +1,395 @@
+"""The finite-size pencil-beam photon engine (registered as ``"pencil-beam"``).
+
+For each beam:
+
+1. beamlets on the BEV grid that see the target(s) plus a margin
+   (:mod:`atp.dose.beamlets`);
+2. the dose-grid voxels inside the body whose BEV position lies within the lateral
+   cutoff of some beamlet; their BEV coordinates (u, v) at the isocentre plane and
+   axial distance s from the source (:class:`~atp.dose.geometry.BeamFrame`);
+3. radiological depth of every such voxel by exact voxel traversal of the CT's relative
+   electron density (:mod:`atp.dose.raytrace`): one ray from the source to each
+   dose-voxel centre (``depth_method="voxel"``, default), or a regular BEV fan of rays
+   (``ray_spacing_mm`` at the isocentre plane) read by trilinear interpolation
+   (``depth_method="fan"``; faster on fine grids, but see raytrace for its error);
+4. dose per MU of each (voxel, beamlet) pair from the kernel
+   (:mod:`atp.dose.beam_model`): the separable erf form lets one voxel's contribution
+   to a ``(2K+1) x (2K+1)`` window of neighbouring beamlets come from 2(2K+2) erf calls
+   per Gaussian component;
+5. sparsification: entries below ``threshold`` x the beam's peak (the largest dose per MU
+   any beamlet of the beam gives any voxel, taken analytically as the kernel with a
+   beamlet centred on the voxel) are dropped; the default 1e-4 keeps the scatter
+   component out to about 2 sigma (see BENCHMARKS.md for the dose it discards).
+
+Units: matrix entries are Gy per MU of one beamlet (calibration: 0.01 Gy/MU for a
+10 x 10 cm^2 field at SSD 100 cm, d_max, in water), so the optimiser's fluence is MU per
+beamlet. Rows are the voxels of ``patient.grid.downsampled(dose_grid_factor)`` (C order);
+voxels outside the body (the EXTERNAL structure, or CT > -500 HU) get no dose.
+
+Backends: ``device="cpu"`` (NumPy/SciPy) or ``device="gpu"`` (CuPy): the ray tracing and
+kernel superposition run the same lines with ``xp = array_module(...)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from atp.dose.beam_model import PhotonBeamModel, erf_for
+from atp.dose.beamlets import select_beamlets
+from atp.dose.density import hu_to_density
+from atp.dose.geometry import Beam, BeamFrame, resolve_beams
+from atp.dose.influence import BeamletInfo, DoseInfluence
+from atp.dose.raytrace import sample_cumulative, trace_cumulative
+from atp.dose.resample import mask_to_dose_grid
+from atp.errors import BackendUnavailableError, InputError, StructureError
+from atp.grid import Grid
+from atp.xp import cupy_or_none, to_numpy
+
+_SQRT2 = math.sqrt(2.0)
+DEFAULT_THRESHOLD = 1e-4
+ENGINE_VERSION = "1"
+
+
+def _pair(size) -> tuple[float, float]:
+    if np.ndim(size) == 0:
+        size = (size, size)
+    bx, by = (float(v) for v in size)
+    if not (np.isfinite(bx) and np.isfinite(by) and bx > 0 and by > 0):
+        raise InputError(f"beamlet size must be positive mm, got {size!r}",
+                         field="beamlet_size_mm")
+    return bx, by
+
+
+def crop_to_matter(density: np.ndarray, grid: Grid, min_density: float = 0.01):
+    """Smallest box holding every voxel denser than ``min_density`` (air is dropped:
+    at most a few mm of air, < 0.01 mm water-equivalent, is lost from each ray)."""
+    occupied = density > min_density
+    if not occupied.any():
+        return density, grid
+    lo, hi = [], []
+    for a in range(3):
+        other = tuple(b for b in range(3) if b != a)
+        idx = np.flatnonzero(occupied.any(axis=other))
+        lo.append(int(idx[0]))
+        hi.append(int(idx[-1]) + 1)
+    sub = density[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    g = Grid(sub.shape, grid.spacing_mm, grid.index_to_patient(np.array(lo, float)),
+             grid.direction)
+    return np.ascontiguousarray(sub), g
+
+
+class PencilBeamEngine:
+    """Finite-size pencil-beam engine for 6 MV photons (see module docstring).
+
+    model: PhotonBeamModel, a path to a beam-model JSON, or None (built-in 6 MV).
+    hu_table: HU -> density calibration CSV path or (hu, density) arrays, None = built in.
+    depth_method: "voxel" (one exact ray per dose voxel) or "fan" (interpolated fan).
+    ray_spacing_mm: fan only: lateral spacing of traced rays at the isocentre plane;
+    None = half the dose grid's smallest voxel size, at least 2 mm.
+    lateral_cutoff_mm: kernel radius (mm at depth) beyond which nothing is computed.
+    device: "cpu" or "gpu" (CuPy; BackendUnavailableError when absent).
+    """
+
+    name = "pencil-beam"
+
+    def __init__(self, model=None, *, hu_table=None, ray_spacing_mm: float | None = None,
+                 lateral_cutoff_mm: float = 60.0, device: str = "cpu",
+                 depth_method: str = "voxel", chunk_entries: int = 4_000_000) -> None:
+        if depth_method not in ("voxel", "fan"):
+            raise InputError(f"depth_method must be 'voxel' or 'fan', got {depth_method!r}",
+                             field="depth_method")
+        self.depth_method = depth_method
+        self.model = model
+        self.hu_table = hu_table
+        self.ray_spacing_mm = ray_spacing_mm
+        self.lateral_cutoff_mm = lateral_cutoff_mm
+        self.device = device
+        self.chunk_entries = chunk_entries
+
+    # --- helpers -----------------------------------------------------------------------
+    def _model(self) -> PhotonBeamModel:
+        if isinstance(self.model, PhotonBeamModel):
+            return self.model
+        return PhotonBeamModel.load(self.model)
+
+    def _xp(self):
+        if self.device == "cpu":
+            return np
+        if self.device == "gpu":
+            cp = cupy_or_none()
+            if cp is None:
+                raise BackendUnavailableError("device 'gpu' needs CuPy and a CUDA device; "
+                                              "install atp[gpu] or use device='cpu'")
+            return cp
+        raise InputError(f"unknown device {self.device!r} (cpu or gpu)", field="device")
+
+    # --- the protocol ------------------------------------------------------------------
+    def influence(self, patient, beams, *, beamlet_size_mm=5.0, dose_grid_factor: int = 2,
+                  margin_mm: float = 5.0, threshold: float = DEFAULT_THRESHOLD,
+                  targets=None, progress=None) -> DoseInfluence:
+        """Dose-influence matrix (Gy/MU per beamlet) of ``beams`` for ``patient``.
+
+        targets: structure names whose BEV projection selects beamlets (default: all
+        targets of the patient). progress: optional callable(beam_index, n_beams).
+        """
+        t0 = time.perf_counter()
+        xp = self._xp()
+        model = self._model()
+        bx, by = _pair(beamlet_size_mm)
+        if int(dose_grid_factor) != dose_grid_factor or dose_grid_factor < 1:
+            raise InputError(f"dose grid factor must be a positive integer, got "
+                             f"{dose_grid_factor!r}", field="dose_grid_factor")
+        if not (0.0 <= float(threshold) < 1.0):
+            raise InputError(f"threshold must be in [0, 1), got {threshold!r}",
+                             field="threshold")
+        if not (np.isfinite(margin_mm) and margin_mm >= 0):
+            raise InputError(f"margin must be >= 0 mm, got {margin_mm!r}", field="margin_mm")
+        beams = resolve_beams(patient, beams)
+        names = list(targets) if targets is not None else list(patient.targets)
+        if not names:
+            raise StructureError("patient has no target to aim the beamlets at",
+                                 file=patient.source, field="targets")
+        tmask = np.zeros(patient.grid.shape, dtype=bool)
+        for n in names:
+            tmask |= patient.mask(n)
+        if not tmask.any():
+            raise StructureError(f"target(s) {names} are empty", file=patient.source,
+                                 field="targets")
+        tpts = patient.grid.index_to_patient(np.argwhere(tmask))
+        half_diag = 0.5 * float(np.linalg.norm(patient.grid.spacing_mm))
+
+        grid = patient.grid
+        dose_grid = grid.downsampled(int(dose_grid_factor)) if dose_grid_factor > 1 else grid
+        body = mask_to_dose_grid(patient.body_mask, grid, dose_grid).reshape(-1) > 0
+        rows_all = np.flatnonzero(body)
+        centres = dose_grid.index_to_patient(
+            np.stack(np.unravel_index(rows_all, dose_grid.shape), axis=1).astype(np.float64))
+        density = hu_to_density(patient.ct_hu, self.hu_table, source=patient.source)
+        density, dgrid = crop_to_matter(density, grid)
+        density_x = xp.asarray(density)
+        ray_ds = 0.5 * float(np.min(grid.spacing_mm))
+        ray_h = (float(self.ray_spacing_mm) if self.ray_spacing_mm is not None
+                 else max(2.0, 0.5 * float(np.min(dose_grid.spacing_mm))))
+
+        mats, beam_index, bev_x, bev_y = [], [], [], []
+        for b, beam in enumerate(beams):
+            frame = beam.frame()
+            ix, iy = select_beamlets(frame, tpts, (bx, by), margin_mm, half_diag)
+            mat = self._beam_matrix(xp, model, frame, ix, iy, (bx, by), centres, rows_all,
+                                    density_x, dgrid, ray_ds, ray_h, float(threshold),
+                                    dose_grid.n_voxels)
+            mats.append(mat)
+            beam_index.append(np.full(ix.size, b, dtype=np.int32))
+            bev_x.append((ix + 0.5) * bx)
+            bev_y.append((iy + 0.5) * by)
+            if progress is not None:
+                progress(b + 1, len(beams))
+        matrix = _stack_csc(mats, dose_grid.n_voxels)
+        info = BeamletInfo(np.concatenate(beam_index),
+                           [bm.gantry_deg for bm in beams],
+                           [bm.collimator_deg for bm in beams],
+                           [bm.couch_deg for bm in beams],
+                           [bm.isocenter_mm for bm in beams],
+                           np.concatenate(bev_x), np.concatenate(bev_y), (bx, by))
+        meta = {
+            "engine": self.name, "engine_version": ENGINE_VERSION,
+            "beam_model": model.name, "units": "Gy/MU",
+            "calibration": "0.01 Gy/MU, 10x10 cm2 field, SSD 100 cm, d_max, water",
+            "threshold": float(threshold),
+            "threshold_rule": "entries < threshold x the beam's peak dose per MU dropped",
+            "lateral_cutoff_mm": self.lateral_cutoff_mm,
+            "depth_method": self.depth_method,
+            "ray_spacing_mm": ray_h if self.depth_method == "fan" else None,
+            "dose_grid_factor": int(dose_grid_factor), "margin_mm": float(margin_mm),
+            "targets": names, "patient_id": patient.patient_id, "device": self.device,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return DoseInfluence(matrix, info, dose_grid, grid, meta)
+
+    def aperture_dose(self, dij: DoseInfluence, apertures):
+        """Dose (Gy, dose grid) of MLC apertures; see :func:`atp.dose.aperture.aperture_dose`."""
+        from atp.dose.aperture import aperture_dose
+
+        return aperture_dose(dij, apertures)
+
+    # --- one beam ----------------------------------------------------------------------
+    def _beam_matrix(self, xp, model: PhotonBeamModel, frame: BeamFrame, ix, iy, size,
+                     centres, rows_all, density, dgrid: Grid, ray_ds: float,
+                     ray_h: float, threshold: float, n_rows: int) -> sp.csc_matrix:
+        bx, by = size
+        n_cols = ix.size
+        if n_cols == 0:
+            return sp.csc_matrix((n_rows, 0), dtype=np.float32)
+        sad = frame.sad_mm
+        u, v, s = frame.project(centres)
+        cut = float(self.lateral_cutoff_mm)
+        r_iso = cut * sad / s
+        sel = ((u >= ix.min() * bx - r_iso) & (u <= (ix.max() + 1) * bx + r_iso)
+               & (v >= iy.min() * by - r_iso) & (v <= (iy.max() + 1) * by + r_iso)
+               & (s > 1.0))
+        if not sel.any():
+            return sp.csc_matrix((n_rows, n_cols), dtype=np.float32)
+        u, v, s, rows = u[sel], v[sel], s[sel], rows_all[sel]
+        if self.depth_method == "voxel":
+            depth = self._voxel_depth(xp, frame, centres[sel], density, dgrid)
+        else:
+            depth = self._radiological_depth(xp, frame, u, v, s, density, dgrid, ray_ds,
+                                             ray_h)
+        u, v, s = xp.asarray(u), xp.asarray(v), xp.asarray(s)
+
+        # per-voxel kernel coefficients
+        scale = sad / s
+        base = model.gy_per_mu_scale * model.depth_term(depth, xp) * scale * scale
+        comps = [(base * w, sig * scale) for w, sig in model.components(depth, xp)]
+        erf = erf_for(xp)
+        peak = 0.0
+        for c, sg in comps:  # beamlet centred on the voxel: the largest entry possible
+            f1 = erf(bx / (2 * _SQRT2 * sg)) * erf(by / (2 * _SQRT2 * sg))
+            peak = peak + c * f1
+        floor = threshold * float(xp.max(peak)) if threshold > 0 else 0.0
+
+        # beamlet lookup: (iy, ix) -> column
+        ix0, iy0 = int(ix.min()), int(iy.min())
+        lut = np.full((int(iy.max()) - iy0 + 1, int(ix.max()) - ix0 + 1), -1, dtype=np.int64)
+        lut[iy - iy0, ix - ix0] = np.arange(n_cols)
+        r_max = cut * sad / float(np.min(to_numpy(s)))  # widest window, iso-plane mm
+        kx = math.ceil(r_max / bx) + 1
+        ky = math.ceil(r_max / by) + 1
+        n = u.shape[0]
+        nwx, nwy = 2 * kx + 1, 2 * ky + 1
+        per = nwx * nwy
+        chunk = max(1, self.chunk_entries // per)
+        lut_w = lut.shape[1]
+        lut_flat = xp.asarray(lut.reshape(-1))
+        out_r, out_c, out_v = [], [], []
+        for a in range(0, n, chunk):
+            sl = slice(a, a + chunk)
+            uu, vv = u[sl], v[sl]
+            cx = xp.floor(uu / bx).astype(xp.int64)
+            cy = xp.floor(vv / by).astype(xp.int64)
+            # beamlet-grid index of every window position, and whether it is on the grid
+            bxi = cx[:, None] + xp.arange(-kx, kx + 1)[None, :] - ix0  # (m, nwx)
+            byi = cy[:, None] + xp.arange(-ky, ky + 1)[None, :] - iy0
+            okx = ((bxi >= 0) & (bxi < lut_w)).astype(xp.float32)
+            oky = ((byi >= 0) & (byi < lut.shape[0])).astype(xp.float32)
+            ex = (cx[:, None] + xp.arange(-kx, kx + 2)[None, :]) * bx  # beamlet edges
+            ey = (cy[:, None] + xp.arange(-ky, ky + 2)[None, :]) * by
+            fxs, fys = [], []
+            for c, sg in comps:
+                k = 1.0 / (_SQRT2 * sg[sl])
+                exf = erf((uu[:, None] - ex) * k[:, None])
+                eyf = erf((vv[:, None] - ey) * k[:, None])
+                fx = (0.5 * (exf[:, :-1] - exf[:, 1:])).astype(xp.float32) * okx
+                fy = ((0.5 * c[sl])[:, None] * (eyf[:, :-1] - eyf[:, 1:])).astype(xp.float32)
+                fxs.append(fx)
+                fys.append(fy * oky)
+            # shrink the window to offsets where some entry can pass the threshold:
+            # val[i, x, y] <= sum_k fx_k[i, x] * max_y fy_k[i, y] (and symmetrically)
+            bound_x = sum(fx * xp.max(fy, axis=1, keepdims=True) for fx, fy in zip(fxs, fys))
+            bound_y = sum(fy * xp.max(fx, axis=1, keepdims=True) for fx, fy in zip(fxs, fys))
+            lim = floor if floor > 0 else 0.0
+            kxs = to_numpy(xp.flatnonzero(xp.max(bound_x, axis=0) > lim))
+            kys = to_numpy(xp.flatnonzero(xp.max(bound_y, axis=0) > lim))
+            if kxs.size == 0 or kys.size == 0:
+                continue
+            x_lo, x_hi = int(kxs[0]), int(kxs[-1]) + 1
+            y_lo, y_hi = int(kys[0]), int(kys[-1]) + 1
+            val = None
+            for fx, fy in zip(fxs, fys):
+                term = fx[:, x_lo:x_hi, None] * fy[:, None, y_lo:y_hi]
+                if val is None:
+                    val = term
+                else:
+                    val += term
+            wy = y_hi - y_lo
+            per_w = (x_hi - x_lo) * wy
+            hit = xp.flatnonzero((val > lim).reshape(-1))
+            vi = hit // per_w
+            rem = hit - vi * per_w
+            xi = rem // wy + x_lo
+            yi = rem - (rem // wy) * wy + y_lo
+            col = lut_flat[byi[vi, yi] * lut_w + bxi[vi, xi]]
+            good = col >= 0
+            out_r.append(rows[a + to_numpy(vi[good])])
+            out_c.append(to_numpy(col[good]))
+            out_v.append(to_numpy(val.reshape(-1)[hit[good]]))
+        if not out_r:
+            return sp.csc_matrix((n_rows, n_cols), dtype=np.float32)
+        r = np.concatenate(out_r)
+        c = np.concatenate(out_c)
+        vals = np.concatenate(out_v).astype(np.float32)
+        return sp.csc_matrix((vals, (r, c)), shape=(n_rows, n_cols), dtype=np.float32)
+
+    def _voxel_depth(self, xp, frame: BeamFrame, points_mm, density, dgrid: Grid):
+        """Water-equivalent depth (mm) at points by one exact ray per point."""
+        vec = np.asarray(points_mm, dtype=np.float64) - frame.source_mm
+        length = np.linalg.norm(vec, axis=1)
+        order = np.argsort(length, kind="stable")  # chunks of similar depth: fewer planes
+        ls = length[order]
+        traced = trace_cumulative(density, dgrid, frame.source_mm,
+                                  vec[order] / ls[:, None], t_stop=ls)
+        depth_sorted = sample_cumulative(traced, xp.asarray(ls[:, None]))[:, 0]
+        depth = xp.empty_like(depth_sorted)
+        depth[xp.asarray(order)] = depth_sorted
+        return depth
+
+    def _radiological_depth(self, xp, frame: BeamFrame, u, v, s, density, dgrid: Grid,
+                            ray_ds: float, h: float):
+        """Water-equivalent depth (mm) at BEV points (u, v, s) by a traced ray fan."""
+        u0, v0 = u.min() - h, v.min() - h
+        nu = int(np.ceil((u.max() + h - u0) / h)) + 1
+        nv = int(np.ceil((v.max() + h - v0) / h)) + 1
+        s0 = s.min() - ray_ds
+        ns = int(np.ceil((s.max() + ray_ds - s0) / ray_ds)) + 1
+        gu = u0 + h * np.arange(nu)
+        gv = v0 + h * np.arange(nv)
+        pu, pv = np.meshgrid(gu, gv, indexing="ij")
+        pts = frame.iso_plane_point(pu.reshape(-1), pv.reshape(-1))
+        vec = pts - frame.source_mm
+        length = np.linalg.norm(vec, axis=1)
+        dirs = vec / length[:, None]
+        s_grid = s0 + ray_ds * np.arange(ns)
+        t_query = xp.asarray(s_grid[None, :] * (length / frame.sad_mm)[:, None])
+        traced = trace_cumulative(density, dgrid, frame.source_mm, dirs)
+        table = sample_cumulative(traced, t_query).reshape(nu, nv, ns)
+        coords = xp.asarray(np.stack([(u - u0) / h, (v - v0) / h, (s - s0) / ray_ds]))
+        if xp is np:
+            from scipy.ndimage import map_coordinates
+        else:  # pragma: no cover - GPU only
+            from cupyx.scipy.ndimage import map_coordinates
+        return map_coordinates(table, coords, order=1, mode="nearest")
+
+
+def _stack_csc(mats, n_rows: int) -> sp.csc_matrix:
+    """Columns of several CSC matrices side by side (plain concatenation, no copies of
+    sorted structure beyond one pass)."""
+    data = np.concatenate([m.data for m in mats]).astype(np.float32, copy=False)
+    indices = np.concatenate([m.indices.astype(np.int32, copy=False) for m in mats])
+    ptrs, off = [np.zeros(1, dtype=np.int64)], 0
+    for m in mats:
+        ptrs.append(m.indptr[1:].astype(np.int64) + off)
+        off += m.nnz
+    indptr = np.concatenate(ptrs)
+    if off < np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    n_cols = sum(m.shape[1] for m in mats)
+    return sp.csc_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+
+
+def default_engine() -> PencilBeamEngine:
+    """The engine with its defaults (``ATP_DOSE_DEVICE=gpu`` selects CuPy)."""
+    return PencilBeamEngine(device=os.environ.get("ATP_DOSE_DEVICE", "cpu"))
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Beam",
+    "PencilBeamEngine",
+    "crop_to_matter",
+    "default_engine",
+]

@@ -1,0 +1,89 @@
+"""Moving arrays between the patient (CT) grid and a coarser dose grid.
+
+* :func:`mask_to_dose_grid`: exact block averaging. The dose grid must be
+  ``patient_grid.downsampled(f)``; each dose voxel gets the fraction (0..1, float32) of
+  its ``f x f x f`` block of CT voxels that lie in the mask. Blocks that stick out of
+  the CT at the far edges count the missing voxels as outside the mask.
+* :func:`dose_to_patient_grid`: trilinear interpolation of the dose at every patient
+  voxel centre (separable: linear along each array axis in turn, which is exactly
+  trilinear). Patient voxel centres beyond the outermost dose-voxel centres take the
+  edge value (nearest), so nothing outside the dose grid is invented.
+
+Both work on NumPy or CuPy arrays (``array_module``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atp.errors import GridMismatchError
+from atp.grid import Grid
+from atp.xp import array_module
+
+
+def downsample_factor(patient_grid: Grid, dose_grid: Grid) -> int:
+    """The integer f with ``dose_grid == patient_grid.downsampled(f)``, else raise."""
+    ratio = np.asarray(dose_grid.spacing_mm) / np.asarray(patient_grid.spacing_mm)
+    f = round(float(ratio[0]))
+    if f >= 1 and np.allclose(ratio, f, rtol=1e-6) and dose_grid.same_as(
+            patient_grid.downsampled(f)):
+        return f
+    raise GridMismatchError("the dose grid is not an integer down-sampling of the patient "
+                            "grid (Grid.downsampled)", field="dose_grid")
+
+
+def mask_to_dose_grid(mask, patient_grid: Grid, dose_grid: Grid):
+    """Fraction of each dose voxel inside ``mask`` (float32 on ``dose_grid``), exact."""
+    xp = array_module(mask)
+    patient_grid.check_array(mask, field="mask")
+    f = downsample_factor(patient_grid, dose_grid)
+    m = xp.asarray(mask).astype(xp.float32)
+    if f == 1:
+        return m
+    pad = [(0, n * f - s) for n, s in zip(dose_grid.shape, m.shape)]
+    m = xp.pad(m, pad)
+    n0, n1, n2 = dose_grid.shape
+    blocks = m.reshape(n0, f, n1, f, n2, f)
+    return (blocks.sum(axis=(1, 3, 5)) / float(f ** 3)).astype(xp.float32)
+
+
+def _axis_weights(patient_grid: Grid, dose_grid: Grid, axis: int):
+    """Per patient index along ``axis``: lower dose index and linear weight of the upper."""
+    d = dose_grid.direction[:, axis]
+    offset = float((patient_grid.origin_mm - dose_grid.origin_mm) @ d)
+    i = np.arange(patient_grid.shape[axis], dtype=np.float64)
+    j = (offset + i * patient_grid.spacing_mm[axis]) / dose_grid.spacing_mm[axis]
+    n = dose_grid.shape[axis]
+    j = np.clip(j, 0.0, n - 1.0)
+    j0 = np.minimum(np.floor(j).astype(np.int64), max(n - 2, 0))
+    w = j - j0
+    if n == 1:
+        j0 = np.zeros_like(j0)
+        w = np.zeros_like(w)
+    return j0, w
+
+
+def dose_to_patient_grid(dose, dose_grid: Grid, patient_grid: Grid):
+    """Trilinear interpolation of ``dose`` (dose grid) onto the patient grid, float32.
+
+    The grids must share their axis directions (any origin/spacing).
+    """
+    xp = array_module(dose)
+    dose_grid.check_array(dose, field="dose")
+    if not np.allclose(dose_grid.direction, patient_grid.direction, atol=1e-6):
+        raise GridMismatchError("dose grid and patient grid axes differ in direction",
+                                field="dose_grid")
+    if dose_grid.same_as(patient_grid):
+        return xp.asarray(dose, dtype=xp.float32)
+    out = xp.asarray(dose, dtype=xp.float32)
+    for axis in range(3):
+        j0, w = _axis_weights(patient_grid, dose_grid, axis)
+        n = dose_grid.shape[axis]
+        j1 = np.minimum(j0 + 1, n - 1)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        wx = xp.asarray(w.astype(np.float32)).reshape(shape)
+        lo = xp.take(out, xp.asarray(j0), axis=axis)
+        hi = xp.take(out, xp.asarray(j1), axis=axis)
+        out = lo * (1.0 - wx) + hi * wx
+    return out.astype(xp.float32)

@@ -1,0 +1,364 @@
+"""DICOM import: one CT series + the RTSTRUCT that references it -> :class:`Patient`.
+
+* Files: every file below the folder is read as DICOM except hidden files and obvious
+  non-DICOM suffixes (``.yaml``, ``.json``, ``.txt``, ...); one that is not DICOM or
+  is truncated is an error naming that file. Modalities other than CT and RTSTRUCT
+  (RTPLAN, RTDOSE, ...) are ignored and listed in ``metadata['dicom']['ignored']``.
+* CT: one ``SeriesInstanceUID`` (if the folder holds several, the one the RTSTRUCT
+  references). Slices are sorted by ``ImagePositionPatient`` projected on the slice
+  normal (row cosines x column cosines from ``ImageOrientationPatient``); orientation,
+  rows, columns and ``PixelSpacing`` must agree across slices and the spacing must be
+  uniform: a gap above 1.5 spacings is a missing slice. HU = stored value x
+  ``RescaleSlope`` + ``RescaleIntercept`` (float32).
+* Grid: array axes (slice, row, column); ``direction`` columns are the slice normal,
+  the column cosines (down the rows) and the row cosines (along a row); spacing is
+  (slice distance, ``PixelSpacing[0]``, ``PixelSpacing[1]``); origin = the first
+  slice's ``ImagePositionPatient``.
+* RTSTRUCT: must reference the CT's ``FrameOfReferenceUID`` and, where it names one,
+  its ``SeriesInstanceUID``. Closed planar contours are rasterised with
+  :mod:`atp.io.rasterize`. ROI names go through :func:`atp.names.canonical_name`;
+  known names get :func:`atp.names.role_for`, unknown ones keep their name and get the
+  role from ``RTROIInterpretedType`` (EXTERNAL, PTV/CTV/GTV/ITV -> target) or ORGAN.
+  Empty ROIs are skipped and noted in ``metadata['warnings']``.
+* Prescriptions: see :mod:`atp.io.prescription`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import DicomError, InputError
+from atp.grid import Grid
+from atp.io.prescription import find_sidecar, load_prescription_file, resolve_prescriptions
+from atp.io.rasterize import rasterize_contours
+from atp.names import AliasTable, canonical_name, role_for
+from atp.patient import Patient, Role, Structure
+
+NOT_DICOM_SUFFIXES = {".yaml", ".yml", ".json", ".txt", ".md", ".csv", ".npz", ".npy",
+                      ".png", ".jpg", ".jpeg", ".pdf", ".html", ".xml", ".py", ".zip"}
+GAP_FACTOR = 1.5  # a slice distance above this many spacings = missing slice(s)
+_INTERPRETED_ROLE = {"EXTERNAL": Role.EXTERNAL, "PTV": Role.TARGET, "CTV": Role.TARGET,
+                     "GTV": Role.TARGET, "ITV": Role.TARGET, "CONTROL": Role.CONTROL,
+                     "AVOIDANCE": Role.CONTROL}
+# UIDs and demographics kept for export (RT Plan / RT Dose / RT Struct writers)
+_PATIENT_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                 "StudyInstanceUID", "StudyID", "StudyDate", "StudyTime",
+                 "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
+
+
+def _read_all(folder: Path):
+    """(path, dataset) for every candidate file; InputError for corrupt ones."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    out = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in NOT_DICOM_SUFFIXES:
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+        except InvalidDicomError:
+            raise DicomError("not a DICOM file (remove it from the folder or fix it)",
+                             file=path) from None
+        except Exception as exc:  # noqa: BLE001 - any decode failure = corrupt file
+            raise DicomError(f"corrupt DICOM file: {exc}", file=path) from None
+        if "Modality" not in ds:
+            raise DicomError("DICOM file without Modality", file=path, field="Modality")
+        out.append((path, ds))
+    return out
+
+
+def _floats(ds, tag: str, n: int, path) -> np.ndarray:
+    try:
+        v = np.array([float(x) for x in ds[tag].value], dtype=np.float64)
+    except KeyError:
+        raise DicomError("missing attribute", file=path, field=tag) from None
+    except (TypeError, ValueError):
+        raise DicomError("not numeric", file=path, field=tag) from None
+    if v.shape != (n,) or not np.all(np.isfinite(v)):
+        raise DicomError(f"expected {n} finite numbers, got {ds[tag].value}", file=path,
+                         field=tag)
+    return v
+
+
+def _ct_geometry(slices, folder: Path):
+    """Sort the series and derive the Grid; returns (sorted [(path, ds)], Grid)."""
+    path0, ds0 = slices[0]
+    iop = _floats(ds0, "ImageOrientationPatient", 6, path0)
+    row_dir, col_dir = iop[:3], iop[3:]
+    if not (abs(np.linalg.norm(row_dir) - 1) < 1e-3 and abs(np.linalg.norm(col_dir) - 1) < 1e-3
+            and abs(row_dir @ col_dir) < 1e-3):
+        raise DicomError("orientation cosines are not orthonormal", file=path0,
+                         field="ImageOrientationPatient")
+    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
+    normal = np.cross(row_dir, col_dir)
+    ps0 = _floats(ds0, "PixelSpacing", 2, path0)
+    rows0, cols0 = int(ds0.Rows), int(ds0.Columns)
+    pos = []
+    for path, ds in slices:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path), iop, atol=1e-4):
+            raise DicomError("orientation differs from the rest of the series", file=path,
+                             field="ImageOrientationPatient")
+        if not np.allclose(_floats(ds, "PixelSpacing", 2, path), ps0, atol=1e-4):
+            raise DicomError("pixel spacing differs from the rest of the series", file=path,
+                             field="PixelSpacing")
+        if (int(ds.Rows), int(ds.Columns)) != (rows0, cols0):
+            raise DicomError("image size differs from the rest of the series", file=path,
+                             field="Rows")
+        pos.append(_floats(ds, "ImagePositionPatient", 3, path))
+    pos = np.array(pos)
+    s = pos @ normal
+    order = np.argsort(s, kind="stable")
+    slices = [slices[i] for i in order]
+    pos, s = pos[order], s[order]
+    if len(slices) < 2:
+        raise DicomError("CT series has a single slice; need at least 2", file=folder,
+                         field="ImagePositionPatient")
+    d = np.diff(s)
+    if np.min(d) < 1e-3:
+        i = int(np.argmin(d))
+        raise DicomError(f"two CT slices at the same position {s[i]:.3f} mm "
+                         f"({slices[i][0].name}, {slices[i + 1][0].name})", file=folder,
+                         field="ImagePositionPatient")
+    spacing = float(np.median(d))
+    if np.max(d) > GAP_FACTOR * spacing:
+        i = int(np.argmax(d))
+        raise DicomError(f"missing CT slice(s): gap of {d[i]:.3f} mm between slices at "
+                         f"{s[i]:.3f} and {s[i + 1]:.3f} mm (spacing {spacing:.3f} mm)",
+                         file=folder, field="ImagePositionPatient")
+    tol = max(0.01, 0.01 * spacing)
+    if np.max(np.abs(d - spacing)) > tol:
+        raise DicomError(f"non-uniform slice spacing: {d.min():.3f} to {d.max():.3f} mm",
+                         file=folder, field="ImagePositionPatient")
+    # in-plane offsets must not drift (all slices on one straight line along the normal)
+    inplane = (pos - pos[0]) - np.outer(s - s[0], normal)
+    if np.max(np.abs(inplane)) > max(0.01, 0.01 * min(ps0)):
+        raise DicomError("slice positions do not lie on a line along the slice normal "
+                         "(tilted/sheared series is not supported)", file=folder,
+                         field="ImagePositionPatient")
+    direction = np.column_stack([normal, col_dir, row_dir])
+    grid = Grid((len(slices), rows0, cols0), (spacing, ps0[0], ps0[1]), pos[0], direction)
+    return slices, grid
+
+
+def _ct_volume(slices, grid: Grid) -> np.ndarray:
+    ct = np.empty(grid.shape, dtype=np.float32)
+    for k, (path, ds) in enumerate(slices):
+        try:
+            px = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - any decode failure = corrupt pixels
+            raise DicomError(f"cannot decode pixel data: {exc}", file=path,
+                             field="PixelData") from None
+        if px.shape != grid.shape[1:]:
+            raise DicomError(f"pixel data shape {px.shape} != Rows x Columns "
+                             f"{grid.shape[1:]}", file=path, field="PixelData")
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        hu = px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        if not np.all(np.isfinite(hu)):
+            raise DicomError("CT values are not finite", file=path, field="PixelData")
+        ct[k] = hu
+    return ct
+
+
+def _referenced_series(rs) -> set[str]:
+    out = set()
+    for fr in getattr(rs, "ReferencedFrameOfReferenceSequence", []) or []:
+        for st in getattr(fr, "RTReferencedStudySequence", []) or []:
+            for se in getattr(st, "RTReferencedSeriesSequence", []) or []:
+                if "SeriesInstanceUID" in se:
+                    out.add(str(se.SeriesInstanceUID))
+    return out
+
+
+def _referenced_frames(rs) -> set[str]:
+    frames = {str(fr.FrameOfReferenceUID)
+              for fr in getattr(rs, "ReferencedFrameOfReferenceSequence", []) or []
+              if "FrameOfReferenceUID" in fr}
+    frames |= {str(r.ReferencedFrameOfReferenceUID)
+               for r in getattr(rs, "StructureSetROISequence", []) or []
+               if "ReferencedFrameOfReferenceUID" in r}
+    return frames
+
+
+def _choose(ct_by_series: dict, structs: list, folder: Path):
+    """Pick (CT series uid, rtstruct (path, ds)) and check the references."""
+    if not ct_by_series:
+        raise DicomError("no CT images in the folder", file=folder, field="Modality")
+    if not structs:
+        raise DicomError("no RTSTRUCT in the folder (contours are needed)", file=folder,
+                         field="Modality")
+    if len(ct_by_series) == 1:
+        series_uid = next(iter(ct_by_series))
+        matching = [rs for rs in structs
+                    if not _referenced_series(rs[1])
+                    or series_uid in _referenced_series(rs[1])]
+    else:
+        matching = [rs for rs in structs if _referenced_series(rs[1]) & set(ct_by_series)]
+        uids = {u for rs in matching for u in _referenced_series(rs[1]) & set(ct_by_series)}
+        if len(uids) != 1:
+            raise DicomError(f"{len(ct_by_series)} CT series in the folder and no single "
+                             "RTSTRUCT that picks one; keep one CT series per folder",
+                             file=folder, field="SeriesInstanceUID")
+        series_uid = uids.pop()
+    if not matching:
+        path, rs = structs[0]
+        raise DicomError(f"RTSTRUCT references series {sorted(_referenced_series(rs))}, not "
+                         f"the CT series {series_uid}", file=path,
+                         field="ReferencedSeriesInstanceUID")
+    if len(matching) > 1:
+        raise DicomError(f"{len(matching)} RTSTRUCTs reference the CT series "
+                         f"({', '.join(p.name for p, _ in matching)}); keep one",
+                         file=folder, field="Modality")
+    return series_uid, matching[0]
+
+
+def _contour_data(contour) -> np.ndarray:
+    """ContourData as float64, parsed from the raw DS bytes when still unparsed.
+
+    pydicom turns each DS value into a Python object, which dominates import time for
+    clinical structure sets (millions of values); the raw text is parsed in one go.
+    """
+    elem = contour.get_item("ContourData")
+    if elem is None:
+        raise KeyError("ContourData")
+    raw = elem.value
+    if isinstance(raw, (bytes, bytearray)):
+        text = raw.decode("ascii", errors="strict").replace("\\", " ")
+        return np.array(text.split(), dtype=np.float64)
+    values = raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__len__") else [raw]
+    return np.array([float(v) for v in values], dtype=np.float64)
+
+
+def _roi_contours(rs, path) -> dict[int, list[np.ndarray]]:
+    """ROI number -> closed planar contours (N, 3) mm; other geometry types skipped."""
+    out: dict[int, list[np.ndarray]] = {}
+    for rc in getattr(rs, "ROIContourSequence", []) or []:
+        num = int(rc.ReferencedROINumber)
+        polys = out.setdefault(num, [])
+        for c in getattr(rc, "ContourSequence", []) or []:
+            gtype = str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")).upper()
+            if gtype != "CLOSED_PLANAR":
+                continue
+            try:
+                data = _contour_data(c)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise DicomError(f"ROI {num}: contour data missing or not numeric",
+                                 file=path, field="ContourData") from None
+            if data.size % 3 or not np.all(np.isfinite(data)):
+                raise DicomError(f"ROI {num}: contour data must be finite x,y,z triples",
+                                 file=path, field="ContourData")
+            polys.append(data.reshape(-1, 3))
+    return out
+
+
+def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
+               prescriptions: Mapping[str, float] | None = None,
+               fractions: int | None = None,
+               alias_table: AliasTable | None = None) -> Patient:
+    """Read a DICOM folder (CT series + RTSTRUCT) into a Patient (see module docs).
+
+    prescription_file: sidecar YAML (default: ``prescription.yaml`` in the folder);
+    prescriptions: target name -> Gy (overrides the sidecar's targets);
+    fractions: number of fractions (overrides the sidecar's);
+    alias_table: structure-name table (default: the shipped TG-263 table).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("not a folder", file=folder)
+    files = _read_all(folder)
+    if not files:
+        raise DicomError("no DICOM files in the folder", file=folder)
+    ct_by_series: dict[str, list] = {}
+    structs, ignored = [], []
+    for path, ds in files:
+        modality = str(ds.Modality).upper()
+        if modality == "CT":
+            if "SeriesInstanceUID" not in ds:
+                raise DicomError("CT image without SeriesInstanceUID", file=path,
+                                 field="SeriesInstanceUID")
+            ct_by_series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+        elif modality == "RTSTRUCT":
+            structs.append((path, ds))
+        else:
+            ignored.append({"file": str(path.relative_to(folder)), "modality": modality})
+    series_uid, (rs_path, rs) = _choose(ct_by_series, structs, folder)
+    slices, grid = _ct_geometry(ct_by_series[series_uid], folder)
+    ct_ds = slices[0][1]
+    frame_uid = str(getattr(ct_ds, "FrameOfReferenceUID", ""))
+    for path, ds in slices:
+        if str(getattr(ds, "FrameOfReferenceUID", "")) != frame_uid:
+            raise DicomError("CT slices disagree on FrameOfReferenceUID", file=path,
+                             field="FrameOfReferenceUID")
+    frames = _referenced_frames(rs)
+    if frame_uid and frames and frame_uid not in frames:
+        raise DicomError(f"RTSTRUCT frame of reference {sorted(frames)} is not the CT's "
+                         f"{frame_uid}", file=rs_path, field="FrameOfReferenceUID")
+    ct = _ct_volume(slices, grid)
+
+    table = alias_table or AliasTable.default()
+    contours = _roi_contours(rs, rs_path)
+    interpreted = {int(o.ReferencedROINumber): str(getattr(o, "RTROIInterpretedType", "") or "")
+                   .upper() for o in getattr(rs, "RTROIObservationsSequence", []) or []
+                   if "ReferencedROINumber" in o}
+    warnings: list[str] = []
+    structures: dict[str, Structure] = {}
+    roi_numbers: dict[str, int] = {}
+    for roi in getattr(rs, "StructureSetROISequence", []) or []:
+        num = int(roi.ROINumber)
+        original = str(getattr(roi, "ROIName", "") or f"ROI_{num}").strip()
+        polys = contours.get(num, [])
+        if not polys:
+            warnings.append(f"ROI '{original}' has no closed contours; skipped")
+            continue
+        mask = rasterize_contours(polys, grid, file=rs_path, field=f"ROI '{original}'")
+        if not mask.any():
+            warnings.append(f"ROI '{original}' covers no voxel centre; skipped")
+            continue
+        canon = canonical_name(original, table)
+        if canon is not None:
+            name, role = canon, role_for(canon)
+        else:
+            name = original
+            role = _INTERPRETED_ROLE.get(interpreted.get(num, ""), Role.ORGAN)
+        if name in structures:
+            warnings.append(f"ROI '{original}' maps to '{name}', already taken by "
+                            f"'{structures[name].original_name}'; kept as '{original}'")
+            name = original
+            k = 2
+            while name in structures:
+                name, k = f"{original}_{k}", k + 1
+        structures[name] = Structure(name, mask, role, original_name=original)
+        roi_numbers[name] = num
+
+    sidecar_path = Path(prescription_file) if prescription_file else find_sidecar(folder)
+    sidecar = load_prescription_file(sidecar_path) if sidecar_path else None
+    rx = resolve_prescriptions(structures, explicit=prescriptions, fractions=fractions,
+                               sidecar=sidecar, source=str(folder), alias_table=table)
+
+    dicom_meta = {tag: str(ct_ds.get(tag, "") or "") for tag in _PATIENT_TAGS}
+    dicom_meta.update({
+        "SeriesInstanceUID": series_uid,
+        "FrameOfReferenceUID": frame_uid,
+        "ct_sop_class_uid": str(ct_ds.get("SOPClassUID", "")),
+        "ct_sop_instance_uids": [str(ds.get("SOPInstanceUID", "")) for _, ds in slices],
+        "ct_files": [str(p.relative_to(folder)) for p, _ in slices],
+        "rtstruct_file": str(rs_path.relative_to(folder)),
+        "rtstruct_sop_instance_uid": str(rs.get("SOPInstanceUID", "")),
+        "roi_numbers": roi_numbers,
+        "ignored": ignored,
+    })
+    meta = {"format": "dicom", "dicom": dicom_meta, "warnings": warnings}
+    if sidecar_path:
+        meta["prescription_file"] = str(sidecar_path)
+    patient_id = dicom_meta["PatientID"] or folder.name
+    return Patient(ct, grid, structures, rx, patient_id, meta, str(folder))
+
+
+__all__ = ["load_dicom"]

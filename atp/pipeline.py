@@ -1,0 +1,605 @@
+"""The planning pipeline: the one place that knows the whole order of stages.
+
+``plan(patient, ...)`` runs: predict -> resolve goals -> dose influence -> build problem
+-> optimise (-> refine) -> (sequence, when a sequencer is installed and asked for) ->
+final dose -> evaluate, and returns a :class:`Plan`. A host (TPS vendor) may pass its own
+``DoseInfluence`` (``dij=``, its clinical engine) and/or its own predicted dose
+(``predicted_dose=``); stages it provides are not run.
+
+``Plan.save(dir)`` writes, atomically (temp dir then rename):
+
+* ``plan.json``: every resolved goal with its objective-term value, achieved value and
+  pass/fail; P1 goals not met (and by how much); DVH metrics per structure; timings per
+  stage (s); backend; optimiser status; versions;
+* ``dose.npy`` (final dose, Gy, patient grid, float32), ``predicted_dose.npy``;
+* ``fluence.npz`` (``fluence`` per beamlet, ``beam_index``, ``bev_x_mm``, ``bev_y_mm``,
+  ``gantry_deg``); ``dij.npz`` (the dose-influence matrix, so a re-plan reuses it).
+
+``load_plan(dir)`` reads it back; ``Plan.replan(set={"Parotid_L.Dmean.tolerance": -20},
+warm=True)`` changes goals and re-optimises with the stored dij and prediction.
+
+This module imports predictor / optimizer / sequencer lazily, inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import InputError
+
+PLAN_FORMAT = "atp-plan-1"
+SETTABLE = ("tolerance", "value", "weight", "priority")
+
+
+# --- progress ---------------------------------------------------------------------------
+class _Stages:
+    """Stage timer + progress display (tqdm to stderr; silent when disabled)."""
+
+    def __init__(self, progress, total: int):
+        self.timings: dict[str, float] = {}
+        self._bar = None
+        self._callback = progress if callable(progress) else None
+        if progress is True:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, file=sys.stderr, unit="stage", leave=False,
+                             bar_format="{desc:<28}{bar:20}{n_fmt}/{total_fmt} {elapsed}")
+
+    def run(self, name: str, fn, *args, **kwargs):
+        if self._bar is not None:
+            self._bar.set_description_str(name)
+        if self._callback is not None:
+            self._callback(name)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        if self._bar is not None:
+            self._bar.update(1)
+        return out
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+
+
+# --- the Plan ---------------------------------------------------------------------------
+@dataclass(eq=False)
+class Plan:
+    """A finished plan and everything needed to explain or re-optimise it.
+
+    patient: the Patient (with control structures the goals built). resolved_goals:
+    list of ResolvedGoal. results: list of GoalResult on the final dose. fluence:
+    beamlet weights. dose_gy: final dose on the patient grid (Gy). predicted_dose_gy:
+    the prediction the goals were resolved with. dij: the DoseInfluence. timings_s:
+    seconds per stage. backend: the backend that solved it. optimizer: status,
+    objective, iterations, messages. term_values: objective-term value per goal id.
+    """
+
+    patient: object
+    resolved_goals: list
+    results: list
+    fluence: np.ndarray
+    dose_gy: np.ndarray
+    predicted_dose_gy: np.ndarray | None
+    dij: object
+    timings_s: dict
+    backend: str
+    optimizer: dict = field(default_factory=dict)
+    term_values: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    delivery: object = None
+    _fractions: dict | None = None
+    ideal_dose_gy: np.ndarray | None = None  # fluence dose before sequencing, if sequenced
+    fidelity: dict | None = None
+
+    # --- summaries -----------------------------------------------------------------
+    @property
+    def unmet_hard(self) -> list[dict]:
+        """Priority-1 goals the final dose does not meet, with the shortfall."""
+        out = []
+        for r in self.results:
+            if r.goal.is_hard and r.passed is False:
+                out.append({"id": r.goal.id, "structure": r.goal.structure,
+                            "metric": r.goal.metric.text, "operator": r.goal.operator,
+                            "value": r.goal.value, "achieved": r.achieved,
+                            "misses_by": -r.margin if r.margin is not None else None,
+                            "unit": r.goal.metric.result_unit})
+        return out
+
+    def goal_table(self) -> list[dict]:
+        rows = []
+        for r in self.results:
+            d = r.to_dict()
+            d["objective_value"] = self.term_values.get(r.goal.id)
+            rows.append(d)
+        return rows
+
+    def dvh_metrics(self) -> dict:
+        from atp.metrics import structure_metrics
+
+        return structure_metrics(self.patient, self.dose_gy)
+
+    def summary(self) -> dict:
+        res = self.results
+        return {
+            "goals_total": len(res),
+            "goals_passed": sum(r.passed is True for r in res),
+            "goals_failed": sum(r.passed is False for r in res),
+            "hard_unmet": self.unmet_hard,
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "patient": {"id": self.patient.patient_id, "source": self.patient.source},
+            "settings": self.settings,
+            "backend": self.backend,
+            "optimizer": self.optimizer,
+            "summary": self.summary(),
+            "goals": self.goal_table(),
+            "dvh_metrics": self.dvh_metrics(),
+            "timings_s": self.timings_s,
+            "notes": self.notes,
+            "versions": self.versions,
+            "delivery": self.delivery.summary() if self.delivery is not None else None,
+            "fidelity": self.fidelity,
+            "files": {"dose": "dose.npy", "predicted_dose": "predicted_dose.npy",
+                      "fluence": "fluence.npz", "dij": "dij.npz"},
+        }
+
+    # --- persistence ---------------------------------------------------------------
+    def save(self, out_dir, *, report: bool = True, dicom: bool = False,
+             extra=None) -> Path:
+        """Write the plan directory atomically.
+
+        report: also write ``report.html`` (needs matplotlib; skipped with a note when it
+        is not installed). dicom: also export RT Plan / RT Dose / RT Struct (and CT for
+        non-DICOM patients) into ``dicom/``. extra(tmp_dir, plan): add more files.
+        """
+        import importlib.util
+
+        from atp.outputs import atomic_output_dir, write_json
+
+        out_dir = Path(out_dir)
+        with atomic_output_dir(out_dir) as tmp:
+            np.save(tmp / "dose.npy", np.asarray(self.dose_gy, dtype=np.float32))
+            if self.predicted_dose_gy is not None:
+                np.save(tmp / "predicted_dose.npy",
+                        np.asarray(self.predicted_dose_gy, dtype=np.float32))
+            b = self.dij.beamlets
+            np.savez_compressed(tmp / "fluence.npz", fluence=self.fluence,
+                                beam_index=b.beam_index, bev_x_mm=b.bev_x_mm,
+                                bev_y_mm=b.bev_y_mm, gantry_deg=b.gantry_deg)
+            self.dij.save(tmp / "dij.npz")
+            if self.ideal_dose_gy is not None:
+                np.save(tmp / "ideal_dose.npy", np.asarray(self.ideal_dose_gy, np.float32))
+            written = {}
+            if report:
+                if importlib.util.find_spec("matplotlib") is None:
+                    self.notes.append("report.html not written: matplotlib is not "
+                                      "installed (pip install 'atp[report]')")
+                else:
+                    from atp.report import write_report
+
+                    write_report(tmp, self.patient, self.dose_gy, self.predicted_dose_gy,
+                                 goal_results=self.results, timings=self.timings_s,
+                                 title=f"atp plan {self.patient.patient_id}",
+                                 delivery_summary=self.delivery.summary()
+                                 if self.delivery is not None else None,
+                                 fidelity=self.fidelity, notes=self.notes)
+                    written["report"] = "report.html"
+            if dicom:
+                from atp.io.dicom_export import export_plan_set
+
+                export_plan_set(tmp / "dicom", self.patient, self.dose_gy, self.delivery)
+                written["dicom"] = "dicom/"
+            if extra is not None:
+                extra(tmp, self)
+            data = self.to_json()
+            data["files"].update(written)
+            write_json(tmp / "plan.json", data)
+        return out_dir
+
+    # --- re-optimisation -----------------------------------------------------------
+    def replan(self, set: dict | None = None, *, warm: bool = True, backend=None,
+               refine: int | None = None, progress=False) -> "Plan":
+        """A new plan after changing goals; reuses this plan's dij and prediction.
+
+        set: ``{"<goal>.<field>": number}`` with field one of tolerance (%: predicted
+        goals get value = predicted x (1 + tolerance/100)), value, weight, priority.
+        ``<goal>`` is a goal id, or an id without its ``.pred`` suffix, or
+        ``<structure>.<metric>``. warm: start from this plan's fluence (else cold start
+        from the uniform initial fluence).
+        """
+        goals = apply_settings(self.resolved_goals, set or {},
+                               self.settings.get("priority_weights"))
+        settings = dict(self.settings)
+        settings["replan_of"] = {"set": dict(set or {}), "warm": bool(warm)}
+        return _optimise_and_finish(
+            self.patient, goals, self.dij, self.predicted_dose_gy,
+            backend=backend or self.settings.get("backend_requested", "auto"),
+            refine=self.settings.get("refine", 0) if refine is None else refine,
+            x0=self.fluence if warm else None, progress=progress, settings=settings,
+            fractions=self._fractions, notes=list(self.settings.get("resolve_notes", [])),
+            sequence=self.settings.get("sequence", False),
+            hard_state=self.optimizer.get("hard_state") if warm else None)
+
+
+def _goal_matches(goal, key: str) -> bool:
+    if key == goal.id:
+        return True
+    if goal.id.endswith(".pred") and key == goal.id[: -len(".pred")]:
+        return True
+    return key == f"{goal.structure}.{goal.metric.text}"
+
+
+def apply_settings(resolved_goals, settings: dict, priority_weights: dict | None = None):
+    """Resolved goals with ``{"<goal>.<field>": number}`` changes applied (see replan)."""
+    goals = list(resolved_goals)
+    for key, val in settings.items():
+        gkey, _, fld = str(key).rpartition(".")
+        if fld not in SETTABLE or not gkey:
+            raise InputError(f"cannot set '{key}': expected <goal>.<field> with field one "
+                             f"of {', '.join(SETTABLE)}", field="--set")
+        try:
+            val = float(val)
+        except (TypeError, ValueError):
+            raise InputError(f"'{key}' needs a number, got {val!r}", field="--set") from None
+        hits = [i for i, g in enumerate(goals) if _goal_matches(g, gkey)]
+        if not hits:
+            raise InputError(f"no goal '{gkey}'; goals: {', '.join(g.id for g in goals)}",
+                             field="--set")
+        if fld == "tolerance":
+            hits = [i for i in hits if goals[i].source == "predicted"
+                    and goals[i].predicted_value is not None]
+            if not hits:
+                raise InputError(f"goal '{gkey}' is not a predicted goal; set its value "
+                                 "instead", field="--set")
+        for i in hits:
+            g = goals[i]
+            if fld == "tolerance":
+                value = g.predicted_value * (1.0 + val / 100.0)
+                if g.metric.result_unit == "%":
+                    value = min(value, 100.0)
+                goals[i] = replace(g, tolerance_pct=val, value=value)
+            elif fld == "value":
+                goals[i] = replace(g, value=val)
+            elif fld == "weight":
+                if val <= 0:
+                    raise InputError(f"weight must be > 0, got {val}", field="--set")
+                goals[i] = replace(g, weight=val)
+            else:
+                p = int(val)
+                if p < 1:
+                    raise InputError(f"priority must be >= 1, got {val}", field="--set")
+                goals[i] = replace(g, priority=p, weight=_priority_weight(p, priority_weights))
+    return goals
+
+
+def _priority_weight(priority: int, rule: dict | None) -> float:
+    rule = rule or {}
+    table = {int(k): float(v) for k, v in (rule.get("table") or {}).items()}
+    if priority in table:
+        return table[priority]
+    return float(rule.get("base", 10.0)) ** (int(rule.get("top", 3)) - int(priority))
+
+
+# --- the stages -------------------------------------------------------------------------
+BEAM_TEMPLATES = {  # name -> (number of equispaced coplanar beams, start gantry deg)
+    "hn_9field": (9, 0.0),
+    "hn_7field": (7, 0.0),
+    "hn_5field": (5, 0.0),
+}
+
+
+def make_beams(beams=9, beam_template: str | None = None):
+    """Beams from a count (equispaced coplanar) or a template name or a list of Beams."""
+    from atp.dose.geometry import equispaced_beams
+
+    if beam_template is not None:
+        if beam_template not in BEAM_TEMPLATES:
+            raise InputError(f"unknown beam template '{beam_template}'; known: "
+                             f"{', '.join(sorted(BEAM_TEMPLATES))}", field="beam_template")
+        n, start = BEAM_TEMPLATES[beam_template]
+        return equispaced_beams(n, start)
+    if isinstance(beams, (list, tuple)):
+        return list(beams)
+    return equispaced_beams(beams)
+
+
+def patient_dose(dij, fluence) -> np.ndarray:
+    """Dose (Gy) on the patient grid for beamlet weights."""
+    if hasattr(dij, "patient_dose"):
+        return np.asarray(dij.patient_dose(fluence), dtype=np.float32)
+    d = dij.dose(fluence)
+    if dij.dose_grid.same_as(dij.patient_grid):
+        return np.asarray(d, dtype=np.float32)
+    from atp.dose.resample import dose_to_patient_grid
+
+    return np.asarray(dose_to_patient_grid(d, dij.dose_grid, dij.patient_grid),
+                      dtype=np.float32)
+
+
+def _versions(backend_name: str) -> dict:
+    import scipy
+
+    import atp
+
+    out = {"atp": atp.__version__, "python": platform.python_version(),
+           "numpy": np.__version__, "scipy": scipy.__version__}
+    for mod in ("cvxpy", "osqp", "clarabel", "cupy", "torch"):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, "__version__"):
+            out[mod] = m.__version__
+    return out
+
+
+def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=None,
+         predicted_dose=None, dose_engine: str = "pencil-beam", dij=None,
+         backend="auto", beams=9, beam_template: str | None = None, refine: int = 0,
+         progress=True, dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
+         sequence: bool | str = False, machine: str = "millennium120",
+         optimizer_options: dict | None = None) -> Plan:
+    """Plan one patient (see the module docstring).
+
+    patient: a Patient or anything ``atp.io.load_patient`` accepts (path, 'phantom').
+    goal_list: a GoalList or a goal-list YAML path (default: the shipped list of
+    ``site`` plus the ``institution`` overlay). predictor: a name or an object with
+    ``predict(patient)`` (default: the registry's default); predicted_dose: Gy on the
+    patient grid (skips prediction). dij: a DoseInfluence (skips the dose engine).
+    backend: 'auto' | 'cpu' | 'gpu' | 'qp' or a backend object. beams: a count or a list
+    of Beams; beam_template: a name from BEAM_TEMPLATES. refine: AIRTP refinement rounds.
+    progress: True (tqdm on stderr), False, or a callable(stage_name).
+    sequence: False, True (the sequencer's default technique) or a technique name
+    ('imrt-sns', 'imrt-sliding', 'vmat'): the final dose is then the deliverable dose of
+    the MLC apertures on ``machine``, and ``Plan.fidelity`` compares it with the ideal.
+    optimizer_options: passed to the backend (e.g. ``max_iter``, ``method``).
+    """
+    from atp.goals import load_goal_list, resolve_goals, with_control_structures
+    from atp.patient import Patient
+
+    stages = _Stages(progress, total=8 + (1 if refine else 0))
+    t_start = time.perf_counter()
+    try:
+        if not isinstance(patient, Patient):
+            from atp.io import load_patient
+
+            patient = stages.run("load patient", load_patient, patient)
+        # goal list
+        if goal_list is None:
+            gl = load_goal_list(site=site, institution=institution)
+        elif isinstance(goal_list, (str, Path)):
+            gl = load_goal_list(path=goal_list, institution=institution)
+        else:
+            gl = goal_list
+        # prediction
+        predictor_name = None
+        if predicted_dose is None:
+            from predictor import registry as predictors
+
+            pred = predictors.get(predictor or predictors.default_predictor_name())
+            predictor_name = getattr(pred, "name", str(predictor))
+            predicted_dose = stages.run("predict dose", pred.predict, patient)
+        else:
+            predictor_name = "given"
+        predicted_dose = np.asarray(predicted_dose, dtype=np.float32)
+        patient.grid.check_array(predicted_dose, field="predicted_dose")
+        resolved = stages.run("resolve goals", resolve_goals, gl, patient, predicted_dose)
+        resolve_notes = [f"skipped {s['id']}: {s['reason']}"
+                         for s in getattr(resolved, "skipped", [])]
+        patient_c = with_control_structures(patient, resolved)
+        # dose influence
+        engine_name = "given"
+        if dij is None:
+            from atp.dose import registry as engines
+
+            engine = engines.get(dose_engine)
+            engine_name = dose_engine
+            if beams is None and beam_template is None:
+                if getattr(gl, "beam_template", None) in BEAM_TEMPLATES:
+                    beam_template = gl.beam_template
+                else:
+                    beams = getattr(gl, "beams", None) or 9
+            bl = make_beams(beams, beam_template)
+            dij = stages.run("dose influence", engine.influence, patient, bl,
+                             beamlet_size_mm=beamlet_size_mm,
+                             dose_grid_factor=dose_grid_factor)
+        pw = getattr(gl, "priority_weights", None)
+        settings = {
+            "site": getattr(gl, "site", site), "institution": None if institution is None
+            else str(institution), "predictor": predictor_name, "dose_engine": engine_name,
+            "backend_requested": backend if isinstance(backend, str) else
+            getattr(backend, "name", "custom"),
+            "beams": beams if isinstance(beams, int) else None,
+            "beam_template": beam_template, "refine": int(refine),
+            "dose_grid_factor": dose_grid_factor, "beamlet_size_mm": beamlet_size_mm,
+            "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
+            "resolve_notes": resolve_notes, "sequence": sequence, "machine": machine,
+            "optimizer_options": dict(optimizer_options or {}),
+        }
+        out = _optimise_and_finish(patient_c, list(resolved), dij, predicted_dose,
+                                   backend=backend, refine=refine, x0=None, stages=stages,
+                                   settings=settings, notes=resolve_notes, sequence=sequence)
+    finally:
+        stages.close()
+    out.timings_s["total"] = time.perf_counter() - t_start
+    return out
+
+
+def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refine, x0,
+                         settings, notes, progress=False, stages=None, fractions=None,
+                         sequence=False, hard_state=None) -> Plan:
+    from atp.goals import evaluate_goals
+    from optimizer import registry as backends
+    from optimizer.problem import build_problem, structure_fractions
+    from optimizer.refine import refine as run_refine
+    from optimizer.solve import optimize
+
+    own = stages is None
+    if own:
+        stages = _Stages(progress, total=5 + (1 if refine else 0))
+    t0 = time.perf_counter()
+    try:
+        be = backends.resolve(backend)
+        if fractions is None:
+            fractions = stages.run("structure fractions", structure_fractions, patient, dij)
+        problem = stages.run("build problem", build_problem, resolved, patient, dij,
+                             fractions=fractions)
+        opts = dict(settings.get("optimizer_options") or {})
+        hard = [g for g in resolved if g.is_hard and g.value is not None]
+
+        def goal_check(w):
+            """Hard goals measured on the patient grid (what the plan is judged on)."""
+            if not hard:
+                return []
+            rs = evaluate_goals(hard, patient, patient_dose(dij, w))
+            return [{"id": r.goal.id, "achieved": r.achieved, "met": r.passed,
+                     "violation": max(0.0, -(r.margin or 0.0)), "hard": True} for r in rs]
+
+        opts.setdefault("goal_check", goal_check)
+        if hard_state:
+            opts["hard_state"] = hard_state
+        res = stages.run(f"optimise ({be.name})", optimize, problem, be, x0, **opts)
+        refine_info = None
+        if refine:
+            def score(w):
+                dose = patient_dose(dij, w)
+                rs = evaluate_goals(resolved, patient, dose)
+                return _score_results(rs)
+
+            outcome = stages.run("refine", run_refine, problem, be, res, rounds=int(refine),
+                                 score=score, **opts)
+            res = outcome.result
+            refine_info = {"rounds_run": outcome.rounds_run, "scores": outcome.scores,
+                           "accepted": outcome.accepted}
+        delivery = ideal = fid = None
+        dose = stages.run("final dose", patient_dose, dij, res.fluence)
+        if sequence:
+            delivery, ideal, dose, fid = stages.run(
+                "sequence", _sequence, patient, dij, res.fluence, dose,
+                None if sequence is True else str(sequence),
+                settings.get("machine", "millennium120"))
+        results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)
+    finally:
+        if own:
+            stages.close()
+    term_values = {}
+    vals = problem.term_values(res.fluence)
+    for b in problem.bindings:
+        if b.term_indices:
+            term_values[b.goal.id] = float(sum(vals[i] for i in b.term_indices))
+    auto = {t.name: v for t, v in zip(problem.terms, vals) if t.goal_id is None}
+    optimizer_info = {
+        "backend": res.backend, "solver": res.solver, "status": res.status,
+        "objective": res.objective, "iterations": res.iterations,
+        "automatic_terms": auto, "messages": res.messages, "problem_notes": problem.notes,
+        "n_beamlets": problem.n_beamlets, "n_rows": problem.n_rows,
+        "goal_report": res.goal_report, "timings_s": res.timings_s,
+        "refine": refine_info, "hard_state": res.hard_state,
+    }
+    timings = dict(stages.timings)
+    timings["replan" if own else "optimise_total"] = time.perf_counter() - t0
+    return Plan(patient, list(resolved), results, np.asarray(res.fluence, np.float32), dose,
+                predicted_dose, dij, timings, res.backend, optimizer_info, term_values,
+                settings, list(notes) + list(problem.notes), _versions(res.backend),
+                delivery, fractions, ideal, fid)
+
+
+def _score_results(results) -> float:
+    """Goal-list score on the patient grid: weight per goal met + 0.1 x weight x margin."""
+    s = 0.0
+    for r in results:
+        g = r.goal
+        if r.passed is None or g.value is None:
+            continue
+        rel = float(np.clip((r.margin or 0.0) / max(abs(g.value), 1.0), -1.0, 1.0))
+        s += g.weight * ((1.0 if r.passed else 0.0) + 0.1 * rel)
+    return s
+
+
+def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
+    """Sequence the fluence into MLC apertures; deliverable dose on the patient grid."""
+    import sequencer
+    from sequencer.fidelity import fidelity
+
+    delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
+                                  fractions=patient.fractions)
+    d = sequencer.deliverable_dose(delivery, dij)
+    if dij.dose_grid.same_as(dij.patient_grid):
+        dose = np.asarray(d, dtype=np.float32)
+    else:
+        from atp.dose.resample import dose_to_patient_grid
+
+        dose = np.asarray(dose_to_patient_grid(d, dij.dose_grid, dij.patient_grid),
+                          dtype=np.float32)
+    masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
+    fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
+    return delivery, ideal_dose, dose, fid
+
+
+# --- loading ----------------------------------------------------------------------------
+def _resolved_from_dict(d: dict):
+    from atp.goals.model import Metric, ResolvedGoal
+
+    return ResolvedGoal(
+        id=d["id"], structure=d["structure"], metric=Metric.parse(d["metric"]),
+        operator=d["operator"], value=d["value"], priority=int(d["priority"]),
+        weight=float(d["weight"]), kind=d["kind"], source=d["source"],
+        tolerance_pct=float(d.get("tolerance_pct") or 0.0),
+        predicted_value=d.get("predicted_value"), note=d.get("note", ""),
+        params=dict(d.get("params") or {}), reference_rx_gy=d.get("reference_rx_gy"))
+
+
+def load_plan(plan_dir, patient=None) -> Plan:
+    """Read a plan directory written by :meth:`Plan.save`.
+
+    patient: the Patient (default: loaded again from the source recorded in plan.json).
+    """
+    from atp.dose.influence import DoseInfluence
+    from atp.goals import evaluate_goals, with_control_structures
+
+    plan_dir = Path(plan_dir)
+    pj = plan_dir / "plan.json"
+    if not pj.is_file():
+        raise InputError("not a plan directory (no plan.json)", file=plan_dir)
+    try:
+        data = json.loads(pj.read_text())
+    except ValueError as exc:
+        raise InputError(f"malformed plan.json: {exc}", file=pj) from None
+    if data.get("format") != PLAN_FORMAT:
+        raise InputError(f"not an {PLAN_FORMAT} plan", file=pj, field="format")
+    for f in ("dose.npy", "fluence.npz", "dij.npz"):
+        if not (plan_dir / f).is_file():
+            raise InputError(f"plan directory lacks {f}", file=plan_dir, field=f)
+    if patient is None:
+        src = data["patient"].get("source")
+        if not src:
+            raise InputError("plan.json records no patient source; pass the patient",
+                             file=pj, field="patient.source")
+        from atp.io import load_patient
+
+        patient = load_patient("phantom" if src.startswith("<embedded") else src)
+    try:
+        resolved = [_resolved_from_dict(g) for g in data["goals"]]
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"malformed goal entry: {exc}", file=pj, field="goals") from None
+    patient = with_control_structures(patient, resolved)
+    dij = DoseInfluence.load(plan_dir / "dij.npz")
+    dose = np.load(plan_dir / "dose.npy")
+    pred_file = plan_dir / "predicted_dose.npy"
+    pred = np.load(pred_file) if pred_file.is_file() else None
+    fl = np.load(plan_dir / "fluence.npz")["fluence"]
+    results = evaluate_goals(resolved, patient, dose)
+    term_values = {g["id"]: g.get("objective_value") for g in data["goals"]}
+    return Plan(patient, resolved, results, fl, dose, pred, dij, data.get("timings_s", {}),
+                data.get("backend", ""), data.get("optimizer", {}), term_values,
+                data.get("settings", {}), data.get("notes", []), data.get("versions", {}))

@@ -1,0 +1,270 @@
+"""The plan report: one self-contained ``report.html`` (figures as base64 PNG, no links).
+
+Sections: plan summary, DVH (plan solid vs prediction dashed, one colour per structure),
+goal table (pass/fail, priority, value, achieved, margin), dose colour-wash over the CT on
+axial / sagittal / coronal planes through the main target, delivery and fidelity tables
+(when given), timings. Figures use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import InputError
+from atp.outputs import atomic_write_bytes
+
+_CSS = """
+body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{background:#dff5df}.fail{background:#f9d6d6}.unknown{background:#eee}
+img{max-width:100%}.small{color:#666;font-size:12px}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _esc(v) -> str:
+    return html.escape(str(v))
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.{digits}f}" if np.isfinite(v) else "–"
+    return _esc(v)
+
+
+def _structures_for_plots(patient) -> list[str]:
+    from atp.patient import Role
+
+    return [n for n, s in patient.structures.items()
+            if s.role in (Role.TARGET, Role.ORGAN) and s.n_voxels > 0]
+
+
+def dvh_figure(patient, dose_gy, predicted_dose_gy=None, structures=None):
+    """DVH figure: plan (solid) and prediction (dashed) per structure; returns a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = structures or _structures_for_plots(patient)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colours = plt.get_cmap("tab20")
+    top = float(np.max(dose_gy)) * 1.05 if np.max(dose_gy) > 0 else 1.0
+    for i, name in enumerate(names):
+        m = patient.mask(name)
+        c = colours(i % 20)
+        for dose, style, lab in ((dose_gy, "-", name), (predicted_dose_gy, "--", None)):
+            if dose is None:
+                continue
+            d = np.sort(np.asarray(dose)[m])
+            levels = np.linspace(0, top, 400)
+            vol = 100.0 * (d.size - np.searchsorted(d, levels, side="left")) / d.size
+            ax.plot(levels, vol, style, color=c, lw=1.5, label=lab)
+    ax.set_xlabel("dose (Gy)")
+    ax.set_ylabel("volume (%)")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    title = "DVH: plan (solid)" + (" vs prediction (dashed)" if predicted_dose_gy is not None
+                                    else "")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    return _png(fig)
+
+
+def dose_wash_figure(patient, dose_gy, target: str | None = None):
+    """Dose colour-wash over the CT on axial, sagittal and coronal planes through the
+    target's centre of mass (target outline in white); returns a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from atp.io.dicom_export_geometry import slice_layout
+
+    layout = slice_layout(patient.grid)  # (z, y, x) for axis-aligned grids
+    ct = layout.reorient(patient.ct_hu)
+    dose = layout.reorient(np.asarray(dose_gy, dtype=np.float64))
+    target = target or (patient.targets[0] if patient.targets else None)
+    tmask = layout.reorient(patient.mask(target)) if target else None
+    if tmask is not None and tmask.any():
+        centre = np.rint(np.argwhere(tmask).mean(axis=0)).astype(int)
+    else:
+        centre = np.array(ct.shape) // 2
+    sp = layout.grid.spacing_mm
+    dmax = float(dose.max()) if dose.max() > 0 else 1.0
+    views = [
+        ("axial", ct[centre[0]], dose[centre[0]], None if tmask is None else tmask[centre[0]],
+         sp[1] / sp[2], False),
+        ("coronal", ct[:, centre[1], :], dose[:, centre[1], :],
+         None if tmask is None else tmask[:, centre[1], :], sp[0] / sp[2], True),
+        ("sagittal", ct[:, :, centre[2]], dose[:, :, centre[2]],
+         None if tmask is None else tmask[:, :, centre[2]], sp[0] / sp[1], True),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5))
+    im = None
+    for ax, (name, c, d, t, aspect, flip_up) in zip(axes, views):
+        origin = "lower" if flip_up else "upper"  # superior up in coronal/sagittal
+        ax.imshow(c, cmap="gray", vmin=-400, vmax=600, aspect=aspect, origin=origin)
+        wash = np.ma.masked_less(d, 0.1 * dmax)
+        im = ax.imshow(wash, cmap="jet", alpha=0.45, vmin=0, vmax=dmax, aspect=aspect,
+                       origin=origin)
+        if t is not None and t.any():
+            ax.contour(t.astype(float), levels=[0.5], colors="white", linewidths=1.0,
+                       origin=origin)
+        ax.set_title(name)
+        ax.set_axis_off()
+    fig.colorbar(im, ax=axes, shrink=0.8, label="dose (Gy)")
+    return _png(fig)
+
+
+def _goal_rows(goal_results) -> list[dict]:
+    rows = []
+    for r in goal_results or []:
+        rows.append(r.to_dict() if hasattr(r, "to_dict") else dict(r))
+    return rows
+
+
+def _goal_table(goal_results) -> str:
+    rows = _goal_rows(goal_results)
+    if not rows:
+        return "<p class='small'>no goals evaluated</p>"
+    rows.sort(key=lambda r: (r.get("priority", 99), str(r.get("structure", ""))))
+    head = ("<tr><th>priority</th><th>structure</th><th>goal</th><th>value</th>"
+            "<th>predicted</th><th>achieved</th><th>margin</th><th>result</th></tr>")
+    body = []
+    for r in rows:
+        passed = r.get("passed")
+        cls = "pass" if passed is True else "fail" if passed is False else "unknown"
+        word = "pass" if passed is True else "FAIL" if passed is False else "n/a"
+        unit = r.get("unit", "")
+        body.append(
+            f"<tr class='{cls}'><td class='num'>{_fmt(r.get('priority'))}</td>"
+            f"<td>{_esc(r.get('structure', ''))}</td>"
+            f"<td>{_esc(r.get('metric', ''))} {_esc(r.get('operator', ''))}</td>"
+            f"<td class='num'>{_fmt(r.get('value'))} {_esc(unit)}</td>"
+            f"<td class='num'>{_fmt(r.get('predicted_value'))}</td>"
+            f"<td class='num'>{_fmt(r.get('achieved'))} {_esc(unit)}</td>"
+            f"<td class='num'>{_fmt(r.get('margin'))}</td><td>{word}</td></tr>")
+    n_pass = sum(r.get("passed") is True for r in rows)
+    return (f"<p>{n_pass} of {len(rows)} goals met.</p><table>{head}{''.join(body)}</table>")
+
+
+def _kv_table(d: dict, digits: int = 3) -> str:
+    rows = "".join(f"<tr><td>{_esc(k)}</td><td class='num'>{_fmt(v, digits)}</td></tr>"
+                   for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def _delivery_table(delivery_summary: dict) -> str:
+    top = {k: v for k, v in delivery_summary.items() if not isinstance(v, (list, dict))}
+    out = _kv_table(top)
+    beams = delivery_summary.get("beams") or []
+    if beams:
+        keys = list(beams[0])
+        head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+        body = "".join("<tr>" + "".join(f"<td class='num'>{_fmt(b.get(k))}</td>" for k in keys)
+                       + "</tr>" for b in beams)
+        out += f"<table><tr>{head}</tr>{body}</table>"
+    return out
+
+
+def _fidelity_table(fid: dict) -> str:
+    g = fid.get("gamma", {})
+    out = _kv_table({f"gamma pass rate (%), {g.get('criterion', '')}": g.get("pass_rate_pct"),
+                     "voxels scored": g.get("n_voxels"), "mean gamma": g.get("mean_gamma")})
+    deltas = fid.get("dvh_delta_gy") or {}
+    if deltas:
+        keys = list(next(iter(deltas.values())))
+        head = "<tr><th>structure</th>" + "".join(f"<th>&Delta;{_esc(k)} (Gy)</th>"
+                                                  for k in keys) + "</tr>"
+        body = "".join(f"<tr><td>{_esc(n)}</td>" + "".join(
+            f"<td class='num'>{_fmt(v.get(k), 3)}</td>" for k in keys) + "</tr>"
+            for n, v in deltas.items())
+        out += ("<p class='small'>delivered minus ideal (optimised fluence)</p>"
+                f"<table>{head}{body}</table>")
+    return out
+
+
+def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, timings=None,
+                  *, title: str | None = None, delivery_summary: dict | None = None,
+                  fidelity: dict | None = None, notes=None) -> str:
+    """The report as an HTML string (see :func:`write_report`)."""
+    dose = np.asarray(dose_gy, dtype=np.float64)
+    patient.grid.check_array(dose, field="dose_gy")
+    pred = None
+    if predicted_dose_gy is not None:
+        pred = np.asarray(predicted_dose_gy, dtype=np.float64)
+        patient.grid.check_array(pred, field="predicted_dose_gy")
+    if not np.all(np.isfinite(dose)):
+        raise InputError("dose contains NaN/inf", field="dose_gy")
+    title = title or f"atp plan report — {patient.patient_id}"
+    rx = ", ".join(f"{p.target}: {p.dose_gy:g} Gy / {p.fractions} fx"
+                   for p in patient.prescriptions) or "none"
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+              f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"),
+             ("<table>"
+              f"<tr><td>patient</td><td>{_esc(patient.patient_id)}</td></tr>"
+              f"<tr><td>source</td><td>{_esc(patient.source or '')}</td></tr>"
+              f"<tr><td>prescription</td><td>{_esc(rx)}</td></tr>"
+              f"<tr><td>max dose</td><td>{dose.max():.2f} Gy</td></tr>"
+              f"<tr><td>created</td><td>{_dt.datetime.now().isoformat(timespec='seconds')}"
+             "</td></tr></table>")]
+    if delivery_summary:
+        parts.append("<p class='small'>Dose, DVH and goal results are from the deliverable "
+                     "(sequenced) dose.</p>")
+    parts.append("<h2>Dose-volume histograms</h2>")
+    parts.append(f"<img alt='DVH' src='{dvh_figure(patient, dose, pred)}'>")
+    parts.append("<h2>Clinical goals</h2>" + _goal_table(goal_results))
+    parts.append("<h2>Dose distribution</h2>")
+    parts.append(f"<img alt='dose colour-wash' src='{dose_wash_figure(patient, dose)}'>")
+    if delivery_summary:
+        parts.append("<h2>Delivery</h2>" + _delivery_table(delivery_summary))
+    if fidelity:
+        parts.append("<h2>Sequencing fidelity</h2>" + _fidelity_table(fidelity))
+    if timings:
+        parts.append("<h2>Timings (s)</h2>" + _kv_table(dict(timings), 3))
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes)
+                     + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(plan_dir: str | os.PathLike, patient, dose_gy, predicted_dose_gy=None,
+                 goal_results=None, timings=None, **kwargs) -> Path:
+    """Write ``plan_dir/report.html`` (atomically) and return its path.
+
+    dose_gy / predicted_dose_gy: Gy on the patient grid. goal_results: GoalResult objects
+    or their ``to_dict()`` rows. timings: {stage: seconds}. kwargs: ``title``,
+    ``delivery_summary`` (``Delivery.summary()``), ``fidelity``
+    (``sequencer.fidelity.fidelity`` output), ``notes``.
+    """
+    text = render_report(patient, dose_gy, predicted_dose_gy, goal_results, timings, **kwargs)
+    path = Path(plan_dir) / "report.html"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path

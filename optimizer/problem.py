@@ -1,0 +1,490 @@
+"""Resolved goals + patient + dose-influence matrix -> an optimisation :class:`Problem`.
+
+The problem knows nothing of solvers: it holds the dij rows that any term looks at, the
+objective terms (:mod:`optimizer.objectives`), the fluence-smoothness pairs, the initial
+fluence and, for every goal, which terms implement it and how to measure it on the dose
+grid (so a backend or the hard-goal loop can say whether and by how much it is met).
+
+Rules (documented once, here):
+
+* **Priority -> weight.** A goal's term weight is ``ResolvedGoal.weight``, which the goal
+  list's ``priority_weights`` rule sets (an institution overlay can change it). Priority-1
+  goals are *hard*: their weight is multiplied by ``hard_weight_factor`` and the
+  hard-goal loop (:func:`optimizer.solve.optimize`) raises it further and shifts their
+  reference until they are met or cannot be; the QP backend makes them constraints.
+* **Metric -> term.** ``Dmax <= x``: ``max``; ``Dmin >= x``: ``min``; ``Dmean``:
+  ``mean_max`` / ``mean_min``; ``D{v} <= x``: ``dv_max`` (a near-max, v <=
+  ``near_max_volume`` of the structure, becomes ``max``); ``D{v} >= x``: ``dv_min``;
+  ``V{x} <= y``: ``D{y} <= x`` and ``V{x} >= y``: ``D{y} >= x``; ``HI``: ``uniform`` at
+  the target's prescription; ``CI`` / ``CIpaddick`` / ``GI``: scale the automatic
+  fall-off term's weight by the goal's weight / reference weight (noted in
+  ``Problem.notes``).
+* **Automatic terms** (the paper's F_CI and F_maxdose): a distance-to-target fall-off
+  term on every body voxel outside the targets (per-voxel max-dose reference
+  ``Rx_near * (end + (1 - end) * exp(-(dist - start_mm)_+ / falloff_mm))``), and a
+  global max-dose term on the body at ``global_max_pct`` (default 106 %) of the highest
+  prescription. A prescribed target without any lower-bound goal gets ``D95 >= Rx``.
+* **Nested targets.** Upper-bound terms of a target ignore voxels of targets with a
+  higher prescription.
+* Automatic-term weights are ``*_weight_rel`` times the reference weight (the largest
+  weight of a target goal, else of any goal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from atp.errors import InputError
+from optimizer.objectives import (
+    Term,
+    difference_matrix,
+    make_term,
+    smoothness_pairs,
+)
+
+LOWER_OPS = (">=", ">")
+UPPER_OPS = ("<=", "<")
+
+
+@dataclass(frozen=True)
+class ProblemOptions:
+    """Knobs of :func:`build_problem` (all have documented defaults)."""
+
+    hard_weight_factor: float = 10.0
+    near_max_volume: float = 0.02  # D_v with v <= 2 % of the structure -> max-dose term
+    global_max_pct: float = 106.0  # % of the highest prescription
+    global_max_weight_rel: float = 1.0
+    falloff: bool = True
+    falloff_start_mm: float = 5.0
+    falloff_mm: float = 15.0  # e-folding distance, mm
+    falloff_end_frac: float = 0.35  # far-field reference, fraction of local Rx
+    falloff_weight_rel: float = 0.3
+    smoothness_weight_rel: float = 0.02
+    default_target_coverage: bool = True
+    min_voxel_fraction: float = 0.05  # ignore voxels with less of the structure than this
+
+
+@dataclass(frozen=True, eq=False)
+class GoalBinding:
+    """A resolved goal, its terms (indices into Problem.terms) and how to measure it."""
+
+    goal: object  # ResolvedGoal
+    term_indices: tuple[int, ...]
+    structure_rows: np.ndarray  # rows of the structure (for measuring)
+    structure_vw: np.ndarray
+    measurable: bool = True
+
+
+@dataclass(eq=False)
+class Problem:
+    """The optimisation problem (host arrays; backends move them to their device).
+
+    A: CSR (n_rows, n_beamlets) float32, Gy per unit fluence, the dij rows of ``rows``.
+    rows: dose-grid voxel index (C order) of each row of A.
+    terms: objective terms on rows of A. smooth_pairs / smooth_weight / smooth_norm: the
+    fluence smoothness term. x0: initial fluence. bindings: goal -> terms.
+    """
+
+    A: sp.csr_matrix
+    rows: np.ndarray
+    terms: list[Term]
+    x0: np.ndarray
+    dose_grid: object
+    smooth_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    smooth_weight: float = 0.0
+    smooth_norm: float = 1.0
+    bindings: list[GoalBinding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    voxel_volume_cc: float = 1.0
+    prescriptions: dict = field(default_factory=dict)
+
+    @property
+    def n_beamlets(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def n_rows(self) -> int:
+        return self.A.shape[0]
+
+    def smoothness_matrix(self) -> sp.csr_matrix:
+        return difference_matrix(self.smooth_pairs, self.n_beamlets)
+
+    def with_terms(self, terms: list[Term]) -> Problem:
+        """A shallow copy with another term list (bindings kept: same indices first)."""
+        return Problem(self.A, self.rows, list(terms), self.x0, self.dose_grid,
+                       self.smooth_pairs, self.smooth_weight, self.smooth_norm,
+                       list(self.bindings), list(self.notes), self.voxel_volume_cc,
+                       dict(self.prescriptions))
+
+    # --- evaluation on the host (reference implementation; backends do the same on xp) --
+    def dose_rows(self, fluence) -> np.ndarray:
+        return self.A @ np.asarray(fluence, dtype=np.float32)
+
+    def objective(self, fluence) -> float:
+        """Total objective (float) at ``fluence`` on the host."""
+        from optimizer.objectives import evaluate_terms
+
+        w = np.asarray(fluence, dtype=np.float32)
+        d = self.A @ w
+        arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in self.terms]
+        total, _, _ = evaluate_terms(self.terms, arrays, d)
+        total = float(total)
+        if self.smooth_weight > 0 and len(self.smooth_pairs):
+            diff = w[self.smooth_pairs[:, 0]] - w[self.smooth_pairs[:, 1]]
+            total += self.smooth_weight / self.smooth_norm * float(np.sum(diff * diff))
+        return total
+
+    def term_values(self, fluence) -> list[float]:
+        from optimizer.objectives import term_value_grad
+
+        d = self.dose_rows(fluence)
+        out = []
+        for t in self.terms:
+            v, _ = term_value_grad(t, d[t.rows], t.voxel_weight, t.ref_gy)
+            out.append(float(v))
+        return out
+
+    def measure(self, binding: GoalBinding, dose_rows: np.ndarray) -> float | None:
+        """The goal's metric on the dose grid for ``dose_rows`` (None: not measurable)."""
+        if not binding.measurable:
+            return None
+        return measure_metric(binding.goal.metric, dose_rows[binding.structure_rows],
+                              binding.structure_vw, self.voxel_volume_cc,
+                              _rx_of(binding.goal, self.prescriptions))
+
+    def goal_report(self, fluence) -> list[dict]:
+        """Per goal: achieved value on the dose grid, met?, violation (>= 0, metric unit)."""
+        d = self.dose_rows(fluence)
+        out = []
+        for b in self.bindings:
+            g = b.goal
+            achieved = self.measure(b, d)
+            if achieved is None:
+                out.append({"id": g.id, "achieved": None, "met": None, "violation": None})
+                continue
+            viol = achieved - g.value if g.operator in UPPER_OPS else g.value - achieved
+            out.append({"id": g.id, "achieved": achieved, "met": viol <= 1e-6 * max(
+                1.0, abs(g.value)), "violation": max(0.0, float(viol)), "hard": g.is_hard})
+        return out
+
+
+def measure_metric(metric, d, vw, voxel_volume_cc: float, rx_gy: float) -> float | None:
+    """Dmax/Dmin/Dmean/D_v (Gy) or V_x (% or cc) of weighted voxel doses ``d`` (host)."""
+    d = np.asarray(d, dtype=np.float64)
+    vw = np.asarray(vw, dtype=np.float64)
+    if d.size == 0:
+        return None
+    kind = metric.kind
+    if kind == "Dmax":
+        return float(d.max())
+    if kind == "Dmin":
+        return float(d.min())
+    if kind == "Dmean":
+        return float(np.sum(vw * d) / np.sum(vw))
+    total = float(np.sum(vw))
+    if kind == "D":
+        frac = _volume_fraction(metric.volume, metric.volume_unit, total, voxel_volume_cc)
+        order = np.argsort(-d)
+        cum = np.cumsum(vw[order]) / total
+        k = min(int(np.searchsorted(cum, frac)), d.size - 1)
+        return float(d[order][k])
+    if kind == "V":
+        thr = metric.dose if metric.dose_unit != "%" else metric.dose / 100.0 * rx_gy
+        vol = float(np.sum(vw[d >= thr]))
+        if metric.result_unit == "cc":
+            return vol * voxel_volume_cc
+        return 100.0 * vol / total
+    return None
+
+
+def _volume_fraction(volume, unit, total_weight, voxel_volume_cc) -> float:
+    if unit == "cc":
+        return float(np.clip(volume / max(total_weight * voxel_volume_cc, 1e-9), 0.0, 1.0))
+    return float(np.clip(volume / 100.0, 0.0, 1.0))
+
+
+# --- building ---------------------------------------------------------------------------
+def structure_fractions(patient, dij) -> dict[str, np.ndarray]:
+    """Per structure, the fraction (0..1) of each dose-grid voxel inside it, flattened."""
+    same = dij.dose_grid.same_as(patient.grid)
+    out = {}
+    for name, s in patient.structures.items():
+        if same:
+            out[name] = s.mask.reshape(-1).astype(np.float32)
+        else:
+            from atp.dose.resample import mask_to_dose_grid
+
+            out[name] = np.asarray(mask_to_dose_grid(s.mask, patient.grid, dij.dose_grid),
+                                   dtype=np.float32).reshape(-1)
+    return out
+
+
+def _body_fraction(patient, dij, fractions) -> np.ndarray:
+    ext = patient.names("external")
+    if ext:
+        return fractions[ext[0]]
+    body = patient.body_mask
+    if dij.dose_grid.same_as(patient.grid):
+        return body.reshape(-1).astype(np.float32)
+    from atp.dose.resample import mask_to_dose_grid
+
+    return np.asarray(mask_to_dose_grid(body, patient.grid, dij.dose_grid),
+                      dtype=np.float32).reshape(-1)
+
+
+def _distance_and_rx(dose_grid, target_frac: dict[str, np.ndarray], rx: dict[str, float]):
+    """Distance (mm) to the nearest target voxel and that voxel's prescription (Gy)."""
+    from scipy import ndimage
+
+    shape = dose_grid.shape
+    rx_map = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    for name in sorted(target_frac, key=lambda n: rx.get(n, 0.0)):
+        if name in rx:
+            rx_map[target_frac[name] >= 0.5] = rx[name]
+    inside = (rx_map > 0).reshape(shape)
+    if not inside.any():
+        return None, None
+    dist, idx = ndimage.distance_transform_edt(~inside, sampling=dose_grid.spacing_mm,
+                                               return_indices=True)
+    nearest = np.ravel_multi_index(tuple(idx), shape).reshape(-1)
+    return dist.reshape(-1).astype(np.float32), rx_map[nearest]
+
+
+def _distance_to(dose_grid, fracs) -> np.ndarray:
+    """Distance (mm) of every dose-grid voxel to the union of the given structures."""
+    from scipy import ndimage
+
+    inside = np.zeros(dose_grid.n_voxels, dtype=bool)
+    for f in fracs:
+        inside |= f >= 0.5
+    if not inside.any():
+        return np.full(dose_grid.n_voxels, np.inf, dtype=np.float32)
+    dist = ndimage.distance_transform_edt(~inside.reshape(dose_grid.shape),
+                                          sampling=dose_grid.spacing_mm)
+    return dist.reshape(-1).astype(np.float32)
+
+
+def _rx_of(goal, rx: dict) -> float:
+    """The prescription (Gy) a goal's '%' doses refer to."""
+    ref = getattr(goal, "reference_rx_gy", None)
+    if ref:
+        return float(ref)
+    if goal.structure in rx:
+        return rx[goal.structure]
+    return max(rx.values()) if rx else 1.0
+
+
+def reference_weight(resolved_goals) -> float:
+    tw = [g.weight for g in resolved_goals if g.kind == "target" and not g.is_hard]
+    if tw:
+        return float(max(tw))
+    ws = [g.weight for g in resolved_goals]
+    return float(max(ws)) if ws else 1.0
+
+
+def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | None = None,
+                  fractions: dict[str, np.ndarray] | None = None) -> Problem:
+    """Build the optimisation problem (see the module docstring for every rule).
+
+    resolved_goals: list of ResolvedGoal; patient: Patient; dij: DoseInfluence.
+    fractions: precomputed :func:`structure_fractions` (saves time on re-plans).
+    """
+    opt = options or ProblemOptions()
+    if fractions is None:
+        fractions = structure_fractions(patient, dij)
+    rx = {p.target: p.dose_gy for p in patient.prescriptions}
+    targets = [n for n in patient.targets if n in fractions]
+    wref = reference_weight(resolved_goals)
+    dvox_cc = dij.dose_grid.voxel_volume_cc
+    notes: list[str] = []
+
+    # 1. the terms on dose-grid voxel indices (before restriction to used rows)
+    specs = []  # (kind, voxel_idx, vw, ref, weight, volume, name, goal_id, hard)
+    binding_specs = []  # (goal, [spec indices], voxel_idx, vw, measurable)
+
+    body_f = _body_fraction(patient, dij, fractions)
+    dist_cache: dict = {}
+
+    def control_vox(g):
+        """Voxels of a control goal's structure: the body, or a ring around a target."""
+        ctl = g.params.get("control")
+        if ctl == "global_max":
+            idx = np.flatnonzero(body_f >= 0.5)
+            return idx, np.ones(idx.size, np.float32)
+        if ctl == "ring":
+            around = g.params.get("around", "each_target")
+            names = targets if around in ("each_target", None) else [around]
+            missing = [n for n in names if n not in fractions]
+            if missing:
+                raise InputError(f"ring goal '{g.id}' is around '{missing[0]}', which the "
+                                 f"patient lacks; structures: {sorted(fractions)}", field=g.id)
+            key = tuple(names)
+            if key not in dist_cache:
+                dist_cache[key] = _distance_to(dij.dose_grid,
+                                               [fractions[n] for n in names])
+            dist = dist_cache[key]
+            inner = float(g.params.get("inner_mm", 0.0))
+            outer = float(g.params["outer_mm"])
+            in_target = np.zeros_like(body_f)
+            for t in targets:
+                in_target = np.maximum(in_target, fractions[t])
+            sel = (dist > inner) & (dist <= outer) & (in_target < 0.5) & (body_f >= 0.5)
+            idx = np.flatnonzero(sel)
+            return idx, np.ones(idx.size, np.float32)
+        raise InputError(f"control goal '{g.id}' of type '{ctl}' has no structure to "
+                         "optimise", field=g.id)
+
+    def struct_vox(name, upper=False, goal=None):
+        if goal is not None and goal.kind == "control" and name not in fractions and \
+                goal.params.get("control") in ("ring", "global_max"):
+            return control_vox(goal)
+        if name not in fractions:
+            raise InputError(f"goal refers to structure '{name}' the patient lacks; "
+                             f"structures: {sorted(fractions)}", field=name)
+        f = fractions[name].copy()
+        if upper and name in rx:
+            higher = [t for t in targets if rx.get(t, 0.0) > rx[name]]
+            for t in higher:
+                f = np.clip(f - fractions[t], 0.0, 1.0)
+        idx = np.flatnonzero(f >= opt.min_voxel_fraction)
+        return idx, f[idx]
+
+    falloff_weight = opt.falloff_weight_rel * wref
+    has_lower = set()
+    has_global_max = False
+    for g in resolved_goals:
+        m = g.metric
+        upper = g.operator in UPPER_OPS
+        if g.operator not in UPPER_OPS + LOWER_OPS:
+            raise InputError(f"goal '{g.id}': operator must be <= or >=, got '{g.operator}'",
+                             field=g.id)
+        weight = g.weight * (opt.hard_weight_factor if g.is_hard else 1.0)
+        if g.value is None:
+            notes.append(f"{g.id}: no value (a predicted goal without a predicted dose); "
+                         "not optimised")
+            binding_specs.append((g, [], None, None, False))
+            continue
+        if m.kind in ("CI", "CIpaddick", "GI"):
+            falloff_weight = max(falloff_weight, opt.falloff_weight_rel * g.weight)
+            notes.append(f"{g.id}: {m.kind} goal steers the automatic fall-off term "
+                         f"(weight {falloff_weight:g}); evaluated, not a separate term")
+            binding_specs.append((g, [], None, None, False))
+            continue
+        vox, vw = struct_vox(g.structure, upper=upper, goal=g)
+        if vox.size == 0:
+            notes.append(f"{g.id}: structure '{g.structure}' has no voxels on the dose grid")
+            binding_specs.append((g, [], None, None, False))
+            continue
+        meas_vox, meas_vw = struct_vox(g.structure, goal=g)
+        if g.params.get("control") == "global_max":
+            has_global_max = True
+        total = float(vw.sum())
+        kind, ref, volume = None, float(g.value), 1.0
+        if m.kind == "Dmax":
+            kind = "max" if upper else "dv_min"
+            volume = 0.0 if not upper else 1.0
+        elif m.kind == "Dmin":
+            kind = "min" if not upper else "dv_max"
+        elif m.kind == "Dmean":
+            kind = "mean_max" if upper else "mean_min"
+        elif m.kind == "D":
+            volume = _volume_fraction(m.volume, m.volume_unit, total, dvox_cc)
+            if upper:
+                kind = "max" if volume <= opt.near_max_volume else "dv_max"
+            else:
+                kind = "dv_min"
+        elif m.kind == "V":
+            thr = m.dose if m.dose_unit != "%" else m.dose / 100.0 * _rx_of(g, rx)
+            vol_unit = "cc" if m.result_unit == "cc" else "%"
+            volume = _volume_fraction(g.value, vol_unit, total, dvox_cc)
+            ref = float(thr)
+            kind = "dv_max" if upper else "dv_min"
+        elif m.kind == "HI":
+            r = rx.get(g.structure)
+            if r is None:
+                notes.append(f"{g.id}: HI on an unprescribed structure is evaluated only")
+                binding_specs.append((g, [], None, None, False))
+                continue
+            kind, ref = "uniform", r
+        else:
+            notes.append(f"{g.id}: metric kind '{m.kind}' has no objective term; "
+                         "evaluated only")
+            binding_specs.append((g, [], None, None, False))
+            continue
+        if not upper:
+            has_lower.add(g.structure)
+        specs.append((kind, vox, vw, ref, weight, volume, f"{g.id}", g.id, g.is_hard))
+        binding_specs.append((g, [len(specs) - 1], meas_vox, meas_vw,
+                              m.kind in ("Dmax", "Dmin", "Dmean", "D", "V")))
+
+    # default coverage for prescribed targets without a lower-bound goal
+    if opt.default_target_coverage:
+        for t in targets:
+            if t in rx and t not in has_lower:
+                vox, vw = struct_vox(t)
+                specs.append(("dv_min", vox, vw, rx[t], wref, 0.95, f"auto:{t}.D95", None,
+                              False))
+                notes.append(f"auto: {t} has no lower-bound goal; added D95 >= {rx[t]:g} Gy")
+
+    body_vox = np.flatnonzero(body_f >= 0.5)
+    if rx and body_vox.size and not has_global_max:
+        gmax = opt.global_max_pct / 100.0 * max(rx.values())
+        specs.append(("max", body_vox, np.ones(body_vox.size, np.float32), gmax,
+                      opt.global_max_weight_rel * wref, 1.0, "auto:global_max", None, False))
+    if rx and opt.falloff and body_vox.size:
+        dist, rx_near = _distance_and_rx(dij.dose_grid, {t: fractions[t] for t in targets},
+                                         rx)
+        if dist is not None:
+            outside = body_vox[dist[body_vox] > 0]
+            dd = np.maximum(dist[outside] - opt.falloff_start_mm, 0.0)
+            e = opt.falloff_end_frac
+            ref = rx_near[outside] * (e + (1.0 - e) * np.exp(-dd / opt.falloff_mm))
+            if outside.size:
+                specs.append(("max", outside, np.ones(outside.size, np.float32),
+                              ref.astype(np.float32), falloff_weight, 1.0, "auto:falloff",
+                              None, False))
+
+    # 2. restrict the dij to the rows some term uses
+    used = np.unique(np.concatenate([s[1] for s in specs] + [
+        b[2] for b in binding_specs if b[2] is not None]))
+    lookup = np.full(dij.n_voxels, -1, dtype=np.int64)
+    lookup[used] = np.arange(used.size)
+    A = sp.csr_matrix(dij.matrix.tocsr()[used, :], dtype=np.float32)
+
+    terms = [make_term(k, lookup[v], vw, ref, w, volume=vol, name=name, goal_id=gid,
+                       hard=hard) for (k, v, vw, ref, w, vol, name, gid, hard) in specs]
+    bindings = []
+    for g, idx, vox, vw, measurable in binding_specs:
+        rows = lookup[vox] if vox is not None else np.zeros(0, np.int64)
+        bindings.append(GoalBinding(g, tuple(idx), rows,
+                                    vw if vw is not None else np.zeros(0, np.float32),
+                                    measurable))
+
+    x0 = initial_fluence(A, terms, rx, targets, fractions, lookup)
+    pairs = smoothness_pairs(dij.beamlets.beam_index, dij.beamlets.bev_x_mm,
+                             dij.beamlets.bev_y_mm, dij.beamlets.beamlet_size_mm)
+    smooth_norm = max(len(pairs), 1) * float(np.mean(x0)) ** 2
+    return Problem(A, used, terms, x0, dij.dose_grid, pairs,
+                   opt.smoothness_weight_rel * wref, max(smooth_norm, 1e-12), bindings,
+                   notes, dvox_cc, rx)
+
+
+def initial_fluence(A, terms, rx, targets, fractions, lookup) -> np.ndarray:
+    """Uniform fluence scaled so the highest-Rx target's mean dose equals its Rx."""
+    n = A.shape[1]
+    w = np.ones(n, dtype=np.float32)
+    d = A @ w
+    if rx and targets:
+        t = max((t for t in targets if t in rx), key=lambda t: rx[t], default=None)
+        if t is not None:
+            vox = np.flatnonzero(fractions[t] >= 0.5)
+            rows = lookup[vox]
+            rows = rows[rows >= 0]
+            mean = float(np.mean(d[rows])) if rows.size else 0.0
+            if mean > 0:
+                return w * np.float32(rx[t] / mean)
+    m = float(np.max(d)) if d.size else 0.0
+    return w * np.float32(1.0 / m) if m > 0 else w

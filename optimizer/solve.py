@@ -1,0 +1,95 @@
+"""``optimize(problem, backend)``: one solve plus the hard-goal loop of first-order paths.
+
+Backends with ``hard_constraints`` (qp) make priority-1 goals exact constraints. For
+the others (cpu, gpu), priority-1 goals start as penalties ``hard_weight_factor`` times
+their weight (see :mod:`optimizer.problem`); after each solve every violated hard goal
+gets its weight multiplied by ``hard_growth`` and its reference moved past the target by
+the violation (a multiplier-style shift), and the solve restarts warm. After
+``hard_rounds`` rounds, goals still violated are listed in ``Result.messages`` and
+``Result.unmet_hard`` with the achieved value and by how much they miss: never silent.
+"""
+
+from __future__ import annotations
+
+import time
+
+from optimizer import registry
+from optimizer.backends.base import Result
+from optimizer.problem import UPPER_OPS
+
+
+def _apply_hard_state(problem, state: dict):
+    """The problem with each hard goal's terms re-weighted / shifted as in ``state``."""
+    if not state:
+        return problem
+    terms = list(problem.terms)
+    for b in problem.bindings:
+        st = state.get(b.goal.id)
+        if not st:
+            continue
+        for ti in b.term_indices:
+            t = terms[ti].with_weight(terms[ti].weight * st["weight_factor"])
+            if isinstance(t.ref_gy, float) and st.get("ref_shift"):
+                t = t.with_ref(max(0.0, t.ref_gy + st["ref_shift"]))
+            terms[ti] = t
+    return problem.with_terms(terms)
+
+
+def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
+             hard_growth: float = 4.0, goal_check=None, hard_state: dict | None = None,
+             **options) -> Result:
+    """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
+
+    goal_check: optional callable(fluence) -> list of per-goal dicts (id, achieved, met,
+    violation, hard) used to decide which hard goals are violated; the pipeline passes
+    one that measures on the patient grid (what the plan is judged on). Default: the
+    problem's own dose-grid report.
+    hard_state: ``Result.hard_state`` of an earlier solve of a similar problem (warm
+    re-plans): its hard-goal weight factors and reference shifts are applied first.
+    """
+    be = registry.resolve(backend)
+    t0 = time.perf_counter()
+    check = goal_check or problem.goal_report
+    first_order = not getattr(be, "hard_constraints", False)
+    state = {k: dict(v) for k, v in (hard_state or {}).items()} if first_order else {}
+    current = _apply_hard_state(problem, state)
+    res = be.solve(current, x0, **options)
+    iterations, history = res.iterations, list(res.history)
+    rounds = 0
+    if first_order:
+        by_id = {b.goal.id: b for b in problem.bindings}
+        report = check(res.fluence) if goal_check else res.goal_report
+        for rounds in range(1, hard_rounds + 1):
+            violated = [r for r in report if r.get("hard") and r.get("met") is False]
+            if not violated:
+                rounds -= 1
+                break
+            for r in violated:
+                b = by_id[r["id"]]
+                st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
+                st["weight_factor"] *= hard_growth
+                if b.goal.metric.kind != "V":
+                    sign = -1.0 if b.goal.operator in UPPER_OPS else 1.0
+                    st["ref_shift"] += sign * r["violation"]
+            current = _apply_hard_state(problem, state)
+            res = be.solve(current, res.fluence, **options)
+            iterations += res.iterations
+            history.extend(res.history)
+            report = check(res.fluence) if goal_check else problem.goal_report(res.fluence)
+        res.objective = problem.objective(res.fluence)
+        res.goal_report = problem.goal_report(res.fluence)
+        if goal_check:  # the caller's measurement decides what is met
+            override = {r["id"]: r for r in report}
+            res.goal_report = [override.get(r["id"], r) for r in res.goal_report]
+    res.hard_state = state
+    res.iterations = iterations
+    res.history = history
+    res.timings_s = dict(res.timings_s, total=time.perf_counter() - t0)
+    res.messages = list(res.messages) + [
+        f"hard goal {g['id']} not met: achieved {g['achieved']:.3g}, misses by "
+        f"{g['violation']:.3g}" + (f" after {rounds} hard-goal rounds" if rounds else "")
+        for g in res.unmet_hard]
+    if res.status == "infeasible":
+        res.messages.append("the priority-1 goals cannot all be met together "
+                            "(the QP constraints are infeasible)")
+    return res

@@ -1,0 +1,117 @@
+"""A trained network wrapped as a Predictor: encode -> network -> decode on the patient grid.
+
+Checkpoint file (``torch.save`` of plain data, loaded with ``weights_only=True``)::
+
+    {"format": "atp-dose-cnn", "version": 1, "net": "cadunet", "net_kwargs": {...},
+     "encoding": EncodingConfig.to_dict(), "ptv_target": "prescription",
+     "ptv_override": True, "decode": "linear", "dose_scale_gy": 70.0,
+     "state_dict": {...}, "meta": {...}}
+
+``ptv_override``: after decoding, every PTV voxel is set to its highest prescription
+(the hybrid ATP paper predicts dose only outside the PTV). ``decode``: how the coarse
+network output returns to the patient grid (``linear``: trilinear between coarse voxel
+centres; ``nearest``: the exact inverse of the encoder's block averaging).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import InputError
+from atp.patient import Patient
+from predictor.base import finalize_dose, require_prescriptions
+from predictor.encoding import EncodingConfig, decode, encode_patient, network_inputs
+
+CHECKPOINT_FORMAT = "atp-dose-cnn"
+
+
+class CNNPredictor:
+    """A dose network with its encoding; ``predict(patient)`` -> Gy on the patient grid."""
+
+    def __init__(self, net, encoding: EncodingConfig, *, name: str = "cnn",
+                 ptv_target: str = "prescription", ptv_override: bool = True,
+                 decode: str = "linear", dose_scale_gy: float = 70.0, net_name: str = "",
+                 net_kwargs: dict | None = None, meta: dict | None = None,
+                 device: str | None = None) -> None:
+        import torch
+
+        self.name = name
+        self.net = net
+        self.encoding = encoding
+        self.ptv_target = ptv_target
+        self.ptv_override = bool(ptv_override)
+        self.decode = decode
+        self.dose_scale_gy = float(dose_scale_gy)
+        self.net_name = net_name
+        self.net_kwargs = dict(net_kwargs or {})
+        self.meta = dict(meta or {})
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net.to(self.device).eval()
+
+    # --- persistence ----------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "net": self.net_name,
+                "net_kwargs": self.net_kwargs, "encoding": self.encoding.to_dict(),
+                "ptv_target": self.ptv_target, "ptv_override": self.ptv_override,
+                "decode": self.decode, "dose_scale_gy": self.dose_scale_gy,
+                "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                "meta": self.meta}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, name: str | None = None,
+                        device: str | None = None) -> "CNNPredictor":
+        import torch
+
+        from predictor.nets import build_net
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError("network weights not found", file=path)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError("cannot read network weights: " + str(exc).splitlines()[0],
+                             file=path) from None
+        if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"not an {CHECKPOINT_FORMAT} checkpoint", file=path, field="format")
+        try:
+            enc = EncodingConfig.from_dict(ck["encoding"])
+            kwargs = {k: (tuple(v) if isinstance(v, list) else v)
+                      for k, v in ck["net_kwargs"].items()}
+            net = build_net(ck["net"], 3, enc.in_channels, 1, **kwargs)
+            net.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()})
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise InputError(f"inconsistent checkpoint: {exc}", file=path) from None
+        return cls(net, enc, name=name or ck["net"], ptv_target=ck.get("ptv_target",
+                   "reference"), ptv_override=ck.get("ptv_override", False),
+                   decode=ck.get("decode", "linear"),
+                   dose_scale_gy=ck.get("dose_scale_gy", enc.rx_norm_gy), net_name=ck["net"],
+                   net_kwargs=ck["net_kwargs"], meta=ck.get("meta", {}), device=device)
+
+    # --- prediction -----------------------------------------------------------------
+    def predict_network_grid(self, stack: np.ndarray) -> np.ndarray:
+        """Network output (dose, Gy) for one encoded channel stack (C, *size)."""
+        import torch
+
+        x = network_inputs(np.asarray(stack, dtype=np.float32), self.encoding)
+        with torch.inference_mode():
+            y = self.net(torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device))
+        return y[0, 0].float().cpu().numpy() * self.dose_scale_gy
+
+    def predict(self, patient: Patient) -> np.ndarray:
+        require_prescriptions(patient, self.name)
+        stack, t = encode_patient(patient, self.encoding)
+        y = self.predict_network_grid(stack)
+        dose = decode(y, t, interpolation=self.decode)
+        if self.ptv_override:
+            rx = patient.prescription_map_gy()
+            dose = np.where(rx > 0, rx, dose)
+        return finalize_dose(dose, patient)
+
+    def fit(self, patients, **options) -> "CNNPredictor":
+        """Train this network on patients with a reference dose (see predictor.train)."""
+        from predictor.train import fit_predictor
+
+        return fit_predictor(self, list(patients), **options)

@@ -1,0 +1,329 @@
+"""Network input encoding from a Patient, and its exact inverse back to the patient grid.
+
+Steps (each invertible; :class:`GridTransform` records them):
+
+1. **Orientation**: the patient arrays are permuted / flipped so that the network sees
+   one canonical orientation, OpenKBP's: axis 0 -> +y (posterior), axis 1 -> +x
+   (patient left), axis 2 -> -z (feet). Each array axis is matched to the canonical
+   axis its direction vector is closest to (exact for axis-aligned grids).
+2. **Resampling**: integer block down-sampling per axis. The factor is either given
+   (``factor``) or derived from a target spacing (``spacing_mm``, canonical axis order):
+   ``round(target / voxel)``, at least 1, so e.g. OpenKBP 3.9 x 3.9 x 2.5 mm voxels
+   become 7.8 x 7.8 x 5 mm. Each block is averaged over its voxels (masks become
+   occupancy fractions; the PTV channel takes the block maximum); partial blocks at
+   the far edges use the voxels they have. Block means are computed in float64 so that averaging a block of
+   equal float32 values returns that value bit for bit.
+3. **Crop / pad** to the network size: an axis longer than the network is cropped
+   around the targets' bounding-box centre, a shorter one is padded, centred.
+
+The inverse (:func:`decode`) undoes 3 (voxels the network did not see get ``fill``),
+repeats each coarse voxel over its block (nearest) or interpolates (``linear``) and
+undoes 1. With ``nearest``, ``encode_array(decode(y)) == y`` exactly on every network
+voxel that maps inside the patient grid, and ``decode(encode_array(x)) == x`` exactly
+when the factors are 1 and nothing is cropped.
+
+Channels of :func:`encode_patient` (float32): 0 CT (HU clipped to ``ct_clip_hu`` and
+scaled to [0, 1]), 1 body, 2 PTV (each voxel's highest prescription / ``rx_norm_gy``),
+3.. one per OAR of ``oars`` (occupancy fraction; missing OAR -> zeros).
+:func:`network_inputs` turns this stack into the input a network configuration wants:
+all channels (CAD-UNet) or CT, body, PTV and one OAR label channel (ResUNet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from atp.errors import InputError
+from atp.grid import Grid
+from atp.patient import Patient
+
+CANONICAL_DIRECTION = np.array([[0.0, 1.0, 0.0],
+                                [1.0, 0.0, 0.0],
+                                [0.0, 0.0, -1.0]])  # OpenKBP: y, x, -z
+DEFAULT_OARS = ("Brainstem", "SpinalCord", "Parotid_R", "Parotid_L", "Esophagus", "Larynx",
+                "Bone_Mandible")
+# channel pairs exchanged by a left-right flip
+LR_PAIRS = (("Parotid_R", "Parotid_L"),)
+CT_CHANNEL, BODY_CHANNEL, PTV_CHANNEL, FIRST_OAR_CHANNEL = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    """How a patient becomes a network input.
+
+    size: network input size (voxels per canonical axis).
+    spacing_mm: target voxel size per canonical axis (y, x, -z) in mm, or None to use
+        ``factor``. factor: fixed integer down-sampling per axis (used when spacing_mm
+        is None). ct_clip_hu: CT window. rx_norm_gy: PTV channel scale.
+    oars: canonical OAR names, one channel each. inputs: "channels" (every channel) or
+        "labels" (CT, body, PTV, OAR label map).
+    """
+
+    size: tuple[int, int, int] = (64, 64, 64)
+    spacing_mm: tuple[float, float, float] | None = (7.8125, 7.8125, 5.0)
+    factor: tuple[int, int, int] = (2, 2, 2)
+    ct_clip_hu: tuple[float, float] = (-1000.0, 1500.0)
+    rx_norm_gy: float = 70.0
+    oars: tuple[str, ...] = DEFAULT_OARS
+    inputs: str = "channels"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        object.__setattr__(self, "factor", tuple(int(s) for s in self.factor))
+        object.__setattr__(self, "oars", tuple(self.oars))
+        if self.spacing_mm is not None:
+            object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
+            if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+                raise InputError("spacing_mm must be 3 positive values", field="spacing_mm")
+        if len(self.size) != 3 or min(self.size) < 1:
+            raise InputError("size must be 3 positive ints", field="size")
+        if len(self.factor) != 3 or min(self.factor) < 1:
+            raise InputError("factor must be 3 ints >= 1", field="factor")
+        if self.ct_clip_hu[1] <= self.ct_clip_hu[0]:
+            raise InputError("ct_clip_hu must be (low, high) with low < high",
+                             field="ct_clip_hu")
+        if self.rx_norm_gy <= 0:
+            raise InputError("rx_norm_gy must be > 0", field="rx_norm_gy")
+        if self.inputs not in ("channels", "labels"):
+            raise InputError("inputs must be 'channels' or 'labels'", field="inputs")
+
+    @property
+    def n_stack_channels(self) -> int:
+        return FIRST_OAR_CHANNEL + len(self.oars)
+
+    @property
+    def in_channels(self) -> int:
+        return self.n_stack_channels if self.inputs == "channels" else 4
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncodingConfig":
+        d = dict(d)
+        for k in ("size", "factor", "ct_clip_hu", "oars"):
+            if k in d:
+                d[k] = tuple(d[k])
+        if d.get("spacing_mm") is not None:
+            d["spacing_mm"] = tuple(d["spacing_mm"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GridTransform:
+    """Everything needed to go from a patient-grid array to the network grid and back."""
+
+    source_shape: tuple[int, int, int]
+    perm: tuple[int, int, int]          # canonical axis k <- patient array axis perm[k]
+    flip: tuple[bool, bool, bool]       # flip canonical axis k after permuting
+    factor: tuple[int, int, int]
+    offset: tuple[int, int, int]        # network index i <-> coarse index i + offset
+    size: tuple[int, int, int]
+    coarse_shape: tuple[int, int, int] = field(default=(0, 0, 0))
+
+    # --- orientation -----------------------------------------------------------------
+    def orient(self, a: np.ndarray) -> np.ndarray:
+        a = np.transpose(a, self.perm)
+        for k, f in enumerate(self.flip):
+            if f:
+                a = np.flip(a, axis=k)
+        return a
+
+    def unorient(self, a: np.ndarray) -> np.ndarray:
+        for k, f in enumerate(self.flip):
+            if f:
+                a = np.flip(a, axis=k)
+        return np.transpose(a, np.argsort(self.perm))
+
+    @property
+    def oriented_shape(self) -> tuple[int, int, int]:
+        return tuple(self.source_shape[p] for p in self.perm)
+
+    # --- crop / pad ----------------------------------------------------------------------
+    def _overlap(self):
+        """Slices (coarse, network) of the region both grids share."""
+        cs, ns = [], []
+        for k in range(3):
+            lo = max(0, self.offset[k])
+            hi = min(self.coarse_shape[k], self.offset[k] + self.size[k])
+            cs.append(slice(lo, hi))
+            ns.append(slice(lo - self.offset[k], hi - self.offset[k]))
+        return tuple(cs), tuple(ns)
+
+    def to_network(self, coarse: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full(self.size, fill, dtype=coarse.dtype)
+        cs, ns = self._overlap()
+        out[ns] = coarse[cs]
+        return out
+
+    def from_network(self, net: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full(self.coarse_shape, fill, dtype=net.dtype)
+        cs, ns = self._overlap()
+        out[cs] = net[ns]
+        return out
+
+    def network_valid_mask(self) -> np.ndarray:
+        """True on network voxels that map inside the patient grid."""
+        m = np.zeros(self.size, dtype=bool)
+        _, ns = self._overlap()
+        m[ns] = True
+        return m
+
+
+def canonical_axes(grid: Grid) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """(perm, flip) bringing the grid's array axes to the canonical orientation."""
+    dots = CANONICAL_DIRECTION.T @ grid.direction  # [k, a] = canonical_k . axis_a
+    perm, flip, used = [], [], set()
+    for k in range(3):
+        order = np.argsort(-np.abs(dots[k]))
+        a = next(int(a) for a in order if int(a) not in used)
+        used.add(a)
+        perm.append(a)
+        flip.append(bool(dots[k, a] < 0))
+    return tuple(perm), tuple(flip)
+
+
+def make_transform(patient: Patient, config: EncodingConfig) -> GridTransform:
+    perm, flip = canonical_axes(patient.grid)
+    spacing_c = np.asarray(patient.grid.spacing_mm)[list(perm)]
+    if config.spacing_mm is not None:
+        factor = tuple(max(1, int(round(t / s))) for t, s in zip(config.spacing_mm, spacing_c))
+    else:
+        factor = config.factor
+    oriented = tuple(patient.grid.shape[p] for p in perm)
+    coarse = tuple(-(-n // f) for n, f in zip(oriented, factor))
+    # crop centre: the targets' bounding box centre (coarse index); else the array centre
+    rx = patient.prescription_map_gy() > 0
+    if rx.any():
+        idx = np.argwhere(_orient_with(rx, perm, flip))
+        centre = (idx.min(axis=0) + idx.max(axis=0)) / 2.0 / np.asarray(factor)
+    else:
+        centre = (np.asarray(coarse) - 1) / 2.0
+    offset = []
+    for k in range(3):
+        n, m = config.size[k], coarse[k]
+        if m <= n:
+            offset.append(-((n - m) // 2))
+        else:
+            start = int(round(centre[k] - (n - 1) / 2.0))
+            offset.append(int(np.clip(start, 0, m - n)))
+    return GridTransform(tuple(patient.grid.shape), perm, flip, factor, tuple(offset),
+                         config.size, coarse)
+
+
+def _orient_with(a, perm, flip):
+    a = np.transpose(a, perm)
+    for k, f in enumerate(flip):
+        if f:
+            a = np.flip(a, axis=k)
+    return a
+
+
+def _blocks(a: np.ndarray, factor) -> np.ndarray:
+    s = a.shape
+    return a.reshape(s[0] // factor[0], factor[0], s[1] // factor[1], factor[1],
+                     s[2] // factor[2], factor[2])
+
+
+def _block_reduce(a: np.ndarray, factor, how: str) -> np.ndarray:
+    """Block mean (float64) or max over the voxels of each block that lie in the array.
+
+    Blocks at the far edge may be partial (shape not a multiple of the factor): they are
+    reduced over their real voxels only, so the inverse stays exact there too.
+    """
+    pads = [(0, (-n) % f) for n, f in zip(a.shape, factor)]
+    if how == "max":
+        return _blocks(np.pad(a, pads, mode="edge"), factor).max(axis=(1, 3, 5))
+    total = _blocks(np.pad(a, pads), factor).sum(axis=(1, 3, 5), dtype=np.float64)
+    count = _blocks(np.pad(np.ones(a.shape, np.float64), pads), factor).sum(axis=(1, 3, 5))
+    return total / count
+
+
+def encode_array(a: np.ndarray, t: GridTransform, *, how: str = "mean",
+                 fill: float = 0.0) -> np.ndarray:
+    """One patient-grid array -> network grid (float32), per the transform."""
+    a = np.asarray(a)
+    if tuple(a.shape) != t.source_shape:
+        raise InputError(f"array shape {a.shape} != transform source {t.source_shape}",
+                         field="array")
+    o = t.orient(a.astype(np.float64) if how == "mean" else a)
+    c = _block_reduce(o, t.factor, how)
+    return t.to_network(np.asarray(c, dtype=np.float32), fill)
+
+
+def decode(y: np.ndarray, t: GridTransform, *, fill: float = 0.0,
+           interpolation: str = "nearest") -> np.ndarray:
+    """Network-grid array -> patient grid (float32), the inverse of :func:`encode_array`."""
+    y = np.asarray(y, dtype=np.float32)
+    if tuple(y.shape) != t.size:
+        raise InputError(f"network array shape {y.shape} != {t.size}", field="array")
+    coarse = t.from_network(y, fill)
+    oriented = t.oriented_shape
+    if interpolation == "nearest":
+        up = coarse
+        for k, f in enumerate(t.factor):
+            if f > 1:
+                up = np.repeat(up, f, axis=k)
+        up = up[tuple(slice(0, n) for n in oriented)]
+    elif interpolation == "linear":
+        coords = [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(oriented, t.factor)]
+        grid = np.meshgrid(*coords, indexing="ij")
+        up = ndimage.map_coordinates(coarse, grid, order=1, mode="nearest")
+    else:
+        raise InputError("interpolation must be 'nearest' or 'linear'", field="interpolation")
+    return np.ascontiguousarray(t.unorient(up), dtype=np.float32)
+
+
+def encode_patient(patient: Patient, config: EncodingConfig
+                   ) -> tuple[np.ndarray, GridTransform]:
+    """The full channel stack (C, *size) float32 and the transform (see module doc)."""
+    t = make_transform(patient, config)
+    lo, hi = config.ct_clip_hu
+    ct = (np.clip(patient.ct_hu, lo, hi) - lo) / (hi - lo)
+    chans = [encode_array(ct, t, fill=0.0),
+             encode_array(patient.body_mask, t),
+             encode_array(patient.prescription_map_gy() / config.rx_norm_gy, t, how="max")]
+    for name in config.oars:
+        if name in patient.structures:
+            chans.append(encode_array(patient.mask(name), t))
+        else:
+            chans.append(np.zeros(config.size, dtype=np.float32))
+    return np.stack(chans).astype(np.float32), t
+
+
+def encode_dose(dose_gy: np.ndarray, t: GridTransform) -> np.ndarray:
+    return encode_array(dose_gy, t, how="mean")
+
+
+def network_inputs(stack, config: EncodingConfig):
+    """The network input from a channel stack (numpy (C,...) or torch (B,C,...))."""
+    if config.inputs == "channels":
+        return stack
+    lead = stack.ndim - 4  # 0 for (C, ...), 1 for (B, C, ...)
+    sl = (slice(None),) * lead
+    oars = stack[sl + (slice(FIRST_OAR_CHANNEL, None),)]
+    n = oars.shape[lead]
+    weights = (np.arange(1, n + 1, dtype=np.float32) / n)
+    # label map: the first OAR (list order) occupying >= half of a voxel, scaled to (0, 1]
+    occupied = oars >= 0.5
+    try:  # torch
+        import torch
+
+        if isinstance(stack, torch.Tensor):
+            w = torch.as_tensor(weights, device=stack.device).view(
+                *([1] * lead), n, *([1] * 3))
+            first = torch.argmax(occupied.to(torch.uint8), dim=lead, keepdim=True)
+            label = torch.gather(w.expand_as(oars), lead, first) * occupied.any(
+                dim=lead, keepdim=True)
+            return torch.cat([stack[sl + (slice(0, FIRST_OAR_CHANNEL),)], label.to(
+                stack.dtype)], dim=lead)
+    except ImportError:  # pragma: no cover - torch missing
+        pass
+    first = np.argmax(occupied, axis=lead)
+    label = weights[first] * occupied.any(axis=lead)
+    return np.concatenate([stack[sl + (slice(0, FIRST_OAR_CHANNEL),)],
+                           np.expand_dims(label, lead).astype(stack.dtype)], axis=lead)

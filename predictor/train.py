@@ -1,0 +1,418 @@
+"""Training loop for the dose networks (CPU small config, GPU full config).
+
+* deterministic: the network initialisation, the epoch order and every augmentation
+  draw come from ``seed`` (per-step generators seeded by (seed, epoch, step)), so a
+  resumed run continues exactly where the interrupted one stopped;
+* augmentation: left-right flip (swapping the parotid channels), small rotations about
+  each axis and isotropic scaling, applied jointly to inputs and dose; random patches;
+* Adam + cosine learning-rate decay; AMP (bfloat16 autocast) when on CUDA;
+* a full checkpoint (``last.pt``: model, optimiser, position, history) is written
+  atomically every ``checkpoint_every_s`` seconds and after every epoch; the best
+  network on the validation loss is kept as ``best.pt`` (a shippable
+  :mod:`predictor.cnn` checkpoint); early stopping after ``patience`` epochs without
+  improvement; an optional time budget stops cleanly after a checkpoint.
+
+Encoded patients are cached under the output folder (float16) so that a resumed or
+repeated run does not re-read the data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import InputError
+from atp.outputs import atomic_write_bytes
+from predictor.encoding import (FIRST_OAR_CHANNEL, LR_PAIRS, EncodingConfig, encode_dose,
+                                encode_patient, network_inputs)
+
+PRESETS = {
+    ("cadunet", "small"): dict(
+        net_kwargs={"channels": [8, 16, 32, 64], "growth": 4, "layers": 2},
+        encoding=EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
+                                inputs="channels"),
+        patch=(48, 48, 48), batch_size=1, lr=1e-3, ptv_target="prescription",
+        ptv_override=True),
+    ("cadunet", "full"): dict(
+        net_kwargs={"channels": [16, 32, 64, 128], "growth": 8, "layers": 3},
+        encoding=EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
+                                inputs="channels"),
+        patch=(128, 128, 128), batch_size=2, lr=3e-4, ptv_target="prescription",
+        ptv_override=True),
+    ("resunet", "small"): dict(
+        net_kwargs={"channels": [8, 16, 32, 64]},
+        encoding=EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
+                                inputs="labels"),
+        patch=(48, 48, 48), batch_size=1, lr=1e-3, ptv_target="reference",
+        ptv_override=False),
+    ("resunet", "full"): dict(
+        net_kwargs={"channels": [16, 64, 128, 256]},
+        encoding=EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
+                                inputs="labels"),
+        patch=(128, 128, 128), batch_size=2, lr=3e-4, ptv_target="reference",
+        ptv_override=False),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every training choice, stored in checkpoints and model cards."""
+
+    model: str = "cadunet"
+    preset: str = "small"
+    net_kwargs: dict = field(default_factory=dict)
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    patch: tuple[int, int, int] = (48, 48, 48)
+    batch_size: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-4
+    epochs: int = 20
+    steps_per_epoch: int | None = None  # None: one pass over the training patients
+    patience: int = 5
+    seed: int = 2020
+    augment: bool = True
+    flip_prob: float = 0.5
+    rotate_deg: float = 8.0
+    scale_frac: float = 0.08
+    affine_prob: float = 0.5
+    ptv_target: str = "prescription"
+    ptv_override: bool = True
+    decode: str = "linear"
+    checkpoint_every_s: float = 180.0
+    time_limit_s: float | None = None
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["encoding"] = self.encoding.to_dict()
+        d["patch"] = list(self.patch)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["encoding"] = EncodingConfig.from_dict(d["encoding"])
+        d["patch"] = tuple(d["patch"])
+        return cls(**d)
+
+
+def make_config(model: str, preset: str = "small", **overrides) -> TrainConfig:
+    key = (model, preset)
+    if key not in PRESETS:
+        raise InputError(f"no preset {preset!r} for model {model!r}; presets: "
+                         f"{sorted(PRESETS)}", field="--config")
+    base = dict(PRESETS[key])
+    base["net_kwargs"] = dict(base["net_kwargs"])
+    cfg = TrainConfig(model=model, preset=preset, **base)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- data --------------------------------------------------------------------------------
+def encode_patients(patients, enc: EncodingConfig):
+    """(stacks float16 (N,C,...), doses float16 (N,1,...) in units of rx_norm_gy, ids)."""
+    from predictor.base import reference_dose_gy
+
+    stacks, doses, ids = [], [], []
+    for p in patients:
+        stack, t = encode_patient(p, enc)
+        dose = encode_dose(reference_dose_gy(p), t) / enc.rx_norm_gy
+        stacks.append(stack.astype(np.float16))
+        doses.append(dose[None].astype(np.float16))
+        ids.append(p.patient_id)
+    if not stacks:
+        raise InputError("no patients to train on", field="patients")
+    return np.stack(stacks), np.stack(doses), ids
+
+
+def cached_split(data_dir, split: str, enc: EncodingConfig, cache_dir: Path,
+                 limit: int | None = None, log=print):
+    from predictor.data import iter_split, split_files
+
+    files = split_files(data_dir, split)[:limit] if limit else split_files(data_dir, split)
+    enc_key = {k: v for k, v in enc.to_dict().items() if k != "inputs"}  # same stack
+    key = hashlib.sha1(json.dumps([enc_key, [str(f) for f in files]],
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{split}-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["stacks"], z["doses"], [str(i) for i in z["ids"]]
+    t0 = time.perf_counter()
+    stacks, doses, ids = encode_patients(iter_split(data_dir, split, limit), enc)
+    buf = io.BytesIO()
+    np.savez(buf, stacks=stacks, doses=doses, ids=np.array(ids))
+    atomic_write_bytes(path, buf.getvalue())
+    log(f"encoded {len(ids)} {split} patients in {time.perf_counter() - t0:.0f} s -> {path}")
+    return stacks, doses, ids
+
+
+# --- augmentation ------------------------------------------------------------------------
+def lr_swap_permutation(enc: EncodingConfig) -> list[int]:
+    """Channel order after a left-right flip (paired OAR channels exchanged)."""
+    perm = list(range(enc.n_stack_channels))
+    for a, b in LR_PAIRS:
+        if a in enc.oars and b in enc.oars:
+            ia, ib = FIRST_OAR_CHANNEL + enc.oars.index(a), FIRST_OAR_CHANNEL + enc.oars.index(b)
+            perm[ia], perm[ib] = ib, ia
+    return perm
+
+
+def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[int]):
+    """Jointly flip / rotate / scale one sample: stack (C,...) and dose (1,...) tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    if rng.random() < cfg.flip_prob:  # canonical axis 1 is patient left-right
+        stack = torch.flip(stack[swap], dims=[2])
+        dose = torch.flip(dose, dims=[2])
+    if rng.random() < cfg.affine_prob:
+        a = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, 3))
+        s = 1.0 + rng.uniform(-cfg.scale_frac, cfg.scale_frac)
+        cx, sx = np.cos(a), np.sin(a)
+        rx = np.array([[1, 0, 0], [0, cx[0], -sx[0]], [0, sx[0], cx[0]]])
+        ry = np.array([[cx[1], 0, sx[1]], [0, 1, 0], [-sx[1], 0, cx[1]]])
+        rz = np.array([[cx[2], -sx[2], 0], [sx[2], cx[2], 0], [0, 0, 1]])
+        theta = np.zeros((1, 3, 4))
+        theta[0, :, :3] = (rx @ ry @ rz) / s
+        both = torch.cat([stack, dose], 0)[None].float()
+        grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32), both.shape,
+                             align_corners=False)
+        both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)[0]
+        stack, dose = both[:-1], both[-1:]
+    return stack, dose
+
+
+def random_patch(stack, dose, rng: np.random.Generator, patch):
+    starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(stack.shape[1:], patch)]
+    sl = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(starts, patch))
+    return stack[sl], dose[sl]
+
+
+# --- loop --------------------------------------------------------------------------------
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(step, total)
+                                                                    / max(total, 1)))
+
+
+# options that may change between an interrupted run and its resumption
+RESUME_MAY_CHANGE = ("epochs", "patience", "time_limit_s", "checkpoint_every_s", "threads")
+
+
+def _resume_key(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in RESUME_MAY_CHANGE}
+
+
+def _save_torch(obj, path: Path) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def evaluate(net, stacks, doses, cfg: TrainConfig, device) -> dict:
+    """Validation loss (volume-weighted MSE) and coarse-grid body MAE in Gy."""
+    import torch
+
+    from predictor.losses import roi_weights, training_target, volume_weighted_mse
+
+    net.eval()
+    losses, maes = [], []
+    with torch.inference_mode():
+        for i in range(len(stacks)):
+            s = torch.from_numpy(stacks[i:i + 1].astype(np.float32)).to(device)
+            d = torch.from_numpy(doses[i:i + 1].astype(np.float32)).to(device)
+            with _autocast(device):
+                y = net(network_inputs(s, cfg.encoding)).float()
+            tgt = training_target(s, d, cfg.ptv_target)
+            losses.append(float(volume_weighted_mse(y, tgt, roi_weights(s))))
+            body = s[:, 1:2] >= 0.5
+            maes.append(float((y - d).abs()[body].mean()) * cfg.encoding.rx_norm_gy)
+    net.train()
+    return {"val_loss": float(np.mean(losses)), "val_mae_gy": float(np.mean(maes))}
+
+
+def _autocast(device):
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume: bool = False,
+          progress: bool = True, log=print, meta: dict | None = None) -> dict:
+    """Train ``cfg.model`` on encoded arrays; writes last.pt / best.pt / history.json."""
+    import torch
+
+    from predictor.cnn import CNNPredictor
+    from predictor.losses import roi_weights, training_target, volume_weighted_mse
+    from predictor.nets import build_net
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stacks, doses = train_data[0], train_data[1]
+    vstacks, vdoses = val_data[0], val_data[1]
+    n = len(stacks)
+    if n == 0:
+        raise InputError("no training patients", field="--data")
+    if any(p > s for p, s in zip(cfg.patch, cfg.encoding.size)):
+        raise InputError(f"patch {cfg.patch} larger than the network size {cfg.encoding.size}",
+                         field="patch")
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg.model, 3, cfg.encoding.in_channels, 1,
+                    **{k: (tuple(v) if isinstance(v, list) else v)
+                       for k, v in cfg.net_kwargs.items()}).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = cfg.steps_per_epoch or max(1, n // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val_loss": float("inf"),
+             "best_epoch": -1, "bad_epochs": 0, "history": [], "epoch_loss_sum": 0.0,
+             "train_seconds": 0.0, "done": False}
+    last = out / "last.pt"
+    if resume and last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        if _resume_key(ck["config"]) != _resume_key(cfg.to_dict()):
+            raise InputError("checkpoint was written with another configuration; use a new "
+                             "--out or the same options", file=last, field="config")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        state.update(ck["state"])
+        log(f"resumed at epoch {state['epoch']} step {state['step_in_epoch']}")
+    swap = lr_swap_permutation(cfg.encoding)
+
+    def save_last():
+        _save_torch({"config": cfg.to_dict(), "model": net.state_dict(),
+                     "optimizer": opt.state_dict(), "state": state}, last)
+
+    def make_predictor():
+        m = dict(meta or {})
+        m.update({"train_config": cfg.to_dict(), "best_epoch": state["best_epoch"],
+                  "best_val_loss": state["best_val_loss"],
+                  "train_seconds": round(state["train_seconds"], 1),
+                  "epochs_completed": state["epoch"], "steps": state["global_step"],
+                  "device": str(device), "torch": str(torch.__version__)})
+        return CNNPredictor(net, cfg.encoding, name=cfg.model, ptv_target=cfg.ptv_target,
+                            ptv_override=cfg.ptv_override, decode=cfg.decode,
+                            dose_scale_gy=cfg.encoding.rx_norm_gy, net_name=cfg.model,
+                            net_kwargs=cfg.net_kwargs, meta=m, device=str(device))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=state["global_step"], unit="step",
+                   mininterval=10, desc=cfg.model)
+    net.train()
+    t_start = time.perf_counter()
+    t_ckpt = t_start
+    seconds_before = state["train_seconds"]
+    stopped = "epochs"
+    while state["epoch"] < cfg.epochs and not state["done"]:
+        epoch = state["epoch"]
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        while state["step_in_epoch"] < steps_per_epoch:
+            step = state["step_in_epoch"]
+            rng = np.random.default_rng([cfg.seed, epoch, step])
+            xs, ys = [], []
+            for b in range(cfg.batch_size):
+                i = int(order[(step * cfg.batch_size + b) % n])
+                s = torch.from_numpy(stacks[i].astype(np.float32))
+                d = torch.from_numpy(doses[i].astype(np.float32))
+                if cfg.augment:
+                    s, d = augment(s, d, rng, cfg, swap)
+                s, d = random_patch(s, d, rng, cfg.patch)
+                xs.append(s)
+                ys.append(d)
+            s = torch.stack(xs).to(device)
+            d = torch.stack(ys).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, state["global_step"], total_steps)
+            with _autocast(device):
+                y = net(network_inputs(s, cfg.encoding)).float()
+            loss = volume_weighted_mse(y, training_target(s, d, cfg.ptv_target), roi_weights(s))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["epoch_loss_sum"] += float(loss.detach())
+            state["step_in_epoch"] += 1
+            state["global_step"] += 1
+            state["train_seconds"] = seconds_before + time.perf_counter() - t_start
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch)
+            now = time.perf_counter()
+            if now - t_ckpt >= cfg.checkpoint_every_s:
+                save_last()
+                t_ckpt = now
+            if cfg.time_limit_s and now - t_start >= cfg.time_limit_s:
+                stopped = "time limit"
+                break
+        if stopped == "time limit" and state["step_in_epoch"] < steps_per_epoch:
+            save_last()
+            break
+        metrics = evaluate(net, vstacks, vdoses, cfg, device) if len(vstacks) else {
+            "val_loss": state["epoch_loss_sum"] / steps_per_epoch, "val_mae_gy": float("nan")}
+        rec = {"epoch": epoch, "train_loss": state["epoch_loss_sum"] / steps_per_epoch,
+               **metrics, "lr": opt.param_groups[0]["lr"],
+               "elapsed_s": round(state["train_seconds"], 1)}
+        state["history"].append(rec)
+        log(json.dumps(rec))
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        state["epoch_loss_sum"] = 0.0
+        if metrics["val_loss"] < state["best_val_loss"]:
+            state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = (
+                metrics["val_loss"], epoch, 0)
+            _save_torch(make_predictor().checkpoint(), out / "best.pt")
+        else:
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= cfg.patience:
+                state["done"] = True
+                stopped = "early stopping"
+        save_last()
+        t_ckpt = time.perf_counter()
+        if stopped == "time limit":
+            break
+    if bar is not None:
+        bar.close()
+    result = {"stopped": stopped, "epochs_completed": state["epoch"],
+              "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+              "train_seconds": round(state["train_seconds"], 1), "history": state["history"],
+              "best": str(out / "best.pt") if (out / "best.pt").is_file() else None,
+              "net": net, "predictor": make_predictor}
+    atomic_write_bytes(out / "history.json", (json.dumps(
+        {k: v for k, v in result.items() if k not in ("net", "predictor")}, indent=2)
+        + "\n").encode())
+    return result
+
+
+def fit_predictor(predictor, patients, *, val_patients=(), out_dir=None, **overrides):
+    """Train ``predictor`` (a CNNPredictor) in memory on patients with reference doses."""
+    import tempfile
+
+    cfg = make_config(predictor.net_name or "cadunet", overrides.pop("preset", "small"),
+                      **overrides)
+    cfg = replace(cfg, encoding=predictor.encoding, net_kwargs=predictor.net_kwargs or
+                  cfg.net_kwargs)
+    tr = encode_patients(patients, cfg.encoding)
+    va = encode_patients(val_patients, cfg.encoding) if val_patients else (
+        np.zeros((0,)), np.zeros((0,)), [])
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(cfg, tr, va, out_dir or tmp, progress=False, log=lambda *_: None)
+    predictor.net.load_state_dict(res["net"].state_dict())
+    predictor.net.eval()
+    return predictor

@@ -1,0 +1,81 @@
+"""Shared aperture helpers: radiation-field openings -> physical leaf tips, jaws, parking.
+
+An *effective* opening [left, right] (mm, BEV x) is the field the radiation sees; the
+physical tips are DLG/2 inside it. Pairs with no opening are closed at the minimum gap
+and parked behind the X1 jaw where the bank span allows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sequencer.machine import Machine
+
+
+def physical_tips(left_eff, right_eff, open_mask, machine: Machine):
+    """Effective openings (..., n_pairs) -> physical tips (a, b) honouring the min gap.
+
+    Open pairs: a = left + DLG/2, b = right - DLG/2, widened symmetrically to the
+    minimum gap when narrower. Closed pairs are returned as NaN (parked later).
+    """
+    half = machine.dosimetric_leaf_gap_mm / 2.0
+    a = np.asarray(left_eff, dtype=np.float64) + half
+    b = np.asarray(right_eff, dtype=np.float64) - half
+    g = machine.min_leaf_gap_mm
+    narrow = (b - a) < g
+    mid = 0.5 * (a + b)
+    a = np.where(narrow, mid - g / 2, a)
+    b = np.where(narrow, mid + g / 2, b)
+    a = np.where(open_mask, a, np.nan)
+    b = np.where(open_mask, b, np.nan)
+    return a, b
+
+
+def jaws_around(left_eff, right_eff, open_mask, machine: Machine, margin_mm: float = 0.0):
+    """Jaw (X1, X2), (Y1, Y2) bounding every open effective opening (one setting).
+
+    ``left_eff``/``right_eff``/``open_mask``: (..., n_pairs). Clipped to the jaw ranges;
+    with nothing open a minimum field at the centre is returned.
+    """
+    m = machine
+    op = np.asarray(open_mask, dtype=bool)
+    if not op.any():
+        h = max(m.min_field_mm, 1.0) / 2.0
+        return np.array([-h, h]), np.array([-h, h])
+    x1 = float(np.min(np.where(op, left_eff, np.inf))) - margin_mm
+    x2 = float(np.max(np.where(op, right_eff, -np.inf))) + margin_mm
+    rows = np.flatnonzero(op.reshape(-1, op.shape[-1]).any(axis=0))
+    y1 = float(m.leaf_edges_mm[rows[0]]) - margin_mm
+    y2 = float(m.leaf_edges_mm[rows[-1] + 1]) + margin_mm
+    x1 = float(np.clip(x1, *m.jaw_x1_range_mm))
+    x2 = float(np.clip(x2, *m.jaw_x2_range_mm))
+    y1 = float(np.clip(y1, *m.jaw_y1_range_mm))
+    y2 = float(np.clip(y2, *m.jaw_y2_range_mm))
+    if x2 - x1 < m.min_field_mm:
+        c = 0.5 * (x1 + x2)
+        x1, x2 = c - m.min_field_mm / 2, c + m.min_field_mm / 2
+    if y2 - y1 < m.min_field_mm:
+        c = 0.5 * (y1 + y2)
+        y1, y2 = c - m.min_field_mm / 2, c + m.min_field_mm / 2
+    return np.array([x1, x2]), np.array([y1, y2])
+
+
+def park_closed(a, b, jaw_x1_mm, machine: Machine):
+    """Fill closed (NaN) pairs of one aperture (n_pairs,) with tips closed at the min gap
+    behind the X1 jaw, moved in only as far as the bank-span limit requires."""
+    m = machine
+    a = np.array(a, dtype=np.float64)
+    b = np.array(b, dtype=np.float64)
+    closed = np.isnan(a)
+    if not closed.any():
+        return a, b
+    b_park = jaw_x1_mm - m.dosimetric_leaf_gap_mm / 2.0 - 1.0
+    if (~closed).any():
+        # keep both banks within the span limit of the open leaves
+        b_park = max(b_park, float(np.max(b[~closed])) - (m.max_leaf_span_mm - 1.0),
+                     float(np.max(a[~closed])) + m.min_leaf_gap_mm - (m.max_leaf_span_mm - 1.0))
+    lo, hi = m.leaf_position_range_mm
+    b_park = float(np.clip(b_park, lo + m.min_leaf_gap_mm, hi))
+    b[closed] = b_park
+    a[closed] = b_park - m.min_leaf_gap_mm
+    return a, b

@@ -1,0 +1,37 @@
+"""One call from optimised fluence to a sequenced delivery (what ``atp.pipeline`` uses)."""
+
+from __future__ import annotations
+
+from atp.dose.influence import DoseInfluence
+from sequencer.delivery import Delivery
+from sequencer.fluence import fluence_set
+from sequencer.machine import Machine, load_machine
+from sequencer.registry import get
+
+
+def default_technique(dij: DoseInfluence) -> str:
+    """'vmat' when the beams form arcs (>= 10 beams, neighbouring angles <= 10 degrees
+    apart), else 'imrt-sliding'."""
+    import numpy as np
+
+    g = np.asarray(dij.beamlets.gantry_deg)
+    if g.size >= 10:
+        steps = np.abs((np.diff(g) + 180.0) % 360.0 - 180.0)
+        if np.median(steps) <= 10.0:
+            return "vmat"
+    return "imrt-sliding"
+
+
+def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
+             machine: str | Machine = "millennium120", fractions: int | None = None,
+             **params) -> Delivery:
+    """Sequence optimised beamlet weights (MU, total course) for ``dij``'s beams.
+
+    technique: a registry name ('imrt-sns', 'imrt-sliding', 'vmat'; default
+    :func:`default_technique`). machine: a shipped machine name, a YAML path or a
+    Machine. fractions: the course's fractions (sets per-fraction MU and speed limits;
+    default 1). params: passed to the sequencer's constructor (e.g. ``levels=10``).
+    """
+    m = machine if isinstance(machine, Machine) else load_machine(machine)
+    fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
+    return get(technique or default_technique(dij), **params).sequence(fs, m)

@@ -1,0 +1,230 @@
+"""Linac + MLC models as data (``sequencer/machines/*.yaml``), validated on load.
+
+A :class:`Machine` holds what sequencing must respect. All lengths are mm at the
+isocentre plane in the beam-limiting-device frame (IEC 61217): x along leaf travel
+(bank A / X1 on the -x side, bank B / X2 on the +x side), y across leaf pairs.
+
+Fields of the YAML file (all required unless noted)::
+
+  name, description, manufacturer, treatment_machine_name   text
+  source_axis_distance_mm, nominal_energy_mv                  > 0
+  mlc.leaf_widths_mm            [[width_mm, count], ...] from -y to +y (centred on y=0)
+  mlc.max_leaf_speed_mm_s       > 0
+  mlc.min_leaf_gap_mm           >= 0, gap between opposing leaf tips
+  mlc.dosimetric_leaf_gap_mm    >= 0, radiation-field widening of every opening
+  mlc.leaf_position_range_mm    [min, max] allowed tip position
+  mlc.max_leaf_span_mm          > 0, most- vs least-extended leaf of one bank
+  jaws.x1_range_mm ... y2_range_mm   [min, max] per jaw;  jaws.min_field_mm >= 0
+  delivery.max_dose_rate_mu_min, delivery.max_gantry_speed_deg_s   > 0
+  delivery.min_mu_per_deg, delivery.max_mu_per_deg   0 <= min < max (per fraction)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from atp.errors import InputError
+
+MACHINE_DIR = Path(__file__).resolve().parent / "machines"
+
+
+@dataclass(frozen=True, eq=False)
+class Machine:
+    """A validated treatment machine (see module docstring for the meaning of fields)."""
+
+    name: str
+    description: str
+    manufacturer: str
+    treatment_machine_name: str
+    source_axis_distance_mm: float
+    nominal_energy_mv: float
+    leaf_edges_mm: np.ndarray  # (n_pairs + 1,) pair boundaries along y, increasing
+    max_leaf_speed_mm_s: float
+    min_leaf_gap_mm: float
+    dosimetric_leaf_gap_mm: float
+    leaf_position_range_mm: tuple[float, float]
+    max_leaf_span_mm: float
+    jaw_x1_range_mm: tuple[float, float]
+    jaw_x2_range_mm: tuple[float, float]
+    jaw_y1_range_mm: tuple[float, float]
+    jaw_y2_range_mm: tuple[float, float]
+    min_field_mm: float
+    max_dose_rate_mu_min: float
+    max_gantry_speed_deg_s: float
+    min_mu_per_deg: float
+    max_mu_per_deg: float
+    source: str | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.leaf_edges_mm.shape[0] - 1)
+
+    @property
+    def leaf_widths_mm(self) -> np.ndarray:
+        return np.diff(self.leaf_edges_mm)
+
+    @property
+    def leaf_centres_mm(self) -> np.ndarray:
+        return 0.5 * (self.leaf_edges_mm[1:] + self.leaf_edges_mm[:-1])
+
+    @property
+    def max_leaf_travel_per_deg_mm(self) -> float:
+        """Leaf travel (mm) possible while the gantry turns 1 degree at full speed."""
+        return self.max_leaf_speed_mm_s / self.max_gantry_speed_deg_s
+
+    def mm_per_mu(self, fractions: int = 1) -> float:
+        """Leaf travel (mm) per total-course MU at the maximum dose rate and leaf speed."""
+        return self.max_leaf_speed_mm_s * 60.0 / self.max_dose_rate_mu_min / max(fractions, 1)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def _line_of(node, path: tuple[str, ...]) -> int | None:
+    """1-based line of the key at ``path`` in a composed YAML node tree (best effort)."""
+    line = None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            return line
+        for k, v in node.value:
+            if getattr(k, "value", None) == key:
+                line = k.start_mark.line + 1
+                node = v
+                break
+        else:
+            return line
+    return line
+
+
+class _Reader:
+    def __init__(self, data: dict, root, source: str) -> None:
+        self.data, self.root, self.source = data, root, source
+
+    def fail(self, path: tuple[str, ...], msg: str):
+        raise InputError(msg, file=self.source, field=".".join(path),
+                         line=_line_of(self.root, path))
+
+    def get(self, *path: str):
+        cur = self.data
+        for i, key in enumerate(path):
+            if not isinstance(cur, dict) or key not in cur:
+                self.fail(path[: i + 1], "missing")
+            cur = cur[key]
+        return cur
+
+    def text(self, *path: str) -> str:
+        v = self.get(*path)
+        if not isinstance(v, str) or not v.strip():
+            self.fail(path, f"must be non-empty text, got {v!r}")
+        return v
+
+    def number(self, *path: str, minimum: float | None = None, strict: bool = False) -> float:
+        v = self.get(*path)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            self.fail(path, f"must be a number, got {v!r}")
+        if minimum is not None and (v <= minimum if strict else v < minimum):
+            self.fail(path, f"must be {'>' if strict else '>='} {minimum}, got {v}")
+        return float(v)
+
+    def range(self, *path: str) -> tuple[float, float]:
+        v = self.get(*path)
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                or not np.all(np.isfinite(v)) or v[0] >= v[1]):
+            self.fail(path, f"must be [min, max] with min < max, got {v!r}")
+        return float(v[0]), float(v[1])
+
+
+def load_machine_file(path: str | Path) -> Machine:
+    """Load and validate one machine YAML file; any problem -> InputError(file, field, line)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read machine file: {exc.strerror}", file=path) from None
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path,
+                         line=mark.line + 1 if mark else None) from None
+    if not isinstance(data, dict):
+        raise InputError("a machine file must be a mapping", file=path)
+    r = _Reader(data, root, str(path))
+
+    runs = r.get("mlc", "leaf_widths_mm")
+    widths: list[float] = []
+    if not isinstance(runs, list) or not runs:
+        r.fail(("mlc", "leaf_widths_mm"), "must be a list of [width_mm, count] pairs")
+    for run in runs:
+        if (not isinstance(run, list) or len(run) != 2 or isinstance(run[1], bool)
+                or not isinstance(run[1], int) or run[1] < 1
+                or not isinstance(run[0], (int, float)) or not run[0] > 0):
+            r.fail(("mlc", "leaf_widths_mm"),
+                   f"each entry must be [width_mm > 0, count >= 1], got {run!r}")
+        widths += [float(run[0])] * run[1]
+    edges = np.concatenate([[0.0], np.cumsum(widths)])
+    edges -= edges[-1] / 2.0
+    edges.setflags(write=False)
+
+    leaf_range = r.range("mlc", "leaf_position_range_mm")
+    m = Machine(
+        name=r.text("name"),
+        description=r.text("description"),
+        manufacturer=r.text("manufacturer"),
+        treatment_machine_name=r.text("treatment_machine_name"),
+        source_axis_distance_mm=r.number("source_axis_distance_mm", minimum=0, strict=True),
+        nominal_energy_mv=r.number("nominal_energy_mv", minimum=0, strict=True),
+        leaf_edges_mm=edges,
+        max_leaf_speed_mm_s=r.number("mlc", "max_leaf_speed_mm_s", minimum=0, strict=True),
+        min_leaf_gap_mm=r.number("mlc", "min_leaf_gap_mm", minimum=0),
+        dosimetric_leaf_gap_mm=r.number("mlc", "dosimetric_leaf_gap_mm", minimum=0),
+        leaf_position_range_mm=leaf_range,
+        max_leaf_span_mm=r.number("mlc", "max_leaf_span_mm", minimum=0, strict=True),
+        jaw_x1_range_mm=r.range("jaws", "x1_range_mm"),
+        jaw_x2_range_mm=r.range("jaws", "x2_range_mm"),
+        jaw_y1_range_mm=r.range("jaws", "y1_range_mm"),
+        jaw_y2_range_mm=r.range("jaws", "y2_range_mm"),
+        min_field_mm=r.number("jaws", "min_field_mm", minimum=0),
+        max_dose_rate_mu_min=r.number("delivery", "max_dose_rate_mu_min", minimum=0,
+                                      strict=True),
+        max_gantry_speed_deg_s=r.number("delivery", "max_gantry_speed_deg_s", minimum=0,
+                                        strict=True),
+        min_mu_per_deg=r.number("delivery", "min_mu_per_deg", minimum=0),
+        max_mu_per_deg=r.number("delivery", "max_mu_per_deg", minimum=0, strict=True),
+        source=str(path),
+    )
+    if m.min_mu_per_deg >= m.max_mu_per_deg:
+        r.fail(("delivery", "min_mu_per_deg"), "must be below delivery.max_mu_per_deg")
+    if m.min_leaf_gap_mm >= leaf_range[1] - leaf_range[0]:
+        r.fail(("mlc", "min_leaf_gap_mm"), "larger than the leaf position range")
+    return m
+
+
+def available_machines() -> list[str]:
+    """Names (file stems) of the machine models shipped in ``sequencer/machines``."""
+    return sorted(p.stem for p in MACHINE_DIR.glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_named(stem: str) -> Machine:
+    return load_machine_file(MACHINE_DIR / f"{stem}.yaml")
+
+
+def load_machine(name_or_path: str | Path = "millennium120") -> Machine:
+    """A shipped machine by name (``millennium120``, ``hd120``; case-insensitive) or a path."""
+    text = str(name_or_path)
+    p = Path(text)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return load_machine_file(p)
+    stem = text.lower().replace("-", "").replace("_", "")
+    for s in available_machines():
+        if s.replace("-", "").replace("_", "") == stem:
+            return _load_named(s)
+    raise InputError(f"unknown machine '{text}'; shipped machines: {available_machines()} "
+                     "(or give a path to a machine YAML file)", field="machine")

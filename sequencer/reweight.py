@@ -1,0 +1,147 @@
+"""Aperture MU re-weighting after sequencing (segment-weight optimisation).
+
+Sequencing fixes the leaf positions; the MU of each step-and-shoot segment or arc control
+point can still be chosen. This module finds the MU that bring the deliverable dose closest
+(least squares) to a reference dose -- normally the ideal dose of the optimised fluence --
+over the voxels that matter (reference >= ``threshold`` x its maximum), within the MU
+limits: >= 0 per segment, and the machine's MU/degree range per arc control point. The
+leaves do not move, so every leaf constraint still holds.
+
+The dose is linear in the MU: each delivery interval (between two control points) gives a
+per-MU dose (its sub-apertures, as in :mod:`sequencer.deliverable`), and each interval's MU
+is a fixed linear combination of the free MU (arcs: control point k's MU is delivered
+half on each side of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from scipy.optimize import lsq_linear
+
+from atp.dose.influence import DoseInfluence
+from sequencer.deliverable import aperture_open_fraction, beam_apertures
+from sequencer.delivery import BeamDelivery, Delivery
+
+
+def _interval_doses(beam: BeamDelivery, dij: DoseInfluence, dlg_mm: float, rows, n_sub: int):
+    """(n_rows, n_intervals) dose per MU of each interval, on the selected dose rows."""
+    edges = None
+    n_int = beam.n_control_points - 1
+    out = np.zeros((rows.size, n_int))
+    # a unit of MU on every interval: cumulative 0, 1, 2, ...
+    unit = replace(beam, cumulative_mu=np.arange(beam.n_control_points, dtype=np.float64))
+    ap = beam_apertures(unit, dlg_mm, n_sub)
+    # which interval each sub-aperture belongs to: apertures come interval by interval
+    moving = (np.abs(np.diff(beam.leaf_a_mm, axis=0)).max(axis=1) > 1e-9) | \
+             (np.abs(np.diff(beam.leaf_b_mm, axis=0)).max(axis=1) > 1e-9) | \
+             (np.diff(beam.dij_beam) != 0)
+    owner = np.repeat(np.arange(n_int), np.where(moving, n_sub, 1))
+    info = dij.beamlets
+    m = dij.matrix
+    edges = ap.get("edges")
+    for d in np.unique(ap["dij_beam"]):
+        cols = info.columns_of_beam(int(d))
+        sel = np.flatnonzero(ap["dij_beam"] == d)
+        frac = aperture_open_fraction(info.bev_x_mm[cols], info.bev_y_mm[cols],
+                                      info.beamlet_size_mm, edges, ap["left"][sel],
+                                      ap["right"][sel], ap["jaw_x"][sel], ap["jaw_y"][sel])
+        w = frac * ap["mu"][sel, None]  # (n_sel, n_cols) beamlet MU per interval MU
+        sub = m[rows][:, cols] if rows.size < m.shape[0] else m[:, cols]
+        dose = np.asarray(sub @ w.T)  # (n_rows, n_sel)
+        np.add.at(out.T, owner[sel], dose.T)
+    return out
+
+
+def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
+    """(M, v0): interval MU = M @ v for the free MU v (arc: per control point of the
+    fluence, static/dynamic: per interval), and the current v."""
+    dmu = np.diff(beam.cumulative_mu)
+    if beam.kind != "arc":
+        on = np.flatnonzero(dmu > 0)
+        M = np.zeros((dmu.size, on.size))
+        M[on, np.arange(on.size)] = 1.0
+        return M, dmu[on]
+    n = beam.n_control_points - 2  # fluence control points (two half-step ends added)
+    M = np.zeros((n + 1, n))
+    M[0, 0] = 0.5
+    for k in range(n - 1):
+        M[k + 1, k] = M[k + 1, k + 1] = 0.5
+    M[n, n - 1] = 0.5
+    v0 = np.linalg.lstsq(M, dmu, rcond=None)[0]
+    return M, np.maximum(v0, 0.0)
+
+
+def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
+                threshold: float = 0.1, max_rows: int = 60000, n_sub: int = 4) -> Delivery:
+    """A copy of ``delivery`` with MU chosen by bounded least squares against
+    ``reference_dose`` (Gy on ``dij.dose_grid``, flattened or 3-D)."""
+    if delivery.technique == "imrt-sliding":
+        return delivery  # sliding-window MU set the leaf timing; nothing free to change
+    ref = np.asarray(reference_dose, dtype=np.float64).reshape(-1)
+    rows = np.flatnonzero(ref >= threshold * ref.max()) if ref.max() > 0 else np.zeros(0, int)
+    if rows.size == 0:
+        return delivery
+    if rows.size > max_rows:
+        rows = rows[:: int(np.ceil(rows.size / max_rows))]
+    m = delivery.machine
+    blocks, maps, v0, lo, hi = [], [], [], [], []
+    for b in delivery.beams:
+        edges_dose = _interval_doses_with_edges(b, dij, m, rows, n_sub)
+        M, v = _mu_map(b)
+        blocks.append(edges_dose @ M)
+        maps.append(M)
+        v0.append(v)
+        if b.kind == "arc":
+            dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
+            cover = dg[:-1] / 2 + dg[1:] / 2 if dg.size > 1 else dg
+            # fluence control point k covers half of the intervals on both sides
+            cover = 0.5 * (dg[:-1] + dg[1:])
+            lo.append(m.min_mu_per_deg * cover * delivery.fractions)
+            hi.append(m.max_mu_per_deg * cover * delivery.fractions)
+        else:
+            lo.append(np.zeros(v.size))
+            hi.append(np.full(v.size, np.inf))
+    A = np.concatenate(blocks, axis=1)
+    res = lsq_linear(A, ref[rows], bounds=(np.concatenate(lo), np.concatenate(hi)),
+                     method="bvls" if A.shape[1] <= 400 else "trf", lsmr_tol="auto")
+    v = res.x
+    beams, i = [], 0
+    for b, M in zip(delivery.beams, maps):
+        n = M.shape[1]
+        dmu = M @ v[i:i + n]
+        i += n
+        beams.append(replace(b, cumulative_mu=np.concatenate([[0.0], np.cumsum(dmu)])))
+    meta = dict(delivery.meta)
+    meta["mu_reweighted"] = True
+    return replace(delivery, beams=tuple(beams), meta=meta)
+
+
+def _interval_doses_with_edges(beam, dij, machine, rows, n_sub):
+    return _interval_doses_impl(beam, dij, machine, rows, n_sub)
+
+
+def _interval_doses_impl(beam: BeamDelivery, dij: DoseInfluence, machine, rows, n_sub):
+    n_int = beam.n_control_points - 1
+    out = np.zeros((rows.size, n_int))
+    unit = replace(beam, cumulative_mu=np.arange(beam.n_control_points, dtype=np.float64))
+    ap = beam_apertures(unit, machine.dosimetric_leaf_gap_mm, n_sub)
+    moving = (np.abs(np.diff(beam.leaf_a_mm, axis=0)).max(axis=1) > 1e-9) | \
+             (np.abs(np.diff(beam.leaf_b_mm, axis=0)).max(axis=1) > 1e-9) | \
+             (np.diff(beam.dij_beam) != 0)
+    owner = np.repeat(np.arange(n_int), np.where(moving, n_sub, 1))
+    info = dij.beamlets
+    mat = dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix
+    mat = mat.tocsc()
+    for d in np.unique(ap["dij_beam"]):
+        cols = info.columns_of_beam(int(d))
+        sel = np.flatnonzero(ap["dij_beam"] == d)
+        frac = aperture_open_fraction(info.bev_x_mm[cols], info.bev_y_mm[cols],
+                                      info.beamlet_size_mm, machine.leaf_edges_mm,
+                                      ap["left"][sel], ap["right"][sel], ap["jaw_x"][sel],
+                                      ap["jaw_y"][sel])
+        w = frac * ap["mu"][sel, None]
+        dose = np.asarray(mat[:, cols] @ w.T)
+        np.add.at(out.T, owner[sel], dose.T)
+    return out

@@ -1,0 +1,88 @@
+"""Predictor registry: names, errors, third-party registration, default choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from atp.errors import BackendUnavailableError, InputError
+from predictor import registry
+
+
+class _Constant:
+    name = "constant-test"
+
+    def predict(self, patient):
+        return np.ones(patient.grid.shape, dtype=np.float32)
+
+
+def test_builtins_listed():
+    names = registry.available()
+    assert "baseline" in names and "mean-dose" in names
+
+
+def test_unknown_name_lists_installed():
+    with pytest.raises(BackendUnavailableError) as exc:
+        registry.get("no-such-model")
+    assert "baseline" in str(exc.value) and "no-such-model" in str(exc.value)
+
+
+def test_register_get_unregister(phantom):
+    registry.register("constant-test", _Constant)
+    try:
+        assert "constant-test" in registry.available()
+        p = registry.get("constant-test")
+        assert p.predict(phantom).shape == phantom.grid.shape
+        with pytest.raises(InputError):
+            registry.register("constant-test", _Constant)
+        registry.register("constant-test", _Constant, replace=True)
+    finally:
+        registry.unregister("constant-test")
+    assert "constant-test" not in registry.available()
+
+
+def test_register_rejects_bad_input():
+    with pytest.raises(InputError):
+        registry.register("", _Constant)
+    with pytest.raises(InputError):
+        registry.register("x", 42)
+
+
+def test_get_accepts_instance_and_dict():
+    inst = _Constant()
+    assert registry.get(inst) is inst
+    assert registry.get({"name": "baseline"}).name == "baseline"
+    with pytest.raises(InputError):
+        registry.get(3.5)
+
+
+def test_factory_returning_non_predictor_is_refused():
+    registry.register("bad-factory-test", lambda: object())
+    try:
+        with pytest.raises(BackendUnavailableError):
+            registry.get("bad-factory-test")
+    finally:
+        registry.unregister("bad-factory-test")
+
+
+def test_entry_point_factory_is_loaded_lazily():
+    class FakeEP:
+        name, value = "fake", "fake_pkg:make"
+
+        def load(self):
+            return _Constant
+
+    class BrokenEP(FakeEP):
+        def load(self):
+            raise ImportError("vendor package missing")
+
+    assert registry._lazy_entry_point(FakeEP())().name == "constant-test"
+    with pytest.raises(BackendUnavailableError, match="fake_pkg:make"):
+        registry._lazy_entry_point(BrokenEP())()
+
+
+def test_default_is_a_runnable_registered_predictor(phantom):
+    name = registry.default_predictor_name()
+    assert name in registry.available()
+    dose = registry.get(name).predict(phantom)
+    assert dose.shape == phantom.grid.shape and dose.dtype == np.float32

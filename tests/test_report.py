@@ -1,0 +1,64 @@
+"""The HTML plan report: self-contained, with DVH, goals, colour-wash and timings."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from atp.errors import GridMismatchError
+from atp.report import write_report
+
+
+def _dose(patient, sigma=40.0, peak=70.0):
+    c = patient.target_centroid_mm()
+    pts = patient.grid.voxel_centres_mm().reshape(*patient.grid.shape, 3)
+    return peak * np.exp(-((pts - c) ** 2).sum(-1) / (2 * sigma ** 2))
+
+
+def test_report_is_self_contained(phantom, tmp_path):
+    goals = [
+        {"id": "g1", "structure": "PTV_70", "metric": "D95%", "unit": "Gy", "operator": ">=",
+         "value": 66.5, "priority": 2, "achieved": 60.1, "passed": False, "margin": -6.4,
+         "predicted_value": 67.0},
+        {"id": "g2", "structure": "SpinalCord", "metric": "Dmax", "unit": "Gy",
+         "operator": "<=", "value": 45.0, "priority": 1, "achieved": 40.2, "passed": True,
+         "margin": 4.8},
+    ]
+    path = write_report(tmp_path, phantom, _dose(phantom), _dose(phantom, 35.0, 72.0), goals,
+                        {"predict": 0.5, "optimise": 2.25},
+                        delivery_summary={"technique": "vmat", "total_mu": 512.0,
+                                          "beams": [{"name": "ARC1", "mu": 512.0}]},
+                        fidelity={"gamma": {"criterion": "3%/3mm", "pass_rate_pct": 99.1,
+                                            "n_voxels": 100, "mean_gamma": 0.2},
+                                  "dvh_delta_gy": {"PTV_70": {"Dmean": 0.1}}})
+    assert path == tmp_path / "report.html"
+    text = path.read_text()
+    # no external resources: every image is an embedded PNG
+    assert not re.search(r"(src|href)=['\"](?!data:)", text)
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", text)
+    assert len(images) == 2
+    for b64 in images:
+        assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FAIL" in text and "pass" in text and "SpinalCord" in text
+    assert "optimise" in text and "2.250" in text
+    assert "99.1" in text and "vmat" in text
+    assert text.index("priority") < text.index("SpinalCord")
+
+
+def test_report_rejects_wrong_grid(phantom, tmp_path):
+    with pytest.raises(GridMismatchError):
+        write_report(tmp_path, phantom, np.zeros((3, 3, 3)))
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_accepts_goal_result_objects(phantom, tmp_path):
+    from atp.goals.model import GoalResult, Metric, ResolvedGoal
+
+    g = ResolvedGoal("g", "Parotid_L", Metric("Dmean", "Dmean", "Gy"), "<=", 26.0, 3, 1.0,
+                     "organ", "user")
+    r = GoalResult(g, 20.0, True, 6.0)
+    text = write_report(tmp_path, phantom, _dose(phantom), goal_results=[r]).read_text()
+    assert "Parotid_L" in text and "1 of 1 goals met" in text

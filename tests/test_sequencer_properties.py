@@ -1,0 +1,68 @@
+"""Property-based: whatever the fluence, sequenced leaf positions obey the machine model
+(minimum gap, leaf range, bank span, jaw ranges, leaf speed between control points,
+MU per degree on arcs)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from atp.dose.influence import BeamletInfo
+from sequencer import check_delivery, fluence_set, get_sequencer, load_machine
+
+MACHINES = {n: load_machine(n) for n in ("millennium120", "hd120")}
+
+
+def info_for(maps, gantry, x0_mm, y0_mm):
+    n, ny, nx = maps.shape
+    xs = x0_mm + 5.0 * np.arange(nx)
+    ys = y0_mm + 5.0 * np.arange(ny)
+    X, Y = np.meshgrid(xs, ys)
+    return BeamletInfo(np.repeat(np.arange(n), X.size), np.asarray(gantry) % 360,
+                       np.zeros(n), np.zeros(n), np.zeros((n, 3)), np.tile(X.ravel(), n),
+                       np.tile(Y.ravel(), n)), maps.reshape(-1)
+
+
+common = settings(max_examples=25, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
+@common
+@given(maps=arrays(np.float64, st.tuples(st.integers(1, 3), st.integers(1, 6),
+                                         st.integers(1, 8)),
+                   elements=st.one_of(st.just(0.0), st.floats(0.0, 3000.0))),
+       technique=st.sampled_from(["imrt-sns", "imrt-sliding"]),
+       machine=st.sampled_from(sorted(MACHINES)),
+       fractions=st.integers(1, 40),
+       x0=st.floats(-90.0, 40.0), y0=st.sampled_from([-97.5, -12.5, 2.5, 52.5]))
+def test_imrt_leaves_obey_machine(maps, technique, machine, fractions, x0, y0):
+    m = MACHINES[machine]
+    info, w = info_for(maps, np.arange(maps.shape[0]) * 40.0, x0, y0)
+    d = get_sequencer(technique).sequence(
+        fluence_set(w, info, m.leaf_edges_mm, fractions=fractions), m)
+    assert check_delivery(d) == []
+    for b in d.beams:
+        assert np.all(np.isfinite(b.leaf_a_mm)) and np.all(np.isfinite(b.leaf_b_mm))
+
+
+@common
+@given(maps=arrays(np.float64, st.tuples(st.integers(2, 12), st.integers(1, 6),
+                                         st.integers(1, 8)),
+                   elements=st.one_of(st.just(0.0), st.floats(0.0, 500.0))),
+       machine=st.sampled_from(sorted(MACHINES)),
+       step=st.sampled_from([1.0, 2.0, -2.0, 4.0]),
+       fractions=st.integers(1, 40),
+       threshold=st.floats(0.0, 0.9),
+       x0=st.floats(-90.0, 40.0), y0=st.sampled_from([-97.5, -12.5, 2.5, 52.5]))
+def test_vmat_leaves_obey_machine(maps, machine, step, fractions, threshold, x0, y0):
+    m = MACHINES[machine]
+    gantry = 181.0 + step * np.arange(maps.shape[0])
+    info, w = info_for(maps, gantry, x0, y0)
+    d = get_sequencer("vmat", threshold=threshold).sequence(
+        fluence_set(w, info, m.leaf_edges_mm, fractions=fractions), m)
+    assert check_delivery(d) == []
+    (arc,) = d.beams
+    assert arc.n_control_points == maps.shape[0] + 2
+    assert np.all(np.diff(arc.cumulative_mu) >= 0)
