@@ -11,8 +11,8 @@ from atp.errors import InputError  # noqa: E402
 from atp.grid import Grid  # noqa: E402
 from atp.patient import Patient, Prescription, Role, Structure  # noqa: E402
 
-__all__ = ["Grid", "InputError", "Patient", "Prescription", "Role", "Structure", "__version__",
-           "plan", "load_plan", "Plan"]
+__all__ = ["Grid", "InputError", "Patient", "Plan", "Prescription", "Role", "Structure",
+           "__version__", "load_plan", "plan"]
 
 _PIPELINE_NAMES = ("plan", "load_plan", "Plan")
 

@@ -2,7 +2,9 @@
 ``register(subparsers)``; this module only assembles them and maps errors to exit codes:
 
 * 0 success; 2 bad input (:class:`~atp.errors.InputError`: one line naming file and
-  field), unavailable backend/device, or an infeasible request; 1 anything unexpected.
+  field), unavailable backend/device, or an infeasible request; 3 (``plan`` / ``replan``
+  / ``demo``) a plan was written but some priority-1 goals cannot be met; 1 anything
+  unexpected.
 """
 
 from __future__ import annotations

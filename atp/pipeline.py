@@ -211,7 +211,7 @@ class Plan:
 
     # --- re-optimisation -----------------------------------------------------------
     def replan(self, set: dict | None = None, *, warm: bool = True, backend=None,
-               refine: int | None = None, progress=False) -> "Plan":
+               refine: int | None = None, progress=False) -> Plan:
         """A new plan after changing goals; reuses this plan's dij and prediction.
 
         set: ``{"<goal>.<field>": number}`` with field one of tolerance (%: predicted

@@ -12,7 +12,6 @@ loaded), median over patients. Prints a Markdown table and optionally writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -25,10 +24,10 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
+    from atp.io.openkbp import load_openkbp_npz
     from predictor import registry
     from predictor.data import split_files
     from predictor.scoring import cohort_scores, score_patient
-    from atp.io.openkbp import load_openkbp_npz
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))

@@ -7,7 +7,11 @@ recomputed from the apertures (``sequencer.deliverable``). Gamma is 3 %/3 mm glo
 10 % threshold on the patient grid, ideal dose as reference.
 
 * IMRT: 9 equispaced fields; ``imrt-sns`` (Xia-Verhey, 10 levels) vs ``imrt-sliding``.
+* Each rule-based result is also shown after MU re-weighting (``sequencer.reweight``:
+  least-squares MU of the fixed apertures against the ideal dose), except sliding window.
 * VMAT: one full arc; fluence optimised on control points every ``--arc-spacing`` degrees
+  and sequenced as two arcs (default, second = residual), one arc, and one arc with the
+  plain AIRT rule (threshold relative to the control point maximum only);
   (default 4: a 2-degree arc dij is ~1 GB on the phantom). Sequencing time is also
   measured for 180 control points (each optimised map used for two 2-degree points).
 
@@ -51,25 +55,20 @@ def _plan_fluence(patient, beams):
                                                            "optimise_s": time.perf_counter() - t}
 
 
-def _evaluate(patient, dij, fluence, technique, repeat, **params):
-    import sequencer
+def _fidelity_row(patient, dij, ideal, d):
     from atp.pipeline import patient_dose
+    from sequencer import check_delivery
     from sequencer.deliverable import delivered_weights
     from sequencer.fidelity import fidelity
 
-    fx = patient.fractions or 1
-    ms, d = _best_ms(lambda: sequencer.sequence(fluence, dij, technique, fractions=fx,
-                                                **params), repeat)
-    violations = sequencer.check_delivery(d)
+    fx = d.fractions
     t = time.perf_counter()
     w = delivered_weights(d, dij.beamlets)
     t_dose = time.perf_counter() - t
-    ideal = patient_dose(dij, fluence)
     deliv = patient_dose(dij, w)
     names = [n for n in patient.targets + patient.organs if patient.structures[n].n_voxels]
     fid = fidelity(ideal, deliv, patient.grid.spacing_mm, {n: patient.mask(n) for n in names})
     return {
-        "technique": technique, "params": params, "sequence_ms": round(ms, 2),
         "aperture_weights_ms": round(1000 * t_dose, 1),
         "control_points": int(sum(b.n_control_points for b in d.beams)),
         "mu_per_fraction": round(d.total_mu / fx, 1),
@@ -77,8 +76,29 @@ def _evaluate(patient, dij, fluence, technique, repeat, **params):
         "segments_per_beam": [b.n_segments for b in d.beams],
         "delivery_time_s": round(d.delivery_time_s(), 1),
         "gamma_pass_pct": fid["gamma"]["pass_rate_pct"],
-        "dvh_delta_gy": fid["dvh_delta_gy"], "violations": violations,
+        "dvh_delta_gy": fid["dvh_delta_gy"], "violations": check_delivery(d),
     }
+
+
+def _evaluate(patient, dij, fluence, technique, repeat, **params):
+    """Rule-based sequencing alone, then (step-and-shoot, VMAT) with MU re-weighting."""
+    import sequencer
+    from atp.pipeline import patient_dose
+    from sequencer.reweight import reweight_mu
+
+    fx = patient.fractions or 1
+    ms, d = _best_ms(lambda: sequencer.sequence(fluence, dij, technique, fractions=fx,
+                                                reweight=False, **params), repeat)
+    ideal = patient_dose(dij, fluence)
+    rows = [{"technique": technique, "params": params, "reweight": False,
+             "sequence_ms": round(ms, 2), **_fidelity_row(patient, dij, ideal, d)}]
+    if technique != "imrt-sliding":
+        t = time.perf_counter()
+        d2 = reweight_mu(d, dij, dij.dose(fluence))
+        rw = time.perf_counter() - t
+        rows.append({"technique": technique, "params": params, "reweight": True,
+                     "reweight_s": round(rw, 2), **_fidelity_row(patient, dij, ideal, d2)})
+    return rows
 
 
 def _vmat_180_timing(dij, fluence, repeat, fractions):
@@ -113,8 +133,8 @@ def run_case(name, patient, arc_spacing, repeat, vmat=True):
     out = {"case": name, "grid": list(patient.grid.shape)}
     dij, w, t = _plan_fluence(patient, equispaced_beams(9))
     out["imrt_setup"] = {k: round(v, 1) for k, v in t.items()}
-    out["imrt"] = [_evaluate(patient, dij, w, "imrt-sns", repeat),
-                   _evaluate(patient, dij, w, "imrt-sliding", repeat)]
+    out["imrt"] = (_evaluate(patient, dij, w, "imrt-sns", repeat)
+                   + _evaluate(patient, dij, w, "imrt-sliding", repeat))
     print(json.dumps(out["imrt"], indent=1), flush=True)
     del dij
     if not vmat:
@@ -122,7 +142,10 @@ def run_case(name, patient, arc_spacing, repeat, vmat=True):
     dij, w, t = _plan_fluence(patient, arc_control_points(181, 179, arc_spacing))
     out["vmat_setup"] = {k: round(v, 1) for k, v in t.items()}
     out["vmat_setup"]["control_points"] = int(dij.beamlets.n_beams)
-    out["vmat"] = [_evaluate(patient, dij, w, "vmat", repeat)]
+    out["vmat"] = (_evaluate(patient, dij, w, "vmat", repeat)  # defaults: 2 passes
+                   + _evaluate(patient, dij, w, "vmat", repeat, passes=1)
+                   + _evaluate(patient, dij, w, "vmat", repeat, passes=1,
+                               mu_relative_pass=False))
     out["vmat_180cp_timing"] = _vmat_180_timing(dij, w, repeat, patient.fractions or 1)
     print(json.dumps(out["vmat"], indent=1), json.dumps(out["vmat_180cp_timing"]), flush=True)
     return out

@@ -26,7 +26,9 @@ kind            penalty
 
 Normalisation (as in the hybrid ATP paper, every term is normalised before the sum):
 a term's raw penalty is divided by ``W * ref_scale^2`` where ``ref_scale`` is the
-term's reference dose (its mean for per-voxel references, at least 1 Gy). A term value
+term's reference dose (its mean for per-voxel references, at least 1 Gy). For the
+point-dose kinds ``max`` / ``min`` the caller may cap W (``norm_voxels_cap``) so that a
+hot or cold spot in a large structure (the body) is not diluted by its volume. A term value
 is therefore a dimensionless mean squared *relative* deviation, and the total objective
 is ``sum_k weight_k * term_k`` (see :func:`evaluate_terms`).
 
@@ -160,7 +162,7 @@ class Term:
 
 def make_term(kind: str, rows, voxel_weight, ref_gy, weight: float, *, volume: float = 1.0,
               name: str = "", goal_id: str | None = None, hard: bool = False,
-              meta: dict | None = None) -> Term:
+              meta: dict | None = None, norm_voxels_cap: float | None = None) -> Term:
     """Build a normalised :class:`Term` (checks kind, sizes, weights)."""
     if kind not in PENALTIES:
         raise ValueError(f"unknown objective kind '{kind}'; known: {sorted(PENALTIES)}")
@@ -174,7 +176,10 @@ def make_term(kind: str, rows, voxel_weight, ref_gy, weight: float, *, volume: f
     if not np.isscalar(ref) and ref.shape != rows.shape:
         raise ValueError("per-voxel ref_gy must match rows")
     ref_scale = max(float(np.mean(ref)), 1.0)
-    norm = float(np.sum(vw)) * ref_scale ** 2
+    w_total = float(np.sum(vw))
+    if norm_voxels_cap is not None and kind in ("max", "min"):
+        w_total = min(w_total, float(norm_voxels_cap))
+    norm = w_total * ref_scale ** 2
     if not 0.0 <= volume <= 1.0:
         raise ValueError(f"volume fraction must be in [0, 1], got {volume}")
     return Term(kind, rows, vw, float(ref) if np.isscalar(ref) else ref, float(weight), norm,

@@ -25,7 +25,12 @@ Rules (documented once, here):
   global max-dose term on the body at ``global_max_pct`` (default 106 %) of the highest
   prescription. A prescribed target without any lower-bound goal gets ``D95 >= Rx``.
 * **Nested targets.** Upper-bound terms of a target ignore voxels of targets with a
-  higher prescription.
+  higher prescription. Lower-bound (coverage) terms of a target weight every dose-grid
+  voxel touching it fully (not by its partial-volume fraction), so that coverage holds
+  on the finer patient grid after interpolation.
+* **Normalisation** (:mod:`optimizer.objectives`): voxel weight x reference dose^2,
+  with the voxel weight of point-dose terms (``max`` / ``min``: Dmax, near-max, Dmin,
+  global max) capped at ``max_norm_voxels`` so hot spots in large structures count.
 * Automatic-term weights are ``*_weight_rel`` times the reference weight (the largest
   weight of a target goal, else of any goal).
 """
@@ -65,6 +70,7 @@ class ProblemOptions:
     smoothness_weight_rel: float = 0.02
     default_target_coverage: bool = True
     min_voxel_fraction: float = 0.05  # ignore voxels with less of the structure than this
+    max_norm_voxels: float = 500.0  # cap on W in the normalisation of max/min goal terms
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +124,16 @@ class Problem:
                        self.smooth_pairs, self.smooth_weight, self.smooth_norm,
                        list(self.bindings), list(self.notes), self.voxel_volume_cc,
                        dict(self.prescriptions))
+
+    def convex_surrogate(self) -> "Problem":
+        """The convex formulation: every term soft, dose-volume terms replaced by their
+        convex surrogates (``dv_min`` -> ``min``, ``dv_max`` -> ``max`` at the same
+        reference, same normalisation). Used to compare backends on one function."""
+        from dataclasses import replace
+
+        kinds = {"dv_min": "min", "dv_max": "max"}
+        return self.with_terms([replace(t, kind=kinds.get(t.kind, t.kind), hard=False)
+                                for t in self.terms])
 
     # --- evaluation on the host (reference implementation; backends do the same on xp) --
     def dose_rows(self, fluence) -> np.ndarray:
@@ -414,6 +430,10 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
                          "evaluated only")
             binding_specs.append((g, [], None, None, False))
             continue
+        if not upper and g.kind == "target":
+            # partial-volume edge voxels count fully for target coverage, so the dose
+            # interpolated back to the finer patient grid covers the target edge
+            vw = np.ones_like(vw)
         if not upper:
             has_lower.add(g.structure)
         specs.append((kind, vox, vw, ref, weight, volume, f"{g.id}", g.id, g.is_hard))
@@ -455,7 +475,9 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     A = sp.csr_matrix(dij.matrix.tocsr()[used, :], dtype=np.float32)
 
     terms = [make_term(k, lookup[v], vw, ref, w, volume=vol, name=name, goal_id=gid,
-                       hard=hard) for (k, v, vw, ref, w, vol, name, gid, hard) in specs]
+                       hard=hard, norm_voxels_cap=None if name == "auto:falloff"
+                       else opt.max_norm_voxels)
+             for (k, v, vw, ref, w, vol, name, gid, hard) in specs]
     bindings = []
     for g, idx, vox, vw, measurable in binding_specs:
         rows = lookup[vox] if vox is not None else np.zeros(0, np.int64)

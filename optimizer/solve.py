@@ -36,7 +36,7 @@ def _apply_hard_state(problem, state: dict):
 
 
 def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
-             hard_growth: float = 4.0, goal_check=None, hard_state: dict | None = None,
+             hard_growth: float = 2.0, goal_check=None, hard_state: dict | None = None,
              **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
@@ -72,7 +72,10 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                     sign = -1.0 if b.goal.operator in UPPER_OPS else 1.0
                     st["ref_shift"] += sign * r["violation"]
             current = _apply_hard_state(problem, state)
-            res = be.solve(current, res.fluence, **options)
+            warm_opts = dict(options)
+            # warm re-solves need fewer iterations
+            warm_opts["max_iter"] = max(20, int(options.get("max_iter", 300)) // 3)
+            res = be.solve(current, res.fluence, **warm_opts)
             iterations += res.iterations
             history.extend(res.history)
             report = check(res.fluence) if goal_check else problem.goal_report(res.fluence)

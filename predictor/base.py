@@ -7,7 +7,8 @@ outside ``patient.body_mask``. Trainable predictors also offer ``fit(patients)``
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -29,7 +30,7 @@ class Predictor(Protocol):
 class TrainablePredictor(Predictor, Protocol):
     """A predictor whose parameters can be learnt from patients with a reference dose."""
 
-    def fit(self, patients: Iterable[Patient]) -> "TrainablePredictor":  # pragma: no cover
+    def fit(self, patients: Iterable[Patient]) -> TrainablePredictor:  # pragma: no cover
         ...
 
 

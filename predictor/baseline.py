@@ -10,7 +10,11 @@
     alternates two steps a few times: assign each voxel to the target that currently
     explains it (largest predicted dose), then set every curve bin to the median of
     ``reference dose / Rx`` of the voxels assigned to it (median: the OpenKBP dose score
-    is a mean absolute error). Works on any patient with prescriptions and target masks.
+    is a mean absolute error). Finally, one factor per organ-at-risk name (e.g.
+    ``Parotid_L``) is learnt: the median of reference / predicted dose over that organ's
+    sampled voxels outside every target; prediction multiplies the organ's non-target
+    voxels by it (planners spare organs below what distance alone suggests). Works on
+    any patient with prescriptions and target masks; unknown organ names get no factor.
 
 ``MeanDosePredictor`` ("mean-dose")
     The reference floor: one constant, the mean training dose over all voxels inside
@@ -22,9 +26,9 @@ Both store their few fitted numbers as JSON in ``predictor/weights/``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from scipy import ndimage
@@ -83,9 +87,12 @@ class DistanceBaseline:
     samples_per_patient: int = 40000
     seed: int = 0
     iterations: int = 3
+    organ_factors: bool = True
+    min_organ_samples: int = 200
     name: str = "baseline"
 
     def __post_init__(self) -> None:
+        self.organ_factors_: dict[str, float] = {}
         self.knots_mm_: np.ndarray | None = None
         self.curves_: dict[str, np.ndarray] | None = None
         self.n_train_: int = 0
@@ -106,12 +113,14 @@ class DistanceBaseline:
         return np.interp(d, self.knots_mm_, self.curves_[group]).astype(np.float32)
 
     # --- learning -------------------------------------------------------------------
-    def fit(self, patients: Iterable[Patient]) -> "DistanceBaseline":
+    def fit(self, patients: Iterable[Patient]) -> DistanceBaseline:
         rng = np.random.default_rng(self.seed)
         knots = np.arange(self.d_min_mm, self.d_max_mm + 0.5 * self.bin_width_mm,
                           self.bin_width_mm)
         n_t = 0
         dist_rows, rx_rows, dose_rows = [], [], []
+        organ_rows: dict[str, list[np.ndarray]] = {}
+        offset = 0
         max_targets = 1
         for patient in patients:
             dose = reference_dose_gy(patient)
@@ -122,6 +131,11 @@ class DistanceBaseline:
             dist_rows.append(np.stack([d.ravel()[take] for d in ds], axis=1))
             rx_rows.append(np.asarray(rx, dtype=np.float32))
             dose_rows.append(dose.ravel()[take])
+            if self.organ_factors:
+                for organ in patient.organs:
+                    inside = np.flatnonzero(patient.mask(organ).ravel()[take])
+                    organ_rows.setdefault(organ, []).append(inside + offset)
+            offset += take.size
             max_targets = max(max_targets, len(rx))
             n_t += 1
         if n_t == 0:
@@ -162,6 +176,20 @@ class DistanceBaseline:
         self.knots_mm_ = knots
         self.curves_ = {g: np.asarray(c, dtype=np.float64) for g, c in curves.items()}
         self.n_train_ = n_t
+        # organ factors: median of reference / distance prediction over the organ's
+        # sampled voxels outside every target (where the prediction is >= 1 Gy)
+        self.organ_factors_ = {}
+        if self.organ_factors and organ_rows:
+            base = np.max(np.where(R > 0, R * np.stack(
+                [np.interp(D[:, j], knots, curves[GROUPS[group_of_col[j]]])
+                 for j in range(max_targets)], axis=1), 0.0), axis=1)
+            outside = np.all(D > 0, axis=1) & (base >= 1.0)
+            for organ, parts in sorted(organ_rows.items()):
+                idx = np.concatenate(parts)
+                idx = idx[outside[idx]]
+                if idx.size >= self.min_organ_samples:
+                    f = float(np.median(Y[idx] / base[idx]))
+                    self.organ_factors_[organ] = float(np.clip(f, 0.3, 1.5))
         return self
 
     # --- prediction -----------------------------------------------------------------
@@ -173,6 +201,13 @@ class DistanceBaseline:
         for i, (d, r) in enumerate(zip(ds, rx)):
             group = GROUPS[0] if i == 0 else GROUPS[1]
             np.maximum(out, r * self._curve_at(group, d), out=out)
+        if self.organ_factors_:
+            in_target = patient.prescription_map_gy() > 0
+            for organ in patient.organs:
+                f = self.organ_factors_.get(organ)
+                if f is not None:
+                    m = patient.mask(organ) & ~in_target
+                    out[m] *= np.float32(f)
         return finalize_dose(out, patient)
 
     # --- persistence ----------------------------------------------------------------
@@ -182,19 +217,22 @@ class DistanceBaseline:
         return {"model": "distance-baseline", "version": 1, "n_train_patients": self.n_train_,
                 "knots_mm": np.round(self.knots_mm_, 4).tolist(),
                 "curves_fraction_of_rx": {g: np.round(c, 5).tolist()
-                                          for g, c in self.curves_.items()}}
+                                          for g, c in self.curves_.items()},
+                "organ_factors": {k: round(v, 5) for k, v in self.organ_factors_.items()}}
 
     def save(self, path: str | Path = BASELINE_WEIGHTS) -> Path:
         write_json(path, self.to_dict())
         return Path(path)
 
-    def load(self, path: str | Path = BASELINE_WEIGHTS) -> "DistanceBaseline":
+    def load(self, path: str | Path = BASELINE_WEIGHTS) -> DistanceBaseline:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
             knots = np.asarray(data["knots_mm"], dtype=np.float64)
             curves = {g: np.asarray(data["curves_fraction_of_rx"][g], dtype=np.float64)
                       for g in GROUPS}
+            organ_factors = {str(k): float(v)
+                             for k, v in data.get("organ_factors", {}).items()}
         except FileNotFoundError:
             raise InputError("baseline weights not found; run "
                              "`python -m predictor.baseline --fit`", file=path) from None
@@ -204,7 +242,11 @@ class DistanceBaseline:
                 c.shape != knots.shape or not np.all(np.isfinite(c)) for c in curves.values()):
             raise InputError("baseline knots/curves are inconsistent", file=path,
                              field="curves_fraction_of_rx")
+        if not all(np.isfinite(v) and v > 0 for v in organ_factors.values()):
+            raise InputError("organ factors must be finite and > 0", file=path,
+                             field="organ_factors")
         self.knots_mm_, self.curves_ = knots, curves
+        self.organ_factors_ = organ_factors
         self.n_train_ = int(data.get("n_train_patients", 0))
         return self
 
@@ -248,7 +290,7 @@ class MeanDosePredictor:
         self.mean_dose_gy_: float | None = None
         self.n_train_: int = 0
 
-    def fit(self, patients: Iterable[Patient]) -> "MeanDosePredictor":
+    def fit(self, patients: Iterable[Patient]) -> MeanDosePredictor:
         total, count, n = 0.0, 0, 0
         for patient in patients:
             dose = reference_dose_gy(patient)
@@ -272,7 +314,7 @@ class MeanDosePredictor:
                           "mean_dose_gy": self.mean_dose_gy_})
         return Path(path)
 
-    def load(self, path: str | Path = MEAN_DOSE_WEIGHTS) -> "MeanDosePredictor":
+    def load(self, path: str | Path = MEAN_DOSE_WEIGHTS) -> MeanDosePredictor:
         path = Path(path)
         try:
             data = json.loads(path.read_text())

@@ -15,6 +15,8 @@ centres; ``nearest``: the exact inverse of the encoder's block averaging).
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,7 @@ class CNNPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, name: str | None = None,
-                        device: str | None = None) -> "CNNPredictor":
+                        device: str | None = None) -> CNNPredictor:
         import torch
 
         from predictor.nets import build_net
@@ -71,7 +73,8 @@ class CNNPredictor:
             raise InputError("network weights not found", file=path)
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as exc:
             raise InputError("cannot read network weights: " + str(exc).splitlines()[0],
                              file=path) from None
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
@@ -110,7 +113,7 @@ class CNNPredictor:
             dose = np.where(rx > 0, rx, dose)
         return finalize_dose(dose, patient)
 
-    def fit(self, patients, **options) -> "CNNPredictor":
+    def fit(self, patients, **options) -> CNNPredictor:
         """Train this network on patients with a reference dose (see predictor.train)."""
         from predictor.train import fit_predictor
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from atp.errors import InputError
 from atp.io.openkbp import load_openkbp_npz

@@ -103,7 +103,7 @@ class EncodingConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EncodingConfig":
+    def from_dict(cls, d: dict) -> EncodingConfig:
         d = dict(d)
         for k in ("size", "factor", "ct_clip_hu", "oars"):
             if k in d:
@@ -191,7 +191,7 @@ def make_transform(patient: Patient, config: EncodingConfig) -> GridTransform:
     perm, flip = canonical_axes(patient.grid)
     spacing_c = np.asarray(patient.grid.spacing_mm)[list(perm)]
     if config.spacing_mm is not None:
-        factor = tuple(max(1, int(round(t / s))) for t, s in zip(config.spacing_mm, spacing_c))
+        factor = tuple(max(1, round(t / s)) for t, s in zip(config.spacing_mm, spacing_c))
     else:
         factor = config.factor
     oriented = tuple(patient.grid.shape[p] for p in perm)
@@ -209,7 +209,7 @@ def make_transform(patient: Patient, config: EncodingConfig) -> GridTransform:
         if m <= n:
             offset.append(-((n - m) // 2))
         else:
-            start = int(round(centre[k] - (n - 1) / 2.0))
+            start = round(centre[k] - (n - 1) / 2.0)
             offset.append(int(np.clip(start, 0, m - n)))
     return GridTransform(tuple(patient.grid.shape), perm, flip, factor, tuple(offset),
                          config.size, coarse)

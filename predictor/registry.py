@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable
 
 from atp.errors import BackendUnavailableError, InputError
 from predictor.base import Predictor

@@ -30,34 +30,40 @@ import numpy as np
 
 from atp.errors import InputError
 from atp.outputs import atomic_write_bytes
-from predictor.encoding import (FIRST_OAR_CHANNEL, LR_PAIRS, EncodingConfig, encode_dose,
-                                encode_patient, network_inputs)
+from predictor.encoding import (
+    FIRST_OAR_CHANNEL,
+    LR_PAIRS,
+    EncodingConfig,
+    encode_dose,
+    encode_patient,
+    network_inputs,
+)
 
 PRESETS = {
-    ("cadunet", "small"): dict(
-        net_kwargs={"channels": [8, 16, 32, 64], "growth": 4, "layers": 2},
-        encoding=EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
+    ("cadunet", "small"): {
+        "net_kwargs": {"channels": [8, 16, 32, 64], "growth": 4, "layers": 2},
+        "encoding": EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
                                 inputs="channels"),
-        patch=(48, 48, 48), batch_size=1, lr=1e-3, ptv_target="prescription",
-        ptv_override=True),
-    ("cadunet", "full"): dict(
-        net_kwargs={"channels": [16, 32, 64, 128], "growth": 8, "layers": 3},
-        encoding=EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
+        "patch": (48, 48, 48), "batch_size": 1, "lr": 1e-3, "ptv_target": "prescription",
+        "ptv_override": True},
+    ("cadunet", "full"): {
+        "net_kwargs": {"channels": [16, 32, 64, 128], "growth": 8, "layers": 3},
+        "encoding": EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
                                 inputs="channels"),
-        patch=(128, 128, 128), batch_size=2, lr=3e-4, ptv_target="prescription",
-        ptv_override=True),
-    ("resunet", "small"): dict(
-        net_kwargs={"channels": [8, 16, 32, 64]},
-        encoding=EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
+        "patch": (128, 128, 128), "batch_size": 2, "lr": 3e-4, "ptv_target": "prescription",
+        "ptv_override": True},
+    ("resunet", "small"): {
+        "net_kwargs": {"channels": [8, 16, 32, 64]},
+        "encoding": EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
                                 inputs="labels"),
-        patch=(48, 48, 48), batch_size=1, lr=1e-3, ptv_target="reference",
-        ptv_override=False),
-    ("resunet", "full"): dict(
-        net_kwargs={"channels": [16, 64, 128, 256]},
-        encoding=EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
+        "patch": (48, 48, 48), "batch_size": 1, "lr": 1e-3, "ptv_target": "reference",
+        "ptv_override": False},
+    ("resunet", "full"): {
+        "net_kwargs": {"channels": [16, 64, 128, 256]},
+        "encoding": EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
                                 inputs="labels"),
-        patch=(128, 128, 128), batch_size=2, lr=3e-4, ptv_target="reference",
-        ptv_override=False),
+        "patch": (128, 128, 128), "batch_size": 2, "lr": 3e-4, "ptv_target": "reference",
+        "ptv_override": False},
 }
 
 
@@ -97,7 +103,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         d["encoding"] = EncodingConfig.from_dict(d["encoding"])
         d["patch"] = tuple(d["patch"])

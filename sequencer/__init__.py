@@ -1,7 +1,8 @@
 """sequencer stage of atp (see ARCHITECTURE.md): MLC/machine models as data, IMRT
 (step-and-shoot, sliding window) and VMAT leaf sequencing, deliverable dose.
 
-Typical use::
+Typical use (one call: ``sequencer.sequence(weights_mu, dij, "vmat", fractions=35)``,
+which also re-fits the MU, see ``sequencer.reweight``)::
 
     from sequencer import load_machine, fluence_set, get_sequencer, deliverable_dose
     machine = load_machine("millennium120")

@@ -24,14 +24,22 @@ def default_technique(dij: DoseInfluence) -> str:
 
 def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
              machine: str | Machine = "millennium120", fractions: int | None = None,
-             **params) -> Delivery:
+             reweight: bool = True, **params) -> Delivery:
     """Sequence optimised beamlet weights (MU, total course) for ``dij``'s beams.
 
     technique: a registry name ('imrt-sns', 'imrt-sliding', 'vmat'; default
     :func:`default_technique`). machine: a shipped machine name, a YAML path or a
     Machine. fractions: the course's fractions (sets per-fraction MU and speed limits;
-    default 1). params: passed to the sequencer's constructor (e.g. ``levels=10``).
+    default 1). reweight: afterwards choose the segment / control-point MU that best
+    reproduce the ideal dose ``dij @ fluence`` (:func:`sequencer.reweight.reweight_mu`;
+    leaves unchanged; not for sliding window). params: passed to the sequencer's
+    constructor (e.g. ``levels=10``).
     """
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
-    return get(technique or default_technique(dij), **params).sequence(fs, m)
+    delivery = get(technique or default_technique(dij), **params).sequence(fs, m)
+    if reweight and delivery.technique in ("imrt-sns", "vmat"):
+        from sequencer.reweight import reweight_mu
+
+        delivery = reweight_mu(delivery, dij, dij.dose(fluence_mu))
+    return delivery

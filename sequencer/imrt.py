@@ -9,7 +9,8 @@
   (1994) / Bortfeld et al. (1994): both leaves sweep from -x to +x; inside a pixel both
   move at full speed, at a rise of the profile the trailing leaf waits, at a fall the
   leading leaf waits, which delivers the piecewise-constant profile with the least MU.
-  The minimum gap plus DLG forces a floor fluence (gap / speed) along the swept span.
+  The minimum gap plus DLG forces a floor fluence (gap / speed) along the swept span, so
+  each pair sweeps only between its first and last pixel holding at least half of it.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def sequence_sliding_window(fluence: FluenceSet, machine: Machine, *,
         n_pairs = f.shape[0]
         rows = []  # (pair, xs, ta, tb)
         for p in range(n_pairs):
-            nz = np.flatnonzero(f[p] > 1e-9 * max(f.max(), 1e-30))
+            # sweep only between the first and last pixel worth at least half the floor:
+            # outside, delivering the floor would be a larger error than delivering 0
+            nz = np.flatnonzero((f[p] >= floor / 2) & (f[p] > 1e-9 * max(f.max(), 1e-30)))
             if nz.size == 0:
                 continue
             j0, j1 = nz[0], nz[-1] + 1

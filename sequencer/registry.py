@@ -54,16 +54,19 @@ class SlidingWindow:
 @dataclass
 class RuleBasedVmat:
     """AIRT-style rule-based VMAT; ``threshold``: significant fluence, fraction of the
-    control point's maximum."""
+    control point's maximum; ``passes``: arcs per optimised arc (residual fluence)."""
 
     threshold: float = 0.1
+    mu_relative_pass: bool = True
+    passes: int = 2
     name: str = field(default="vmat", init=False)
     kind: str = field(default="arc", init=False)
 
     def sequence(self, fluence: FluenceSet, machine: Machine) -> Delivery:
         from sequencer.vmat import sequence_vmat
 
-        return sequence_vmat(fluence, machine, threshold=self.threshold)
+        return sequence_vmat(fluence, machine, threshold=self.threshold,
+                             mu_relative_pass=self.mu_relative_pass, passes=self.passes)
 
 
 BUILTIN = {"imrt-sns": StepAndShoot, "imrt-sliding": SlidingWindow, "vmat": RuleBasedVmat}

@@ -23,35 +23,7 @@ from scipy.optimize import lsq_linear
 from atp.dose.influence import DoseInfluence
 from sequencer.deliverable import aperture_open_fraction, beam_apertures
 from sequencer.delivery import BeamDelivery, Delivery
-
-
-def _interval_doses(beam: BeamDelivery, dij: DoseInfluence, dlg_mm: float, rows, n_sub: int):
-    """(n_rows, n_intervals) dose per MU of each interval, on the selected dose rows."""
-    edges = None
-    n_int = beam.n_control_points - 1
-    out = np.zeros((rows.size, n_int))
-    # a unit of MU on every interval: cumulative 0, 1, 2, ...
-    unit = replace(beam, cumulative_mu=np.arange(beam.n_control_points, dtype=np.float64))
-    ap = beam_apertures(unit, dlg_mm, n_sub)
-    # which interval each sub-aperture belongs to: apertures come interval by interval
-    moving = (np.abs(np.diff(beam.leaf_a_mm, axis=0)).max(axis=1) > 1e-9) | \
-             (np.abs(np.diff(beam.leaf_b_mm, axis=0)).max(axis=1) > 1e-9) | \
-             (np.diff(beam.dij_beam) != 0)
-    owner = np.repeat(np.arange(n_int), np.where(moving, n_sub, 1))
-    info = dij.beamlets
-    m = dij.matrix
-    edges = ap.get("edges")
-    for d in np.unique(ap["dij_beam"]):
-        cols = info.columns_of_beam(int(d))
-        sel = np.flatnonzero(ap["dij_beam"] == d)
-        frac = aperture_open_fraction(info.bev_x_mm[cols], info.bev_y_mm[cols],
-                                      info.beamlet_size_mm, edges, ap["left"][sel],
-                                      ap["right"][sel], ap["jaw_x"][sel], ap["jaw_y"][sel])
-        w = frac * ap["mu"][sel, None]  # (n_sel, n_cols) beamlet MU per interval MU
-        sub = m[rows][:, cols] if rows.size < m.shape[0] else m[:, cols]
-        dose = np.asarray(sub @ w.T)  # (n_rows, n_sel)
-        np.add.at(out.T, owner[sel], dose.T)
-    return out
+from sequencer.vmat import control_point_cover_deg
 
 
 def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
@@ -86,18 +58,16 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
     if rows.size > max_rows:
         rows = rows[:: int(np.ceil(rows.size / max_rows))]
     m = delivery.machine
+    mat = (dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix).tocsc()
     blocks, maps, v0, lo, hi = [], [], [], [], []
     for b in delivery.beams:
-        edges_dose = _interval_doses_with_edges(b, dij, m, rows, n_sub)
+        per_mu = _interval_doses(b, mat, dij.beamlets, m, n_sub)
         M, v = _mu_map(b)
-        blocks.append(edges_dose @ M)
+        blocks.append(per_mu @ M)
         maps.append(M)
         v0.append(v)
         if b.kind == "arc":
-            dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
-            cover = dg[:-1] / 2 + dg[1:] / 2 if dg.size > 1 else dg
-            # fluence control point k covers half of the intervals on both sides
-            cover = 0.5 * (dg[:-1] + dg[1:])
+            cover = control_point_cover_deg(b.gantry_deg[1:-1])
             lo.append(m.min_mu_per_deg * cover * delivery.fractions)
             hi.append(m.max_mu_per_deg * cover * delivery.fractions)
         else:
@@ -106,7 +76,7 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
     A = np.concatenate(blocks, axis=1)
     res = lsq_linear(A, ref[rows], bounds=(np.concatenate(lo), np.concatenate(hi)),
                      method="bvls" if A.shape[1] <= 400 else "trf", lsmr_tol="auto")
-    v = res.x
+    v = np.clip(res.x, np.concatenate(lo), np.concatenate(hi))
     beams, i = [], 0
     for b, M in zip(delivery.beams, maps):
         n = M.shape[1]
@@ -118,22 +88,17 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
     return replace(delivery, beams=tuple(beams), meta=meta)
 
 
-def _interval_doses_with_edges(beam, dij, machine, rows, n_sub):
-    return _interval_doses_impl(beam, dij, machine, rows, n_sub)
-
-
-def _interval_doses_impl(beam: BeamDelivery, dij: DoseInfluence, machine, rows, n_sub):
+def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub):
+    """(n_rows, n_intervals) dose per MU of each interval; ``mat``: the dij's selected
+    rows (CSC), ``info``: its BeamletInfo."""
     n_int = beam.n_control_points - 1
-    out = np.zeros((rows.size, n_int))
+    out = np.zeros((mat.shape[0], n_int))
     unit = replace(beam, cumulative_mu=np.arange(beam.n_control_points, dtype=np.float64))
     ap = beam_apertures(unit, machine.dosimetric_leaf_gap_mm, n_sub)
     moving = (np.abs(np.diff(beam.leaf_a_mm, axis=0)).max(axis=1) > 1e-9) | \
              (np.abs(np.diff(beam.leaf_b_mm, axis=0)).max(axis=1) > 1e-9) | \
              (np.diff(beam.dij_beam) != 0)
     owner = np.repeat(np.arange(n_int), np.where(moving, n_sub, 1))
-    info = dij.beamlets
-    mat = dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix
-    mat = mat.tocsc()
     for d in np.unique(ap["dij_beam"]):
         cols = info.columns_of_beam(int(d))
         sel = np.flatnonzero(ap["dij_beam"] == d)

@@ -8,6 +8,9 @@ point, typically every 2 degrees). All control points are processed at once (vec
    opening; pairs without one are closed;
 2. the control point's MU is the mean fluence over its opened pixels (each run's two
    edge pixels left out where runs have interior pixels: those are partly exposed);
+   with ``mu_relative_pass`` (default) steps 1-2 are repeated with "significant" meaning
+   at least half that MU (the least-squares choice of one aperture for a given MU), which
+   suits modulated (optimised, not aperture-shaped) fluence better;
 3. sub-pixel edges: where the opening's edge pixel holds less than the MU it is only
    partly exposed (the leaf stops inside it); where it holds the MU the leaf is moved into
    the outer neighbour by that neighbour's fraction of the MU;
@@ -62,12 +65,28 @@ def group_arcs(fluence: FluenceSet, max_step_deg: float = 10.0) -> list[list[int
     return arcs
 
 
+def control_point_cover_deg(gantry_deg) -> np.ndarray:
+    """Degrees of arc each control point's MU is spread over: half a step on each side
+    (the end points: their one step), so MU/degree limits become per-point MU bounds."""
+    g = np.asarray(gantry_deg, dtype=np.float64)
+    if g.size < 2:
+        return np.full(g.size, 2.0)
+    dg = np.abs(_wrap(np.diff(g)))
+    cover = np.zeros(g.size)
+    cover[:-1] += dg / 2
+    cover[1:] += dg / 2
+    cover[0] += dg[0] / 2
+    cover[-1] += dg[-1] / 2
+    return cover
+
+
 def largest_runs(f: np.ndarray, threshold: float):
     """For maps f (n_cp, n_pairs, n_x): per (cp, pair) the [start, stop) of the run of
-    pixels above ``threshold`` x the cp maximum with the largest sum; (-1, -1) if none."""
+    pixels above ``threshold`` (scalar or per cp) x the cp maximum with the largest sum;
+    (-1, -1) if none."""
     n_cp, n_pairs, n_x = f.shape
     cpmax = f.reshape(n_cp, -1).max(axis=1)
-    sig = f > (threshold * cpmax)[:, None, None]
+    sig = f > (np.broadcast_to(threshold, cpmax.shape) * cpmax)[:, None, None]
     sig &= f > 0
     flat = np.zeros((n_cp * n_pairs, n_x + 2), dtype=np.int8)
     flat[:, 1:-1] = sig.reshape(-1, n_x)
@@ -98,7 +117,8 @@ def _limit_travel(x: np.ndarray, step_mm: np.ndarray) -> np.ndarray:
 
 
 def sequence_arc(maps: np.ndarray, x_edges_mm: np.ndarray, gantry_deg: np.ndarray,
-                 machine: Machine, fractions: int = 1, threshold: float = 0.1):
+                 machine: Machine, fractions: int = 1, threshold: float = 0.1,
+                 mu_relative_pass: bool = False):
     """Sequence one arc. ``maps`` (n_cp, n_pairs, n_x) MU on the leaf-pair grid.
 
     Returns dict(a, b (n_cp, n_pairs) physical tips, jaw_x, jaw_y (2,), mu (n_cp,)
@@ -106,17 +126,27 @@ def sequence_arc(maps: np.ndarray, x_edges_mm: np.ndarray, gantry_deg: np.ndarra
     """
     m = machine
     f = np.asarray(maps, dtype=np.float64)
-    n_cp, _, n_x = f.shape
-    start, stop = largest_runs(f, threshold)
-    op = start >= 0
+    n_x = f.shape[2]
     cols = np.arange(n_x)
-    inside = (cols >= start[..., None]) & (cols < stop[..., None])
-    # MU: mean fluence over the opened pixels, leaving out each run's two edge pixels
-    # (partly exposed, handled by sub-pixel leaf positions) where the runs have interiors
-    core = (cols > start[..., None]) & (cols < stop[..., None] - 1)
-    use = np.where(core.any(axis=(1, 2))[:, None, None], core, inside)
-    npix = use.sum(axis=(1, 2))
-    mu = np.where(npix > 0, (f * use).sum(axis=(1, 2)) / np.maximum(npix, 1), 0.0)
+
+    def aperture_and_mu(thr):
+        start, stop = largest_runs(f, thr)
+        inside = (cols >= start[..., None]) & (cols < stop[..., None])
+        # MU: mean fluence over the opened pixels, leaving out each run's two edge pixels
+        # (partly exposed, handled by sub-pixel leaf positions) where runs have interiors
+        core = (cols > start[..., None]) & (cols < stop[..., None] - 1)
+        use = np.where(core.any(axis=(1, 2))[:, None, None], core, inside)
+        npix = use.sum(axis=(1, 2))
+        mu = np.where(npix > 0, (f * use).sum(axis=(1, 2)) / np.maximum(npix, 1), 0.0)
+        return start, stop, mu
+
+    start, stop, mu = aperture_and_mu(np.full(f.shape[0], threshold))
+    if mu_relative_pass:
+        # second pass: a pixel is worth opening when it holds at least half the MU (the
+        # least-squares choice for one aperture of that MU); never below ``threshold``
+        cpmax = np.maximum(f.reshape(f.shape[0], -1).max(axis=1), 1e-30)
+        start, stop, mu = aperture_and_mu(np.maximum(threshold, 0.5 * mu / cpmax))
+    op = start >= 0
 
     # sub-pixel edges (in pixel units), then mm
     fp = np.pad(f, ((0, 0), (0, 0), (1, 1)))  # fp[..., j + 1] == f[..., j]
@@ -145,9 +175,13 @@ def sequence_arc(maps: np.ndarray, x_edges_mm: np.ndarray, gantry_deg: np.ndarra
     narrow = (b - a) < g
     a = np.where(narrow, mid - g / 2, a)
     b = np.where(narrow, mid + g / 2, b)
-    park_b = jx[0] - half - 1.0
-    a = np.where(op, a, park_b - g)
-    b = np.where(op, b, park_b)
+    # closed pairs: behind the X1 jaw, but within the bank-span limit of the open leaves
+    span = m.max_leaf_span_mm - 1.0
+    park_b = np.full(a.shape[0], jx[0] - half - 1.0)
+    park_b = np.maximum(park_b, np.max(np.where(op, b, -np.inf), axis=1) - span)
+    park_b = np.maximum(park_b, np.max(np.where(op, a, -np.inf), axis=1) + g - span)
+    a = np.where(op, a, park_b[:, None] - g)
+    b = np.where(op, b, park_b[:, None])
     lo, hi = m.leaf_position_range_mm
     a = np.clip(a, lo, hi - g)
     b = np.clip(b, lo + g, hi)
@@ -157,25 +191,64 @@ def sequence_arc(maps: np.ndarray, x_edges_mm: np.ndarray, gantry_deg: np.ndarra
     a = _limit_travel(a, step)
     b = _limit_travel(b, step)
 
-    # MU per degree: control point k covers half a step on each side
-    cover = np.zeros(n_cp)
-    if n_cp > 1:
-        cover[:-1] += dg / 2
-        cover[1:] += dg / 2
-        cover[0] += dg[0] / 2
-        cover[-1] += dg[-1] / 2
-    else:
-        cover[:] = 2.0
+    cover = control_point_cover_deg(gantry_deg)
     mu = np.clip(mu, m.min_mu_per_deg * cover * fractions, m.max_mu_per_deg * cover * fractions)
     return {"a": a, "b": b, "jaw_x": jx, "jaw_y": jy, "mu": mu, "open": op}
 
 
+def arc_fluence(result: dict, x_edges_mm: np.ndarray, machine: Machine) -> np.ndarray:
+    """Fluence (n_cp, n_pairs, n_x) MU that a :func:`sequence_arc` result delivers at its
+    control points: MU x the open fraction of every pixel (radiation field = tips widened
+    by DLG/2, clipped to the jaws; pairs partly outside the Y jaws scaled by their overlap)."""
+    half = machine.dosimetric_leaf_gap_mm / 2.0
+    jx, jy = result["jaw_x"], result["jaw_y"]
+    left = np.maximum(result["a"] - half, jx[0])[..., None]
+    right = np.minimum(result["b"] + half, jx[1])[..., None]
+    lo, hi = x_edges_mm[:-1], x_edges_mm[1:]
+    frac_x = np.clip(np.minimum(right, hi) - np.maximum(left, lo), 0.0, None) / (hi - lo)
+    e = machine.leaf_edges_mm
+    frac_y = np.clip(np.minimum(e[1:], jy[1]) - np.maximum(e[:-1], jy[0]), 0.0, None) / np.diff(e)
+    return frac_x * frac_y[None, :, None] * result["mu"][:, None, None]
+
+
+def _arc_beam(name, r, bfs, gantry, order):
+    """BeamDelivery of one sequenced arc; ``order``: fluence control points in delivery
+    order (reversed for a counter-clockwise return arc)."""
+    g = gantry[order]
+    a, b, mu = r["a"][order], r["b"][order], r["mu"][order]
+    dg = _wrap(np.diff(g))
+    g_all = np.concatenate([[g[0] - dg[0] / 2], g, [g[-1] + dg[-1] / 2]]) % 360
+    a = np.concatenate([a[:1], a, a[-1:]])
+    b = np.concatenate([b[:1], b, b[-1:]])
+    inc = np.concatenate([[mu[0] / 2], (mu[:-1] + mu[1:]) / 2, [mu[-1] / 2]])
+    cum = np.concatenate([[0.0], np.cumsum(inc)])
+    idx = np.array([bfs[i].beam_index for i in order])
+    dij = np.concatenate([idx[:1], idx, idx[-1:]])
+    n_cp = g_all.size
+    direction = "CW" if dg[0] > 0 else "CCW"
+    return BeamDelivery(f"{name}_{direction}", "arc", g_all, bfs[0].collimator_deg,
+                        bfs[0].couch_deg, bfs[0].isocenter_mm, a, b,
+                        np.tile(r["jaw_x"], (n_cp, 1)), np.tile(r["jaw_y"], (n_cp, 1)), cum,
+                        dij, n_segments=len(bfs))
+
+
 def sequence_vmat(fluence: FluenceSet, machine: Machine, *, threshold: float = 0.1,
-                  arcs: list[list[int]] | None = None) -> Delivery:
+                  arcs: list[list[int]] | None = None, mu_relative_pass: bool = True,
+                  passes: int = 2) -> Delivery:
     """VMAT: every arc (``arcs``: lists of beam positions in ``fluence.beams``; default
-    :func:`group_arcs`) sequenced by the rule-based method of the module docstring."""
+    :func:`group_arcs`) sequenced by the rule-based method of the module docstring.
+
+    passes: arcs delivered per optimised arc (default 2, the usual head-and-neck
+    choice; 1 is AIRT's single arc). Pass p > 1 sequences what the earlier passes left
+    undelivered (the positive residual of the fluence, :func:`arc_fluence`) as one more
+    arc, alternating direction (clockwise, counter-clockwise, ...), so a modulated
+    fluence is split over several apertures per gantry angle; it stops early when no
+    residual pixel exceeds ``threshold`` x the fluence maximum.
+    """
     if not 0.0 <= threshold < 1.0:
         raise InputError(f"threshold must be in [0, 1), got {threshold}", field="threshold")
+    if int(passes) < 1:
+        raise InputError(f"passes must be >= 1, got {passes}", field="passes")
     arcs = group_arcs(fluence) if arcs is None else arcs
     beams = []
     for n, idx in enumerate(arcs):
@@ -199,21 +272,17 @@ def sequence_vmat(fluence: FluenceSet, machine: Machine, *, threshold: float = 0
             maps = np.stack([bf.fluence_mu for bf in bfs])
             x_edges = bfs[0].x_edges_mm
         gantry = np.array([bf.gantry_deg for bf in bfs])
-        r = sequence_arc(maps, x_edges, gantry, machine, fluence.fractions, threshold)
-        dg = _wrap(np.diff(gantry))
-        g_all = np.concatenate([[gantry[0] - dg[0] / 2], gantry, [gantry[-1] + dg[-1] / 2]]) % 360
-        a = np.concatenate([r["a"][:1], r["a"], r["a"][-1:]])
-        b = np.concatenate([r["b"][:1], r["b"], r["b"][-1:]])
-        mu = r["mu"]
-        inc = np.concatenate([[mu[0] / 2], (mu[:-1] + mu[1:]) / 2, [mu[-1] / 2]])
-        cum = np.concatenate([[0.0], np.cumsum(inc)])
-        dij = np.concatenate([[bfs[0].beam_index], [bf.beam_index for bf in bfs],
-                              [bfs[-1].beam_index]])
-        n_cp = g_all.size
-        direction = "CW" if dg[0] > 0 else "CCW"
-        beams.append(BeamDelivery(
-            f"ARC{n + 1}_{direction}", "arc", g_all, bfs[0].collimator_deg, bfs[0].couch_deg,
-            bfs[0].isocenter_mm, a, b, np.tile(r["jaw_x"], (n_cp, 1)),
-            np.tile(r["jaw_y"], (n_cp, 1)), cum, dij, n_segments=len(bfs)))
+        residual = maps
+        for p in range(int(passes)):
+            if p > 0 and residual.max() <= threshold * maps.max():
+                break  # nothing significant left to deliver
+            r = sequence_arc(residual, x_edges, gantry, machine, fluence.fractions,
+                             threshold, mu_relative_pass)
+            order = np.arange(len(bfs)) if p % 2 == 0 else np.arange(len(bfs))[::-1]
+            name = f"ARC{n + 1}" if passes == 1 else f"ARC{n + 1}.{p + 1}"
+            beams.append(_arc_beam(name, r, bfs, gantry, order))
+            if p + 1 < passes:
+                residual = np.clip(residual - arc_fluence(r, x_edges, machine), 0.0, None)
     return Delivery("vmat", machine, tuple(beams), fluence.fractions,
-                    {"threshold": threshold})
+                    {"threshold": threshold, "mu_relative_pass": mu_relative_pass,
+                     "passes": int(passes)})

@@ -151,6 +151,7 @@ def _dicompyler():
     return dvhcalc
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # dicompyler-core -> pydicom 2 API
 def test_dicompyler_dvh_matches_ours(exported, phantom):
     dvhcalc = _dicompyler()
     (_, written, _), dose = exported[0]["imrt-sns"], exported[1]
@@ -195,3 +196,26 @@ def test_dicom_patient_keeps_its_identity(exported, phantom, tmp_path):
            .RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].ContourImageSequence}
     originals = {pydicom.dcmread(p).SOPInstanceUID for p in written["CT"]}
     assert ref == originals
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_openkbp_patient_export_matches_dicompyler(openkbp_pt1, tmp_path):
+    """Real OpenKBP anatomy on its (y, x, -z) grid with its reference dose."""
+    dvhcalc = _dicompyler()
+    p = openkbp_pt1
+    dose = np.asarray(p.metadata["reference_dose_gy"])
+    d = small_delivery(p, "imrt-sns")
+    out = export_plan_set(tmp_path, p, dose, d, structures=["PTV_70", "SpinalCord",
+                                                           "Parotid_L"])
+    rs = pydicom.dcmread(out["RTSTRUCT"])
+    for roi in rs.StructureSetROISequence:
+        mask = p.mask(roi.ROIName)
+        theirs = dvhcalc.get_dvh(out["RTSTRUCT"], out["RTDOSE"], roi.ROINumber)
+        assert theirs.mean == pytest.approx(float(dose[mask].mean()), rel=0.01)
+        assert theirs.max == pytest.approx(float(dose[mask].max()), rel=0.01)
+    if shutil.which("dciodvfy"):
+        for f in (out["RTPLAN"], out["RTSTRUCT"], out["RTDOSE"], out["CT"][0]):
+            res = subprocess.run(["dciodvfy", f], capture_output=True, text=True, check=False)
+            assert "Error" not in res.stdout + res.stderr, f

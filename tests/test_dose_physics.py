@@ -161,3 +161,15 @@ def test_commissioning_numbers():
     assert abs(res["penumbra_difference_mm"]) <= 1.5
     assert res["gy_per_mu_at_dmax"] == pytest.approx(0.01)
     assert res["sources"]
+
+
+def test_fan_and_voxel_depths_agree_in_water():
+    p = _box()
+    beams = [Beam(30, isocenter_mm=(0, 60, 0))]
+    a = PencilBeamEngine(depth_method="voxel").influence(p, beams, dose_grid_factor=2)
+    b = PencilBeamEngine(depth_method="fan").influence(p, beams, dose_grid_factor=2)
+    w = np.ones(a.n_beamlets)
+    da, db = a.dose(w), b.dose(w)
+    assert np.max(np.abs(da - db)) <= 0.01 * da.max()
+    with pytest.raises(InputError):
+        PencilBeamEngine(depth_method="guess")

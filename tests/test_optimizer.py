@@ -13,7 +13,11 @@ from atp.grid import Grid
 from atp.patient import Patient, Prescription, Role, Structure
 from optimizer import registry
 from optimizer.objectives import (
-    PENALTIES, dose_at_volume, evaluate_terms, make_term, smoothness_pairs,
+    PENALTIES,
+    dose_at_volume,
+    evaluate_terms,
+    make_term,
+    smoothness_pairs,
 )
 from optimizer.problem import build_problem
 from optimizer.refine import goal_score, refine, tightened_dose

@@ -189,8 +189,8 @@ def test_pipeline_end_to_end_with_pencil_beam(phantom, tmp_path):
 @pytest.mark.slow
 def test_readme_embedding_example_runs(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    m = re.search(r"<!-- embedding-example -->\s*```python\n(.*?)```", readme, re.S)
+    m = re.search(r"<!-- embedding-example -->\s*```python\n(.*?)```", readme, re.DOTALL)
     assert m, "README lacks the embedding example block"
     monkeypatch.chdir(tmp_path)
-    exec(compile(m.group(1), "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(m.group(1), "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
     assert (tmp_path / "results" / "embedded-plan" / "plan.json").is_file()

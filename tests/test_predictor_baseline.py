@@ -94,3 +94,18 @@ def test_scores_zero_for_perfect_prediction(phantom):
     shifted = score_patient(ref + np.float32(1.0) * phantom.body_mask, ref, phantom)
     assert shifted["dose_score_gy"] == pytest.approx(1.0, abs=1e-4)
     assert cohort_scores([s, shifted])["dose_score_gy"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_organ_factor_learns_sparing(phantom):
+    ref = _synthetic_dose(phantom)
+    spared = phantom.mask("Parotid_L") & (phantom.prescription_map_gy() == 0)
+    ref = np.where(spared, 0.5 * ref, ref).astype(np.float32)
+    b = DistanceBaseline(samples_per_patient=60000, iterations=2, min_organ_samples=50).fit(
+        [_with_dose(phantom, ref)])
+    assert b.organ_factors_["Parotid_L"] == pytest.approx(0.5, abs=0.15)
+    plain = DistanceBaseline(samples_per_patient=60000, iterations=2,
+                             organ_factors=False).fit([_with_dose(phantom, ref)])
+    assert plain.organ_factors_ == {}
+    err = np.abs(b.predict(phantom) - ref)[spared].mean()
+    err_plain = np.abs(plain.predict(phantom) - ref)[spared].mean()
+    assert err < err_plain

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from atp.errors import InputError
-from predictor.encoding import (EncodingConfig, canonical_axes, decode, encode_array,
-                                encode_patient, make_transform, network_inputs)
+from predictor.encoding import (
+    EncodingConfig,
+    canonical_axes,
+    decode,
+    encode_array,
+    encode_patient,
+    make_transform,
+    network_inputs,
+)
 
 
 def test_phantom_oriented_like_openkbp(phantom):
@@ -78,7 +85,7 @@ def test_label_inputs(phantom):
 def test_config_validation_and_round_trip():
     cfg = EncodingConfig(inputs="labels", size=(32, 32, 16))
     assert EncodingConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in (dict(size=(0, 1, 1)), dict(inputs="x"), dict(rx_norm_gy=0),
-                dict(ct_clip_hu=(5, 1)), dict(spacing_mm=(1, -1, 1))):
+    for bad in ({"size": (0, 1, 1)}, {"inputs": "x"}, {"rx_norm_gy": 0},
+                {"ct_clip_hu": (5, 1)}, {"spacing_mm": (1, -1, 1)}):
         with pytest.raises(InputError):
             EncodingConfig(**bad)

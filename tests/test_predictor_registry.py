@@ -86,3 +86,27 @@ def test_default_is_a_runnable_registered_predictor(phantom):
     assert name in registry.available()
     dose = registry.get(name).predict(phantom)
     assert dose.shape == phantom.grid.shape and dose.dtype == np.float32
+
+
+def test_default_follows_shipped_scores(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.json").write_text("{}")
+    index = {"predictors": {
+        "baseline": {"kind": "builtin", "file": "a.json", "needs": [],
+                     "validation": {"dose_score_gy": 7.0}},
+        "mean-dose": {"kind": "builtin", "file": "b.json", "needs": [],
+                      "validation": {"dose_score_gy": 3.0}},
+        "ghost": {"kind": "cnn", "file": "missing.pt", "needs": [],
+                  "validation": {"dose_score_gy": 1.0}},
+        "needs-lib": {"kind": "cnn", "file": "a.json", "needs": ["no_such_module_xyz"],
+                      "validation": {"dose_score_gy": 0.5}}}}
+    (tmp_path / "shipped.json").write_text(json.dumps(index))
+    monkeypatch.setattr(registry, "SHIPPED_INDEX", tmp_path / "shipped.json")
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    # missing weights and missing libraries are skipped; the best remaining one wins
+    assert registry.default_predictor_name() == "mean-dose"
+    (tmp_path / "shipped.json").write_text("{not json")
+    with pytest.raises(InputError):
+        registry.default_predictor_name()

@@ -9,10 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from atp.cli import main  # noqa: E402
-from predictor.cnn import CNNPredictor  # noqa: E402
-from predictor.encoding import EncodingConfig  # noqa: E402
-from predictor.train import augment, lr_swap_permutation, make_config, train  # noqa: E402
+from atp.cli import main
+from predictor.cnn import CNNPredictor
+from predictor.encoding import EncodingConfig
+from predictor.train import augment, lr_swap_permutation, make_config, train
 
 TINY = EncodingConfig(size=(16, 16, 16), spacing_mm=(16.0, 16.0, 12.0))
 
@@ -88,3 +88,25 @@ def test_cli_predict_baseline_and_errors(tmp_path, capsys):
 def test_cli_train_rejects_bad_data(tmp_path):
     assert main(["train", "--model", "cadunet", "--data", str(tmp_path), "--out",
                  str(tmp_path / "run"), "--quiet"]) == 2
+
+
+def test_cnn_predictor_fit_in_memory(phantom):
+    from scipy import ndimage
+
+    from atp.patient import Patient
+    from predictor.nets import build_net
+
+    rx = phantom.prescription_map_gy()
+    dose = np.where(phantom.body_mask, ndimage.gaussian_filter(rx, 2.0), 0).astype(np.float32)
+    meta = dict(phantom.metadata, reference_dose_gy=dose)
+    pat = Patient(phantom.ct_hu, phantom.grid, phantom.structures, phantom.prescriptions,
+                  "p", meta)
+    kwargs = {"channels": [4, 8], "growth": 4, "layers": 1}
+    torch.manual_seed(0)
+    pred = CNNPredictor(build_net("cadunet", 3, TINY.in_channels, 1, **kwargs), TINY,
+                        net_name="cadunet", net_kwargs=kwargs, device="cpu")
+    before = {k: v.clone() for k, v in pred.net.state_dict().items()}
+    pred.fit([pat], epochs=1, steps_per_epoch=2, patch=(16, 16, 16), threads=1)
+    after = pred.net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert pred.predict(pat).shape == phantom.grid.shape

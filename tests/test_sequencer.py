@@ -315,3 +315,56 @@ def test_sequence_api_from_dij(m120):
     dij9 = DoseInfluence(sp.identity(w9.size, format="csc"),
                          info9, Grid((9, NY, NX), (5.0, 5.0, 5.0)))
     assert sequencer.default_technique(dij9) == "imrt-sliding"
+
+
+def test_reweight_mu_gets_closer_to_the_reference(m120):
+    from sequencer.reweight import reweight_mu
+
+    n = 24
+    rng = np.random.default_rng(5)
+    maps = [m * rng.uniform(0.5, 1.5, m.shape) for m in arc_maps(n)]  # modulated
+    info, w = beamlets_for(maps, 181 + 2 * np.arange(n))
+    grid = Grid((n, NY, NX), (5.0, 5.0, 5.0))
+    dij = DoseInfluence(sp.identity(w.size, format="csc"), info, grid)
+    d = get_sequencer("vmat").sequence(fluence_set(w, info, m120.leaf_edges_mm, 30), m120)
+    d2 = reweight_mu(d, dij, dij.dose(w))
+    assert check_delivery(d2) == [] and d2.meta["mu_reweighted"]
+    assert np.array_equal(d2.beams[0].leaf_a_mm, d.beams[0].leaf_a_mm)
+    err = [np.linalg.norm(deliverable_dose(x, dij) - dij.dose(w)) for x in (d, d2)]
+    assert err[1] < err[0]
+    sliding = get_sequencer("imrt-sliding").sequence(
+        fluence_set(w, info, m120.leaf_edges_mm, 30), m120)
+    assert reweight_mu(sliding, dij, dij.dose(w)) is sliding
+
+
+def test_wide_fields_keep_the_bank_span(m120):
+    """Openings far to one side with closed pairs elsewhere: parking respects the span."""
+    xs = -95.0 + 5.0 * np.arange(40)  # -95 .. 100 mm
+    X, Y = np.meshgrid(xs, (np.arange(6) - 2.5) * 5.0)
+    f = np.where((X > 60) & (np.abs(Y) < 8), 50.0, 0.0)
+    n = 6
+    info = BeamletInfo(np.repeat(np.arange(n), X.size), 2.0 * np.arange(n), np.zeros(n),
+                       np.zeros(n), np.zeros((n, 3)), np.tile(X.ravel(), n),
+                       np.tile(Y.ravel(), n))
+    w = np.tile(f.ravel(), n)
+    for tech in ("imrt-sns", "imrt-sliding", "vmat"):
+        d = get_sequencer(tech).sequence(fluence_set(w, info, m120.leaf_edges_mm, 30), m120)
+        assert check_delivery(d) == [], tech
+
+
+def test_vmat_second_pass_delivers_the_residual(m120):
+    n = 20
+    X, Y = lattice()
+    # two intensity levels per control point: a wide low plateau with a narrow high core
+    maps = [np.where(np.abs(X) < 30, 20.0, 0.0) + np.where(np.abs(X - 5 * np.sin(k)) < 8,
+                                                          60.0, 0.0) * (np.abs(Y) < 20)
+            for k in range(n)]
+    info, w = beamlets_for(maps, 181 + 2 * np.arange(n))
+    fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=30)
+    one = get_sequencer("vmat", passes=1).sequence(fs, m120)
+    two = get_sequencer("vmat", passes=2).sequence(fs, m120)
+    assert len(one.beams) == 1 and len(two.beams) == 2
+    assert [b.rotation_direction for b in two.beams] == ["CW", "CC"]
+    assert check_delivery(two) == []
+    err = [np.abs(delivered_weights(d, info) - w).sum() for d in (one, two)]
+    assert err[1] < 0.7 * err[0]

@@ -1,9 +1,10 @@
 """``atp demo [--out DIR]``: the main job on the embedded default case.
 
 Plans the embedded head-and-neck phantom with the real pipeline (predict -> resolve the
-shipped ``hn`` goal list -> pencil-beam dose influence -> optimise -> evaluate) and
-writes the plan directory (plan.json, dose.npy, predicted_dose.npy, fluence.npz,
-dij.npz, patient.json) to DIR, then prints where it is.
+shipped ``hn`` goal list -> pencil-beam dose influence -> optimise -> sequence into MLC
+apertures -> deliverable dose -> evaluate) and writes the plan directory (plan.json,
+dose.npy, ideal_dose.npy, predicted_dose.npy, fluence.npz, dij.npz, report.html,
+dicom/, patient.json) to DIR, then prints where it is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--predictor", default=None, help="dose predictor (default: the best "
                                                      "installed)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--no-sequence", action="store_true",
+                   help="skip MLC sequencing (report the ideal fluence dose)")
+    p.add_argument("--no-dicom", action="store_true", help="skip the DICOM export")
     p.set_defaults(func=run)
 
 
@@ -31,13 +35,13 @@ def run(args) -> int:
 
     patient = head_neck_phantom()
     plan = run_plan(patient, site="hn", predictor=args.predictor, backend=args.backend,
-                    progress=not args.quiet)
+                    progress=not args.quiet, sequence=not args.no_sequence)
     out = Path(args.out)
 
     def extra(tmp, p):
         write_json(tmp / "patient.json", patient.summary())
 
-    plan.save(out, extra=extra)
+    plan.save(out, dicom=not args.no_dicom, extra=extra)
     s = plan.summary()
     print(f"demo plan: {s['goals_passed']}/{s['goals_total']} goals met, backend "
           f"{plan.backend}, {plan.timings_s.get('total', 0.0):.1f} s")

@@ -52,9 +52,20 @@ def register(sub) -> None:
                    help="dose grid = CT grid downsampled by this factor (default 2)")
     p.add_argument("--max-iter", type=int, default=None,
                    help="first-order iteration limit per solve")
+    p.add_argument("--sequence", nargs="?", const=True, default=False, metavar="TECHNIQUE",
+                   help="sequence into MLC apertures (imrt-sns | imrt-sliding | vmat; "
+                        "no value: the sequencer's default) and report deliverable dose")
+    p.add_argument("--machine", default="millennium120", help="machine for --sequence")
+    add_output_arguments(p)
     add_optimiser_arguments(p)
     p.add_argument("--out", required=True, help="plan directory to write")
     p.set_defaults(func=run)
+
+
+def add_output_arguments(p) -> None:
+    p.add_argument("--dicom", action="store_true",
+                   help="also export RT Plan / RT Dose / RT Struct into DIR/dicom")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
 
 
 def progress_arg(args):
@@ -111,7 +122,8 @@ def run(args) -> int:
                     predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
                     backend=args.backend, beams=args.beams, beam_template=args.beam_template,
                     refine=args.refine or 0, progress=progress_arg(args),
-                    dose_grid_factor=args.dose_grid_factor, optimizer_options=opts)
+                    dose_grid_factor=args.dose_grid_factor, sequence=args.sequence,
+                    machine=args.machine, optimizer_options=opts)
     out = Path(args.out)
-    plan.save(out)
+    plan.save(out, report=not args.no_report, dicom=args.dicom)
     return report(plan, out, args)

@@ -10,7 +10,12 @@ Writes to ``--out`` (default: PLAN_DIR itself, replaced atomically). Exit codes 
 
 from __future__ import annotations
 
-from atp.commands.plan import add_optimiser_arguments, progress_arg, report
+from atp.commands.plan import (
+    add_optimiser_arguments,
+    add_output_arguments,
+    progress_arg,
+    report,
+)
 from atp.errors import InputError
 
 
@@ -24,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--patient", default=None,
                    help="the patient (default: the source recorded in plan.json)")
     p.add_argument("--out", default=None, help="output plan directory (default PLAN_DIR)")
+    add_output_arguments(p)
     add_optimiser_arguments(p)
     p.set_defaults(func=run, backend=None)
 
@@ -56,5 +62,5 @@ def run(args) -> int:
     new = old.replan(set=changes, warm=args.warm, backend=args.backend, refine=args.refine,
                      progress=progress_arg(args))
     out = Path(args.out or args.plan_dir)
-    new.save(out)
+    new.save(out, report=not args.no_report, dicom=args.dicom)
     return report(new, out, args)

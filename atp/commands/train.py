@@ -42,11 +42,14 @@ def run(args) -> int:
         import torch  # noqa: F401
     except ImportError:
         raise BackendUnavailableError("training needs PyTorch: pip install 'atp[ml]'") from None
-    from predictor.train import cached_split, make_config, train
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "train.log", "a")
+    with open(out / "train.log", "a") as logf:
+        return _run(args, out, logf)
+
+
+def _run(args, out: Path, logf) -> int:
+    from predictor.train import cached_split, make_config, train
 
     def log(msg: str) -> None:
         logf.write(msg + "\n")
@@ -68,5 +71,4 @@ def run(args) -> int:
                       "n_validation": len(va[2])})
     log(f"stopped ({res['stopped']}) after {res['epochs_completed']} epochs, best epoch "
         f"{res['best_epoch']} val loss {res['best_val_loss']:.5f}; best weights {res['best']}")
-    logf.close()
     return 0

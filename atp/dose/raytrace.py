@@ -67,8 +67,8 @@ def trace_cumulative(density, grid: Grid, source_mm, directions, *, t_stop=None,
     is not needed); only the boundary planes a chunk of rays can cross are generated,
     so passing rays sorted by t_stop saves work.
     Returns a list of (t_mm, cum_mm) pairs of arrays of shape (n_rays_chunk, n_break):
-    break points (mm from the source, non-decreasing per row, padded with +inf-like
-    values) and the water-equivalent path length (mm) accumulated up to each of them.
+    break points (mm from the source, non-decreasing per row, padded with the exit
+    point) and the water-equivalent path length (mm) accumulated up to each of them.
     """
     xp = array_module(density)
     shape = density.shape
@@ -88,13 +88,16 @@ def trace_cumulative(density, grid: Grid, source_mm, directions, *, t_stop=None,
             t_out = xp.minimum(t_out, xp.asarray(t_stop[start:start + chunk],
                                                  dtype=xp.float64))
         hit = t_out > t_in
+        # rays that miss the volume: an empty interval at t = 0
+        t_in = xp.where(hit, t_in, 0.0)
+        t_out = xp.where(hit, t_out, 0.0)
         parts = [t_in[:, None], t_out[:, None]]
         any_hit = bool(xp.any(hit))
         for a in range(3):
             k_lo, k_hi = 0, shape[a]
             if any_hit:  # planes this chunk can cross along axis a
-                x_in = p0[a] + xp.where(hit, t_in, 0.0) * d_idx[:, a]
-                x_out = p0[a] + xp.where(hit, t_out, 0.0) * d_idx[:, a]
+                x_in = p0[a] + t_in * d_idx[:, a]
+                x_out = p0[a] + t_out * d_idx[:, a]
                 lo = float(xp.min(xp.where(hit, xp.minimum(x_in, x_out), xp.inf)))
                 hi = float(xp.max(xp.where(hit, xp.maximum(x_in, x_out), -xp.inf)))
                 k_lo = max(0, int(np.floor(lo + 0.5)))
@@ -104,27 +107,23 @@ def trace_cumulative(density, grid: Grid, source_mm, directions, *, t_stop=None,
             with np.errstate(divide="ignore", invalid="ignore"):
                 t = (planes[None, :] - p0[a]) / da
             t = xp.where(da < 0, t[:, ::-1], t)  # ascending within the run
-            t = xp.where((t > t_in[:, None]) & (t < t_out[:, None]), t, xp.inf)
-            parts.append(t)
+            # crossings outside (t_in, t_out) (and NaN/inf when parallel) become t_out:
+            # zero-length segments at the end of the sorted row
+            inside = (t > t_in[:, None]) & (t < t_out[:, None])
+            parts.append(xp.where(inside, t, t_out[:, None]))
         t_all = xp.concatenate(parts, axis=1)
-        t_all = xp.where(hit[:, None], t_all, xp.inf)
         # a few monotone runs per row: NumPy's stable sort (timsort) merges them cheaply
         t_all = xp.sort(t_all, axis=1, kind="stable") if xp is np else xp.sort(t_all, axis=1)
         lo, hi = t_all[:, :-1], t_all[:, 1:]
-        valid = xp.isfinite(hi) & (hi > lo)
-        mid = xp.where(valid, 0.5 * (lo + hi), 0.0)
+        length = hi - lo
+        mid = lo + 0.5 * length
         flat = None
         for a in range(3):  # voxel index of each segment's midpoint, axis by axis
-            ia = xp.clip(xp.rint(p0[a] + mid * d_idx[:, a:a + 1]), 0, shape[a] - 1)
-            ia = ia.astype(xp.int64)
+            ia = (mid * d_idx[:, a:a + 1] + (p0[a] + 0.5))
+            ia = xp.clip(ia, 0.0, shape[a] - 0.5).astype(xp.int32)  # floor (>= 0)
             flat = ia if flat is None else flat * shape[a] + ia
-        rho = flat_density[flat].astype(xp.float64)
-        with np.errstate(invalid="ignore"):
-            seg = xp.where(valid, (hi - lo) * rho, 0.0)
+        seg = length * flat_density[flat]
         cum = xp.concatenate([xp.zeros((n, 1)), xp.cumsum(seg, axis=1)], axis=1)
-        # rays that miss the volume: one break at t=0 with 0 path
-        t_all = xp.where(hit[:, None], t_all, xp.inf)
-        t_all[:, 0] = xp.where(hit, t_all[:, 0], 0.0)
         out.append((t_all, cum))
     return out
 

@@ -513,6 +513,8 @@ def export_plan_set(out_dir: str | os.PathLike, patient, dose_gy, delivery=None,
     not imported from DICOM, the CT series into ``out_dir``. Returns {kind: path(s)}.
 
     dose_gy: total-course dose in Gy on ``dose_grid`` (default: the patient grid).
+    Without a ``delivery`` no RT Plan is written and the RT Dose cannot reference one (its
+    Referenced RT Plan Sequence, required for summation type PLAN, is then absent).
     write_struct: default True unless the patient came from DICOM with an RT Struct, in
     which case the plan refers to that structure set instead of a new one.
     write_ct: default True unless the patient came from DICOM.

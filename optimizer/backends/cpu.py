@@ -20,8 +20,8 @@ class CpuBackend(Backend):
     def is_installed(cls) -> bool:
         return True  # numpy and scipy are core dependencies
 
-    def solve(self, problem, x0=None, *, method: str = "lbfgs", max_iter: int = 600,
-              tol: float = 1e-5, check_every: int = 20, **_) -> Result:
+    def solve(self, problem, x0=None, *, method: str = "lbfgs", max_iter: int = 300,
+              tol: float = 1e-4, check_every: int = 20, **_) -> Result:
         t0 = time.perf_counter()
         dp = firstorder.DeviceProblem.from_problem(problem, np)
         t1 = time.perf_counter()

@@ -34,8 +34,8 @@ class GpuBackend(Backend):
 
         return cls.is_installed() and gpu_available()
 
-    def solve(self, problem, x0=None, *, method: str = "lbfgs", max_iter: int = 600,
-              tol: float = 1e-5, check_every: int = 20, **_) -> Result:
+    def solve(self, problem, x0=None, *, method: str = "lbfgs", max_iter: int = 300,
+              tol: float = 1e-4, check_every: int = 20, **_) -> Result:
         from atp.xp import cupy_or_none
 
         cp = cupy_or_none()

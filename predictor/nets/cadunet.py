@@ -17,8 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from predictor.blocks import (ConvNormAct, SqueezeExcitation, check_channel_sequence,
-                              check_channels, check_dims, conv_cls, make_act, maxpool_cls)
+from predictor.blocks import (
+    ConvNormAct,
+    SqueezeExcitation,
+    check_channel_sequence,
+    check_channels,
+    check_dims,
+    conv_cls,
+    make_act,
+    maxpool_cls,
+)
 
 
 class CADBlock(nn.Module):
@@ -64,7 +72,7 @@ class CADUNet(nn.Module):
         growth = growth if growth is not None else max(4, ch[0] // 2)
         check_channels("growth", growth)
         self.depth = len(ch)
-        blk = dict(growth=growth, layers=layers, se_reduction=se_reduction, act=act, norm=norm)
+        blk = {"growth": growth, "layers": layers, "se_reduction": se_reduction, "act": act, "norm": norm}
         self.down = nn.ModuleList()
         prev = in_channels
         for c in ch:

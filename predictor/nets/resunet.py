@@ -14,8 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from predictor.blocks import (ConvNormAct, ResidualBlock, check_channel_sequence,
-                              check_channels, check_dims, conv_cls, maxpool_cls)
+from predictor.blocks import (
+    ConvNormAct,
+    ResidualBlock,
+    check_channel_sequence,
+    check_channels,
+    check_dims,
+    conv_cls,
+    maxpool_cls,
+)
 
 
 class ResUNet(nn.Module):
@@ -39,12 +46,12 @@ class ResUNet(nn.Module):
             ResidualBlock(spatial_dims, ch[i - 1], ch[i], act, norm) for i in range(1, len(ch)))
         self.pool = maxpool_cls(spatial_dims)(kernel_size=3, stride=2, padding=1)
         self.bottleneck = ResidualBlock(spatial_dims, ch[-1], ch[-1], act, norm)
-        self.decoder = nn.ModuleList()
-        # level widths seen by the decoder: encoder outputs ch[1..], then the stem ch[0]
-        for i in range(len(ch) - 1, 0, -1):
-            out_c = ch[i - 1] if i > 1 else ch[0]
-            self.decoder.append(ConvNormAct(spatial_dims, ch[i] + ch[i], out_c if i > 1
-                                            else ch[1], 3, act, norm))
+        # decoder level i (deepest first): up-sampled ch[i] features + the encoder's
+        # ch[i] skip -> ch[i - 1] (the full-resolution level keeps ch[1]); a last block
+        # fuses the stem features.
+        self.decoder = nn.ModuleList(
+            ConvNormAct(spatial_dims, 2 * ch[i], ch[i - 1] if i > 1 else ch[1], 3, act, norm)
+            for i in range(len(ch) - 1, 0, -1))
         self.fuse = ConvNormAct(spatial_dims, ch[1] + ch[0], ch[0], 3, act, norm)
         self.head = nn.Sequential(conv_cls(spatial_dims)(ch[0], out_channels, 1), nn.Softplus())
         self._mode = "trilinear" if spatial_dims == 3 else "bilinear"
