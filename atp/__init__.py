@@ -7,9 +7,9 @@ planning pipeline and the CLI. Stages live in the sibling packages ``predictor``
 
 __version__ = "0.1.0"
 
-from atp.errors import InputError  # noqa: E402
-from atp.grid import Grid  # noqa: E402
-from atp.patient import Patient, Prescription, Role, Structure  # noqa: E402
+from atp.errors import InputError
+from atp.grid import Grid
+from atp.patient import Patient, Prescription, Role, Structure
 
 __all__ = ["Grid", "InputError", "Patient", "Plan", "Prescription", "Role", "Structure",
            "__version__", "load_plan", "plan"]

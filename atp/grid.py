@@ -106,7 +106,7 @@ class Grid:
         return bool(np.all(idx >= -0.5) and np.all(idx <= np.array(self.shape) - 0.5))
 
     # --- comparison --------------------------------------------------------------------
-    def same_as(self, other: "Grid", tol_mm: float = 1e-3) -> bool:
+    def same_as(self, other: Grid, tol_mm: float = 1e-3) -> bool:
         return (
             self.shape == other.shape
             and np.allclose(self.spacing_mm, other.spacing_mm, atol=tol_mm)
@@ -121,7 +121,7 @@ class Grid:
                 f"array shape {tuple(np.shape(array))} does not match the patient grid "
                 f"{self.shape}", file=file, field=field)
 
-    def downsampled(self, factor: int) -> "Grid":
+    def downsampled(self, factor: int) -> Grid:
         """A coarser grid covering the same region: every ``factor``-th voxel block.
 
         Voxel (j) of the coarse grid has its centre at the centre of the block of fine
@@ -143,6 +143,6 @@ class Grid:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Grid":
+    def from_dict(cls, d: dict) -> Grid:
         return cls(tuple(d["shape"]), d["spacing_mm"], d.get("origin_mm", (0, 0, 0)),
                    d.get("direction", np.eye(3)))

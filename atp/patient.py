@@ -9,10 +9,10 @@ slices = z); for DICOM import they are (slices = z, rows = y, columns = x).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Mapping
 
 import numpy as np
 
@@ -198,7 +198,7 @@ class Patient:
         return self.grid.index_to_patient(idx.mean(axis=0))
 
     # --- derivation --------------------------------------------------------------------
-    def with_structures(self, extra: Mapping[str, Structure]) -> "Patient":
+    def with_structures(self, extra: Mapping[str, Structure]) -> Patient:
         """A new Patient with structures added or replaced (e.g. rings)."""
         merged = dict(self.structures)
         merged.update(extra)

@@ -53,7 +53,7 @@ def head_neck_phantom(shape=(40, 64, 64), spacing_mm=(3.0, 4.0, 4.0)) -> Patient
     r_cord = np.hypot(x - cord_c[0], y - cord_c[1])
     cord = (r_cord <= 5.0) & (z < 0.55 * z_top)
     brainstem = (np.hypot(x, y - 22.0) <= 10.0) & (z >= 0.55 * z_top) & body
-    vertebra = (np.hypot(x, y - 22.0) <= 16.0) & ~((r_cord <= 7.0)) & (z < 0.55 * z_top)
+    vertebra = (np.hypot(x, y - 22.0) <= 16.0) & ~(r_cord <= 7.0) & (z < 0.55 * z_top)
     vertebra |= (np.hypot(x, y - 45.0) <= 9.0) & (r_cord > 7.0) & (z < 0.55 * z_top)
     trachea = (np.hypot(x, y + 20.0) <= 7.0) & (z < 0.1 * z_top)
     esophagus = (np.hypot(x, y - 2.0) <= 6.0) & (z < 0.2 * z_top) & ~trachea

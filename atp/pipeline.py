@@ -18,6 +18,12 @@ final dose -> evaluate, and returns a :class:`Plan`. A host (TPS vendor) may pas
 ``load_plan(dir)`` reads it back; ``Plan.replan(set={"Parotid_L.Dmean.tolerance": -20},
 warm=True)`` changes goals and re-optimises with the stored dij and prediction.
 
+``plan(patient, fast=True, spare={"Parotid_L": 0.1})`` runs the AIRT-style fast path
+instead of the optimiser (single arc, predicted dose -> fluence by differentiable dose
+feedback, VMAT sequencing; :mod:`atp.fastplan`); ``Plan.respare(spare={...})`` moves the
+OAR sparing sliders of such a plan without re-running the predictor or rebuilding
+matrices.
+
 This module imports predictor / optimizer / sequencer lazily, inside functions.
 """
 
@@ -100,6 +106,8 @@ class Plan:
     _fractions: dict | None = None
     ideal_dose_gy: np.ndarray | None = None  # fluence dose before sequencing, if sequenced
     fidelity: dict | None = None
+    # the prepared FastPath of a fast plan (not saved): respare() reuses it
+    fastpath: object = field(default=None, repr=False)
 
     # --- summaries -----------------------------------------------------------------
     @property
@@ -169,6 +177,7 @@ class Plan:
 
         from atp.outputs import atomic_output_dir, write_json
 
+        t_export = time.perf_counter()
         out_dir = Path(out_dir)
         with atomic_output_dir(out_dir) as tmp:
             np.save(tmp / "dose.npy", np.asarray(self.dose_gy, dtype=np.float32))
@@ -204,12 +213,21 @@ class Plan:
                 written["dicom"] = "dicom/"
             if extra is not None:
                 extra(tmp, self)
+            self.timings_s["export"] = time.perf_counter() - t_export  # all but plan.json
             data = self.to_json()
             data["files"].update(written)
             write_json(tmp / "plan.json", data)
         return out_dir
 
     # --- re-optimisation -----------------------------------------------------------
+    def respare(self, spare: dict | None = None, *, progress=False) -> Plan:
+        """Fast-path plans: a new plan for OAR sparing sliders ``spare`` ({OAR: factor in
+        [0, 1)}, the full setting). Reuses the prepared fast path (no prediction, no dij
+        rebuild); see :func:`atp.fastplan.respare`."""
+        from atp.fastplan import respare
+
+        return respare(self, spare, progress=progress)
+
     def replan(self, set: dict | None = None, *, warm: bool = True, backend=None,
                refine: int | None = None, progress=False) -> Plan:
         """A new plan after changing goals; reuses this plan's dij and prediction.
@@ -346,9 +364,10 @@ def _versions(backend_name: str) -> dict:
 def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=None,
          predicted_dose=None, dose_engine: str = "pencil-beam", dij=None,
          backend="auto", beams=9, beam_template: str | None = None, refine: int = 0,
-         progress=True, dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
-         sequence: bool | str = False, machine: str = "millennium120",
-         optimizer_options: dict | None = None) -> Plan:
+         progress=True, dose_grid_factor: int | None = None, beamlet_size_mm: float = 5.0,
+         sequence: bool | str = True, machine: str = "millennium120",
+         optimizer_options: dict | None = None, fast: bool = False,
+         spare: dict | None = None, fast_options: dict | None = None) -> Plan:
     """Plan one patient (see the module docstring).
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts (path, 'phantom').
@@ -359,13 +378,35 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     backend: 'auto' | 'cpu' | 'gpu' | 'qp' or a backend object. beams: a count or a list
     of Beams; beam_template: a name from BEAM_TEMPLATES. refine: AIRTP refinement rounds.
     progress: True (tqdm on stderr), False, or a callable(stage_name).
-    sequence: False, True (the sequencer's default technique) or a technique name
-    ('imrt-sns', 'imrt-sliding', 'vmat'): the final dose is then the deliverable dose of
-    the MLC apertures on ``machine``, and ``Plan.fidelity`` compares it with the ideal.
+    sequence: True (default: the sequencer's default technique for the beams, sliding
+    window for static fields, VMAT for arcs), a technique name ('imrt-sns',
+    'imrt-sliding', 'vmat') or False (no sequencing: the reported dose is the ideal
+    fluence dose, and the plan notes say so). When sequenced, the final dose, DVH and
+    goal results are the deliverable dose of the MLC apertures on ``machine``, and
+    ``Plan.fidelity`` compares it with the ideal.
     optimizer_options: passed to the backend (e.g. ``max_iter``, ``method``).
+    dose_grid_factor: default 2 (fast path: 3).
+    fast: run the AIRT-style fast path (:func:`atp.fastplan.fast_plan`: one arc, VMAT)
+    instead of the optimiser; spare: its OAR sparing sliders {OAR: factor in [0, 1)};
+    fast_options: more ``fast_plan`` keywords (``arc_spacing_deg``, ``device``, ...).
     """
     from atp.goals import load_goal_list, resolve_goals, with_control_structures
     from atp.patient import Patient
+
+    if fast:
+        return _fast(patient, site=site, institution=institution, goal_list=goal_list,
+                     predictor=predictor, predicted_dose=predicted_dose,
+                     dose_engine=dose_engine, dij=dij, backend=backend, beams=beams,
+                     beam_template=beam_template, refine=refine, progress=progress,
+                     dose_grid_factor=dose_grid_factor, beamlet_size_mm=beamlet_size_mm,
+                     sequence=sequence, machine=machine,
+                     optimizer_options=optimizer_options, spare=spare,
+                     fast_options=fast_options)
+    if spare or fast_options:
+        raise InputError("OAR sparing sliders (spare=) and fast_options need fast=True",
+                         field="--spare" if spare else "fast_options")
+    if dose_grid_factor is None:
+        dose_grid_factor = 2
 
     stages = _Stages(progress, total=8 + (1 if refine else 0))
     t_start = time.perf_counter()
@@ -433,6 +474,25 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
         stages.close()
     out.timings_s["total"] = time.perf_counter() - t_start
     return out
+
+
+def _fast(patient, *, backend, beams, beam_template, refine, sequence, optimizer_options,
+          dose_grid_factor, fast_options, **kw) -> Plan:
+    """plan(fast=True): refuse optimiser-only options, then atp.fastplan.fast_plan."""
+    from atp.fastplan import fast_plan
+
+    odd = [n for n, bad in (("backend", backend != "auto"), ("beams", beams not in (None, 9)),
+                            ("beam_template", beam_template is not None),
+                            ("refine", bool(refine)), ("optimizer_options",
+                                                       bool(optimizer_options)),
+                            ("sequence", sequence not in (True, "vmat"))) if bad]
+    if odd:
+        raise InputError(f"{', '.join(odd)} do(es) not apply to the fast path (one arc, "
+                         "VMAT; see fast_options)", field=odd[0])
+    opts = dict(fast_options or {})
+    if dose_grid_factor is not None:
+        opts.setdefault("dose_grid_factor", dose_grid_factor)
+    return fast_plan(patient, **{**kw, **opts})
 
 
 def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refine, x0,
@@ -508,9 +568,13 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
     }
     timings = dict(stages.timings)
     timings["replan" if own else "optimise_total"] = time.perf_counter() - t0
+    notes = list(notes) + list(problem.notes)
+    if not sequence:
+        notes.append("not sequenced: dose, DVH and goal results are the ideal fluence dose, "
+                     "not a deliverable MLC plan")
     return Plan(patient, list(resolved), results, np.asarray(res.fluence, np.float32), dose,
                 predicted_dose, dij, timings, res.backend, optimizer_info, term_values,
-                settings, list(notes) + list(problem.notes), _versions(res.backend),
+                settings, notes, _versions(res.backend),
                 delivery, fractions, ideal, fid)
 
 

@@ -24,7 +24,7 @@ def cupy_or_none() -> ModuleType | None:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None
         return cupy
-    except Exception:  # no driver, no device: treated as "no GPU"
+    except Exception:  # noqa: BLE001 - no driver, no device: treated as "no GPU"
         return None
 
 

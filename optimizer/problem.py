@@ -125,7 +125,7 @@ class Problem:
                        list(self.bindings), list(self.notes), self.voxel_volume_cc,
                        dict(self.prescriptions))
 
-    def convex_surrogate(self) -> "Problem":
+    def convex_surrogate(self) -> Problem:
         """The convex formulation: every term soft, dose-volume terms replaced by their
         convex surrogates (``dv_min`` -> ``min``, ``dv_max`` -> ``max`` at the same
         reference, same normalisation). Used to compare backends on one function."""

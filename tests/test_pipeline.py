@@ -194,3 +194,28 @@ def test_readme_embedding_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(m.group(1), "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
     assert (tmp_path / "results" / "embedded-plan" / "plan.json").is_file()
+
+
+# --- sequencing is the default ------------------------------------------------------------
+def test_cli_plan_is_sequenced_by_default_and_sequencer_selectable(tmp_path, toy, capsys):
+    dij = _save(toy, tmp_path)
+    common = ["plan", "phantom", "--predictor", "baseline", "--dij", str(dij), "--backend",
+              "cpu", "--max-iter", "60", "--quiet", "--no-report"]
+    rc = main(common + ["--out", str(tmp_path / "default")])
+    assert rc in (0, 3)
+    data = json.loads((tmp_path / "default" / "plan.json").read_text())
+    assert data["delivery"]["technique"] == "imrt-sliding"
+    assert data["fidelity"] is not None
+    rc = main(common + ["--sequencer", "imrt-sns", "--out", str(tmp_path / "sns")])
+    assert rc in (0, 3)
+    data = json.loads((tmp_path / "sns" / "plan.json").read_text())
+    assert data["delivery"]["technique"] == "imrt-sns"
+    rc = main(common + ["--no-sequence", "--out", str(tmp_path / "ideal")])
+    assert rc in (0, 3)
+    data = json.loads((tmp_path / "ideal" / "plan.json").read_text())
+    assert data["delivery"] is None and any("not sequenced" in n for n in data["notes"])
+    capsys.readouterr()
+    rc = main(common + ["--sequencer", "tomotherapy", "--out", str(tmp_path / "bad")])
+    assert rc == 2
+    assert "--sequencer" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -5,6 +5,10 @@ Runs the whole pipeline (predict -> resolve goals -> dose influence -> optimise 
 evaluate) and writes the plan directory atomically (see :mod:`atp.pipeline`). Progress
 goes to stderr (``--quiet`` silences it); ``--json`` prints the plan summary as JSON.
 
+``--fast [--spare OAR=FACTOR ...] [--arc-spacing DEG] [--device auto|cpu|cuda]``: the
+AIRT-style fast path instead of the optimiser (:mod:`atp.commands.fast`,
+:mod:`atp.fastplan`).
+
 Exit codes: 0 plan written and every priority-1 goal met; 3 plan written but some
 priority-1 goals cannot be met (each listed with the amount it misses by); 2 bad input
 or an unavailable backend (e.g. ``--backend gpu`` without a GPU).
@@ -12,9 +16,12 @@ or an unavailable backend (e.g. ``--backend gpu`` without a GPU).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
+from atp.commands.fast import add_fast_arguments, reject_fast_only, run_fast
+from atp.errors import InputError
 
 EXIT_HARD_UNMET = 3
 
@@ -48,16 +55,25 @@ def register(sub) -> None:
     b.add_argument("--beams", type=int, default=None, help="number of equispaced beams "
                                                            "(default: the goal list's, else 9)")
     b.add_argument("--beam-template", default=None, help="named beam arrangement")
-    p.add_argument("--dose-grid-factor", type=int, default=2,
-                   help="dose grid = CT grid downsampled by this factor (default 2)")
+    p.add_argument("--dose-grid-factor", type=int, default=None,
+                   help="dose grid = CT grid downsampled by this factor (default 2; "
+                        "--fast: 3)")
     p.add_argument("--max-iter", type=int, default=None,
                    help="first-order iteration limit per solve")
-    p.add_argument("--sequence", nargs="?", const=True, default=False, metavar="TECHNIQUE",
-                   help="sequence into MLC apertures (imrt-sns | imrt-sliding | vmat; "
-                        "no value: the sequencer's default) and report deliverable dose")
-    p.add_argument("--machine", default="millennium120", help="machine for --sequence")
+    sq = p.add_mutually_exclusive_group()
+    sq.add_argument("--sequencer", default="auto", metavar="NAME",
+                    help="leaf sequencer: imrt-sliding | imrt-sns | vmat | auto (default: "
+                         "sliding window for static beams, vmat for arcs); the plan's dose, "
+                         "DVH and goals are then the deliverable dose of the apertures")
+    sq.add_argument("--sequence", nargs="?", const="auto", dest="sequencer",
+                    metavar="TECHNIQUE", help=argparse.SUPPRESS)
+    sq.add_argument("--no-sequence", action="store_const", const=None, dest="sequencer",
+                    help="skip sequencing: report the ideal fluence dose (not deliverable)")
+    p.add_argument("--machine", default="millennium120",
+                   help="linac/MLC model for sequencing (millennium120 | hd120 | a YAML)")
     add_output_arguments(p)
     add_optimiser_arguments(p)
+    add_fast_arguments(p)
     p.add_argument("--out", required=True, help="plan directory to write")
     p.set_defaults(func=run)
 
@@ -97,11 +113,28 @@ def report(plan, out, args) -> int:
     return EXIT_HARD_UNMET if unmet else 0
 
 
+def sequence_arg(name):
+    """CLI --sequencer value -> pipeline ``sequence=`` (None: no sequencing)."""
+    if name is None:
+        return False
+    if name == "auto":
+        return True
+    from sequencer.registry import names
+
+    if name not in names():
+        raise InputError(f"unknown sequencer '{name}'; installed: "
+                         f"{', '.join(sorted(names()))}, auto", field="--sequencer")
+    return name
+
+
 def run(args) -> int:
     from pathlib import Path
 
     from atp.pipeline import plan as run_plan
 
+    if args.fast:
+        return run_fast(args)
+    reject_fast_only(args)
     patient = load_patient_from_args(args)
     predicted = None
     if args.predicted_dose:
@@ -122,7 +155,8 @@ def run(args) -> int:
                     predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
                     backend=args.backend, beams=args.beams, beam_template=args.beam_template,
                     refine=args.refine or 0, progress=progress_arg(args),
-                    dose_grid_factor=args.dose_grid_factor, sequence=args.sequence,
+                    dose_grid_factor=args.dose_grid_factor,
+                    sequence=sequence_arg(args.sequencer),
                     machine=args.machine, optimizer_options=opts)
     out = Path(args.out)
     plan.save(out, report=not args.no_report, dicom=args.dicom)

@@ -92,7 +92,7 @@ def load_openkbp_npz(path: str | Path) -> Patient:
     try:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
-    except Exception as exc:  # zipfile / value errors
+    except Exception as exc:  # noqa: BLE001 - zipfile / value errors
         raise InputError(f"cannot read OpenKBP npz: {exc}", file=path) from None
     for key in ("ct", "masks", "rois", "voxel_mm"):
         if key not in keys:
@@ -110,7 +110,7 @@ def load_openkbp_npz(path: str | Path) -> Patient:
         ct, voxel = data["ct"], data["voxel_mm"]
     except InputError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any decode error is a corrupt file
         raise InputError(f"corrupt OpenKBP npz: {exc}", file=path) from None
     if dose is not None and not np.all(np.isfinite(dose)):
         raise InputError("dose contains NaN/inf", file=path, field="dose")

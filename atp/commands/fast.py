@@ -1,0 +1,97 @@
+"""``atp plan PATIENT --fast [--spare OAR=FACTOR ...] [--arc-spacing DEG] [--device
+auto|cpu|cuda] --out DIR``: the AIRT-style fast path (see :mod:`atp.fastplan`).
+
+Helpers of ``atp plan`` (not a subcommand of its own): the fast-path flags, their checks
+(bad ``--spare`` -> exit 2 with one line, before any work) and the run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from atp.errors import InputError
+
+# optimiser-only flags of `atp plan` (dest, flag, value when not given)
+_NOT_FAST = (("beams", "--beams", None), ("beam_template", "--beam-template", None),
+             ("refine", "--refine", None), ("max_iter", "--max-iter", None),
+             ("backend", "--backend", "auto"))
+
+
+def add_fast_arguments(p) -> None:
+    p.add_argument("--fast", action="store_true",
+                   help="AIRT-style fast path instead of the optimiser: one full arc, "
+                        "predicted dose -> fluence by differentiable dose feedback, VMAT "
+                        "sequencing (see --spare, --arc-spacing, --device)")
+    p.add_argument("--spare", action="append", default=[], metavar="OAR=FACTOR",
+                   help="--fast: OAR sparing slider, factor in [0, 1): aim the OAR's dose "
+                        "below (1 - FACTOR) x the initial fluence's (repeatable)")
+    p.add_argument("--arc-spacing", type=float, default=None, metavar="DEG",
+                   help="--fast: degrees between arc control points (default 4)")
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda",
+                   help="--fast: torch device (default auto: cuda when available, else "
+                        "cpu; cuda without a GPU is an error)")
+
+
+def reject_fast_only(args) -> None:
+    """Without --fast, the fast-path flags are an input error (not silently ignored)."""
+    for dest, flag in (("spare", "--spare"), ("arc_spacing", "--arc-spacing"),
+                       ("device", "--device")):
+        if getattr(args, dest, None):
+            raise InputError(f"{flag} needs --fast", field=flag)
+
+
+def fast_options(args) -> tuple[dict, dict]:
+    """(spare, fast_options) from the CLI flags; raises InputError on bad input."""
+    from atp.fastplan import parse_spare_args
+
+    for dest, flag, unset in _NOT_FAST:
+        if getattr(args, dest, unset) != unset:
+            raise InputError(f"{flag} does not apply to --fast (one arc; see "
+                             "--arc-spacing)", field=flag)
+    seq = getattr(args, "sequencer", "auto")
+    if seq not in ("auto", "vmat"):
+        raise InputError("--fast always sequences a VMAT arc (--sequencer vmat)",
+                         field="--sequencer")
+    spare = parse_spare_args(args.spare)
+    opts = {"machine": args.machine}
+    if args.arc_spacing is not None:
+        opts["arc_spacing_deg"] = args.arc_spacing
+    if args.dose_grid_factor is not None:
+        opts["dose_grid_factor"] = args.dose_grid_factor
+    if args.device is not None:
+        opts["device"] = args.device
+    return spare, opts
+
+
+def run_fast(args) -> int:
+    from pathlib import Path
+
+    from atp.commands.common import load_patient_from_args
+    from atp.commands.plan import progress_arg, report
+    from atp.fastplan import check_spare, path_message
+    from atp.pipeline import plan as run_plan
+
+    spare, opts = fast_options(args)
+    patient = load_patient_from_args(args)
+    check_spare(spare, patient)
+    predicted = dij = None
+    if args.predicted_dose:
+        from atp.commands.evaluate import load_dose_npy
+
+        predicted = load_dose_npy(args.predicted_dose, patient, what="predicted dose")
+    if args.dij:
+        from atp.dose.influence import DoseInfluence
+
+        dij = DoseInfluence.load(args.dij)
+    site = args.site if args.site or args.goal_list else "hn"
+    plan = run_plan(patient, site=site, institution=args.institution,
+                    goal_list=args.goal_list, predictor=args.predictor,
+                    predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
+                    progress=progress_arg(args), fast=True, spare=spare,
+                    fast_options=opts)
+    stream = sys.stderr if args.json else sys.stdout
+    print(f"fast path: {path_message(plan.settings['initial_fluence_path'])}; device "
+          f"{plan.settings['device']}", file=stream)
+    out = Path(args.out)
+    plan.save(out, report=not args.no_report, dicom=args.dicom)
+    return report(plan, out, args)

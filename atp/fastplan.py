@@ -1,0 +1,369 @@
+"""The AIRT-style fast path as a planning pipeline (top floor, next to ``atp.pipeline``).
+
+``fast_plan(patient, spare={"Parotid_L": 0.1})`` (also ``atp.plan(..., fast=True,
+spare=...)`` and ``atp plan PATIENT --fast --spare Parotid_L=0.1``) runs:
+
+load -> predict (default: the predictor registry's default) -> resolve goals with the
+predicted dose (exactly as :func:`atp.pipeline.plan`) -> arc dose-influence matrix (one
+full arc 180 -> 180 deg clockwise, a control point every ``arc_spacing_deg`` = 4 deg, dose
+grid = CT grid / 3; or a given ``dij=``) -> :class:`optimizer.fastpath.chain.FastPath`
+``prepare()`` (matrix to the torch device, masks, initial fluence) -> ``run(spare)``
+(error map + unrolled correction: fluence in MU per beamlet) -> VMAT leaf sequencing
+(sequencer ``vmat``) -> deliverable dose on the patient grid (Gy) -> goal evaluation ->
+an :class:`atp.pipeline.Plan` (``Plan.save`` writes plan.json, dose.npy, report.html,
+dicom/ ... as for any plan).
+
+Sliders: the plan keeps its prepared ``FastPath`` (``plan.fastpath``, not serialised).
+``plan.respare(spare={"Parotid_L": 0.2})`` (= :func:`respare`) regenerates the whole plan
+(correction, sequencing, deliverable dose, evaluation) for a new slider setting WITHOUT
+re-running the predictor or rebuilding any matrix; ``spare`` is the full setting (OARs
+not named are at 0). A plan read back by ``load_plan`` has no prepared FastPath:
+``respare`` then prepares one from the stored dij and predicted dose (still no
+prediction, no dose engine). Sparing factor s in [0, 1) for an OAR asks its dose below
+(1 - s) x the baseline dose D0 (the dose of the initial fluence); 0 for every OAR is
+exactly the baseline plan.
+
+Torch device: ``device='auto'`` takes CUDA when ``torch.cuda.is_available()`` and says in
+the plan notes when it ran on the CPU; ``device='cuda'`` without CUDA raises
+:class:`~atp.errors.BackendUnavailableError` (no silent fallback); ``'cpu'`` forces CPU.
+
+``plan.json`` settings record ``fast: true``, ``spare``, ``initial_fluence_path``
+('fallback': exact back-projection + dose-mimicking steps, no trained Bev2Fluence weights;
+'network': a trained Bev2Fluence model) and ``device``; ``timings_s`` has one entry per
+module (AIRT table), see :data:`STAGES`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import BackendUnavailableError, GridMismatchError, InputError, StructureError
+
+#: timings_s keys (seconds), in pipeline order. pre-processing: loading the patient and
+#: the goal list, resolving goals (+ control structures), masks onto the dose grid; dose
+#: influence: the arc dij (0 when given); dij to device: CSR matrix + transpose on the
+#: torch device; initial fluence: step size + fallback (or network) initial fluence;
+#: error map + correction: the slider-dependent part; deliverable dose: apertures ->
+#: beamlet weights -> dose on the patient grid; evaluation: ideal dose, fidelity, goals;
+#: export: ``Plan.save`` (recorded when the plan is saved).
+STAGES = ("pre-processing", "dose prediction", "dose influence", "dij to device",
+          "initial fluence", "error map + correction", "sequencing", "deliverable dose",
+          "evaluation", "export")
+
+DEFAULT_ARC_SPACING_DEG = 4.0
+DEFAULT_DOSE_GRID_FACTOR = 3
+FALLBACK_MESSAGE = "initial fluence from the exact fallback (no trained Bev2Fluence weights)"
+NETWORK_MESSAGE = "initial fluence from the trained Bev2Fluence network"
+
+
+# --- inputs ------------------------------------------------------------------------------
+def parse_spare_args(items) -> dict[str, float]:
+    """CLI ``--spare OAR=FACTOR`` items -> {OAR: factor}; range checked by check_spare."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError(f"expected OAR=FACTOR (e.g. Parotid_L=0.1), got '{item}'",
+                             field="--spare")
+        try:
+            factor = float(value)
+        except ValueError:
+            raise InputError(f"sparing factor for {name} must be a number in [0, 1), got "
+                             f"'{value}'", field="--spare") from None
+        if name in out:
+            raise InputError(f"sparing factor for {name} given twice", field="--spare")
+        out[name] = factor
+    return out
+
+
+def check_spare(spare, patient) -> dict[str, float]:
+    """Validated sliders {OAR name: factor in [0, 1)} for ``patient`` (its organs)."""
+    if spare is None:
+        return {}
+    if not hasattr(spare, "items"):
+        raise InputError(f"spare must be a mapping OAR -> factor, got {spare!r}",
+                         field="--spare")
+    out = {}
+    organs = list(patient.organs)
+    for name, value in spare.items():
+        if name not in organs:
+            raise StructureError(f"no OAR '{name}' to spare in this patient; OARs: "
+                                 f"{', '.join(organs) or 'none'}", field="--spare")
+        try:
+            s = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"sparing factor for {name} must be a number in [0, 1), got "
+                             f"{value!r}", field="--spare") from None
+        if not (math.isfinite(s) and 0.0 <= s < 1.0):
+            raise InputError(f"sparing factor for {name} must be in [0, 1), got {value!r}",
+                             field="--spare")
+        out[name] = s
+    return out
+
+
+def resolve_device(device: str | None = "auto") -> tuple[str, str | None]:
+    """(torch device, note or None). 'auto': cuda when available, else cpu (with a note);
+    'cuda' / 'cuda:N' without CUDA raises BackendUnavailableError; 'cpu' forces CPU."""
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailableError("the fast path needs PyTorch (pip install "
+                                      "'atp[ml]')") from None
+    dev = "auto" if device is None else str(device)
+    if dev == "auto":
+        if torch.cuda.is_available():
+            return "cuda", None
+        return "cpu", ("fast path ran on the CPU: torch finds no CUDA device "
+                       "(device 'auto')")
+    if dev == "cpu":
+        return "cpu", None
+    if dev == "cuda" or dev.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"device '{dev}' was asked for the fast path but torch finds no CUDA "
+                "device (torch.cuda.is_available() is False); use --device cpu or auto")
+        return dev, None
+    raise InputError(f"unknown device '{dev}' (auto | cpu | cuda)", field="--device")
+
+
+def path_message(initial_path: str) -> str:
+    """One line saying which initial-fluence path a fast plan used."""
+    return NETWORK_MESSAGE if initial_path == "network" else FALLBACK_MESSAGE
+
+
+# --- the pipeline ------------------------------------------------------------------------
+def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
+              predictor=None, predicted_dose=None, dij=None,
+              dose_engine: str = "pencil-beam", spare=None,
+              arc_start_deg: float = 180.0, arc_stop_deg: float = 180.0,
+              arc_spacing_deg: float = DEFAULT_ARC_SPACING_DEG,
+              dose_grid_factor: int = DEFAULT_DOSE_GRID_FACTOR,
+              beamlet_size_mm: float = 5.0, machine: str = "millennium120",
+              device: str = "auto", progress=True, fastpath_options: dict | None = None):
+    """Fast-path plan of one patient (see the module docstring); returns a Plan.
+
+    patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
+    institution / predictor / predicted_dose (Gy, patient grid): as :func:`atp.plan`.
+    dij: an arc DoseInfluence on the patient's grid (skips the dose engine); else one
+    arc ``arc_start_deg`` -> ``arc_stop_deg`` (deg, clockwise; equal = full arc) with a
+    control point every ``arc_spacing_deg`` deg, dose grid factor ``dose_grid_factor``,
+    ``beamlet_size_mm`` mm beamlets. spare: {OAR: factor in [0, 1)}. machine: the linac
+    for VMAT sequencing. device: 'auto' | 'cpu' | 'cuda'. fastpath_options: passed to
+    FastPath (``lam_hot``, ``lam_cold``, ``init_steps``, ``correction_steps``,
+    ``initial_fluence_fn``).
+    """
+    from atp.goals import load_goal_list, resolve_goals, with_control_structures
+    from atp.patient import Patient
+    from atp.pipeline import _Stages
+
+    t_start = time.perf_counter()
+    dev, device_note = resolve_device(device)  # fail before any work
+    from optimizer.fastpath.chain import FastPath
+
+    timings = {s: 0.0 for s in STAGES if s != "export"}
+    stages = _Stages(progress, total=9)
+    try:
+        t0 = time.perf_counter()
+        if not isinstance(patient, Patient):
+            from atp.io import load_patient
+
+            patient = stages.run("load patient", load_patient, patient)
+        if goal_list is None:
+            gl = load_goal_list(site=site, institution=institution)
+        elif isinstance(goal_list, (str, Path)):
+            gl = load_goal_list(path=goal_list, institution=institution)
+        else:
+            gl = goal_list
+        sparing = check_spare(spare, patient)
+        timings["pre-processing"] += time.perf_counter() - t0
+        # prediction
+        if predicted_dose is None:
+            from predictor import registry as predictors
+
+            pred = predictors.get(predictor or predictors.default_predictor_name())
+            predictor_name = getattr(pred, "name", str(predictor))
+            t0 = time.perf_counter()
+            predicted_dose = stages.run("dose prediction", pred.predict, patient)
+            timings["dose prediction"] = time.perf_counter() - t0
+        else:
+            predictor_name = "given"
+        predicted_dose = np.asarray(predicted_dose, dtype=np.float32)
+        patient.grid.check_array(predicted_dose, field="predicted_dose")
+        t0 = time.perf_counter()
+        resolved = stages.run("resolve goals", resolve_goals, gl, patient, predicted_dose)
+        resolve_notes = [f"skipped {s['id']}: {s['reason']}"
+                         for s in getattr(resolved, "skipped", [])]
+        patient_c = with_control_structures(patient, resolved)
+        timings["pre-processing"] += time.perf_counter() - t0
+        # arc dose influence
+        arc = None
+        if dij is None:
+            from atp.dose import arc as arcs
+            from atp.dose.geometry import arc_control_points
+
+            cps = arc_control_points(float(arc_start_deg) % 360.0,
+                                     float(arc_stop_deg) % 360.0, float(arc_spacing_deg))
+            arc = {"start_deg": float(arc_start_deg), "stop_deg": float(arc_stop_deg),
+                   "spacing_deg": float(arc_spacing_deg), "control_points": len(cps),
+                   "direction": "cw"}
+            t0 = time.perf_counter()
+            dij = stages.run("dose influence", arcs.arc_influence, patient, cps,
+                             engine=dose_engine, dose_grid_factor=int(dose_grid_factor),
+                             beamlet_size_mm=beamlet_size_mm)
+            timings["dose influence"] = time.perf_counter() - t0
+            engine_name = dose_engine
+        else:
+            if not dij.patient_grid.same_as(patient.grid):
+                raise GridMismatchError("the given dose-influence matrix was computed for "
+                                        "another patient grid", field="dij")
+            engine_name = "given"
+        from atp.dose.resample import downsample_factor
+
+        opts = dict(fastpath_options or {})
+        fp = FastPath(patient_c, dij, predicted_dose, device=dev, **opts)
+        stages.run("prepare fast path", fp.prepare)
+        timings["dij to device"] = fp.timings_s["dij_to_device"]
+        timings["pre-processing"] += fp.timings_s["masks_to_dose_grid"]
+        timings["initial fluence"] = (fp.timings_s["step_size"]
+                                      + fp.timings_s["initial_fluence"])
+        pw = getattr(gl, "priority_weights", None)
+        settings = {
+            "fast": True, "site": getattr(gl, "site", site),
+            "institution": None if institution is None else str(institution),
+            "predictor": predictor_name, "dose_engine": engine_name, "arc": arc,
+            "dose_grid_factor": downsample_factor(dij.patient_grid, dij.dose_grid),
+            "beamlet_size_mm": beamlet_size_mm, "spare": sparing,
+            "initial_fluence_path": fp.initial_path, "device": str(fp.device),
+            "device_requested": "auto" if device is None else str(device),
+            "fastpath_options": _jsonable_options(opts, fp),
+            "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
+            "resolve_notes": resolve_notes, "sequence": "vmat", "machine": machine,
+            "backend_requested": "auto", "refine": 0, "optimizer_options": {},
+        }
+        notes = list(resolve_notes)
+        if device_note:
+            notes.append(device_note)
+        notes.append("fast path: " + path_message(fp.initial_path))
+        out = _finish(fp, list(resolved), sparing, settings, notes, timings, stages)
+    finally:
+        stages.close()
+    out.timings_s["total"] = time.perf_counter() - t_start
+    return out
+
+
+def respare(plan, spare=None, *, progress=False):
+    """A new Plan for a new slider setting (see the module docstring).
+
+    Reuses ``plan.fastpath`` (prepared matrices, masks, initial fluence, baseline dose);
+    never runs the predictor or the dose engine. ``spare``: the full slider setting.
+    """
+    if not plan.settings.get("fast"):
+        raise InputError("respare needs a fast-path plan (atp.plan(..., fast=True))",
+                         field="spare")
+    t_start = time.perf_counter()
+    sparing = check_spare(spare, plan.patient)
+    timings = {s: 0.0 for s in ("error map + correction", "sequencing", "deliverable dose",
+                                "evaluation")}
+    fp = plan.fastpath
+    notes = [n for n in plan.notes if not n.startswith("respare:")]
+    if fp is None:  # a plan read back from disk: prepare from the stored dij + prediction
+        from optimizer.fastpath.chain import FastPath
+
+        if plan.predicted_dose_gy is None:
+            raise InputError("this plan has no predicted dose to respare from",
+                             field="predicted_dose")
+        if plan.settings.get("initial_fluence_path") == "network":  # no silent fallback
+            raise InputError("this plan's initial fluence came from a Bev2Fluence network, "
+                             "which a plan directory does not store; plan again with "
+                             "fast=True and the network", field="initial_fluence_path")
+        dev, _ = resolve_device(plan.settings.get("device_requested", "auto"))
+        opts = {k: v for k, v in (plan.settings.get("fastpath_options") or {}).items()
+                if k in ("lam_hot", "lam_cold", "init_steps", "correction_steps")}
+        fp = FastPath(plan.patient, plan.dij, plan.predicted_dose_gy, device=dev,
+                      **opts).prepare()
+        timings["dij to device"] = fp.timings_s["dij_to_device"]
+        timings["initial fluence"] = (fp.timings_s["step_size"]
+                                      + fp.timings_s["initial_fluence"])
+        notes.append("respare: fast path prepared again from the stored dij and predicted "
+                     "dose (no prediction, no dose engine)")
+    settings = dict(plan.settings)
+    settings["spare"] = sparing
+    settings["respare_of"] = {"spare": dict(plan.settings.get("spare") or {})}
+    stages = _respare_stages(progress)
+    try:
+        out = _finish(fp, list(plan.resolved_goals), sparing, settings, notes, timings,
+                      stages)
+    finally:
+        stages.close()
+    out.timings_s["total"] = time.perf_counter() - t_start
+    return out
+
+
+# --- shared tail -------------------------------------------------------------------------
+def _respare_stages(progress):
+    from atp.pipeline import _Stages
+
+    return _Stages(progress, total=4)
+
+
+def _jsonable_options(opts: dict, fp) -> dict:
+    out = {"lam_hot": fp.lam_hot, "lam_cold": fp.lam_cold, "init_steps": fp.init_steps,
+           "correction_steps": fp.correction_steps}
+    fn = opts.get("initial_fluence_fn")
+    if fn is not None:
+        out["initial_fluence_fn"] = getattr(fn, "__qualname__", type(fn).__name__)
+    return out
+
+
+def _timed(stages, timings, key, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = stages.run(key, fn, *args, **kwargs)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def _finish(fp, resolved, sparing, settings, notes, timings, stages):
+    """FastPath.run -> VMAT sequencing -> deliverable dose -> evaluation -> Plan."""
+    import sequencer
+    from atp.dose.resample import dose_to_patient_grid
+    from atp.goals import evaluate_goals
+    from atp.pipeline import Plan, _versions
+    from sequencer.fidelity import fidelity
+
+    patient, dij = fp.patient, fp.dij
+    res = _timed(stages, timings, "error map + correction", fp.run, sparing)
+    machine = settings.get("machine", "millennium120")
+    delivery = _timed(stages, timings, "sequencing", sequencer.sequence, res.fluence_mu,
+                      dij, "vmat", machine=machine, fractions=patient.fractions)
+
+    def on_patient_grid(d):
+        if dij.dose_grid.same_as(dij.patient_grid):
+            return np.asarray(d, dtype=np.float32)
+        return np.asarray(dose_to_patient_grid(d, dij.dose_grid, dij.patient_grid),
+                          dtype=np.float32)
+
+    dose = _timed(stages, timings, "deliverable dose",
+                  lambda: on_patient_grid(sequencer.deliverable_dose(delivery, dij)))
+
+    def evaluate():
+        ideal = on_patient_grid(res.dose_grid_dose_gy)
+        masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
+        fid = fidelity(ideal, dose, patient.grid.spacing_mm, masks)
+        return ideal, fid, evaluate_goals(resolved, patient, dose)
+
+    ideal, fid, results = _timed(stages, timings, "evaluation", evaluate)
+    optimizer_info = {
+        "method": "fastpath", "initial_path": res.initial_path,
+        "objective": res.objective, "sparing": dict(res.sparing),
+        "n_beamlets": int(dij.n_beamlets), "device": str(fp.device),
+        "timings_s": {**fp.timings_s, **res.timings_s},
+    }
+    return Plan(patient, resolved, results, np.asarray(res.fluence_mu, np.float32), dose,
+                fp.predicted_dose_gy, dij, timings, f"fastpath-{fp.device.type}",
+                optimizer_info, {}, settings, list(notes), _versions("fastpath"),
+                delivery, None, ideal, fid, fastpath=fp)

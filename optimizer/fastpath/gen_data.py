@@ -1,0 +1,198 @@
+"""Training data for Bev2Fluence: BEV inputs + optimised fluence maps, one npz per patient.
+
+    python -m optimizer.fastpath.gen_data --data ../shared/data/openkbp --split train \\
+        --out DIR [--limit N] [--arc-spacing 6] [--dose-grid-factor 3] [--max-iter 300]
+
+Per patient: load, predict the dose (``--predictor``, default "baseline"), build the dij
+of one full arc (one control point per ``--arc-spacing`` deg, coarse dose grid), run the
+full optimiser pipeline (cpu backend, no sequencing) for the target fluence (MU), and
+compute the BEV inputs exactly as the fast path does at inference
+(:func:`optimizer.fastpath.bev2fluence.bev_features`). Saved per patient (compressed):
+
+  inputs       float32 (n_cp, n_channels, n_v, n_u)   network input (see ``channels``)
+  target_mu    float32 (n_cp, n_v, n_u)   optimised fluence, MU (0 where no beamlet)
+  mask         bool    (n_cp, n_v, n_u)   True where a beamlet exists
+  gantry_deg   float64 (n_cp,)
+  u_mm, v_mm   float64 BEV pixel centres at the isocentre plane (mm)
+  channels     str     the input channel names;  meta_json  str  (ids, settings, timings)
+
+Resumable (patients whose file exists are skipped); each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+
+class _ScipyTranspose:
+    """``transpose_apply(g) = A.T @ g`` with scipy (no torch CSR copy of A to build)."""
+
+    def __init__(self, matrix) -> None:
+        self.a_t = matrix.T.tocsr()
+
+    def transpose_apply(self, g):
+        import torch
+
+        return torch.from_numpy(np.asarray(self.a_t @ g.cpu().numpy(), dtype=np.float32))
+
+
+def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
+    """What :func:`~optimizer.fastpath.bev2fluence.bev_features` reads from a prepared
+    FastPath (pred, rx, oar_w, mimic_w on the dose grid, ``op.transpose_apply``), built
+    the same way (tests check equality) but without FastPath's step-size estimate and
+    torch copy of A, which the features do not need (about half of the per-patient
+    feature time)."""
+    import torch
+
+    from atp.dose.resample import mask_to_dose_grid
+
+    def on_grid(a):
+        arr = mask_to_dose_grid(np.asarray(a, np.float32), patient.grid, dij.dose_grid)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
+
+    body = on_grid(patient.body_mask)
+    rx = np.zeros(dij.dose_grid.n_voxels, dtype=np.float32)
+    for presc in sorted(patient.prescriptions, key=lambda r: r.dose_gy):
+        frac = on_grid(patient.mask(presc.target)).numpy()
+        rx[frac > 0.5] = presc.dose_gy
+    rx_t = torch.from_numpy(rx)
+    oar_w = {n: on_grid(patient.mask(n)) for n in patient.organs}
+    mimic_w = body.clone()
+    for w in oar_w.values():
+        mimic_w = mimic_w + w
+    mimic_w = mimic_w + 4.0 * (rx_t > 0).to(torch.float32)
+    return SimpleNamespace(dij=dij, pred=on_grid(predicted_dose_gy), rx=rx_t, oar_w=oar_w,
+                           mimic_w=mimic_w, op=_ScipyTranspose(dij.matrix),
+                           device=torch.device("cpu"))
+
+
+def patient_record(patient, dij, predicted_dose_gy, target_fluence_mu) -> dict:
+    """The arrays saved for one patient (see module docstring), given the target fluence."""
+    from optimizer.fastpath.bev2fluence import FEATURE_CHANNELS, FEATURE_VERSION, bev_features
+
+    feats, layout = bev_features(dose_grid_inputs(patient, dij, predicted_dose_gy))
+    target = np.asarray(target_fluence_mu, dtype=np.float32).reshape(-1)
+    return {"inputs": feats.cpu().numpy().astype(np.float32),
+            "target_mu": layout.scatter(target), "mask": layout.mask(),
+            "gantry_deg": dij.beamlets.gantry_deg, "u_mm": layout.u_mm,
+            "v_mm": layout.v_mm, "channels": np.array(FEATURE_CHANNELS),
+            "feature_version": np.array(FEATURE_VERSION)}
+
+
+def save_record(path: Path, record: dict, meta: dict) -> None:
+    """Compressed npz, written to a temp file in the same folder then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, meta_json=np.array(json.dumps(meta, default=str)), **record)
+    os.replace(tmp, path)
+
+
+def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
+    """Record and metadata of one OpenKBP patient (timings in seconds)."""
+    from atp.dose.arc import ARC_THRESHOLD, arc_influence
+    from atp.dose.geometry import arc_control_points
+    from atp.io import load_patient
+    from atp.pipeline import plan
+
+    t = {}
+    t0 = time.perf_counter()
+    patient = load_patient(path)
+    pred = predictor.predict(patient)
+    t1 = time.perf_counter()
+    t["load_predict"] = t1 - t0
+    cps = arc_control_points(args.arc_start, args.arc_start, args.arc_spacing)
+    dij = arc_influence(patient, cps, dose_grid_factor=args.dose_grid_factor,
+                        threshold=ARC_THRESHOLD)
+    t2 = time.perf_counter()
+    t["dij"] = t2 - t1
+    pl = plan(patient, site=args.site, predicted_dose=pred, dij=dij, backend="cpu",
+              sequence=False, progress=False, optimizer_options={"max_iter": args.max_iter})
+    t3 = time.perf_counter()
+    t["plan"] = t3 - t2
+    record = patient_record(patient, dij, pred, pl.fluence)
+    t["features"] = time.perf_counter() - t3
+    s = pl.summary()
+    meta = {"patient_id": patient.patient_id, "source": str(path), "split": args.split,
+            "predictor": args.predictor, "site": args.site, "arc_start_deg": args.arc_start,
+            "arc_spacing_deg": args.arc_spacing, "control_points": len(cps),
+            "dose_grid_factor": args.dose_grid_factor, "threshold": ARC_THRESHOLD,
+            "n_beamlets": dij.n_beamlets, "dose_grid_shape": list(dij.dose_grid.shape),
+            "max_iter": args.max_iter, "optimizer_status": pl.optimizer.get("status"),
+            "optimizer_iterations": pl.optimizer.get("iterations"),
+            "optimizer_objective": pl.optimizer.get("objective"),
+            "goals_passed": s["goals_passed"], "goals_total": s["goals_total"],
+            "timings_s": t}
+    return record, meta
+
+
+def _patient_key(p: Path):
+    m = re.search(r"(\d+)", p.stem)
+    return (int(m.group(1)) if m else 0, p.stem)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.gen_data",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="OpenKBP root (with train/, validation/)")
+    ap.add_argument("--split", default="train", choices=("train", "validation"))
+    ap.add_argument("--out", required=True, help="output folder (one npz per patient)")
+    ap.add_argument("--limit", type=int, default=None, help="first N patients (by id)")
+    ap.add_argument("--arc-start", type=float, default=180.0, help="arc start, deg (180)")
+    ap.add_argument("--arc-spacing", type=float, default=6.0,
+                    help="control-point spacing of the full arc, deg (6)")
+    ap.add_argument("--dose-grid-factor", type=int, default=3, help="dij dose grid (3)")
+    ap.add_argument("--max-iter", type=int, default=300, help="optimiser iterations (300)")
+    ap.add_argument("--predictor", default="baseline")
+    ap.add_argument("--site", default="hn")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from predictor import registry as predictors
+
+    torch.set_num_threads(args.threads)
+    src = sorted(Path(args.data, args.split).glob("*.npz"), key=_patient_key)
+    if args.limit is not None:
+        src = src[:args.limit]
+    out = Path(args.out)
+    predictor = predictors.get(args.predictor)
+    done = failed = 0
+    t_all = time.perf_counter()
+    for i, path in enumerate(src, 1):
+        dest = out / f"{path.stem}.npz"
+        if dest.exists():
+            print(f"[{i}/{len(src)}] {path.stem}: exists, skipped", flush=True)
+            continue
+        t0 = time.perf_counter()
+        try:
+            record, meta = generate_one(path, args, predictor)
+        except Exception as exc:  # noqa: BLE001 - keep going; retried on the next run
+            failed += 1
+            print(f"[{i}/{len(src)}] {path.stem}: FAILED {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            continue
+        save_record(dest, record, meta)
+        done += 1
+        tm = meta["timings_s"]
+        print(f"[{i}/{len(src)}] {path.stem}: {time.perf_counter() - t0:.1f} s "
+              f"(dij {tm['dij']:.1f}, plan {tm['plan']:.1f}, features {tm['features']:.1f}; "
+              f"{meta['n_beamlets']} beamlets, goals {meta['goals_passed']}/"
+              f"{meta['goals_total']}) -> {dest}", flush=True)
+    print(f"done: {done} written, {failed} failed, {len(src) - done - failed} skipped, "
+          f"{time.perf_counter() - t_all:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""The AIRT-style fast path as a pipeline (atp.fastplan, atp.plan(fast=True), atp plan
+--fast) on the embedded phantom: one coarse full arc (10 deg control points, the widest
+spacing the VMAT sequencer still groups into one arc), dose grid factor 3, baseline
+predictor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import atp
+from atp.cli import main
+from atp.errors import BackendUnavailableError, InputError, StructureError
+from atp.fastplan import STAGES
+
+torch = pytest.importorskip("torch")
+
+ARC = {"arc_spacing_deg": 10.0, "dose_grid_factor": 3}
+
+
+class CountingPredictor:
+    """The baseline predictor, counting its calls."""
+
+    name = "counting-baseline"
+
+    def __init__(self):
+        from predictor import registry
+
+        self._inner = registry.get("baseline")
+        self.calls = 0
+
+    def predict(self, patient):
+        self.calls += 1
+        return self._inner.predict(patient)
+
+
+@pytest.fixture(scope="module")
+def counter():
+    return CountingPredictor()
+
+
+@pytest.fixture(scope="module")
+def base(phantom, counter):
+    """Zero-sparing fast plan (spare={}) on the CPU."""
+    return atp.plan(phantom, predictor=counter, fast=True, spare={}, progress=False,
+                    fast_options=dict(ARC, device="cpu"))
+
+
+def _mean(dose, patient, name):
+    return float(dose[patient.mask(name)].mean())
+
+
+def test_fast_plan_is_a_sequenced_vmat_plan_with_deliverable_dose(base, phantom, tmp_path):
+    import sequencer
+    from atp.dose.resample import dose_to_patient_grid
+
+    assert isinstance(base, atp.Plan)
+    assert base.delivery is not None and base.delivery.technique == "vmat"
+    assert base.dij.meta["arc"] is True and base.dij.meta["control_points"] == 36
+    # the plan's dose is the deliverable dose of the apertures, not the ideal fluence dose
+    d = sequencer.deliverable_dose(base.delivery, base.dij)
+    d = dose_to_patient_grid(d, base.dij.dose_grid, base.dij.patient_grid)
+    np.testing.assert_array_equal(base.dose_gy, np.asarray(d, np.float32))
+    assert not np.array_equal(base.dose_gy, base.ideal_dose_gy)
+    assert base.fidelity is not None and np.all(base.fluence >= 0)
+    assert base.settings["fast"] is True and base.settings["spare"] == {}
+    assert base.settings["initial_fluence_path"] == "fallback"
+    assert base.settings["device"] == "cpu"
+    assert all(s in base.timings_s for s in STAGES if s != "export")
+    # the plan is a real dose: the primary target gets most of its prescription
+    assert _mean(base.dose_gy, phantom, "PTV_70") > 0.85 * 70
+    out = base.save(tmp_path / "fast", report=False)
+    data = json.loads((out / "plan.json").read_text())
+    assert data["settings"]["fast"] is True
+    assert data["settings"]["initial_fluence_path"] == "fallback"
+    assert data["delivery"]["technique"] == "vmat"
+    assert set(STAGES) <= set(data["timings_s"])
+    for f in ("dose.npy", "predicted_dose.npy", "fluence.npz", "dij.npz", "ideal_dose.npy"):
+        assert (out / f).is_file()
+    np.testing.assert_array_equal(np.load(out / "dose.npy"), base.dose_gy)
+    # a plan read back has no prepared fast path: respare prepares one from the stored
+    # dij and predicted dose (no predictor, no dose engine) and gives the same plan
+    loaded = atp.load_plan(out, patient=phantom)
+    assert loaded.fastpath is None and loaded.settings["fast"] is True
+    again = loaded.respare({})
+    np.testing.assert_allclose(again.fluence, base.fluence, rtol=1e-5,
+                               atol=1e-6 * float(base.fluence.max()))
+    assert any("prepared again" in n for n in again.notes)
+
+
+def test_zero_sparing_equals_the_baseline_run_exactly(base, phantom):
+    again = atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij,
+                     fast=True, spare={"Parotid_L": 0.0}, progress=False,
+                     fast_options={"device": "cpu"})
+    assert again.settings["spare"] == {"Parotid_L": 0.0}
+    np.testing.assert_array_equal(again.fluence, base.fluence)
+    np.testing.assert_array_equal(again.dose_gy, base.dose_gy)
+    slid = base.respare({"Parotid_L": 0.0, "Parotid_R": 0.0})
+    np.testing.assert_array_equal(slid.fluence, base.fluence)
+    np.testing.assert_array_equal(slid.dose_gy, base.dose_gy)
+
+
+def test_raising_a_sparing_factor_lowers_that_oars_mean_dose(base, phantom):
+    spared = base.respare({"Parotid_L": 0.2})
+    for attr in ("ideal_dose_gy", "dose_gy"):  # fluence dose and deliverable dose
+        before = _mean(getattr(base, attr), phantom, "Parotid_L")
+        after = _mean(getattr(spared, attr), phantom, "Parotid_L")
+        assert after < before - 1.0, (attr, before, after)
+    assert spared.settings["spare"] == {"Parotid_L": 0.2}
+    assert spared.settings["respare_of"] == {"spare": {}}
+
+
+def test_respare_reuses_prediction_and_matrices(base, counter, monkeypatch):
+    from atp.dose import arc
+    from optimizer.fastpath.chain import FastPath
+
+    assert counter.calls == 1
+
+    def forbidden(*a, **k):
+        raise AssertionError("respare must not rebuild the dij or re-prepare")
+
+    monkeypatch.setattr(arc, "arc_influence", forbidden)
+    monkeypatch.setattr(FastPath, "prepare", forbidden)
+    new = base.respare(spare={"Parotid_R": 0.1})
+    assert counter.calls == 1
+    assert new.dij is base.dij and new.fastpath is base.fastpath
+    assert new.predicted_dose_gy is base.predicted_dose_gy
+    assert "dose prediction" not in new.timings_s and "dose influence" not in new.timings_s
+
+
+def test_bad_sliders_are_input_errors(base, phantom):
+    with pytest.raises(InputError, match="--spare.*\\[0, 1\\)"):
+        base.respare({"Parotid_L": 1.0})
+    with pytest.raises(InputError, match="\\[0, 1\\)"):
+        base.respare({"Parotid_L": -0.1})
+    with pytest.raises(StructureError, match="--spare.*Nonexistent"):
+        base.respare({"Nonexistent": 0.1})
+    with pytest.raises(StructureError, match="PTV_70"):  # a target is not an OAR
+        atp.plan(phantom, predictor="baseline", fast=True, spare={"PTV_70": 0.1},
+                 progress=False)
+    with pytest.raises(InputError, match="fast=True"):
+        atp.plan(phantom, predictor="baseline", spare={"Parotid_L": 0.1}, progress=False)
+
+
+def test_device_choice_is_explicit():
+    from atp.fastplan import resolve_device
+
+    assert resolve_device("cpu") == ("cpu", None)
+    with pytest.raises(InputError, match="--device"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto") == ("cuda", None)
+    else:
+        dev, note = resolve_device("auto")
+        assert dev == "cpu" and "CPU" in note
+        with pytest.raises(BackendUnavailableError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_initial_fluence_path_is_noted(base):
+    assert any(n.startswith("fast path: initial fluence from the exact fallback")
+               for n in base.notes)
+
+
+# --- CLI -------------------------------------------------------------------------------
+def test_cli_plan_fast(tmp_path, capsys):
+    out = tmp_path / "fast"
+    rc = main(["plan", "phantom", "--fast", "--predictor", "baseline", "--spare",
+               "Parotid_L=0.1", "--arc-spacing", "10", "--quiet",
+               "--no-report", "--out", str(out)])
+    assert rc in (0, 3)
+    stdout = capsys.readouterr().out
+    assert "fast path: initial fluence from the exact fallback" in stdout
+    data = json.loads((out / "plan.json").read_text())
+    assert data["settings"]["fast"] is True
+    assert data["settings"]["spare"] == {"Parotid_L": 0.1}
+    assert data["settings"]["arc"]["spacing_deg"] == 10.0
+    assert (rc == 3) == bool(data["summary"]["hard_unmet"])
+    if not torch.cuda.is_available():  # --device auto on a CPU-only machine says so
+        assert data["settings"]["device"] == "cpu"
+        assert any("ran on the CPU" in n for n in data["notes"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fast", "--spare", "Nonexistent=0.1"], "Nonexistent"),
+    (["--fast", "--spare", "Parotid_L=1.5"], "[0, 1)"),
+    (["--fast", "--spare", "Parotid_L"], "OAR=FACTOR"),
+    (["--fast", "--spare", "Parotid_L=0.1", "--spare", "Parotid_L=0.2"], "twice"),
+    (["--spare", "Parotid_L=0.1"], "needs --fast"),
+    (["--fast", "--beams", "5"], "--beams"),
+    (["--fast", "--sequencer", "imrt-sns"], "VMAT"),
+])
+def test_cli_bad_fast_input_is_exit_2_without_output(tmp_path, capsys, args, message):
+    out = tmp_path / "x"
+    rc = main(["plan", "phantom", "--predictor", "baseline", "--quiet", *args,
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+# --- GPU -------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cpu_and_cuda_fast_paths_agree(base, phantom):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu = atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij, fast=True,
+                   progress=False, fast_options={"device": "cuda"})
+    assert gpu.settings["device"].startswith("cuda") and gpu.backend == "fastpath-cuda"
+    peak = float(base.ideal_dose_gy.max())
+    assert float(np.abs(gpu.ideal_dose_gy - base.ideal_dose_gy).max()) < 1e-3 * peak
+    np.testing.assert_allclose(gpu.fluence, base.fluence, rtol=1e-2,
+                               atol=1e-3 * float(base.fluence.max()))
+    for name in ("PTV_70", "Parotid_L", "SpinalCord"):
+        assert _mean(gpu.dose_gy, phantom, name) == pytest.approx(
+            _mean(base.dose_gy, phantom, name), rel=1e-2, abs=0.1)
+
+
+@pytest.mark.slow
+def test_readme_fastpath_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"<!-- fastpath-example -->\s*```python\n(.*?)```", readme, re.DOTALL)
+    assert m, "README lacks the fast-path example block"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(m.group(1), "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
+    data = json.loads((tmp_path / "results" / "fast-plan" / "plan.json").read_text())
+    assert data["settings"]["spare"] == {"Parotid_L": 0.3}
