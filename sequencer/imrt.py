@@ -46,6 +46,42 @@ def xia_verhey_segments(levels: np.ndarray):
     return segments
 
 
+def split_for_bank_span(segs, x_edges_mm: np.ndarray, machine: Machine):
+    """Split segments whose open leaves cannot be reached with one carriage position.
+
+    A segment whose physical leaf tips of one bank lie further apart than the machine's
+    ``max_leaf_span_mm`` (e.g. a 16 cm wide field with openings at both ends) is split into
+    segments of the same weight, each opening a subset of its leaf pairs (greedy, pairs in
+    order of their bank-A tip) whose tips fit within the span. The weighted sum of the
+    segment masks is unchanged, so the delivered fluence is the same.
+    """
+    limit = machine.max_leaf_span_mm - 1.0  # the 1 mm parking margin of park_closed
+    out = []
+    for weight, rows in segs:
+        idx = [p for p, r in enumerate(rows) if r is not None]
+        if len(idx) < 2:
+            out.append((weight, rows))
+            continue
+        left = np.array([x_edges_mm[rows[p][0]] for p in idx])
+        right = np.array([x_edges_mm[rows[p][1]] for p in idx])
+        a, b = physical_tips(left, right, np.ones(len(idx), bool), machine)
+        if np.ptp(a) <= limit and np.ptp(b) <= limit:
+            out.append((weight, rows))
+            continue
+        groups, cur = [], []
+        for k in np.argsort(a, kind="stable"):
+            trial = cur + [k]
+            if cur and (np.ptp(a[trial]) > limit or np.ptp(b[trial]) > limit):
+                groups.append(cur)
+                trial = [k]
+            cur = trial
+        groups.append(cur)
+        for g in groups:
+            keep = {idx[k] for k in g}
+            out.append((weight, [r if p in keep else None for p, r in enumerate(rows)]))
+    return out
+
+
 def _static_beam(bf: BeamFluence, machine: Machine, segs, unit_mu: float, name: str):
     edges = bf.x_edges_mm
     n_pairs = bf.fluence_mu.shape[0]
@@ -87,6 +123,7 @@ def sequence_step_and_shoot(fluence: FluenceSet, machine: Machine, *, levels: in
         else:
             unit = fmax / levels
             segs = xia_verhey_segments(np.rint(bf.fluence_mu / unit).astype(np.int64))
+            segs = split_for_bank_span(segs, bf.x_edges_mm, machine)
         if not segs:  # an empty field: one closed segment, zero MU
             segs = [(0, [None] * bf.fluence_mu.shape[0])]
         beams.append(_static_beam(bf, machine, segs, unit, name))
