@@ -297,6 +297,8 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         state.update(ck["state"])
+        if state["done"] and state["bad_epochs"] < cfg.patience:
+            state["done"] = False  # early-stopped, resumed with a larger --patience
         log(f"resumed at epoch {state['epoch']} step {state['step_in_epoch']}")
     swap = lr_swap_permutation(cfg.encoding)
 

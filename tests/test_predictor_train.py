@@ -50,6 +50,20 @@ def test_resume_continues_exactly(phantom, tmp_path):
               log=lambda *_: None)
 
 
+def test_early_stopped_run_resumes_with_more_patience(phantom, tmp_path):
+    data = _data(phantom)
+    frozen = {"lr": 0.0, "min_lr": 0.0, "epochs": 4}  # no learning: val loss never improves
+
+    def run(patience, resume):
+        return train(_cfg(patience=patience, **frozen), data, data, tmp_path / "r",
+                     resume=resume, progress=False, log=lambda *_: None)
+
+    first = run(1, False)
+    assert first["stopped"] == "early stopping" and first["epochs_completed"] == 2
+    assert run(1, True)["epochs_completed"] == 2  # same patience: stays stopped
+    assert run(5, True)["epochs_completed"] == 4  # more patience: continues
+
+
 def test_best_checkpoint_is_a_predictor(phantom, tmp_path):
     data = _data(phantom)
     res = train(_cfg(), data, data, tmp_path, progress=False, log=lambda *_: None)
