@@ -79,3 +79,24 @@ def park_closed(a, b, jaw_x1_mm, machine: Machine):
     b[closed] = b_park
     a[closed] = b_park - m.min_leaf_gap_mm
     return a, b
+
+
+def limit_bank_span(a, b, open_mask, machine: Machine):
+    """Narrow apertures whose open tips of one bank lie further apart than the bank span.
+
+    a, b: physical tips (..., n_pairs) mm; open_mask: (..., n_pairs). One carriage position
+    cannot reach tips more than ``max_leaf_span_mm`` apart (less the 1 mm parking margin),
+    so bank A tips are moved right up to ``max(a) - span`` and bank B tips left down to
+    ``min(b) + span`` (the aperture loses its far ends); pairs left without the minimum
+    gap are closed. Returns (a, b, open_mask); the deliverable dose is computed from these
+    apertures, so nothing is hidden. Apertures within the span are returned unchanged.
+    """
+    span = machine.max_leaf_span_mm - 1.0
+    op = np.asarray(open_mask, dtype=bool)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a_lim = np.max(np.where(op, a, -np.inf), axis=-1, keepdims=True) - span
+    b_lim = np.min(np.where(op, b, np.inf), axis=-1, keepdims=True) + span
+    a = np.where(op, np.maximum(a, a_lim), a)
+    b = np.where(op, np.minimum(b, b_lim), b)
+    return a, b, op & (b - a >= machine.min_leaf_gap_mm - 1e-9)

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 from sequencer.apertures import jaws_around, park_closed, physical_tips
@@ -118,10 +120,10 @@ def sequence_step_and_shoot(fluence: FluenceSet, machine: Machine, *, levels: in
     for i, bf in enumerate(fluence.beams):
         fmax = float(bf.fluence_mu.max())
         name = f"IMRT{i + 1:02d}_G{bf.gantry_deg:03.0f}"
-        if fmax <= 0:
+        unit = fmax / levels
+        if not unit > 0:  # empty field (or a fluence so small its level unit underflows)
             segs, unit = [], 0.0
         else:
-            unit = fmax / levels
             segs = xia_verhey_segments(np.rint(bf.fluence_mu / unit).astype(np.int64))
             segs = split_for_bank_span(segs, bf.x_edges_mm, machine)
         if not segs:  # an empty field: one closed segment, zero MU
@@ -148,64 +150,96 @@ def _sweep_row(profile: np.ndarray, width_mm: np.ndarray, speed: float):
     return ta, tb
 
 
+def split_columns(f: np.ndarray, x_edges_mm: np.ndarray, machine: Machine) -> list[slice]:
+    """Column ranges of a fluence map (n_pairs, n_x), each narrow enough for one carriage.
+
+    A field whose fluence spans more than the bank span (less the DLG and a 1 mm
+    margin) is delivered as split fields, as clinical systems do: contiguous, equal-width
+    column blocks between the first and last non-zero column. One slice when it fits.
+    """
+    cols = np.flatnonzero((f > 0).any(axis=0))
+    if cols.size == 0:
+        return [slice(0, f.shape[1])]
+    j0, j1 = int(cols[0]), int(cols[-1]) + 1
+    limit = machine.max_leaf_span_mm - machine.dosimetric_leaf_gap_mm - 1.0
+    width = float(x_edges_mm[j1] - x_edges_mm[j0])
+    if width <= limit:
+        return [slice(0, f.shape[1])]
+    pix = float(np.max(np.diff(x_edges_mm)))
+    per = max(1, int(limit // pix))  # columns per split field
+    n = int(np.ceil((j1 - j0) / per))
+    bounds = np.linspace(j0, j1, n + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in pairwise(bounds)]
+
+
 def sequence_sliding_window(fluence: FluenceSet, machine: Machine, *,
                             max_control_points: int = 400) -> Delivery:
     """Sliding-window IMRT (unidirectional sweep, least MU for the leaf speed).
 
     Leaf speed is expressed per MU at the maximum dose rate
     (``machine.mm_per_mu(fractions)``). Control points are the union of every pair's
-    breakpoints; beyond ``max_control_points`` they are resampled evenly in MU.
+    breakpoints; beyond ``max_control_points`` they are resampled evenly in MU. A field
+    wider than the bank span is delivered as split fields (:func:`split_columns`), each a
+    dynamic beam of its own at the same gantry angle (names ``..._1``, ``..._2``).
     """
     m = machine
     speed = m.mm_per_mu(fluence.fractions)  # mm per total-course MU
     floor = (m.min_leaf_gap_mm + m.dosimetric_leaf_gap_mm) / speed
     beams = []
     for i, bf in enumerate(fluence.beams):
-        edges = bf.x_edges_mm
-        f = bf.fluence_mu
-        n_pairs = f.shape[0]
-        rows = []  # (pair, xs, ta, tb)
-        for p in range(n_pairs):
-            # sweep only between the first and last pixel worth at least half the floor:
-            # outside, delivering the floor would be a larger error than delivering 0
-            nz = np.flatnonzero((f[p] >= floor / 2) & (f[p] > 1e-9 * max(f.max(), 1e-30)))
-            if nz.size == 0:
-                continue
-            j0, j1 = nz[0], nz[-1] + 1
-            prof = np.maximum(f[p, j0:j1], floor)
-            ta, tb = _sweep_row(prof, np.diff(edges[j0:j1 + 1]), speed)
-            xs = np.repeat(edges[j0:j1 + 1], 2)
-            rows.append((p, xs, ta, tb))
         name = f"IMRT{i + 1:02d}_G{bf.gantry_deg:03.0f}"
-        if not rows:
-            segs = [(0, [None] * n_pairs)]
-            beams.append(_static_beam(bf, m, segs, 0.0, name))
-            continue
-        total = max(max(r[2][-1], r[3][-1]) for r in rows)
-        times = np.unique(np.concatenate([np.concatenate([r[2], r[3]]) for r in rows]
-                                         + [[0.0, total]]))
-        if times.size > max_control_points:
-            times = np.linspace(0.0, total, max_control_points)
-        n_cp = times.size
-        left = np.zeros((n_cp, n_pairs))
-        right = np.zeros((n_cp, n_pairs))
-        op = np.zeros((n_cp, n_pairs), dtype=bool)
-        for p, xs, ta, tb in rows:
-            left[:, p] = np.interp(times, ta, xs)
-            right[:, p] = np.interp(times, tb, xs)
-            op[:, p] = True
-        jx, jy = jaws_around(left, right, op, m)
-        half = m.dosimetric_leaf_gap_mm / 2.0
-        a = left + half
-        b = right - half
-        a = np.minimum(a, b - m.min_leaf_gap_mm)  # start/end of a sweep: keep the min gap
-        for k in range(n_cp):
-            a[k][~op[k]] = np.nan
-            b[k][~op[k]] = np.nan
-            a[k], b[k] = park_closed(a[k], b[k], jx[0], m)
-        beams.append(BeamDelivery(name, "dynamic", np.full(n_cp, bf.gantry_deg),
-                                  bf.collimator_deg, bf.couch_deg, bf.isocenter_mm, a, b,
-                                  np.tile(jx, (n_cp, 1)), np.tile(jy, (n_cp, 1)), times,
-                                  np.full(n_cp, bf.beam_index), n_segments=n_cp))
+        pieces = split_columns(bf.fluence_mu, bf.x_edges_mm, m)
+        for k, cols in enumerate(pieces):
+            f = np.zeros_like(bf.fluence_mu)
+            f[:, cols] = bf.fluence_mu[:, cols]
+            beams.append(_sliding_beam(bf, f, m, speed, floor, max_control_points,
+                                       name if len(pieces) == 1 else f"{name}_{k + 1}"))
     return Delivery("imrt-sliding", m, tuple(beams), fluence.fractions,
                     {"floor_mu": floor})
+
+
+def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floor: float,
+                  max_control_points: int, name: str) -> BeamDelivery:
+    """One dynamic beam sweeping the fluence map ``f`` (n_pairs, n_x) MU."""
+    edges = bf.x_edges_mm
+    n_pairs = f.shape[0]
+    rows = []  # (pair, xs, ta, tb)
+    for p in range(n_pairs):
+        # sweep only between the first and last pixel worth at least half the floor:
+        # outside, delivering the floor would be a larger error than delivering 0
+        nz = np.flatnonzero((f[p] >= floor / 2) & (f[p] > 1e-9 * max(f.max(), 1e-30)))
+        if nz.size == 0:
+            continue
+        j0, j1 = nz[0], nz[-1] + 1
+        prof = np.maximum(f[p, j0:j1], floor)
+        ta, tb = _sweep_row(prof, np.diff(edges[j0:j1 + 1]), speed)
+        xs = np.repeat(edges[j0:j1 + 1], 2)
+        rows.append((p, xs, ta, tb))
+    if not rows:
+        return _static_beam(bf, m, [(0, [None] * n_pairs)], 0.0, name)
+    total = max(max(r[2][-1], r[3][-1]) for r in rows)
+    times = np.unique(np.concatenate([np.concatenate([r[2], r[3]]) for r in rows]
+                                     + [[0.0, total]]))
+    if times.size > max_control_points:
+        times = np.linspace(0.0, total, max_control_points)
+    n_cp = times.size
+    left = np.zeros((n_cp, n_pairs))
+    right = np.zeros((n_cp, n_pairs))
+    op = np.zeros((n_cp, n_pairs), dtype=bool)
+    for p, xs, ta, tb in rows:
+        left[:, p] = np.interp(times, ta, xs)
+        right[:, p] = np.interp(times, tb, xs)
+        op[:, p] = True
+    jx, jy = jaws_around(left, right, op, m)
+    half = m.dosimetric_leaf_gap_mm / 2.0
+    a = left + half
+    b = right - half
+    a = np.minimum(a, b - m.min_leaf_gap_mm)  # start/end of a sweep: keep the min gap
+    for k in range(n_cp):
+        a[k][~op[k]] = np.nan
+        b[k][~op[k]] = np.nan
+        a[k], b[k] = park_closed(a[k], b[k], jx[0], m)
+    return BeamDelivery(name, "dynamic", np.full(n_cp, bf.gantry_deg), bf.collimator_deg,
+                        bf.couch_deg, bf.isocenter_mm, a, b, np.tile(jx, (n_cp, 1)),
+                        np.tile(jy, (n_cp, 1)), times, np.full(n_cp, bf.beam_index),
+                        n_segments=n_cp)

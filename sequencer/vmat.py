@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from atp.errors import InputError
-from sequencer.apertures import jaws_around
+from sequencer.apertures import jaws_around, limit_bank_span
 from sequencer.delivery import BeamDelivery, Delivery
 from sequencer.fluence import FluenceSet
 from sequencer.machine import Machine
@@ -175,16 +175,8 @@ def sequence_arc(maps: np.ndarray, x_edges_mm: np.ndarray, gantry_deg: np.ndarra
     narrow = (b - a) < g
     a = np.where(narrow, mid - g / 2, a)
     b = np.where(narrow, mid + g / 2, b)
-    # bank span: one carriage position cannot reach tips further apart than the span, so
-    # an aperture wider than that is narrowed at its far ends (bank A tips moved right up
-    # to max(a) - span, bank B tips left down to min(b) + span); pairs left without the
-    # minimum gap are closed. The deliverable dose is computed from these apertures.
+    a, b, op = limit_bank_span(a, b, op, m)
     span = m.max_leaf_span_mm - 1.0
-    a_lim = np.max(np.where(op, a, -np.inf), axis=1, keepdims=True) - span
-    b_lim = np.min(np.where(op, b, np.inf), axis=1, keepdims=True) + span
-    a = np.where(op, np.maximum(a, a_lim), a)
-    b = np.where(op, np.minimum(b, b_lim), b)
-    op = op & (b - a >= g - 1e-9)
     # closed pairs: behind the X1 jaw, but within the bank-span limit of the open leaves
     park_b = np.full(a.shape[0], jx[0] - half - 1.0)
     park_b = np.maximum(park_b, np.max(np.where(op, b, -np.inf), axis=1) - span)

@@ -103,3 +103,22 @@ def test_step_and_shoot_split_keeps_the_fluence():
     assert sorted(p for o in opened for p in o) == [0, 2, 3]  # each pair opened once
     for _, rows in out:
         assert all(r in (None, segs[0][1][p]) for p, r in enumerate(rows))
+
+
+def test_wide_sliding_window_becomes_split_fields():
+    m = MACHINES["millennium120"]
+    maps = np.full((1, 4, 44), 50.0)  # 22 cm along leaf travel
+    info, w = info_for(maps, [0.0], -110.0, -12.5)
+    d = get_sequencer("imrt-sliding").sequence(fluence_set(w, info, m.leaf_edges_mm,
+                                                           fractions=30), m)
+    assert check_delivery(d) == []
+    assert len(d.beams) == 2 and {b.name for b in d.beams} == {"IMRT01_G000_1",
+                                                               "IMRT01_G000_2"}
+    assert all(b.gantry_deg[0] == 0.0 for b in d.beams)
+
+
+def test_denormal_fluence_is_an_empty_field():
+    m = MACHINES["hd120"]
+    info, w = info_for(np.array([[[5e-324]]]), [0.0], 0.0, -97.5)
+    d = get_sequencer("imrt-sns").sequence(fluence_set(w, info, m.leaf_edges_mm), m)
+    assert check_delivery(d) == [] and d.beams[0].cumulative_mu[-1] == 0.0
