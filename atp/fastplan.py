@@ -54,6 +54,10 @@ STAGES = ("pre-processing", "dose prediction", "dose influence", "dij to device"
           "initial fluence", "error map + correction", "sequencing", "deliverable dose",
           "evaluation", "export")
 
+#: FastPath numeric options recorded in plan.json (and reused when a loaded plan respares)
+FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
+                        "smoothness", "init_smoothness", "smooth_weight_cp", "oar_guard")
+
 DEFAULT_ARC_SPACING_DEG = 4.0
 DEFAULT_DOSE_GRID_FACTOR = 3
 FALLBACK_MESSAGE = "initial fluence from the exact fallback (no trained Bev2Fluence weights)"
@@ -155,6 +159,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     ``beamlet_size_mm`` mm beamlets. spare: {OAR: factor in [0, 1)}. machine: the linac
     for VMAT sequencing. device: 'auto' | 'cpu' | 'cuda'. fastpath_options: passed to
     FastPath (``lam_hot``, ``lam_cold``, ``init_steps``, ``correction_steps``,
+    ``smoothness``, ``init_smoothness``, ``smooth_weight_cp``, ``oar_guard``,
     ``initial_fluence_fn``).
     """
     from atp.goals import load_goal_list, resolve_goals, with_control_structures
@@ -283,7 +288,7 @@ def respare(plan, spare=None, *, progress=False):
                              "fast=True and the network", field="initial_fluence_path")
         dev, _ = resolve_device(plan.settings.get("device_requested", "auto"))
         opts = {k: v for k, v in (plan.settings.get("fastpath_options") or {}).items()
-                if k in ("lam_hot", "lam_cold", "init_steps", "correction_steps")}
+                if k in FASTPATH_OPTION_KEYS}
         fp = FastPath(plan.patient, plan.dij, plan.predicted_dose_gy, device=dev,
                       **opts).prepare()
         timings["dij to device"] = fp.timings_s["dij_to_device"]
@@ -312,8 +317,7 @@ def _respare_stages(progress):
 
 
 def _jsonable_options(opts: dict, fp) -> dict:
-    out = {"lam_hot": fp.lam_hot, "lam_cold": fp.lam_cold, "init_steps": fp.init_steps,
-           "correction_steps": fp.correction_steps}
+    out = {k: getattr(fp, k) for k in FASTPATH_OPTION_KEYS}
     fn = opts.get("initial_fluence_fn")
     if fn is not None:
         out["initial_fluence_fn"] = getattr(fn, "__qualname__", type(fn).__name__)

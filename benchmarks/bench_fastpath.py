@@ -11,6 +11,8 @@ Per patient, on this machine:
    backend, sequenced by default) on the same patient and predictor: share of the
    standard H&N criteria met (``bench_optimizer.CRITERIA`` / ``criteria_met``), PTV_70
    HI = (D2 - D98) / D50, OAR mean doses (Gy), all on the plans' final (deliverable) dose;
+   for the fast path also on its ideal (fluence) dose, and the 3 %/3 mm gamma pass rate of
+   the deliverable against the ideal dose (``Plan.fidelity``);
 3. slider monotonicity: each parotid's sparing factor 0, 0.1, 0.2, 0.3 (``respare``, no
    new prediction or matrix) -> that parotid's mean dose (ideal fluence dose and
    deliverable dose) must decrease monotonically; reports the fraction of patients where
@@ -135,6 +137,9 @@ def main(argv=None) -> int:
         row["initial_fluence_path"] = fast.settings["initial_fluence_path"]
         row["device"] = fast.settings["device"]
         row["fast_quality"] = quality(patient, fast.dose_gy)
+        row["fast_ideal_quality"] = quality(patient, fast.ideal_dose_gy)
+        row["fast_gamma_ideal_vs_deliverable_pct"] = float(
+            fast.fidelity["gamma"]["pass_rate_pct"])
         row["fast_goals_met"] = [fast.summary()["goals_passed"], len(fast.results)]
         row["sliders"] = sliders(fast, patient)
         if not args.no_optimiser:
@@ -172,7 +177,9 @@ def summarise(rows) -> dict:
                                                          for r in rows])) for k in stages},
          "fast_without_dij_median_s": {k: float(np.median([r["fast_without_dij_s"].get(k, 0)
                                                             for r in rows])) for k in stages}}
-    for who in ("fast", "optimiser", "reference"):
+    s["fast_gamma_ideal_vs_deliverable_pct_mean"] = float(np.mean(
+        [r["fast_gamma_ideal_vs_deliverable_pct"] for r in rows]))
+    for who in ("fast", "fast_ideal", "optimiser", "reference"):
         key = f"{who}_quality"
         if any(key in r for r in rows):
             q = [r[key] for r in rows if key in r]
@@ -205,12 +212,15 @@ def print_tables(report) -> None:
     print("| plan | criteria met | PTV_70 HI | " + " | ".join(
         f"{n} mean Gy" for n in s["fast"]["oar_mean_gy"]) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in s["fast"]["oar_mean_gy"]) + " |")
-    for who in ("fast", "optimiser", "reference"):
+    for who in ("fast", "fast_ideal", "optimiser", "reference"):
         if who in s:
             q = s[who]
             print(f"| {who} | {q['criteria_share']:.1%} | {q['ptv70_hi_mean']:.3f} | "
                   + " | ".join(f"{q['oar_mean_gy'].get(n, float('nan')):.1f}"
                                for n in s["fast"]["oar_mean_gy"]) + " |")
+    print("(fast_ideal: the fast path's fluence dose before sequencing)")
+    print(f"3%/3mm gamma, ideal vs deliverable (mean over patients): "
+          f"{s['fast_gamma_ideal_vs_deliverable_pct_mean']:.1f} %")
     print(f"\nSlider monotonicity (parotid sparing {SLIDERS}): {s['sliders']}")
 
 

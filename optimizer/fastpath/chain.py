@@ -1,9 +1,21 @@
 """The fast-path chain: predicted dose + arc dij -> corrected fluence, with OAR sliders.
 
 ``FastPath(patient, dij, predicted_dose_gy).prepare()`` does the per-patient work once
-(matrix on the device, masks on the dose grid, step sizes, initial fluence, baseline dose
-D0). ``run(spare={...})`` then regenerates the fluence for any slider setting without
-re-running the predictor or rebuilding matrices. Which path made the initial fluence is
+(matrix on the device, masks on the dose grid, the fluence-smoothness operator, step
+sizes, initial fluence, baseline dose D0). ``run(spare={...})`` then regenerates the
+fluence for any slider setting without re-running the predictor or rebuilding matrices.
+
+Deliverability: both the initial fluence (dose mimicking) and the correction minimise
+their dose objective plus ``mu * R(w)``, R the quadratic smoothness of the fluence maps
+along leaf travel and between neighbouring control points
+(:class:`~optimizer.fastpath.smoothness.FluenceSmoothness`), so each control point's map
+is close to what one aperture per leaf row can deliver. ``smoothness`` /
+``init_smoothness`` set mu scale-free (:func:`~optimizer.fastpath.correction.balanced_weight`:
+the regulariser's mean curvature as a multiple of the data term's); 0 turns it off.
+
+Step sizes: the diagonal row-sum step (:func:`~optimizer.fastpath.correction.diagonal_step`),
+one transpose product per objective weighting (A @ 1 is computed once in ``prepare``), so
+neither ``prepare`` nor a slider change runs a power iteration. Which path made the initial fluence is
 reported (``'fallback'``: exact back-projection + projected-gradient steps; a trained
 Bev2Fluence network can be plugged in through ``initial_fluence_fn``).
 
@@ -14,8 +26,8 @@ sequencer; this module stops at the fluence (MU per beamlet).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -24,9 +36,15 @@ from atp.dose.influence import DoseInfluence
 from atp.dose.resample import mask_to_dose_grid
 from atp.errors import StructureError
 from atp.patient import Patient
-from optimizer.fastpath.correction import lipschitz_estimate, unrolled_correction
+from optimizer.fastpath.correction import (
+    balanced_weight,
+    curvature_row_sums,
+    diagonal_step,
+    unrolled_correction,
+)
 from optimizer.fastpath.error_map import HotColdObjective
-from optimizer.fastpath.initial_fluence import initial_fluence
+from optimizer.fastpath.initial_fluence import DoseMimicking, initial_fluence
+from optimizer.fastpath.smoothness import FluenceSmoothness
 from optimizer.fastpath.torch_dose import TorchDose
 
 
@@ -45,13 +63,19 @@ class FastPath:
 
     lam_hot > lam_cold: PTV hot-spot vs cold-spot weights of the error map.
     init_steps / correction_steps: K of the fallback initial fluence and of the correction.
+    smoothness / init_smoothness: strength of the fluence-smoothness regulariser in the
+    correction / the fallback initial fluence (0: none). smooth_weight_cp: weight of the
+    control-point-to-control-point pairs relative to the leaf-travel pairs. oar_guard:
+    weight of the "stay below D0" hinge on OARs without an active slider (0: none).
     device: 'cpu' or 'cuda' (torch); everything stays on it inside the loops.
     """
 
     def __init__(self, patient: Patient, dij: DoseInfluence, predicted_dose_gy: np.ndarray, *,
-                 lam_hot: float = 4.0, lam_cold: float = 1.0, init_steps: int = 60,
-                 correction_steps: int = 30, device: str = "cpu",
-                 initial_fluence_fn: Callable | None = None) -> None:
+                 lam_hot: float = 4.0, lam_cold: float = 1.0, init_steps: int = 20,
+                 correction_steps: int = 30, smoothness: float = 0.3,
+                 init_smoothness: float = 0.3, smooth_weight_cp: float = 0.5,
+                 oar_guard: float = 0.5,
+                 device: str = "cpu", initial_fluence_fn: Callable | None = None) -> None:
         self.patient = patient
         self.dij = dij
         self.predicted_dose_gy = predicted_dose_gy
@@ -59,6 +83,10 @@ class FastPath:
         self.lam_cold = lam_cold
         self.init_steps = init_steps
         self.correction_steps = correction_steps
+        self.smoothness = float(smoothness)
+        self.init_smoothness = float(init_smoothness)
+        self.smooth_weight_cp = float(smooth_weight_cp)
+        self.oar_guard = float(oar_guard)
         self.device = torch.device(device)
         self.initial_fluence_fn = initial_fluence_fn
         self.timings_s: dict[str, float] = {}
@@ -70,7 +98,7 @@ class FastPath:
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
                                 ).to(self.device)
 
-    def prepare(self) -> "FastPath":
+    def prepare(self) -> FastPath:
         t0 = time.perf_counter()
         p = self.patient
         self.op = TorchDose(self.dij.matrix, self.device)
@@ -97,7 +125,19 @@ class FastPath:
         self.mimic_w = v
         t2 = time.perf_counter()
         self.timings_s["masks_to_dose_grid"] = t2 - t1
-        self.L_mimic = lipschitz_estimate(self.op, self.mimic_w)
+        # step sizes: A @ 1 once, then one transpose product per objective weighting
+        self.smooth = FluenceSmoothness(self.dij.beamlets, 1.0, self.smooth_weight_cp,
+                                        device=self.device)
+        self.dose_of_ones = self.op(torch.ones(self.op.shape[1], device=self.device))
+        mimic = DoseMimicking(self.pred, self.mimic_w)
+        r_mimic = curvature_row_sums(self.op, self.mimic_w / mimic.norm, self.dose_of_ones)
+        self.mu_init = balanced_weight(r_mimic, self.smooth, self.init_smoothness)
+        self.step_mimic = diagonal_step(r_mimic, self.smooth, self.mu_init)
+        # a valid (row-sum) Lipschitz bound of A.T diag(v) A, for step = norm / L users
+        self.L_mimic = float(r_mimic.max()) * mimic.norm
+        self.r_target = curvature_row_sums(self.op, self._target_curvature(),
+                                           self.dose_of_ones)
+        self.mu = balanced_weight(self.r_target, self.smooth, self.smoothness)
         t3 = time.perf_counter()
         self.timings_s["step_size"] = t3 - t2
         if self.initial_fluence_fn is not None:
@@ -105,7 +145,8 @@ class FastPath:
             self.initial_path = "network"
         else:
             self.w_init = initial_fluence(self.op, self.pred, self.mimic_w, self.init_steps,
-                                          self.L_mimic)
+                                          step=self.step_mimic, regulariser=self.smooth,
+                                          reg_weight=self.mu_init)
             self.initial_path = "fallback"
         self.d0 = self.op(self.w_init)
         t4 = time.perf_counter()
@@ -120,17 +161,33 @@ class FastPath:
             raise StructureError(f"sparing slider for unknown OAR(s) {unknown}; this patient "
                                  f"has {sorted(self.oar_w)}", field="--spare")
         return HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
-                                self.oar_w, dict(sparing), self.d0)
+                                self.oar_w, dict(sparing), self.d0, self.oar_guard)
 
-    def _step_size(self, sparing: Mapping[str, float]) -> float:
-        n_t = float(self.target_w.sum().clamp_min(1.0))
-        vw = self.target_w * (max(self.lam_hot, self.lam_cold) / n_t)
+    def _target_curvature(self) -> torch.Tensor:
+        """Slider-independent curvature bound per voxel: PTV max(lam_hot, lam_cold) /
+        n_target, plus the OAR guard's weight / n_oar."""
+        n_t = self.target_w.sum().clamp_min(1.0)
+        c = self.target_w * (max(self.lam_hot, self.lam_cold) / n_t)
+        if self.oar_guard > 0:
+            for w in self.oar_w.values():
+                c = c + self.oar_guard * w / w.sum().clamp_min(1.0)
+        return c
+
+    def _step_size(self, sparing: Mapping[str, float]) -> torch.Tensor:
+        """Diagonal step of the correction objective for this slider setting: the
+        target part is prepared once; each active OAR hinge adds its curvature (one
+        transpose product when any slider is > 0)."""
+        vw = None
+        extra = 1.0 - min(self.oar_guard, 1.0)
         for name, s in sparing.items():
-            if float(s) > 0:
+            if float(s) > 0 and extra > 0:
                 w = self.oar_w[name]
-                vw = vw + w / float(w.sum().clamp_min(1.0))
-        lip = lipschitz_estimate(self.op, vw, iters=15)
-        return 1.0 / lip if lip > 0 else 0.0
+                term = extra * w / w.sum().clamp_min(1.0)
+                vw = term if vw is None else vw + term
+        r = self.r_target
+        if vw is not None:
+            r = r + curvature_row_sums(self.op, vw, self.dose_of_ones)
+        return diagonal_step(r, self.smooth, self.mu)
 
     def run(self, spare: Mapping[str, float] | None = None) -> FastPathResult:
         if not self._prepared:
@@ -142,7 +199,8 @@ class FastPath:
         step = self._step_size(sparing)
         t1 = time.perf_counter()
         timings["error_setup"] = t1 - t0
-        w = unrolled_correction(self.w_init, self.op, obj, self.correction_steps, step)
+        w = unrolled_correction(self.w_init, self.op, obj, self.correction_steps, step,
+                                regulariser=self.smooth, reg_weight=self.mu)
         dose = self.op(w)
         t2 = time.perf_counter()
         timings["correction"] = t2 - t1

@@ -8,6 +8,10 @@ Default J (AIRT-style, per voxel i of the dose grid, doses in Gy):
 * OAR sparing slider s_o in [0, 1): squared hinge ``1/2 * relu(D - R_o)^2`` over the OAR
   with the reference ``R_o = (1 - s_o) * D0`` (D0: the baseline dose, i.e. the plan with
   no sparing). s_o = 0 gives R_o = D0, so the term vanishes at the baseline.
+* OAR guard (``guard_weight`` g >= 0, default 0): every OAR without an active slider gets
+  the same hinge at R_o = D0 with weight g, so correcting the PTV does not raise OAR
+  doses above the baseline. It too vanishes at D = D0, and an OAR's slider at 0 is the
+  same objective as no slider for it.
 
 Every term is normalised by its voxel count so weights do not depend on structure size.
 Any callable ``J(dose) -> scalar tensor`` can replace :class:`HotColdObjective`;
@@ -16,8 +20,8 @@ Any callable ``J(dose) -> scalar tensor`` can replace :class:`HotColdObjective`;
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
@@ -40,6 +44,7 @@ class HotColdObjective:
     oar_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     sparing: Mapping[str, float] = field(default_factory=dict)
     baseline_dose: torch.Tensor | None = None
+    guard_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.lam_hot > self.lam_cold > 0:
@@ -50,8 +55,23 @@ class HotColdObjective:
                                f"known: {sorted(self.oar_weights)}")
             if not 0.0 <= float(s) < 1.0:
                 raise ValueError(f"sparing factor for {name} must be in [0, 1), got {s}")
-        if any(float(s) > 0 for s in self.sparing.values()) and self.baseline_dose is None:
-            raise ValueError("baseline_dose is needed when a sparing factor is > 0")
+        if self.guard_weight < 0:
+            raise ValueError(f"guard_weight must be >= 0, got {self.guard_weight}")
+        needs_d0 = any(float(s) > 0 for s in self.sparing.values()) or (
+            self.guard_weight > 0 and len(self.oar_weights) > 0)
+        if needs_d0 and self.baseline_dose is None:
+            raise ValueError("baseline_dose is needed when a sparing factor or the OAR "
+                             "guard is > 0")
+
+    def oar_term_weights(self) -> dict[str, tuple[float, float]]:
+        """name -> (term weight, sparing factor) of each active OAR hinge."""
+        out = {}
+        for name in self.oar_weights:
+            s = float(self.sparing.get(name, 0.0))
+            weight = 1.0 if s > 0.0 else float(self.guard_weight)
+            if weight > 0.0:
+                out[name] = (weight, s)
+        return out
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         x = dose - self.rx_gy
@@ -59,13 +79,11 @@ class HotColdObjective:
         n_t = tw.sum().clamp_min(1.0)
         j = (tw * (0.5 * self.lam_hot * torch.relu(x) ** 2
                    + 0.5 * self.lam_cold * torch.relu(-x) ** 2)).sum() / n_t
-        for name, s in self.sparing.items():
-            s = float(s)
-            if s <= 0.0:
-                continue
+        for name, (weight, s) in self.oar_term_weights().items():
             w = self.oar_weights[name]
             ref = (1.0 - s) * self.baseline_dose
-            j = j + (w * 0.5 * torch.relu(dose - ref) ** 2).sum() / w.sum().clamp_min(1.0)
+            j = j + weight * (w * 0.5 * torch.relu(dose - ref) ** 2).sum() \
+                / w.sum().clamp_min(1.0)
         return j
 
 
