@@ -178,9 +178,10 @@ def sequence_sliding_window(fluence: FluenceSet, machine: Machine, *,
 
     Leaf speed is expressed per MU at the maximum dose rate
     (``machine.mm_per_mu(fractions)``). Control points are the union of every pair's
-    breakpoints; beyond ``max_control_points`` they are resampled evenly in MU. A field
-    wider than the bank span is delivered as split fields (:func:`split_columns`), each a
-    dynamic beam of its own at the same gantry angle (names ``..._1``, ``..._2``).
+    breakpoints; beyond ``max_control_points`` they are resampled evenly in MU. A sweep
+    whose tips of one bank would at some moment lie further apart than the bank span is
+    delivered as split fields instead (:func:`split_columns`), each a dynamic beam of its
+    own at the same gantry angle (names ``..._1``, ``..._2``).
     """
     m = machine
     speed = m.mm_per_mu(fluence.fractions)  # mm per total-course MU
@@ -188,6 +189,10 @@ def sequence_sliding_window(fluence: FluenceSet, machine: Machine, *,
     beams = []
     for i, bf in enumerate(fluence.beams):
         name = f"IMRT{i + 1:02d}_G{bf.gantry_deg:03.0f}"
+        whole = _sliding_beam(bf, bf.fluence_mu, m, speed, floor, max_control_points, name)
+        if _bank_span_mm(whole) <= m.max_leaf_span_mm:
+            beams.append(whole)
+            continue
         pieces = split_columns(bf.fluence_mu, bf.x_edges_mm, m)
         for k, cols in enumerate(pieces):
             f = np.zeros_like(bf.fluence_mu)
@@ -196,6 +201,12 @@ def sequence_sliding_window(fluence: FluenceSet, machine: Machine, *,
                                        name if len(pieces) == 1 else f"{name}_{k + 1}"))
     return Delivery("imrt-sliding", m, tuple(beams), fluence.fractions,
                     {"floor_mu": floor})
+
+
+def _bank_span_mm(beam: BeamDelivery) -> float:
+    """Largest distance between two tips of one bank at any control point (mm)."""
+    a, b = beam.leaf_a_mm, beam.leaf_b_mm
+    return float(max(np.ptp(a, axis=1).max(), np.ptp(b, axis=1).max()))
 
 
 def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floor: float,

@@ -107,7 +107,9 @@ def test_step_and_shoot_split_keeps_the_fluence():
 
 def test_wide_sliding_window_becomes_split_fields():
     m = MACHINES["millennium120"]
-    maps = np.full((1, 4, 44), 50.0)  # 22 cm along leaf travel
+    maps = np.zeros((1, 4, 44))  # 22 cm along leaf travel; openings at both ends
+    maps[0, :2, :6] = 50.0
+    maps[0, 2:, 38:] = 50.0
     info, w = info_for(maps, [0.0], -110.0, -12.5)
     d = get_sequencer("imrt-sliding").sequence(fluence_set(w, info, m.leaf_edges_mm,
                                                            fractions=30), m)
@@ -115,6 +117,11 @@ def test_wide_sliding_window_becomes_split_fields():
     assert len(d.beams) == 2 and {b.name for b in d.beams} == {"IMRT01_G000_1",
                                                                "IMRT01_G000_2"}
     assert all(b.gantry_deg[0] == 0.0 for b in d.beams)
+    uniform = np.full((1, 4, 44), 50.0)  # the same width swept in step: no split needed
+    info, w = info_for(uniform, [0.0], -110.0, -12.5)
+    d = get_sequencer("imrt-sliding").sequence(fluence_set(w, info, m.leaf_edges_mm,
+                                                           fractions=30), m)
+    assert check_delivery(d) == [] and len(d.beams) == 1
 
 
 def test_denormal_fluence_is_an_empty_field():
