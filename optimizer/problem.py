@@ -24,6 +24,13 @@ Rules (documented once, here):
   ``Rx_near * (end + (1 - end) * exp(-(dist - start_mm)_+ / falloff_mm))``), and a
   global max-dose term on the body at ``global_max_pct`` (default 106 %) of the highest
   prescription. A prescribed target without any lower-bound goal gets ``D95 >= Rx``.
+* **Organ minus targets.** A soft (priority >= 2) organ goal with an upper bound below
+  the prescription of a target it overlaps is optimised on the organ minus that target
+  (``organ_minus_targets``; the clinical "Parotid - PTV" optimisation structure): inside
+  the target the two goals conflict voxel by voxel and coverage, of higher priority,
+  wins anyway, so the organ term would only pull cold spots into the target. The goal
+  is still measured (and reported) on the whole organ. Hard (priority-1) goals keep
+  every voxel.
 * **Nested targets.** Upper-bound terms of a target ignore voxels of targets with a
   higher prescription. Lower-bound (coverage) terms of a target weight every dose-grid
   voxel touching it fully (not by its partial-volume fraction), so that coverage holds
@@ -59,7 +66,7 @@ class ProblemOptions:
     """Knobs of :func:`build_problem` (all have documented defaults)."""
 
     hard_weight_factor: float = 10.0
-    near_max_volume: float = 0.02  # D_v with v <= 2 % of the structure -> max-dose term
+    near_max_volume: float = 0.02  # D_v <= x, v <= 2 %: max-dose term (D_v >= x, v >= 98 %: min)
     global_max_pct: float = 106.0  # % of the highest prescription
     global_max_weight_rel: float = 1.0
     falloff: bool = True
@@ -71,6 +78,7 @@ class ProblemOptions:
     default_target_coverage: bool = True
     min_voxel_fraction: float = 0.05  # ignore voxels with less of the structure than this
     max_norm_voxels: float = 500.0  # cap on W in the normalisation of max/min goal terms
+    organ_minus_targets: bool = True  # soft organ limits below a target's Rx skip its voxels
 
 
 @dataclass(frozen=True, eq=False)
@@ -390,6 +398,18 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
             binding_specs.append((g, [], None, None, False))
             continue
         vox, vw = struct_vox(g.structure, upper=upper, goal=g)
+        if (opt.organ_minus_targets and upper and g.kind == "organ" and not g.is_hard
+                and vox.size and m.kind in ("Dmax", "Dmean", "D", "V")):
+            limit = (m.dose if m.dose_unit != "%" else m.dose / 100.0 * _rx_of(g, rx)) \
+                if m.kind == "V" else float(g.value)
+            f = np.zeros(fractions[g.structure].shape, np.float32)
+            f[vox] = vw
+            for t in targets:
+                if rx.get(t, 0.0) > limit:
+                    f = np.clip(f - fractions[t], 0.0, 1.0)
+            keep = np.flatnonzero(f >= opt.min_voxel_fraction)
+            if keep.size and keep.size < vox.size:
+                vox, vw = keep, f[keep]
         if vox.size == 0:
             notes.append(f"{g.id}: structure '{g.structure}' has no voxels on the dose grid")
             binding_specs.append((g, [], None, None, False))
@@ -410,8 +430,8 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
             volume = _volume_fraction(m.volume, m.volume_unit, total, dvox_cc)
             if upper:
                 kind = "max" if volume <= opt.near_max_volume else "dv_max"
-            else:
-                kind = "dv_min"
+            else:  # a near-min (D_v, v >= 1 - near_max_volume) becomes a min-dose term
+                kind = "min" if volume >= 1.0 - opt.near_max_volume else "dv_min"
         elif m.kind == "V":
             thr = m.dose if m.dose_unit != "%" else m.dose / 100.0 * _rx_of(g, rx)
             vol_unit = "cc" if m.result_unit == "cc" else "%"

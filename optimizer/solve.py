@@ -37,6 +37,8 @@ def _apply_hard_state(problem, state: dict):
 
 def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              hard_growth: float = 2.0, goal_check=None, hard_state: dict | None = None,
+             attain_rounds: int = 0, attain_max_priority: int = 3,
+             attain_max_shift: float = 0.25, attain_margin: float = 0.01,
              **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
@@ -46,6 +48,16 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     problem's own dose-grid report.
     hard_state: ``Result.hard_state`` of an earlier solve of a similar problem (warm
     re-plans): its hard-goal weight factors and reference shifts are applied first.
+    attain_rounds: goal-attainment rounds for *soft* goals of priority <=
+    ``attain_max_priority`` (first-order backends only; default 0: off). A quadratic
+    penalty at the goal's value leaves every competing goal slightly violated at the
+    optimum; in each round every such goal still violated has its reference moved past
+    its value by the violation (the multiplier-style shift of the hard-goal loop, weight
+    unchanged, so priorities still arbitrate conflicts), capped in total at
+    ``attain_max_shift`` x the goal's value, and the solve restarts warm. Goals aim at
+    their value tightened by ``attain_margin`` (a fraction of it), so that a goal met
+    only at its edge on the optimised dose stays met after small dose changes
+    (sequencing, interpolation).
     """
     be = registry.resolve(backend)
     t0 = time.perf_counter()
@@ -58,10 +70,28 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     rounds = 0
     if first_order:
         by_id = {b.goal.id: b for b in problem.bindings}
+
+        def soft_shortfall(r):
+            """How far a soft goal is from its value tightened by ``attain_margin``
+            (0: met with the margin, or not a goal the attainment rounds steer)."""
+            b = by_id.get(r["id"])
+            if (b is None or r.get("hard") or r.get("achieved") is None
+                    or not b.term_indices or b.goal.priority > attain_max_priority
+                    or b.goal.metric.kind == "V" or b.goal.value is None):
+                return 0.0
+            v, a = float(b.goal.value), float(r["achieved"])
+            if b.goal.operator in UPPER_OPS:
+                return max(0.0, a - (v - attain_margin * abs(v)))
+            return max(0.0, (v + attain_margin * abs(v)) - a)
+
         report = check(res.fluence) if goal_check else res.goal_report
-        for rounds in range(1, hard_rounds + 1):
-            violated = [r for r in report if r.get("hard") and r.get("met") is False]
-            if not violated:
+        for rounds in range(1, max(hard_rounds, attain_rounds) + 1):
+            violated = [r for r in report if r.get("hard") and r.get("met") is False] \
+                if rounds <= hard_rounds else []
+            soft = [dict(r, violation=soft_shortfall(r)) for r in report] \
+                if rounds <= attain_rounds else []
+            soft = [r for r in soft if r["violation"] > 0.0]
+            if not violated and not soft:
                 rounds -= 1
                 break
             for r in violated:
@@ -71,6 +101,12 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 if b.goal.metric.kind != "V":
                     sign = -1.0 if b.goal.operator in UPPER_OPS else 1.0
                     st["ref_shift"] += sign * r["violation"]
+            for r in soft:
+                g = by_id[r["id"]].goal
+                st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
+                cap = attain_max_shift * abs(float(g.value))
+                sign = -1.0 if g.operator in UPPER_OPS else 1.0
+                st["ref_shift"] = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
             current = _apply_hard_state(problem, state)
             warm_opts = dict(options)
             # warm re-solves need fewer iterations
