@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optimizer import CRITERIA, DATA, criteria_met  # noqa: E402
+from bench_optimizer import CRITERIA, DATA, criteria_met
 
 DEFAULT_PATIENTS = ["pt_1", "pt_10", "pt_101", "pt_103", "pt_104", "pt_105", "pt_106",
                     "pt_108"]
