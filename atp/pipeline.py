@@ -238,13 +238,20 @@ class Plan:
         set: ``{"<goal>.<field>": number}`` with field one of tolerance (%: predicted
         goals get value = predicted x (1 + tolerance/100)), value, weight, priority.
         ``<goal>`` is a goal id, or an id without its ``.pred`` suffix, or
-        ``<structure>.<metric>``. warm: start from this plan's fluence (else cold start
-        from the uniform initial fluence).
+        ``<structure>.<metric>``. warm: start from this plan's fluence and hard-goal
+        state (else cold start from the uniform initial fluence); a warm re-plan of a
+        sequenced plan also reuses this plan's sequencing loss (deliverable minus ideal
+        dose) as the deliverable-dose correction of its one optimisation, instead of
+        running the correction rounds again (one sequencing instead of up to three).
         """
         goals = apply_settings(self.resolved_goals, set or {},
                                self.settings.get("priority_weights"))
         settings = dict(self.settings)
         settings["replan_of"] = {"set": dict(set or {}), "warm": bool(warm)}
+        offset = None
+        if warm and self.ideal_dose_gy is not None and self.settings.get("sequence"):
+            offset = (np.asarray(self.dose_gy, np.float32)
+                      - np.asarray(self.ideal_dose_gy, np.float32))
         return _optimise_and_finish(
             self.patient, goals, self.dij, self.predicted_dose_gy,
             backend=backend or self.settings.get("backend_requested", "auto"),
@@ -252,7 +259,8 @@ class Plan:
             x0=self.fluence if warm else None, progress=progress, settings=settings,
             fractions=self._fractions, notes=list(self.settings.get("resolve_notes", [])),
             sequence=self.settings.get("sequence", False),
-            hard_state=self.optimizer.get("hard_state") if warm else None)
+            hard_state=self.optimizer.get("hard_state") if warm else None,
+            sequencing_offset=offset)
 
 
 def _goal_matches(goal, key: str) -> bool:
@@ -500,7 +508,13 @@ def _fast(patient, *, backend, beams, beam_template, refine, sequence, optimizer
 
 def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refine, x0,
                          settings, notes, progress=False, stages=None, fractions=None,
-                         sequence=False, hard_state=None) -> Plan:
+                         sequence=False, hard_state=None, sequencing_offset=None) -> Plan:
+    """Optimise (-> refine) (-> sequence + deliverable correction) -> evaluate.
+
+    sequencing_offset: a previous plan's deliverable-minus-ideal dose (Gy, patient grid);
+    when given (warm re-plans), the optimisation measures the corrected goals on the
+    ideal dose plus it, and no further correction rounds are run.
+    """
     from atp.goals import evaluate_goals
     from optimizer import registry as backends
     from optimizer.problem import build_problem, structure_fractions
@@ -546,6 +560,9 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                      "violation": max(0.0, -(r.margin or 0.0)), "hard": r.goal.is_hard}
                     for r in rs]
 
+        if sequencing_offset is not None and sequence and opts.get("attain_rounds"):
+            opts.setdefault("goal_check", lambda w: goal_check(w, sequencing_offset))
+            deliverable_rounds = 0
         opts.setdefault("goal_check", goal_check)
         if hard_state:
             opts["hard_state"] = hard_state
@@ -731,8 +748,11 @@ def load_plan(plan_dir, patient=None) -> Plan:
     pred_file = plan_dir / "predicted_dose.npy"
     pred = np.load(pred_file) if pred_file.is_file() else None
     fl = np.load(plan_dir / "fluence.npz")["fluence"]
+    ideal_file = plan_dir / "ideal_dose.npy"
+    ideal = np.load(ideal_file) if ideal_file.is_file() else None
     results = evaluate_goals(resolved, patient, dose)
     term_values = {g["id"]: g.get("objective_value") for g in data["goals"]}
     return Plan(patient, resolved, results, fl, dose, pred, dij, data.get("timings_s", {}),
                 data.get("backend", ""), data.get("optimizer", {}), term_values,
-                data.get("settings", {}), data.get("notes", []), data.get("versions", {}))
+                data.get("settings", {}), data.get("notes", []), data.get("versions", {}),
+                ideal_dose_gy=ideal, fidelity=data.get("fidelity"))

@@ -82,6 +82,11 @@ def test_warm_replan_reuses_dij_and_is_recorded(base_plan):
     assert new.dij is base_plan.dij
     assert new.settings["replan_of"]["warm"] is True
     assert "replan" in new.timings_s
+    # a sequenced plan's warm re-plan reuses its sequencing loss: one sequencing, no
+    # correction rounds; a cold re-plan runs them again
+    assert base_plan.delivery is not None and "sequence" in new.timings_s
+    assert "deliverable correction" not in new.timings_s
+    assert new.delivery is not None and new.ideal_dose_gy is not None
 
 
 def test_apply_settings_errors_name_the_goal(base_plan):
