@@ -39,6 +39,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              hard_growth: float = 2.0, goal_check=None, hard_state: dict | None = None,
              attain_rounds: int = 0, attain_max_priority: int = 3,
              attain_max_shift: float = 0.25, attain_margin: float = 0.01,
+             hard_max_factor: float = 64.0, hard_max_shift: float = 0.5,
              **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
@@ -48,6 +49,11 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     problem's own dose-grid report.
     hard_state: ``Result.hard_state`` of an earlier solve of a similar problem (warm
     re-plans): its hard-goal weight factors and reference shifts are applied first.
+    hard_max_factor / hard_max_shift: caps on a hard goal's total weight factor and on its
+    total reference shift (a fraction of its value), also across warm re-plans and
+    deliverable-correction rounds; a goal still violated at the caps is infeasible with
+    the others and is reported, instead of driving the problem ill-conditioned (an
+    unbounded escalation once made one warm re-plan take minutes).
     attain_rounds: goal-attainment rounds for *soft* goals of priority <=
     ``attain_max_priority`` (first-order backends only; default 0: off). A quadratic
     penalty at the goal's value leaves every competing goal slightly violated at the
@@ -94,13 +100,20 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             if not violated and not soft:
                 rounds -= 1
                 break
+            escalated = False
             for r in violated:
                 b = by_id[r["id"]]
                 st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
-                st["weight_factor"] *= hard_growth
-                if b.goal.metric.kind != "V":
+                before = (st["weight_factor"], st["ref_shift"])
+                st["weight_factor"] = min(st["weight_factor"] * hard_growth, hard_max_factor)
+                if b.goal.metric.kind != "V" and b.goal.value is not None:
                     sign = -1.0 if b.goal.operator in UPPER_OPS else 1.0
-                    st["ref_shift"] += sign * r["violation"]
+                    cap = hard_max_shift * abs(float(b.goal.value))
+                    st["ref_shift"] = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
+                escalated |= (st["weight_factor"], st["ref_shift"]) != before
+            if violated and not escalated and not soft:
+                rounds -= 1  # every violated hard goal is at its caps: nothing to try
+                break
             for r in soft:
                 g = by_id[r["id"]].goal
                 st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
