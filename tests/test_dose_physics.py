@@ -173,3 +173,16 @@ def test_fan_and_voxel_depths_agree_in_water():
     assert np.max(np.abs(da - db)) <= 0.01 * da.max()
     with pytest.raises(InputError):
         PencilBeamEngine(depth_method="guess")
+
+
+def test_a_few_metal_voxels_are_clamped_with_a_warning():
+    from atp.dose.density import hu_to_density
+
+    ct = np.zeros((20, 20, 20), np.float32)
+    ct[10, 10, 10:14] = 18000.0  # dental filling on an extended-HU scale
+    with pytest.warns(UserWarning, match="4 voxel"):
+        red = hu_to_density(ct, source="pt_x.npz")
+    assert red[10, 10, 10] == pytest.approx(3.5) and red[0, 0, 0] == pytest.approx(1.0)
+    ct[:5] = 6000.0  # a quarter of the CT: not a calibrated CT
+    with pytest.raises(InputError, match="rescaled to HU"):
+        hu_to_density(ct, source="pt_x.npz")

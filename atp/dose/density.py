@@ -3,14 +3,18 @@
 The default table is ``atp/data/hu_to_density.csv`` (CIRS 062M insert densities; see the
 file header for sources); any CSV with the columns ``hu,relative_electron_density``
 (``#`` comment lines allowed, HU strictly increasing) can replace it. Between rows the
-density is interpolated linearly. HU below -1100 or above 5000 cannot come from a
-calibrated CT and raise :class:`~atp.errors.InputError`.
+density is interpolated linearly. A CT with more than ``MAX_OUT_OF_RANGE_FRACTION``
+(0.1 %) of its voxels below -1100 or above 5000 HU cannot be a calibrated CT (e.g. raw
+stored values, no rescale) and raises :class:`~atp.errors.InputError`. A few voxels
+above 5000 HU are metal (dental fillings, common in head-and-neck CTs on extended-HU
+scanners): they are clamped to the ends of the table and a warning says how many.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from atp.errors import InputError
 
 DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "data" / "hu_to_density.csv"
 HU_MIN, HU_MAX = -1100.0, 5000.0
+MAX_OUT_OF_RANGE_FRACTION = 1e-3
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,14 +71,23 @@ def hu_to_density(ct_hu, table=None, *, source: str | None = None) -> np.ndarray
     """Relative electron density (float32, same shape) for a CT in HU.
 
     table: None (default table), a path to a CSV, or a (hu, density) pair of arrays.
-    Raises InputError naming ``source`` when any HU is outside [-1100, 5000].
+    Raises InputError naming ``source`` when more than 0.1 % of the voxels are outside
+    [-1100, 5000] HU (or any is not finite); fewer are clamped, with a warning.
     """
     ct = np.asarray(ct_hu, dtype=np.float32)
+    if not np.all(np.isfinite(ct)):
+        raise InputError("CT contains NaN/inf", file=source, field="ct")
     lo, hi = float(ct.min()), float(ct.max())
     if lo < HU_MIN or hi > HU_MAX:
-        raise InputError(f"CT values {lo:.0f}..{hi:.0f} HU are outside the plausible range "
-                         f"[{HU_MIN:.0f}, {HU_MAX:.0f}]; is the CT rescaled to HU?",
-                         file=source, field="ct")
+        n_out = int(np.count_nonzero((ct < HU_MIN) | (ct > HU_MAX)))
+        if n_out > MAX_OUT_OF_RANGE_FRACTION * ct.size:
+            raise InputError(f"CT values {lo:.0f}..{hi:.0f} HU: {n_out} voxels outside the "
+                             f"plausible range [{HU_MIN:.0f}, {HU_MAX:.0f}]; is the CT "
+                             "rescaled to HU?", file=source, field="ct")
+        warnings.warn(f"{source or 'CT'}: {n_out} voxel(s) outside [{HU_MIN:.0f}, "
+                      f"{HU_MAX:.0f}] HU (range {lo:.0f}..{hi:.0f}; metal?) clamped to the "
+                      "ends of the HU-density table", stacklevel=2)
+        ct = np.clip(ct, HU_MIN, HU_MAX)
     if table is None or isinstance(table, (str, os.PathLike)):
         hu, red = load_hu_table(table)
     else:
