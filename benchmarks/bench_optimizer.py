@@ -71,7 +71,8 @@ def criteria_met(patient, dose_gy) -> dict[str, bool]:
     return out
 
 
-def convex_comparison(patient, predictor, backends, *, beamlet_mm, factor, max_iter):
+def convex_comparison(patient, predictor, backends, *, beamlet_mm, factor, max_iter,
+                      qp_solver=None):
     """cpu / gpu vs qp on the convex formulation of one patient's problem."""
     from atp.dose import registry as engines
     from atp.dose.geometry import equispaced_beams
@@ -91,7 +92,8 @@ def convex_comparison(patient, predictor, backends, *, beamlet_mm, factor, max_i
     rows = {"n_beamlets": cp.n_beamlets, "n_rows": cp.n_rows, "nnz": int(cp.A.nnz),
             "n_terms": len(cp.terms), "dose_grid_factor": factor, "beamlet_mm": beamlet_mm}
     for name in backends:
-        opts = {"max_iter": max_iter, "tol": 1e-7} if name in ("cpu", "gpu") else {}
+        opts = {"max_iter": max_iter, "tol": 1e-7} if name in ("cpu", "gpu") else (
+            {"solver": qp_solver} if qp_solver else {})
         t0 = time.perf_counter()
         res = optimize(cp, name, **opts)
         rows[name] = {"objective": res.objective, "status": res.status,
@@ -113,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--qp-beamlet-mm", type=float, default=10.0)
     ap.add_argument("--qp-dose-grid-factor", type=int, default=4)
     ap.add_argument("--predictor", default="baseline")
+    ap.add_argument("--qp-solver", default=None, help="OSQP or CLARABEL (default: first)")
+    ap.add_argument("--qp-only", action="store_true",
+                    help="only the cpu/gpu vs qp comparison (no end-to-end plans)")
     ap.add_argument("--max-iter", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -135,6 +140,16 @@ def main(argv=None) -> int:
     opts = {"max_iter": args.max_iter} if args.max_iter else {}
     for i, f in enumerate(files):
         patient = load_patient(f)
+        if args.qp_only:
+            if i < args.qp_patients and "qp" in backends:
+                conv = convex_comparison(patient, args.predictor, backends,
+                                         beamlet_mm=args.qp_beamlet_mm,
+                                         factor=args.qp_dose_grid_factor, max_iter=3000,
+                                         qp_solver=args.qp_solver)
+                conv["patient"] = f.stem
+                report["convex"].append(conv)
+                print(json.dumps(conv), flush=True)
+            continue
         t0 = time.perf_counter()
         plan = atp.plan(patient, site="hn", predictor=args.predictor, backend="cpu", beams=9,
                         progress=False, optimizer_options=opts)
@@ -169,10 +184,16 @@ def main(argv=None) -> int:
         if i < args.qp_patients and "qp" in backends:
             conv = convex_comparison(patient, args.predictor, backends,
                                      beamlet_mm=args.qp_beamlet_mm,
-                                     factor=args.qp_dose_grid_factor, max_iter=3000)
+                                     factor=args.qp_dose_grid_factor, max_iter=3000,
+                                     qp_solver=args.qp_solver)
             conv["patient"] = f.stem
             report["convex"].append(conv)
             print(json.dumps(conv), flush=True)
+    if args.qp_only:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        return 0
     ours = [v for p in report["patients"] for v in p["criteria_ours"].values()]
     ref = [v for p in report["patients"] for v in p["criteria_reference"].values()]
     report["summary"] = {
