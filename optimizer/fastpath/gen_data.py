@@ -54,6 +54,7 @@ def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
     import torch
 
     from atp.dose.resample import mask_to_dose_grid
+    from optimizer.fastpath.chain import TARGET_MIN_FRACTION
 
     def on_grid(a):
         arr = mask_to_dose_grid(np.asarray(a, np.float32), patient.grid, dij.dose_grid)
@@ -63,7 +64,7 @@ def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
     rx = np.zeros(dij.dose_grid.n_voxels, dtype=np.float32)
     for presc in sorted(patient.prescriptions, key=lambda r: r.dose_gy):
         frac = on_grid(patient.mask(presc.target)).numpy()
-        rx[frac > 0.5] = presc.dose_gy
+        rx[frac > TARGET_MIN_FRACTION] = presc.dose_gy
     rx_t = torch.from_numpy(rx)
     oar_w = {n: on_grid(patient.mask(n)) for n in patient.organs}
     mimic_w = body.clone()
