@@ -44,6 +44,7 @@ PLAN_FORMAT = "atp-plan-1"
 ATTAIN_ROUNDS = 3  # goal-attainment rounds of the optimiser (optimizer.solve.optimize)
 ATTAIN_MAX_PRIORITY = 3  # protocol goals (targets P2, organ limits P3), not P4 predicted
 DELIVERABLE_ROUNDS = 2  # re-optimisations against the sequencing loss (sequenced plans)
+WARM_ATTAIN_ROUNDS = 1  # warm re-plans start from the stored shifts: one round suffices
 SETTABLE = ("tolerance", "value", "weight", "priority")
 
 
@@ -260,7 +261,8 @@ class Plan:
             fractions=self._fractions, notes=list(self.settings.get("resolve_notes", [])),
             sequence=self.settings.get("sequence", False),
             hard_state=self.optimizer.get("hard_state") if warm else None,
-            sequencing_offset=offset)
+            sequencing_offset=offset,
+            attain_rounds_default=WARM_ATTAIN_ROUNDS if warm else ATTAIN_ROUNDS)
 
 
 def _goal_matches(goal, key: str) -> bool:
@@ -508,12 +510,15 @@ def _fast(patient, *, backend, beams, beam_template, refine, sequence, optimizer
 
 def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refine, x0,
                          settings, notes, progress=False, stages=None, fractions=None,
-                         sequence=False, hard_state=None, sequencing_offset=None) -> Plan:
+                         sequence=False, hard_state=None, sequencing_offset=None,
+                         attain_rounds_default: int = ATTAIN_ROUNDS) -> Plan:
     """Optimise (-> refine) (-> sequence + deliverable correction) -> evaluate.
 
     sequencing_offset: a previous plan's deliverable-minus-ideal dose (Gy, patient grid);
     when given (warm re-plans), the optimisation measures the corrected goals on the
     ideal dose plus it, and no further correction rounds are run.
+    attain_rounds_default: goal-attainment rounds unless ``optimizer_options`` says
+    otherwise (warm re-plans: 1, as the stored hard/attainment state is applied first).
     """
     from atp.goals import evaluate_goals
     from optimizer import registry as backends
@@ -534,7 +539,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         opts = dict(settings.get("optimizer_options") or {})
         # goal attainment (optimizer.solve.optimize): protocol goals (priority <= 3)
         # still violated after a solve get their reference shifted and are re-solved
-        opts.setdefault("attain_rounds", ATTAIN_ROUNDS)
+        opts.setdefault("attain_rounds", attain_rounds_default)
         opts.setdefault("attain_max_priority", ATTAIN_MAX_PRIORITY)
         deliverable_rounds = int(opts.pop("deliverable_rounds", DELIVERABLE_ROUNDS))
         checked = [g for g in resolved if g.value is not None and (
