@@ -21,9 +21,10 @@ DATA = HERE.parents[1] / "shared" / "data" / "openkbp" / "validation"
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
+    from bench_optimizer import criteria_met
+
     import atp
     from atp.io import load_patient
-    from bench_optimizer import criteria_met
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", nargs="+", default=["pt_202", "pt_204", "pt_206"])
