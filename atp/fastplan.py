@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -162,9 +161,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     ``smoothness``, ``init_smoothness``, ``smooth_weight_cp``, ``oar_guard``,
     ``initial_fluence_fn``).
     """
-    from atp.goals import load_goal_list, resolve_goals, with_control_structures
-    from atp.patient import Patient
-    from atp.pipeline import _Stages
+    from atp.goals import resolve_goals, with_control_structures
+    from atp.pipeline import _Stages, patient_and_goal_list
 
     t_start = time.perf_counter()
     dev, device_note = resolve_device(device)  # fail before any work
@@ -174,16 +172,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     stages = _Stages(progress, total=9)
     try:
         t0 = time.perf_counter()
-        if not isinstance(patient, Patient):
-            from atp.io import load_patient
-
-            patient = stages.run("load patient", load_patient, patient)
-        if goal_list is None:
-            gl = load_goal_list(site=site, institution=institution)
-        elif isinstance(goal_list, (str, Path)):
-            gl = load_goal_list(path=goal_list, institution=institution)
-        else:
-            gl = goal_list
+        patient, gl = patient_and_goal_list(patient, site, institution, goal_list, stages)
         sparing = check_spare(spare, patient)
         timings["pre-processing"] += time.perf_counter() - t0
         # prediction

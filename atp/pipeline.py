@@ -374,6 +374,26 @@ def _versions(backend_name: str) -> dict:
     return out
 
 
+def patient_and_goal_list(patient, site, institution, goal_list, stages):
+    """(Patient, GoalList): load the patient when given a path / 'phantom', and the goal
+    list: the shipped list of ``site`` (plus the ``institution`` overlay), a YAML path, or
+    a GoalList as given."""
+    from atp.goals import load_goal_list
+    from atp.patient import Patient
+
+    if not isinstance(patient, Patient):
+        from atp.io import load_patient
+
+        patient = stages.run("load patient", load_patient, patient)
+    if goal_list is None:
+        gl = load_goal_list(site=site, institution=institution)
+    elif isinstance(goal_list, (str, Path)):
+        gl = load_goal_list(path=goal_list, institution=institution)
+    else:
+        gl = goal_list
+    return patient, gl
+
+
 def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=None,
          predicted_dose=None, dose_engine: str = "pencil-beam", dij=None,
          backend="auto", beams=9, beam_template: str | None = None, refine: int = 0,
@@ -403,8 +423,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     instead of the optimiser; spare: its OAR sparing sliders {OAR: factor in [0, 1)};
     fast_options: more ``fast_plan`` keywords (``arc_spacing_deg``, ``device``, ...).
     """
-    from atp.goals import load_goal_list, resolve_goals, with_control_structures
-    from atp.patient import Patient
+    from atp.goals import resolve_goals, with_control_structures
 
     if fast:
         return _fast(patient, site=site, institution=institution, goal_list=goal_list,
@@ -424,17 +443,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     stages = _Stages(progress, total=8 + (1 if refine else 0))
     t_start = time.perf_counter()
     try:
-        if not isinstance(patient, Patient):
-            from atp.io import load_patient
-
-            patient = stages.run("load patient", load_patient, patient)
-        # goal list
-        if goal_list is None:
-            gl = load_goal_list(site=site, institution=institution)
-        elif isinstance(goal_list, (str, Path)):
-            gl = load_goal_list(path=goal_list, institution=institution)
-        else:
-            gl = goal_list
+        patient, gl = patient_and_goal_list(patient, site, institution, goal_list, stages)
         # prediction
         predictor_name = None
         if predicted_dose is None:

@@ -138,17 +138,20 @@ def main(argv=None) -> int:
                          "see BENCHMARKS.md", "gpu": registry.get("gpu").available(),
               "predictor": args.predictor, "patients": [], "convex": []}
     opts = {"max_iter": args.max_iter} if args.max_iter else {}
+    def compare_backends(i, patient, f):
+        if i < args.qp_patients and "qp" in backends:
+            conv = convex_comparison(patient, args.predictor, backends,
+                                     beamlet_mm=args.qp_beamlet_mm,
+                                     factor=args.qp_dose_grid_factor, max_iter=3000,
+                                     qp_solver=args.qp_solver)
+            conv["patient"] = f.stem
+            report["convex"].append(conv)
+            print(json.dumps(conv), flush=True)
+
     for i, f in enumerate(files):
         patient = load_patient(f)
         if args.qp_only:
-            if i < args.qp_patients and "qp" in backends:
-                conv = convex_comparison(patient, args.predictor, backends,
-                                         beamlet_mm=args.qp_beamlet_mm,
-                                         factor=args.qp_dose_grid_factor, max_iter=3000,
-                                         qp_solver=args.qp_solver)
-                conv["patient"] = f.stem
-                report["convex"].append(conv)
-                print(json.dumps(conv), flush=True)
+            compare_backends(i, patient, f)
             continue
         t0 = time.perf_counter()
         plan = atp.plan(patient, site="hn", predictor=args.predictor, backend="cpu", beams=9,
@@ -181,14 +184,7 @@ def main(argv=None) -> int:
               flush=True)
         print(f"  criteria met: ours {sum(ours.values())}/{len(ours)}, reference "
               f"{sum(ref.values())}/{len(ref)}", flush=True)
-        if i < args.qp_patients and "qp" in backends:
-            conv = convex_comparison(patient, args.predictor, backends,
-                                     beamlet_mm=args.qp_beamlet_mm,
-                                     factor=args.qp_dose_grid_factor, max_iter=3000,
-                                     qp_solver=args.qp_solver)
-            conv["patient"] = f.stem
-            report["convex"].append(conv)
-            print(json.dumps(conv), flush=True)
+        compare_backends(i, patient, f)
     if args.qp_only:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
