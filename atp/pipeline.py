@@ -440,7 +440,11 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     if dose_grid_factor is None:
         dose_grid_factor = 2
 
-    stages = _Stages(progress, total=8 + (1 if refine else 0))
+    from atp.patient import Patient
+
+    n_stages = (6 + (predicted_dose is None) + (dij is None) + (not isinstance(patient, Patient))
+                + (1 if refine else 0) + (2 if sequence else 0))  # for the progress bar
+    stages = _Stages(progress, total=n_stages)
     t_start = time.perf_counter()
     try:
         patient, gl = patient_and_goal_list(patient, site, institution, goal_list, stages)
