@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optimizer import CRITERIA, DATA, criteria_met
+from bench_optimizer import CRITERIA, DATA, criteria_met, patient_files
 
 SLIDERS = (0.0, 0.1, 0.2, 0.3)
 PAROTIDS = ("Parotid_L", "Parotid_R")
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     from atp.io import load_patient
     from predictor import registry as predictors
 
-    files = sorted((DATA / args.split).glob("pt_*.npz"),
-                   key=lambda p: int(p.stem.split("_")[1]))[: args.patients]
+    files = patient_files(args.split, args.patients)
     if not files:
         print(f"no patients under {DATA / args.split}", file=sys.stderr)
         return 2

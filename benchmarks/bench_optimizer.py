@@ -48,27 +48,41 @@ CRITERIA = [  # (label, structure, kind, threshold) kind: D99rx (>=), D0.1cc / m
 ]
 
 
-def criteria_met(patient, dose_gy) -> dict[str, bool]:
-    """Each standard H&N criterion the patient has structures for: met or not."""
+def criterion_measures(patient, dose_gy):
+    """(key, kind, threshold, value Gy, Rx Gy or None) for each standard H&N criterion the
+    patient has structures for; value: D99 (D99rx), D0.1cc or the mean dose."""
     from atp import dvh
 
-    out = {}
-    vcc = patient.grid.voxel_volume_cc
+    out = []
     for label, name, kind, thr in CRITERIA:
         if name not in patient.structures or not patient.mask(name).any():
             continue
         m = patient.mask(name)
+        rx = None
         if kind == "D99rx":
-            rx = patient.prescription_for(name)
-            if rx is None:
+            presc = patient.prescription_for(name)
+            if presc is None:
                 continue
-            ok = dvh.dose_at_volume_pct(dose_gy, m, 99) >= thr * rx.dose_gy
+            rx = presc.dose_gy
+            v = dvh.dose_at_volume_pct(dose_gy, m, 99)
         elif kind == "D0.1cc":
-            ok = dvh.dose_at_volume_cc(dose_gy, m, 0.1, vcc) <= thr
+            v = dvh.dose_at_volume_cc(dose_gy, m, 0.1, patient.grid.voxel_volume_cc)
         else:
-            ok = dvh.mean_dose(dose_gy, m) <= thr
-        out[f"{label} [{name}]"] = bool(ok)
+            v = dvh.mean_dose(dose_gy, m)
+        out.append((f"{label} [{name}]", kind, thr, v, rx))
     return out
+
+
+def criteria_met(patient, dose_gy) -> dict[str, bool]:
+    """Each standard H&N criterion the patient has structures for: met or not."""
+    return {key: bool(v >= thr * rx if kind == "D99rx" else v <= thr)
+            for key, kind, thr, v, rx in criterion_measures(patient, dose_gy)}
+
+
+def patient_files(split: str, n: int) -> list[Path]:
+    """The first ``n`` OpenKBP patients of ``split`` in patient-number order."""
+    return sorted((DATA / split).glob("pt_*.npz"),
+                  key=lambda p: int(p.stem.split("_")[1]))[:n]
 
 
 def convex_comparison(patient, predictor, backends, *, beamlet_mm, factor, max_iter,
@@ -126,8 +140,7 @@ def main(argv=None) -> int:
     from atp.io import load_patient
     from optimizer import registry
 
-    files = sorted((DATA / args.split).glob("pt_*.npz"),
-                   key=lambda p: int(p.stem.split("_")[1]))[: args.patients]
+    files = patient_files(args.split, args.patients)
     if not files:
         print(f"no patients under {DATA / args.split}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optimizer import CRITERIA, DATA, criteria_met
+from bench_optimizer import CRITERIA, DATA, criteria_met, criterion_measures
 
 DEFAULT_PATIENTS = ["pt_1", "pt_10", "pt_101", "pt_103", "pt_104", "pt_105", "pt_106",
                     "pt_108"]
@@ -50,24 +50,8 @@ def _dij(patient, path: Path, dose_grid_factor: int):
 
 def criteria_values(patient, dose_gy) -> dict[str, float]:
     """The value behind each criterion of :func:`criteria_met` (Gy; D99 in % of Rx)."""
-    from atp import dvh
-
-    out = {}
-    for label, name, kind, _ in CRITERIA:
-        if name not in patient.structures or not patient.mask(name).any():
-            continue
-        m = patient.mask(name)
-        if kind == "D99rx":
-            rx = patient.prescription_for(name)
-            if rx is None:
-                continue
-            v = 100.0 * dvh.dose_at_volume_pct(dose_gy, m, 99) / rx.dose_gy
-        elif kind == "D0.1cc":
-            v = dvh.dose_at_volume_cc(dose_gy, m, 0.1, patient.grid.voxel_volume_cc)
-        else:
-            v = dvh.mean_dose(dose_gy, m)
-        out[f"{label} [{name}]"] = float(v)
-    return out
+    return {key: float(100.0 * v / rx if kind == "D99rx" else v)
+            for key, kind, _, v, rx in criterion_measures(patient, dose_gy)}
 
 
 def main(argv=None) -> int:

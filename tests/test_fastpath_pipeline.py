@@ -220,14 +220,7 @@ def test_cpu_and_cuda_fast_paths_agree(base, phantom):
 
 
 @pytest.mark.slow
-def test_readme_fastpath_example_runs(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    m = re.search(r"<!-- fastpath-example -->\s*```python\n(.*?)```", readme, re.DOTALL)
-    assert m, "README lacks the fast-path example block"
-    monkeypatch.chdir(tmp_path)
-    exec(compile(m.group(1), "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
-    data = json.loads((tmp_path / "results" / "fast-plan" / "plan.json").read_text())
+def test_readme_fastpath_example_runs(run_readme_example):
+    out = run_readme_example("fastpath-example")
+    data = json.loads((out / "results" / "fast-plan" / "plan.json").read_text())
     assert data["settings"]["spare"] == {"Parotid_L": 0.3}

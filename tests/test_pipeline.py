@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,13 +191,9 @@ def test_pipeline_end_to_end_with_pencil_beam(phantom, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_embedding_example_runs(tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    m = re.search(r"<!-- embedding-example -->\s*```python\n(.*?)```", readme, re.DOTALL)
-    assert m, "README lacks the embedding example block"
-    monkeypatch.chdir(tmp_path)
-    exec(compile(m.group(1), "README.md", "exec"), {"__name__": "readme_example"})  # noqa: S102
-    assert (tmp_path / "results" / "embedded-plan" / "plan.json").is_file()
+def test_readme_embedding_example_runs(run_readme_example):
+    out = run_readme_example("embedding-example")
+    assert (out / "results" / "embedded-plan" / "plan.json").is_file()
 
 
 # --- sequencing is the default ------------------------------------------------------------
