@@ -50,12 +50,14 @@ from atp.errors import BackendUnavailableError, GridMismatchError, InputError, S
 #: beamlet weights -> dose on the patient grid; evaluation: ideal dose, fidelity, goals;
 #: export: ``Plan.save`` (recorded when the plan is saved).
 STAGES = ("pre-processing", "dose prediction", "dose influence", "dij to device",
-          "initial fluence", "error map + correction", "sequencing", "deliverable dose",
-          "evaluation", "export")
+          "initial fluence", "error map + correction", "sequencing", "control-point MU",
+          "deliverable dose", "evaluation", "export")
 
 #: FastPath numeric options recorded in plan.json (and reused when a loaded plan respares)
 FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
-                        "smoothness", "init_smoothness", "smooth_weight_cp", "oar_guard")
+                        "smoothness", "init_smoothness", "smooth_weight_cp", "oar_guard",
+                        "goal_weight", "target_voxels", "target_min_fraction",
+                        "sequencing_passes", "pass_steps", "mu_iterations")
 
 DEFAULT_ARC_SPACING_DEG = 4.0
 DEFAULT_DOSE_GRID_FACTOR = 3
@@ -134,6 +136,34 @@ def resolve_device(device: str | None = "auto") -> tuple[str, str | None]:
     raise InputError(f"unknown device '{dev}' (auto | cpu | cuda)", field="--device")
 
 
+def initial_fluence_choice(choice: str, weights, device: str):
+    """(initial_fluence_fn or None, weights path or None) for ``initial_fluence`` (see
+    :func:`fast_plan`); None means the exact fallback."""
+    from pathlib import Path
+
+    choice = "auto" if choice is None else str(choice)
+    if choice not in ("auto", "network", "fallback"):
+        raise InputError(f"initial_fluence must be auto, network or fallback, got "
+                         f"'{choice}'", field="--initial-fluence")
+    if choice == "fallback":
+        if weights is not None:
+            raise InputError("weights given with initial_fluence='fallback'",
+                             field="--weights")
+        return None, None
+    from optimizer.fastpath.bev2fluence import default_weights_path, make_initial_fluence_fn
+
+    path = Path(weights) if weights is not None else default_weights_path()
+    if weights is not None and not path.is_file():
+        raise InputError(f"no Bev2Fluence weights file {path}", field="--weights")
+    if path is None:
+        if choice == "network":
+            raise InputError("initial_fluence='network' but no Bev2Fluence weights are "
+                             "shipped (optimizer/fastpath/weights/bev2fluence.pt) or given "
+                             "(--weights)", field="--initial-fluence")
+        return None, None
+    return make_initial_fluence_fn(path, device), str(path)
+
+
 def path_message(initial_path: str) -> str:
     """One line saying which initial-fluence path a fast plan used."""
     return NETWORK_MESSAGE if initial_path == "network" else FALLBACK_MESSAGE
@@ -147,7 +177,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               arc_spacing_deg: float = DEFAULT_ARC_SPACING_DEG,
               dose_grid_factor: int = DEFAULT_DOSE_GRID_FACTOR,
               beamlet_size_mm: float = 5.0, machine: str = "millennium120",
-              device: str = "auto", progress=True, fastpath_options: dict | None = None):
+              device: str = "auto", progress=True, fastpath_options: dict | None = None,
+              initial_fluence: str = "auto", weights=None):
     """Fast-path plan of one patient (see the module docstring); returns a Plan.
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
@@ -159,7 +190,10 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     for VMAT sequencing. device: 'auto' | 'cpu' | 'cuda'. fastpath_options: passed to
     FastPath (``lam_hot``, ``lam_cold``, ``init_steps``, ``correction_steps``,
     ``smoothness``, ``init_smoothness``, ``smooth_weight_cp``, ``oar_guard``,
-    ``initial_fluence_fn``).
+    ``initial_fluence_fn``). initial_fluence: 'auto' (the trained Bev2Fluence network
+    when its weights exist -- ``weights`` or the shipped
+    ``optimizer/fastpath/weights/bev2fluence.pt`` -- else the exact fallback), 'network'
+    (an error when there are no weights: no silent fallback) or 'fallback'.
     """
     from atp.goals import resolve_goals, with_control_structures
     from atp.pipeline import _Stages, patient_and_goal_list
@@ -219,7 +253,14 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
         from atp.dose.resample import downsample_factor
 
         opts = dict(fastpath_options or {})
-        fp = FastPath(patient_c, dij, predicted_dose, device=dev, **opts)
+        weights_note = weights_used = None
+        if "initial_fluence_fn" not in opts:
+            fn, weights_used = initial_fluence_choice(initial_fluence, weights, dev)
+            if fn is not None:
+                opts["initial_fluence_fn"] = fn
+                weights_note = f"Bev2Fluence weights: {weights_used}"
+        fp = FastPath(patient_c, dij, predicted_dose, device=dev,
+                      resolved_goals=list(resolved), **opts)
         stages.run("prepare fast path", fp.prepare)
         timings["dij to device"] = fp.timings_s["dij_to_device"]
         timings["pre-processing"] += fp.timings_s["masks_to_dose_grid"]
@@ -233,6 +274,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             "dose_grid_factor": downsample_factor(dij.patient_grid, dij.dose_grid),
             "beamlet_size_mm": beamlet_size_mm, "spare": sparing,
             "initial_fluence_path": fp.initial_path, "device": str(fp.device),
+            "initial_fluence_weights": weights_used,
             "device_requested": "auto" if device is None else str(device),
             "fastpath_options": _jsonable_options(opts, fp),
             "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
@@ -243,6 +285,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
         if device_note:
             notes.append(device_note)
         notes.append("fast path: " + path_message(fp.initial_path))
+        if weights_note:
+            notes.append(weights_note)
         out = _finish(fp, list(resolved), sparing, settings, notes, timings, stages)
     finally:
         stages.close()
@@ -261,7 +305,8 @@ def respare(plan, spare=None, *, progress=False):
                          field="spare")
     t_start = time.perf_counter()
     sparing = check_spare(spare, plan.patient)
-    timings = {s: 0.0 for s in ("error map + correction", "sequencing", "deliverable dose",
+    timings = {s: 0.0 for s in ("error map + correction", "sequencing", "control-point MU",
+                                "deliverable dose",
                                 "evaluation")}
     fp = plan.fastpath
     notes = [n for n in plan.notes if not n.startswith("respare:")]
@@ -271,15 +316,22 @@ def respare(plan, spare=None, *, progress=False):
         if plan.predicted_dose_gy is None:
             raise InputError("this plan has no predicted dose to respare from",
                              field="predicted_dose")
-        if plan.settings.get("initial_fluence_path") == "network":  # no silent fallback
-            raise InputError("this plan's initial fluence came from a Bev2Fluence network, "
-                             "which a plan directory does not store; plan again with "
-                             "fast=True and the network", field="initial_fluence_path")
         dev, _ = resolve_device(plan.settings.get("device_requested", "auto"))
         opts = {k: v for k, v in (plan.settings.get("fastpath_options") or {}).items()
                 if k in FASTPATH_OPTION_KEYS}
+        if plan.settings.get("initial_fluence_path") == "network":  # no silent fallback
+            from pathlib import Path
+
+            from optimizer.fastpath.bev2fluence import make_initial_fluence_fn
+
+            w = plan.settings.get("initial_fluence_weights")
+            if not w or not Path(w).is_file():
+                raise InputError(f"this plan's initial fluence came from the Bev2Fluence "
+                                 f"weights {w!r}, which are not there any more; plan again "
+                                 "with fast=True", field="initial_fluence_weights")
+            opts["initial_fluence_fn"] = make_initial_fluence_fn(w, dev)
         fp = FastPath(plan.patient, plan.dij, plan.predicted_dose_gy, device=dev,
-                      **opts).prepare()
+                      resolved_goals=list(plan.resolved_goals), **opts).prepare()
         timings["dij to device"] = fp.timings_s["dij_to_device"]
         timings["initial fluence"] = (fp.timings_s["step_size"]
                                       + fp.timings_s["initial_fluence"])
@@ -329,10 +381,40 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
     from sequencer.fidelity import fidelity
 
     patient, dij = fp.patient, fp.dij
-    res = _timed(stages, timings, "error map + correction", fp.run, sparing)
     machine = settings.get("machine", "millennium120")
-    delivery = _timed(stages, timings, "sequencing", sequencer.sequence, res.fluence_mu,
-                      dij, "vmat", machine=machine, fractions=patient.fractions)
+
+    mu_info = []
+
+    def sequenced(r):
+        delivery = _timed(stages, timings, "sequencing", sequencer.sequence, r.fluence_mu,
+                          dij, "vmat", machine=machine, fractions=patient.fractions)
+        if fp.mu_iterations > 0:
+            from optimizer.fastpath.segment_weights import optimise_mu
+
+            delivery, info = _timed(stages, timings, "control-point MU", optimise_mu,
+                                    delivery, dij, fp.objective(sparing), device=fp.device,
+                                    max_iter=fp.mu_iterations)
+            mu_info.append(info)
+        grid_dose = _timed(stages, timings, "deliverable dose",
+                           sequencer.deliverable_dose, delivery, dij)
+        return r, delivery, grid_dose, fp.objective_value(grid_dose, sparing)
+
+    best = sequenced(_timed(stages, timings, "error map + correction", fp.run, sparing))
+    passes = []
+    for _ in range(int(fp.sequencing_passes)):
+        # AIRT's repeated correction passes, aimed at the deliverable dose: the last
+        # sequencing's loss (deliverable - ideal) is added inside the objective
+        r0, _, grid0, j0 = best
+        offset = np.asarray(grid0, np.float32) - r0.dose_grid_dose_gy
+        r1 = _timed(stages, timings, "error map + correction", fp.run, sparing,
+                    start=r0.fluence_mu, dose_offset_gy=offset, steps=fp.pass_steps)
+        cand = sequenced(r1)
+        passes.append({"objective_before": j0, "objective_after": cand[3],
+                       "kept": cand[3] < j0})
+        if not cand[3] < j0:
+            break
+        best = cand
+    res, delivery, grid_dose, _ = best
 
     def on_patient_grid(d):
         if dij.dose_grid.same_as(dij.patient_grid):
@@ -340,8 +422,7 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         return np.asarray(dose_to_patient_grid(d, dij.dose_grid, dij.patient_grid),
                           dtype=np.float32)
 
-    dose = _timed(stages, timings, "deliverable dose",
-                  lambda: on_patient_grid(sequencer.deliverable_dose(delivery, dij)))
+    dose = _timed(stages, timings, "deliverable dose", on_patient_grid, grid_dose)
 
     def evaluate():
         ideal = on_patient_grid(res.dose_grid_dose_gy)
@@ -354,7 +435,8 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         "method": "fastpath", "initial_path": res.initial_path,
         "objective": res.objective, "sparing": dict(res.sparing),
         "n_beamlets": int(dij.n_beamlets), "device": str(fp.device),
-        "timings_s": {**fp.timings_s, **res.timings_s},
+        "timings_s": {**fp.timings_s, **res.timings_s}, "sequencing_passes": passes,
+        "control_point_mu": mu_info,
     }
     return Plan(patient, resolved, results, np.asarray(res.fluence_mu, np.float32), dose,
                 fp.predicted_dose_gy, dij, timings, f"fastpath-{fp.device.type}",

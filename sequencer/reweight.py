@@ -45,6 +45,51 @@ def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
     return M, np.maximum(v0, 0.0)
 
 
+def mu_basis(delivery: Delivery, dij: DoseInfluence, rows, *, n_sub: int = 4):
+    """The deliverable dose as a linear function of the free MU, on dose-grid ``rows``.
+
+    Returns ``(B, v0, lo, hi)``: B (len(rows), n_free) Gy per MU, the current free MU v0
+    (B @ v0 = the delivery's dose on those rows), and the MU limits per free MU (>= 0 per
+    segment; the machine's MU/degree range per arc control point). Free MU: per arc
+    control point of the fluence, or per static/dynamic delivery interval with MU."""
+    if delivery.technique == "imrt-sliding":
+        raise ValueError("sliding-window MU set the leaf timing; they are not free")
+    m = delivery.machine
+    rows = np.asarray(rows, dtype=np.int64)
+    mat = (dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix).tocsc()
+    blocks, v0, lo, hi = [], [], [], []
+    for b in delivery.beams:
+        per_mu = _interval_doses(b, mat, dij.beamlets, m, n_sub)
+        M, v = _mu_map(b)
+        blocks.append(per_mu @ M)
+        v0.append(v)
+        if b.kind == "arc":
+            cover = control_point_cover_deg(b.gantry_deg[1:-1])
+            lo.append(m.min_mu_per_deg * cover * delivery.fractions)
+            hi.append(m.max_mu_per_deg * cover * delivery.fractions)
+        else:
+            lo.append(np.zeros(v.size))
+            hi.append(np.full(v.size, np.inf))
+    return (np.concatenate(blocks, axis=1), np.concatenate(v0), np.concatenate(lo),
+            np.concatenate(hi))
+
+
+def with_mu(delivery: Delivery, free_mu) -> Delivery:
+    """A copy of ``delivery`` with the free MU (the order of :func:`mu_basis`) replaced;
+    leaves unchanged."""
+    v = np.asarray(free_mu, dtype=np.float64)
+    beams, i = [], 0
+    for b in delivery.beams:
+        M, _ = _mu_map(b)
+        n = M.shape[1]
+        dmu = M @ v[i:i + n]
+        i += n
+        beams.append(replace(b, cumulative_mu=np.concatenate([[0.0], np.cumsum(dmu)])))
+    if i != v.size:
+        raise ValueError(f"expected {i} free MU, got {v.size}")
+    return replace(delivery, beams=tuple(beams))
+
+
 def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
                 threshold: float = 0.1, max_rows: int = 60000, n_sub: int = 4) -> Delivery:
     """A copy of ``delivery`` with MU chosen by bounded least squares against
@@ -57,35 +102,13 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
         return delivery
     if rows.size > max_rows:
         rows = rows[:: int(np.ceil(rows.size / max_rows))]
-    m = delivery.machine
-    mat = (dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix).tocsc()
-    blocks, maps, v0, lo, hi = [], [], [], [], []
-    for b in delivery.beams:
-        per_mu = _interval_doses(b, mat, dij.beamlets, m, n_sub)
-        M, v = _mu_map(b)
-        blocks.append(per_mu @ M)
-        maps.append(M)
-        v0.append(v)
-        if b.kind == "arc":
-            cover = control_point_cover_deg(b.gantry_deg[1:-1])
-            lo.append(m.min_mu_per_deg * cover * delivery.fractions)
-            hi.append(m.max_mu_per_deg * cover * delivery.fractions)
-        else:
-            lo.append(np.zeros(v.size))
-            hi.append(np.full(v.size, np.inf))
-    A = np.concatenate(blocks, axis=1)
-    res = lsq_linear(A, ref[rows], bounds=(np.concatenate(lo), np.concatenate(hi)),
+    A, _, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
+    res = lsq_linear(A, ref[rows], bounds=(lo, hi),
                      method="bvls" if A.shape[1] <= 400 else "trf", lsmr_tol="auto")
-    v = np.clip(res.x, np.concatenate(lo), np.concatenate(hi))
-    beams, i = [], 0
-    for b, M in zip(delivery.beams, maps):
-        n = M.shape[1]
-        dmu = M @ v[i:i + n]
-        i += n
-        beams.append(replace(b, cumulative_mu=np.concatenate([[0.0], np.cumsum(dmu)])))
+    out = with_mu(delivery, np.clip(res.x, lo, hi))
     meta = dict(delivery.meta)
     meta["mu_reweighted"] = True
-    return replace(delivery, beams=tuple(beams), meta=meta)
+    return replace(out, meta=meta)
 
 
 def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub):

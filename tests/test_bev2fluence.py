@@ -8,6 +8,7 @@ from atp.dose.influence import BeamletInfo
 from atp.errors import InputError
 from optimizer.fastpath.bev2fluence import (
     FEATURE_CHANNELS,
+    NETWORK_REFINE_STEPS,
     Bev2FluenceNet,
     BEVLayout,
     default_weights_path,
@@ -95,7 +96,8 @@ def test_network_initial_fluence_plugs_into_the_fast_path(arc_case, tmp_path):
     path = tmp_path / "bev2fluence.pt"
     save_weights(Bev2FluenceNet(base=8, depth=2), path)
     assert path.with_suffix(".json").is_file()
-    fn = make_initial_fluence_fn(path, "cpu")
+    fn = make_initial_fluence_fn(path, "cpu", refine_steps=0)  # the network alone
+    assert make_initial_fluence_fn(path).refine_steps == NETWORK_REFINE_STEPS
     fp = FastPath(patient, dij, pred, initial_fluence_fn=fn, correction_steps=3).prepare()
     assert fp.initial_path == "network"
     w = fp.w_init

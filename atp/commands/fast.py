@@ -27,6 +27,12 @@ def add_fast_arguments(p) -> None:
                         "below (1 - FACTOR) x the initial fluence's (repeatable)")
     p.add_argument("--arc-spacing", type=float, default=None, metavar="DEG",
                    help="--fast: degrees between arc control points (default 4)")
+    p.add_argument("--initial-fluence", default=None, metavar="auto|network|fallback",
+                   help="--fast: initial fluence from the trained Bev2Fluence network or "
+                        "the exact fallback (default auto: the network when its weights "
+                        "exist)")
+    p.add_argument("--weights", default=None, metavar="PT",
+                   help="--fast: Bev2Fluence weights file (default: the shipped one)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda",
                    help="--fast: torch device (default auto: cuda when available, else "
                         "cpu; cuda without a GPU is an error)")
@@ -35,7 +41,8 @@ def add_fast_arguments(p) -> None:
 def reject_fast_only(args) -> None:
     """Without --fast, the fast-path flags are an input error (not silently ignored)."""
     for dest, flag in (("spare", "--spare"), ("arc_spacing", "--arc-spacing"),
-                       ("device", "--device")):
+                       ("device", "--device"), ("initial_fluence", "--initial-fluence"),
+                       ("weights", "--weights")):
         if getattr(args, dest, None):
             raise InputError(f"{flag} needs --fast", field=flag)
 
@@ -60,6 +67,10 @@ def fast_options(args) -> tuple[dict, dict]:
         opts["dose_grid_factor"] = args.dose_grid_factor
     if args.device is not None:
         opts["device"] = args.device
+    if args.initial_fluence is not None:
+        opts["initial_fluence"] = args.initial_fluence
+    if args.weights is not None:
+        opts["weights"] = args.weights
     return spare, opts
 
 

@@ -87,3 +87,33 @@ def dose_to_patient_grid(dose, dose_grid: Grid, patient_grid: Grid):
         hi = xp.take(out, xp.asarray(j1), axis=axis)
         out = lo * (1.0 - wx) + hi * wx
     return out.astype(xp.float32)
+
+
+def interpolation_support(mask, patient_grid: Grid, dose_grid: Grid):
+    """Per dose voxel, the share of its trilinear-interpolation weight (0..1, float32)
+    that lands on patient voxels inside ``mask``: the adjoint of
+    :func:`dose_to_patient_grid` applied to the mask, divided by the adjoint applied to
+    ones. > 0 exactly where the voxel's dose reaches some mask voxel after interpolation
+    -- the dose-grid voxels a coverage goal must hold up so the interpolated dose covers
+    the mask's edge (the block fraction of :func:`mask_to_dose_grid` misses the outer
+    neighbours of edge voxels)."""
+    xp = array_module(mask)
+    patient_grid.check_array(mask, field="mask")
+    if dose_grid.same_as(patient_grid):
+        return xp.asarray(mask, dtype=xp.float32)
+    m = xp.asarray(mask, dtype=xp.float32)
+    ones = xp.ones(m.shape, dtype=xp.float32)
+    for axis in range(3):
+        j0, w = _axis_weights(patient_grid, dose_grid, axis)
+        n = dose_grid.shape[axis]
+        j1 = np.minimum(j0 + 1, n - 1)
+        # adjoint of out = lo * (1 - w) + hi * w along this axis: a (n, n_patient) matrix
+        adj = np.zeros((n, j0.size), np.float32)
+        cols = np.arange(j0.size)
+        np.add.at(adj, (j0, cols), (1.0 - w).astype(np.float32))
+        np.add.at(adj, (j1, cols), w.astype(np.float32))
+        adj_x = xp.asarray(adj)
+        m = xp.moveaxis(xp.tensordot(adj_x, m, axes=([1], [axis])), 0, axis)
+        ones = xp.moveaxis(xp.tensordot(adj_x, ones, axes=([1], [axis])), 0, axis)
+    out = xp.where(ones > 0, m / xp.where(ones > 0, ones, 1.0), 0.0)
+    return xp.clip(out, 0.0, 1.0).astype(xp.float32)

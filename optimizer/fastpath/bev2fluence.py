@@ -39,7 +39,7 @@ from torch import nn
 from atp.errors import InputError
 from optimizer.fastpath.bev import BEVProjection
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: rx_dose from the interpolation-support target rule
 FEATURE_CHANNELS = ("pred_dose", "rx_dose", "oar", "backprojection", "beamlet_mask",
                     "sin_gantry", "cos_gantry")
 WEIGHTS_FORMAT = "atp-bev2fluence-1"
@@ -257,11 +257,17 @@ def least_squares_scale(dose_op, w_rel: torch.Tensor, predicted_gy: torch.Tensor
     return max(0.0, float((voxel_weight * d * predicted_gy).sum()) / denom)
 
 
-def make_initial_fluence_fn(weights_path, device="cpu", refine_steps: int = 0) -> Callable:
+#: dose-mimicking steps after the network (as the fallback takes from the back-projection)
+NETWORK_REFINE_STEPS = 10
+
+
+def make_initial_fluence_fn(weights_path, device="cpu",
+                            refine_steps: int = NETWORK_REFINE_STEPS) -> Callable:
     """``fn(fastpath) -> (n_beamlets,) MU`` tensor on the fast path's device: BEV features,
     the network (relative fluence), gather, then the least-squares global scale; then
     ``refine_steps`` projected-gradient (FISTA) steps of the fast path's dose mimicking
-    (as the fallback does from the back-projection; 0 = the network alone)."""
+    with its diagonal step and smoothness (as the fallback does from the
+    back-projection; 0 = the network alone)."""
     if weights_path is None or not Path(weights_path).is_file():
         raise InputError(f"no Bev2Fluence weights at {weights_path}", field="weights")
     model = load_weights(weights_path, device)
@@ -273,13 +279,18 @@ def make_initial_fluence_fn(weights_path, device="cpu", refine_steps: int = 0) -
             w_rel = layout.gather(net(feats)).to(torch.float32)
             alpha = least_squares_scale(fp.op, w_rel, fp.pred, fp.mimic_w)
         w = (alpha * w_rel).contiguous()
-        lip = float(getattr(fp, "L_mimic", 0.0) or 0.0)
-        if refine_steps > 0 and lip > 0:
+        if refine_steps > 0:
             from optimizer.fastpath.correction import unrolled_correction
             from optimizer.fastpath.initial_fluence import DoseMimicking
 
             objective = DoseMimicking(fp.pred, fp.mimic_w)
-            w = unrolled_correction(w, fp.op, objective, refine_steps, objective.norm / lip)
+            step = getattr(fp, "step_mimic", None)
+            if step is None:
+                step = objective.norm / float(fp.L_mimic)
+            w = unrolled_correction(w, fp.op, objective, refine_steps, step,
+                                    regulariser=getattr(fp, "smooth", None),
+                                    reg_weight=float(getattr(fp, "mu_init", 0.0)))
         return w.detach()
 
+    initial_fluence_fn.refine_steps = int(refine_steps)
     return initial_fluence_fn

@@ -54,17 +54,14 @@ def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
     import torch
 
     from atp.dose.resample import mask_to_dose_grid
-    from optimizer.fastpath.chain import TARGET_MIN_FRACTION
+    from optimizer.fastpath.chain import target_prescription_map
 
     def on_grid(a):
         arr = mask_to_dose_grid(np.asarray(a, np.float32), patient.grid, dij.dose_grid)
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
 
     body = on_grid(patient.body_mask)
-    rx = np.zeros(dij.dose_grid.n_voxels, dtype=np.float32)
-    for presc in sorted(patient.prescriptions, key=lambda r: r.dose_gy):
-        frac = on_grid(patient.mask(presc.target)).numpy()
-        rx[frac > TARGET_MIN_FRACTION] = presc.dose_gy
+    rx = target_prescription_map(patient, dij.dose_grid)
     rx_t = torch.from_numpy(rx)
     oar_w = {n: on_grid(patient.mask(n)) for n in patient.organs}
     mimic_w = body.clone()
@@ -136,6 +133,44 @@ def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
     return record, meta
 
 
+def refeature_one(path: Path, dest: Path, args, predictor) -> tuple[dict, dict]:
+    """Record and metadata of an existing ``dest`` with its inputs recomputed by this
+    code's :func:`~optimizer.fastpath.bev2fluence.bev_features` (current feature version,
+    ``--predictor``); the target fluence (the optimiser's) is kept, so no re-planning."""
+    from atp.dose.arc import ARC_THRESHOLD, arc_influence
+    from atp.dose.geometry import arc_control_points
+    from atp.io import load_patient
+    from optimizer.fastpath.bev2fluence import BEVLayout
+
+    with np.load(dest) as z:
+        meta = json.loads(str(z["meta_json"]))
+        old_maps = np.asarray(z["target_mu"])
+    t0 = time.perf_counter()
+    patient = load_patient(path)
+    pred = predictor.predict(patient)
+    cps = arc_control_points(meta["arc_start_deg"], meta["arc_start_deg"],
+                             meta["arc_spacing_deg"])
+    dij = arc_influence(patient, cps, dose_grid_factor=meta["dose_grid_factor"],
+                        threshold=meta.get("threshold", ARC_THRESHOLD))
+    if dij.n_beamlets != meta["n_beamlets"]:
+        raise RuntimeError(f"{dest}: the arc dij now has {dij.n_beamlets} beamlets, the "
+                           f"record {meta['n_beamlets']}; generate it again")
+    layout = BEVLayout.from_beamlets(dij.beamlets)
+    if tuple(layout.shape) != tuple(old_maps.shape):
+        raise RuntimeError(f"{dest}: BEV layout changed; generate it again")
+    record = patient_record(patient, dij, pred, layout.gather(old_maps))
+    meta = dict(meta, feature_predictor=args.predictor,
+                refeatured_s=time.perf_counter() - t0)
+    return record, meta
+
+
+def _needs_refeature(dest: Path) -> bool:
+    from optimizer.fastpath.bev2fluence import FEATURE_VERSION
+
+    with np.load(dest) as z:
+        return int(z["feature_version"]) != FEATURE_VERSION
+
+
 def _patient_key(p: Path):
     m = re.search(r"(\d+)", p.stem)
     return (int(m.group(1)) if m else 0, p.stem)
@@ -156,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor", default="baseline")
     ap.add_argument("--site", default="hn")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    ap.add_argument("--refeature", action="store_true",
+                    help="recompute the inputs of existing files made with another feature "
+                         "version (keeps their target fluence; no re-planning)")
     args = ap.parse_args(argv)
 
     import torch
@@ -172,12 +210,14 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for i, path in enumerate(src, 1):
         dest = out / f"{path.stem}.npz"
-        if dest.exists():
+        refeature = dest.exists() and args.refeature and _needs_refeature(dest)
+        if dest.exists() and not refeature:
             print(f"[{i}/{len(src)}] {path.stem}: exists, skipped", flush=True)
             continue
         t0 = time.perf_counter()
         try:
-            record, meta = generate_one(path, args, predictor)
+            record, meta = (refeature_one(path, dest, args, predictor) if refeature
+                            else generate_one(path, args, predictor))
         except Exception as exc:  # noqa: BLE001 - keep going; retried on the next run
             failed += 1
             print(f"[{i}/{len(src)}] {path.stem}: FAILED {type(exc).__name__}: {exc}",
@@ -185,6 +225,10 @@ def main(argv=None) -> int:
             continue
         save_record(dest, record, meta)
         done += 1
+        if refeature:
+            print(f"[{i}/{len(src)}] {path.stem}: inputs recomputed in "
+                  f"{time.perf_counter() - t0:.1f} s -> {dest}", flush=True)
+            continue
         tm = meta["timings_s"]
         print(f"[{i}/{len(src)}] {path.stem}: {time.perf_counter() - t0:.1f} s "
               f"(dij {tm['dij']:.1f}, plan {tm['plan']:.1f}, features {tm['features']:.1f}; "

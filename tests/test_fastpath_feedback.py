@@ -1,0 +1,174 @@
+"""Fast-path pieces that aim the plan at the deliverable dose on the patient grid:
+target voxels by interpolation support, the goal-list objective as a differentiable J,
+correction against a sequencing offset, and control-point MU optimisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from atp.dose.resample import (
+    dose_to_patient_grid,
+    interpolation_support,
+    mask_to_dose_grid,
+)
+
+ARC = {"arc_spacing_deg": 10.0, "dose_grid_factor": 3}
+
+
+@pytest.fixture(scope="module")
+def fast(phantom):
+    import atp
+
+    return atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                    fast_options=dict(ARC, device="cpu"))
+
+
+def test_interpolation_support_covers_the_mask_after_interpolation(phantom, fast):
+    grid, dgrid = phantom.grid, fast.dij.dose_grid
+    mask = phantom.mask("PTV_70")
+    support = interpolation_support(mask, grid, dgrid)
+    block = mask_to_dose_grid(mask.astype(np.float32), grid, dgrid)
+    assert support.shape == dgrid.shape and 0.0 <= support.min() and support.max() <= 1.0
+    # a dose of 1 on every supporting voxel interpolates to exactly 1 on the whole mask ...
+    ones = (support > 0).astype(np.float32)
+    assert dose_to_patient_grid(ones, dgrid, grid)[mask].min() == pytest.approx(1.0)
+    # ... which the block fraction (voxels touching the mask) does not achieve
+    touching = (block > 0).astype(np.float32)
+    assert dose_to_patient_grid(touching, dgrid, grid)[mask].min() < 0.99
+    assert np.all(support[block > 0] > 0)  # every touching voxel supports the mask
+    # and the support is only those voxels plus neighbours: it is inside a 1-voxel dilation
+    from scipy.ndimage import binary_dilation
+
+    assert not np.any((support > 0) & ~binary_dilation(block > 0, np.ones((3, 3, 3))))
+
+
+def test_fast_path_targets_the_support_by_default(fast):
+    from optimizer.fastpath.chain import target_prescription_map
+
+    fp = fast.fastpath
+    assert fp.target_voxels == "support"
+    rx = target_prescription_map(fp.patient, fp.dij.dose_grid, "support")
+    np.testing.assert_array_equal(fp.rx.numpy(), rx)
+    block = target_prescription_map(fp.patient, fp.dij.dose_grid, "block", 0.05)
+    assert (rx > 0).sum() > (block > 0).sum()
+    with pytest.raises(ValueError, match="target_voxels"):
+        target_prescription_map(fp.patient, fp.dij.dose_grid, "ring")
+
+
+@pytest.fixture(scope="module")
+def goal_objective(fast):
+    from optimizer.fastpath.goal_objective import GoalListObjective
+    from optimizer.problem import build_problem
+
+    problem = build_problem(list(fast.resolved_goals), fast.fastpath.patient, fast.dij)
+    return problem, GoalListObjective(problem, "cpu", dtype=torch.float64)
+
+
+def test_goal_list_objective_is_the_optimisers_objective(fast, goal_objective):
+    problem, goal = goal_objective
+    w = np.asarray(fast.fluence, np.float32)
+    dose = torch.from_numpy(fast.dij.matrix @ w)
+    # the same number the optimiser computes (its Problem on its own rows), minus the
+    # fluence-smoothness term, which is not a dose term
+    from optimizer.objectives import evaluate_terms
+
+    ref, _, _ = evaluate_terms(problem.terms, [(t.rows, t.voxel_weight, t.ref_gy)
+                                               for t in problem.terms], problem.A @ w)
+    assert float(goal(dose)) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_goal_list_error_map_matches_finite_differences(fast, goal_objective):
+    from optimizer.fastpath.error_map import error_map
+
+    _, goal = goal_objective
+    dose = torch.from_numpy(fast.dij.matrix @ np.asarray(fast.fluence, np.float64))
+    assert dose.dtype == torch.float64  # finite differences need double precision
+    e = error_map(dose, goal)
+    voxels = np.unique(np.concatenate(goal._voxels))
+    rng = np.random.default_rng(0)
+    h = 1e-2  # Gy; the terms are piecewise quadratic, central differences are exact
+    checked = 0
+    for i in rng.choice(voxels, 40, replace=False):
+        dp, dm = dose.clone(), dose.clone()
+        dp[i] += h
+        dm[i] -= h
+        fd = (float(goal(dp)) - float(goal(dm))) / (2 * h)
+        if abs(fd) < 1e-9 and abs(float(e[i])) < 1e-9:
+            continue
+        assert float(e[i]) == pytest.approx(fd, rel=1e-4, abs=1e-10)
+        checked += 1
+    assert checked >= 5
+
+
+def test_goal_weight_adds_the_goal_terms_to_the_fast_objective(phantom, fast):
+    from optimizer.fastpath.chain import FastPath
+
+    fp = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy, device="cpu",
+                  goal_weight=1.0, resolved_goals=list(fast.resolved_goals)).prepare()
+    assert fp.goal_objective is not None and fp.goal_objective.scale > 0
+    d = fp.op(fp.w_init)
+    hot = fp.objective({})
+    plain = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy,
+                     device="cpu").prepare()
+    assert plain.goal_objective is None
+    assert float(hot(d)) == pytest.approx(float(plain.objective({})(d))
+                                          + float(fp.goal_objective(d)), rel=1e-5)
+    res = fp.run({})
+    assert res.objective < float(hot(d))  # the correction lowers the combined objective
+
+
+def test_correction_with_zero_offset_is_the_plain_correction(fast):
+    fp = fast.fastpath
+    a = fp.run({})
+    b = fp.run({}, dose_offset_gy=np.zeros(fp.dij.dose_grid.shape, np.float32))
+    np.testing.assert_allclose(b.fluence_mu, a.fluence_mu, rtol=1e-6, atol=1e-9)
+    # an offset that adds dose everywhere makes the correction deliver less fluence
+    c = fp.run({}, dose_offset_gy=np.full(fp.dij.dose_grid.shape, 5.0, np.float32))
+    assert c.fluence_mu.sum() < a.fluence_mu.sum()
+    # starting from the corrected fluence with 0 steps returns it unchanged
+    d = fp.run({}, start=a.fluence_mu, steps=0)
+    np.testing.assert_array_equal(d.fluence_mu, a.fluence_mu)
+
+
+def test_mu_basis_is_the_deliverable_dose_and_with_mu_round_trips(fast):
+    import sequencer
+    from sequencer.reweight import mu_basis, with_mu
+
+    delivery, dij = fast.delivery, fast.dij
+    now = np.asarray(sequencer.deliverable_dose(delivery, dij)).reshape(-1)
+    rows = np.flatnonzero(now > 0.1 * now.max())
+    B, v0, lo, hi = mu_basis(delivery, dij, rows)
+    np.testing.assert_allclose(B @ v0, now[rows], rtol=1e-4, atol=1e-4 * now.max())
+    assert np.all(lo <= v0 + 1e-9) and np.all(v0 <= hi + 1e-9)
+    doubled = with_mu(delivery, 2.0 * v0)
+    d2 = np.asarray(sequencer.deliverable_dose(doubled, dij)).reshape(-1)
+    np.testing.assert_allclose(d2, 2.0 * now, rtol=1e-4, atol=1e-4 * now.max())
+    for a, b in zip(delivery.beams, doubled.beams):  # leaves untouched
+        np.testing.assert_array_equal(a.leaf_a_mm, b.leaf_a_mm)
+        np.testing.assert_array_equal(a.leaf_b_mm, b.leaf_b_mm)
+    with pytest.raises(ValueError):
+        with_mu(delivery, v0[:-1])
+
+
+def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
+    import sequencer
+    from optimizer.fastpath.segment_weights import optimise_mu
+    from sequencer.reweight import mu_basis
+
+    fp, dij = fast.fastpath, fast.dij
+    raw = sequencer.sequence(fast.fluence, dij, "vmat", fractions=fp.patient.fractions)
+    obj = fp.objective({})
+    out, info = optimise_mu(raw, dij, obj, max_iter=30)
+    j = fp.objective_value
+    before = j(sequencer.deliverable_dose(raw, dij))
+    after = j(sequencer.deliverable_dose(out, dij))
+    assert info["kept"] and after < before
+    assert info["objective_before"] == pytest.approx(before, rel=1e-4)
+    rows = np.arange(dij.dose_grid.n_voxels)
+    _, v, lo, hi = mu_basis(out, dij, rows[:10])
+    assert np.all(v >= lo - 1e-6) and np.all(v <= hi + 1e-6)
+    # the plan records the MU step and its effect
+    assert fast.optimizer["control_point_mu"] and fast.timings_s["control-point MU"] > 0
