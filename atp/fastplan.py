@@ -389,10 +389,10 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         delivery = _timed(stages, timings, "sequencing", sequencer.sequence, r.fluence_mu,
                           dij, "vmat", machine=machine, fractions=patient.fractions)
         if fp.mu_iterations > 0:
-            from optimizer.fastpath.segment_weights import optimise_mu
+            from sequencer.reweight import optimise_mu
 
             delivery, info = _timed(stages, timings, "control-point MU", optimise_mu,
-                                    delivery, dij, fp.objective(sparing), device=fp.device,
+                                    delivery, dij, fp.objective_value_grad(sparing),
                                     max_iter=fp.mu_iterations)
             mu_info.append(info)
         grid_dose = _timed(stages, timings, "deliverable dose",

@@ -90,6 +90,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", default="validation")
     ap.add_argument("--patients", type=int, default=5)
+    ap.add_argument("--start", type=int, default=0,
+                    help="skip the first START patients (to split a run over processes)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no warm-up run per patient (quality runs; the first timing of "
+                         "each patient then includes allocator warm-up)")
+    ap.add_argument("--initial-fluence", default="auto",
+                    help="auto | network | fallback (fast path's initial fluence)")
     ap.add_argument("--predictor", default=None,
                     help="predictor name (default: the registry's default)")
     ap.add_argument("--arc-spacing", type=float, default=4.0)
@@ -105,12 +112,13 @@ def main(argv=None) -> int:
     from atp.io import load_patient
     from predictor import registry as predictors
 
-    files = patient_files(args.split, args.patients)
+    files = patient_files(args.split, args.start + args.patients)[args.start:]
     if not files:
         print(f"no patients under {DATA / args.split}", file=sys.stderr)
         return 2
     predictor = args.predictor or predictors.default_predictor_name()
-    fast_opts = {"arc_spacing_deg": args.arc_spacing, "device": args.device}
+    fast_opts = {"arc_spacing_deg": args.arc_spacing, "device": args.device,
+                 "initial_fluence": args.initial_fluence}
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "torch": torch.__version__, "cuda": torch.cuda.is_available(),
               "predictor": predictor, "arc_spacing_deg": args.arc_spacing,
@@ -122,8 +130,9 @@ def main(argv=None) -> int:
         row = {"patient": f.stem, "load_s": load_s}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            atp.plan(patient, predictor=predictor, fast=True, progress=False,
-                     fast_options=fast_opts)  # warm-up
+            if not args.no_warmup:
+                atp.plan(patient, predictor=predictor, fast=True, progress=False,
+                         fast_options=fast_opts)  # warm-up
             fast = atp.plan(patient, predictor=predictor, fast=True, progress=False,
                             fast_options=fast_opts)
             row["fast_with_dij_s"] = fast_timings(fast, tmp)

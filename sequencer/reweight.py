@@ -133,3 +133,57 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub):
         dose = np.asarray(mat[:, cols] @ w.T)
         np.add.at(out.T, owner[sel], dose.T)
     return out
+
+
+def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
+                threshold: float = 0.1, max_rows: int = 60000, max_iter: int = 40,
+                n_sub: int = 4) -> tuple[Delivery, dict]:
+    """Control-point / segment MU minimising a plan objective J of the deliverable dose.
+
+    The least-squares fit of :func:`reweight_mu` treats a hot spot like a cold spot; here
+    the free MU minimise J itself (segment-weight optimisation, the weight step of direct
+    aperture optimisation)::
+
+        min_v  J(D_now + B (v - v0))   s.t.  lo <= v <= hi
+
+    with B the dose per MU on the dose-grid voxels receiving at least ``threshold`` x the
+    maximum dose (:func:`mu_basis`; the other voxels keep their dose), by L-BFGS-B on the
+    few hundred free MU. ``value_grad(dose)``: J and dJ/dD (NumPy, flattened dose grid,
+    Gy) -- any objective, e.g. the fast path's error-map objective. The leaves do not
+    move, so every MLC constraint still holds. Returns (delivery, info); the input
+    delivery when J does not decrease.
+    """
+    from scipy.optimize import minimize
+
+    if delivery.technique == "imrt-sliding":
+        return delivery, {"iterations": 0, "kept": False, "reason": "sliding window"}
+    from sequencer.deliverable import deliverable_dose
+
+    now = np.asarray(deliverable_dose(delivery, dij, n_sub), np.float64).reshape(-1)
+    top = float(now.max())
+    if top <= 0:
+        return delivery, {"iterations": 0, "kept": False, "reason": "no dose"}
+    rows = np.flatnonzero(now >= threshold * top)
+    if rows.size > max_rows:
+        rows = rows[:: int(np.ceil(rows.size / max_rows))]
+    B, v0, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
+
+    def fun(v):
+        dose = now.copy()
+        dose[rows] += B @ (v - v0)
+        j, g = value_grad(dose.astype(np.float32))
+        return float(j), B.T @ np.asarray(g, np.float64).reshape(-1)[rows]
+
+    start = np.clip(v0, lo, hi)
+    j0, _ = fun(start)
+    res = minimize(fun, start, jac=True, method="L-BFGS-B",
+                   bounds=list(zip(lo, np.where(np.isfinite(hi), hi, None))),
+                   options={"maxiter": int(max_iter)})
+    info = {"iterations": int(res.nit), "objective_before": j0,
+            "objective_after": float(min(res.fun, j0)), "kept": bool(res.fun < j0)}
+    if not res.fun < j0:
+        return delivery, info
+    out = with_mu(delivery, np.clip(res.x, lo, hi))
+    meta = dict(out.meta)
+    meta["mu_optimised"] = True
+    return replace(out, meta=meta), info

@@ -42,7 +42,7 @@ from optimizer.fastpath.correction import (
     diagonal_step,
     unrolled_correction,
 )
-from optimizer.fastpath.error_map import HotColdObjective
+from optimizer.fastpath.error_map import HotColdObjective, error_map
 from optimizer.fastpath.initial_fluence import DoseMimicking, initial_fluence
 from optimizer.fastpath.smoothness import FluenceSmoothness
 from optimizer.fastpath.torch_dose import TorchDose
@@ -284,6 +284,21 @@ class FastPath:
             dose_grid_dose_gy=dose.detach().cpu().numpy().reshape(self.dij.dose_grid.shape),
             initial_path=self.initial_path, sparing=sparing, timings_s=timings,
             objective=float(obj(dose)))
+
+    def objective_value_grad(self, spare: Mapping[str, float] | None = None):
+        """``f(dose) -> (J, dJ/dD)`` on NumPy arrays (flattened dose grid, Gy) for the
+        correction objective of ``spare`` -- for host-side solvers such as the
+        sequencer's control-point MU optimisation."""
+        sparing = {k: float(v) for k, v in (spare or {}).items()}
+        obj = self.objective(sparing)
+
+        def value_grad(dose_gy):
+            d = torch.as_tensor(np.asarray(dose_gy, np.float32).reshape(-1),
+                                device=self.device)
+            e = error_map(d, obj)
+            return float(obj(d)), e.detach().cpu().numpy()
+
+        return value_grad
 
     def objective_value(self, dose_gy, spare: Mapping[str, float] | None = None) -> float:
         """The correction objective J (for ``spare``) at a dose-grid dose (Gy)."""
