@@ -43,9 +43,9 @@ def counter():
 
 @pytest.fixture(scope="module")
 def base(phantom, counter):
-    """Zero-sparing fast plan (spare={}) on the CPU."""
+    """Zero-sparing fast plan (spare={}) on the CPU, exact fallback initial fluence."""
     return atp.plan(phantom, predictor=counter, fast=True, spare={}, progress=False,
-                    fast_options=dict(ARC, device="cpu"))
+                    fast_options=dict(ARC, device="cpu", initial_fluence="fallback"))
 
 
 def _mean(dose, patient, name):
@@ -93,7 +93,7 @@ def test_fast_plan_is_a_sequenced_vmat_plan_with_deliverable_dose(base, phantom,
 def test_zero_sparing_equals_the_baseline_run_exactly(base, phantom):
     again = atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij,
                      fast=True, spare={"Parotid_L": 0.0}, progress=False,
-                     fast_options={"device": "cpu"})
+                     fast_options={"device": "cpu", "initial_fluence": "fallback"})
     assert again.settings["spare"] == {"Parotid_L": 0.0}
     np.testing.assert_array_equal(again.fluence, base.fluence)
     np.testing.assert_array_equal(again.dose_gy, base.dose_gy)
@@ -162,6 +162,43 @@ def test_device_choice_is_explicit():
 def test_initial_fluence_path_is_noted(base):
     assert any(n.startswith("fast path: initial fluence from the exact fallback")
                for n in base.notes)
+    assert base.settings["initial_fluence_weights"] is None
+
+
+def test_shipped_bev2fluence_weights_are_the_default_and_said(phantom, tmp_path):
+    from optimizer.fastpath.bev2fluence import default_weights_path
+
+    shipped = default_weights_path()
+    assert shipped is not None, "optimizer/fastpath/weights/bev2fluence.pt is shipped"
+    net = atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                   fast_options=dict(ARC, device="cpu"))  # initial_fluence 'auto'
+    assert net.settings["initial_fluence_path"] == "network"
+    assert net.settings["initial_fluence_weights"] == str(shipped)
+    assert any(n.startswith("fast path: initial fluence from the trained Bev2Fluence")
+               for n in net.notes)
+    assert net.dose_gy[phantom.mask("PTV_70")].mean() > 0.85 * 70
+    # a plan read back from disk respares with the same weights (no silent fallback)
+    out = net.save(tmp_path / "net", report=False)
+    again = atp.load_plan(out, patient=phantom).respare({})
+    assert again.settings["initial_fluence_path"] == "network"
+    np.testing.assert_allclose(again.fluence, net.fluence, rtol=1e-4,
+                               atol=1e-5 * float(net.fluence.max()))
+
+
+def test_network_without_weights_is_an_error_not_a_fallback(phantom, monkeypatch):
+    from optimizer.fastpath import bev2fluence
+
+    monkeypatch.setattr(bev2fluence, "default_weights_path", lambda: None)
+    with pytest.raises(InputError, match="no Bev2Fluence weights"):
+        atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                 fast_options=dict(ARC, device="cpu", initial_fluence="network"))
+    with pytest.raises(InputError, match="initial_fluence"):
+        atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                 fast_options=dict(ARC, device="cpu", initial_fluence="learned"))
+    # without shipped weights 'auto' is the exact fallback, and says so
+    auto = atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                    fast_options=dict(ARC, device="cpu"))
+    assert auto.settings["initial_fluence_path"] == "fallback"
 
 
 # --- CLI -------------------------------------------------------------------------------
@@ -169,7 +206,7 @@ def test_cli_plan_fast(tmp_path, capsys):
     out = tmp_path / "fast"
     rc = main(["plan", "phantom", "--fast", "--predictor", "baseline", "--spare",
                "Parotid_L=0.1", "--arc-spacing", "10", "--quiet",
-               "--no-report", "--out", str(out)])
+               "--initial-fluence", "fallback", "--no-report", "--out", str(out)])
     assert rc in (0, 3)
     stdout = capsys.readouterr().out
     assert "fast path: initial fluence from the exact fallback" in stdout
@@ -191,6 +228,9 @@ def test_cli_plan_fast(tmp_path, capsys):
     (["--spare", "Parotid_L=0.1"], "needs --fast"),
     (["--fast", "--beams", "5"], "--beams"),
     (["--fast", "--sequencer", "imrt-sns"], "VMAT"),
+    (["--fast", "--initial-fluence", "learned"], "initial_fluence must be"),
+    (["--fast", "--weights", "/nonexistent/b2f.pt"], "no Bev2Fluence weights file"),
+    (["--initial-fluence", "fallback"], "needs --fast"),
 ])
 def test_cli_bad_fast_input_is_exit_2_without_output(tmp_path, capsys, args, message):
     out = tmp_path / "x"

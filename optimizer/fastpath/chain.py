@@ -106,7 +106,7 @@ class FastPath:
                  oar_guard: float = 0.5, target_min_fraction: float = TARGET_MIN_FRACTION,
                  goal_weight: float = 0.0, resolved_goals=None, target_voxels: str = "support",
                  sequencing_passes: int = 0, pass_steps: int | None = None,
-                 mu_iterations: int = 40,
+                 mu_iterations: int = 40, oar_minus_targets: str = "none",
                  device: str = "cpu", initial_fluence_fn: Callable | None = None) -> None:
         self.target_min_fraction = float(target_min_fraction)
         self.patient = patient
@@ -125,6 +125,10 @@ class FastPath:
         self.sequencing_passes = int(sequencing_passes)
         self.pass_steps = pass_steps
         self.mu_iterations = int(mu_iterations)
+        if oar_minus_targets not in ("none", "core", "support"):
+            raise ValueError("oar_minus_targets must be none, core or support, got "
+                             f"{oar_minus_targets!r}")
+        self.oar_minus_targets = oar_minus_targets
         self.resolved_goals = resolved_goals
         self.goal_objective = None
         self.device = torch.device(device)
@@ -137,6 +141,23 @@ class FastPath:
         arr = mask_to_dose_grid(array, self.patient.grid, self.dij.dose_grid)
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
                                 ).to(self.device)
+
+    def _hinge_weights(self, p) -> dict:
+        """OAR voxel weights of the correction's OAR hinges (guard and sliders): the OAR,
+        minus target voxels when ``oar_minus_targets`` is 'core' (voxels at least half
+        inside a target) or 'support' (every target voxel of the coverage term) -- the
+        optimiser's "organ minus PTV" rule: inside a target coverage wins anyway, and the
+        hinge would only pull cold spots into it."""
+        if self.oar_minus_targets == "none":
+            return self.oar_w
+        if self.oar_minus_targets == "support":
+            inside = (self.rx > 0).to(torch.float32)
+        else:
+            inside = torch.zeros_like(self.rx)
+            for presc in p.prescriptions:
+                f = self._on_dose_grid(p.mask(presc.target).astype(np.float32))
+                inside = torch.maximum(inside, (f >= 0.5).to(torch.float32))
+        return {n: w * (1.0 - inside) for n, w in self.oar_w.items()}
 
     def prepare(self) -> FastPath:
         t0 = time.perf_counter()
@@ -152,6 +173,7 @@ class FastPath:
         self.target_w = (self.rx > 0).to(torch.float32)
         self.oar_w = {n: self._on_dose_grid(p.mask(n).astype(np.float32))
                       for n in p.organs}
+        self.oar_hinge_w = self._hinge_weights(p)
         pred = self._on_dose_grid(np.asarray(self.predicted_dose_gy, dtype=np.float32))
         self.pred = pred
         # dose-mimicking voxel weights: body 1, OARs 2, targets 5
@@ -216,7 +238,8 @@ class FastPath:
             raise StructureError(f"sparing slider for unknown OAR(s) {unknown}; this patient "
                                  f"has {sorted(self.oar_w)}", field="--spare")
         hotcold = HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
-                                   self.oar_w, dict(sparing), self.d0, self.oar_guard)
+                                   self.oar_hinge_w, dict(sparing), self.d0,
+                                   self.oar_guard)
         if self.goal_objective is None:
             return hotcold
         goal = self.goal_objective
@@ -228,7 +251,7 @@ class FastPath:
         n_t = self.target_w.sum().clamp_min(1.0)
         c = self.target_w * (max(self.lam_hot, self.lam_cold) / n_t)
         if self.oar_guard > 0:
-            for w in self.oar_w.values():
+            for w in self.oar_hinge_w.values():
                 c = c + self.oar_guard * w / w.sum().clamp_min(1.0)
         return c
 
@@ -240,7 +263,7 @@ class FastPath:
         extra = 1.0 - min(self.oar_guard, 1.0)
         for name, s in sparing.items():
             if float(s) > 0 and extra > 0:
-                w = self.oar_w[name]
+                w = self.oar_hinge_w[name]
                 term = extra * w / w.sum().clamp_min(1.0)
                 vw = term if vw is None else vw + term
         r = self.r_target

@@ -116,6 +116,13 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _counts(values) -> str:
+    """'a (n), b (m)': how many records name each value."""
+    from collections import Counter
+
+    return ", ".join(f"{k} ({n})" for k, n in sorted(Counter(map(str, values)).items()))
+
+
 def default_card_path(out: Path) -> Path:
     if out.resolve().parent == WEIGHTS_DIR:
         return WEIGHTS_DIR.parent / "MODEL_CARD.md"
@@ -137,7 +144,9 @@ fit of the dose to the prediction (`optimizer/fastpath/bev2fluence.py`).
 
 - source: `{s['data']}`, made by `python -m optimizer.fastpath.gen_data`
 - targets: fluence (MU) of the full optimiser pipeline (cpu backend, no sequencing)
-- optimiser max_iter: {meta.get('max_iter')}; predictor: `{meta.get('predictor')}`
+- optimiser max_iter: {meta.get('max_iter')}; goals resolved with the predicted dose of
+  the predictor (patients): {meta.get('predictor')}; input channels computed from the
+  predictor: {meta.get('feature_predictor')}
 - arc: one full arc at {meta.get('arc_spacing_deg')} deg ({meta.get('control_points')} \
 control points); dose grid factor: {meta.get('dose_grid_factor')}
 - training: {s['n_train']} OpenKBP training patients ({s['n_train_cps']} control-point maps)
@@ -250,7 +259,11 @@ def train(args) -> dict:
         state["epoch"] += 1
         state["pos"] = 0
     checkpoint()
-    meta = train_set[0]["meta"]
+    meta = dict(train_set[0]["meta"])
+    meta["predictor"] = _counts(r["meta"].get("predictor") for r in train_set + val_set)
+    meta["feature_predictor"] = _counts(r["meta"].get("feature_predictor",
+                                                      r["meta"].get("predictor"))
+                                        for r in train_set + val_set)
     summary = {
         "data": str(data), "data_meta": meta, "n_train": len(train_set),
         "n_train_cps": int(sum(r["x"].shape[0] for r in train_set)),
