@@ -386,8 +386,11 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
     mu_info = []
 
     def sequenced(r):
+        # with the MU optimised on J below, the sequencer's least-squares MU fit (same
+        # free MU, other objective) would only be overwritten: skip it
         delivery = _timed(stages, timings, "sequencing", sequencer.sequence, r.fluence_mu,
-                          dij, "vmat", machine=machine, fractions=patient.fractions)
+                          dij, "vmat", machine=machine, fractions=patient.fractions,
+                          reweight=fp.mu_iterations <= 0)
         if fp.mu_iterations > 0:
             from sequencer.reweight import optimise_mu
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_optimizer import CRITERIA, DATA, criteria_met, patient_files
 
 SLIDERS = (0.0, 0.1, 0.2, 0.3)
+WHO = ("fast", "fast_ideal", "optimiser", "optimiser_arc", "optimiser_arc_ideal", "reference")
 PAROTIDS = ("Parotid_L", "Parotid_R")
 
 
@@ -103,8 +104,23 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-optimiser", action="store_true",
                     help="skip the full-optimiser comparison (part 2)")
+    ap.add_argument("--no-optimiser-arc", action="store_true",
+                    help="skip the optimiser on the fast path's own arc dij (VMAT)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no planning: merge the patients of earlier --json reports (runs "
+                         "split with --start) and print the tables")
     args = ap.parse_args(argv)
+    if args.merge:
+        reports = [json.loads(Path(f).read_text()) for f in args.merge]
+        report = {k: v for k, v in reports[0].items() if k not in ("patients", "summary")}
+        report["patients"] = [r for rep in reports for r in rep["patients"]]
+        report["merged_from"] = list(args.merge)
+        report["summary"] = summarise(report["patients"])
+        print_tables(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        return 0
 
     import torch
 
@@ -159,6 +175,14 @@ def main(argv=None) -> int:
             row["optimiser_technique"] = full.delivery.technique if full.delivery else None
             row["optimiser_quality"] = quality(patient, full.dose_gy)
             row["optimiser_goals_met"] = [full.summary()["goals_passed"], len(full.results)]
+        if not args.no_optimiser_arc:  # same arc, same delivery technique as the fast path
+            t0 = time.perf_counter()
+            arc = atp.plan(patient, site="hn", predicted_dose=fast.predicted_dose_gy,
+                           dij=fast.dij, backend="cpu", progress=False)
+            row["optimiser_arc_total_s"] = time.perf_counter() - t0
+            row["optimiser_arc_technique"] = arc.delivery.technique if arc.delivery else None
+            row["optimiser_arc_quality"] = quality(patient, arc.dose_gy)
+            row["optimiser_arc_ideal_quality"] = quality(patient, arc.ideal_dose_gy)
         ref = patient.metadata.get("reference_dose_gy")
         if ref is not None:
             row["reference_quality"] = quality(patient, np.asarray(ref))
@@ -187,7 +211,7 @@ def summarise(rows) -> dict:
                                                             for r in rows])) for k in stages}}
     s["fast_gamma_ideal_vs_deliverable_pct_mean"] = float(np.mean(
         [r["fast_gamma_ideal_vs_deliverable_pct"] for r in rows]))
-    for who in ("fast", "fast_ideal", "optimiser", "reference"):
+    for who in WHO:
         key = f"{who}_quality"
         if any(key in r for r in rows):
             q = [r[key] for r in rows if key in r]
@@ -220,13 +244,15 @@ def print_tables(report) -> None:
     print("| plan | criteria met | PTV_70 HI | " + " | ".join(
         f"{n} mean Gy" for n in s["fast"]["oar_mean_gy"]) + " |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in s["fast"]["oar_mean_gy"]) + " |")
-    for who in ("fast", "fast_ideal", "optimiser", "reference"):
+    for who in WHO:
         if who in s:
             q = s[who]
             print(f"| {who} | {q['criteria_share']:.1%} | {q['ptv70_hi_mean']:.3f} | "
                   + " | ".join(f"{q['oar_mean_gy'].get(n, float('nan')):.1f}"
                                for n in s["fast"]["oar_mean_gy"]) + " |")
-    print("(fast_ideal: the fast path's fluence dose before sequencing)")
+    print("(fast_ideal: the fast path's fluence dose before sequencing; optimiser: 9 beams, "
+          "sliding window; optimiser_arc: the optimiser on the fast path's arc dij, VMAT; "
+          "_ideal: before sequencing)")
     print(f"3%/3mm gamma, ideal vs deliverable (mean over patients): "
           f"{s['fast_gamma_ideal_vs_deliverable_pct_mean']:.1f} %")
     print(f"\nSlider monotonicity (parotid sparing {SLIDERS}): {s['sliders']}")

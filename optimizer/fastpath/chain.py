@@ -42,7 +42,7 @@ from optimizer.fastpath.correction import (
     diagonal_step,
     unrolled_correction,
 )
-from optimizer.fastpath.error_map import HotColdObjective, error_map
+from optimizer.fastpath.error_map import HotColdObjective, value_and_error_map
 from optimizer.fastpath.initial_fluence import DoseMimicking, initial_fluence
 from optimizer.fastpath.smoothness import FluenceSmoothness
 from optimizer.fastpath.torch_dose import TorchDose
@@ -106,7 +106,7 @@ class FastPath:
                  oar_guard: float = 0.5, target_min_fraction: float = TARGET_MIN_FRACTION,
                  goal_weight: float = 0.0, resolved_goals=None, target_voxels: str = "support",
                  sequencing_passes: int = 0, pass_steps: int | None = None,
-                 mu_iterations: int = 40, oar_minus_targets: str = "none",
+                 mu_iterations: int = 30, oar_minus_targets: str = "none",
                  device: str = "cpu", initial_fluence_fn: Callable | None = None) -> None:
         self.target_min_fraction = float(target_min_fraction)
         self.patient = patient
@@ -318,8 +318,8 @@ class FastPath:
         def value_grad(dose_gy):
             d = torch.as_tensor(np.asarray(dose_gy, np.float32).reshape(-1),
                                 device=self.device)
-            e = error_map(d, obj)
-            return float(obj(d)), e.detach().cpu().numpy()
+            j, e = value_and_error_map(d, obj)
+            return float(j), e.cpu().numpy()
 
         return value_grad
 

@@ -73,25 +73,50 @@ class HotColdObjective:
                 out[name] = (weight, s)
         return out
 
+    def _terms(self):
+        """Per term (voxel indices, voxel weights / count, reference Gy, lam_hot, lam_cold)
+        on its own voxels only (gathered once: a term never reads the rest of the grid)."""
+        if getattr(self, "_cache", None) is None:
+            terms = []
+            tw = self.target_weight
+            idx = torch.nonzero(tw > 0).reshape(-1)
+            if idx.numel():
+                terms.append((idx, tw[idx] / tw.sum().clamp_min(1.0), self.rx_gy[idx],
+                              0.5 * self.lam_hot, 0.5 * self.lam_cold))
+            for name, (weight, s) in self.oar_term_weights().items():
+                w = self.oar_weights[name]
+                idx = torch.nonzero(w > 0).reshape(-1)
+                if idx.numel():
+                    terms.append((idx, weight * w[idx] / w.sum().clamp_min(1.0),
+                                  (1.0 - s) * self.baseline_dose[idx], 0.5, 0.0))
+            self._cache = terms
+        return self._cache
+
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
-        x = dose - self.rx_gy
-        tw = self.target_weight
-        n_t = tw.sum().clamp_min(1.0)
-        j = (tw * (0.5 * self.lam_hot * torch.relu(x) ** 2
-                   + 0.5 * self.lam_cold * torch.relu(-x) ** 2)).sum() / n_t
-        for name, (weight, s) in self.oar_term_weights().items():
-            w = self.oar_weights[name]
-            ref = (1.0 - s) * self.baseline_dose
-            j = j + weight * (w * 0.5 * torch.relu(dose - ref) ** 2).sum() \
-                / w.sum().clamp_min(1.0)
+        j = dose.new_zeros(())
+        for idx, w, ref, hot, cold in self._terms():
+            x = torch.index_select(dose, 0, idx) - ref
+            pen = hot * torch.relu(x) ** 2
+            if cold:
+                pen = pen + cold * torch.relu(-x) ** 2
+            j = j + (w * pen).sum()
         return j
+
+
+def value_and_error_map(dose: torch.Tensor,
+                        objective: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J, E = dJ/dD) at ``dose`` by one autograd pass; ``dose`` is not modified."""
+    d = dose.detach().requires_grad_(True)
+    with torch.enable_grad():
+        j = objective(d)
+        (grad,) = torch.autograd.grad(j, d, allow_unused=True)
+    if grad is None:  # J does not depend on the dose (no terms)
+        grad = torch.zeros_like(d)
+    return j.detach(), grad
 
 
 def error_map(dose: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
               ) -> torch.Tensor:
     """E = dJ/dD at ``dose`` (same shape as dose), by autograd; ``dose`` is not modified."""
-    d = dose.detach().requires_grad_(True)
-    with torch.enable_grad():
-        j = objective(d)
-        (grad,) = torch.autograd.grad(j, d)
-    return grad
+    return value_and_error_map(dose, objective)[1]
