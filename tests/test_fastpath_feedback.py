@@ -170,3 +170,20 @@ def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
     assert np.all(v >= lo - 1e-6) and np.all(v <= hi + 1e-6)
     # the plan records the MU step and its effect
     assert fast.optimizer["control_point_mu"] and fast.timings_s["control-point MU"] > 0
+
+
+def test_oar_minus_targets_drops_target_voxels_from_the_oar_hinges(fast):
+    from optimizer.fastpath.chain import FastPath
+
+    fp0 = fast.fastpath
+    args = (fp0.patient, fast.dij, fast.predicted_dose_gy)
+    core = FastPath(*args, device="cpu", oar_minus_targets="core").prepare()
+    support = FastPath(*args, device="cpu", oar_minus_targets="support").prepare()
+    for name, w in fp0.oar_w.items():
+        assert torch.equal(fp0.oar_hinge_w[name], w)  # default: the whole OAR
+        assert torch.all(support.oar_hinge_w[name][support.rx > 0] == 0)
+        assert torch.all(core.oar_hinge_w[name] <= w)
+        assert torch.all(support.oar_hinge_w[name] <= core.oar_hinge_w[name])
+    assert core.oar_w.keys() == fp0.oar_w.keys()  # features and mimicking keep the OARs
+    with pytest.raises(ValueError, match="oar_minus_targets"):
+        FastPath(*args, oar_minus_targets="all")

@@ -29,11 +29,15 @@ from optimizer.objectives import RANK_ONE, evaluate_terms
 
 
 def _to_xp(t: torch.Tensor):
-    """A torch tensor as a NumPy array (CPU, shared memory) or CuPy array (CUDA, DLPack)."""
+    """A torch tensor as a NumPy array (CPU, shared memory) or CuPy array (CUDA, DLPack;
+    without CuPy installed, a host copy: the same numbers, computed on the CPU)."""
     if t.device.type == "cpu":
         return t.detach().numpy()
-    import cupy
+    from atp.xp import cupy_or_none
 
+    cupy = cupy_or_none()
+    if cupy is None:
+        return t.detach().cpu().numpy()
     return cupy.from_dlpack(t.detach())
 
 
