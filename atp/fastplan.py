@@ -164,6 +164,45 @@ def initial_fluence_choice(choice: str, weights, device: str):
     return make_initial_fluence_fn(path, device), str(path)
 
 
+def correction_choice(choice: str, weights, device: str):
+    """(correction_fn or None, weights path or None) for ``correction`` (see
+    :func:`fast_plan`); None means the exact unrolled steps."""
+    from pathlib import Path
+
+    choice = "auto" if choice is None else str(choice)
+    if choice not in ("auto", "network", "exact"):
+        raise InputError(f"correction must be auto, network or exact, got '{choice}'",
+                         field="--correction")
+    if choice == "exact":
+        if weights is not None:
+            raise InputError("correction weights given with correction='exact'",
+                             field="--correction-weights")
+        return None, None
+    from optimizer.fastpath.correction_net import (
+        default_correction_weights_path,
+        make_correction_fn,
+    )
+
+    path = Path(weights) if weights is not None else default_correction_weights_path()
+    if weights is not None and not path.is_file():
+        raise InputError(f"no correction-network weights file {path}",
+                         field="--correction-weights")
+    if path is None:
+        if choice == "network":
+            raise InputError("correction='network' but no correction-network weights are "
+                             "shipped (optimizer/fastpath/weights/correction.pt) or given "
+                             "(--correction-weights)", field="--correction")
+        return None, None
+    return make_correction_fn(path, device), str(path)
+
+
+def correction_message(correction_path: str) -> str:
+    """One line saying which correction a fast plan used."""
+    return ("correction by the trained correction network (+ exact steps)"
+            if correction_path == "network" else
+            "correction by exact unrolled gradient steps (no correction-network weights)")
+
+
 def path_message(initial_path: str) -> str:
     """One line saying which initial-fluence path a fast plan used."""
     return NETWORK_MESSAGE if initial_path == "network" else FALLBACK_MESSAGE
@@ -178,7 +217,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               dose_grid_factor: int = DEFAULT_DOSE_GRID_FACTOR,
               beamlet_size_mm: float = 5.0, machine: str = "millennium120",
               device: str = "auto", progress=True, fastpath_options: dict | None = None,
-              initial_fluence: str = "auto", weights=None):
+              initial_fluence: str = "auto", weights=None, correction: str = "auto",
+              correction_weights=None):
     """Fast-path plan of one patient (see the module docstring); returns a Plan.
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
@@ -193,7 +233,10 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     ``initial_fluence_fn``). initial_fluence: 'auto' (the trained Bev2Fluence network
     when its weights exist -- ``weights`` or the shipped
     ``optimizer/fastpath/weights/bev2fluence.pt`` -- else the exact fallback), 'network'
-    (an error when there are no weights: no silent fallback) or 'fallback'.
+    (an error when there are no weights: no silent fallback) or 'fallback'. correction:
+    the same choice for the correction module -- 'auto' (the trained correction network,
+    ``correction_weights`` or the shipped ``optimizer/fastpath/weights/correction.pt``,
+    when they exist, else the exact unrolled steps), 'network' or 'exact'.
     """
     from atp.goals import resolve_goals, with_control_structures
     from atp.pipeline import _Stages, patient_and_goal_list
@@ -259,6 +302,11 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             if fn is not None:
                 opts["initial_fluence_fn"] = fn
                 weights_note = f"Bev2Fluence weights: {weights_used}"
+        correction_used = None
+        if "correction_fn" not in opts:
+            cfn, correction_used = correction_choice(correction, correction_weights, dev)
+            if cfn is not None:
+                opts["correction_fn"] = cfn
         fp = FastPath(patient_c, dij, predicted_dose, device=dev,
                       resolved_goals=list(resolved), **opts)
         stages.run("prepare fast path", fp.prepare)
@@ -275,6 +323,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             "beamlet_size_mm": beamlet_size_mm, "spare": sparing,
             "initial_fluence_path": fp.initial_path, "device": str(fp.device),
             "initial_fluence_weights": weights_used,
+            "correction_path": fp.correction_path, "correction_weights": correction_used,
             "device_requested": "auto" if device is None else str(device),
             "fastpath_options": _jsonable_options(opts, fp),
             "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
@@ -285,6 +334,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
         if device_note:
             notes.append(device_note)
         notes.append("fast path: " + path_message(fp.initial_path))
+        notes.append("fast path: " + correction_message(fp.correction_path))
         if weights_note:
             notes.append(weights_note)
         out = _finish(fp, list(resolved), sparing, settings, notes, timings, stages)
@@ -330,6 +380,17 @@ def respare(plan, spare=None, *, progress=False):
                                  f"weights {w!r}, which are not there any more; plan again "
                                  "with fast=True", field="initial_fluence_weights")
             opts["initial_fluence_fn"] = make_initial_fluence_fn(w, dev)
+        if plan.settings.get("correction_path") == "network":  # no silent fallback
+            from pathlib import Path
+
+            from optimizer.fastpath.correction_net import make_correction_fn
+
+            cw = plan.settings.get("correction_weights")
+            if not cw or not Path(cw).is_file():
+                raise InputError(f"this plan's correction came from the network weights "
+                                 f"{cw!r}, which are not there any more; plan again with "
+                                 "fast=True", field="correction_weights")
+            opts["correction_fn"] = make_correction_fn(cw, dev)
         fp = FastPath(plan.patient, plan.dij, plan.predicted_dose_gy, device=dev,
                       resolved_goals=list(plan.resolved_goals), **opts).prepare()
         timings["dij to device"] = fp.timings_s["dij_to_device"]
@@ -359,9 +420,10 @@ def _respare_stages(progress):
 
 def _jsonable_options(opts: dict, fp) -> dict:
     out = {k: getattr(fp, k) for k in FASTPATH_OPTION_KEYS}
-    fn = opts.get("initial_fluence_fn")
-    if fn is not None:
-        out["initial_fluence_fn"] = getattr(fn, "__qualname__", type(fn).__name__)
+    for key in ("initial_fluence_fn", "correction_fn"):
+        fn = opts.get(key)
+        if fn is not None:
+            out[key] = getattr(fn, "__qualname__", type(fn).__name__)
     return out
 
 

@@ -33,6 +33,13 @@ def add_fast_arguments(p) -> None:
                         "exist)")
     p.add_argument("--weights", default=None, metavar="PT",
                    help="--fast: Bev2Fluence weights file (default: the shipped one)")
+    p.add_argument("--correction", default=None, metavar="auto|network|exact",
+                   help="--fast: fluence correction by the trained correction network or "
+                        "exact unrolled gradient steps (default auto: the network when "
+                        "its weights exist)")
+    p.add_argument("--correction-weights", default=None, metavar="PT",
+                   help="--fast: correction-network weights file (default: the shipped "
+                        "one)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda",
                    help="--fast: torch device (default auto: cuda when available, else "
                         "cpu; cuda without a GPU is an error)")
@@ -42,7 +49,8 @@ def reject_fast_only(args) -> None:
     """Without --fast, the fast-path flags are an input error (not silently ignored)."""
     for dest, flag in (("spare", "--spare"), ("arc_spacing", "--arc-spacing"),
                        ("device", "--device"), ("initial_fluence", "--initial-fluence"),
-                       ("weights", "--weights")):
+                       ("weights", "--weights"), ("correction", "--correction"),
+                       ("correction_weights", "--correction-weights")):
         if getattr(args, dest, None):
             raise InputError(f"{flag} needs --fast", field=flag)
 
@@ -71,6 +79,10 @@ def fast_options(args) -> tuple[dict, dict]:
         opts["initial_fluence"] = args.initial_fluence
     if args.weights is not None:
         opts["weights"] = args.weights
+    if args.correction is not None:
+        opts["correction"] = args.correction
+    if args.correction_weights is not None:
+        opts["correction_weights"] = args.correction_weights
     return spare, opts
 
 
@@ -79,7 +91,7 @@ def run_fast(args) -> int:
 
     from atp.commands.common import load_patient_from_args
     from atp.commands.plan import progress_arg, report
-    from atp.fastplan import check_spare, path_message
+    from atp.fastplan import check_spare, correction_message, path_message
     from atp.pipeline import plan as run_plan
 
     spare, opts = fast_options(args)
@@ -101,7 +113,8 @@ def run_fast(args) -> int:
                     progress=progress_arg(args), fast=True, spare=spare,
                     fast_options=opts)
     stream = sys.stderr if args.json else sys.stdout
-    print(f"fast path: {path_message(plan.settings['initial_fluence_path'])}; device "
+    print(f"fast path: {path_message(plan.settings['initial_fluence_path'])}; "
+          f"{correction_message(plan.settings['correction_path'])}; device "
           f"{plan.settings['device']}", file=stream)
     out = Path(args.out)
     plan.save(out, report=not args.no_report, dicom=args.dicom)

@@ -176,13 +176,17 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 class Bev2FluenceNet(nn.Module):
     """U-Net (``depth`` down-samplings, ``base`` channels at full resolution) mapping
-    (batch, in_channels, n_v, n_u) -> relative fluence (batch, n_v, n_u) >= 0 (Softplus).
+    (batch, in_channels, n_v, n_u) -> relative fluence (batch, n_v, n_u) >= 0 (Softplus),
+    or, with ``residual_channel``, that input channel plus a learned correction.
     Any map size works: the input is zero-padded to a multiple of 2**depth and cropped."""
 
     def __init__(self, in_channels: int = len(FEATURE_CHANNELS), base: int = 16,
-                 depth: int = 2) -> None:
+                 depth: int = 2, residual_channel: int | None = None) -> None:
         super().__init__()
         self.config = {"in_channels": in_channels, "base": base, "depth": depth}
+        if residual_channel is not None:
+            self.config["residual_channel"] = int(residual_channel)
+        self.residual_channel = residual_channel
         self.depth = depth
         chans = [base * 2 ** i for i in range(depth + 1)]
         self.enc = nn.ModuleList([_block(in_channels, chans[0])] +
@@ -194,7 +198,10 @@ class Bev2FluenceNet(nn.Module):
         self.head = nn.Conv2d(chans[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Softplus(head) >= 0; with ``residual_channel`` c: x[:, c] + head (a correction
+        of that input map; clamp at 0 when using it as a fluence)."""
         h, w = x.shape[-2:]
+        x_in = x
         m = 2 ** self.depth
         x = F.pad(x, (0, (-w) % m, 0, (-h) % m))
         skips = []
@@ -204,7 +211,10 @@ class Bev2FluenceNet(nn.Module):
         x = skips.pop()
         for up, dec in zip(self.up, self.dec):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
-        return F.softplus(self.head(x))[:, 0, :h, :w]
+        out = self.head(x)[:, 0, :h, :w]
+        if self.residual_channel is not None:
+            return x_in[:, self.residual_channel] + out
+        return F.softplus(out)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -213,14 +223,31 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
 
 
 # --- weights ----------------------------------------------------------------------------
-def save_weights(model: Bev2FluenceNet, path, extra: dict | None = None) -> None:
+@dataclass(frozen=True)
+class NetKind:
+    """What a fluence-map network of the fast path reads and how its weights are tagged:
+    ``bev2fluence`` (initial fluence) or ``correction`` (:mod:`.correction_net`)."""
+
+    name: str
+    channels: tuple[str, ...]
+    feature_version: int
+    weights_format: str
+    no_network_channel: str  # the input channel taken as the output without a network
+
+
+BEV2FLUENCE = NetKind("bev2fluence", FEATURE_CHANNELS, FEATURE_VERSION, WEIGHTS_FORMAT,
+                      "backprojection")
+
+
+def save_weights(model: Bev2FluenceNet, path, extra: dict | None = None,
+                 kind: NetKind = BEV2FLUENCE) -> None:
     """float32 state dict + config (``.pt``) and the config as JSON next to it, atomically."""
     import os
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"format": WEIGHTS_FORMAT, "model": model.config,
-              "feature_version": FEATURE_VERSION, "channels": list(FEATURE_CHANNELS),
+    config = {"format": kind.weights_format, "model": model.config,
+              "feature_version": kind.feature_version, "channels": list(kind.channels),
               "bev_samples": BEV_SAMPLES, "bev_half_depth_mm": BEV_HALF_DEPTH_MM,
               **(extra or {})}
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -232,15 +259,15 @@ def save_weights(model: Bev2FluenceNet, path, extra: dict | None = None) -> None
     os.replace(tmp_json, path.with_suffix(".json"))
 
 
-def load_weights(path, device="cpu") -> Bev2FluenceNet:
+def load_weights(path, device="cpu", kind: NetKind = BEV2FLUENCE) -> Bev2FluenceNet:
     blob = torch.load(Path(path), map_location=device, weights_only=True)
     config = blob.get("config", {})
-    if config.get("format") != WEIGHTS_FORMAT:
-        raise InputError(f"{path} is not a Bev2Fluence weights file", field="weights")
-    if config.get("feature_version") != FEATURE_VERSION:
+    if config.get("format") != kind.weights_format:
+        raise InputError(f"{path} is not a {kind.name} weights file", field="weights")
+    if config.get("feature_version") != kind.feature_version:
         raise InputError(f"{path} was trained on feature version "
                          f"{config.get('feature_version')}, this code makes "
-                         f"{FEATURE_VERSION}", field="weights")
+                         f"{kind.feature_version}", field="weights")
     model = Bev2FluenceNet(**config["model"]).to(device)
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -107,7 +107,8 @@ class FastPath:
                  goal_weight: float = 0.0, resolved_goals=None, target_voxels: str = "support",
                  sequencing_passes: int = 0, pass_steps: int | None = None,
                  mu_iterations: int = 30, oar_minus_targets: str = "none",
-                 device: str = "cpu", initial_fluence_fn: Callable | None = None) -> None:
+                 device: str = "cpu", initial_fluence_fn: Callable | None = None,
+                 correction_fn: Callable | None = None) -> None:
         self.target_min_fraction = float(target_min_fraction)
         self.patient = patient
         self.dij = dij
@@ -133,6 +134,8 @@ class FastPath:
         self.goal_objective = None
         self.device = torch.device(device)
         self.initial_fluence_fn = initial_fluence_fn
+        self.correction_fn = correction_fn
+        self.correction_path = "exact" if correction_fn is None else "network"
         self.timings_s: dict[str, float] = {}
         self._prepared = False
 
@@ -297,8 +300,12 @@ class FastPath:
         t1 = time.perf_counter()
         timings["error_setup"] = t1 - t0
         k = self.correction_steps if steps is None else int(steps)
-        w = unrolled_correction(w0, self.op, obj, k, step,
-                                regulariser=self.smooth, reg_weight=self.mu)
+        if self.correction_fn is not None and start is None and dose_offset_gy is None:
+            # the trained correction network (+ its few exact steps)
+            w = self.correction_fn(self, w0, sparing)
+        else:
+            w = unrolled_correction(w0, self.op, obj, k, step,
+                                    regulariser=self.smooth, reg_weight=self.mu)
         dose = self.op(w)
         t2 = time.perf_counter()
         timings["correction"] = t2 - t1

@@ -33,7 +33,6 @@ import torch
 
 from optimizer.fastpath.bev2fluence import (
     FEATURE_CHANNELS,
-    FEATURE_VERSION,
     WEIGHTS_DIR,
     Bev2FluenceNet,
     masked_l1,
@@ -44,15 +43,33 @@ BP = FEATURE_CHANNELS.index("backprojection")
 
 
 # --- data -------------------------------------------------------------------------------
-def load_record(path: Path) -> dict:
-    """One patient: x (n_cp, C, n_v, n_u), y relative fluence, m mask (torch float32)."""
+def _kind(name: str):
+    from optimizer.fastpath.bev2fluence import BEV2FLUENCE
+    from optimizer.fastpath.correction_net import CORRECTION
+
+    kinds = {k.name: k for k in (BEV2FLUENCE, CORRECTION)}
+    if name not in kinds:
+        raise SystemExit(f"unknown network kind {name!r}; known: {sorted(kinds)}")
+    return kinds[name]
+
+
+def load_record(path: Path, kind=None) -> dict:
+    """One patient: x (n_cp, C, n_v, n_u), y relative fluence, m mask (torch float32).
+
+    Bev2Fluence targets are divided by their mean over the beamlets; correction targets
+    are stored in units of the input fluence's mean already."""
+    kind = kind or _kind("bev2fluence")
     with np.load(path) as z:
-        if int(z["feature_version"]) != FEATURE_VERSION or \
-                tuple(str(c) for c in z["channels"]) != FEATURE_CHANNELS:
+        made = str(z["kind"]) if "kind" in z.files else "bev2fluence"
+        if made != kind.name:
+            raise ValueError(f"{path}: {made} data, not {kind.name}")
+        if int(z["feature_version"]) != kind.feature_version or \
+                tuple(str(c) for c in z["channels"]) != kind.channels:
             raise ValueError(f"{path}: made by another feature version; regenerate it")
         mask = z["mask"]
         target = z["target_mu"].astype(np.float32)
-        scale = float(target[mask].mean()) if mask.any() else 0.0
+        scale = 1.0 if kind.name == "correction" else (
+            float(target[mask].mean()) if mask.any() else 0.0)
         meta = json.loads(str(z["meta_json"]))
         return {"id": meta.get("patient_id", path.stem),
                 "x": torch.from_numpy(z["inputs"].astype(np.float32)),
@@ -102,9 +119,10 @@ def evaluate(model, records, chunk: int = 64) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def backprojection_baseline(records) -> float:
-    """The same L1 for the back-projection channel taken as the fluence (no network)."""
-    return float(np.mean([float(masked_l1(r["x"][:, BP], r["y"], r["m"]))
+def backprojection_baseline(records, channel: int = BP) -> float:
+    """The same L1 for one input channel taken as the output (no network): the
+    back-projection (Bev2Fluence) or the uncorrected fluence (correction)."""
+    return float(np.mean([float(masked_l1(r["x"][:, channel], r["y"], r["m"]))
                           for r in records])) if records else float("nan")
 
 
@@ -123,35 +141,56 @@ def _counts(values) -> str:
     return ", ".join(f"{k} ({n})" for k, n in sorted(Counter(map(str, values)).items()))
 
 
-def default_card_path(out: Path) -> Path:
+def default_card_path(out: Path, kind: str = "bev2fluence") -> Path:
+    name = "MODEL_CARD.md" if kind == "bev2fluence" else f"MODEL_CARD_{kind}.md"
     if out.resolve().parent == WEIGHTS_DIR:
-        return WEIGHTS_DIR.parent / "MODEL_CARD.md"
-    return out.parent / "MODEL_CARD.md"
+        return WEIGHTS_DIR.parent / name
+    return out.parent / name
+
+
+_CARD_HEAD = {
+    "bev2fluence": """# Bev2Fluence initial-fluence network (model card)
+
+Maps, per arc control point, BEV projections of the predicted dose (plus the prescription
+map, OARs, the dij back-projection of the prediction, the beamlet mask and the gantry
+angle) to a relative fluence map; the fast path scales it to MU by an exact least-squares
+fit of the dose to the prediction (`optimizer/fastpath/bev2fluence.py`).""",
+    "correction": """# Fluence-correction network (model card)
+
+Maps, per arc control point, the fluence to correct and the error map back-projected onto
+the beamlets (plus the exact first step, the beamlet mask and the gantry angle) to the
+corrected fluence, in units of the input fluence's mean
+(`optimizer/fastpath/correction_net.py`): AIRT's correction module, trained to take the
+exact fallback's K unrolled steps at once.""",
+}
+_CARD_TARGET = {
+    "bev2fluence": "fluence (MU) of the full optimiser pipeline (cpu backend, no sequencing)",
+    "correction": "the exact fallback's corrected fluence (K unrolled steps) from the same "
+                  "start and slider setting",
+}
 
 
 def write_model_card(path: Path, s: dict) -> None:
     h = s["history"]
     best = min(h, key=lambda e: e["val_l1"]) if h else {}
     meta = s["data_meta"]
-    text = f"""# Bev2Fluence initial-fluence network (model card)
-
-Maps, per arc control point, BEV projections of the predicted dose (plus the prescription
-map, OARs, the dij back-projection of the prediction, the beamlet mask and the gantry
-angle) to a relative fluence map; the fast path scales it to MU by an exact least-squares
-fit of the dose to the prediction (`optimizer/fastpath/bev2fluence.py`).
+    kind = s.get("kind", "bev2fluence")
+    text = f"""{_CARD_HEAD[kind]}
 
 ## Data
 
-- source: `{s['data']}`, made by `python -m optimizer.fastpath.gen_data`
-- targets: fluence (MU) of the full optimiser pipeline (cpu backend, no sequencing)
-- optimiser max_iter: {meta.get('max_iter')}; goals resolved with the predicted dose of
+- source: `{s['data']}`, made by `python -m optimizer.fastpath.\
+{'gen_data' if kind == 'bev2fluence' else 'gen_correction_data'}`
+- targets: {_CARD_TARGET[kind]}
+- {f"optimiser max_iter: {meta.get('max_iter')}; " if kind == 'bev2fluence' else ''}\
+goals resolved with the predicted dose of
   the predictor (patients): {meta.get('predictor')}; input channels computed from the
   predictor: {meta.get('feature_predictor')}
 - arc: one full arc at {meta.get('arc_spacing_deg')} deg ({meta.get('control_points')} \
 control points); dose grid factor: {meta.get('dose_grid_factor')}
 - training: {s['n_train']} OpenKBP training patients ({s['n_train_cps']} control-point maps)
 - validation: {s['n_val']} patients, {s['val_source']}
-- input channels: {', '.join(FEATURE_CHANNELS)} (feature version {FEATURE_VERSION})
+- input channels: {', '.join(s['channels'])} (feature version {s['feature_version']})
 
 ## Model and training
 
@@ -166,7 +205,8 @@ control points per step, seed {s['seed']}
 ## Validation (masked L1 on relative fluence; lower is better)
 
 - best: {best.get('val_l1', float('nan')):.4f} (epoch {best.get('epoch')})
-- reference, the back-projection channel taken as the fluence: {s['val_baseline']:.4f}
+- reference, no network (the `{s['no_network_channel']}` channel taken as the output): \
+{s['val_baseline']:.4f}
 
 ## Limits
 
@@ -190,9 +230,12 @@ def train(args) -> dict:
     train_files, val_files, val_source = split_files(data, args.val_fraction, args.seed)
     if not train_files:
         raise SystemExit(f"no training data under {data}")
-    train_set = [load_record(f) for f in train_files]
-    val_set = [load_record(f) for f in val_files]
-    model = Bev2FluenceNet(base=args.base, depth=args.depth)
+    kind = _kind(args.kind)
+    train_set = [load_record(f, kind) for f in train_files]
+    val_set = [load_record(f, kind) for f in val_files]
+    model = Bev2FluenceNet(in_channels=len(kind.channels), base=args.base, depth=args.depth,
+                           residual_channel=kind.channels.index(kind.no_network_channel)
+                           if kind.name == "correction" else None)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     gen = torch.Generator().manual_seed(args.seed)
@@ -212,7 +255,7 @@ def train(args) -> dict:
     t_start = time.perf_counter()
     t_ckpt = t_start
     base_seconds = state["train_seconds"]
-    baseline = backprojection_baseline(val_set)
+    baseline = backprojection_baseline(val_set, kind.channels.index(kind.no_network_channel))
     stop_reason = "epochs done"
 
     def elapsed():
@@ -251,10 +294,10 @@ def train(args) -> dict:
         if improved:
             state["best"] = val
             state["best_state"] = {k: v.clone() for k, v in model.state_dict().items()}
-            save_weights(model, out, extra={"val_l1": val, "epoch": ep + 1,
+            save_weights(model, out, kind=kind, extra={"val_l1": val, "epoch": ep + 1,
                                             "data": str(data)})
         print(f"epoch {ep + 1}/{args.epochs}: train L1 {np.mean(losses):.4f}, val L1 "
-              f"{val:.4f} (back-projection {baseline:.4f}){' *' if improved else ''} "
+              f"{val:.4f} (no network {baseline:.4f}){' *' if improved else ''} "
               f"[{(base_seconds + elapsed()) / 60:.1f} min]", flush=True)
         state["epoch"] += 1
         state["pos"] = 0
@@ -266,6 +309,9 @@ def train(args) -> dict:
                                         for r in train_set + val_set)
     summary = {
         "data": str(data), "data_meta": meta, "n_train": len(train_set),
+        "kind": kind.name, "channels": list(kind.channels),
+        "feature_version": kind.feature_version,
+        "no_network_channel": kind.no_network_channel,
         "n_train_cps": int(sum(r["x"].shape[0] for r in train_set)),
         "n_val": len(val_set), "val_source": val_source, "model": model.config,
         "n_params": sum(p.numel() for p in model.parameters()), "lr": args.lr,
@@ -277,7 +323,7 @@ def train(args) -> dict:
                     f"({args.threads} thread(s)), no GPU",
         "best_val_l1": state["best"], "out": str(out)}
     if state["history"]:
-        write_model_card(Path(args.card) if args.card else default_card_path(out), summary)
+        write_model_card(Path(args.card) if args.card else default_card_path(out, kind.name), summary)
     return summary
 
 
@@ -286,7 +332,10 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="folder made by gen_data (train/, "
                                                   "validation/)")
-    ap.add_argument("--out", default=str(WEIGHTS_DIR / "bev2fluence.pt"))
+    ap.add_argument("--kind", default="bev2fluence", choices=("bev2fluence", "correction"),
+                    help="which network: initial fluence (bev2fluence) or correction")
+    ap.add_argument("--out", default=None,
+                    help="weights (default optimizer/fastpath/weights/KIND.pt)")
     ap.add_argument("--run-dir", default="fastpath_data/bev2fluence_run",
                     help="checkpoints (default fastpath_data/bev2fluence_run)")
     ap.add_argument("--card", default=None, help="model card path")
@@ -302,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(WEIGHTS_DIR / f"{args.kind}.pt")
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
