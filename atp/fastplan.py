@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -139,8 +140,6 @@ def resolve_device(device: str | None = "auto") -> tuple[str, str | None]:
 def initial_fluence_choice(choice: str, weights, device: str):
     """(initial_fluence_fn or None, weights path or None) for ``initial_fluence`` (see
     :func:`fast_plan`); None means the exact fallback."""
-    from pathlib import Path
-
     choice = "auto" if choice is None else str(choice)
     if choice not in ("auto", "network", "fallback"):
         raise InputError(f"initial_fluence must be auto, network or fallback, got "
@@ -167,8 +166,6 @@ def initial_fluence_choice(choice: str, weights, device: str):
 def correction_choice(choice: str, weights, device: str):
     """(correction_fn or None, weights path or None) for ``correction`` (see
     :func:`fast_plan`); None means the exact unrolled steps."""
-    from pathlib import Path
-
     choice = "auto" if choice is None else str(choice)
     if choice not in ("auto", "network", "exact"):
         raise InputError(f"correction must be auto, network or exact, got '{choice}'",
@@ -369,28 +366,21 @@ def respare(plan, spare=None, *, progress=False):
         dev, _ = resolve_device(plan.settings.get("device_requested", "auto"))
         opts = {k: v for k, v in (plan.settings.get("fastpath_options") or {}).items()
                 if k in FASTPATH_OPTION_KEYS}
-        if plan.settings.get("initial_fluence_path") == "network":  # no silent fallback
-            from pathlib import Path
+        from optimizer.fastpath.bev2fluence import make_initial_fluence_fn
+        from optimizer.fastpath.correction_net import make_correction_fn
 
-            from optimizer.fastpath.bev2fluence import make_initial_fluence_fn
-
-            w = plan.settings.get("initial_fluence_weights")
-            if not w or not Path(w).is_file():
-                raise InputError(f"this plan's initial fluence came from the Bev2Fluence "
-                                 f"weights {w!r}, which are not there any more; plan again "
-                                 "with fast=True", field="initial_fluence_weights")
-            opts["initial_fluence_fn"] = make_initial_fluence_fn(w, dev)
-        if plan.settings.get("correction_path") == "network":  # no silent fallback
-            from pathlib import Path
-
-            from optimizer.fastpath.correction_net import make_correction_fn
-
-            cw = plan.settings.get("correction_weights")
-            if not cw or not Path(cw).is_file():
-                raise InputError(f"this plan's correction came from the network weights "
-                                 f"{cw!r}, which are not there any more; plan again with "
-                                 "fast=True", field="correction_weights")
-            opts["correction_fn"] = make_correction_fn(cw, dev)
+        for path_key, weights_key, fn_key, make, what in (
+                ("initial_fluence_path", "initial_fluence_weights", "initial_fluence_fn",
+                 make_initial_fluence_fn, "initial fluence"),
+                ("correction_path", "correction_weights", "correction_fn",
+                 make_correction_fn, "correction")):
+            if plan.settings.get(path_key) == "network":  # no silent fallback
+                w = plan.settings.get(weights_key)
+                if not w or not Path(w).is_file():
+                    raise InputError(f"this plan's {what} came from the network weights "
+                                     f"{w!r}, which are not there any more; plan again "
+                                     "with fast=True", field=weights_key)
+                opts[fn_key] = make(w, dev)
         fp = FastPath(plan.patient, plan.dij, plan.predicted_dose_gy, device=dev,
                       resolved_goals=list(plan.resolved_goals), **opts).prepare()
         timings["dij to device"] = fp.timings_s["dij_to_device"]

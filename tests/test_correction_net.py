@@ -133,3 +133,28 @@ def test_correction_data_trains_from_the_cli(fast, tmp_path):
         from optimizer.fastpath.train_bev2fluence import load_record
 
         load_record(tmp_path / "data" / "pt_0.npz")
+
+
+def test_write_patients_skips_fails_and_writes_atomically(tmp_path, capsys):
+    from optimizer.fastpath.gen_data import write_patients
+
+    src = [tmp_path / f"pt_{i}.npz" for i in (1, 2, 3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pt_1.npz").write_bytes(b"old")
+
+    def make(path, dest):
+        if dest.exists():
+            return None
+        if path.stem == "pt_2":
+            raise RuntimeError("bad CT")
+        return {"x": np.arange(3)}, {"patient_id": path.stem}, "ok"
+
+    assert write_patients(src, out, make) == 1  # one failure -> exit status 1
+    text = capsys.readouterr()
+    assert "pt_1: exists, skipped" in text.out and "pt_2: FAILED RuntimeError" in text.err
+    assert (out / "pt_1.npz").read_bytes() == b"old"
+    assert not (out / "pt_2.npz").exists()
+    with np.load(out / "pt_3.npz") as z:
+        assert z["x"].tolist() == [0, 1, 2]
+    assert not list(out.glob(".*partial"))

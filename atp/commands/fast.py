@@ -69,20 +69,13 @@ def fast_options(args) -> tuple[dict, dict]:
                          field="--sequencer")
     spare = parse_spare_args(args.spare)
     opts = {"machine": args.machine}
-    if args.arc_spacing is not None:
-        opts["arc_spacing_deg"] = args.arc_spacing
-    if args.dose_grid_factor is not None:
-        opts["dose_grid_factor"] = args.dose_grid_factor
-    if args.device is not None:
-        opts["device"] = args.device
-    if args.initial_fluence is not None:
-        opts["initial_fluence"] = args.initial_fluence
-    if args.weights is not None:
-        opts["weights"] = args.weights
-    if args.correction is not None:
-        opts["correction"] = args.correction
-    if args.correction_weights is not None:
-        opts["correction_weights"] = args.correction_weights
+    for dest, key in (("arc_spacing", "arc_spacing_deg"),
+                      ("dose_grid_factor", "dose_grid_factor"), ("device", "device"),
+                      ("initial_fluence", "initial_fluence"), ("weights", "weights"),
+                      ("correction", "correction"),
+                      ("correction_weights", "correction_weights")):
+        if getattr(args, dest) is not None:
+            opts[key] = getattr(args, dest)
     return spare, opts
 
 

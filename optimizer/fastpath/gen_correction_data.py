@@ -18,7 +18,6 @@ patient is never split between training and validation). Same file layout as
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from optimizer.fastpath.gen_data import _patient_key, save_record
+    from optimizer.fastpath.gen_data import _patient_key, write_patients
     from predictor import registry as predictors
 
     torch.set_num_threads(args.threads)
@@ -100,26 +99,14 @@ def main(argv=None) -> int:
         src = src[:args.limit]
     out = Path(args.out)
     predictor = predictors.get(args.predictor)
-    done = failed = 0
-    for i, path in enumerate(src, 1):
-        dest = out / f"{path.stem}.npz"
-        if dest.exists():
-            print(f"[{i}/{len(src)}] {path.stem}: exists, skipped", flush=True)
-            continue
-        try:
-            record, meta = generate_one(path, args, predictor)
-        except Exception as exc:  # noqa: BLE001 - keep going; retried on the next run
-            failed += 1
-            print(f"[{i}/{len(src)}] {path.stem}: FAILED {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
-            continue
-        save_record(dest, record, meta)
-        done += 1
-        print(f"[{i}/{len(src)}] {path.stem}: {meta['seconds']:.1f} s, settings "
-              f"{meta['settings']} -> {dest}", flush=True)
-    print(f"done: {done} written, {failed} failed", flush=True)
-    return 1 if failed else 0
 
+    def make(path, dest):
+        if dest.exists():
+            return None
+        record, meta = generate_one(path, args, predictor)
+        return record, meta, f"settings {meta['settings']}"
+
+    return write_patients(src, out, make)
 
 if __name__ == "__main__":
     raise SystemExit(main())

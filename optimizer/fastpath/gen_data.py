@@ -206,38 +206,50 @@ def main(argv=None) -> int:
         src = src[:args.limit]
     out = Path(args.out)
     predictor = predictors.get(args.predictor)
+
+    def make(path, dest):
+        if dest.exists() and args.refeature and _needs_refeature(dest):
+            record, meta = refeature_one(path, dest, args, predictor)
+            return record, meta, "inputs recomputed"
+        if dest.exists():
+            return None
+        record, meta = generate_one(path, args, predictor)
+        tm = meta["timings_s"]
+        return record, meta, (f"dij {tm['dij']:.1f}, plan {tm['plan']:.1f}, features "
+                              f"{tm['features']:.1f}; {meta['n_beamlets']} beamlets, goals "
+                              f"{meta['goals_passed']}/{meta['goals_total']}")
+
+    return write_patients(src, out, make)
+
+
+def write_patients(src, out: Path, make) -> int:
+    """For each source patient file, ``make(path, dest)`` -> (record, meta, message) or
+    None (``dest`` is up to date: skipped); the record is written atomically to
+    ``out/<stem>.npz``. A failing patient is reported and left for the next run (the
+    loop goes on). Returns the exit status: 1 when any patient failed."""
     done = failed = 0
     t_all = time.perf_counter()
     for i, path in enumerate(src, 1):
         dest = out / f"{path.stem}.npz"
-        refeature = dest.exists() and args.refeature and _needs_refeature(dest)
-        if dest.exists() and not refeature:
-            print(f"[{i}/{len(src)}] {path.stem}: exists, skipped", flush=True)
-            continue
         t0 = time.perf_counter()
         try:
-            record, meta = (refeature_one(path, dest, args, predictor) if refeature
-                            else generate_one(path, args, predictor))
+            made = make(path, dest)
         except Exception as exc:  # noqa: BLE001 - keep going; retried on the next run
             failed += 1
             print(f"[{i}/{len(src)}] {path.stem}: FAILED {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
             continue
+        if made is None:
+            print(f"[{i}/{len(src)}] {path.stem}: exists, skipped", flush=True)
+            continue
+        record, meta, message = made
         save_record(dest, record, meta)
         done += 1
-        if refeature:
-            print(f"[{i}/{len(src)}] {path.stem}: inputs recomputed in "
-                  f"{time.perf_counter() - t0:.1f} s -> {dest}", flush=True)
-            continue
-        tm = meta["timings_s"]
-        print(f"[{i}/{len(src)}] {path.stem}: {time.perf_counter() - t0:.1f} s "
-              f"(dij {tm['dij']:.1f}, plan {tm['plan']:.1f}, features {tm['features']:.1f}; "
-              f"{meta['n_beamlets']} beamlets, goals {meta['goals_passed']}/"
-              f"{meta['goals_total']}) -> {dest}", flush=True)
+        print(f"[{i}/{len(src)}] {path.stem}: {time.perf_counter() - t0:.1f} s ({message})"
+              f" -> {dest}", flush=True)
     print(f"done: {done} written, {failed} failed, {len(src) - done - failed} skipped, "
           f"{time.perf_counter() - t_all:.0f} s", flush=True)
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
