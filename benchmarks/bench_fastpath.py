@@ -107,6 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-optimiser-arc", action="store_true",
                     help="skip the optimiser on the fast path's own arc dij (VMAT)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--optimiser-from", nargs="+", default=None, metavar="JSON",
+                    help="with --no-optimiser --no-optimiser-arc: take the optimiser "
+                         "columns of each patient from earlier --json reports (same "
+                         "patients, predictor and optimiser code)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no planning: merge the patients of earlier --json reports (runs "
                          "split with --start) and print the tables")
@@ -190,6 +194,13 @@ def main(argv=None) -> int:
         print(json.dumps({k: row[k] for k in ("patient", "fast_with_dij_s",
                                               "fast_without_dij_s")}), flush=True)
         del fast, no_dij
+    if args.optimiser_from:
+        earlier = {r["patient"]: r for f in args.optimiser_from
+                   for r in json.loads(Path(f).read_text())["patients"]}
+        for row in report["patients"]:
+            old = earlier.get(row["patient"], {})
+            row.update({k: v for k, v in old.items() if k.startswith("optimiser")})
+        report["optimiser_from"] = list(args.optimiser_from)
     report["summary"] = summarise(report["patients"])
     print_tables(report)
     if args.json:

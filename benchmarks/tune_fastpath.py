@@ -5,7 +5,8 @@ is the benchmark): load, predict (``--predictor``, default the registry's defaul
 build the fast path's arc dij (one full arc, ``--arc-spacing`` deg, dose grid / 3; cached
 under ``--cache`` with the prediction), then plan with every ``--config`` (a name and a
 JSON dict of ``fastpath_options``, plus ``device``, ``initial_fluence`` -- default
-'fallback' -- and ``weights``) through ``atp.plan(..., fast=True, dij=...,
+'fallback' --, ``weights``, ``correction`` -- default 'exact' -- and
+``correction_weights``) through ``atp.plan(..., fast=True, dij=...,
 predicted_dose=...)``, and print the share of the standard H&N criteria met
 (``bench_optimizer.CRITERIA``) on the deliverable dose, PTV_70 D99 and HI, the mean
 parotid dose and the time per plan; the reference plan's criteria for comparison.
@@ -111,8 +112,10 @@ def main(argv=None) -> int:
             opts = dict(opts)
             fast = {"device": opts.pop("device", "cpu"),
                     "initial_fluence": opts.pop("initial_fluence", "fallback")}
-            if "weights" in opts:
-                fast["weights"] = opts.pop("weights")
+            fast["correction"] = opts.pop("correction", "exact")
+            for key in ("weights", "correction_weights"):
+                if key in opts:
+                    fast[key] = opts.pop(key)
             t0 = time.perf_counter()
             plan = atp.plan(patient, fast=True, dij=dij, predicted_dose=pred, progress=False,
                             fast_options={**fast, "fastpath_options": opts})
