@@ -159,7 +159,7 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
         return delivery, {"iterations": 0, "kept": False, "reason": "sliding window"}
     from sequencer.deliverable import deliverable_dose
 
-    now = np.asarray(deliverable_dose(delivery, dij, n_sub), np.float64).reshape(-1)
+    now = np.asarray(deliverable_dose(delivery, dij, n_sub), np.float32).reshape(-1)
     top = float(now.max())
     if top <= 0:
         return delivery, {"iterations": 0, "kept": False, "reason": "no dose"}
@@ -168,10 +168,12 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
         rows = rows[:: int(np.ceil(rows.size / max_rows))]
     B, v0, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
 
+    now_rows = now[rows].astype(np.float64)
+    dose = now.copy()  # float32 work array: only ``rows`` change
+
     def fun(v):
-        dose = now.copy()
-        dose[rows] += B @ (v - v0)
-        j, g = value_grad(dose.astype(np.float32))
+        dose[rows] = now_rows + B @ (v - v0)
+        j, g = value_grad(dose)
         return float(j), B.T @ np.asarray(g, np.float64).reshape(-1)[rows]
 
     start = np.clip(v0, lo, hi)

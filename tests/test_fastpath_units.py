@@ -253,3 +253,20 @@ def test_oar_guard_matches_finite_differences_and_zero_slider_is_no_slider():
     with pytest.raises(ValueError):
         HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0, obj.oar_weights,
                          guard_weight=0.5)  # the guard needs D0
+
+
+def test_closed_form_error_map_equals_autograd():
+    obj, d0 = make_objective(sparing={"Parotid_L": 0.2})
+    obj.guard_weight = 0.0
+    dose = d0 + torch.randn(d0.shape, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(5))
+    j, e = obj.value_and_grad(dose)
+    d = dose.clone().requires_grad_(True)
+    ref = obj(d)
+    (g,) = torch.autograd.grad(ref, d)
+    assert float(j) == pytest.approx(float(ref.detach()), rel=1e-12)
+    torch.testing.assert_close(e, g, rtol=1e-10, atol=1e-12)
+    # error_map takes the closed form when the objective has one, autograd otherwise
+    torch.testing.assert_close(error_map(dose, obj), g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(error_map(dose, lambda x: obj(x)), g, rtol=1e-10,
+                               atol=1e-12)

@@ -77,6 +77,19 @@ def target_prescription_map(patient, dose_grid, rule: str = "support",
     return rx
 
 
+class _Shifted:
+    """J(D + offset) for a fixed dose offset; keeps a closed-form gradient if J has one."""
+
+    def __init__(self, objective, offset: torch.Tensor) -> None:
+        self.objective = objective
+        self.offset = offset
+        if hasattr(objective, "value_and_grad"):
+            self.value_and_grad = lambda dose: objective.value_and_grad(dose + offset)
+
+    def __call__(self, dose: torch.Tensor) -> torch.Tensor:
+        return self.objective(dose + self.offset)
+
+
 @dataclass
 class FastPathResult:
     fluence_mu: np.ndarray  # (n_beamlets,)
@@ -292,8 +305,7 @@ class FastPath:
         if dose_offset_gy is not None:
             offset = torch.as_tensor(np.asarray(dose_offset_gy, np.float32).reshape(-1),
                                      device=self.device)
-            base_obj = obj
-            obj = lambda dose: base_obj(dose + offset)
+            obj = _Shifted(obj, offset)
         step = self._step_size(sparing)
         w0 = self.w_init if start is None else torch.as_tensor(
             np.asarray(start, np.float32), device=self.device)
