@@ -58,7 +58,8 @@ STAGES = ("pre-processing", "dose prediction", "dose influence", "dij to device"
 FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
                         "smoothness", "init_smoothness", "smooth_weight_cp", "oar_guard",
                         "goal_weight", "target_voxels", "target_min_fraction",
-                        "sequencing_passes", "pass_steps", "mu_iterations")
+                        "sequencing_passes", "pass_steps", "mu_iterations",
+                        "oar_minus_targets")
 
 DEFAULT_ARC_SPACING_DEG = 4.0
 DEFAULT_DOSE_GRID_FACTOR = 3

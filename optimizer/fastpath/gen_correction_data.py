@@ -83,21 +83,21 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N patients (by id)")
     ap.add_argument("--arc-spacing", type=float, default=4.0)
     ap.add_argument("--dose-grid-factor", type=int, default=3)
-    ap.add_argument("--predictor", default="resunet")
+    ap.add_argument("--predictor", default=None,
+                    help="predictor (default: the registry's default, as atp plan --fast)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     import torch
 
-    from optimizer.fastpath.gen_data import _patient_key, write_patients
+    from optimizer.fastpath.gen_data import source_files, write_patients
     from predictor import registry as predictors
 
     torch.set_num_threads(args.threads)
-    src = sorted(Path(args.data, args.split).glob("*.npz"), key=_patient_key)
-    if args.limit is not None:
-        src = src[:args.limit]
+    src = source_files(args.data, args.split, args.limit)
     out = Path(args.out)
+    args.predictor = args.predictor or predictors.default_predictor_name()
     predictor = predictors.get(args.predictor)
 
     def make(path, dest):

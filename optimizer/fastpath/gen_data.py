@@ -3,10 +3,11 @@
     python -m optimizer.fastpath.gen_data --data ../shared/data/openkbp --split train \\
         --out DIR [--limit N] [--arc-spacing 6] [--dose-grid-factor 3] [--max-iter 300]
 
-Per patient: load, predict the dose (``--predictor``, default "baseline"), build the dij
-of one full arc (one control point per ``--arc-spacing`` deg, coarse dose grid), run the
-full optimiser pipeline (cpu backend, no sequencing) for the target fluence (MU), and
-compute the BEV inputs exactly as the fast path does at inference
+Per patient: load, predict the dose (``--predictor``; default: the registry's default, as
+``atp plan --fast``), build the dij of one full arc (one control point per
+``--arc-spacing`` deg, coarse dose grid), run the full optimiser pipeline (cpu backend,
+no sequencing) for the target fluence (MU), and compute the BEV inputs exactly as the
+fast path does at inference
 (:func:`optimizer.fastpath.bev2fluence.bev_features`). Saved per patient (compressed):
 
   inputs       float32 (n_cp, n_channels, n_v, n_u)   network input (see ``channels``)
@@ -171,6 +172,13 @@ def _needs_refeature(dest: Path) -> bool:
         return int(z["feature_version"]) != FEATURE_VERSION
 
 
+def source_files(data, split: str, limit: int | None = None) -> list[Path]:
+    """The OpenKBP patient files of ``data/split`` in patient-number order (first
+    ``limit``)."""
+    src = sorted(Path(data, split).glob("*.npz"), key=_patient_key)
+    return src if limit is None else src[:limit]
+
+
 def _patient_key(p: Path):
     m = re.search(r"(\d+)", p.stem)
     return (int(m.group(1)) if m else 0, p.stem)
@@ -188,7 +196,9 @@ def main(argv=None) -> int:
                     help="control-point spacing of the full arc, deg (6)")
     ap.add_argument("--dose-grid-factor", type=int, default=3, help="dij dose grid (3)")
     ap.add_argument("--max-iter", type=int, default=300, help="optimiser iterations (300)")
-    ap.add_argument("--predictor", default="baseline")
+    ap.add_argument("--predictor", default=None,
+                    help="predictor of the goals and inputs (default: the registry's "
+                         "default, as atp plan --fast)")
     ap.add_argument("--site", default="hn")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     ap.add_argument("--refeature", action="store_true",
@@ -201,10 +211,9 @@ def main(argv=None) -> int:
     from predictor import registry as predictors
 
     torch.set_num_threads(args.threads)
-    src = sorted(Path(args.data, args.split).glob("*.npz"), key=_patient_key)
-    if args.limit is not None:
-        src = src[:args.limit]
+    src = source_files(args.data, args.split, args.limit)
     out = Path(args.out)
+    args.predictor = args.predictor or predictors.default_predictor_name()
     predictor = predictors.get(args.predictor)
 
     def make(path, dest):
