@@ -216,7 +216,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               beamlet_size_mm: float = 5.0, machine: str = "millennium120",
               device: str = "auto", progress=True, fastpath_options: dict | None = None,
               initial_fluence: str = "auto", weights=None, correction: str = "auto",
-              correction_weights=None):
+              correction_weights=None, vmat_passes: int = 2):
     """Fast-path plan of one patient (see the module docstring); returns a Plan.
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
@@ -234,13 +234,17 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     (an error when there are no weights: no silent fallback) or 'fallback'. correction:
     the same choice for the correction module -- 'auto' (the trained correction network,
     ``correction_weights`` or the shipped ``optimizer/fastpath/weights/correction.pt``,
-    when they exist, else the exact unrolled steps), 'network' or 'exact'.
+    when they exist, else the exact unrolled steps), 'network' or 'exact'. vmat_passes:
+    arcs the VMAT sequencer delivers the one optimised arc in (2: dual arc).
     """
     from atp.goals import resolve_goals, with_control_structures
     from atp.pipeline import _Stages, patient_and_goal_list
 
     t_start = time.perf_counter()
     dev, device_note = resolve_device(device)  # fail before any work
+    if not (isinstance(vmat_passes, int | np.integer) and int(vmat_passes) >= 1):
+        raise InputError(f"vmat_passes must be an integer >= 1, got {vmat_passes!r}",
+                         field="vmat_passes")
     from optimizer.fastpath.chain import FastPath
 
     timings = {s: 0.0 for s in STAGES if s != "export"}
@@ -326,6 +330,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             "fastpath_options": _jsonable_options(opts, fp),
             "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
             "resolve_notes": resolve_notes, "sequence": "vmat", "machine": machine,
+            "vmat_passes": int(vmat_passes),
             "backend_requested": "auto", "refine": 0, "optimizer_options": {},
         }
         notes = list(resolve_notes)
@@ -443,7 +448,8 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         # free MU, other objective) would only be overwritten: skip it
         delivery = _timed(stages, timings, "sequencing", sequencer.sequence, r.fluence_mu,
                           dij, "vmat", machine=machine, fractions=patient.fractions,
-                          reweight=fp.mu_iterations <= 0)
+                          reweight=fp.mu_iterations <= 0,
+                          passes=int(settings.get("vmat_passes", 2)))
         if fp.mu_iterations > 0:
             from sequencer.reweight import optimise_mu
 

@@ -5,8 +5,8 @@ is the benchmark): load, predict (``--predictor``, default the registry's defaul
 build the fast path's arc dij (one full arc, ``--arc-spacing`` deg, dose grid / 3; cached
 under ``--cache`` with the prediction), then plan with every ``--config`` (a name and a
 JSON dict of ``fastpath_options``, plus ``device``, ``initial_fluence`` -- default
-'fallback' --, ``weights``, ``correction`` -- default 'exact' -- and
-``correction_weights``) through ``atp.plan(..., fast=True, dij=...,
+'fallback' --, ``weights``, ``correction`` -- default 'exact' --,
+``correction_weights`` and ``vmat_passes``) through ``atp.plan(..., fast=True, dij=...,
 predicted_dose=...)``, and print the share of the standard H&N criteria met
 (``bench_optimizer.CRITERIA``) on the deliverable dose, PTV_70 D99 and HI, the mean
 parotid dose and the time per plan; the reference plan's criteria for comparison.
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
             fast = {"device": opts.pop("device", "cpu"),
                     "initial_fluence": opts.pop("initial_fluence", "fallback")}
             fast["correction"] = opts.pop("correction", "exact")
+            fast["vmat_passes"] = opts.pop("vmat_passes", 2)
             for key in ("weights", "correction_weights"):
                 if key in opts:
                     fast[key] = opts.pop(key)

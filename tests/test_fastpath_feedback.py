@@ -189,3 +189,20 @@ def test_oar_minus_targets_drops_target_voxels_from_the_oar_hinges(fast):
     assert core.oar_w.keys() == fp0.oar_w.keys()  # features and mimicking keep the OARs
     with pytest.raises(ValueError, match="oar_minus_targets"):
         FastPath(*args, oar_minus_targets="all")
+
+
+def test_vmat_passes_sets_the_arcs_of_the_delivery(phantom, fast):
+    import atp
+    from atp.errors import InputError
+
+    assert fast.settings["vmat_passes"] == 2
+    assert len(fast.delivery.beams) <= 2
+    three = atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij,
+                     fast=True, progress=False,
+                     fast_options={"device": "cpu", "vmat_passes": 3})
+    assert three.settings["vmat_passes"] == 3
+    assert len(fast.delivery.beams) < len(three.delivery.beams) <= 3
+    assert three.respare({"Parotid_L": 0.1}).settings["vmat_passes"] == 3
+    with pytest.raises(InputError, match="vmat_passes"):
+        atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
+                 progress=False, fast_options={"device": "cpu", "vmat_passes": 0})
