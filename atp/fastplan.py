@@ -138,60 +138,65 @@ def resolve_device(device: str | None = "auto") -> tuple[str, str | None]:
     raise InputError(f"unknown device '{dev}' (auto | cpu | cuda)", field="--device")
 
 
+def _network_choice(choice, weights, device, *, option: str, flag: str, weights_flag: str,
+                    exact: str, what: str, shipped: str, load):
+    """(fn or None, weights path or None) for one fast-path network option: 'auto' (the
+    network when ``weights`` or the shipped file exist, else the exact path), 'network'
+    (an error without weights: no silent fallback) or ``exact``. ``load()`` returns
+    (default weights path or None, make_fn(path, device))."""
+    choice = "auto" if choice is None else str(choice)
+    if choice not in ("auto", "network", exact):
+        raise InputError(f"{option} must be auto, network or {exact}, got '{choice}'",
+                         field=flag)
+    if choice == exact:
+        if weights is not None:
+            raise InputError(f"{what} weights given with {option}='{exact}'",
+                             field=weights_flag)
+        return None, None
+    default_path, make = load()
+    path = Path(weights) if weights is not None else default_path
+    if weights is not None and not path.is_file():
+        raise InputError(f"no {what} weights file {path}", field=weights_flag)
+    if path is None:
+        if choice == "network":
+            raise InputError(f"{option}='network' but no {what} weights are shipped "
+                             f"({shipped}) or given ({weights_flag})", field=flag)
+        return None, None
+    return make(path, device), str(path)
+
+
 def initial_fluence_choice(choice: str, weights, device: str):
     """(initial_fluence_fn or None, weights path or None) for ``initial_fluence`` (see
     :func:`fast_plan`); None means the exact fallback."""
-    choice = "auto" if choice is None else str(choice)
-    if choice not in ("auto", "network", "fallback"):
-        raise InputError(f"initial_fluence must be auto, network or fallback, got "
-                         f"'{choice}'", field="--initial-fluence")
-    if choice == "fallback":
-        if weights is not None:
-            raise InputError("weights given with initial_fluence='fallback'",
-                             field="--weights")
-        return None, None
-    from optimizer.fastpath.bev2fluence import default_weights_path, make_initial_fluence_fn
+    def load():
+        from optimizer.fastpath.bev2fluence import (
+            default_weights_path,
+            make_initial_fluence_fn,
+        )
 
-    path = Path(weights) if weights is not None else default_weights_path()
-    if weights is not None and not path.is_file():
-        raise InputError(f"no Bev2Fluence weights file {path}", field="--weights")
-    if path is None:
-        if choice == "network":
-            raise InputError("initial_fluence='network' but no Bev2Fluence weights are "
-                             "shipped (optimizer/fastpath/weights/bev2fluence.pt) or given "
-                             "(--weights)", field="--initial-fluence")
-        return None, None
-    return make_initial_fluence_fn(path, device), str(path)
+        return default_weights_path(), make_initial_fluence_fn
+
+    return _network_choice(choice, weights, device, option="initial_fluence",
+                           flag="--initial-fluence", weights_flag="--weights",
+                           exact="fallback", what="Bev2Fluence",
+                           shipped="optimizer/fastpath/weights/bev2fluence.pt", load=load)
 
 
 def correction_choice(choice: str, weights, device: str):
     """(correction_fn or None, weights path or None) for ``correction`` (see
     :func:`fast_plan`); None means the exact unrolled steps."""
-    choice = "auto" if choice is None else str(choice)
-    if choice not in ("auto", "network", "exact"):
-        raise InputError(f"correction must be auto, network or exact, got '{choice}'",
-                         field="--correction")
-    if choice == "exact":
-        if weights is not None:
-            raise InputError("correction weights given with correction='exact'",
-                             field="--correction-weights")
-        return None, None
-    from optimizer.fastpath.correction_net import (
-        default_correction_weights_path,
-        make_correction_fn,
-    )
+    def load():
+        from optimizer.fastpath.correction_net import (
+            default_correction_weights_path,
+            make_correction_fn,
+        )
 
-    path = Path(weights) if weights is not None else default_correction_weights_path()
-    if weights is not None and not path.is_file():
-        raise InputError(f"no correction-network weights file {path}",
-                         field="--correction-weights")
-    if path is None:
-        if choice == "network":
-            raise InputError("correction='network' but no correction-network weights are "
-                             "shipped (optimizer/fastpath/weights/correction.pt) or given "
-                             "(--correction-weights)", field="--correction")
-        return None, None
-    return make_correction_fn(path, device), str(path)
+        return default_correction_weights_path(), make_correction_fn
+
+    return _network_choice(choice, weights, device, option="correction",
+                           flag="--correction", weights_flag="--correction-weights",
+                           exact="exact", what="correction-network",
+                           shipped="optimizer/fastpath/weights/correction.pt", load=load)
 
 
 def correction_message(correction_path: str) -> str:
