@@ -77,28 +77,12 @@ def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.gen_correction_data",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help="OpenKBP root (with train/, validation/)")
-    ap.add_argument("--split", default="train", choices=("train", "validation"))
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--limit", type=int, default=None, help="first N patients (by id)")
-    ap.add_argument("--arc-spacing", type=float, default=4.0)
-    ap.add_argument("--dose-grid-factor", type=int, default=3)
-    ap.add_argument("--predictor", default=None,
-                    help="predictor (default: the registry's default, as atp plan --fast)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    from optimizer.fastpath.gen_data import add_common_arguments, common_setup, write_patients
+
+    add_common_arguments(ap, arc_spacing_deg=4.0)
+    ap.add_argument("--seed", type=int, default=0, help="slider draws (0)")
     args = ap.parse_args(argv)
-
-    import torch
-
-    from optimizer.fastpath.gen_data import source_files, write_patients
-    from predictor import registry as predictors
-
-    torch.set_num_threads(args.threads)
-    src = source_files(args.data, args.split, args.limit)
-    out = Path(args.out)
-    args.predictor = args.predictor or predictors.default_predictor_name()
-    predictor = predictors.get(args.predictor)
+    src, out, predictor = common_setup(args)
 
     def make(path, dest):
         if dest.exists():

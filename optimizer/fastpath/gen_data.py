@@ -187,34 +187,15 @@ def _patient_key(p: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.gen_data",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help="OpenKBP root (with train/, validation/)")
-    ap.add_argument("--split", default="train", choices=("train", "validation"))
-    ap.add_argument("--out", required=True, help="output folder (one npz per patient)")
-    ap.add_argument("--limit", type=int, default=None, help="first N patients (by id)")
+    add_common_arguments(ap, arc_spacing_deg=6.0)
     ap.add_argument("--arc-start", type=float, default=180.0, help="arc start, deg (180)")
-    ap.add_argument("--arc-spacing", type=float, default=6.0,
-                    help="control-point spacing of the full arc, deg (6)")
-    ap.add_argument("--dose-grid-factor", type=int, default=3, help="dij dose grid (3)")
     ap.add_argument("--max-iter", type=int, default=300, help="optimiser iterations (300)")
-    ap.add_argument("--predictor", default=None,
-                    help="predictor of the goals and inputs (default: the registry's "
-                         "default, as atp plan --fast)")
     ap.add_argument("--site", default="hn")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     ap.add_argument("--refeature", action="store_true",
                     help="recompute the inputs of existing files made with another feature "
                          "version (keeps their target fluence; no re-planning)")
     args = ap.parse_args(argv)
-
-    import torch
-
-    from predictor import registry as predictors
-
-    torch.set_num_threads(args.threads)
-    src = source_files(args.data, args.split, args.limit)
-    out = Path(args.out)
-    args.predictor = args.predictor or predictors.default_predictor_name()
-    predictor = predictors.get(args.predictor)
+    src, out, predictor = common_setup(args)
 
     def make(path, dest):
         if dest.exists() and args.refeature and _needs_refeature(dest):
@@ -229,6 +210,35 @@ def main(argv=None) -> int:
                               f"{meta['goals_passed']}/{meta['goals_total']}")
 
     return write_patients(src, out, make)
+
+
+def add_common_arguments(ap, *, arc_spacing_deg: float) -> None:
+    """The options both training-data generators take (data, split, output, patients,
+    arc, dose grid, predictor, threads)."""
+    ap.add_argument("--data", required=True, help="OpenKBP root (with train/, validation/)")
+    ap.add_argument("--split", default="train", choices=("train", "validation"))
+    ap.add_argument("--out", required=True, help="output folder (one npz per patient)")
+    ap.add_argument("--limit", type=int, default=None, help="first N patients (by id)")
+    ap.add_argument("--arc-spacing", type=float, default=arc_spacing_deg,
+                    help=f"control-point spacing of the full arc, deg ({arc_spacing_deg:g})")
+    ap.add_argument("--dose-grid-factor", type=int, default=3, help="dij dose grid (3)")
+    ap.add_argument("--predictor", default=None,
+                    help="predictor of the goals and inputs (default: the registry's "
+                         "default, as atp plan --fast)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+
+
+def common_setup(args):
+    """(source patient files, output folder, predictor) for parsed common arguments;
+    sets the torch threads and fills in the default predictor's name."""
+    import torch
+
+    from predictor import registry as predictors
+
+    torch.set_num_threads(args.threads)
+    args.predictor = args.predictor or predictors.default_predictor_name()
+    return (source_files(args.data, args.split, args.limit), Path(args.out),
+            predictors.get(args.predictor))
 
 
 def write_patients(src, out: Path, make) -> int:
