@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optimizer import DATA, criteria_met
+from bench_optimizer import DATA
 from tune_plan_quality import DEFAULT_PATIENTS
 
 
@@ -61,18 +61,20 @@ def cached_inputs(patient, name: str, cache: Path, predictor: str | None,
 
 
 def summary(patient, dose_gy) -> dict:
-    from atp import dvh
-    from atp.metrics import homogeneity_index
+    """``bench_fastpath.quality`` (criteria, PTV_70 HI, OAR means) plus PTV_70 D99 / D2
+    and the mean of the parotid mean doses (Gy)."""
+    from bench_fastpath import quality
 
-    crit = criteria_met(patient, dose_gy)
-    out = {"met": sum(crit.values()), "n": len(crit), "criteria": crit}
-    if "PTV_70" in patient.structures and patient.mask("PTV_70").any():
+    from atp import dvh
+
+    q = quality(patient, dose_gy)
+    out = {"met": q["criteria_met"], "n": q["criteria_n"], "criteria": q["criteria"]}
+    if "ptv70_hi" in q:
         m = patient.mask("PTV_70")
         out["ptv70_d99_gy"] = float(dvh.dose_at_volume_pct(dose_gy, m, 99))
-        out["ptv70_hi"] = float(homogeneity_index(dose_gy, m, "PTV_70"))
+        out["ptv70_hi"] = q["ptv70_hi"]
         out["ptv70_d2_gy"] = float(dvh.dose_at_volume_pct(dose_gy, m, 2))
-    par = [float(dvh.mean_dose(dose_gy, patient.mask(n))) for n in ("Parotid_L", "Parotid_R")
-           if n in patient.structures and patient.mask(n).any()]
+    par = [v for n, v in q["oar_mean_gy"].items() if n in ("Parotid_L", "Parotid_R")]
     out["parotid_mean_gy"] = float(np.mean(par)) if par else None
     return out
 
