@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -75,6 +76,34 @@ def target_prescription_map(patient, dose_grid, rule: str = "support",
             frac = mask_to_dose_grid(mask.astype(np.float32), patient.grid, dose_grid)
         rx[np.asarray(frac).reshape(-1) > min_fraction] = presc.dose_gy
     return rx
+
+
+def dose_grid_arrays(patient, dose_grid, predicted_dose_gy, device="cpu",
+                     target_voxels: str = "support",
+                     target_min_fraction: float = TARGET_MIN_FRACTION) -> SimpleNamespace:
+    """The per-patient voxel arrays of the fast path on ``dose_grid`` (flattened float32
+    tensors on ``device``): body, rx (each target voxel's prescription, Gy; see
+    :func:`target_prescription_map`), target_w, oar_w (name -> OAR fraction), pred (the
+    predicted dose, Gy) and mimic_w (dose-mimicking voxel weights: body 1, OARs +1 each,
+    targets +4). Used by :meth:`FastPath.prepare` and the training-data generator."""
+    dev = torch.device(device)
+
+    def on_grid(a):
+        arr = mask_to_dose_grid(np.asarray(a, np.float32), patient.grid, dose_grid)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+                                ).to(dev)
+
+    body = on_grid(patient.body_mask)
+    rx = torch.from_numpy(target_prescription_map(patient, dose_grid, target_voxels,
+                                                  target_min_fraction)).to(dev)
+    target_w = (rx > 0).to(torch.float32)
+    oar_w = {n: on_grid(patient.mask(n)) for n in patient.organs}
+    mimic_w = body.clone()
+    for w in oar_w.values():
+        mimic_w = mimic_w + w
+    mimic_w = mimic_w + 4.0 * target_w
+    return SimpleNamespace(body=body, rx=rx, target_w=target_w, oar_w=oar_w,
+                           pred=on_grid(predicted_dose_gy), mimic_w=mimic_w)
 
 
 class _Shifted:
@@ -181,23 +210,11 @@ class FastPath:
         self.op = TorchDose(self.dij.matrix, self.device)
         t1 = time.perf_counter()
         self.timings_s["dij_to_device"] = t1 - t0
-        body = self._on_dose_grid(p.body_mask.astype(np.float32))
-        self.target_w = torch.zeros_like(body)
-        rx = target_prescription_map(p, self.dij.dose_grid, self.target_voxels,
-                                     self.target_min_fraction)
-        self.rx = torch.from_numpy(rx).to(self.device)
-        self.target_w = (self.rx > 0).to(torch.float32)
-        self.oar_w = {n: self._on_dose_grid(p.mask(n).astype(np.float32))
-                      for n in p.organs}
+        g = dose_grid_arrays(p, self.dij.dose_grid, self.predicted_dose_gy, self.device,
+                             self.target_voxels, self.target_min_fraction)
+        self.rx, self.target_w, self.oar_w = g.rx, g.target_w, g.oar_w
+        self.pred, self.mimic_w = g.pred, g.mimic_w
         self.oar_hinge_w = self._hinge_weights(p)
-        pred = self._on_dose_grid(np.asarray(self.predicted_dose_gy, dtype=np.float32))
-        self.pred = pred
-        # dose-mimicking voxel weights: body 1, OARs 2, targets 5
-        v = body.clone()
-        for w in self.oar_w.values():
-            v = v + w
-        v = v + 4.0 * self.target_w
-        self.mimic_w = v
         t2 = time.perf_counter()
         self.timings_s["masks_to_dose_grid"] = t2 - t1
         # step sizes: A @ 1 once, then one transpose product per objective weighting

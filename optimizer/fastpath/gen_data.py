@@ -48,30 +48,17 @@ class _ScipyTranspose:
 
 def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
     """What :func:`~optimizer.fastpath.bev2fluence.bev_features` reads from a prepared
-    FastPath (pred, rx, oar_w, mimic_w on the dose grid, ``op.transpose_apply``), built
-    the same way (tests check equality) but without FastPath's step-size estimate and
-    torch copy of A, which the features do not need (about half of the per-patient
-    feature time)."""
+    FastPath (pred, rx, oar_w, mimic_w on the dose grid: :func:`~optimizer.fastpath.
+    chain.dose_grid_arrays`, as FastPath builds them; ``op.transpose_apply``), without
+    FastPath's step-size estimate and torch copy of A, which the features do not need
+    (about half of the per-patient feature time)."""
     import torch
 
-    from atp.dose.resample import mask_to_dose_grid
-    from optimizer.fastpath.chain import target_prescription_map
+    from optimizer.fastpath.chain import dose_grid_arrays
 
-    def on_grid(a):
-        arr = mask_to_dose_grid(np.asarray(a, np.float32), patient.grid, dij.dose_grid)
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
-
-    body = on_grid(patient.body_mask)
-    rx = target_prescription_map(patient, dij.dose_grid)
-    rx_t = torch.from_numpy(rx)
-    oar_w = {n: on_grid(patient.mask(n)) for n in patient.organs}
-    mimic_w = body.clone()
-    for w in oar_w.values():
-        mimic_w = mimic_w + w
-    mimic_w = mimic_w + 4.0 * (rx_t > 0).to(torch.float32)
-    return SimpleNamespace(dij=dij, pred=on_grid(predicted_dose_gy), rx=rx_t, oar_w=oar_w,
-                           mimic_w=mimic_w, op=_ScipyTranspose(dij.matrix),
-                           device=torch.device("cpu"))
+    g = dose_grid_arrays(patient, dij.dose_grid, predicted_dose_gy)
+    return SimpleNamespace(dij=dij, pred=g.pred, rx=g.rx, oar_w=g.oar_w, mimic_w=g.mimic_w,
+                           op=_ScipyTranspose(dij.matrix), device=torch.device("cpu"))
 
 
 def patient_record(patient, dij, predicted_dose_gy, target_fluence_mu) -> dict:
