@@ -438,7 +438,6 @@ def _timed(stages, timings, key, fn, *args, **kwargs):
 def _finish(fp, resolved, sparing, settings, notes, timings, stages):
     """FastPath.run -> VMAT sequencing -> deliverable dose -> evaluation -> Plan."""
     import sequencer
-    from atp.dose.resample import dose_to_patient_grid
     from atp.goals import evaluate_goals
     from atp.pipeline import Plan, _versions
     from sequencer.fidelity import fidelity
@@ -483,16 +482,10 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         best = cand
     res, delivery, grid_dose, _ = best
 
-    def on_patient_grid(d):
-        if dij.dose_grid.same_as(dij.patient_grid):
-            return np.asarray(d, dtype=np.float32)
-        return np.asarray(dose_to_patient_grid(d, dij.dose_grid, dij.patient_grid),
-                          dtype=np.float32)
-
-    dose = _timed(stages, timings, "deliverable dose", on_patient_grid, grid_dose)
+    dose = _timed(stages, timings, "deliverable dose", dij.to_patient_grid, grid_dose)
 
     def evaluate():
-        ideal = on_patient_grid(res.dose_grid_dose_gy)
+        ideal = dij.to_patient_grid(res.dose_grid_dose_gy)
         masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
         fid = fidelity(ideal, dose, patient.grid.spacing_mm, masks)
         return ideal, fid, evaluate_goals(resolved, patient, dose)

@@ -701,14 +701,7 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
 
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions)
-    d = sequencer.deliverable_dose(delivery, dij)
-    if dij.dose_grid.same_as(dij.patient_grid):
-        dose = np.asarray(d, dtype=np.float32)
-    else:
-        from atp.dose.resample import dose_to_patient_grid
-
-        dose = np.asarray(dose_to_patient_grid(d, dij.dose_grid, dij.patient_grid),
-                          dtype=np.float32)
+    dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
     masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
     fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return delivery, ideal_dose, dose, fid

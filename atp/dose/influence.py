@@ -122,10 +122,17 @@ class DoseInfluence:
 
     def patient_dose(self, weights) -> np.ndarray:
         """Dose on the patient (CT) grid (Gy, float32, 3-D): :meth:`dose` mapped back by
-        trilinear interpolation (:func:`atp.dose.resample.dose_to_patient_grid`)."""
+        :meth:`to_patient_grid`."""
+        return self.to_patient_grid(self.dose(weights))
+
+    def to_patient_grid(self, dose) -> np.ndarray:
+        """A dose on this dij's dose grid (Gy, 3-D or flattened) on the patient grid
+        (float32, 3-D): trilinear interpolation
+        (:func:`atp.dose.resample.dose_to_patient_grid`; as is when the grids agree)."""
         from atp.dose.resample import dose_to_patient_grid
 
-        return dose_to_patient_grid(self.dose(weights), self.dose_grid, self.patient_grid)
+        d = np.asarray(dose).reshape(self.dose_grid.shape)
+        return dose_to_patient_grid(d, self.dose_grid, self.patient_grid)
 
     # --- persistence -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
