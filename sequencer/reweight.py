@@ -45,6 +45,19 @@ def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
     return M, np.maximum(v0, 0.0)
 
 
+def dose_rows(dose, threshold: float, max_rows: int) -> np.ndarray:
+    """Dose-grid voxel indices the MU fit looks at: dose >= ``threshold`` x its maximum,
+    every k-th of them when there are more than ``max_rows`` (none when no dose)."""
+    d = np.asarray(dose).reshape(-1)
+    top = float(d.max()) if d.size else 0.0
+    if top <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(d >= threshold * top)
+    if rows.size > max_rows:
+        rows = rows[:: int(np.ceil(rows.size / max_rows))]
+    return rows
+
+
 def mu_basis(delivery: Delivery, dij: DoseInfluence, rows, *, n_sub: int = 4):
     """The deliverable dose as a linear function of the free MU, on dose-grid ``rows``.
 
@@ -97,11 +110,9 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
     if delivery.technique == "imrt-sliding":
         return delivery  # sliding-window MU set the leaf timing; nothing free to change
     ref = np.asarray(reference_dose, dtype=np.float64).reshape(-1)
-    rows = np.flatnonzero(ref >= threshold * ref.max()) if ref.max() > 0 else np.zeros(0, int)
+    rows = dose_rows(ref, threshold, max_rows)
     if rows.size == 0:
         return delivery
-    if rows.size > max_rows:
-        rows = rows[:: int(np.ceil(rows.size / max_rows))]
     A, _, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
     res = lsq_linear(A, ref[rows], bounds=(lo, hi),
                      method="bvls" if A.shape[1] <= 400 else "trf", lsmr_tol="auto")
@@ -160,12 +171,9 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
     from sequencer.deliverable import deliverable_dose
 
     now = np.asarray(deliverable_dose(delivery, dij, n_sub), np.float32).reshape(-1)
-    top = float(now.max())
-    if top <= 0:
+    rows = dose_rows(now, threshold, max_rows)
+    if rows.size == 0:
         return delivery, {"iterations": 0, "kept": False, "reason": "no dose"}
-    rows = np.flatnonzero(now >= threshold * top)
-    if rows.size > max_rows:
-        rows = rows[:: int(np.ceil(rows.size / max_rows))]
     B, v0, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
 
     now_rows = now[rows].astype(np.float64)
