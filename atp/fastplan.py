@@ -52,13 +52,14 @@ from atp.errors import BackendUnavailableError, GridMismatchError, InputError, S
 #: export: ``Plan.save`` (recorded when the plan is saved).
 STAGES = ("pre-processing", "dose prediction", "dose influence", "dij to device",
           "initial fluence", "error map + correction", "sequencing", "control-point MU",
-          "deliverable dose", "evaluation", "export")
+          "aperture refinement", "deliverable dose", "evaluation", "export")
 
 #: FastPath numeric options recorded in plan.json (and reused when a loaded plan respares)
 FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
                         "smoothness", "init_smoothness", "smooth_weight_cp", "oar_guard",
                         "goal_weight", "target_voxels", "target_min_fraction",
                         "sequencing_passes", "pass_steps", "mu_iterations",
+                        "aperture_iterations", "aperture_rounds", "hot_margin",
                         "oar_minus_targets")
 
 DEFAULT_ARC_SPACING_DEG = 4.0
@@ -446,6 +447,7 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
     machine = settings.get("machine", "millennium120")
 
     mu_info = []
+    aperture_info = []
 
     def sequenced(r):
         # with the MU optimised on J below, the sequencer's least-squares MU fit (same
@@ -461,6 +463,15 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
                                     delivery, dij, fp.objective_value_grad(sparing),
                                     max_iter=fp.mu_iterations)
             mu_info.append(info)
+        if fp.aperture_iterations > 0:
+            from sequencer.aperture_refine import refine_apertures
+
+            delivery, info = _timed(stages, timings, "aperture refinement",
+                                    refine_apertures, delivery, dij.beamlets,
+                                    fp.weight_value_grad(sparing),
+                                    rounds=fp.aperture_rounds,
+                                    iterations=fp.aperture_iterations)
+            aperture_info.append(info)
         grid_dose = _timed(stages, timings, "deliverable dose",
                            sequencer.deliverable_dose, delivery, dij)
         return r, delivery, grid_dose, fp.objective_value(grid_dose, sparing)
@@ -496,7 +507,7 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         "objective": res.objective, "sparing": dict(res.sparing),
         "n_beamlets": int(dij.n_beamlets), "device": str(fp.device),
         "timings_s": {**fp.timings_s, **res.timings_s}, "sequencing_passes": passes,
-        "control_point_mu": mu_info,
+        "control_point_mu": mu_info, "aperture_refinement": aperture_info,
     }
     return Plan(patient, resolved, results, np.asarray(res.fluence_mu, np.float32), dose,
                 fp.predicted_dose_gy, dij, timings, f"fastpath-{fp.device.type}",

@@ -22,6 +22,34 @@ from atp.dose.influence import BeamletInfo, DoseInfluence
 from sequencer.delivery import BeamDelivery, Delivery
 
 
+def beamlet_pair_overlap(bev_y_mm, beamlet_size_y_mm: float, leaf_edges_mm, jaw_y_mm=None,
+                         n_apertures: int = 1):
+    """The leaf pairs each beamlet row overlaps and by how much.
+
+    Returns ``(pairs, oy)``: pairs (n_beamlets, K) leaf-pair index of each overlap slot,
+    oy (n_apertures, n_beamlets, K) overlap in mm across the pairs (clipped to the Y jaws
+    when ``jaw_y_mm`` (n_apertures, 2) is given; 0 for unused slots). Depends on the
+    geometry and jaws only, not on the leaf positions."""
+    by = np.asarray(bev_y_mm, dtype=np.float64)
+    sy = float(beamlet_size_y_mm)
+    edges = np.asarray(leaf_edges_mm, dtype=np.float64)
+    y_lo, y_hi = by - sy / 2, by + sy / 2
+    first = np.clip(np.searchsorted(edges, y_lo, side="right") - 1, 0, len(edges) - 2)
+    last = np.clip(np.searchsorted(edges, y_hi, side="left") - 1, 0, len(edges) - 2)
+    k_max = int((last - first).max()) + 1 if by.size else 1
+    pairs = np.minimum(first[:, None] + np.arange(k_max)[None, :], len(edges) - 2)
+    valid = (first[:, None] + np.arange(k_max)[None, :]) <= last[:, None]
+    lo = np.maximum(edges[pairs], y_lo[:, None])  # (n_b, K)
+    hi = np.minimum(edges[pairs + 1], y_hi[:, None])
+    if jaw_y_mm is not None:
+        jy = np.asarray(jaw_y_mm, dtype=np.float64).reshape(n_apertures, 2)
+        oy = np.clip(np.minimum(hi[None], jy[:, 1, None, None])
+                     - np.maximum(lo[None], jy[:, 0, None, None]), 0.0, None)
+    else:
+        oy = np.broadcast_to(np.clip(hi - lo, 0.0, None)[None], (n_apertures,) + lo.shape)
+    return pairs, oy * valid[None]
+
+
 def aperture_open_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm,
                            right_mm, jaw_x_mm=None, jaw_y_mm=None) -> np.ndarray:
     """Open area fraction (n_apertures, n_beamlets) of beamlet rectangles.
@@ -30,28 +58,11 @@ def aperture_open_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, l
     jaw_x_mm/jaw_y_mm: (n_apertures, 2) or None (no jaw clipping).
     """
     bx = np.asarray(bev_x_mm, dtype=np.float64)
-    by = np.asarray(bev_y_mm, dtype=np.float64)
     sx, sy = (float(s) for s in beamlet_size_mm)
-    edges = np.asarray(leaf_edges_mm, dtype=np.float64)
     left = np.atleast_2d(np.asarray(left_mm, dtype=np.float64))
     right = np.atleast_2d(np.asarray(right_mm, dtype=np.float64))
     n_ap = left.shape[0]
-    # pairs overlapping each beamlet row: (n_beamlets, K)
-    y_lo, y_hi = by - sy / 2, by + sy / 2
-    first = np.clip(np.searchsorted(edges, y_lo, side="right") - 1, 0, len(edges) - 2)
-    last = np.clip(np.searchsorted(edges, y_hi, side="left") - 1, 0, len(edges) - 2)
-    k_max = int((last - first).max()) + 1 if bx.size else 1
-    pairs = np.minimum(first[:, None] + np.arange(k_max)[None, :], len(edges) - 2)
-    valid = (first[:, None] + np.arange(k_max)[None, :]) <= last[:, None]
-    lo = np.maximum(edges[pairs], y_lo[:, None])  # (n_b, K)
-    hi = np.minimum(edges[pairs + 1], y_hi[:, None])
-    if jaw_y_mm is not None:
-        jy = np.asarray(jaw_y_mm, dtype=np.float64).reshape(n_ap, 2)
-        oy = np.clip(np.minimum(hi[None], jy[:, 1, None, None])
-                     - np.maximum(lo[None], jy[:, 0, None, None]), 0.0, None)
-    else:
-        oy = np.broadcast_to(np.clip(hi - lo, 0.0, None)[None], (n_ap,) + lo.shape)
-    oy = oy * valid[None]
+    pairs, oy = beamlet_pair_overlap(bev_y_mm, sy, leaf_edges_mm, jaw_y_mm, n_ap)
     le = left[:, pairs]  # (n_ap, n_b, K)
     ri = right[:, pairs]
     if jaw_x_mm is not None:

@@ -220,6 +220,16 @@ def test_cli_plan_fast(tmp_path, capsys):
         assert any("ran on the CPU" in n for n in data["notes"])
 
 
+def test_cli_aperture_iterations_reach_the_fast_path(tmp_path):
+    out = tmp_path / "fast"
+    rc = main(["plan", "phantom", "--fast", "--predictor", "baseline", "--arc-spacing",
+               "10", "--quiet", "--initial-fluence", "fallback", "--aperture-iterations",
+               "2", "--no-report", "--out", str(out)])
+    assert rc in (0, 3)
+    data = json.loads((out / "plan.json").read_text())
+    assert data["settings"]["fastpath_options"]["aperture_iterations"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--fast", "--spare", "Nonexistent=0.1"], "Nonexistent"),
     (["--fast", "--spare", "Parotid_L=1.5"], "[0, 1)"),
@@ -231,6 +241,8 @@ def test_cli_plan_fast(tmp_path, capsys):
     (["--fast", "--initial-fluence", "learned"], "initial_fluence must be"),
     (["--fast", "--weights", "/nonexistent/b2f.pt"], "no Bev2Fluence weights file"),
     (["--initial-fluence", "fallback"], "needs --fast"),
+    (["--aperture-iterations", "3"], "needs --fast"),
+    (["--fast", "--aperture-iterations", "-1"], "must be >= 0"),
 ])
 def test_cli_bad_fast_input_is_exit_2_without_output(tmp_path, capsys, args, message):
     out = tmp_path / "x"

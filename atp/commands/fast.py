@@ -40,6 +40,11 @@ def add_fast_arguments(p) -> None:
     p.add_argument("--correction-weights", default=None, metavar="PT",
                    help="--fast: correction-network weights file (default: the shipped "
                         "one)")
+    p.add_argument("--aperture-iterations", type=int, default=None, metavar="N",
+                   help="--fast: L-BFGS-B iterations per round of direct aperture "
+                        "refinement after sequencing (leaf tips and control-point MU "
+                        "moved to lower the plan objective within the machine limits; "
+                        "0: off, control-point MU only; default: the fast path's)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda",
                    help="--fast: torch device (default auto: cuda when available, else "
                         "cpu; cuda without a GPU is an error)")
@@ -50,8 +55,9 @@ def reject_fast_only(args) -> None:
     for dest, flag in (("spare", "--spare"), ("arc_spacing", "--arc-spacing"),
                        ("device", "--device"), ("initial_fluence", "--initial-fluence"),
                        ("weights", "--weights"), ("correction", "--correction"),
-                       ("correction_weights", "--correction-weights")):
-        if getattr(args, dest, None):
+                       ("correction_weights", "--correction-weights"),
+                       ("aperture_iterations", "--aperture-iterations")):
+        if getattr(args, dest, None) is not None and getattr(args, dest) != []:
             raise InputError(f"{flag} needs --fast", field=flag)
 
 
@@ -76,6 +82,12 @@ def fast_options(args) -> tuple[dict, dict]:
                       ("correction_weights", "correction_weights")):
         if getattr(args, dest) is not None:
             opts[key] = getattr(args, dest)
+    n = getattr(args, "aperture_iterations", None)
+    if n is not None:
+        if n < 0:
+            raise InputError(f"--aperture-iterations must be >= 0, got {n}",
+                             field="--aperture-iterations")
+        opts["fastpath_options"] = {"aperture_iterations": n}
     return spare, opts
 
 

@@ -148,7 +148,9 @@ class FastPath:
                  oar_guard: float = 0.5, target_min_fraction: float = TARGET_MIN_FRACTION,
                  goal_weight: float = 0.0, resolved_goals=None, target_voxels: str = "support",
                  sequencing_passes: int = 0, pass_steps: int | None = None,
-                 mu_iterations: int = 30, oar_minus_targets: str = "none",
+                 mu_iterations: int = 30, aperture_iterations: int = 0,
+                 aperture_rounds: int = 3, hot_margin: float = 0.0,
+                 oar_minus_targets: str = "none",
                  device: str = "cpu", initial_fluence_fn: Callable | None = None,
                  correction_fn: Callable | None = None) -> None:
         self.target_min_fraction = float(target_min_fraction)
@@ -168,6 +170,9 @@ class FastPath:
         self.sequencing_passes = int(sequencing_passes)
         self.pass_steps = pass_steps
         self.mu_iterations = int(mu_iterations)
+        self.aperture_iterations = int(aperture_iterations)
+        self.aperture_rounds = int(aperture_rounds)
+        self.hot_margin = float(hot_margin)
         if oar_minus_targets not in ("none", "core", "support"):
             raise ValueError("oar_minus_targets must be none, core or support, got "
                              f"{oar_minus_targets!r}")
@@ -272,7 +277,7 @@ class FastPath:
                                  f"has {sorted(self.oar_w)}", field="--spare")
         hotcold = HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
                                    self.oar_hinge_w, dict(sparing), self.d0,
-                                   self.oar_guard)
+                                   self.oar_guard, self.hot_margin)
         if self.goal_objective is None:
             return hotcold
         goal = self.goal_objective
@@ -356,6 +361,20 @@ class FastPath:
                                 device=self.device)
             j, e = value_and_error_map(d, obj)
             return float(j), e.cpu().numpy()
+
+        return value_grad
+
+    def weight_value_grad(self, spare: Mapping[str, float] | None = None):
+        """``f(w) -> (J, dJ/dw)`` on NumPy arrays: the correction objective of ``spare``
+        as a function of beamlet weights w (MU), dose A w and A^T dJ/dD on ``device`` --
+        for host-side solvers that move apertures (direct aperture refinement)."""
+        sparing = {k: float(v) for k, v in (spare or {}).items()}
+        obj = self.objective(sparing)
+
+        def value_grad(w):
+            wt = torch.as_tensor(np.asarray(w, np.float32), device=self.device)
+            j, e = value_and_error_map(self.op(wt), obj)
+            return float(j), self.op.transpose_apply(e).cpu().numpy()
 
         return value_grad
 

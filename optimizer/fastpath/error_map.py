@@ -4,7 +4,9 @@ Default J (AIRT-style, per voxel i of the dose grid, doses in Gy):
 
 * PTV homogeneity, asymmetric: ``lam_hot/2 * relu(D - Rx)^2 + lam_cold/2 * relu(Rx - D)^2``
   over target voxels, with ``lam_hot > lam_cold`` so hot spots cost more than cold spots;
-  ``Rx`` is each voxel's highest prescription.
+  ``Rx`` is each voxel's highest prescription. ``hot_margin`` m >= 0 (default 0) moves
+  the hot hinge to ``(1 + m) Rx``: a dead band [Rx, (1 + m) Rx] that lets the dose
+  settle just above Rx, so near-minimum coverage (D99) survives sequencing.
 * OAR sparing slider s_o in [0, 1): squared hinge ``1/2 * relu(D - R_o)^2`` over the OAR
   with the reference ``R_o = (1 - s_o) * D0`` (D0: the baseline dose, i.e. the plan with
   no sparing). s_o = 0 gives R_o = D0, so the term vanishes at the baseline.
@@ -45,8 +47,11 @@ class HotColdObjective:
     sparing: Mapping[str, float] = field(default_factory=dict)
     baseline_dose: torch.Tensor | None = None
     guard_weight: float = 0.0
+    hot_margin: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.hot_margin) < 1.0:
+            raise ValueError(f"hot_margin must be in [0, 1), got {self.hot_margin}")
         if not self.lam_hot > self.lam_cold > 0:
             raise ValueError("need lam_hot > lam_cold > 0 (hot spots cost more)")
         for name, s in self.sparing.items():
@@ -74,21 +79,24 @@ class HotColdObjective:
         return out
 
     def _terms(self):
-        """Per term (voxel indices, voxel weights / count, reference Gy, lam_hot, lam_cold)
-        on its own voxels only (gathered once: a term never reads the rest of the grid)."""
+        """Per term (voxel indices, voxel weights / count, reference Gy, lam_hot, lam_cold,
+        hot-hinge offset above the reference Gy) on its own voxels only (gathered once: a
+        term never reads the rest of the grid)."""
         if getattr(self, "_cache", None) is None:
             terms = []
             tw = self.target_weight
             idx = torch.nonzero(tw > 0).reshape(-1)
             if idx.numel():
-                terms.append((idx, tw[idx] / tw.sum().clamp_min(1.0), self.rx_gy[idx],
-                              0.5 * self.lam_hot, 0.5 * self.lam_cold))
+                rx = self.rx_gy[idx]
+                terms.append((idx, tw[idx] / tw.sum().clamp_min(1.0), rx,
+                              0.5 * self.lam_hot, 0.5 * self.lam_cold,
+                              float(self.hot_margin) * rx if self.hot_margin else 0.0))
             for name, (weight, s) in self.oar_term_weights().items():
                 w = self.oar_weights[name]
                 idx = torch.nonzero(w > 0).reshape(-1)
                 if idx.numel():
                     terms.append((idx, weight * w[idx] / w.sum().clamp_min(1.0),
-                                  (1.0 - s) * self.baseline_dose[idx], 0.5, 0.0))
+                                  (1.0 - s) * self.baseline_dose[idx], 0.5, 0.0, 0.0))
             self._cache = terms
         return self._cache
 
@@ -98,9 +106,9 @@ class HotColdObjective:
         d = dose.detach()
         j = d.new_zeros(())
         grad = torch.zeros_like(d)
-        for idx, w, ref, hot, cold in self._terms():
+        for idx, w, ref, hot, cold, off in self._terms():
             x = torch.index_select(d, 0, idx) - ref
-            over = torch.relu(x)
+            over = torch.relu(x - off)
             pen = hot * over ** 2
             g = 2.0 * hot * over
             if cold:
@@ -113,9 +121,9 @@ class HotColdObjective:
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         j = dose.new_zeros(())
-        for idx, w, ref, hot, cold in self._terms():
+        for idx, w, ref, hot, cold, off in self._terms():
             x = torch.index_select(dose, 0, idx) - ref
-            pen = hot * torch.relu(x) ** 2
+            pen = hot * torch.relu(x - off) ** 2
             if cold:
                 pen = pen + cold * torch.relu(-x) ** 2
             j = j + (w * pen).sum()

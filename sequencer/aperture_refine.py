@@ -1,0 +1,282 @@
+"""Direct aperture refinement of a sequenced VMAT delivery (the leaf step of direct
+aperture optimisation).
+
+Rule-based sequencing gives one aperture per control point and arc pass; it cannot
+reproduce a modulated fluence exactly. Here the leaf tips of every arc control point and
+the control-point MU are moved together to lower a plan objective J of the *deliverable*
+dose itself, within the machine's limits:
+
+    min_{a, b, v}  J(D(w(a, b, v)))
+
+w(a, b, v): beamlet weights (MU) of the delivery, exactly as
+:func:`sequencer.deliverable.delivered_weights` computes them (each interval between
+control points split into ``n_sub`` equal-MU sub-apertures at linearly interpolated tips,
+the exact open-area fraction of each beamlet rectangle, jaws fixed). That map is
+piecewise linear in the tips, so its vector-Jacobian product is written out here in
+closed form (NumPy); J and dJ/dw come from the caller (``weight_value_grad``: e.g. D = A w
+and A^T dJ/dD on a GPU), so any objective can drive it.
+
+Feasibility is kept by construction: each round solves a box-constrained problem
+(L-BFGS-B) whose boxes are cut from the current delivery's slack -- each leaf may take
+at most half of the slack of every constraint it shares (leaf travel to the neighbouring
+control points at full gantry speed, the minimum gap to its opposing leaf, the bank span,
+the leaf range) and the MU stay within the MU/degree limits -- so every point inside the
+boxes is deliverable. Several rounds let leaves travel further than one round's slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from atp.dose.influence import BeamletInfo
+from sequencer.deliverable import beamlet_pair_overlap
+from sequencer.delivery import BeamDelivery, Delivery
+from sequencer.machine import Machine
+from sequencer.reweight import _mu_map
+from sequencer.vmat import control_point_cover_deg
+
+
+class _ArcModel:
+    """One arc beam: free tips (n_cp, n_pairs) a, b and free MU v (n_cp,), the fixed
+    geometry of its sub-apertures, and w / dJ-by-variables in closed form."""
+
+    def __init__(self, beam: BeamDelivery, beamlets: BeamletInfo, machine: Machine,
+                 fractions: int, n_sub: int) -> None:
+        self.beam = beam
+        n_all, n_pairs = beam.leaf_a_mm.shape
+        self.n_cp, self.n_pairs, self.n_sub = n_all - 2, n_pairs, int(n_sub)
+        self.M, v0 = _mu_map(beam)
+        self.a0 = beam.leaf_a_mm[1:-1].copy()
+        self.b0 = beam.leaf_b_mm[1:-1].copy()
+        self.v0 = v0
+        cover = control_point_cover_deg(beam.gantry_deg[1:-1])
+        self.mu_lo = machine.min_mu_per_deg * cover * fractions
+        self.mu_hi = machine.max_mu_per_deg * cover * fractions
+        half = machine.dosimetric_leaf_gap_mm / 2.0
+        self.half = half
+        # sub-apertures: every interval k (n_all - 1 of them) x n_sub
+        n_int = n_all - 1
+        t = (np.arange(self.n_sub) + 0.5) / self.n_sub
+        self.k = np.repeat(np.arange(n_int), self.n_sub)
+        self.t = np.tile(t, n_int)
+        dij = np.where(self.t < 0.5, beam.dij_beam[self.k], beam.dij_beam[self.k + 1])
+        jx = beam.jaw_x_mm[self.k] + self.t[:, None] * (beam.jaw_x_mm[self.k + 1]
+                                                      - beam.jaw_x_mm[self.k])
+        jy = beam.jaw_y_mm[self.k] + self.t[:, None] * (beam.jaw_y_mm[self.k + 1]
+                                                      - beam.jaw_y_mm[self.k])
+        sx, sy = (float(s) for s in beamlets.beamlet_size_mm)
+        self.area = sx * sy
+        self.groups = []
+        for d in np.unique(dij):
+            cols = beamlets.columns_of_beam(int(d))
+            sel = np.flatnonzero(dij == d)
+            pairs, oy = beamlet_pair_overlap(beamlets.bev_y_mm[cols], sy,
+                                             machine.leaf_edges_mm, jy[sel], sel.size)
+            bx = beamlets.bev_x_mm[cols]
+            # flat (sub-aperture, pair) slot of every overlap, for the gradient's scatter
+            slot = (np.arange(sel.size)[:, None, None] * n_pairs + pairs[None]).ravel()
+            self.groups.append((cols, sel, pairs, oy, slot, (bx - sx / 2)[None, :, None],
+                                (bx + sx / 2)[None, :, None], jx[sel, 0, None, None],
+                                jx[sel, 1, None, None]))
+
+    def _edges(self, a, b):
+        """Radiation-field edges (n_subs, n_pairs) of the sub-apertures."""
+        a_all = np.concatenate([a[:1], a, a[-1:]])
+        b_all = np.concatenate([b[:1], b, b[-1:]])
+        t = self.t[:, None]
+        left = a_all[self.k] + t * (a_all[self.k + 1] - a_all[self.k]) - self.half
+        right = b_all[self.k] + t * (b_all[self.k + 1] - b_all[self.k]) + self.half
+        return left, right
+
+    def _sub_mu(self, v):
+        return np.repeat(self.M @ v, self.n_sub) / self.n_sub
+
+    def weights(self, a, b, v, out: np.ndarray) -> None:
+        """Add this arc's beamlet weights (MU) to ``out``."""
+        left, right = self._edges(a, b)
+        mu = self._sub_mu(v)
+        for cols, sel, pairs, oy, _, blo, bhi, j0, j1 in self.groups:
+            le = np.maximum(left[sel][:, pairs], j0)
+            ri = np.minimum(right[sel][:, pairs], j1)
+            ox = np.clip(np.minimum(ri, bhi) - np.maximum(le, blo), 0.0, None)
+            out[cols] += mu[sel] @ ((ox * oy).sum(axis=2) / self.area)
+
+    def grad(self, a, b, v, g_w):
+        """dJ/da, dJ/db (n_cp, n_pairs) and dJ/dv (n_cp,) from dJ/dw (n_beamlets,)."""
+        left, right = self._edges(a, b)
+        mu = self._sub_mu(v)
+        n_s = left.shape[0]
+        d_left = np.zeros((n_s, self.n_pairs))
+        d_right = np.zeros((n_s, self.n_pairs))
+        d_mu = np.zeros(n_s)
+        for cols, sel, pairs, oy, slot, blo, bhi, j0, j1 in self.groups:
+            le_raw = left[sel][:, pairs]
+            ri_raw = right[sel][:, pairs]
+            le = np.maximum(le_raw, j0)
+            ri = np.minimum(ri_raw, j1)
+            lo_c = np.maximum(le, blo)
+            hi_c = np.minimum(ri, bhi)
+            ox = hi_c - lo_c
+            gw = g_w[cols][None, :, None]
+            ogw = oy * gw
+            d_mu[sel] += (np.maximum(ox, 0.0) * ogw).sum(axis=(1, 2)) / self.area
+            # tips often sit exactly on a beamlet edge or a jaw (kinks): the mean of the
+            # two one-sided derivatives (what a central difference measures)
+            common = ogw * (0.5 * mu[sel] / self.area)[:, None, None]
+            dr = common * (((ri_raw < j1) & (ri < bhi) & (ri >= lo_c)).astype(np.float64)
+                           + ((ri_raw <= j1) & (ri <= bhi) & (ri > lo_c)))
+            dl = common * (((le_raw >= j0) & (le >= blo) & (le < hi_c)).astype(np.float64)
+                           + ((le_raw > j0) & (le > blo) & (le <= hi_c)))
+            n_slot = sel.size * self.n_pairs
+            d_right[sel] += np.bincount(slot, dr.ravel(), n_slot).reshape(sel.size, -1)
+            d_left[sel] -= np.bincount(slot, dl.ravel(), n_slot).reshape(sel.size, -1)
+        n_all = self.n_cp + 2
+
+        t = self.t.reshape(-1, self.n_sub, 1)
+
+        def to_cp(d):  # through the interpolation and the tied end points
+            d = d.reshape(n_all - 1, self.n_sub, self.n_pairs)
+            full = np.zeros((n_all, self.n_pairs))
+            full[:-1] += ((1 - t) * d).sum(axis=1)
+            full[1:] += (t * d).sum(axis=1)
+            g = full[1:-1].copy()
+            g[0] += full[0]
+            g[-1] += full[-1]
+            return g
+
+        d_dmu = d_mu.reshape(-1, self.n_sub).sum(axis=1) / self.n_sub
+        return to_cp(d_left), to_cp(d_right), self.M.T @ d_dmu
+
+    def beam_with(self, a, b, v) -> BeamDelivery:
+        dmu = self.M @ v
+        return replace(self.beam, leaf_a_mm=np.concatenate([a[:1], a, a[-1:]]),
+                       leaf_b_mm=np.concatenate([b[:1], b, b[-1:]]),
+                       cumulative_mu=np.concatenate([[0.0], np.cumsum(dmu)]))
+
+
+def _travel_box(x, step):
+    """Per-element (lower, upper) move of x (n_cp, n_pairs) keeping |x[k+1]-x[k]| <=
+    step[k] whatever its neighbours do inside their own boxes (half the slack each)."""
+    lo = np.full_like(x, -np.inf)
+    hi = np.full_like(x, np.inf)
+    d = np.diff(x, axis=0)
+    s = step[:, None]
+    up = np.maximum(s - d, 0.0) / 2  # room before x[k+1] - x[k] reaches +step
+    down = np.maximum(s + d, 0.0) / 2  # room before it reaches -step
+    hi[1:] = np.minimum(hi[1:], up)
+    lo[:-1] = np.maximum(lo[:-1], -up)
+    lo[1:] = np.maximum(lo[1:], -down)
+    hi[:-1] = np.minimum(hi[:-1], down)
+    return lo, hi
+
+
+def leaf_boxes(a, b, gantry_deg, machine: Machine):
+    """Bounds (a_lo, a_hi, b_lo, b_hi), each (n_cp, n_pairs) mm, inside which every
+    choice of tips keeps the arc deliverable given the current tips a, b (feasible)."""
+    m = machine
+    dg = np.abs((np.diff(gantry_deg) + 180.0) % 360.0 - 180.0)
+    step = m.max_leaf_travel_per_deg_mm * dg
+    la, ha = _travel_box(a, step)
+    lb, hb = _travel_box(b, step)
+    slack = np.maximum(b - a - m.min_leaf_gap_mm, 0.0) / 2  # opposing tips
+    ha = np.minimum(ha, slack)
+    lb = np.maximum(lb, -slack)
+    for x, lo, hi in ((a, la, ha), (b, lb, hb)):  # bank span per control point
+        room = np.maximum(m.max_leaf_span_mm - (x.max(axis=1) - x.min(axis=1)), 0.0) / 2
+        lo[:] = np.maximum(lo, (x.min(axis=1) - room)[:, None] - x)
+        hi[:] = np.minimum(hi, (x.max(axis=1) + room)[:, None] - x)
+    r_lo, r_hi = m.leaf_position_range_mm
+    la = np.maximum(la, r_lo - a)
+    ha = np.minimum(ha, r_hi - a)
+    lb = np.maximum(lb, r_lo - b)
+    hb = np.minimum(hb, r_hi - b)
+    # numerical safety: a box never excludes the current point
+    return (a + np.minimum(la, 0), a + np.maximum(ha, 0), b + np.minimum(lb, 0),
+            b + np.maximum(hb, 0))
+
+
+def refine_apertures(delivery: Delivery, beamlets: BeamletInfo, weight_value_grad, *,
+                     rounds: int = 3, iterations: int = 10, n_sub: int = 4,
+                     leaf_scale_mm: float = 5.0) -> tuple[Delivery, dict]:
+    """Move the arc leaf tips and control-point MU of a VMAT ``delivery`` to lower J.
+
+    weight_value_grad(w): J and dJ/dw for beamlet weights w (MU, ``beamlets`` order,
+    NumPy float64). rounds x iterations: L-BFGS-B rounds (boxes re-cut from the slack
+    before each) and iterations per round. Returns (delivery, info); the input delivery
+    when J does not decrease. Every result passes :func:`sequencer.check_delivery`.
+    """
+    from scipy.optimize import minimize
+
+    if delivery.technique != "vmat":
+        raise ValueError(f"aperture refinement handles VMAT deliveries, got "
+                         f"{delivery.technique!r}")
+    m = delivery.machine
+    models = [_ArcModel(b, beamlets, m, delivery.fractions, n_sub) for b in delivery.beams]
+    if not models:
+        return delivery, {"rounds": 0, "kept": False}
+    sizes = [(md.n_cp, md.n_pairs) for md in models]
+    n_leaf = [2 * c * p for c, p in sizes]
+    mu_scale = max(float(np.mean(np.concatenate([md.v0 for md in models]))), 1e-9)
+    n_w = beamlets.n_beamlets
+
+    def split(z):
+        out, i = [], 0
+        for md, nl in zip(models, n_leaf):
+            ab = z[i:i + nl].reshape(2, md.n_cp, md.n_pairs) * leaf_scale_mm
+            i += nl
+            v = z[i:i + md.n_cp] * mu_scale
+            i += md.n_cp
+            out.append((ab[0], ab[1], v))
+        return out
+
+    def pack(parts):
+        return np.concatenate([np.concatenate([a.ravel() / leaf_scale_mm,
+                                               b.ravel() / leaf_scale_mm, v / mu_scale])
+                               for a, b, v in parts])
+
+    def fun(z):
+        parts = split(z)
+        w = np.zeros(n_w)
+        for md, (a, b, v) in zip(models, parts):
+            md.weights(a, b, v, w)
+        j, g_w = weight_value_grad(w)
+        g_w = np.asarray(g_w, np.float64).reshape(-1)
+        grads = []
+        for md, (a, b, v) in zip(models, parts):
+            ga, gb, gv = md.grad(a, b, v, g_w)
+            grads.append((ga * leaf_scale_mm, gb * leaf_scale_mm, gv * mu_scale))
+        return float(j), np.concatenate([np.concatenate([ga.ravel(), gb.ravel(), gv])
+                                         for ga, gb, gv in grads])
+
+    parts = [(md.a0, md.b0, np.clip(md.v0, md.mu_lo, md.mu_hi)) for md in models]
+    z = pack(parts)
+    j0, _ = fun(z)
+    j_best, z_best, done = j0, z, 0
+    for _ in range(int(rounds)):
+        bounds_lo, bounds_hi = [], []
+        for md, (a, b, v) in zip(models, split(z_best)):
+            a_lo, a_hi, b_lo, b_hi = leaf_boxes(a, b, md.beam.gantry_deg[1:-1], m)
+            bounds_lo.append(np.concatenate([a_lo.ravel() / leaf_scale_mm,
+                                             b_lo.ravel() / leaf_scale_mm,
+                                             md.mu_lo / mu_scale]))
+            bounds_hi.append(np.concatenate([a_hi.ravel() / leaf_scale_mm,
+                                             b_hi.ravel() / leaf_scale_mm,
+                                             md.mu_hi / mu_scale]))
+        lo, hi = np.concatenate(bounds_lo), np.concatenate(bounds_hi)
+        res = minimize(fun, np.clip(z_best, lo, hi), jac=True, method="L-BFGS-B",
+                       bounds=np.stack([lo, hi], axis=1),
+                       options={"maxiter": int(iterations)})
+        done += int(res.nit)
+        if not res.fun < j_best:
+            break
+        j_best, z_best = float(res.fun), np.clip(res.x, lo, hi)
+    info = {"iterations": done, "objective_before": float(j0), "objective_after": j_best,
+            "kept": bool(j_best < j0)}
+    if not j_best < j0:
+        return delivery, info
+    beams = tuple(md.beam_with(a, b, v) for md, (a, b, v) in zip(models, split(z_best)))
+    meta = dict(delivery.meta)
+    meta["apertures_refined"] = True
+    return replace(delivery, beams=beams, meta=meta), info

@@ -1,0 +1,142 @@
+"""Direct aperture refinement of VMAT deliveries (sequencer.aperture_refine): the
+closed-form beamlet weights equal the deliverable model's, their vector-Jacobian product
+matches finite differences, every point inside the leaf boxes is deliverable, and the
+refinement lowers the plan objective without breaking a machine limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import sequencer
+from sequencer.aperture_refine import _ArcModel, leaf_boxes, refine_apertures
+from sequencer.deliverable import delivered_weights
+from sequencer.delivery import check_delivery
+
+
+@pytest.fixture(scope="module")
+def fast(phantom):
+    import atp
+
+    return atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                    fast_options={"arc_spacing_deg": 10.0, "dose_grid_factor": 3,
+                                  "device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def raw(fast):
+    """The rule-based VMAT sequencing of the fast path's fluence (no MU fit)."""
+    return sequencer.sequence(fast.fluence, fast.dij, "vmat",
+                              fractions=fast.patient.fractions, reweight=False)
+
+
+def _models(delivery, dij):
+    return [_ArcModel(b, dij.beamlets, delivery.machine, delivery.fractions, 4)
+            for b in delivery.beams]
+
+
+def test_closed_form_weights_equal_the_deliverable_model(fast, raw):
+    w = np.zeros(fast.dij.n_beamlets)
+    for md in _models(raw, fast.dij):
+        md.weights(md.a0, md.b0, md.v0, w)
+    ref = delivered_weights(raw, fast.dij.beamlets)
+    assert ref.max() > 0
+    np.testing.assert_allclose(w, ref, rtol=1e-9, atol=1e-9 * ref.max())
+
+
+def test_leaf_and_mu_gradients_match_finite_differences(fast, raw):
+    dij = fast.dij
+    md = _models(raw, dij)[0]
+    target = np.random.default_rng(0).normal(size=dij.n_beamlets) * 50.0
+
+    def j_of(a, b, v):
+        w = np.zeros(dij.n_beamlets)
+        md.weights(a, b, v, w)
+        return 0.5 * float(np.sum((w - target) ** 2)), w - target
+
+    a, b, v = md.a0.copy(), md.b0.copy(), md.v0.copy()
+    _, g_w = j_of(a, b, v)
+    ga, gb, gv = md.grad(a, b, v, g_w)
+    open_pairs = np.argwhere(b - a > 6.0)
+    assert open_pairs.shape[0] > 20
+    checked = 0
+    for k, p in open_pairs[:: max(1, open_pairs.shape[0] // 12)]:
+        for arr, g in ((a, ga), (b, gb)):
+            eps = 1e-4  # mm: central differences also at tips sitting on a beamlet edge
+            arr[k, p] += eps
+            jp = j_of(a, b, v)[0]
+            arr[k, p] -= 2 * eps
+            jm = j_of(a, b, v)[0]
+            arr[k, p] += eps
+            fd = (jp - jm) / (2 * eps)
+            assert g[k, p] == pytest.approx(fd, rel=1e-3, abs=1e-6 * np.abs(ga).max())
+            checked += abs(fd) > 0
+    assert checked >= 8  # the check saw real, non-zero derivatives
+    for k in np.flatnonzero(v > 0)[:4]:
+        eps = 1e-3
+        v[k] += eps
+        jp = j_of(a, b, v)[0]
+        v[k] -= 2 * eps
+        jm = j_of(a, b, v)[0]
+        v[k] += eps
+        assert gv[k] == pytest.approx((jp - jm) / (2 * eps), rel=1e-5)
+
+
+def test_every_point_inside_the_leaf_boxes_is_deliverable(raw):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(1)
+    m = raw.machine
+    for beam in raw.beams:
+        a, b = beam.leaf_a_mm[1:-1], beam.leaf_b_mm[1:-1]
+        a_lo, a_hi, b_lo, b_hi = leaf_boxes(a, b, beam.gantry_deg[1:-1], m)
+        assert np.all(a_lo <= a) and np.all(a <= a_hi) and np.all(b_lo <= b)
+        assert np.all(b <= b_hi)
+        assert (a_hi - a_lo).max() > 1.0  # the boxes leave room to move
+        for corner in range(4):  # random points and the extreme corners
+            u = rng.random(a.shape) if corner < 2 else np.full(a.shape, corner - 2.0)
+            a2 = a_lo + u * (a_hi - a_lo)
+            b2 = b_lo + (1 - u) * (b_hi - b_lo)
+            moved = replace(beam, leaf_a_mm=np.concatenate([a2[:1], a2, a2[-1:]]),
+                            leaf_b_mm=np.concatenate([b2[:1], b2, b2[-1:]]))
+            assert check_delivery(replace(raw, beams=(moved,))) == []
+
+
+def test_refinement_lowers_the_objective_within_machine_limits(fast, raw):
+    fp, dij = fast.fastpath, fast.dij
+    before = fp.objective_value(sequencer.deliverable_dose(raw, dij))
+    out, info = refine_apertures(raw, dij.beamlets, fp.weight_value_grad({}), rounds=2,
+                                 iterations=8)
+    after = fp.objective_value(sequencer.deliverable_dose(out, dij))
+    assert check_delivery(out) == []
+    assert info["kept"] and out.meta["apertures_refined"]
+    assert after < 0.9 * before
+    assert info["objective_after"] == pytest.approx(after, rel=1e-3)
+    moved = max(np.abs(o.leaf_a_mm - r.leaf_a_mm).max() for o, r in zip(out.beams, raw.beams))
+    assert moved > 0.5  # the leaves moved, not only the MU
+
+
+def test_refinement_only_takes_vmat(fast):
+    imrt = sequencer.sequence(fast.fluence, fast.dij, "imrt-sns",
+                              fractions=fast.patient.fractions, reweight=False)
+    with pytest.raises(ValueError, match="VMAT"):
+        refine_apertures(imrt, fast.dij.beamlets, lambda w: (0.0, np.zeros_like(w)))
+
+
+def test_fast_path_option_runs_and_records_the_refinement(phantom, fast):
+    import atp
+
+    plan = atp.plan(phantom, predictor="baseline", fast=True, progress=False,
+                    dij=fast.dij, predicted_dose=fast.predicted_dose_gy,
+                    fast_options={"arc_spacing_deg": 10.0, "device": "cpu",
+                                  "fastpath_options": {"aperture_iterations": 5,
+                                                       "aperture_rounds": 1}})
+    info = plan.optimizer["aperture_refinement"]
+    assert len(info) == 1 and info[0]["iterations"] <= 5
+    assert plan.timings_s["aperture refinement"] > 0
+    assert check_delivery(plan.delivery) == []
+    j = plan.fastpath.objective_value
+    assert j(sequencer.deliverable_dose(plan.delivery, plan.dij)) <= \
+        j(sequencer.deliverable_dose(fast.delivery, fast.dij)) + 1e-6
