@@ -140,3 +140,24 @@ def test_fast_path_option_runs_and_records_the_refinement(phantom, fast):
     j = plan.fastpath.objective_value
     assert j(sequencer.deliverable_dose(plan.delivery, plan.dij)) <= \
         j(sequencer.deliverable_dose(fast.delivery, fast.dij)) + 1e-6
+
+
+@pytest.mark.parametrize("spare", [{}, {"Parotid_L": 0.2}])
+def test_weight_objective_on_the_objective_rows_equals_the_whole_matrix(fast, spare):
+    """weight_value_grad computes A w on the rows J reads only; J and A^T dJ/dD must be
+    those of the whole dose-influence matrix."""
+    from optimizer.fastpath.error_map import value_and_error_map
+
+    fp = fast.fastpath
+    obj = fp.objective(spare)
+    rows = obj.voxel_support()
+    assert 0 < rows.numel() < fp.op.shape[0]  # a real restriction
+    w = np.random.default_rng(2).random(fp.op.shape[1]) * 2.0
+    j, g = fp.weight_value_grad(spare)(w)
+    wt = torch.as_tensor(w, dtype=torch.float32)
+    j_full, e = value_and_error_map(fp.op(wt), obj)
+    assert torch.count_nonzero(e).item() > 0
+    assert set(torch.nonzero(e).reshape(-1).tolist()) <= set(rows.tolist())
+    g_full = fp.op.transpose_apply(e).numpy()
+    assert j == pytest.approx(float(j_full), rel=1e-5)
+    np.testing.assert_allclose(g, g_full, rtol=1e-4, atol=1e-6 * np.abs(g_full).max())

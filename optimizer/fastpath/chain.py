@@ -370,13 +370,36 @@ class FastPath:
         for host-side solvers that move apertures (direct aperture refinement)."""
         sparing = {k: float(v) for k, v in (spare or {}).items()}
         obj = self.objective(sparing)
+        support = getattr(obj, "voxel_support", None)
+        if support is None:  # an objective that may read any voxel: the whole matrix
+            def value_grad(w):
+                wt = torch.as_tensor(np.asarray(w, np.float32), device=self.device)
+                j, e = value_and_error_map(self.op(wt), obj)
+                return float(j), self.op.transpose_apply(e).cpu().numpy()
+
+            return value_grad
+        # J reads its own voxels only: the dose products use just those rows of A
+        # (about half of the non-zeros of a head-and-neck arc dij); other voxels stay 0
+        rows = support()
+        sub = self._row_operator(rows)
+        dose = torch.zeros(self.op.shape[0], device=self.device)
 
         def value_grad(w):
             wt = torch.as_tensor(np.asarray(w, np.float32), device=self.device)
-            j, e = value_and_error_map(self.op(wt), obj)
-            return float(j), self.op.transpose_apply(e).cpu().numpy()
+            dose[rows] = sub(wt)
+            j, e = value_and_error_map(dose, obj)
+            return float(j), sub.transpose_apply(e[rows]).cpu().numpy()
 
         return value_grad
+
+    def _row_operator(self, rows: torch.Tensor) -> TorchDose:
+        """``A[rows]`` on the device (cached for the last row set: sliders keep it)."""
+        key = (int(rows.numel()), rows.cpu().numpy().tobytes())
+        cached = getattr(self, "_rows_op", None)
+        if cached is None or cached[0] != key:
+            sub = TorchDose(self.dij.matrix.tocsr()[rows.cpu().numpy()], self.device)
+            self._rows_op = cached = (key, sub)
+        return cached[1]
 
     def objective_value(self, dose_gy, spare: Mapping[str, float] | None = None) -> float:
         """The correction objective J (for ``spare``) at a dose-grid dose (Gy)."""

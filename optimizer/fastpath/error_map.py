@@ -68,6 +68,14 @@ class HotColdObjective:
             raise ValueError("baseline_dose is needed when a sparing factor or the OAR "
                              "guard is > 0")
 
+    def voxel_support(self) -> torch.Tensor:
+        """Sorted dose-grid voxel indices J reads (targets and OAR terms): J and its error
+        map depend on the dose there only, so a solver may compute just those rows."""
+        terms = self._terms()
+        if not terms:
+            return torch.zeros(0, dtype=torch.long, device=self.rx_gy.device)
+        return torch.unique(torch.cat([t[0] for t in terms]))
+
     def oar_term_weights(self) -> dict[str, tuple[float, float]]:
         """name -> (term weight, sparing factor) of each active OAR hinge."""
         out = {}
