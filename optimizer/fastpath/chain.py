@@ -172,6 +172,7 @@ class FastPath:
         self.mu_iterations = int(mu_iterations)
         self.aperture_iterations = int(aperture_iterations)
         self.aperture_rounds = int(aperture_rounds)
+        self._rows_op = None  # (row-set key, A[rows] on the device): weight_value_grad
         self.hot_margin = float(hot_margin)
         if oar_minus_targets not in ("none", "core", "support"):
             raise ValueError("oar_minus_targets must be none, core or support, got "
@@ -370,36 +371,30 @@ class FastPath:
         for host-side solvers that move apertures (direct aperture refinement)."""
         sparing = {k: float(v) for k, v in (spare or {}).items()}
         obj = self.objective(sparing)
+        # an objective that names the voxels it reads (voxel_support) gets its dose
+        # products on just those rows of A (about half of the non-zeros of a
+        # head-and-neck arc dij; the other voxels stay 0); any other, on the whole matrix
         support = getattr(obj, "voxel_support", None)
-        if support is None:  # an objective that may read any voxel: the whole matrix
-            def value_grad(w):
-                wt = torch.as_tensor(np.asarray(w, np.float32), device=self.device)
-                j, e = value_and_error_map(self.op(wt), obj)
-                return float(j), self.op.transpose_apply(e).cpu().numpy()
-
-            return value_grad
-        # J reads its own voxels only: the dose products use just those rows of A
-        # (about half of the non-zeros of a head-and-neck arc dij); other voxels stay 0
-        rows = support()
-        sub = self._row_operator(rows)
+        rows = support() if support is not None else None
+        op = self.op if rows is None else self._row_operator(rows)
+        at = slice(None) if rows is None else rows
         dose = torch.zeros(self.op.shape[0], device=self.device)
 
         def value_grad(w):
             wt = torch.as_tensor(np.asarray(w, np.float32), device=self.device)
-            dose[rows] = sub(wt)
+            dose[at] = op(wt)
             j, e = value_and_error_map(dose, obj)
-            return float(j), sub.transpose_apply(e[rows]).cpu().numpy()
+            return float(j), op.transpose_apply(e[at]).cpu().numpy()
 
         return value_grad
 
     def _row_operator(self, rows: torch.Tensor) -> TorchDose:
         """``A[rows]`` on the device (cached for the last row set: sliders keep it)."""
-        key = (int(rows.numel()), rows.cpu().numpy().tobytes())
-        cached = getattr(self, "_rows_op", None)
-        if cached is None or cached[0] != key:
+        key = rows.cpu().numpy().tobytes()
+        if self._rows_op is None or self._rows_op[0] != key:
             sub = TorchDose(self.dij.matrix.tocsr()[rows.cpu().numpy()], self.device)
-            self._rows_op = cached = (key, sub)
-        return cached[1]
+            self._rows_op = (key, sub)
+        return self._rows_op[1]
 
     def objective_value(self, dose_gy, spare: Mapping[str, float] | None = None) -> float:
         """The correction objective J (for ``spare``) at a dose-grid dose (Gy)."""
