@@ -31,7 +31,7 @@ from dataclasses import replace
 import numpy as np
 
 from atp.dose.influence import BeamletInfo
-from sequencer.deliverable import beamlet_pair_overlap
+from sequencer.deliverable import beamlet_pair_overlap, open_fraction_of_pairs
 from sequencer.delivery import BeamDelivery, Delivery
 from sequencer.machine import Machine
 from sequencer.reweight import _mu_map
@@ -66,7 +66,8 @@ class _ArcModel:
                                                       - beam.jaw_x_mm[self.k])
         jy = beam.jaw_y_mm[self.k] + self.t[:, None] * (beam.jaw_y_mm[self.k + 1]
                                                       - beam.jaw_y_mm[self.k])
-        sx, sy = (float(s) for s in beamlets.beamlet_size_mm)
+        self.beamlet_size_mm = tuple(float(s) for s in beamlets.beamlet_size_mm)
+        sx, sy = self.beamlet_size_mm
         self.area = sx * sy
         self.groups = []
         for d in np.unique(dij):
@@ -77,9 +78,9 @@ class _ArcModel:
             bx = beamlets.bev_x_mm[cols]
             # flat (sub-aperture, pair) slot of every overlap, for the gradient's scatter
             slot = (np.arange(sel.size)[:, None, None] * n_pairs + pairs[None]).ravel()
-            self.groups.append((cols, sel, pairs, oy, slot, (bx - sx / 2)[None, :, None],
-                                (bx + sx / 2)[None, :, None], jx[sel, 0, None, None],
-                                jx[sel, 1, None, None]))
+            self.groups.append((cols, sel, pairs, oy, slot, bx, jx[sel],
+                                (bx - sx / 2)[None, :, None], (bx + sx / 2)[None, :, None],
+                                jx[sel, 0, None, None], jx[sel, 1, None, None]))
 
     def _edges(self, a, b):
         """Radiation-field edges (n_subs, n_pairs) of the sub-apertures."""
@@ -97,11 +98,9 @@ class _ArcModel:
         """Add this arc's beamlet weights (MU) to ``out``."""
         left, right = self._edges(a, b)
         mu = self._sub_mu(v)
-        for cols, sel, pairs, oy, _, blo, bhi, j0, j1 in self.groups:
-            le = np.maximum(left[sel][:, pairs], j0)
-            ri = np.minimum(right[sel][:, pairs], j1)
-            ox = np.clip(np.minimum(ri, bhi) - np.maximum(le, blo), 0.0, None)
-            out[cols] += mu[sel] @ ((ox * oy).sum(axis=2) / self.area)
+        for cols, sel, pairs, oy, _, bx, jx, *_ in self.groups:
+            out[cols] += mu[sel] @ open_fraction_of_pairs(
+                bx, self.beamlet_size_mm, pairs, oy, left[sel], right[sel], jx)
 
     def grad(self, a, b, v, g_w):
         """dJ/da, dJ/db (n_cp, n_pairs) and dJ/dv (n_cp,) from dJ/dw (n_beamlets,)."""
@@ -111,7 +110,7 @@ class _ArcModel:
         d_left = np.zeros((n_s, self.n_pairs))
         d_right = np.zeros((n_s, self.n_pairs))
         d_mu = np.zeros(n_s)
-        for cols, sel, pairs, oy, slot, blo, bhi, j0, j1 in self.groups:
+        for cols, sel, pairs, oy, slot, _, _, blo, bhi, j0, j1 in self.groups:
             le_raw = left[sel][:, pairs]
             ri_raw = right[sel][:, pairs]
             le = np.maximum(le_raw, j0)

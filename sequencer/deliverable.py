@@ -61,12 +61,22 @@ def aperture_open_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, l
     sx, sy = (float(s) for s in beamlet_size_mm)
     left = np.atleast_2d(np.asarray(left_mm, dtype=np.float64))
     right = np.atleast_2d(np.asarray(right_mm, dtype=np.float64))
-    n_ap = left.shape[0]
-    pairs, oy = beamlet_pair_overlap(bev_y_mm, sy, leaf_edges_mm, jaw_y_mm, n_ap)
-    le = left[:, pairs]  # (n_ap, n_b, K)
-    ri = right[:, pairs]
+    pairs, oy = beamlet_pair_overlap(bev_y_mm, sy, leaf_edges_mm, jaw_y_mm, left.shape[0])
+    return open_fraction_of_pairs(bx, (sx, sy), pairs, oy, left, right, jaw_x_mm)
+
+
+def open_fraction_of_pairs(bev_x_mm, beamlet_size_mm, pairs, oy, left_mm, right_mm,
+                           jaw_x_mm=None) -> np.ndarray:
+    """Open area fraction (n_apertures, n_beamlets) given the leaf-pair overlaps
+    ``(pairs, oy)`` of :func:`beamlet_pair_overlap`: the X overlap of each beamlet with
+    each pair's opening (``left_mm``/``right_mm`` (n_apertures, n_pairs) radiation-field
+    edges, clipped to the X jaws (n_apertures, 2) when given) times the Y overlap."""
+    bx = np.asarray(bev_x_mm, dtype=np.float64)
+    sx, sy = (float(s) for s in beamlet_size_mm)
+    le = left_mm[:, pairs]  # (n_ap, n_b, K)
+    ri = right_mm[:, pairs]
     if jaw_x_mm is not None:
-        jx = np.asarray(jaw_x_mm, dtype=np.float64).reshape(n_ap, 2)
+        jx = np.asarray(jaw_x_mm, dtype=np.float64).reshape(le.shape[0], 2)
         le = np.maximum(le, jx[:, 0, None, None])
         ri = np.minimum(ri, jx[:, 1, None, None])
     ox = np.clip(np.minimum(ri, (bx + sx / 2)[None, :, None])
