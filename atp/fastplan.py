@@ -60,7 +60,7 @@ FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
                         "goal_weight", "target_voxels", "target_min_fraction",
                         "sequencing_passes", "pass_steps", "mu_iterations",
                         "aperture_iterations", "aperture_rounds", "hot_margin",
-                        "oar_minus_targets")
+                        "coverage_weight", "coverage_level", "oar_minus_targets")
 
 DEFAULT_ARC_SPACING_DEG = 4.0
 DEFAULT_DOSE_GRID_FACTOR = 3
@@ -461,7 +461,8 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
 
             delivery, info = _timed(stages, timings, "control-point MU", optimise_mu,
                                     delivery, dij, fp.objective_value_grad(sparing),
-                                    max_iter=fp.mu_iterations)
+                                    max_iter=fp.mu_iterations,
+                                    rows=fp.objective_rows(sparing))
             mu_info.append(info)
         if fp.aperture_iterations > 0:
             from sequencer.aperture_refine import refine_apertures

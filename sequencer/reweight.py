@@ -148,7 +148,7 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub):
 
 def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
                 threshold: float = 0.1, max_rows: int = 60000, max_iter: int = 40,
-                n_sub: int = 4) -> tuple[Delivery, dict]:
+                n_sub: int = 4, rows=None) -> tuple[Delivery, dict]:
     """Control-point / segment MU minimising a plan objective J of the deliverable dose.
 
     The least-squares fit of :func:`reweight_mu` treats a hot spot like a cold spot; here
@@ -163,6 +163,11 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
     Gy) -- any objective, e.g. the fast path's error-map objective. The leaves do not
     move, so every MLC constraint still holds. Returns (delivery, info); the input
     delivery when J does not decrease.
+
+    rows: the dose-grid voxels J reads, when the caller knows them (e.g. the fast path's
+    ``HotColdObjective.voxel_support()``): B is built on exactly those rows and the
+    dose J sees is exact (0 elsewhere, where J does not look), with no full deliverable
+    dose and no threshold.
     """
     from scipy.optimize import minimize
 
@@ -170,14 +175,21 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
         return delivery, {"iterations": 0, "kept": False, "reason": "sliding window"}
     from sequencer.deliverable import deliverable_dose
 
-    now = np.asarray(deliverable_dose(delivery, dij, n_sub), np.float32).reshape(-1)
-    rows = dose_rows(now, threshold, max_rows)
-    if rows.size == 0:
-        return delivery, {"iterations": 0, "kept": False, "reason": "no dose"}
-    B, v0, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
-
-    now_rows = now[rows].astype(np.float64)
-    dose = now.copy()  # float32 work array: only ``rows`` change
+    if rows is None:
+        now = np.asarray(deliverable_dose(delivery, dij, n_sub), np.float32).reshape(-1)
+        rows = dose_rows(now, threshold, max_rows)
+        if rows.size == 0:
+            return delivery, {"iterations": 0, "kept": False, "reason": "no dose"}
+        B, v0, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
+        now_rows = now[rows].astype(np.float64)
+        dose = now.copy()  # float32 work array: only ``rows`` change
+    else:
+        rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+        if rows.size == 0:
+            return delivery, {"iterations": 0, "kept": False, "reason": "no rows"}
+        B, v0, lo, hi = mu_basis(delivery, dij, rows, n_sub=n_sub)
+        now_rows = B @ v0  # the delivery's dose on the rows J reads
+        dose = np.zeros(dij.matrix.shape[0], np.float32)
 
     def fun(v):
         dose[rows] = now_rows + B @ (v - v0)

@@ -26,17 +26,32 @@ from atp.patient import Role, Structure
 _DIST_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def distance_to_mm(patient, target: str) -> np.ndarray:
-    """Distance (mm) from every voxel centre to the nearest voxel centre of ``target``."""
+def distance_to_mm(patient, target: str, within_mm: float | None = None) -> np.ndarray:
+    """Distance (mm) from every voxel centre to the nearest voxel centre of ``target``.
+
+    within_mm: only distances up to this matter to the caller; the transform then runs
+    on the target's bounding box grown by that much (every voxel within ``within_mm`` of
+    the target lies inside it, and so does every target voxel, so distances there are
+    exact), and the voxels outside get +inf (their true distance is > ``within_mm``)."""
     per_patient = _DIST_CACHE.setdefault(patient, {})
-    if target not in per_patient:
+    key = (target, None if within_mm is None else float(within_mm))
+    if key not in per_patient:
         mask = patient.mask(target)
         if not mask.any():
             raise StructureError(f"target '{target}' is empty", file=patient.source,
                                  field=target)
-        d = ndimage.distance_transform_edt(~mask, sampling=patient.grid.spacing_mm)
-        per_patient[target] = d.astype(np.float32)
-    return per_patient[target]
+        spacing = np.asarray(patient.grid.spacing_mm, dtype=float)
+        if within_mm is None:
+            d = ndimage.distance_transform_edt(~mask, sampling=spacing)
+        else:
+            pad = np.ceil(float(within_mm) / spacing).astype(int) + 1
+            nz = np.nonzero(mask)
+            box = tuple(slice(max(int(i.min()) - p, 0), min(int(i.max()) + p + 1, n))
+                        for i, p, n in zip(nz, pad, mask.shape))
+            d = np.full(mask.shape, np.inf, dtype=np.float32)
+            d[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
+        per_patient[key] = d.astype(np.float32)
+    return per_patient[key]
 
 
 def ring_name(target: str, inner_mm: float, outer_mm: float) -> str:
@@ -46,7 +61,7 @@ def ring_name(target: str, inner_mm: float, outer_mm: float) -> str:
 
 def ring_mask(patient, target: str, inner_mm: float, outer_mm: float) -> np.ndarray:
     """Shell around ``target`` (see the module docstring); may be empty."""
-    d = distance_to_mm(patient, target)
+    d = distance_to_mm(patient, target, within_mm=outer_mm)
     all_targets = np.zeros(patient.grid.shape, dtype=bool)
     for t in patient.targets:
         all_targets |= patient.mask(t)
@@ -55,7 +70,7 @@ def ring_mask(patient, target: str, inner_mm: float, outer_mm: float) -> np.ndar
     if rx is not None:  # the fall-off of a higher dose level is that level's ring's job
         for p in patient.prescriptions:
             if p.dose_gy > rx.dose_gy:
-                ring &= distance_to_mm(patient, p.target) > outer_mm
+                ring &= distance_to_mm(patient, p.target, within_mm=outer_mm) > outer_mm
     return ring
 
 

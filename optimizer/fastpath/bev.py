@@ -21,11 +21,16 @@ from atp.grid import Grid
 
 def bev_sample_points(grid: Grid, gantry_deg, collimator_deg, couch_deg, isocenter_mm,
                       u_mm: np.ndarray, v_mm: np.ndarray, n_samples: int = 64,
-                      half_depth_mm: float = 150.0) -> np.ndarray:
-    """Normalised grid_sample coordinates, shape (n_cp, n_v, n_u, n_samples, 3).
+                      half_depth_mm: float = 150.0, device="cpu") -> torch.Tensor:
+    """Normalised grid_sample coordinates, float32 tensor (n_cp, n_v, n_u, n_samples, 3)
+    on ``device``.
 
     Per control point: pixels on the BEV grid (u_mm x v_mm at the isocentre plane), and
-    ``n_samples`` points along each source->pixel ray.
+    ``n_samples`` points along each source->pixel ray, at distances from the source
+    spread evenly over ``[SAD - half_depth_mm, SAD + half_depth_mm]`` along the central
+    axis. Patient mm -> normalised coordinates is affine, so each ray is computed as
+    ``N(src) + (N(pixel) - N(src)) * s / SAD`` with N that map: the per-pixel end points
+    on the host (float64), the samples in one broadcast on the device.
     """
     gantry = np.atleast_1d(np.asarray(gantry_deg, dtype=float))
     n_cp = gantry.size
@@ -33,20 +38,26 @@ def bev_sample_points(grid: Grid, gantry_deg, collimator_deg, couch_deg, isocent
     couch = np.broadcast_to(np.asarray(couch_deg, dtype=float), (n_cp,))
     iso = np.broadcast_to(np.asarray(isocenter_mm, dtype=float).reshape(-1, 3), (n_cp, 3))
     uu, vv = np.meshgrid(np.asarray(u_mm, float), np.asarray(v_mm, float))  # (n_v, n_u)
-    out = np.empty((n_cp, *uu.shape, n_samples, 3), dtype=np.float32)
+    shape = np.asarray(grid.shape, dtype=float)
+    scale = 2.0 / np.maximum(shape - 1.0, 1.0)
+
+    def normalised(points_mm):  # grid_sample order (x, y, z) = (axis2, axis1, axis0)
+        return (grid.patient_to_index(points_mm) * scale - 1.0)[..., ::-1]
+
+    src = np.empty((n_cp, 3))
+    pix = np.empty((n_cp, *uu.shape, 3))
+    sad = np.empty(n_cp)
     for c in range(n_cp):
         fr = beam_frame(float(gantry[c]), float(coll[c]), float(couch[c]), iso[c])
-        src = fr.source_mm
-        pix = fr.iso_plane_point(uu, vv)  # (n_v, n_u, 3), distance SAD from the source
-        # distances from the source along the central axis, mapped onto each ray
-        s = np.linspace(fr.sad_mm - half_depth_mm, fr.sad_mm + half_depth_mm, n_samples)
-        pts = src + (pix - src)[..., None, :] * (s / fr.sad_mm)[:, None]
-        idx = grid.patient_to_index(pts)  # continuous array indices (..., 3)
-        # grid_sample wants (x, y, z) = (axis2, axis1, axis0) normalised to [-1, 1]
-        shape = np.asarray(grid.shape, dtype=float)
-        norm = 2.0 * idx / np.maximum(shape - 1.0, 1.0) - 1.0
-        out[c] = norm[..., ::-1]
-    return out
+        src[c] = normalised(fr.source_mm)
+        pix[c] = normalised(fr.iso_plane_point(uu, vv))  # distance SAD from the source
+        sad[c] = fr.sad_mm
+    t = (np.linspace(-half_depth_mm, half_depth_mm, n_samples)[None, :] + sad[:, None]) \
+        / sad[:, None]  # (n_cp, n_samples): distance from the source / SAD
+    f32 = dict(dtype=torch.float32, device=device)
+    src_t = torch.as_tensor(src, **f32)[:, None, None, None, :]
+    ray_t = torch.as_tensor(pix, **f32)[..., None, :] - src_t
+    return src_t + ray_t * torch.as_tensor(t, **f32)[:, None, None, :, None]
 
 
 class BEVProjection:
@@ -60,19 +71,19 @@ class BEVProjection:
                  collimator_deg=0.0, couch_deg=0.0, n_samples: int = 64,
                  half_depth_mm: float = 150.0, device="cpu") -> None:
         pts = bev_sample_points(grid, gantry_deg, collimator_deg, couch_deg, isocenter_mm,
-                                u_mm, v_mm, n_samples, half_depth_mm)
+                                u_mm, v_mm, n_samples, half_depth_mm, device=device)
         self.n_cp, self.n_v, self.n_u, self.n_samples = pts.shape[:4]
         self.grid_shape = tuple(grid.shape)
         # (1, n_cp * n_v, n_u, n_samples, 3) so one grid_sample call does everything
-        self.points = torch.from_numpy(
-            pts.reshape(1, self.n_cp * self.n_v, self.n_u, self.n_samples, 3)).to(device)
+        self.points = pts.reshape(1, self.n_cp * self.n_v, self.n_u, self.n_samples, 3)
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         batched = dose.dim() == 4
         vol = dose if batched else dose.unsqueeze(0)
         b = vol.shape[0]
-        pts = self.points.expand(b, -1, -1, -1, -1).to(vol.dtype)
-        samp = F.grid_sample(vol.unsqueeze(1), pts, mode="bilinear", padding_mode="zeros",
-                             align_corners=True)  # (b, 1, n_cp*n_v, n_u, n_samples)
-        proj = samp.mean(dim=-1).reshape(b, self.n_cp, self.n_v, self.n_u)
+        # the volumes as channels of one grid_sample input: the sample coordinates and
+        # trilinear weights are computed once for all of them
+        samp = F.grid_sample(vol.unsqueeze(0), self.points.to(vol.dtype), mode="bilinear",
+                             padding_mode="zeros", align_corners=True)
+        proj = samp[0].mean(dim=-1).reshape(b, self.n_cp, self.n_v, self.n_u)
         return proj if batched else proj[0]

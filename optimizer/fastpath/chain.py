@@ -138,6 +138,8 @@ class FastPath:
     correction / the fallback initial fluence (0: none). smooth_weight_cp: weight of the
     control-point-to-control-point pairs relative to the leaf-travel pairs. oar_guard:
     weight of the "stay below D0" hinge on OARs without an active slider (0: none).
+    hot_margin / coverage_weight / coverage_level: the hot-hinge dead band and the extra
+    near-minimum coverage hinge of :class:`HotColdObjective`.
     device: 'cpu' or 'cuda' (torch); everything stays on it inside the loops.
     """
 
@@ -150,6 +152,7 @@ class FastPath:
                  sequencing_passes: int = 0, pass_steps: int | None = None,
                  mu_iterations: int = 30, aperture_iterations: int = 0,
                  aperture_rounds: int = 3, hot_margin: float = 0.0,
+                 coverage_weight: float = 0.0, coverage_level: float = 0.97,
                  oar_minus_targets: str = "none",
                  device: str = "cpu", initial_fluence_fn: Callable | None = None,
                  correction_fn: Callable | None = None) -> None:
@@ -174,6 +177,8 @@ class FastPath:
         self.aperture_rounds = int(aperture_rounds)
         self._rows_op = None  # (row-set key, A[rows] on the device): weight_value_grad
         self.hot_margin = float(hot_margin)
+        self.coverage_weight = float(coverage_weight)
+        self.coverage_level = float(coverage_level)
         if oar_minus_targets not in ("none", "core", "support"):
             raise ValueError("oar_minus_targets must be none, core or support, got "
                              f"{oar_minus_targets!r}")
@@ -278,17 +283,18 @@ class FastPath:
                                  f"has {sorted(self.oar_w)}", field="--spare")
         hotcold = HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
                                    self.oar_hinge_w, dict(sparing), self.d0,
-                                   self.oar_guard, self.hot_margin)
+                                   self.oar_guard, self.hot_margin,
+                                   self.coverage_weight, self.coverage_level)
         if self.goal_objective is None:
             return hotcold
         goal = self.goal_objective
         return lambda dose: hotcold(dose) + goal(dose)
 
     def _target_curvature(self) -> torch.Tensor:
-        """Slider-independent curvature bound per voxel: PTV max(lam_hot, lam_cold) /
-        n_target, plus the OAR guard's weight / n_oar."""
+        """Slider-independent curvature bound per voxel: PTV max(lam_hot, lam_cold +
+        coverage_weight) / n_target, plus the OAR guard's weight / n_oar."""
         n_t = self.target_w.sum().clamp_min(1.0)
-        c = self.target_w * (max(self.lam_hot, self.lam_cold) / n_t)
+        c = self.target_w * (max(self.lam_hot, self.lam_cold + self.coverage_weight) / n_t)
         if self.oar_guard > 0:
             for w in self.oar_hinge_w.values():
                 c = c + self.oar_guard * w / w.sum().clamp_min(1.0)
@@ -364,6 +370,13 @@ class FastPath:
             return float(j), e.cpu().numpy()
 
         return value_grad
+
+    def objective_rows(self, spare: Mapping[str, float] | None = None) -> np.ndarray | None:
+        """Dose-grid voxel indices the correction objective of ``spare`` reads (NumPy,
+        sorted), or None when the objective does not name them (any voxel may count)."""
+        sparing = {k: float(v) for k, v in (spare or {}).items()}
+        support = getattr(self.objective(sparing), "voxel_support", None)
+        return None if support is None else support().cpu().numpy()
 
     def weight_value_grad(self, spare: Mapping[str, float] | None = None):
         """``f(w) -> (J, dJ/dw)`` on NumPy arrays: the correction objective of ``spare``

@@ -7,6 +7,11 @@ Default J (AIRT-style, per voxel i of the dose grid, doses in Gy):
   ``Rx`` is each voxel's highest prescription. ``hot_margin`` m >= 0 (default 0) moves
   the hot hinge to ``(1 + m) Rx``: a dead band [Rx, (1 + m) Rx] that lets the dose
   settle just above Rx, so near-minimum coverage (D99) survives sequencing.
+* PTV coverage (``coverage_weight`` c >= 0, default 0): an extra cold hinge
+  ``c/2 * relu(l * Rx - D)^2`` at the coverage level ``l`` (default 0.97) over the same
+  target voxels -- a minimum-dose term aimed at near-minimum coverage (D99 >= 95 % Rx):
+  voxels below l * Rx feel lam_cold + c, so cold spots there cost more than anywhere in
+  [l Rx, Rx], while above Rx lam_hot still rules.
 * OAR sparing slider s_o in [0, 1): squared hinge ``1/2 * relu(D - R_o)^2`` over the OAR
   with the reference ``R_o = (1 - s_o) * D0`` (D0: the baseline dose, i.e. the plan with
   no sparing). s_o = 0 gives R_o = D0, so the term vanishes at the baseline.
@@ -48,10 +53,16 @@ class HotColdObjective:
     baseline_dose: torch.Tensor | None = None
     guard_weight: float = 0.0
     hot_margin: float = 0.0
+    coverage_weight: float = 0.0
+    coverage_level: float = 0.97
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.hot_margin) < 1.0:
             raise ValueError(f"hot_margin must be in [0, 1), got {self.hot_margin}")
+        if not float(self.coverage_weight) >= 0.0:
+            raise ValueError(f"coverage_weight must be >= 0, got {self.coverage_weight}")
+        if not 0.0 < float(self.coverage_level) <= 1.0:
+            raise ValueError(f"coverage_level must be in (0, 1], got {self.coverage_level}")
         if not self.lam_hot > self.lam_cold > 0:
             raise ValueError("need lam_hot > lam_cold > 0 (hot spots cost more)")
         for name, s in self.sparing.items():
@@ -96,9 +107,12 @@ class HotColdObjective:
             idx = torch.nonzero(tw > 0).reshape(-1)
             if idx.numel():
                 rx = self.rx_gy[idx]
-                terms.append((idx, tw[idx] / tw.sum().clamp_min(1.0), rx,
-                              0.5 * self.lam_hot, 0.5 * self.lam_cold,
+                tw_norm = tw[idx] / tw.sum().clamp_min(1.0)
+                terms.append((idx, tw_norm, rx, 0.5 * self.lam_hot, 0.5 * self.lam_cold,
                               float(self.hot_margin) * rx if self.hot_margin else 0.0))
+                if self.coverage_weight > 0:
+                    terms.append((idx, tw_norm, float(self.coverage_level) * rx, 0.0,
+                                  0.5 * float(self.coverage_weight), 0.0))
             for name, (weight, s) in self.oar_term_weights().items():
                 w = self.oar_weights[name]
                 idx = torch.nonzero(w > 0).reshape(-1)
