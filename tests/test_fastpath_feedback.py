@@ -170,6 +170,15 @@ def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
     rows = np.arange(dij.dose_grid.n_voxels)
     _, v, lo, hi = mu_basis(out, dij, rows[:10])
     assert np.all(v >= lo - 1e-6) and np.all(v <= hi + 1e-6)
+    # on J's own rows (what the fast path passes): the same objective, exactly
+    support = fp.objective_rows({})
+    assert support is not None and 0 < support.size < dij.dose_grid.n_voxels
+    out2, info2 = optimise_mu(raw, dij, fp.objective_value_grad({}), max_iter=30,
+                              rows=support)
+    assert info2["objective_before"] == pytest.approx(before, rel=1e-4)
+    after2 = j(sequencer.deliverable_dose(out2, dij))
+    assert info2["kept"] and after2 < before
+    assert info2["objective_after"] == pytest.approx(after2, rel=1e-3)
     # the plan records the MU step and its effect
     assert fast.optimizer["control_point_mu"] and fast.timings_s["control-point MU"] > 0
 

@@ -290,3 +290,46 @@ def test_hot_margin_is_a_dead_band_above_rx_with_exact_gradients():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="hot_margin"):
             HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0, hot_margin=bad)
+
+
+def test_coverage_term_is_an_extra_cold_hinge_with_exact_gradients():
+    obj, d0 = make_objective()
+    cov = HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0, coverage_weight=4.0,
+                           coverage_level=0.95)
+    dose = torch.zeros_like(d0)
+    dose[:20] = 58.0  # between 0.95 Rx (57 Gy) and Rx: only the ordinary cold term
+    torch.testing.assert_close(cov(dose), obj(dose))
+    dose[0], dose[1] = 55.0, 62.0  # 2 Gy below the coverage level; 2 Gy hot
+    j, e = cov.value_and_grad(dose)
+    d = dose.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(cov(d), d)
+    torch.testing.assert_close(e, g, rtol=1e-10, atol=1e-12)
+    assert float(j) == pytest.approx(float(cov(dose)), rel=1e-12)
+    # voxel 0: cold 5 Gy below Rx (weight 1) plus 2 Gy below the level (weight 4)
+    assert float(e[0]) == pytest.approx(-(1.0 * 5.0 + 4.0 * 2.0) / 20)
+    assert float(e[1]) == pytest.approx(3.0 * 2.0 / 20)
+    assert torch.equal(cov.voxel_support(), obj.voxel_support())
+    for bad in ({"coverage_weight": -1.0}, {"coverage_level": 0.0},
+                {"coverage_level": 1.2}):
+        with pytest.raises(ValueError, match="coverage"):
+            HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0, **bad)
+
+
+def test_bev_sample_points_follow_the_rays_of_the_beam_frame():
+    from optimizer.fastpath.bev import bev_sample_points
+
+    grid = Grid((10, 12, 14), (3.0, 2.0, 2.5), (-15.0, -12.0, -17.0))
+    u, v = np.array([-10.0, 0.0, 10.0]), np.array([-5.0, 5.0])
+    pts = bev_sample_points(grid, [30.0, 200.0], 0.0, 0.0, (1.0, 2.0, -3.0), u, v,
+                            n_samples=5, half_depth_mm=40.0)
+    assert pts.shape == (2, 2, 3, 5, 3) and pts.dtype == torch.float32
+    shape = np.asarray(grid.shape, float)
+    for c, g in enumerate((30.0, 200.0)):
+        fr = beam_frame(g, 0.0, 0.0, (1.0, 2.0, -3.0))
+        for iv, vv in enumerate(v):
+            for iu, uu in enumerate(u):
+                pix = fr.iso_plane_point(uu, vv)
+                for k, s in enumerate(np.linspace(fr.sad_mm - 40, fr.sad_mm + 40, 5)):
+                    p = fr.source_mm + (pix - fr.source_mm) * s / fr.sad_mm
+                    want = (2 * grid.patient_to_index(p) / (shape - 1) - 1)[::-1]
+                    np.testing.assert_allclose(pts[c, iv, iu, k].numpy(), want, atol=2e-5)

@@ -268,6 +268,19 @@ def test_controls_and_evaluation(phantom):
     assert "Ring_PTV_70_5-20mm" in p2.structures
 
 
+def test_ring_distances_within_a_bound_match_the_full_transform(phantom):
+    from atp.goals import controls
+
+    for target in phantom.targets:
+        full = controls.distance_to_mm(phantom, target)
+        for outer in (3.0, 12.0, 40.0):
+            near = controls.distance_to_mm(phantom, target, within_mm=outer)
+            inside = full <= outer
+            np.testing.assert_array_equal(near <= outer, inside)
+            np.testing.assert_allclose(near[inside], full[inside], rtol=1e-6)
+            assert np.all(near[~inside] > outer)
+
+
 def test_evaluate_rejects_bad_dose(phantom):
     gl = load_goal_list(site="hn")
     dose = phantom.prescription_map_gy().astype(np.float64)

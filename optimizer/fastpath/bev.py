@@ -54,7 +54,7 @@ def bev_sample_points(grid: Grid, gantry_deg, collimator_deg, couch_deg, isocent
         sad[c] = fr.sad_mm
     t = (np.linspace(-half_depth_mm, half_depth_mm, n_samples)[None, :] + sad[:, None]) \
         / sad[:, None]  # (n_cp, n_samples): distance from the source / SAD
-    f32 = dict(dtype=torch.float32, device=device)
+    f32 = {"dtype": torch.float32, "device": device}
     src_t = torch.as_tensor(src, **f32)[:, None, None, None, :]
     ray_t = torch.as_tensor(pix, **f32)[..., None, :] - src_t
     return src_t + ray_t * torch.as_tensor(t, **f32)[:, None, None, :, None]
