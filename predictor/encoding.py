@@ -238,9 +238,15 @@ def _block_reduce(a: np.ndarray, factor, how: str) -> np.ndarray:
     pads = [(0, (-n) % f) for n, f in zip(a.shape, factor)]
     if how == "max":
         return _blocks(np.pad(a, pads, mode="edge"), factor).max(axis=(1, 3, 5))
-    total = _blocks(np.pad(a, pads), factor).sum(axis=(1, 3, 5), dtype=np.float64)
-    count = _blocks(np.pad(np.ones(a.shape, np.float64), pads), factor).sum(axis=(1, 3, 5))
-    return total / count
+    if any(p for _, p in pads):
+        a = np.pad(a, pads)
+    total = _blocks(a, factor).sum(axis=(1, 3, 5), dtype=np.float64)
+    # real voxels per block: a product of per-axis counts (only the last block of an
+    # axis can be partial)
+    per_axis = [np.minimum(f, n - f * np.arange(-(-n // f))).astype(np.float64)
+                for n, f in zip((s - p for s, (_, p) in zip(a.shape, pads)), factor)]
+    return total / (per_axis[0][:, None, None] * per_axis[1][None, :, None]
+                    * per_axis[2][None, None, :])
 
 
 def encode_array(a: np.ndarray, t: GridTransform, *, how: str = "mean",
@@ -250,7 +256,7 @@ def encode_array(a: np.ndarray, t: GridTransform, *, how: str = "mean",
     if tuple(a.shape) != t.source_shape:
         raise InputError(f"array shape {a.shape} != transform source {t.source_shape}",
                          field="array")
-    o = t.orient(a.astype(np.float64) if how == "mean" else a)
+    o = t.orient(a)  # block means sum in float64 (exact for masks and float32 CT)
     c = _block_reduce(o, t.factor, how)
     return t.to_network(np.asarray(c, dtype=np.float32), fill)
 
