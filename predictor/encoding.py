@@ -235,18 +235,17 @@ def _block_reduce(a: np.ndarray, factor, how: str) -> np.ndarray:
     Blocks at the far edge may be partial (shape not a multiple of the factor): they are
     reduced over their real voxels only, so the inverse stays exact there too.
     """
-    pads = [(0, (-n) % f) for n, f in zip(a.shape, factor)]
+    shape = a.shape
+    pads = [(0, (-n) % f) for n, f in zip(shape, factor)]
     if how == "max":
         return _blocks(np.pad(a, pads, mode="edge"), factor).max(axis=(1, 3, 5))
-    if any(p for _, p in pads):
-        a = np.pad(a, pads)
-    total = _blocks(a, factor).sum(axis=(1, 3, 5), dtype=np.float64)
+    padded = np.pad(a, pads) if any(p for _, p in pads) else a  # no copy when exact
+    total = _blocks(padded, factor).sum(axis=(1, 3, 5), dtype=np.float64)
     # real voxels per block: a product of per-axis counts (only the last block of an
     # axis can be partial)
-    per_axis = [np.minimum(f, n - f * np.arange(-(-n // f))).astype(np.float64)
-                for n, f in zip((s - p for s, (_, p) in zip(a.shape, pads)), factor)]
-    return total / (per_axis[0][:, None, None] * per_axis[1][None, :, None]
-                    * per_axis[2][None, None, :])
+    c0, c1, c2 = (np.minimum(f, n - f * np.arange(-(-n // f))).astype(np.float64)
+                  for n, f in zip(shape, factor))
+    return total / (c0[:, None, None] * c1[None, :, None] * c2[None, None, :])
 
 
 def encode_array(a: np.ndarray, t: GridTransform, *, how: str = "mean",

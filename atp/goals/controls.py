@@ -50,7 +50,7 @@ def distance_to_mm(patient, target: str, within_mm: float | None = None) -> np.n
                         for i, p, n in zip(nz, pad, mask.shape))
             d = np.full(mask.shape, np.inf, dtype=np.float32)
             d[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
-        per_patient[key] = d.astype(np.float32)
+        per_patient[key] = d.astype(np.float32, copy=False)
     return per_patient[key]
 
 
