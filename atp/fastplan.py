@@ -62,6 +62,9 @@ FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
                         "aperture_iterations", "aperture_rounds", "hot_margin",
                         "coverage_weight", "coverage_level", "oar_minus_targets")
 
+#: VMAT sequencers the fast path can deliver its arc with (``vmat_sequencer``)
+VMAT_SEQUENCERS = ("vmat", "vmat-sliding")
+
 DEFAULT_ARC_SPACING_DEG = 4.0
 DEFAULT_DOSE_GRID_FACTOR = 3
 FALLBACK_MESSAGE = "initial fluence from the exact fallback (no trained Bev2Fluence weights)"
@@ -222,7 +225,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               beamlet_size_mm: float = 5.0, machine: str = "millennium120",
               device: str = "auto", progress=True, fastpath_options: dict | None = None,
               initial_fluence: str = "auto", weights=None, correction: str = "auto",
-              correction_weights=None, vmat_passes: int = 2):
+              correction_weights=None, vmat_passes: int = 2,
+              vmat_sequencer: str = "vmat", sector_deg: float = 40.0):
     """Fast-path plan of one patient (see the module docstring); returns a Plan.
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
@@ -242,6 +246,9 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     ``correction_weights`` or the shipped ``optimizer/fastpath/weights/correction.pt``,
     when they exist, else the exact unrolled steps), 'network' or 'exact'. vmat_passes:
     arcs the VMAT sequencer delivers the one optimised arc in (2: dual arc).
+    vmat_sequencer: 'vmat' (rule-based, one aperture per control point and pass) or
+    'vmat-sliding' (arc sectors of ``sector_deg`` degrees swept by a sliding window,
+    :mod:`sequencer.vmat_sliding`).
     """
     from atp.goals import resolve_goals, with_control_structures
     from atp.pipeline import _Stages, patient_and_goal_list
@@ -251,6 +258,13 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     if not (isinstance(vmat_passes, int | np.integer) and int(vmat_passes) >= 1):
         raise InputError(f"vmat_passes must be an integer >= 1, got {vmat_passes!r}",
                          field="vmat_passes")
+    if vmat_sequencer not in VMAT_SEQUENCERS:
+        raise InputError(f"vmat_sequencer must be one of {', '.join(VMAT_SEQUENCERS)}, got "
+                         f"{vmat_sequencer!r}", field="vmat_sequencer")
+    if not (isinstance(sector_deg, int | float) and math.isfinite(sector_deg)
+            and sector_deg > 0):
+        raise InputError(f"sector_deg must be a number > 0, got {sector_deg!r}",
+                         field="sector_deg")
     from optimizer.fastpath.chain import FastPath
 
     timings = {s: 0.0 for s in STAGES if s != "export"}
@@ -335,8 +349,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             "device_requested": "auto" if device is None else str(device),
             "fastpath_options": _jsonable_options(opts, fp),
             "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
-            "resolve_notes": resolve_notes, "sequence": "vmat", "machine": machine,
-            "vmat_passes": int(vmat_passes),
+            "resolve_notes": resolve_notes, "sequence": vmat_sequencer, "machine": machine,
+            "vmat_passes": int(vmat_passes), "sector_deg": float(sector_deg),
             "backend_requested": "auto", "refine": 0, "optimizer_options": {},
         }
         notes = list(resolve_notes)
@@ -452,10 +466,13 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
     def sequenced(r):
         # with the MU optimised on J below, the sequencer's least-squares MU fit (same
         # free MU, other objective) would only be overwritten: skip it
+        technique = settings.get("sequence", "vmat")
+        params = {"passes": int(settings.get("vmat_passes", 2))}
+        if technique == "vmat-sliding":
+            params["sector_deg"] = float(settings.get("sector_deg", 40.0))
         delivery = _timed(stages, timings, "sequencing", sequencer.sequence, r.fluence_mu,
-                          dij, "vmat", machine=machine, fractions=patient.fractions,
-                          reweight=fp.mu_iterations <= 0,
-                          passes=int(settings.get("vmat_passes", 2)))
+                          dij, technique, machine=machine, fractions=patient.fractions,
+                          reweight=fp.mu_iterations <= 0, **params)
         if fp.mu_iterations > 0:
             from sequencer.reweight import optimise_mu
 

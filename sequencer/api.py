@@ -38,7 +38,7 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
     delivery = get(technique or default_technique(dij), **params).sequence(fs, m)
-    if reweight and delivery.technique in ("imrt-sns", "vmat"):
+    if reweight and delivery.technique in ("imrt-sns", "vmat", "vmat-sliding"):
         from sequencer.reweight import reweight_mu
 
         delivery = reweight_mu(delivery, dij, dij.dose(fluence_mu))

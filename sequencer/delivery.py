@@ -37,6 +37,10 @@ class BeamDelivery:
     cumulative_mu: np.ndarray  # (n_cp,) total-course MU, 0 first, non-decreasing
     dij_beam: np.ndarray  # (n_cp,) int
     n_segments: int = 0  # apertures delivered (step-and-shoot segments, arc control points)
+    #: (n_cp - 1,) sector of each interval between control points, or None. Set by
+    #: sliding-window VMAT: a sector's MU may only be scaled as a whole (its leaf timing
+    #: is fixed relative to its MU), so the MU step has one free MU per sector.
+    mu_group: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in ("gantry_deg", "leaf_a_mm", "leaf_b_mm", "jaw_x_mm", "jaw_y_mm",
@@ -51,6 +55,12 @@ class BeamDelivery:
                 and self.jaw_x_mm.shape == (n, 2) and self.jaw_y_mm.shape == (n, 2)
                 and self.dij_beam.shape == (n,)):
             raise ValueError(f"beam {self.name}: control-point arrays differ in length")
+        if self.mu_group is not None:
+            group = np.asarray(self.mu_group, dtype=np.int64)
+            if group.shape != (n - 1,) or (group.size and group.min() < 0):
+                raise ValueError(f"beam {self.name}: mu_group needs one sector index >= 0 "
+                                 "per interval between control points")
+            object.__setattr__(self, "mu_group", group)
 
     @property
     def n_control_points(self) -> int:
@@ -138,7 +148,8 @@ def check_delivery(delivery: Delivery, tol_mm: float = 1e-6) -> list[str]:
 
     Checks per control point: opposing tips >= min gap apart, tips inside the leaf range,
     bank span, jaws inside their ranges; between control points: leaf travel within what
-    the leaf speed allows (arcs: at full gantry speed; dynamic fields: at full dose rate),
+    the leaf speed allows (arcs: with the gantry slowed to its minimum speed; dynamic
+    fields: at full dose rate),
     arc MU per degree within limits; cumulative MU non-decreasing.
     """
     m = delivery.machine
@@ -173,11 +184,12 @@ def check_delivery(delivery: Delivery, tol_mm: float = 1e-6) -> list[str]:
         travel = np.maximum(np.abs(np.diff(a, axis=0)), np.abs(np.diff(bb, axis=0))).max(axis=1)
         if b.kind == "arc":
             dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
-            allowed = m.max_leaf_travel_per_deg_mm * dg
+            allowed = m.leaf_travel_limit_per_deg_mm * dg
             if np.any(travel > allowed + 1e-6):
                 k = int(np.argmax(travel - allowed))
                 bad.append(f"{b.name}: leaf travel {travel[k]:.2f} mm between control points "
-                           f"{k} and {k + 1} exceeds {allowed[k]:.2f} mm at full gantry speed")
+                           f"{k} and {k + 1} exceeds {allowed[k]:.2f} mm with the gantry at "
+                           f"its slowest ({m.slowest_gantry_speed_deg_s:g} deg/s)")
             mu_deg = dmu / delivery.fractions / np.maximum(dg, 1e-9)
             if mu_deg.max() > m.max_mu_per_deg * (1 + 1e-6):
                 bad.append(f"{b.name}: {mu_deg.max():.2f} MU/deg > {m.max_mu_per_deg}")

@@ -133,7 +133,7 @@ def sequence_step_and_shoot(fluence: FluenceSet, machine: Machine, *, levels: in
                     {"levels": levels})
 
 
-def _sweep_row(profile: np.ndarray, width_mm: np.ndarray, speed: float):
+def sweep_row(profile: np.ndarray, width_mm: np.ndarray, speed: float):
     """Trailing (A) and leading (B) leaf trajectories delivering ``profile`` (MU per
     pixel) across pixels of ``width_mm``: (times_A, times_B) at the 2(n+1) breakpoints,
     positions are the pixel edges, each visited twice (arrive, leave)."""
@@ -223,7 +223,7 @@ def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floo
             continue
         j0, j1 = nz[0], nz[-1] + 1
         prof = np.maximum(f[p, j0:j1], floor)
-        ta, tb = _sweep_row(prof, np.diff(edges[j0:j1 + 1]), speed)
+        ta, tb = sweep_row(prof, np.diff(edges[j0:j1 + 1]), speed)
         xs = np.repeat(edges[j0:j1 + 1], 2)
         rows.append((p, xs, ta, tb))
     if not rows:

@@ -17,6 +17,14 @@ Fields of the YAML file (all required unless noted)::
   jaws.x1_range_mm ... y2_range_mm   [min, max] per jaw;  jaws.min_field_mm >= 0
   delivery.max_dose_rate_mu_min, delivery.max_gantry_speed_deg_s   > 0
   delivery.min_mu_per_deg, delivery.max_mu_per_deg   0 <= min < max (per fraction)
+  delivery.min_gantry_speed_deg_s  optional, 0 < min <= max: how far an arc may slow its
+                                   gantry (default: the maximum, a constant-speed gantry)
+
+Arcs: the leaves may travel ``max_leaf_speed / min_gantry_speed`` mm per degree (the
+gantry slows down while they move: :attr:`Machine.leaf_travel_limit_per_deg_mm`, what
+:func:`sequencer.check_delivery` holds arcs to); the rule-based VMAT sequencer keeps to
+the travel at full gantry speed (:attr:`Machine.max_leaf_travel_per_deg_mm`) so its arcs
+never slow down for the leaves.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class Machine:
     min_mu_per_deg: float
     max_mu_per_deg: float
     source: str | None = None
+    min_gantry_speed_deg_s: float | None = None  # None: the gantry turns at full speed
 
     @property
     def n_pairs(self) -> int:
@@ -76,6 +85,17 @@ class Machine:
     def max_leaf_travel_per_deg_mm(self) -> float:
         """Leaf travel (mm) possible while the gantry turns 1 degree at full speed."""
         return self.max_leaf_speed_mm_s / self.max_gantry_speed_deg_s
+
+    @property
+    def slowest_gantry_speed_deg_s(self) -> float:
+        """The gantry speed an arc may slow down to (deg/s)."""
+        return float(self.min_gantry_speed_deg_s or self.max_gantry_speed_deg_s)
+
+    @property
+    def leaf_travel_limit_per_deg_mm(self) -> float:
+        """Leaf travel (mm) possible per degree of an arc with the gantry slowed to its
+        minimum speed: the machine's limit for arcs."""
+        return self.max_leaf_speed_mm_s / self.slowest_gantry_speed_deg_s
 
     def mm_per_mu(self, fractions: int = 1) -> float:
         """Leaf travel (mm) per total-course MU at the maximum dose rate and leaf speed."""
@@ -198,7 +218,15 @@ def load_machine_file(path: str | Path) -> Machine:
         min_mu_per_deg=r.number("delivery", "min_mu_per_deg", minimum=0),
         max_mu_per_deg=r.number("delivery", "max_mu_per_deg", minimum=0, strict=True),
         source=str(path),
+        min_gantry_speed_deg_s=(
+            r.number("delivery", "min_gantry_speed_deg_s", minimum=0, strict=True)
+            if isinstance(r.data.get("delivery"), dict)
+            and "min_gantry_speed_deg_s" in r.data["delivery"] else None),
     )
+    if (m.min_gantry_speed_deg_s is not None
+            and m.min_gantry_speed_deg_s > m.max_gantry_speed_deg_s):
+        r.fail(("delivery", "min_gantry_speed_deg_s"),
+               "must not exceed delivery.max_gantry_speed_deg_s")
     if m.min_mu_per_deg >= m.max_mu_per_deg:
         r.fail(("delivery", "min_mu_per_deg"), "must be below delivery.max_mu_per_deg")
     if m.min_leaf_gap_mm >= leaf_range[1] - leaf_range[0]:

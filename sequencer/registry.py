@@ -2,7 +2,7 @@
 ``sequence(fluence: FluenceSet, machine: Machine) -> Delivery``.
 
 Built-ins: ``imrt-sns`` (Xia-Verhey step-and-shoot), ``imrt-sliding`` (sliding window),
-``vmat`` (rule-based arcs). Third parties add theirs through the ``atp.sequencers``
+``vmat`` (rule-based arcs), ``vmat-sliding`` (arc sectors swept by a sliding window). Third parties add theirs through the ``atp.sequencers``
 entry-point group (a class or instance with ``name`` and ``sequence``). Asking for a name
 that is not installed raises :class:`~atp.errors.BackendUnavailableError` listing the
 known names.
@@ -69,7 +69,28 @@ class RuleBasedVmat:
                              mu_relative_pass=self.mu_relative_pass, passes=self.passes)
 
 
-BUILTIN = {"imrt-sns": StepAndShoot, "imrt-sliding": SlidingWindow, "vmat": RuleBasedVmat}
+@dataclass
+class SlidingWindowVmat:
+    """Arc sectors of ``sector_deg`` delivered by unidirectional leaf sweeps
+    (:mod:`sequencer.vmat_sliding`); ``passes``: arcs per optimised arc."""
+
+    sector_deg: float = 40.0
+    passes: int = 2
+    samples_per_cp: int = 2
+    max_sweep_fraction: float = 0.6
+    name: str = field(default="vmat-sliding", init=False)
+    kind: str = field(default="arc", init=False)
+
+    def sequence(self, fluence: FluenceSet, machine: Machine) -> Delivery:
+        from sequencer.vmat_sliding import sequence_vmat_sliding
+
+        return sequence_vmat_sliding(fluence, machine, sector_deg=self.sector_deg,
+                                     passes=self.passes, samples_per_cp=self.samples_per_cp,
+                                     max_sweep_fraction=self.max_sweep_fraction)
+
+
+BUILTIN = {"imrt-sns": StepAndShoot, "imrt-sliding": SlidingWindow, "vmat": RuleBasedVmat,
+           "vmat-sliding": SlidingWindowVmat}
 _registered: dict[str, object] = {}
 
 

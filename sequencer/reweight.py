@@ -28,8 +28,16 @@ from sequencer.vmat import control_point_cover_deg
 
 def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
     """(M, v0): interval MU = M @ v for the free MU v (arc: per control point of the
-    fluence, static/dynamic: per interval), and the current v."""
+    fluence; sliding-window arc: per sector, ``beam.mu_group``, spread over the sector's
+    intervals by their degrees; static/dynamic: per interval), and the current v."""
     dmu = np.diff(beam.cumulative_mu)
+    if beam.mu_group is not None:
+        group = beam.mu_group
+        theta = sector_degrees(beam)
+        M = np.zeros((dmu.size, theta.size))
+        M[np.arange(dmu.size), group] = _interval_degrees(beam) / np.maximum(theta[group],
+                                                                            1e-12)
+        return M, np.bincount(group, weights=dmu, minlength=theta.size)
     if beam.kind != "arc":
         on = np.flatnonzero(dmu > 0)
         M = np.zeros((dmu.size, on.size))
@@ -43,6 +51,16 @@ def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
     M[n, n - 1] = 0.5
     v0 = np.linalg.lstsq(M, dmu, rcond=None)[0]
     return M, np.maximum(v0, 0.0)
+
+
+def _interval_degrees(beam: BeamDelivery) -> np.ndarray:
+    """Gantry degrees turned in each interval between control points."""
+    return np.abs((np.diff(beam.gantry_deg) + 180.0) % 360.0 - 180.0)
+
+
+def sector_degrees(beam: BeamDelivery) -> np.ndarray:
+    """Degrees of each MU sector of a beam with ``mu_group`` (sliding-window arcs)."""
+    return np.bincount(beam.mu_group, weights=_interval_degrees(beam))
 
 
 def dose_rows(dose, threshold: float, max_rows: int) -> np.ndarray:
@@ -72,11 +90,14 @@ def mu_basis(delivery: Delivery, dij: DoseInfluence, rows, *, n_sub: int = 4):
     mat = (dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix).tocsc()
     blocks, v0, lo, hi = [], [], [], []
     for b in delivery.beams:
-        per_mu = _interval_doses(b, mat, dij.beamlets, m, n_sub)
         M, v = _mu_map(b)
-        blocks.append(per_mu @ M)
+        blocks.append(_interval_doses(b, mat, dij.beamlets, m, n_sub, M))
         v0.append(v)
-        if b.kind == "arc":
+        if b.mu_group is not None:
+            theta = sector_degrees(b)
+            lo.append(m.min_mu_per_deg * theta * delivery.fractions)
+            hi.append(m.max_mu_per_deg * theta * delivery.fractions)
+        elif b.kind == "arc":
             cover = control_point_cover_deg(b.gantry_deg[1:-1])
             lo.append(m.min_mu_per_deg * cover * delivery.fractions)
             hi.append(m.max_mu_per_deg * cover * delivery.fractions)
@@ -122,11 +143,12 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
     return replace(out, meta=meta)
 
 
-def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub):
+def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M=None):
     """(n_rows, n_intervals) dose per MU of each interval; ``mat``: the dij's selected
-    rows (CSC), ``info``: its BeamletInfo."""
+    rows (CSC), ``info``: its BeamletInfo. With ``M`` (n_intervals, n_free) the product
+    (dose per interval MU) @ M, accumulated without the per-interval array."""
     n_int = beam.n_control_points - 1
-    out = np.zeros((mat.shape[0], n_int))
+    out = np.zeros((mat.shape[0], n_int if M is None else M.shape[1]))
     unit = replace(beam, cumulative_mu=np.arange(beam.n_control_points, dtype=np.float64))
     ap = beam_apertures(unit, machine.dosimetric_leaf_gap_mm, n_sub)
     moving = (np.abs(np.diff(beam.leaf_a_mm, axis=0)).max(axis=1) > 1e-9) | \
@@ -142,7 +164,10 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub):
                                       ap["jaw_y"][sel])
         w = frac * ap["mu"][sel, None]
         dose = np.asarray(mat[:, cols] @ w.T)
-        np.add.at(out.T, owner[sel], dose.T)
+        if M is None:
+            np.add.at(out.T, owner[sel], dose.T)
+        else:
+            out += dose @ M[owner[sel]]
     return out
 
 

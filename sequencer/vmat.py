@@ -233,6 +233,23 @@ def _arc_beam(name, r, bfs, gantry, order):
                         dij, n_segments=len(bfs))
 
 
+def arc_maps(bfs) -> tuple[np.ndarray, np.ndarray]:
+    """The control points' fluence maps of one arc on a common x grid: (maps (n_cp,
+    n_pairs, n_x) MU, x_edges_mm (n_x + 1,))."""
+    n_x = {bf.fluence_mu.shape[1] for bf in bfs}
+    x0 = {round(float(bf.x_edges_mm[0]), 6) for bf in bfs}
+    if len(n_x) == 1 and len(x0) == 1:
+        return np.stack([bf.fluence_mu for bf in bfs]), bfs[0].x_edges_mm
+    lo = min(float(bf.x_edges_mm[0]) for bf in bfs)
+    pix = bfs[0].pixel_mm
+    nx = round((max(float(bf.x_edges_mm[-1]) for bf in bfs) - lo) / pix)
+    maps = np.zeros((len(bfs), bfs[0].fluence_mu.shape[0], nx))
+    for k, bf in enumerate(bfs):
+        off = round((float(bf.x_edges_mm[0]) - lo) / pix)
+        maps[k, :, off:off + bf.fluence_mu.shape[1]] = bf.fluence_mu
+    return maps, lo + pix * np.arange(nx + 1)
+
+
 def sequence_vmat(fluence: FluenceSet, machine: Machine, *, threshold: float = 0.1,
                   arcs: list[list[int]] | None = None, mu_relative_pass: bool = True,
                   passes: int = 2) -> Delivery:
@@ -257,21 +274,7 @@ def sequence_vmat(fluence: FluenceSet, machine: Machine, *, threshold: float = 0
         if len(bfs) < 2:
             raise InputError(f"arc {n + 1} has {len(bfs)} control point; an arc needs >= 2 "
                              "beams at neighbouring gantry angles", field="beams")
-        n_x = {bf.fluence_mu.shape[1] for bf in bfs}
-        x0 = {round(float(bf.x_edges_mm[0]), 6) for bf in bfs}
-        if len(n_x) > 1 or len(x0) > 1:
-            # bring every control point onto the arc's common x grid
-            lo = min(float(bf.x_edges_mm[0]) for bf in bfs)
-            pix = bfs[0].pixel_mm
-            nx = round((max(float(bf.x_edges_mm[-1]) for bf in bfs) - lo) / pix)
-            maps = np.zeros((len(bfs), bfs[0].fluence_mu.shape[0], nx))
-            for k, bf in enumerate(bfs):
-                off = round((float(bf.x_edges_mm[0]) - lo) / pix)
-                maps[k, :, off:off + bf.fluence_mu.shape[1]] = bf.fluence_mu
-            x_edges = lo + pix * np.arange(nx + 1)
-        else:
-            maps = np.stack([bf.fluence_mu for bf in bfs])
-            x_edges = bfs[0].x_edges_mm
+        maps, x_edges = arc_maps(bfs)
         gantry = np.array([bf.gantry_deg for bf in bfs])
         residual = maps
         for p in range(int(passes)):

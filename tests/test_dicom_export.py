@@ -29,7 +29,7 @@ def small_delivery(patient, technique):
     m = load_machine("millennium120")
     c = patient.target_centroid_mm()
     X, Y = np.meshgrid((np.arange(12) - 5.5) * 5.0, (np.arange(8) - 3.5) * 5.0)
-    if technique == "vmat":
+    if technique.startswith("vmat"):
         n, gantry = 20, (181.0 + 2.0 * np.arange(20)) % 360
         f = 60.0 * (X ** 2 / 625 + Y ** 2 / 300 < 1)
     else:
@@ -45,7 +45,7 @@ def small_delivery(patient, technique):
 def exported(phantom, tmp_path_factory):
     out = {}
     dose = smooth_dose(phantom)
-    for tech in ("imrt-sns", "vmat"):
+    for tech in ("imrt-sns", "vmat", "vmat-sliding"):
         d = small_delivery(phantom, tech)
         folder = tmp_path_factory.mktemp(tech)
         out[tech] = (folder, export_plan_set(folder, phantom, dose, d), d)
@@ -85,6 +85,12 @@ def test_files_load_and_reference_each_other(exported, phantom):
     arc = pydicom.dcmread(sets["vmat"][1]["RTPLAN"]).BeamSequence[0]
     gantry = [float(cp.GantryAngle) for cp in arc.ControlPointSequence]
     assert len(gantry) == 22 and arc.ControlPointSequence[0].GantryRotationDirection == "CW"
+    # sliding-window arcs: many control points, the gantry turning one way throughout
+    _, written, d = sets["vmat-sliding"]
+    for beam, b in zip(pydicom.dcmread(written["RTPLAN"]).BeamSequence, d.beams):
+        assert beam.NumberOfControlPoints == b.n_control_points > 22
+        g = np.unwrap(np.deg2rad([float(cp.GantryAngle) for cp in beam.ControlPointSequence]))
+        assert np.all(np.diff(g) > 0) or np.all(np.diff(g) < 0)
 
 
 def test_struct_contours_recover_the_masks(exported, phantom):

@@ -215,3 +215,28 @@ def test_vmat_passes_sets_the_arcs_of_the_delivery(phantom, fast):
     with pytest.raises(InputError, match="vmat_passes"):
         atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
                  progress=False, fast_options={"device": "cpu", "vmat_passes": 0})
+
+
+def test_sliding_window_vmat_in_the_fast_path(phantom, fast):
+    import atp
+    import sequencer
+    from atp.errors import InputError
+
+    opts = {"device": "cpu", "vmat_sequencer": "vmat-sliding", "sector_deg": 20.0}
+    sw = atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
+                  progress=False, fast_options=opts)
+    assert sw.settings["sequence"] == "vmat-sliding" and sw.settings["sector_deg"] == 20.0
+    assert sw.delivery.technique == "vmat-sliding"
+    assert sequencer.check_delivery(sw.delivery) == []
+    assert all(b.mu_group is not None for b in sw.delivery.beams)
+    # the control-point MU step scales whole sectors (one free MU each) and keeps J lower
+    (mu,) = sw.optimizer["control_point_mu"]
+    assert mu["objective_after"] <= mu["objective_before"]
+    # a respared plan keeps the sequencer
+    assert sw.respare({"Parotid_L": 0.1}).delivery.technique == "vmat-sliding"
+    with pytest.raises(InputError, match="vmat_sequencer"):
+        atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
+                 progress=False, fast_options={"device": "cpu", "vmat_sequencer": "imrt"})
+    with pytest.raises(InputError, match="sector_deg"):
+        atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
+                 progress=False, fast_options={**opts, "sector_deg": -1.0})

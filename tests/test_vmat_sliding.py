@@ -1,0 +1,161 @@
+"""Sliding-window VMAT (sequencer.vmat_sliding) and the arc leaf-travel limit of a gantry
+that may slow down (sequencer.machine)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atp.dose.influence import BeamletInfo
+from atp.errors import InputError
+from sequencer import (
+    check_delivery,
+    delivered_weights,
+    fluence_set,
+    get_sequencer,
+    load_machine,
+)
+from sequencer.machine import load_machine_file
+from sequencer.reweight import _mu_map, with_mu
+from sequencer.vmat_sliding import _sweep_positions, sector_bounds, sequence_vmat_sliding
+
+NX, NY = 24, 14
+
+
+@pytest.fixture(scope="module")
+def m120():
+    return load_machine("millennium120")
+
+
+def _lattice():
+    xs = (np.arange(NX) - NX / 2 + 0.5) * 5.0
+    ys = (np.arange(NY) - NY / 2 + 0.5) * 5.0
+    return np.meshgrid(xs, ys)
+
+
+def _beamlets(maps, gantry):
+    X, Y = _lattice()
+    n = len(maps)
+    info = BeamletInfo(np.repeat(np.arange(n), X.size), np.asarray(gantry) % 360,
+                       np.zeros(n), np.zeros(n), np.zeros((n, 3)), np.tile(X.ravel(), n),
+                       np.tile(Y.ravel(), n))
+    return info, np.concatenate([m.ravel() for m in maps])
+
+
+def _modulated_arc(n, peak=60.0):
+    """Peaked (not aperture-like) maps drifting along the arc: what one aperture per
+    control point cannot deliver, a sweep can."""
+    X, Y = _lattice()
+    out = []
+    for k in range(n):
+        cx = 12.0 * np.sin(np.deg2rad(3 * k))
+        f = peak * (0.4 + 0.6 * np.exp(-((X - cx) ** 2) / (2 * 12.0 ** 2)))
+        out.append(f * ((np.abs(X - cx) < 40) & (np.abs(Y) < 25)))
+    return out
+
+
+def test_sweep_positions_deliver_the_profile_both_ways():
+    rng = np.random.default_rng(3)
+    prof = rng.uniform(2.0, 10.0, 9)
+    edges = -20.0 + 5.0 * np.arange(10)
+    speed = 1.5  # mm per MU
+    total = prof.sum() + 45.0 / speed + 1.0
+    t = np.linspace(0.0, total, 200001)
+    dt = t[1] - t[0]
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    for direction in (1, -1):
+        left, right = _sweep_positions(prof, edges, speed, direction, t)
+        assert np.all(right >= left - 1e-9)
+        exposure = [((left < c) & (c < right)).sum() * dt for c in centres]
+        np.testing.assert_allclose(exposure, prof, rtol=0, atol=5e-3)
+        # left to right starts at the left edge, right to left at the right edge
+        start = edges[0] if direction > 0 else edges[-1]
+        assert left[0] == pytest.approx(start) and right[0] == pytest.approx(start)
+
+
+def test_sector_bounds_tile_the_arc_and_merge_short_ends():
+    assert sector_bounds(20, 5).tolist() == [0, 5, 10, 15, 20]
+    assert sector_bounds(22, 5).tolist() == [0, 5, 10, 15, 22]  # a 2-point tail merges
+    assert sector_bounds(20, 5, offset=2).tolist() == [0, 7, 12, 17, 20]
+    assert sector_bounds(3, 5).tolist() == [0, 3]
+
+
+def test_sliding_vmat_delivers_modulated_fluence_better_than_one_aperture(m120):
+    n = 40
+    maps = _modulated_arc(n)
+    info, w = _beamlets(maps, 181 + 2 * np.arange(n))
+    fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=30)
+    sliding = sequence_vmat_sliding(fs, m120, sector_deg=10.0, passes=2)
+    rule = get_sequencer("vmat").sequence(fs, m120)
+    assert check_delivery(sliding) == [] and check_delivery(rule) == []
+    assert sliding.technique == "vmat-sliding" and len(sliding.beams) == 2
+    assert [b.rotation_direction for b in sliding.beams] == ["CW", "CC"]
+    for b in sliding.beams:
+        assert b.kind == "arc" and b.mu_group.shape == (b.n_control_points - 1,)
+        assert np.all(np.diff(b.cumulative_mu) >= 0)
+        # every control point uses the dij columns of an arc control point near it
+        assert set(np.unique(b.dij_beam)) <= set(range(n))
+    shape = (n, NY, NX)
+    ideal = w.reshape(shape).sum(axis=0)  # the arc's summed fluence
+
+    def error(delivery):
+        got = delivered_weights(delivery, info).reshape(shape).sum(axis=0)
+        return np.abs(got - ideal)[ideal > 0].mean() / ideal[ideal > 0].mean()
+
+    assert error(sliding) < 0.06
+    assert error(sliding) < 0.5 * error(rule)
+
+
+def test_sector_mu_is_one_free_mu_per_sector(m120):
+    n = 24
+    info, w = _beamlets(_modulated_arc(n), 181 + 2 * np.arange(n))
+    d = sequence_vmat_sliding(fluence_set(w, info, m120.leaf_edges_mm, fractions=30), m120,
+                              sector_deg=8.0, passes=1)
+    (beam,) = d.beams
+    M, v0 = _mu_map(beam)
+    assert M.shape == (beam.n_control_points - 1, beam.mu_group.max() + 1)
+    np.testing.assert_allclose(M @ v0, np.diff(beam.cumulative_mu), rtol=1e-9, atol=1e-9)
+    doubled = with_mu(d, 2.0 * v0)
+    np.testing.assert_allclose(delivered_weights(doubled, info),
+                               2.0 * delivered_weights(d, info), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(doubled.beams[0].leaf_a_mm, beam.leaf_a_mm)
+
+
+def test_sliding_vmat_options_are_checked(m120):
+    info, w = _beamlets(_modulated_arc(6), 181 + 2 * np.arange(6))
+    fs = fluence_set(w, info, m120.leaf_edges_mm)
+    for bad in ({"sector_deg": 0.0}, {"passes": 0}, {"samples_per_cp": 0},
+                {"max_sweep_fraction": 1.0}, {"threshold": 1.0},
+                {"travel_per_deg_mm": 10 * m120.leaf_travel_limit_per_deg_mm}):
+        with pytest.raises(InputError):
+            sequence_vmat_sliding(fs, m120, **bad)
+    assert "vmat-sliding" in __import__("sequencer").sequencer_names()
+
+
+def test_arc_travel_limit_follows_the_slowest_gantry(m120, tmp_path):
+    assert m120.min_gantry_speed_deg_s == 0.5
+    assert m120.leaf_travel_limit_per_deg_mm == pytest.approx(
+        m120.max_leaf_speed_mm_s / 0.5)
+    assert m120.max_leaf_travel_per_deg_mm == pytest.approx(
+        m120.max_leaf_speed_mm_s / m120.max_gantry_speed_deg_s)
+    text = Path(m120.source).read_text()
+    no_min = tmp_path / "constant_speed.yaml"
+    no_min.write_text(text.replace("  min_gantry_speed_deg_s: 0.5\n", ""))
+    constant = load_machine_file(no_min)
+    assert constant.min_gantry_speed_deg_s is None
+    assert constant.leaf_travel_limit_per_deg_mm == constant.max_leaf_travel_per_deg_mm
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("min_gantry_speed_deg_s: 0.5", "min_gantry_speed_deg_s: 9"))
+    with pytest.raises(InputError, match="min_gantry_speed_deg_s"):
+        load_machine_file(bad)
+    # an arc whose leaves outrun even the slowest gantry is reported
+    info, w = _beamlets(_modulated_arc(8), 181 + 2 * np.arange(8))
+    d = sequence_vmat_sliding(fluence_set(w, info, m120.leaf_edges_mm), m120, sector_deg=8)
+    b = d.beams[0]
+    a = np.array(b.leaf_a_mm)
+    a[1:] = a[1:] - 10 * m120.leaf_travel_limit_per_deg_mm  # 10 x the allowed travel
+    broken = replace(d, beams=(replace(b, leaf_a_mm=a, leaf_b_mm=a + 5.0),))
+    assert any("slowest" in s for s in check_delivery(broken))
