@@ -226,7 +226,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               device: str = "auto", progress=True, fastpath_options: dict | None = None,
               initial_fluence: str = "auto", weights=None, correction: str = "auto",
               correction_weights=None, vmat_passes: int = 2,
-              vmat_sequencer: str = "vmat", sector_deg: float = 40.0):
+              vmat_sequencer: str = "vmat", sector_deg: float = 20.0):
     """Fast-path plan of one patient (see the module docstring); returns a Plan.
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
@@ -469,7 +469,7 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         technique = settings.get("sequence", "vmat")
         params = {"passes": int(settings.get("vmat_passes", 2))}
         if technique == "vmat-sliding":
-            params["sector_deg"] = float(settings.get("sector_deg", 40.0))
+            params["sector_deg"] = float(settings.get("sector_deg", 20.0))
         delivery = _timed(stages, timings, "sequencing", sequencer.sequence, r.fluence_mu,
                           dij, technique, machine=machine, fractions=patient.fractions,
                           reweight=fp.mu_iterations <= 0, **params)

@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fastpath-options", default=None, metavar="JSON",
                     help='FastPath options for every fast plan, e.g. '
                          '\'{"aperture_iterations": 10}\' (default: the shipped defaults)')
+    ap.add_argument("--plan-options", default=None, metavar="JSON",
+                    help='fast_plan keywords for every fast plan, e.g. '
+                         '\'{"vmat_sequencer": "vmat-sliding"}\' (default: the defaults)')
     ap.add_argument("--no-optimiser", action="store_true",
                     help="skip the full-optimiser comparison (part 2)")
     ap.add_argument("--no-optimiser-arc", action="store_true",
@@ -146,10 +149,13 @@ def main(argv=None) -> int:
                  "initial_fluence": args.initial_fluence}
     if args.fastpath_options:
         fast_opts["fastpath_options"] = json.loads(args.fastpath_options)
+    if args.plan_options:
+        fast_opts.update(json.loads(args.plan_options))
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
               "torch": torch.__version__, "cuda": torch.cuda.is_available(),
               "predictor": predictor, "arc_spacing_deg": args.arc_spacing,
               "fastpath_options": fast_opts.get("fastpath_options", {}),
+              "plan_options": json.loads(args.plan_options or "{}"),
               "criteria": [c[0] + " [" + c[1] + "]" for c in CRITERIA], "patients": []}
     for f in files:
         t0 = time.perf_counter()

@@ -74,7 +74,7 @@ class SlidingWindowVmat:
     """Arc sectors of ``sector_deg`` delivered by unidirectional leaf sweeps
     (:mod:`sequencer.vmat_sliding`); ``passes``: arcs per optimised arc."""
 
-    sector_deg: float = 40.0
+    sector_deg: float = 20.0
     passes: int = 2
     samples_per_cp: int = 2
     max_sweep_fraction: float = 0.6

@@ -309,7 +309,7 @@ def sequence_arc_sliding(maps, x_edges_mm, gantry_deg, beam_index, machine: Mach
             "sector_cps": int(np.diff(sec.bounds).max()) if n_s else 0}
 
 
-def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: float = 40.0,
+def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: float = 20.0,
                           passes: int = 2, samples_per_cp: int = 2,
                           max_sweep_fraction: float = 0.6, threshold: float = 0.05,
                           travel_per_deg_mm: float | None = None,

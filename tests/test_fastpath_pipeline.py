@@ -230,6 +230,16 @@ def test_cli_aperture_iterations_reach_the_fast_path(tmp_path):
     assert data["settings"]["fastpath_options"]["aperture_iterations"] == 2
 
 
+def test_cli_fast_with_sliding_window_arcs(tmp_path):
+    out = tmp_path / "sw"
+    rc = main(["plan", "phantom", "--fast", "--predictor", "baseline", "--arc-spacing",
+               "10", "--quiet", "--sequencer", "vmat-sliding", "--no-report",
+               "--out", str(out)])
+    assert rc in (0, 3)
+    data = json.loads((out / "plan.json").read_text())
+    assert data["settings"]["sequence"] == "vmat-sliding"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--fast", "--spare", "Nonexistent=0.1"], "Nonexistent"),
     (["--fast", "--spare", "Parotid_L=1.5"], "[0, 1)"),

@@ -70,11 +70,13 @@ def fast_options(args) -> tuple[dict, dict]:
             raise InputError(f"{flag} does not apply to --fast (one arc; see "
                              "--arc-spacing)", field=flag)
     seq = getattr(args, "sequencer", "auto")
-    if seq not in ("auto", "vmat"):
-        raise InputError("--fast always sequences a VMAT arc (--sequencer vmat)",
-                         field="--sequencer")
+    if seq not in ("auto", "vmat", "vmat-sliding"):
+        raise InputError("--fast always sequences a VMAT arc (--sequencer vmat or "
+                         "vmat-sliding)", field="--sequencer")
     spare = parse_spare_args(args.spare)
     opts = {"machine": args.machine}
+    if seq != "auto":
+        opts["vmat_sequencer"] = seq
     for dest, key in (("arc_spacing", "arc_spacing_deg"),
                       ("dose_grid_factor", "dose_grid_factor"), ("device", "device"),
                       ("initial_fluence", "initial_fluence"), ("weights", "weights"),

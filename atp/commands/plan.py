@@ -62,8 +62,9 @@ def register(sub) -> None:
                    help="first-order iteration limit per solve")
     sq = p.add_mutually_exclusive_group()
     sq.add_argument("--sequencer", default="auto", metavar="NAME",
-                    help="leaf sequencer: imrt-sliding | imrt-sns | vmat | auto (default: "
-                         "sliding window for static beams, vmat for arcs); the plan's dose, "
+                    help="leaf sequencer: imrt-sliding | imrt-sns | vmat | vmat-sliding | "
+                         "auto (default: sliding window for static beams, vmat for arcs; "
+                         "--fast: vmat or vmat-sliding); the plan's dose, "
                          "DVH and goals are then the deliverable dose of the apertures")
     sq.add_argument("--sequence", nargs="?", const="auto", dest="sequencer",
                     metavar="TECHNIQUE", help=argparse.SUPPRESS)
