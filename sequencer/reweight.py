@@ -23,7 +23,7 @@ from scipy.optimize import lsq_linear
 from atp.dose.influence import DoseInfluence
 from sequencer.deliverable import aperture_open_fraction, beam_apertures
 from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.vmat import control_point_cover_deg
+from sequencer.vmat import _wrap, control_point_cover_deg
 
 
 def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +55,7 @@ def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
 
 def _interval_degrees(beam: BeamDelivery) -> np.ndarray:
     """Gantry degrees turned in each interval between control points."""
-    return np.abs((np.diff(beam.gantry_deg) + 180.0) % 360.0 - 180.0)
+    return np.abs(_wrap(np.diff(beam.gantry_deg)))
 
 
 def sector_degrees(beam: BeamDelivery) -> np.ndarray:

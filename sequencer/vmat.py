@@ -250,6 +250,18 @@ def arc_maps(bfs) -> tuple[np.ndarray, np.ndarray]:
     return maps, lo + pix * np.arange(nx + 1)
 
 
+def arc_inputs(fluence: FluenceSet, idx: list[int], number: int):
+    """(beam fluences, maps (n_cp, n_pairs, n_x) MU, x_edges_mm, gantry_deg) of arc
+    ``number`` (1-based, for messages) made of ``fluence.beams[idx]``; an InputError when
+    it has fewer than two control points."""
+    bfs = [fluence.beams[i] for i in idx]
+    if len(bfs) < 2:
+        raise InputError(f"arc {number} has {len(bfs)} control point; an arc needs >= 2 "
+                         "beams at neighbouring gantry angles", field="beams")
+    maps, x_edges = arc_maps(bfs)
+    return bfs, maps, x_edges, np.array([bf.gantry_deg for bf in bfs])
+
+
 def sequence_vmat(fluence: FluenceSet, machine: Machine, *, threshold: float = 0.1,
                   arcs: list[list[int]] | None = None, mu_relative_pass: bool = True,
                   passes: int = 2) -> Delivery:
@@ -270,12 +282,7 @@ def sequence_vmat(fluence: FluenceSet, machine: Machine, *, threshold: float = 0
     arcs = group_arcs(fluence) if arcs is None else arcs
     beams = []
     for n, idx in enumerate(arcs):
-        bfs = [fluence.beams[i] for i in idx]
-        if len(bfs) < 2:
-            raise InputError(f"arc {n + 1} has {len(bfs)} control point; an arc needs >= 2 "
-                             "beams at neighbouring gantry angles", field="beams")
-        maps, x_edges = arc_maps(bfs)
-        gantry = np.array([bf.gantry_deg for bf in bfs])
+        bfs, maps, x_edges, gantry = arc_inputs(fluence, idx, n + 1)
         residual = maps
         for p in range(int(passes)):
             if p > 0 and residual.max() <= threshold * maps.max():

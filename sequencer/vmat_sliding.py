@@ -57,7 +57,7 @@ from sequencer.delivery import BeamDelivery, Delivery
 from sequencer.fluence import FluenceSet
 from sequencer.imrt import sweep_row
 from sequencer.machine import Machine
-from sequencer.vmat import _limit_travel, _wrap, arc_maps, control_point_cover_deg, group_arcs
+from sequencer.vmat import _limit_travel, _wrap, arc_inputs, control_point_cover_deg, group_arcs
 
 
 def sector_bounds(n_cp: int, sector_cps: int, offset: int = 0) -> np.ndarray:
@@ -83,7 +83,7 @@ def _rises(profile: np.ndarray) -> np.ndarray:
 class _Sectors:
     """The sector layout of one pass: per-sector fluence, spans and boundaries."""
 
-    def __init__(self, maps, x_edges, bounds, threshold):
+    def __init__(self, maps, bounds, threshold):
         n_s = bounds.size - 1
         self.bounds = bounds
         self.sum = np.stack([maps[bounds[j]:bounds[j + 1]].sum(axis=0) for j in range(n_s)])
@@ -105,7 +105,6 @@ class _Sectors:
             else:
                 bnd[j + 1] = np.fmin(first[j], first[j + 1])
         self.boundary = bnd
-        self.x_edges = x_edges
 
     def span(self, j):
         """(lo, hi) edge indices of every pair's sweep in sector j (valid where on[j])."""
@@ -173,7 +172,7 @@ def _pass_layout(maps, x_edges, gantry, m, sector_cps, offset, max_sweep_fractio
     cover = control_point_cover_deg(gantry)
     k = int(sector_cps)
     while True:
-        sec = _Sectors(maps, x_edges, sector_bounds(n_cp, k, offset), threshold)
+        sec = _Sectors(maps, sector_bounds(n_cp, k, offset), threshold)
         plans = []
         for j in range(sec.bounds.size - 1):
             theta = float(cover[sec.bounds[j]:sec.bounds[j + 1]].sum())
@@ -337,12 +336,7 @@ def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: 
     arcs = group_arcs(fluence) if arcs is None else arcs
     beams, used = [], []
     for n, idx in enumerate(arcs):
-        bfs = [fluence.beams[i] for i in idx]
-        if len(bfs) < 2:
-            raise InputError(f"arc {n + 1} has {len(bfs)} control point; an arc needs >= 2 "
-                             "beams at neighbouring gantry angles", field="beams")
-        maps, x_edges = arc_maps(bfs)
-        gantry = np.array([bf.gantry_deg for bf in bfs])
+        bfs, maps, x_edges, gantry = arc_inputs(fluence, idx, n + 1)
         step = float(np.median(np.abs(_wrap(np.diff(gantry)))))
         k = max(1, round(sector_deg / max(step, 1e-9)))
         index = np.array([bf.beam_index for bf in bfs])
