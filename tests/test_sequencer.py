@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from bev_lattice import beamlets_for, lattice
 
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.errors import BackendUnavailableError, InputError
@@ -32,25 +33,9 @@ from sequencer.vmat import group_arcs, largest_runs
 NX, NY = 20, 14
 
 
-def lattice():
-    xs = (np.arange(NX) - NX / 2 + 0.5) * 5.0
-    ys = (np.arange(NY) - NY / 2 + 0.5) * 5.0
-    return np.meshgrid(xs, ys)
-
-
-def beamlets_for(maps, gantry):
-    """BeamletInfo + flat weights for per-beam maps (n_beams, NY, NX)."""
-    X, Y = lattice()
-    n = len(maps)
-    info = BeamletInfo(np.repeat(np.arange(n), X.size), np.asarray(gantry) % 360,
-                       np.zeros(n), np.zeros(n), np.zeros((n, 3)), np.tile(X.ravel(), n),
-                       np.tile(Y.ravel(), n))
-    return info, np.concatenate([m.ravel() for m in maps])
-
-
 def smooth_maps(n, scale=2000.0, seed=0):
     rng = np.random.default_rng(seed)
-    X, Y = lattice()
+    X, Y = lattice(NX, NY)
     out = []
     for _ in range(n):
         c = rng.uniform(-10, 10, 2)
@@ -61,7 +46,7 @@ def smooth_maps(n, scale=2000.0, seed=0):
 
 def arc_maps(n, level=40.0):
     """Two-level (aperture-like) maps whose opening drifts smoothly along the arc."""
-    X, Y = lattice()
+    X, Y = lattice(NX, NY)
     ys = Y[:, 0]
     out = []
     for k in range(n):
@@ -122,7 +107,7 @@ def test_machine_validation_names_file_field_line(tmp_path):
 # --- fluence maps ---------------------------------------------------------------------
 
 def test_fluence_maps_onto_leaf_pairs(m120):
-    X, _ = lattice()
+    X, _ = lattice(NX, NY)
     f = np.zeros_like(X)
     f[3, 4] = 10.0  # one beamlet
     info, w = beamlets_for([f], [0.0])
@@ -238,7 +223,7 @@ def test_vmat_multiple_arcs_and_limits(m120):
 
 def test_vmat_enforces_leaf_travel(m120):
     """Openings jumping across the field every control point must be slowed down."""
-    X, _ = lattice()
+    X, _ = lattice(NX, NY)
     maps = [np.where((X > 20) if k % 2 else (X < -20), 50.0, 0.0) for k in range(20)]
     info, w = beamlets_for(maps, 2 * np.arange(20))
     d = get_sequencer("vmat").sequence(fluence_set(w, info, m120.leaf_edges_mm), m120)
@@ -354,7 +339,7 @@ def test_wide_fields_keep_the_bank_span(m120):
 
 def test_vmat_second_pass_delivers_the_residual(m120):
     n = 20
-    X, Y = lattice()
+    X, Y = lattice(NX, NY)
     # two intensity levels per control point: a wide low plateau with a narrow high core
     maps = [np.where(np.abs(X) < 30, 20.0, 0.0) + np.where(np.abs(X - 5 * np.sin(k)) < 8,
                                                           60.0, 0.0) * (np.abs(Y) < 20)

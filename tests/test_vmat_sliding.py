@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bev_lattice import beamlets_for, lattice
 
-from atp.dose.influence import BeamletInfo
 from atp.errors import InputError
 from sequencer import (
     check_delivery,
@@ -30,25 +30,10 @@ def m120():
     return load_machine("millennium120")
 
 
-def _lattice():
-    xs = (np.arange(NX) - NX / 2 + 0.5) * 5.0
-    ys = (np.arange(NY) - NY / 2 + 0.5) * 5.0
-    return np.meshgrid(xs, ys)
-
-
-def _beamlets(maps, gantry):
-    X, Y = _lattice()
-    n = len(maps)
-    info = BeamletInfo(np.repeat(np.arange(n), X.size), np.asarray(gantry) % 360,
-                       np.zeros(n), np.zeros(n), np.zeros((n, 3)), np.tile(X.ravel(), n),
-                       np.tile(Y.ravel(), n))
-    return info, np.concatenate([m.ravel() for m in maps])
-
-
 def _modulated_arc(n, peak=60.0):
     """Peaked (not aperture-like) maps drifting along the arc: what one aperture per
     control point cannot deliver, a sweep can."""
-    X, Y = _lattice()
+    X, Y = lattice(NX, NY)
     out = []
     for k in range(n):
         cx = 12.0 * np.sin(np.deg2rad(3 * k))
@@ -86,7 +71,7 @@ def test_sector_bounds_tile_the_arc_and_merge_short_ends():
 def test_sliding_vmat_delivers_modulated_fluence_better_than_one_aperture(m120):
     n = 40
     maps = _modulated_arc(n)
-    info, w = _beamlets(maps, 181 + 2 * np.arange(n))
+    info, w = beamlets_for(maps, 181 + 2 * np.arange(n))
     fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=30)
     sliding = sequence_vmat_sliding(fs, m120, sector_deg=10.0, passes=2)
     rule = get_sequencer("vmat").sequence(fs, m120)
@@ -111,7 +96,7 @@ def test_sliding_vmat_delivers_modulated_fluence_better_than_one_aperture(m120):
 
 def test_sector_mu_is_one_free_mu_per_sector(m120):
     n = 24
-    info, w = _beamlets(_modulated_arc(n), 181 + 2 * np.arange(n))
+    info, w = beamlets_for(_modulated_arc(n), 181 + 2 * np.arange(n))
     d = sequence_vmat_sliding(fluence_set(w, info, m120.leaf_edges_mm, fractions=30), m120,
                               sector_deg=8.0, passes=1)
     (beam,) = d.beams
@@ -125,7 +110,7 @@ def test_sector_mu_is_one_free_mu_per_sector(m120):
 
 
 def test_sliding_vmat_options_are_checked(m120):
-    info, w = _beamlets(_modulated_arc(6), 181 + 2 * np.arange(6))
+    info, w = beamlets_for(_modulated_arc(6), 181 + 2 * np.arange(6))
     fs = fluence_set(w, info, m120.leaf_edges_mm)
     for bad in ({"sector_deg": 0.0}, {"passes": 0}, {"samples_per_cp": 0},
                 {"max_sweep_fraction": 1.0}, {"threshold": 1.0},
@@ -152,7 +137,7 @@ def test_arc_travel_limit_follows_the_slowest_gantry(m120, tmp_path):
     with pytest.raises(InputError, match="min_gantry_speed_deg_s"):
         load_machine_file(bad)
     # an arc whose leaves outrun even the slowest gantry is reported
-    info, w = _beamlets(_modulated_arc(8), 181 + 2 * np.arange(8))
+    info, w = beamlets_for(_modulated_arc(8), 181 + 2 * np.arange(8))
     d = sequence_vmat_sliding(fluence_set(w, info, m120.leaf_edges_mm), m120, sector_deg=8)
     b = d.beams[0]
     a = np.array(b.leaf_a_mm)
