@@ -476,10 +476,15 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
         if fp.mu_iterations > 0:
             from sequencer.reweight import optimise_mu
 
-            delivery, info = _timed(stages, timings, "control-point MU", optimise_mu,
-                                    delivery, dij, fp.objective_value_grad(sparing),
-                                    max_iter=fp.mu_iterations,
-                                    rows=fp.objective_rows(sparing))
+            def fit_mu(delivery):
+                # J's rows of the dij are selected once (cached by the FastPath) and
+                # reused by every correction pass and slider change
+                rows, row_matrix = fp.objective_rows_matrix(sparing)
+                return optimise_mu(delivery, dij, fp.objective_value_grad(sparing),
+                                   max_iter=fp.mu_iterations, rows=rows,
+                                   row_matrix=row_matrix)
+
+            delivery, info = _timed(stages, timings, "control-point MU", fit_mu, delivery)
             mu_info.append(info)
         if fp.aperture_iterations > 0:
             from sequencer.aperture_refine import refine_apertures

@@ -107,45 +107,62 @@ class _Sectors:
         self.boundary = bnd
 
     def span(self, j):
-        """(lo, hi) edge indices of every pair's sweep in sector j (valid where on[j])."""
-        b0 = np.nan_to_num(self.boundary[j], nan=0.0)
-        b1 = np.nan_to_num(self.boundary[j + 1], nan=0.0)
+        """(lo, hi) edge indices of every pair's sweep in sector j (valid where on[j]);
+        ``j`` a slice: of those sectors, (n_sectors, n_pairs) each."""
+        b0 = np.nan_to_num(self.boundary[:-1][j], nan=0.0)
+        b1 = np.nan_to_num(self.boundary[1:][j], nan=0.0)
         return np.minimum(b0, b1).astype(np.int64), np.maximum(b0, b1).astype(np.int64)
 
 
-def _sector_mu(profile, inspan, width_mm, theta_deg, m: Machine, max_sweep_fraction,
-               min_mu: float, max_mu: float, travel_per_deg_mm: float):
-    """(T, floor per pair): the least sector MU T (>= ``min_mu``) in which every sweeping
-    pair (rows) crosses its span at a speed the gantry allows, and each pair's floor c
-    (MU) for the slowest speed that still ends within T; None when a span needs more
-    than ``max_sweep_fraction`` of the sector's leaf travel or T more than ``max_mu``."""
-    reach = travel_per_deg_mm * theta_deg  # mm a leaf can travel in the sector
-    slit = m.min_leaf_gap_mm + m.dosimetric_leaf_gap_mm
-    if np.any(width_mm + slit > max_sweep_fraction * reach):
-        return None
+def _sector_mu(profile, inspan, width_mm, sector, theta_deg, m: Machine,
+               max_sweep_fraction, min_mu, max_mu, travel_per_deg_mm: float):
+    """(T per sector, floor per row), or None when a sector's sweep does not fit.
 
-    def need(c):  # MU pair rows need with floor c (c = slit / speed)
+    Rows are the sweeping leaf pairs of every sector (``sector`` (N,) their sector
+    index; ``profile`` / ``inspan`` (N, n_x), ``width_mm`` (N,)); ``theta_deg``,
+    ``min_mu``, ``max_mu`` per sector. T is the least sector MU (>= ``min_mu``) in which
+    every sweeping pair of the sector crosses its span at a speed the gantry allows, and
+    a row's floor c (MU) the one of the slowest speed that still ends within T. None when
+    a span needs more than ``max_sweep_fraction`` of its sector's leaf travel or a T more
+    than ``max_mu``. Every sector is solved at once (the same bisections, one per
+    sector or row, on stacked arrays)."""
+    theta = np.asarray(theta_deg, dtype=np.float64)
+    n_s = theta.size
+    reach = travel_per_deg_mm * theta  # mm a leaf can travel in each sector
+    slit = m.min_leaf_gap_mm + m.dosimetric_leaf_gap_mm
+    if np.any(width_mm + slit > max_sweep_fraction * reach[sector]):
+        return None
+    used = np.zeros(n_s, dtype=bool)
+    used[sector] = True
+
+    def need(c):  # MU the rows need with floor c (c = slit / speed)
         return width_mm * c / slit + _rises(np.where(inspan, np.maximum(profile,
                                                                          c[:, None]), 0.0))
 
-    def fits(t):
-        return bool(np.all(need(np.full(width_mm.shape, slit * t / reach)) <= t))
+    def fits(t):  # per sector: every row of it ends its sweep within t
+        late = need(slit * t[sector] / reach[sector]) > t[sector]
+        return np.bincount(sector, weights=late, minlength=n_s) == 0
 
-    lo = float(_rises(profile).max())
-    hi = max(2.0 * lo, 1e-9)
-    while not fits(hi):
-        lo, hi = hi, 2.0 * hi
+    lo = np.zeros(n_s)
+    np.maximum.at(lo, sector, _rises(profile))
+    hi = np.maximum(2.0 * lo, 1e-9)
+    grow = used & ~fits(hi)
+    while grow.any():
+        lo, hi = np.where(grow, hi, lo), np.where(grow, 2.0 * hi, hi)
+        grow = used & ~fits(hi)
     for _ in range(50):
         mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    t = max(hi, float(min_mu))
-    if t > max_mu:
+        ok = fits(mid)
+        lo, hi = np.where(ok, lo, mid), np.where(ok, mid, hi)
+    t = np.maximum(hi, min_mu)
+    if np.any(used & (t > max_mu)):
         return None
-    c_lo = np.full(width_mm.shape, slit * t / reach)  # floor at the top speed
-    c_hi = t * slit / width_mm  # need(c_hi) >= t
+    t_row = t[sector]
+    c_lo = slit * t_row / reach[sector]  # floor at the top speed
+    c_hi = t_row * slit / width_mm  # need(c_hi) >= t
     for _ in range(50):
         mid = 0.5 * (c_lo + c_hi)
-        ok = need(mid) <= t
+        ok = need(mid) <= t_row
         c_lo = np.where(ok, mid, c_lo)
         c_hi = np.where(ok, c_hi, mid)
     return t, c_lo
@@ -155,45 +172,94 @@ def _sweep_positions(profile, edges_mm, speed, direction, times):
     """Radiation-field edges (left, right) mm at ``times`` (MU) of one pair's sweep of
     ``profile`` (MU per pixel between ``edges_mm``), left to right (direction 1) or
     right to left (-1, the mirror image)."""
-    if direction > 0:
-        ta, tb = sweep_row(profile, np.diff(edges_mm), speed)
-        xs = np.repeat(edges_mm, 2)
-        return np.interp(times, ta, xs), np.interp(times, tb, xs)
-    mirrored = -edges_mm[::-1]
-    ta, tb = sweep_row(profile[::-1], np.diff(mirrored), speed)
-    xs = np.repeat(mirrored, 2)
-    return -np.interp(times, tb, xs), -np.interp(times, ta, xs)
+    profile = np.asarray(profile, dtype=np.float64)
+    n = profile.size
+    left, right = _sweep_positions_rows(profile[None], np.array([0]), np.array([n]),
+                                        np.asarray(edges_mm, dtype=np.float64),
+                                        np.array([float(speed)]), direction, times)
+    return left[:, 0], right[:, 0]
+
+
+def _sweep_positions_rows(profile, lo, hi, edges_mm, speed, direction, times):
+    """:func:`_sweep_positions` of many leaf pairs at once: row r sweeps
+    ``profile[r, lo[r]:hi[r]]`` (MU per pixel; (R, n_x), anything outside the span
+    ignored) across edges ``edges_mm[lo[r]:hi[r] + 1]`` at ``speed[r]`` mm per MU.
+    Returns (left, right), each (len(times), R) mm.
+
+    The trajectories of :func:`sequencer.imrt.sweep_row` with every row on the full
+    edge grid: pixels outside a row's span add no wait and no travel, so the row's
+    breakpoint times stay non-decreasing and the breakpoints of its span are exactly
+    those ``sweep_row`` gives for the span alone."""
+    prof = np.asarray(profile, dtype=np.float64)
+    lo = np.asarray(lo, dtype=np.int64)
+    hi = np.asarray(hi, dtype=np.int64)
+    edges = np.asarray(edges_mm, dtype=np.float64)
+    times = np.asarray(times, dtype=np.float64)
+    n_rows, n_x = prof.shape
+    if direction < 0:  # the mirror image: sweep the flipped rows left to right
+        left_m, right_m = _sweep_positions_rows(prof[:, ::-1], n_x - hi, n_x - lo,
+                                                -edges[::-1], speed, 1, times)
+        return -right_m, -left_m
+    cols = np.arange(n_x)
+    inspan = (cols >= lo[:, None]) & (cols < hi[:, None])
+    ext = np.zeros((n_rows, n_x + 2))
+    ext[:, 1:-1] = np.where(inspan, prof, 0.0)
+    d = np.diff(ext, axis=1)  # rise at each of the n_x + 1 edges
+    move = np.zeros((n_rows, n_x + 1))
+    move[:, :-1] = np.where(inspan, np.diff(edges)[None] / np.asarray(speed)[:, None], 0.0)
+    travelled = np.zeros((n_rows, n_x + 1))
+    travelled[:, 1:] = np.cumsum(move, axis=1)[:, :-1]
+    xs = np.repeat(edges, 2)
+    out = []
+    for wait in (np.maximum(d, 0.0), np.maximum(-d, 0.0)):  # trailing (A), leading (B)
+        leave = np.cumsum(wait, axis=1) + travelled
+        bp = np.stack([leave - wait, leave], axis=2).reshape(n_rows, -1)
+        # the breakpoint at or before each time, kept inside the row's span
+        span = float(max(bp.max(initial=0.0), times.max(initial=0.0))) + 1.0
+        shift = span * np.arange(n_rows)[:, None]
+        k = np.searchsorted((bp + shift).ravel(), (times[None] + shift).ravel(),
+                            side="right").reshape(n_rows, -1)
+        k = k - 1 - bp.shape[1] * np.arange(n_rows)[:, None]
+        k = np.clip(k, 2 * lo[:, None], 2 * hi[:, None])
+        rows = np.arange(n_rows)[:, None]
+        t0, t1 = bp[rows, k], bp[rows, k + 1]
+        frac = np.clip((times[None] - t0) / np.where(t1 > t0, t1 - t0, 1.0), 0.0, 1.0)
+        out.append((xs[k] + frac * (xs[k + 1] - xs[k])).T)
+    return out[0], out[1]
 
 
 def _pass_layout(maps, x_edges, gantry, m, sector_cps, offset, max_sweep_fraction,
                  fractions, threshold, travel_per_deg_mm):
-    """(sectors, per-sector (T, floors)) with sectors grown until every sweep fits."""
-    n_cp = maps.shape[0]
+    """(sectors, per-sector (theta deg, T MU, rows, floors, (lo, hi))) with sectors grown
+    until every sweep fits."""
+    n_cp, _, n_x = maps.shape
     cover = control_point_cover_deg(gantry)
+    cols = np.arange(n_x)
     k = int(sector_cps)
     while True:
         sec = _Sectors(maps, sector_bounds(n_cp, k, offset), threshold)
-        plans = []
-        for j in range(sec.bounds.size - 1):
-            theta = float(cover[sec.bounds[j]:sec.bounds[j + 1]].sum())
-            min_mu = m.min_mu_per_deg * theta * fractions
-            max_mu = m.max_mu_per_deg * theta * fractions
-            rows = np.flatnonzero(sec.on[j])
-            if rows.size == 0:
-                plans.append((theta, min_mu, rows, None, None))
-                continue
-            lo, hi = sec.span(j)
-            lo, hi = lo[rows], hi[rows]
-            cols = np.arange(maps.shape[2])
-            inspan = (cols >= lo[:, None]) & (cols < hi[:, None])
-            profile = np.where(inspan, sec.sum[j][rows], 0.0)
-            width = x_edges[hi] - x_edges[lo]
-            got = _sector_mu(profile, inspan, width, theta, m, max_sweep_fraction, min_mu,
-                             max_mu, travel_per_deg_mm)
-            if got is None:
-                break
-            plans.append((theta, got[0], rows, got[1], (lo, hi)))
-        else:
+        n_s = sec.bounds.size - 1
+        theta = np.array([cover[sec.bounds[j]:sec.bounds[j + 1]].sum() for j in range(n_s)])
+        min_mu = m.min_mu_per_deg * theta * fractions
+        max_mu = m.max_mu_per_deg * theta * fractions
+        sector, rows = np.nonzero(sec.on)  # every sweeping (sector, pair), sector-major
+        lo_all, hi_all = sec.span(slice(None))
+        lo, hi = lo_all[sector, rows], hi_all[sector, rows]
+        inspan = (cols >= lo[:, None]) & (cols < hi[:, None])
+        profile = np.where(inspan, sec.sum[sector, rows], 0.0)
+        width = x_edges[hi] - x_edges[lo]
+        got = _sector_mu(profile, inspan, width, sector, theta, m, max_sweep_fraction,
+                         min_mu, max_mu, travel_per_deg_mm)
+        if got is not None:
+            t, floors = got
+            plans = []
+            for j in range(n_s):
+                mine = sector == j
+                if not mine.any():
+                    plans.append((float(theta[j]), float(min_mu[j]), rows[mine], None, None))
+                else:
+                    plans.append((float(theta[j]), float(t[j]), rows[mine], floors[mine],
+                                  (lo[mine], hi[mine])))
             return sec, plans
         if k >= n_cp:
             raise InputError(
@@ -259,12 +325,11 @@ def sequence_arc_sliding(maps, x_edges_mm, gantry_deg, beam_index, machine: Mach
         times = u * t_mu
         left = np.full((u.size, n_pairs), np.nan)
         right = np.full((u.size, n_pairs), np.nan)
-        for i, p in enumerate(rows):
-            lo, hi = lohi[0][i], lohi[1][i]
-            prof = np.maximum(sec.sum[j][p, lo:hi], floors[i])
-            speed = (m.min_leaf_gap_mm + m.dosimetric_leaf_gap_mm) / floors[i]
-            left[:, p], right[:, p] = _sweep_positions(prof, x_edges[lo:hi + 1], speed,
-                                                       sec.direction[j], times)
+        if rows.size:  # every sweeping pair at once, each at its own speed
+            prof = np.maximum(sec.sum[j][rows], floors[:, None])  # its span: >= floor
+            speed = (m.min_leaf_gap_mm + m.dosimetric_leaf_gap_mm) / floors
+            left[:, rows], right[:, rows] = _sweep_positions_rows(
+                prof, lohi[0], lohi[1], x_edges, speed, sec.direction[j], times)
         # park no further from the sweeping leaves than one bank's span allows
         # (radiation edge pos of a closed pair: tips b = pos - DLG/2, a = b - min gap)
         park_u = np.full(u.size, park)

@@ -179,6 +179,19 @@ def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
     after2 = j(sequencer.deliverable_dose(out2, dij))
     assert info2["kept"] and after2 < before
     assert info2["objective_after"] == pytest.approx(after2, rel=1e-3)
+    # the rows' matrix kept by the FastPath (selected once for every pass and slider)
+    # gives the same basis; a matrix of other rows is refused
+    rows, row_matrix = fp.objective_rows_matrix({})
+    np.testing.assert_array_equal(rows, support)
+    assert fp.objective_rows_matrix({})[1] is row_matrix
+    B1, v1, _, _ = mu_basis(raw, dij, rows)
+    B2, v2, _, _ = mu_basis(raw, dij, rows, row_matrix=row_matrix)
+    np.testing.assert_array_equal(B2, B1)
+    np.testing.assert_array_equal(v2, v1)
+    with pytest.raises(ValueError, match="row_matrix"):
+        mu_basis(raw, dij, rows[:-1], row_matrix=row_matrix)
+    with pytest.raises(ValueError, match="row_matrix"):
+        optimise_mu(raw, dij, fp.objective_value_grad({}), row_matrix=row_matrix)
     # the plan records the MU step and its effect
     assert fast.optimizer["control_point_mu"] and fast.timings_s["control-point MU"] > 0
 

@@ -11,7 +11,7 @@ from optimizer.fastpath.bev import BEVProjection
 from optimizer.fastpath.correction import lipschitz_estimate, unrolled_correction
 from optimizer.fastpath.error_map import HotColdObjective, error_map
 from optimizer.fastpath.initial_fluence import DoseMimicking, back_projection
-from optimizer.fastpath.torch_dose import TorchDose
+from optimizer.fastpath.torch_dose import RowDose, TorchDose
 
 
 def random_dij(n_vox=300, n_bl=40, seed=0):
@@ -28,6 +28,48 @@ def test_torch_dose_matches_scipy_and_gradient_is_transpose():
     g = torch.rand(a.shape[0])
     (d * g).sum().backward()
     assert np.allclose(w.grad.numpy(), a.T @ g.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_row_dose_is_the_full_map_on_its_rows():
+    a = random_dij()
+    rows = np.sort(np.random.default_rng(2).choice(a.shape[0], 70, replace=False))
+    op = RowDose(a[rows].tocsc(), rows, a.shape[0])
+    assert op.shape == a.shape
+    w = torch.rand(a.shape[1], dtype=torch.float32, requires_grad=True)
+    d = op(w)
+    full = a @ w.detach().numpy()
+    np.testing.assert_allclose(d.detach().numpy()[rows], full[rows], rtol=1e-5, atol=1e-6)
+    off = np.setdiff1d(np.arange(a.shape[0]), rows)
+    assert np.all(d.detach().numpy()[off] == 0)
+    # for a field that is 0 off the rows (an error map of J on them) A.T g is exact ...
+    g = torch.zeros(a.shape[0])
+    g[rows] = torch.rand(rows.size)
+    np.testing.assert_allclose(op.transpose_apply(g).numpy(), a.T @ g.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    (d * g).sum().backward()  # ... and so is autograd through op(w)
+    np.testing.assert_allclose(w.grad.numpy(), a.T @ g.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        RowDose(a[rows].tocsc(), rows[:-1], a.shape[0])
+
+
+def test_correction_on_the_objectives_rows_equals_the_full_map():
+    n = 300
+    rx = torch.zeros(n)
+    rx[:60] = 60.0
+    oar = torch.zeros(n)
+    oar[100:150] = 1.0
+    d0 = 30.0 + 40.0 * torch.rand(n, generator=torch.Generator().manual_seed(4))
+    obj = HotColdObjective(rx, (rx > 0).float(), 3.0, 1.0, {"Parotid_L": oar},
+                           {"Parotid_L": 0.2}, d0)
+    a = random_dij(n_vox=n)
+    rows = obj.voxel_support().numpy()
+    assert rows.tolist() == list(range(60)) + list(range(100, 150))
+    full, sub = TorchDose(a), RowDose(a[rows].tocsc(), rows, a.shape[0])
+    w0 = torch.rand(a.shape[1])
+    step = 0.5 / lipschitz_estimate(full, torch.ones(300))
+    w_full = unrolled_correction(w0, full, obj, 15, step)
+    w_rows = unrolled_correction(w0, sub, obj, 15, step)
+    np.testing.assert_allclose(w_rows.numpy(), w_full.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def make_objective(n=50, sparing=None, seed=1):

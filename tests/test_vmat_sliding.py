@@ -20,7 +20,14 @@ from sequencer import (
 )
 from sequencer.machine import load_machine_file
 from sequencer.reweight import _mu_map, with_mu
-from sequencer.vmat_sliding import _sweep_positions, sector_bounds, sequence_vmat_sliding
+from sequencer.imrt import sweep_row
+from sequencer.vmat_sliding import (
+    _sector_mu,
+    _sweep_positions,
+    _sweep_positions_rows,
+    sector_bounds,
+    sequence_vmat_sliding,
+)
 
 NX, NY = 24, 14
 
@@ -59,6 +66,60 @@ def test_sweep_positions_deliver_the_profile_both_ways():
         # left to right starts at the left edge, right to left at the right edge
         start = edges[0] if direction > 0 else edges[-1]
         assert left[0] == pytest.approx(start) and right[0] == pytest.approx(start)
+
+
+def test_sweeps_of_many_pairs_at_once_are_each_pairs_own_sweep():
+    rng = np.random.default_rng(11)
+    n_rows, n_x = 7, 12
+    edges = -30.0 + np.cumsum(np.r_[0.0, rng.uniform(4.0, 6.0, n_x)])
+    prof = rng.uniform(0.0, 8.0, (n_rows, n_x))
+    prof[rng.random((n_rows, n_x)) < 0.3] = 0.0  # flat stretches and zero dips
+    lo = rng.integers(0, 5, n_rows)
+    hi = lo + rng.integers(1, n_x - 4, n_rows)
+    speed = rng.uniform(0.5, 3.0, n_rows)
+    times = np.linspace(0.0, 60.0, 301)  # past every sweep's end
+    for direction in (1, -1):
+        left, right = _sweep_positions_rows(prof, lo, hi, edges, speed, direction, times)
+        for r in range(n_rows):  # the reference: sweep_row on the span alone
+            seg, xs = prof[r, lo[r]:hi[r]], edges[lo[r]:hi[r] + 1]
+            if direction < 0:
+                seg, xs = seg[::-1], -xs[::-1]
+            ta, tb = sweep_row(seg, np.diff(xs), speed[r])
+            pos = np.repeat(xs, 2)
+            a, b = np.interp(times, ta, pos), np.interp(times, tb, pos)
+            ref_l, ref_r = (a, b) if direction > 0 else (-b, -a)
+            np.testing.assert_allclose(left[:, r], ref_l, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(right[:, r], ref_r, rtol=0, atol=1e-9)
+
+
+def test_sector_mu_of_all_sectors_at_once_is_each_sectors_own(m120):
+    rng = np.random.default_rng(5)
+    n_s, n_x = 4, 16
+    sector = np.repeat(np.arange(n_s), [3, 5, 2, 4])
+    prof = rng.uniform(0.0, 30.0, (sector.size, n_x))
+    cols = np.arange(n_x)
+    lo = rng.integers(0, 4, sector.size)
+    hi = lo + rng.integers(4, 12, sector.size)
+    inspan = (cols >= lo[:, None]) & (cols < hi[:, None])
+    prof = np.where(inspan, prof, 0.0)
+    width = 5.0 * (hi - lo)
+    theta = np.array([20.0, 24.0, 16.0, 20.0])
+    lim = m120.leaf_travel_limit_per_deg_mm
+    min_mu, max_mu = 0.5 * theta, 1e4 * theta
+    t, floors = _sector_mu(prof, inspan, width, sector, theta, m120, 0.6, min_mu, max_mu,
+                           lim)
+    for j in range(n_s):
+        mine = sector == j
+        tj, fj = _sector_mu(prof[mine], inspan[mine], width[mine], np.zeros(mine.sum(), int),
+                            theta[j:j + 1], m120, 0.6, min_mu[j:j + 1], max_mu[j:j + 1], lim)
+        assert t[j] == tj[0]
+        np.testing.assert_array_equal(floors[mine], fj)
+        assert t[j] >= min_mu[j] and np.all(floors[mine] > 0)
+    # a sector MU over the limit, or a span too long for its sector: no layout
+    assert _sector_mu(prof, inspan, width, sector, theta, m120, 0.6, min_mu, 0.0 * theta,
+                      lim) is None
+    assert _sector_mu(prof, inspan, width, sector, theta / 50.0, m120, 0.6, min_mu,
+                      max_mu, lim) is None
 
 
 def test_sector_bounds_tile_the_arc_and_merge_short_ends():

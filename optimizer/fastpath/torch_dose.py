@@ -83,3 +83,34 @@ class TorchDose:
     def transpose_apply(self, g: torch.Tensor) -> torch.Tensor:
         """A.T @ g: back-projects a voxel field onto the beamlets (no autograd)."""
         return (self.a_t @ g.unsqueeze(-1)).squeeze(-1)
+
+
+class RowDose:
+    """``A`` restricted to the dose-grid rows an objective reads, with the full map's
+    interface: ``op(w)`` is the full (n_voxels,) dose vector, exact on ``rows`` and 0
+    elsewhere; ``op.transpose_apply(g)`` is ``A[rows].T @ g[rows]``, which equals
+    ``A.T @ g`` for any g that is 0 off ``rows`` -- such as the error map of an
+    objective whose ``voxel_support()`` is ``rows``. The correction loops run on it at
+    the cost of the rows' non-zeros (about half of a head-and-neck arc dij's).
+
+    row_matrix: scipy sparse ``A[rows]`` (len(rows), n_beamlets); n_voxels: A's rows.
+    """
+
+    def __init__(self, row_matrix: sp.spmatrix, rows, n_voxels: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.sub = TorchDose(row_matrix, device, dtype)
+        self.device, self.dtype = self.sub.device, dtype
+        self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        if self.rows.numel() != row_matrix.shape[0]:
+            raise ValueError(f"{self.rows.numel()} rows for a row matrix of "
+                             f"{row_matrix.shape[0]}")
+        self.shape = (int(n_voxels), row_matrix.shape[1])
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        """Dose (n_voxels,) Gy: exact on ``rows``, 0 elsewhere; differentiable in w."""
+        full = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
+        return full.index_put((self.rows,), self.sub(w))
+
+    def transpose_apply(self, g: torch.Tensor) -> torch.Tensor:
+        """A[rows].T @ g[rows] (no autograd)."""
+        return self.sub.transpose_apply(g[self.rows])
