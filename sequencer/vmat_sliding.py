@@ -55,7 +55,6 @@ from atp.errors import InputError
 from sequencer.apertures import jaws_around
 from sequencer.delivery import BeamDelivery, Delivery
 from sequencer.fluence import FluenceSet
-from sequencer.imrt import sweep_row
 from sequencer.machine import Machine
 from sequencer.vmat import _limit_travel, _wrap, arc_inputs, control_point_cover_deg, group_arcs
 

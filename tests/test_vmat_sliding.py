@@ -18,9 +18,9 @@ from sequencer import (
     get_sequencer,
     load_machine,
 )
+from sequencer.imrt import sweep_row
 from sequencer.machine import load_machine_file
 from sequencer.reweight import _mu_map, with_mu
-from sequencer.imrt import sweep_row
 from sequencer.vmat_sliding import (
     _sector_mu,
     _sweep_positions,
