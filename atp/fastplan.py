@@ -65,6 +65,22 @@ FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
 #: VMAT sequencers the fast path can deliver its arc with (``vmat_sequencer``)
 VMAT_SEQUENCERS = ("vmat", "vmat-sliding")
 
+#: named fast-path settings (``preset=`` / ``atp plan --fast --preset NAME``): what each
+#: sets of the sequencer and of ``fastpath_options``; options given explicitly win.
+#: 'airt' is the default (rule-based arcs, one aperture per control point and arc pass:
+#: ~2 min beam-on, OAR means level with the optimiser's, PTV coverage short of it);
+#: 'coverage' the coverage-first setting (sliding-window arc sectors, a cold hinge below
+#: Rx, OAR hinges off the target voxels, two correction passes against the sequencing
+#: loss: PTV_70 HI level with the optimiser's but parotid means ~9 Gy higher, 7-15 min
+#: beam-on and ~2x the time; BENCHMARKS.md, 33 validation patients).
+PRESETS = {
+    "airt": {"vmat_sequencer": "vmat", "sector_deg": 20.0, "fastpath_options": {}},
+    "coverage": {"vmat_sequencer": "vmat-sliding", "sector_deg": 20.0,
+                 "fastpath_options": {"oar_minus_targets": "support",
+                                      "coverage_weight": 4.0, "sequencing_passes": 2}},
+}
+DEFAULT_PRESET = "airt"
+
 DEFAULT_ARC_SPACING_DEG = 4.0
 DEFAULT_DOSE_GRID_FACTOR = 3
 FALLBACK_MESSAGE = "initial fluence from the exact fallback (no trained Bev2Fluence weights)"
@@ -226,7 +242,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               device: str = "auto", progress=True, fastpath_options: dict | None = None,
               initial_fluence: str = "auto", weights=None, correction: str = "auto",
               correction_weights=None, vmat_passes: int = 2,
-              vmat_sequencer: str = "vmat", sector_deg: float = 20.0):
+              vmat_sequencer: str | None = None, sector_deg: float | None = None,
+              preset: str = DEFAULT_PRESET):
     """Fast-path plan of one patient (see the module docstring); returns a Plan.
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts. goal_list / site /
@@ -248,7 +265,10 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     arcs the VMAT sequencer delivers the one optimised arc in (2: dual arc).
     vmat_sequencer: 'vmat' (rule-based, one aperture per control point and pass) or
     'vmat-sliding' (arc sectors of ``sector_deg`` degrees swept by a sliding window,
-    :mod:`sequencer.vmat_sliding`).
+    :mod:`sequencer.vmat_sliding`). preset: a name of :data:`PRESETS` ('airt', the
+    default, or 'coverage'), which sets ``vmat_sequencer``, ``sector_deg`` and some
+    ``fastpath_options``; what is given explicitly wins (a ``fastpath_options`` key over
+    the preset's value of that key).
     """
     from atp.goals import resolve_goals, with_control_structures
     from atp.pipeline import _Stages, patient_and_goal_list
@@ -258,6 +278,16 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     if not (isinstance(vmat_passes, int | np.integer) and int(vmat_passes) >= 1):
         raise InputError(f"vmat_passes must be an integer >= 1, got {vmat_passes!r}",
                          field="vmat_passes")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise InputError(f"unknown fast-path preset {preset!r}; presets: "
+                         f"{', '.join(PRESETS)}", field="--preset")
+    if fastpath_options is not None and not hasattr(fastpath_options, "items"):
+        raise InputError(f"fastpath_options must be a mapping, got {fastpath_options!r}",
+                         field="fastpath_options")
+    base = PRESETS[preset]
+    vmat_sequencer = base["vmat_sequencer"] if vmat_sequencer is None else vmat_sequencer
+    sector_deg = base["sector_deg"] if sector_deg is None else sector_deg
+    fastpath_options = {**base["fastpath_options"], **(fastpath_options or {})}
     if vmat_sequencer not in VMAT_SEQUENCERS:
         raise InputError(f"vmat_sequencer must be one of {', '.join(VMAT_SEQUENCERS)}, got "
                          f"{vmat_sequencer!r}", field="vmat_sequencer")
@@ -349,7 +379,8 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             "device_requested": "auto" if device is None else str(device),
             "fastpath_options": _jsonable_options(opts, fp),
             "priority_weights": pw.to_dict() if hasattr(pw, "to_dict") else None,
-            "resolve_notes": resolve_notes, "sequence": vmat_sequencer, "machine": machine,
+            "resolve_notes": resolve_notes, "preset": preset,
+            "sequence": vmat_sequencer, "machine": machine,
             "vmat_passes": int(vmat_passes), "sector_deg": float(sector_deg),
             "backend_requested": "auto", "refine": 0, "optimizer_options": {},
         }

@@ -6,7 +6,7 @@ build the fast path's arc dij (one full arc, ``--arc-spacing`` deg, dose grid / 
 under ``--cache`` with the prediction), then plan with every ``--config`` (a name and a
 JSON dict of ``fastpath_options``, plus ``device``, ``initial_fluence`` -- default
 'fallback' --, ``weights``, ``correction`` -- default 'exact' --,
-``correction_weights``, ``vmat_passes``, ``vmat_sequencer`` and ``sector_deg``) through ``atp.plan(..., fast=True, dij=...,
+``correction_weights``, ``vmat_passes``, ``vmat_sequencer``, ``sector_deg`` and ``preset``) through ``atp.plan(..., fast=True, dij=...,
 predicted_dose=...)``, and print the share of the standard H&N criteria met
 (``bench_optimizer.CRITERIA``) on the deliverable dose, PTV_70 D99 and HI, the mean
 parotid dose and the time per plan; the reference plan's criteria for comparison.
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                     "initial_fluence": opts.pop("initial_fluence", "fallback")}
             fast["correction"] = opts.pop("correction", "exact")
             fast["vmat_passes"] = opts.pop("vmat_passes", 2)
-            for key in ("vmat_sequencer", "sector_deg"):
+            for key in ("vmat_sequencer", "sector_deg", "preset"):
                 if key in opts:
                     fast[key] = opts.pop(key)
             for key in ("weights", "correction_weights"):

@@ -238,6 +238,42 @@ def test_cli_fast_with_sliding_window_arcs(tmp_path):
     assert rc in (0, 3)
     data = json.loads((out / "plan.json").read_text())
     assert data["settings"]["sequence"] == "vmat-sliding"
+    assert data["settings"]["preset"] == "airt"  # the objective stays the default's
+    assert data["settings"]["fastpath_options"]["coverage_weight"] == 0.0
+
+
+def test_cli_coverage_preset_sets_sequencer_and_objective(tmp_path):
+    from atp.fastplan import PRESETS
+
+    out = tmp_path / "cov"
+    rc = main(["plan", "phantom", "--fast", "--predictor", "baseline", "--arc-spacing",
+               "10", "--quiet", "--preset", "coverage", "--aperture-iterations", "0",
+               "--no-report", "--out", str(out)])
+    assert rc in (0, 3)
+    s = json.loads((out / "plan.json").read_text())["settings"]
+    assert s["preset"] == "coverage" and s["sequence"] == "vmat-sliding"
+    assert s["sector_deg"] == PRESETS["coverage"]["sector_deg"]
+    for key, value in PRESETS["coverage"]["fastpath_options"].items():
+        assert s["fastpath_options"][key] == value
+    assert s["fastpath_options"]["aperture_iterations"] == 0
+
+
+def test_explicit_options_win_over_the_preset(base, phantom):
+    plan = atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij,
+                    fast=True, progress=False,
+                    fast_options={"device": "cpu", "initial_fluence": "fallback",
+                                  "preset": "coverage", "vmat_sequencer": "vmat",
+                                  "fastpath_options": {"sequencing_passes": 0}})
+    s = plan.settings
+    assert s["preset"] == "coverage" and s["sequence"] == "vmat"
+    assert plan.delivery.technique == "vmat"
+    assert s["fastpath_options"]["sequencing_passes"] == 0
+    assert s["fastpath_options"]["coverage_weight"] == 4.0
+    assert s["fastpath_options"]["oar_minus_targets"] == "support"
+    assert plan.optimizer["sequencing_passes"] == []
+    with pytest.raises(InputError, match="preset"):
+        atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij, fast=True,
+                 progress=False, fast_options={"device": "cpu", "preset": "fastest"})
 
 
 @pytest.mark.parametrize("args, message", [
@@ -253,6 +289,8 @@ def test_cli_fast_with_sliding_window_arcs(tmp_path):
     (["--initial-fluence", "fallback"], "needs --fast"),
     (["--aperture-iterations", "3"], "needs --fast"),
     (["--fast", "--aperture-iterations", "-1"], "must be >= 0"),
+    (["--fast", "--preset", "fastest"], "unknown fast-path preset"),
+    (["--preset", "coverage"], "needs --fast"),
 ])
 def test_cli_bad_fast_input_is_exit_2_without_output(tmp_path, capsys, args, message):
     out = tmp_path / "x"

@@ -1,5 +1,5 @@
-"""``atp plan PATIENT --fast [--spare OAR=FACTOR ...] [--arc-spacing DEG] [--device
-auto|cpu|cuda] --out DIR``: the AIRT-style fast path (see :mod:`atp.fastplan`).
+"""``atp plan PATIENT --fast [--spare OAR=FACTOR ...] [--arc-spacing DEG] [--preset
+airt|coverage] [--device auto|cpu|cuda] --out DIR``: the AIRT-style fast path (see :mod:`atp.fastplan`).
 
 Helpers of ``atp plan`` (not a subcommand of its own): the fast-path flags, their checks
 (bad ``--spare`` -> exit 2 with one line, before any work) and the run.
@@ -45,6 +45,11 @@ def add_fast_arguments(p) -> None:
                         "refinement after sequencing (leaf tips and control-point MU "
                         "moved to lower the plan objective within the machine limits; "
                         "0: off, control-point MU only; default: the fast path's)")
+    p.add_argument("--preset", default=None, metavar="airt|coverage",
+                   help="--fast: named settings (default airt: rule-based arcs; coverage: "
+                        "sliding-window arc sectors and a coverage-first objective -- "
+                        "PTV homogeneity level with the optimiser's, OAR means higher, "
+                        "longer beam-on; flags given explicitly win)")
     p.add_argument("--device", default=None, metavar="auto|cpu|cuda",
                    help="--fast: torch device (default auto: cuda when available, else "
                         "cpu; cuda without a GPU is an error)")
@@ -56,7 +61,8 @@ def reject_fast_only(args) -> None:
                        ("device", "--device"), ("initial_fluence", "--initial-fluence"),
                        ("weights", "--weights"), ("correction", "--correction"),
                        ("correction_weights", "--correction-weights"),
-                       ("aperture_iterations", "--aperture-iterations")):
+                       ("aperture_iterations", "--aperture-iterations"),
+                       ("preset", "--preset")):
         if getattr(args, dest, None) is not None and getattr(args, dest) != []:
             raise InputError(f"{flag} needs --fast", field=flag)
 
@@ -81,7 +87,8 @@ def fast_options(args) -> tuple[dict, dict]:
                       ("dose_grid_factor", "dose_grid_factor"), ("device", "device"),
                       ("initial_fluence", "initial_fluence"), ("weights", "weights"),
                       ("correction", "correction"),
-                      ("correction_weights", "correction_weights")):
+                      ("correction_weights", "correction_weights"),
+                      ("preset", "preset")):
         if getattr(args, dest) is not None:
             opts[key] = getattr(args, dest)
     n = getattr(args, "aperture_iterations", None)
