@@ -60,7 +60,8 @@ FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
                         "goal_weight", "target_voxels", "target_min_fraction",
                         "sequencing_passes", "pass_steps", "mu_iterations",
                         "aperture_iterations", "aperture_rounds", "hot_margin",
-                        "coverage_weight", "coverage_level", "oar_minus_targets")
+                        "coverage_weight", "coverage_level", "oar_minus_targets",
+                        "max_weight", "max_level")
 
 #: VMAT sequencers the fast path can deliver its arc with (``vmat_sequencer``)
 VMAT_SEQUENCERS = ("vmat", "vmat-sliding")

@@ -253,3 +253,24 @@ def test_sliding_window_vmat_in_the_fast_path(phantom, fast):
     with pytest.raises(InputError, match="sector_deg"):
         atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
                  progress=False, fast_options={**opts, "sector_deg": -1.0})
+
+
+def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
+    import atp
+
+    opts = {"device": "cpu", "fastpath_options": {"max_weight": 4.0}}
+    mx = atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
+                  progress=False, fast_options=opts)
+    limits = mx.fastpath.max_limits
+    # the hn goal list: cord D0.1cc <= 45 (P1); brainstem <= 54 (P1) and <= 50 (P3); not
+    # the mandible D2% <= 73.5 Gy, above Rx
+    assert {n: lim for n, (_, lim) in limits.items()} == {"SpinalCord": 45.0,
+                                                          "Brainstem": 50.0}
+    block = mask_to_dose_grid(phantom.mask("SpinalCord").astype(np.float32),
+                              phantom.grid, fast.dij.dose_grid).reshape(-1)
+    w = limits["SpinalCord"][0].numpy()
+    assert np.all(w[block > 0] > 0) and (w > 0).sum() > (block > 0).sum()  # the support
+    assert mx.settings["fastpath_options"]["max_weight"] == 4.0
+    assert not fast.fastpath.max_limits  # off by default
+    rows = set(mx.fastpath.objective_rows({}).tolist())
+    assert set(np.flatnonzero(w).tolist()) <= rows

@@ -357,6 +357,34 @@ def test_coverage_term_is_an_extra_cold_hinge_with_exact_gradients():
             HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0, **bad)
 
 
+def test_organ_maximum_is_an_absolute_hinge_with_exact_gradients():
+    obj, d0 = make_objective()
+    cord = torch.zeros_like(d0)
+    cord[45:50] = 1.0  # 5 voxels, limit 45 Gy, hinge at 0.9 x 45 = 40.5 Gy
+    mx = HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0,
+                          max_limits={"SpinalCord": (cord, 45.0)}, max_weight=8.0,
+                          max_level=0.9)
+    dose = torch.full_like(d0, 40.0)
+    dose[:20] = 60.0
+    torch.testing.assert_close(mx(dose), obj(dose))  # everything below the hinge
+    dose[45], dose[46] = 42.5, 80.0  # 2 Gy and 39.5 Gy over
+    j, e = mx.value_and_grad(dose)
+    d = dose.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(mx(d), d)
+    torch.testing.assert_close(e, g, rtol=1e-10, atol=1e-12)
+    assert float(j) == pytest.approx(float(mx(dose)), rel=1e-12)
+    assert float(e[45]) == pytest.approx(8.0 * 2.0 / 5) and float(e[47]) == 0.0
+    assert float(e[46]) == pytest.approx(8.0 * 39.5 / 5)
+    assert set(mx.voxel_support().tolist()) == set(range(20)) | set(range(45, 50))
+    off = HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0,
+                           max_limits={"SpinalCord": (cord, 45.0)}, max_weight=0.0)
+    torch.testing.assert_close(off(dose), obj(dose))
+    assert torch.equal(off.voxel_support(), obj.voxel_support())
+    for bad in ({"max_weight": -1.0}, {"max_level": 0.0}, {"max_level": 1.5}):
+        with pytest.raises(ValueError, match="max_"):
+            HotColdObjective(obj.rx_gy, obj.target_weight, 3.0, 1.0, **bad)
+
+
 def test_bev_sample_points_follow_the_rays_of_the_beam_frame():
     from optimizer.fastpath.bev import bev_sample_points
 

@@ -153,7 +153,8 @@ class FastPath:
                  mu_iterations: int = 30, aperture_iterations: int = 0,
                  aperture_rounds: int = 3, hot_margin: float = 0.0,
                  coverage_weight: float = 0.0, coverage_level: float = 0.97,
-                 oar_minus_targets: str = "none",
+                 oar_minus_targets: str = "none", max_weight: float = 0.0,
+                 max_level: float = 0.95,
                  device: str = "cpu", initial_fluence_fn: Callable | None = None,
                  correction_fn: Callable | None = None) -> None:
         self.target_min_fraction = float(target_min_fraction)
@@ -184,6 +185,12 @@ class FastPath:
             raise ValueError("oar_minus_targets must be none, core or support, got "
                              f"{oar_minus_targets!r}")
         self.oar_minus_targets = oar_minus_targets
+        if not (float(max_weight) >= 0.0 and 0.0 < float(max_level) <= 1.0):
+            raise ValueError(f"need max_weight >= 0 and max_level in (0, 1], got "
+                             f"{max_weight}, {max_level}")
+        self.max_weight = float(max_weight)
+        self.max_level = float(max_level)
+        self.max_limits: dict = {}
         self.resolved_goals = resolved_goals
         self.goal_objective = None
         self.device = torch.device(device)
@@ -227,6 +234,8 @@ class FastPath:
         self.rx, self.target_w, self.oar_w = g.rx, g.target_w, g.oar_w
         self.pred, self.mimic_w = g.pred, g.mimic_w
         self.oar_hinge_w = self._hinge_weights(p)
+        if self.max_weight > 0:
+            self.max_limits = self._max_dose_limits(p)
         t2 = time.perf_counter()
         self.timings_s["masks_to_dose_grid"] = t2 - t1
         # step sizes: A @ 1 once, then one transpose product per objective weighting
@@ -260,6 +269,35 @@ class FastPath:
         self._prepared = True
         return self
 
+    def _max_dose_limits(self, p) -> dict:
+        """name -> (voxel weights, limit Gy) of the organ-maximum term: every organ with a
+        numeric near-maximum goal (Dmax, D<=1cc, D<=2%; operator <=; priority <= 3, i.e.
+        hard limits and protocol goals, not the predicted-dose ones) in the resolved goal
+        list, at its strictest such limit, when that is below the highest prescription
+        (a limit above Rx, such as the mandible's hot-spot cap, is the PTV hot-spot
+        term's business); voxels: the organ's interpolation support on
+        the dose grid (every dose-grid voxel whose interpolated dose reaches the organ:
+        the maximum of the trilinear dose over the organ is at most theirs)."""
+        limits: dict[str, float] = {}
+        for g in self.resolved_goals or ():
+            m = g.metric
+            near_max = m.kind == "Dmax" or (m.kind == "D" and (
+                (m.volume_unit == "cc" and m.volume <= 1.0) or
+                (m.volume_unit == "%" and m.volume <= 2.0)))
+            if (near_max and g.kind == "organ" and g.operator == "<=" and g.priority <= 3
+                    and g.value is not None and g.structure in p.organs):
+                limits[g.structure] = min(float(g.value),
+                                          limits.get(g.structure, float("inf")))
+        rx_max = max((float(r.dose_gy) for r in p.prescriptions), default=float("inf"))
+        out = {}
+        for name, limit in limits.items():
+            if limit >= rx_max:
+                continue
+            sup = interpolation_support(p.mask(name), p.grid, self.dij.dose_grid)
+            w = torch.from_numpy((np.asarray(sup).reshape(-1) > 0).astype(np.float32))
+            out[name] = (w.to(self.device), limit)
+        return out
+
     def _prepare_goal_objective(self) -> None:
         """The goal-list objective (the optimiser's terms on this dij), scaled so its
         mean curvature row sum is ``goal_weight`` x that of the hot/cold term."""
@@ -285,7 +323,8 @@ class FastPath:
         hotcold = HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
                                    self.oar_hinge_w, dict(sparing), self.d0,
                                    self.oar_guard, self.hot_margin,
-                                   self.coverage_weight, self.coverage_level)
+                                   self.coverage_weight, self.coverage_level,
+                                   self.max_limits, self.max_weight, self.max_level)
         if self.goal_objective is None:
             return hotcold
         goal = self.goal_objective
@@ -299,6 +338,8 @@ class FastPath:
         if self.oar_guard > 0:
             for w in self.oar_hinge_w.values():
                 c = c + self.oar_guard * w / w.sum().clamp_min(1.0)
+        for w, _ in self.max_limits.values():
+            c = c + self.max_weight * w / w.sum().clamp_min(1.0)
         return c
 
     def _step_size(self, sparing: Mapping[str, float]) -> torch.Tensor:

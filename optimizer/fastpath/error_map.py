@@ -15,6 +15,10 @@ Default J (AIRT-style, per voxel i of the dose grid, doses in Gy):
 * OAR sparing slider s_o in [0, 1): squared hinge ``1/2 * relu(D - R_o)^2`` over the OAR
   with the reference ``R_o = (1 - s_o) * D0`` (D0: the baseline dose, i.e. the plan with
   no sparing). s_o = 0 gives R_o = D0, so the term vanishes at the baseline.
+* Organ maximum (``max_weight`` m >= 0, default 0): for each organ with a maximum-dose
+  limit L_o (``max_limits``: name -> (voxel weights, L_o Gy)), the squared hinge
+  ``m/2 * relu(D - max_level * L_o)^2`` over its voxels -- an absolute ceiling for
+  serial organs (spinal cord, brainstem) that the baseline-relative guard does not give.
 * OAR guard (``guard_weight`` g >= 0, default 0): every OAR without an active slider gets
   the same hinge at R_o = D0 with weight g, so correcting the PTV does not raise OAR
   doses above the baseline. It too vanishes at D = D0, and an OAR's slider at 0 is the
@@ -55,8 +59,15 @@ class HotColdObjective:
     hot_margin: float = 0.0
     coverage_weight: float = 0.0
     coverage_level: float = 0.97
+    max_limits: Mapping[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    max_weight: float = 0.0
+    max_level: float = 0.95
 
     def __post_init__(self) -> None:
+        if not float(self.max_weight) >= 0.0:
+            raise ValueError(f"max_weight must be >= 0, got {self.max_weight}")
+        if not 0.0 < float(self.max_level) <= 1.0:
+            raise ValueError(f"max_level must be in (0, 1], got {self.max_level}")
         if not 0.0 <= float(self.hot_margin) < 1.0:
             raise ValueError(f"hot_margin must be in [0, 1), got {self.hot_margin}")
         if not float(self.coverage_weight) >= 0.0:
@@ -119,6 +130,14 @@ class HotColdObjective:
                 if idx.numel():
                     terms.append((idx, weight * w[idx] / w.sum().clamp_min(1.0),
                                   (1.0 - s) * self.baseline_dose[idx], 0.5, 0.0, 0.0))
+            if self.max_weight > 0:
+                for w, limit_gy in self.max_limits.values():
+                    idx = torch.nonzero(w > 0).reshape(-1)
+                    if idx.numel():
+                        ref = torch.full((idx.numel(),), float(self.max_level) *
+                                         float(limit_gy), dtype=w.dtype, device=w.device)
+                        terms.append((idx, float(self.max_weight) * w[idx] /
+                                      w.sum().clamp_min(1.0), ref, 0.5, 0.0, 0.0))
             self._cache = terms
         return self._cache
 
