@@ -183,6 +183,7 @@ def main(argv=None) -> int:
         row["fast_gamma_ideal_vs_deliverable_pct"] = float(
             fast.fidelity["gamma"]["pass_rate_pct"])
         row["fast_goals_met"] = [fast.summary()["goals_passed"], len(fast.results)]
+        row["fast_beam_on_s"] = float(fast.delivery.delivery_time_s())
         row["sliders"] = {} if args.no_sliders else sliders(fast, patient)
         if not args.no_optimiser:
             t0 = time.perf_counter()
@@ -252,6 +253,8 @@ def summarise(rows) -> dict:
                                     for k in stages}}
     s["fast_gamma_ideal_vs_deliverable_pct_mean"] = float(np.mean(
         [r["fast_gamma_ideal_vs_deliverable_pct"] for r in rows]))
+    beam_on = [r["fast_beam_on_s"] for r in rows if "fast_beam_on_s" in r]
+    s["fast_beam_on_s_median"] = float(np.median(beam_on)) if beam_on else None
     for who in WHO:
         key = f"{who}_quality"
         if any(key in r for r in rows):
@@ -297,6 +300,9 @@ def print_tables(report) -> None:
           "_ideal: before sequencing)")
     print(f"3%/3mm gamma, ideal vs deliverable (mean over patients): "
           f"{s['fast_gamma_ideal_vs_deliverable_pct_mean']:.1f} %")
+    if s.get("fast_beam_on_s_median") is not None:
+        print(f"beam-on time per fraction (fast path, median): "
+              f"{s['fast_beam_on_s_median']:.0f} s")
     print(f"\nSlider monotonicity (parotid sparing {SLIDERS}): {s['sliders']}")
 
 

@@ -127,6 +127,7 @@ def main(argv=None) -> int:
                             fast_options={**fast, "fastpath_options": opts})
             secs = time.perf_counter() - t0
             row[name] = {**summary(patient, plan.dose_gy), "seconds": secs,
+                         "beam_on_s": plan.delivery.delivery_time_s(),
                          "ideal": summary(patient, plan.ideal_dose_gy)}
             r = row[name]
             print(f"{pt} {name:>12}: {r['met']}/{r['n']} (ideal {r['ideal']['met']}, D99 "
@@ -135,10 +136,12 @@ def main(argv=None) -> int:
                   f"{r.get('ptv70_d2_gy', float('nan')):.1f} "
                   f"D99 {r.get('ptv70_d99_gy', float('nan')):.1f} "
                   f"HI {r.get('ptv70_hi', float('nan')):.3f} parotid "
-                  f"{r['parotid_mean_gy'] or float('nan'):.1f} Gy, {secs:.1f} s; fails "
+                  f"{r['parotid_mean_gy'] or float('nan'):.1f} Gy, {secs:.1f} s, beam-on "
+                  f"{r['beam_on_s']:.0f} s; fails "
                   f"{[k for k, ok in r['criteria'].items() if not ok]}", flush=True)
         rows.append(row)
-    print("\nconfig         criteria met   PTV_70 D99 Gy   HI     parotid mean Gy   s/plan")
+    print("\nconfig         criteria met   PTV_70 D99 Gy   HI     parotid mean Gy   s/plan"
+          "   beam-on s")
     for name in ["reference", *configs]:
         rs = [r[name] for r in rows if name in r]
         met = sum(r["met"] for r in rs)
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
         secs = mean("seconds") if name != "reference" else float("nan")
         print(f"{name:>12}   {met:3d}/{n:<3d} {100 * met / max(n, 1):5.1f} %   "
               f"{mean('ptv70_d99_gy'):6.1f}        {mean('ptv70_hi'):.3f}   "
-              f"{mean('parotid_mean_gy'):6.1f}          {secs:5.1f}")
+              f"{mean('parotid_mean_gy'):6.1f}          {secs:5.1f}   "
+              f"{mean('beam_on_s') if name != 'reference' else float('nan'):7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"configs": configs, "rows": rows}, indent=1,
                                               default=str))

@@ -112,7 +112,7 @@ def test_goal_weight_adds_the_goal_terms_to_the_fast_objective(phantom, fast):
     d = fp.op(fp.w_init)
     hot = fp.objective({})
     plain = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy,
-                     device="cpu").prepare()
+                     device="cpu", resolved_goals=list(fast.resolved_goals)).prepare()
     assert plain.goal_objective is None
     assert float(hot(d)) == pytest.approx(float(plain.objective({})(d))
                                           + float(fp.goal_objective(d)), rel=1e-5)
@@ -258,9 +258,7 @@ def test_sliding_window_vmat_in_the_fast_path(phantom, fast):
 def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
     import atp
 
-    opts = {"device": "cpu", "fastpath_options": {"max_weight": 4.0}}
-    mx = atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
-                  progress=False, fast_options=opts)
+    mx = fast  # on by default (max_weight 4)
     limits = mx.fastpath.max_limits
     # the hn goal list: cord D0.1cc <= 45 (P1); brainstem <= 54 (P1) and <= 50 (P3); not
     # the mandible D2% <= 73.5 Gy, above Rx
@@ -269,8 +267,17 @@ def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
     block = mask_to_dose_grid(phantom.mask("SpinalCord").astype(np.float32),
                               phantom.grid, fast.dij.dose_grid).reshape(-1)
     w = limits["SpinalCord"][0].numpy()
-    assert np.all(w[block > 0] > 0) and (w > 0).sum() > (block > 0).sum()  # the support
+    support = interpolation_support(phantom.mask("SpinalCord"), phantom.grid,
+                                    fast.dij.dose_grid).reshape(-1)
+    np.testing.assert_array_equal(w, support)  # weights: the interpolation share
+    assert np.all(w[block > 0] > 0) and (w > 0).sum() > (block > 0).sum()
+    assert w.max() <= 1.0 and w.min() >= 0.0
     assert mx.settings["fastpath_options"]["max_weight"] == 4.0
-    assert not fast.fastpath.max_limits  # off by default
     rows = set(mx.fastpath.objective_rows({}).tolist())
     assert set(np.flatnonzero(w).tolist()) <= rows
+    # max_weight 0 leaves the term out: no limits, J's rows without the organs' support
+    off = atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
+                   progress=False,
+                   fast_options={"device": "cpu", "fastpath_options": {"max_weight": 0.0}})
+    assert not off.fastpath.max_limits
+    assert off.settings["fastpath_options"]["max_weight"] == 0.0

@@ -139,7 +139,9 @@ class FastPath:
     control-point-to-control-point pairs relative to the leaf-travel pairs. oar_guard:
     weight of the "stay below D0" hinge on OARs without an active slider (0: none).
     hot_margin / coverage_weight / coverage_level: the hot-hinge dead band and the extra
-    near-minimum coverage hinge of :class:`HotColdObjective`.
+    near-minimum coverage hinge of :class:`HotColdObjective`. max_weight / max_level: its
+    organ-maximum hinge at max_level x each near-max limit below Rx of the goal list
+    (cord, brainstem; :meth:`_max_dose_limits`), 0 to leave it out.
     device: 'cpu' or 'cuda' (torch); everything stays on it inside the loops.
     """
 
@@ -153,7 +155,7 @@ class FastPath:
                  mu_iterations: int = 30, aperture_iterations: int = 0,
                  aperture_rounds: int = 3, hot_margin: float = 0.0,
                  coverage_weight: float = 0.0, coverage_level: float = 0.97,
-                 oar_minus_targets: str = "none", max_weight: float = 0.0,
+                 oar_minus_targets: str = "none", max_weight: float = 4.0,
                  max_level: float = 0.95,
                  device: str = "cpu", initial_fluence_fn: Callable | None = None,
                  correction_fn: Callable | None = None) -> None:
@@ -276,8 +278,10 @@ class FastPath:
         list, at its strictest such limit, when that is below the highest prescription
         (a limit above Rx, such as the mandible's hot-spot cap, is the PTV hot-spot
         term's business); voxels: the organ's interpolation support on
-        the dose grid (every dose-grid voxel whose interpolated dose reaches the organ:
-        the maximum of the trilinear dose over the organ is at most theirs)."""
+        the dose grid (every dose-grid voxel whose interpolated dose reaches the organ,
+        weighted by the share of its interpolation weight that lands in the organ: the
+        organ is one or two voxels wide on a 3x-coarse dose grid, so its near-maximum on
+        the patient grid is set by its neighbours, but mostly by the voxels it fills)."""
         limits: dict[str, float] = {}
         for g in self.resolved_goals or ():
             m = g.metric
@@ -294,7 +298,7 @@ class FastPath:
             if limit >= rx_max:
                 continue
             sup = interpolation_support(p.mask(name), p.grid, self.dij.dose_grid)
-            w = torch.from_numpy((np.asarray(sup).reshape(-1) > 0).astype(np.float32))
+            w = torch.from_numpy(np.asarray(sup, np.float32).reshape(-1).copy())
             out[name] = (w.to(self.device), limit)
         return out
 
