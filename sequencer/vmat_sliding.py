@@ -105,11 +105,11 @@ class _Sectors:
                 bnd[j + 1] = np.fmin(first[j], first[j + 1])
         self.boundary = bnd
 
-    def span(self, j):
-        """(lo, hi) edge indices of every pair's sweep in sector j (valid where on[j]);
-        ``j`` a slice: of those sectors, (n_sectors, n_pairs) each."""
-        b0 = np.nan_to_num(self.boundary[:-1][j], nan=0.0)
-        b1 = np.nan_to_num(self.boundary[1:][j], nan=0.0)
+    def spans(self):
+        """(lo, hi) edge indices of every pair's sweep in every sector, (n_sectors,
+        n_pairs) each (valid where ``on``)."""
+        b0 = np.nan_to_num(self.boundary[:-1], nan=0.0)
+        b1 = np.nan_to_num(self.boundary[1:], nan=0.0)
         return np.minimum(b0, b1).astype(np.int64), np.maximum(b0, b1).astype(np.int64)
 
 
@@ -167,23 +167,12 @@ def _sector_mu(profile, inspan, width_mm, sector, theta_deg, m: Machine,
     return t, c_lo
 
 
-def _sweep_positions(profile, edges_mm, speed, direction, times):
-    """Radiation-field edges (left, right) mm at ``times`` (MU) of one pair's sweep of
-    ``profile`` (MU per pixel between ``edges_mm``), left to right (direction 1) or
-    right to left (-1, the mirror image)."""
-    profile = np.asarray(profile, dtype=np.float64)
-    n = profile.size
-    left, right = _sweep_positions_rows(profile[None], np.array([0]), np.array([n]),
-                                        np.asarray(edges_mm, dtype=np.float64),
-                                        np.array([float(speed)]), direction, times)
-    return left[:, 0], right[:, 0]
-
-
 def _sweep_positions_rows(profile, lo, hi, edges_mm, speed, direction, times):
-    """:func:`_sweep_positions` of many leaf pairs at once: row r sweeps
-    ``profile[r, lo[r]:hi[r]]`` (MU per pixel; (R, n_x), anything outside the span
-    ignored) across edges ``edges_mm[lo[r]:hi[r] + 1]`` at ``speed[r]`` mm per MU.
-    Returns (left, right), each (len(times), R) mm.
+    """Radiation-field edges (left, right) mm at ``times`` (MU) of many leaf pairs'
+    sweeps at once, left to right (direction 1) or right to left (-1, the mirror image):
+    row r sweeps ``profile[r, lo[r]:hi[r]]`` (MU per pixel; (R, n_x), anything outside
+    the span ignored) across edges ``edges_mm[lo[r]:hi[r] + 1]`` at ``speed[r]`` mm per
+    MU. Returns (left, right), each (len(times), R) mm.
 
     The trajectories of :func:`sequencer.imrt.sweep_row` with every row on the full
     edge grid: pixels outside a row's span add no wait and no travel, so the row's
@@ -242,7 +231,7 @@ def _pass_layout(maps, x_edges, gantry, m, sector_cps, offset, max_sweep_fractio
         min_mu = m.min_mu_per_deg * theta * fractions
         max_mu = m.max_mu_per_deg * theta * fractions
         sector, rows = np.nonzero(sec.on)  # every sweeping (sector, pair), sector-major
-        lo_all, hi_all = sec.span(slice(None))
+        lo_all, hi_all = sec.spans()
         lo, hi = lo_all[sector, rows], hi_all[sector, rows]
         inspan = (cols >= lo[:, None]) & (cols < hi[:, None])
         profile = np.where(inspan, sec.sum[sector, rows], 0.0)

@@ -23,7 +23,6 @@ from sequencer.machine import load_machine_file
 from sequencer.reweight import _mu_map, with_mu
 from sequencer.vmat_sliding import (
     _sector_mu,
-    _sweep_positions,
     _sweep_positions_rows,
     sector_bounds,
     sequence_vmat_sliding,
@@ -59,7 +58,9 @@ def test_sweep_positions_deliver_the_profile_both_ways():
     dt = t[1] - t[0]
     centres = 0.5 * (edges[1:] + edges[:-1])
     for direction in (1, -1):
-        left, right = _sweep_positions(prof, edges, speed, direction, t)
+        left, right = _sweep_positions_rows(prof[None], [0], [prof.size], edges, [speed],
+                                            direction, t)
+        left, right = left[:, 0], right[:, 0]
         assert np.all(right >= left - 1e-9)
         exposure = [((left < c) & (c < right)).sum() * dt for c in centres]
         np.testing.assert_allclose(exposure, prof, rtol=0, atol=5e-3)

@@ -114,6 +114,8 @@ class _Shifted:
         self.offset = offset
         if hasattr(objective, "value_and_grad"):
             self.value_and_grad = lambda dose: objective.value_and_grad(dose + offset)
+        if hasattr(objective, "voxel_support"):  # a shift reads the same voxels
+            self.voxel_support = objective.voxel_support
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         return self.objective(dose + self.offset)
@@ -391,7 +393,7 @@ class FastPath:
             # the trained correction network (+ its few exact steps)
             w = self.correction_fn(self, w0, sparing)
         else:
-            w = unrolled_correction(w0, self.correction_operator(sparing), obj, k, step,
+            w = unrolled_correction(w0, self.operator_for(obj), obj, k, step,
                                     regulariser=self.smooth, reg_weight=self.mu)
         dose = self.op(w)
         t2 = time.perf_counter()
@@ -441,15 +443,13 @@ class FastPath:
             self._rows_csc = (key, self.dij.matrix[rows].tocsc())
         return self._rows_csc[1]
 
-    def correction_operator(self, spare: Mapping[str, float] | None = None):
-        """The dose operator the correction loops of ``spare`` run on: A restricted to
-        the rows its objective reads (:class:`~optimizer.fastpath.torch_dose.RowDose`,
+    def operator_for(self, objective):
+        """The dose operator to optimise ``objective`` on: A restricted to the rows it
+        reads (its ``voxel_support()``; :class:`~optimizer.fastpath.torch_dose.RowDose`,
         the same iterates at about half the cost of a head-and-neck arc dij), or the
         whole A when the objective does not name its rows."""
-        rows = self.objective_rows(spare)
-        if rows is None:
-            return self.op
-        return self._row_operator(torch.as_tensor(rows))
+        support = getattr(objective, "voxel_support", None)
+        return self.op if support is None else self._row_operator(support())
 
     def weight_value_grad(self, spare: Mapping[str, float] | None = None):
         """``f(w) -> (J, dJ/dw)`` on NumPy arrays: the correction objective of ``spare``
@@ -457,12 +457,7 @@ class FastPath:
         for host-side solvers that move apertures (direct aperture refinement)."""
         sparing = {k: float(v) for k, v in (spare or {}).items()}
         obj = self.objective(sparing)
-        # an objective that names the voxels it reads (voxel_support) gets its dose
-        # products on just those rows of A (about half of the non-zeros of a
-        # head-and-neck arc dij; the other voxels stay 0); any other, on the whole matrix
-        support = getattr(obj, "voxel_support", None)
-        rows = support() if support is not None else None
-        op = self.op if rows is None else self._row_operator(rows)
+        op = self.operator_for(obj)
 
         def value_grad(w):
             wt = torch.as_tensor(np.asarray(w, np.float32), device=self.device)

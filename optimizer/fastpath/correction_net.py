@@ -59,7 +59,7 @@ def correction_features(fp, w0: torch.Tensor, sparing: Mapping[str, float]):
     obj = fp.objective(dict(sparing))
     step = fp._step_size(dict(sparing))
     with torch.no_grad():
-        op = fp.correction_operator(dict(sparing))  # A on the rows J reads
+        op = fp.operator_for(obj)  # A on the rows J reads
         g = op.transpose_apply(error_map(op(w0), obj))
         if fp.mu > 0:
             g = g + fp.mu * fp.smooth.grad(w0)
@@ -105,8 +105,8 @@ def make_correction_fn(weights_path, device="cpu",
         if refine_steps > 0:
             from optimizer.fastpath.correction import unrolled_correction
 
-            w = unrolled_correction(w, fp.correction_operator(dict(sparing)),
-                                    fp.objective(dict(sparing)), refine_steps,
+            obj = fp.objective(dict(sparing))
+            w = unrolled_correction(w, fp.operator_for(obj), obj, refine_steps,
                                     fp._step_size(dict(sparing)), regulariser=fp.smooth,
                                     reg_weight=fp.mu)
         return w.detach()
