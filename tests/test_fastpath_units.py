@@ -50,6 +50,15 @@ def test_row_dose_is_the_full_map_on_its_rows():
     np.testing.assert_allclose(w.grad.numpy(), a.T @ g.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError):
         RowDose(a[rows].tocsc(), rows[:-1], a.shape[0])
+    # restricting a TorchDose slices its kept CSR: the same operator, no conversion
+    full_op = TorchDose(a)
+    sliced = full_op.restrict_rows(rows, a[rows].tocsc())
+    assert sliced.sub.host_csr.shape == (rows.size, a.shape[1])
+    v = torch.rand(a.shape[1])
+    assert torch.equal(sliced(v), op(v))
+    assert torch.equal(sliced.transpose_apply(g), op.transpose_apply(g))
+    with pytest.raises(ValueError, match="csr has shape"):
+        TorchDose(a, csr=full_op.host_csr[rows])
 
 
 def test_correction_on_the_objectives_rows_equals_the_full_map():

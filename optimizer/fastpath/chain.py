@@ -472,7 +472,7 @@ class FastPath:
         r = rows.cpu().numpy()
         key = r.tobytes()
         if self._rows_op is None or self._rows_op[0] != key:
-            op = RowDose(self._rows_matrix(r), r, self.op.shape[0], self.device)
+            op = self.op.restrict_rows(r, self._rows_matrix(r))
             self._rows_op = (key, op)
         return self._rows_op[1]
 

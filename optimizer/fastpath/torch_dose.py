@@ -8,7 +8,11 @@ beamlet fluence in MU.
 Speed: the CSR index arrays are int32 whenever the matrix allows (fewer than 2^31
 non-zeros), which makes torch's CPU sparse x dense product ~3x faster than with int64
 indices; and A.T's CSR arrays are the CSC arrays of A (a dij is stored CSC), so building
-the transpose costs no sort.
+the transpose costs no sort. The one CSC -> CSR conversion (A's forward arrays, ~0.4-1 s
+for a 23 M non-zero head-and-neck arc on one core) is kept on the host
+(:attr:`TorchDose.host_csr`, sharing its arrays with the CPU tensor), so a
+:class:`RowDose` of any row set slices its forward rows from it instead of converting
+again.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ def _csr_parts_tensor(indptr, indices, data, shape, device, dtype) -> torch.Tens
             size=shape, device=device, dtype=dtype, check_invariants=False)
 
 
-def _csr_tensor(m: sp.spmatrix, device, dtype) -> torch.Tensor:
+def _sorted_csr(m: sp.spmatrix) -> sp.csr_matrix:
     m = sp.csr_matrix(m)
     m.sort_indices()
+    return m
+
+
+def _csr_tensor(m: sp.csr_matrix, device, dtype) -> torch.Tensor:
     return _csr_parts_tensor(m.indptr, m.indices, m.data, m.shape, device, dtype)
 
 
@@ -61,16 +69,32 @@ class _SparseMatVec(torch.autograd.Function):
 class TorchDose:
     """A dose-influence matrix on a torch device, as a differentiable linear map.
 
-    matrix: scipy sparse (n_voxels, n_beamlets), Gy per MU.
+    matrix: scipy sparse (n_voxels, n_beamlets), Gy per MU. csr: the same matrix as a
+    sorted SciPy CSR when the caller has it (skips the conversion). ``host_csr`` keeps
+    the CSR form for row slicing (:meth:`restrict_rows`).
     """
 
     def __init__(self, matrix: sp.spmatrix, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, *, csr: sp.csr_matrix | None = None
+                 ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.shape = matrix.shape
-        self.a = _csr_tensor(matrix, self.device, dtype)
+        if csr is None:
+            csr = _sorted_csr(matrix)
+        elif csr.shape != matrix.shape:
+            raise ValueError(f"csr has shape {csr.shape}, the matrix {matrix.shape}")
+        self.host_csr = csr
+        self.a = _csr_tensor(csr, self.device, dtype)
         self.a_t = _transpose_csr_tensor(matrix, self.device, dtype)
+
+    def restrict_rows(self, rows, row_matrix: sp.spmatrix) -> RowDose:
+        """:class:`RowDose` of this map on the sorted voxel indices ``rows``;
+        ``row_matrix``: the same rows as SciPy CSC (its arrays are the transpose's), the
+        forward rows are sliced from :attr:`host_csr` (no CSC -> CSR conversion)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return RowDose(row_matrix, rows, self.shape[0], self.device, self.dtype,
+                       row_csr=_sorted_csr(self.host_csr[rows]))
 
     @classmethod
     def from_influence(cls, dij, device="cpu") -> TorchDose:
@@ -93,12 +117,15 @@ class RowDose:
     objective whose ``voxel_support()`` is ``rows``. The correction loops run on it at
     the cost of the rows' non-zeros (about half of a head-and-neck arc dij's).
 
-    row_matrix: scipy sparse ``A[rows]`` (len(rows), n_beamlets); n_voxels: A's rows.
+    row_matrix: scipy sparse ``A[rows]`` (len(rows), n_beamlets); n_voxels: A's rows;
+    row_csr: the same rows as sorted SciPy CSR when known
+    (:meth:`TorchDose.restrict_rows`).
     """
 
     def __init__(self, row_matrix: sp.spmatrix, rows, n_voxels: int,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.sub = TorchDose(row_matrix, device, dtype)
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 *, row_csr: sp.csr_matrix | None = None):
+        self.sub = TorchDose(row_matrix, device, dtype, csr=row_csr)
         self.device, self.dtype = self.sub.device, dtype
         self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
         if self.rows.numel() != row_matrix.shape[0]:
