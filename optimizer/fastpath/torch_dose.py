@@ -10,7 +10,8 @@ non-zeros), which makes torch's CPU sparse x dense product ~3x faster than with 
 indices; and A.T's CSR arrays are the CSC arrays of A (a dij is stored CSC), so building
 the transpose costs no sort. The one CSC -> CSR conversion (A's forward arrays, ~0.4-1 s
 for a 23 M non-zero head-and-neck arc on one core) is kept on the host
-(:attr:`TorchDose.host_csr`, sharing its arrays with the CPU tensor), so a
+(:attr:`TorchDose.host_csr`: the CPU tensor's own arrays; on a GPU a host copy of
+the matrix, ~8 bytes per non-zero), so a
 :class:`RowDose` of any row set slices its forward rows from it instead of converting
 again.
 """
