@@ -72,14 +72,17 @@ VMAT_SEQUENCERS = ("vmat", "vmat-sliding")
 #: ~2 min beam-on, OAR means level with the optimiser's, PTV coverage short of it);
 #: 'coverage' the coverage-first setting (sliding-window arc sectors, a cold hinge below
 #: Rx, OAR hinges off the target voxels, two correction passes against the sequencing
-#: loss: PTV_70 HI 0.110 vs the default's 0.234, but parotid means ~8 Gy higher, ~10 min
-#: beam-on and 1.5-1.8x the time; BENCHMARKS.md, 33 validation patients). Both keep the
-#: FastPath defaults for the rest, the organ-maximum term included.
+#: loss, and a third of the default's fluence smoothness -- the sweeps deliver modulated
+#: maps that one aperture per control point cannot: PTV_70 HI 0.095 vs the default's
+#: 0.234, but parotid means ~8 Gy higher, ~10 min beam-on and 1.5-1.8x the time;
+#: BENCHMARKS.md, 33 validation patients). Both keep the FastPath defaults for the
+#: rest, the organ-maximum term included.
 PRESETS = {
     "airt": {"vmat_sequencer": "vmat", "sector_deg": 20.0, "fastpath_options": {}},
     "coverage": {"vmat_sequencer": "vmat-sliding", "sector_deg": 20.0,
                  "fastpath_options": {"oar_minus_targets": "support",
-                                      "coverage_weight": 4.0, "sequencing_passes": 2}},
+                                      "coverage_weight": 4.0, "sequencing_passes": 2,
+                                      "smoothness": 0.1}},
 }
 DEFAULT_PRESET = "airt"
 
