@@ -391,7 +391,7 @@ class FastPath:
         k = self.correction_steps if steps is None else int(steps)
         if self.correction_fn is not None and start is None and dose_offset_gy is None:
             # the trained correction network (+ its few exact steps)
-            w = self.correction_fn(self, w0, sparing)
+            w = self.correction_fn(self, w0, sparing, objective=obj, step=step)
         else:
             w = unrolled_correction(w0, self.operator_for(obj), obj, k, step,
                                     regulariser=self.smooth, reg_weight=self.mu)

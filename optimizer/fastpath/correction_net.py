@@ -52,12 +52,15 @@ def _layout(fp) -> BEVLayout:
     return fp._bev_layout
 
 
-def correction_features(fp, w0: torch.Tensor, sparing: Mapping[str, float]):
+def correction_features(fp, w0: torch.Tensor, sparing: Mapping[str, float], *,
+                        objective=None, step=None):
     """(features (n_cp, len(CORRECTION_CHANNELS), n_v, n_u), layout, scale MU) of a
-    prepared FastPath at fluence ``w0`` for the slider setting ``sparing``."""
+    prepared FastPath at fluence ``w0`` for the slider setting ``sparing``; ``objective``
+    / ``step``: that setting's ``fp.objective`` and ``fp._step_size`` when the caller
+    has them (else built here)."""
     layout = _layout(fp)
-    obj = fp.objective(dict(sparing))
-    step = fp._step_size(dict(sparing))
+    obj = fp.objective(dict(sparing)) if objective is None else objective
+    step = fp._step_size(dict(sparing)) if step is None else step
     with torch.no_grad():
         op = fp.operator_for(obj)  # A on the rows J reads
         g = op.transpose_apply(error_map(op(w0), obj))
@@ -88,27 +91,30 @@ def correction_record(fp, w0: torch.Tensor, sparing: Mapping[str, float],
 
 def make_correction_fn(weights_path, device="cpu",
                        refine_steps: int = CORRECTION_REFINE_STEPS) -> Callable:
-    """``fn(fastpath, w0, sparing) -> (n_beamlets,) MU``: the network's corrected
-    fluence, then ``refine_steps`` exact correction steps (FISTA, the fast path's
-    diagonal step and smoothness) on the same objective."""
+    """``fn(fastpath, w0, sparing, objective=None, step=None) -> (n_beamlets,) MU``: the
+    network's corrected fluence, then ``refine_steps`` exact correction steps (FISTA, the
+    fast path's diagonal step and smoothness) on the same objective (``objective`` /
+    ``step``: the slider setting's, when the caller has built them)."""
     if weights_path is None or not Path(weights_path).is_file():
         raise InputError(f"no correction-network weights at {weights_path}",
                          field="weights")
     model = load_weights(weights_path, device, kind=CORRECTION)
 
-    def correction_fn(fp, w0: torch.Tensor, sparing: Mapping[str, float]) -> torch.Tensor:
+    def correction_fn(fp, w0: torch.Tensor, sparing: Mapping[str, float], *,
+                      objective=None, step=None) -> torch.Tensor:
         net = model.to(fp.device)
-        feats, layout, scale = correction_features(fp, w0, sparing)
+        obj = fp.objective(dict(sparing)) if objective is None else objective
+        step = fp._step_size(dict(sparing)) if step is None else step
+        feats, layout, scale = correction_features(fp, w0, sparing, objective=obj,
+                                                   step=step)
         with torch.no_grad():
             w = (scale * layout.gather(net(feats)).clamp_min(0.0)).to(torch.float32)
             w = w.contiguous()
         if refine_steps > 0:
             from optimizer.fastpath.correction import unrolled_correction
 
-            obj = fp.objective(dict(sparing))
-            w = unrolled_correction(w, fp.operator_for(obj), obj, refine_steps,
-                                    fp._step_size(dict(sparing)), regulariser=fp.smooth,
-                                    reg_weight=fp.mu)
+            w = unrolled_correction(w, fp.operator_for(obj), obj, refine_steps, step,
+                                    regulariser=fp.smooth, reg_weight=fp.mu)
         return w.detach()
 
     correction_fn.refine_steps = int(refine_steps)
