@@ -40,6 +40,13 @@ def test_npz_roundtrip_exact(small_dij, tmp_path):
     assert back.meta["engine"] == "pencil-beam"
 
 
+def test_csr_is_the_matrix_converted_once(small_dij):
+    csr = small_dij.csr
+    assert sp.isspmatrix_csr(csr) and csr.has_sorted_indices and csr.dtype == np.float32
+    assert csr.shape == small_dij.matrix.shape and (csr != small_dij.matrix).nnz == 0
+    assert small_dij.csr is csr  # kept with the dij: later plans skip the conversion
+
+
 def test_mask_to_dose_grid_exact():
     g = Grid((5, 4, 3), (2.0, 2.0, 2.0), (1.0, 2.0, 3.0))
     dg = g.downsampled(2)

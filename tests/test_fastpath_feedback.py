@@ -281,3 +281,11 @@ def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
                    fast_options={"device": "cpu", "fastpath_options": {"max_weight": 0.0}})
     assert not off.fastpath.max_limits
     assert off.settings["fastpath_options"]["max_weight"] == 0.0
+
+
+def test_fast_path_operator_reuses_the_dijs_csr(fast):
+    from optimizer.fastpath.chain import FastPath
+
+    fp = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy, device="cpu")
+    fp.prepare()
+    assert fp.op.host_csr is fast.dij.csr  # no second CSC -> CSR conversion per plan

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,17 @@ class DoseInfluence:
     @property
     def n_voxels(self) -> int:
         return self.matrix.shape[0]
+
+    @cached_property
+    def csr(self) -> sp.csr_matrix:
+        """The matrix as SciPy CSR with sorted indices (float32, Gy per MU), converted
+        on first use and kept with the dij: a caller that plans several times on one
+        dij (the fast path's re-plans, a TPS holding the arc's dij) converts once.
+        Costs about as much memory as the matrix (~8 bytes per non-zero); the fast
+        path's torch operator shares these arrays on the CPU."""
+        m = self.matrix.tocsr()
+        m.sort_indices()
+        return m
 
     def dose(self, weights) -> np.ndarray:
         """Dose on the dose grid (Gy, 3-D) for beamlet weights (n_beamlets,)."""

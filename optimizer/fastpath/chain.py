@@ -230,7 +230,7 @@ class FastPath:
     def prepare(self) -> FastPath:
         t0 = time.perf_counter()
         p = self.patient
-        self.op = TorchDose(self.dij.matrix, self.device)
+        self.op = TorchDose(self.dij.matrix, self.device, csr=self.dij.csr)
         t1 = time.perf_counter()
         self.timings_s["dij_to_device"] = t1 - t0
         g = dose_grid_arrays(p, self.dij.dose_grid, self.predicted_dose_gy, self.device,

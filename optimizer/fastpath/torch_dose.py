@@ -13,7 +13,8 @@ for a 23 M non-zero head-and-neck arc on one core) is kept on the host
 (:attr:`TorchDose.host_csr`: the CPU tensor's own arrays; on a GPU a host copy of
 the matrix, ~8 bytes per non-zero), so a
 :class:`RowDose` of any row set slices its forward rows from it instead of converting
-again.
+again. The fast path passes :attr:`atp.dose.influence.DoseInfluence.csr` (converted
+once per dij and kept with it), so a second plan on the same dij converts nothing.
 """
 
 from __future__ import annotations
