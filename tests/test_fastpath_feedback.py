@@ -284,8 +284,5 @@ def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
 
 
 def test_fast_path_operator_reuses_the_dijs_csr(fast):
-    from optimizer.fastpath.chain import FastPath
-
-    fp = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy, device="cpu")
-    fp.prepare()
-    assert fp.op.host_csr is fast.dij.csr  # no second CSC -> CSR conversion per plan
+    # the plan's own operator holds the dij's CSR: no second CSC -> CSR conversion
+    assert fast.fastpath.op.host_csr is fast.dij.csr
