@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from atp.errors import InputError
+from atp.errors import InputError, quote
 from atp.patient import Role
 
 DEFAULT_ALIAS_FILE = Path(__file__).resolve().parent / "data" / "tg263_aliases.yaml"
@@ -83,8 +83,9 @@ class AliasTable:
                              "and/or 'aliases'", file=source)
         unknown = set(data) - {"structures", "lateral", "aliases"}
         if unknown:
-            raise InputError(f"unknown section(s) {sorted(unknown)}; expected 'structures', "
-                             "'lateral', 'aliases'", file=source, field=min(map(str, unknown)))
+            raise InputError(f"unknown section(s) {quote(sorted(map(str, unknown)))}; expected "
+                             "'structures', 'lateral', 'aliases'", file=source,
+                             field=quote(min(map(str, unknown)), repr_=False))
         exact: dict[str, str] = {}
         lateral: dict[str, str] = {}
         for section in ("structures", "lateral"):
@@ -122,20 +123,10 @@ class AliasTable:
     @classmethod
     def load(cls, path: str | Path) -> AliasTable:
         """Read a YAML alias file (same layout as the shipped TG-263 table)."""
-        import yaml
+        from atp.yamlio import load_yaml
 
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise InputError(f"cannot read alias table: {exc.strerror}", file=path) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark is not None else None
-            raise InputError(f"malformed YAML: {getattr(exc, 'problem', exc)}", file=path,
-                             line=line) from None
+        data = load_yaml(path, what="alias table")
         return cls.from_dict(data or {}, str(path))
 
     @classmethod

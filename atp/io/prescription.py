@@ -20,11 +20,12 @@ sidecar; without it the import stops with an error that says how to give it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atp.errors import InputError, StructureError
+from atp.errors import InputError, StructureError, quote
 from atp.names import AliasTable, canonical_name, target_dose_from_name
 from atp.patient import Prescription, Role, Structure
 
@@ -44,60 +45,59 @@ class PrescriptionSpec:
     lines: Mapping[str, int] = field(default_factory=dict)  # field -> YAML line
 
 
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
-    """Field path -> 1-based line for the keys of a composed YAML mapping (2 levels)."""
-    import yaml
-
+def _key_lines(data, prefix: str = "") -> dict[str, int]:
+    """Field path -> 1-based line for the keys of a YAML mapping read by
+    :func:`atp.yamlio.load_yaml` (2 levels)."""
     out: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            name = f"{prefix}{k.value}"
-            out[name] = k.start_mark.line + 1
+    if isinstance(data, dict) and hasattr(data, "line_of"):
+        for k, v in data.items():
+            name = f"{prefix}{k}"
+            out[name] = data.line_of(k)
             if not prefix:
                 out.update(_key_lines(v, prefix=f"{name}."))
     return out
 
 
+MAX_FRACTIONS = 100
+
+
+def _finite(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _fractions(value, *, file=None, line=None, field_name="fractions") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or int(value) < 1:
-        raise InputError(f"fractions must be a whole number >= 1, got {value!r}",
-                         file=file, field=field_name, line=line)
+    if not _finite(value) or value != int(value) or not 1 <= int(value) <= MAX_FRACTIONS:
+        raise InputError(f"fractions must be a whole number 1..{MAX_FRACTIONS}, got "
+                         f"{quote(value)}", file=file, field=field_name, line=line)
     return int(value)
 
 
 def _dose(value, *, file=None, field_name=None, line=None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            float(value) > 0 and float(value) < 1000):
-        raise InputError(f"dose must be a number of Gy > 0, got {value!r}", file=file,
-                         field=field_name, line=line)
+    if not _finite(value) or not 0 < float(value) < 1000:
+        raise InputError(f"dose must be a number of Gy in (0, 1000), got {quote(value)}",
+                         file=file, field=field_name, line=line)
     return float(value)
 
 
 def load_prescription_file(path: str | Path) -> PrescriptionSpec:
     """Read and validate a sidecar YAML (errors name the file, field and line)."""
-    import yaml
+    from atp.yamlio import load_yaml
 
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read prescription file: {exc.strerror}", file=path) from None
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InputError(f"malformed YAML: {getattr(exc, 'problem', exc)}", file=path,
-                         line=mark.line + 1 if mark is not None else None) from None
-    lines = _key_lines(node)
+    data = load_yaml(path, what="prescription file")
+    lines = _key_lines(data)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise InputError("expected a mapping with 'fractions' and 'targets'", file=path)
     unknown = set(data) - {"fractions", "targets"}
     if unknown:
-        name = min(map(str, unknown))
+        name = quote(min(map(str, unknown)), repr_=False)
         raise InputError("unknown key; expected 'fractions' and 'targets'", file=path,
                          field=name, line=lines.get(name))
     fx = None
@@ -109,6 +109,10 @@ def load_prescription_file(path: str | Path) -> PrescriptionSpec:
                          line=lines.get("targets"))
     targets = {}
     for name, dose in targets_raw.items():
+        if not isinstance(name, str) or not name.strip():
+            raise InputError("target names must be text", file=path,
+                             field=f"targets.{quote(name, repr_=False)}",
+                             line=lines.get(f"targets.{name}"))
         fname = f"targets.{name}"
         targets[str(name)] = _dose(dose, file=path, field_name=fname, line=lines.get(fname))
     return PrescriptionSpec(fx, targets, str(path), lines)
