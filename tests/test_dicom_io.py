@@ -124,10 +124,22 @@ def test_cli_info_json(rtutils_case, capsys):
     assert names["PTV_70"]["role"] == "target"
     assert info["prescriptions"] == [{"target": "PTV_70", "dose_gy": 70.0, "fractions": 35}]
     assert info["grid"]["shape"] == [20, 48, 48]
-    # without fractions: exit code 2 and one line naming the folder and field
-    assert main(["info", str(ct.folder), "--json"]) == 2
+    # without fractions: info still describes the patient and says planning needs them
+    assert main(["info", str(ct.folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["prescriptions"] == [] and len(info["structures"]) == len(names)
+    assert "fractions" in info["prescription_note"] and "--rx" in info["prescription_note"]
+    assert main(["info", str(ct.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "PTV_70" in out and "planning will need a prescription" in out
+    # planning still requires it: exit code 2 and one line naming the folder and field
+    assert main(["plan", str(ct.folder), "--out", str(ct.folder.parent / "p")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fractions" in err and str(ct.folder) in err
+    assert not (ct.folder.parent / "p").exists()
+    # a prescription that is given but wrong is still an error for info
+    assert main(["info", str(ct.folder), "--rx", "PTV_99=70", "--fractions", "35"]) == 2
+    assert "--rx PTV_99" in capsys.readouterr().err
 
 
 def test_loader_dispatches_to_dicom(rtutils_case):
@@ -275,6 +287,8 @@ def test_no_prescription_available(tmp_path):
     with pytest.raises(InputError) as ei:
         load_dicom(ct.folder, fractions=30)
     assert ei.value.field == "prescriptions" and "--rx" in str(ei.value)
+    p = load_dicom(ct.folder, fractions=30, require_prescription=False)  # atp info
+    assert p.prescriptions == () and "--rx" in p.metadata["prescription_missing"]
     # a dose in the name but no fractions anywhere
     p = load_dicom(ct.folder, prescriptions={"PTV_High": 60}, fractions=30)
     assert p.prescriptions[0].dose_gy == 60.0

@@ -18,7 +18,7 @@ def add_patient_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", type=int, help="number of fractions (DICOM)")
 
 
-def load_patient_from_args(args):
+def load_patient_from_args(args, *, require_prescription: bool = True):
     from atp.errors import InputError
     from atp.io import load_patient
 
@@ -30,7 +30,8 @@ def load_patient_from_args(args):
         except ValueError:
             raise InputError(f"expected TARGET=GY, got '{item}'", field="--rx") from None
     return load_patient(args.patient, prescription_file=args.prescription_file,
-                        prescriptions=rx or None, fractions=args.fractions)
+                        prescriptions=rx or None, fractions=args.fractions,
+                        require_prescription=require_prescription)
 
 
 def print_json(obj) -> None:

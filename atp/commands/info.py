@@ -1,4 +1,7 @@
-"""``atp info PATIENT [--json]``: grid, structures (volume cc) and prescriptions."""
+"""``atp info PATIENT [--json]``: grid, structures (volume cc) and prescriptions.
+
+A DICOM folder without a prescription is still described; the output notes that planning
+will need one (``--rx TARGET=GY --fractions N`` or a ``prescription.yaml``)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    patient = load_patient_from_args(args)
+    patient = load_patient_from_args(args, require_prescription=False)
     info = patient.summary()
+    missing = patient.metadata.get("prescription_missing")
+    if missing:
+        info["prescription_note"] = f"planning will need a prescription: {missing}"
     if args.json:
         print_json(info)
         return 0
@@ -26,4 +32,6 @@ def run(args) -> int:
         print(f"{s['name']:<16}{s['role']:<10}{s['voxels']:>9}{s['volume_cc']:>12.2f}")
     for rx in info["prescriptions"]:
         print(f"Rx {rx['target']}: {rx['dose_gy']:g} Gy in {rx['fractions']} fx")
+    if missing:
+        print(f"no prescription found; {info['prescription_note']}")
     return 0

@@ -261,13 +261,17 @@ def _roi_contours(rs, path) -> dict[int, list[np.ndarray]]:
 def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
                prescriptions: Mapping[str, float] | None = None,
                fractions: int | None = None,
-               alias_table: AliasTable | None = None) -> Patient:
+               alias_table: AliasTable | None = None,
+               require_prescription: bool = True) -> Patient:
     """Read a DICOM folder (CT series + RTSTRUCT) into a Patient (see module docs).
 
     prescription_file: sidecar YAML (default: ``prescription.yaml`` in the folder);
     prescriptions: target name -> Gy (overrides the sidecar's targets);
     fractions: number of fractions (overrides the sidecar's);
-    alias_table: structure-name table (default: the shipped TG-263 table).
+    alias_table: structure-name table (default: the shipped TG-263 table);
+    require_prescription: False (``atp info``) returns the patient without prescriptions
+    when none can be found, the reason in ``metadata['prescription_missing']``; values
+    that are given but wrong are still errors.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -339,8 +343,14 @@ def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
 
     sidecar_path = Path(prescription_file) if prescription_file else find_sidecar(folder)
     sidecar = load_prescription_file(sidecar_path) if sidecar_path else None
-    rx = resolve_prescriptions(structures, explicit=prescriptions, fractions=fractions,
-                               sidecar=sidecar, source=str(folder), alias_table=table)
+    rx_missing = None
+    try:
+        rx = resolve_prescriptions(structures, explicit=prescriptions, fractions=fractions,
+                                   sidecar=sidecar, source=str(folder), alias_table=table)
+    except InputError as exc:  # none found (field prescriptions / fractions): not bad input
+        if require_prescription or exc.field not in ("prescriptions", "fractions"):
+            raise
+        rx, rx_missing = (), exc.message
 
     dicom_meta = {tag: str(ct_ds.get(tag, "") or "") for tag in _PATIENT_TAGS}
     dicom_meta.update({
@@ -357,6 +367,8 @@ def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
     meta = {"format": "dicom", "dicom": dicom_meta, "warnings": warnings}
     if sidecar_path:
         meta["prescription_file"] = str(sidecar_path)
+    if rx_missing:
+        meta["prescription_missing"] = rx_missing
     patient_id = dicom_meta["PatientID"] or folder.name
     return Patient(ct, grid, structures, rx, patient_id, meta, str(folder))
 

@@ -18,11 +18,14 @@ PHANTOM_NAMES = ("phantom", "demo", "default")
 
 def load_patient(path: str | Path, *, prescription_file: str | Path | None = None,
                  prescriptions: dict[str, float] | None = None,
-                 fractions: int | None = None) -> Patient:
+                 fractions: int | None = None,
+                 require_prescription: bool = True) -> Patient:
     """Load a patient from ``path`` (see module docstring for what is recognised).
 
     prescription_file / prescriptions / fractions apply to DICOM input, where the
-    prescription is usually not in the data (sidecar YAML or explicit values).
+    prescription is usually not in the data (sidecar YAML or explicit values);
+    ``require_prescription=False`` (``atp info``) loads a DICOM patient without one (see
+    :func:`atp.io.dicom.load_dicom`).
     """
     text = str(path)
     if text in PHANTOM_NAMES:
@@ -44,6 +47,7 @@ def load_patient(path: str | Path, *, prescription_file: str | Path | None = Non
         from atp.io.dicom import load_dicom
 
         return load_dicom(p, prescription_file=prescription_file,
-                          prescriptions=prescriptions, fractions=fractions)
+                          prescriptions=prescriptions, fractions=fractions,
+                          require_prescription=require_prescription)
     raise InputError("not a recognised patient (expected an OpenKBP .npz, an OpenKBP CSV "
                      "folder, a DICOM folder, or 'phantom')", file=p)
