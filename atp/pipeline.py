@@ -132,6 +132,7 @@ class Plan:
         for r in self.results:
             d = r.to_dict()
             d["objective_value"] = self.term_values.get(r.goal.id)
+            d["optimised"] = (self.optimizer.get("surrogates") or {}).get(r.goal.id)
             rows.append(d)
         return rows
 
@@ -325,11 +326,7 @@ def _priority_weight(priority: int, rule: dict | None) -> float:
 
 
 # --- the stages -------------------------------------------------------------------------
-BEAM_TEMPLATES = {  # name -> (number of equispaced coplanar beams, start gantry deg)
-    "hn_9field": (9, 0.0),
-    "hn_7field": (7, 0.0),
-    "hn_5field": (5, 0.0),
-}
+from atp.dose.geometry import BEAM_TEMPLATES  # one home: the geometry
 
 
 def make_beams(beams=9, beam_template: str | None = None):
@@ -537,7 +534,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
     from optimizer import registry as backends
     from optimizer.problem import build_problem, structure_fractions
     from optimizer.refine import refine as run_refine
-    from optimizer.solve import optimize
+    from optimizer.solve import apply_state, optimize
 
     own = stages is None
     if own:
@@ -555,8 +552,11 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         opts.setdefault("attain_rounds", attain_rounds_default)
         opts.setdefault("attain_max_priority", ATTAIN_MAX_PRIORITY)
         deliverable_rounds = int(opts.pop("deliverable_rounds", DELIVERABLE_ROUNDS))
+        # every goal with a dose-valued term is measured: its surrogate offset (reported -
+        # surrogate, optimizer.solve) keeps what is optimised in line with what is reported
         checked = [g for g in resolved if g.value is not None and (
-            g.is_hard or (opts["attain_rounds"] and g.priority <= opts["attain_max_priority"]))]
+            g.is_hard or g.metric.kind in ("Dmean", "Dmax", "Dmin", "D")
+            or (opts["attain_rounds"] and g.priority <= opts["attain_max_priority"]))]
 
         def goal_check(w, offset=None):
             """Hard goals and the goals the attainment rounds steer, measured on the
@@ -615,10 +615,12 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         if own:
             stages.close()
     term_values = {}
-    vals = problem.term_values(res.fluence)
+    optimised = apply_state(problem, res.hard_state)  # the terms as last optimised
+    vals = optimised.term_values(res.fluence)
     for b in problem.bindings:
         if b.term_indices:
             term_values[b.goal.id] = float(sum(vals[i] for i in b.term_indices))
+    surrogates = _surrogates(optimised, res)
     auto = {t.name: v for t, v in zip(problem.terms, vals) if t.goal_id is None}
     optimizer_info = {
         "backend": res.backend, "solver": res.solver, "status": res.status,
@@ -626,7 +628,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         "automatic_terms": auto, "messages": res.messages, "problem_notes": problem.notes,
         "n_beamlets": problem.n_beamlets, "n_rows": problem.n_rows,
         "goal_report": res.goal_report, "timings_s": res.timings_s,
-        "refine": refine_info, "hard_state": res.hard_state,
+        "refine": refine_info, "hard_state": res.hard_state, "surrogates": surrogates,
     }
     timings = dict(stages.timings)
     timings["replan" if own else "optimise_total"] = time.perf_counter() - t0
@@ -638,6 +640,29 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                 predicted_dose, dij, timings, res.backend, optimizer_info, term_values,
                 settings, notes, _versions(res.backend),
                 delivery, fractions, ideal, fid)
+
+
+def _surrogates(optimised, res) -> dict:
+    """Per goal with a dose-valued term: what the optimiser saw at the final fluence --
+    its term's reference (Gy, after offsets and shifts), the metric on the term's voxels
+    (the surrogate: dose grid, ideal dose, an organ minus the targets it overlaps), the
+    surrogate offset in force and how many dose-grid voxels the term / structure has."""
+    from optimizer.solve import surrogate_value
+
+    d = optimised.dose_rows(res.fluence)
+    out = {}
+    for b in optimised.bindings:
+        s = surrogate_value(optimised, b, d)
+        if s is None:
+            continue
+        t = optimised.terms[b.term_indices[0]]
+        st = (res.hard_state or {}).get(b.goal.id, {})
+        out[b.goal.id] = {"reference_gy": float(t.ref_gy), "surrogate_gy": float(s),
+                          "offset_gy": float(st.get("offset", 0.0)),
+                          "shift_gy": float(st.get("ref_shift", 0.0)),
+                          "term_voxels": int(t.rows.size),
+                          "structure_voxels": int(b.structure_rows.size)}
+    return out
 
 
 def _corrects(goal) -> bool:

@@ -150,6 +150,13 @@ def beam_frame(gantry_deg: float, collimator_deg: float = 0.0, couch_deg: float 
     return BeamFrame(iso, m[:, 0].copy(), m[:, 1].copy(), m[:, 2].copy(), float(sad_mm))
 
 
+BEAM_TEMPLATES = {  # name -> (number of equispaced coplanar beams, start gantry deg)
+    "hn_9field": (9, 0.0),
+    "hn_7field": (7, 0.0),
+    "hn_5field": (5, 0.0),
+}
+
+
 def equispaced_beams(n: int, start_deg: float = 0.0) -> list[Beam]:
     """``n`` coplanar beams 360/n degrees apart starting at ``start_deg`` (IEC gantry)."""
     if int(n) != n or n < 1:

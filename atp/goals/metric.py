@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from atp.errors import GoalListError
+from atp.errors import GoalListError, quote
 from atp.goals.model import Metric
 
 _NUM = r"(\d+(?:\.\d+)?|\.\d+)"
@@ -51,7 +51,7 @@ def parse_metric(text, *, file=None, line: int | None = None, field: str = "metr
         return GoalListError(msg, file=file, line=line, field=field)
 
     if not isinstance(text, str) or not text.strip():
-        raise fail(f"metric must be text such as 'D95%', got {text!r}; {GRAMMAR_HELP}")
+        raise fail(f"metric must be text such as 'D95%', got {quote(text)}; {GRAMMAR_HELP}")
     raw = text.strip()
     key = raw.lower().replace(" ", "")
     if key in _SIMPLE:
@@ -64,16 +64,16 @@ def parse_metric(text, *, file=None, line: int | None = None, field: str = "metr
     if m:
         vol, unit = float(m.group(1)), m.group(2).lower()
         if unit == "%" and not 0.0 <= vol <= 100.0:
-            raise fail(f"'{raw}': volume must be within 0..100 %")
+            raise fail(f"{quote(raw)}: volume must be within 0..100 %")
         if unit == "cc" and vol <= 0.0:
-            raise fail(f"'{raw}': volume must be > 0 cc")
+            raise fail(f"{quote(raw)}: volume must be > 0 cc")
         return Metric(kind="D", text=f"D{_fmt(vol)}{unit}", result_unit="Gy",
                       volume=vol, volume_unit=unit)
     m = _V_RX.match(raw)
     if m:
         dose = float(m.group(1))
         if dose <= 0.0:
-            raise fail(f"'{raw}': dose must be > 0 % of Rx")
+            raise fail(f"{quote(raw)}: dose must be > 0 % of Rx")
         return Metric(kind="V", text=f"V{_fmt(dose)}%%", result_unit="%", dose=dose,
                       dose_unit="%")
     m = _V_GY.match(raw)
@@ -82,4 +82,4 @@ def parse_metric(text, *, file=None, line: int | None = None, field: str = "metr
         text_unit = "%" if unit == "%" else ""
         return Metric(kind="V", text=f"V{_fmt(dose)}Gy{text_unit}", result_unit=unit,
                       dose=dose, dose_unit="Gy")
-    raise fail(f"unknown metric '{raw}'; {GRAMMAR_HELP}")
+    raise fail(f"unknown metric {quote(raw)}; {GRAMMAR_HELP}")

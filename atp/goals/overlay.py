@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from atp.errors import GoalListError
+from atp.errors import GoalListError, quote
 from atp.goals.metric import parse_metric
 from atp.goals.schema import (
     Field,
@@ -64,8 +64,8 @@ def overlay_sites(data, file) -> dict:
                             file=file, line=getattr(data, "line", 1))
     for k in data:
         if k not in OVERLAY_KEYS:
-            raise GoalListError(f"unknown key '{k}'; allowed: {', '.join(OVERLAY_KEYS)}",
-                                file=file, line=_line(data, k), field=str(k))
+            raise GoalListError(f"unknown key {quote(k)}; allowed: {', '.join(OVERLAY_KEYS)}",
+                                file=file, line=_line(data, k), field=quote(k, repr_=False))
     inst = data.get("institution")
     if not isinstance(inst, str) or not inst.strip():
         raise GoalListError("'institution' must name the institution", file=file,
@@ -89,11 +89,11 @@ def _select(goals, sel, file, line, what: str) -> int:
                                 "not both", file=file, line=line, field=f"{what}.goal")
         gid = sel["goal"]
         hits = [i for i, g in enumerate(goals) if g.id == gid]
-        desc = f"id '{gid}'"
+        desc = f"id {quote(gid)}"
     elif "structure" in sel:
         name = canonical_structure(str(sel["structure"]))[0]
         hits = [i for i, g in enumerate(goals) if g.structure == name]
-        desc = f"structure '{name}'"
+        desc = f"structure {quote(name)}"
         if "metric" in sel:
             m = parse_metric(sel["metric"], file=file, line=_line(sel, "metric", line),
                              field=f"{what}.metric")
@@ -104,7 +104,7 @@ def _select(goals, sel, file, line, what: str) -> int:
                             line=line, field=what)
     if not hits:
         raise GoalListError(f"{what}: no goal with {desc} in the site's list; ids: "
-                            f"{[g.id for g in goals]}", file=file,
+                            f"{quote([g.id for g in goals], 200)}", file=file,
                             line=_line(sel, keys[0], line), field=f"{what}.{keys[0]}")
     if len(hits) > 1:
         raise GoalListError(f"{what}: {desc} matches {len(hits)} goals "
@@ -130,7 +130,7 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
                             field=f"sites.{site}")
     for k in sec:
         if k not in SITE_KEYS:
-            raise GoalListError(f"unknown key '{k}'; allowed: {', '.join(SITE_KEYS)}",
+            raise GoalListError(f"unknown key {quote(k)}; allowed: {', '.join(SITE_KEYS)}",
                                 file=file, line=_line(sec, k, sline), field=f"sites.{site}.{k}")
     goals = list(base.goals)
     raws = [dict(r) for r in raws]
@@ -146,7 +146,7 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
     for item, ln in entries("remove"):
         for k in item if isinstance(item, dict) else ():
             if k not in SELECTOR_KEYS:
-                raise GoalListError(f"unknown key '{k}' in remove (use goal, or structure "
+                raise GoalListError(f"unknown key {quote(k)} in remove (use goal, or structure "
                                     "+ metric)", file=file, line=_line(item, k, ln),
                                     field=f"remove.{k}")
         i = _select(goals, item, file, ln, "remove")
@@ -156,7 +156,7 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
         i = _select(goals, item, file, ln, "modify")
         for k in item:
             if k not in SELECTOR_KEYS + ("set",):
-                raise GoalListError(f"unknown key '{k}' in modify (selector + 'set')",
+                raise GoalListError(f"unknown key {quote(k)} in modify (selector + 'set')",
                                     file=file, line=_line(item, k, ln), field=f"modify.{k}")
         changes = item.get("set")
         if not isinstance(changes, dict) or not changes:
@@ -166,7 +166,7 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
         for k, v in changes.items():
             if k not in SETTABLE:
                 raise GoalListError(
-                    f"cannot set '{k}' (settable: {', '.join(SETTABLE)}); to change the "
+                    f"cannot set {quote(k)} (settable: {', '.join(SETTABLE)}); to change the "
                     "structure, metric or control remove the goal and add a new one",
                     file=file, line=_line(changes, k, ln), field=f"modify.set.{k}")
             raw[k] = Field(v, file, _line(changes, k, ln))

@@ -53,7 +53,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from atp.errors import GoalListError
+from atp.dose.geometry import BEAM_TEMPLATES
+from atp.errors import GoalListError, quote
 from atp.goals.metric import parse_metric
 from atp.goals.model import Goal, Metric
 
@@ -65,6 +66,8 @@ CONTROL_TYPES = ("ring", "global_max", "conformity")
 OPERATORS = ("<=", ">=")
 TARGET_PLACEHOLDERS = ("PTV_High", "PTV_Mid", "PTV_Low")
 EACH_TARGET = "each_target"
+MAX_WEIGHT = 1e6        # the largest objective weight a goal may get (default P1: 100)
+MAX_PRIORITY = 99
 _RX_VALUE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*Rx\s*$", re.IGNORECASE)
 
 
@@ -103,7 +106,7 @@ class PriorityWeights:
     def weight(self, priority: int) -> float:
         if priority in self.table:
             return float(self.table[priority])
-        return float(self.base) ** (int(self.top) - int(priority))
+        return _pow_weight(float(self.base), int(self.top), int(priority))
 
     def describe(self) -> str:
         text = f"weight = {self.base:g} ** ({self.top} - priority)"
@@ -113,6 +116,14 @@ class PriorityWeights:
 
     def to_dict(self) -> dict:
         return {"base": self.base, "top": self.top, "table": dict(self.table)}
+
+
+def _pow_weight(base: float, top: int, priority: int) -> float:
+    """base ** (top - priority), inf where that overflows (callers check the range)."""
+    try:
+        return float(base) ** (int(top) - int(priority))
+    except OverflowError:
+        return math.inf
 
 
 def parse_priority_weights(data, file: str | None, line: int | None,
@@ -125,19 +136,25 @@ def parse_priority_weights(data, file: str | None, line: int | None,
     unknown = set(data) - {"base", "top", "table"}
     if unknown:
         k = min(map(str, unknown))
-        raise GoalListError(f"unknown key '{k}' (expected base, top, table)", file=file,
+        raise GoalListError(f"unknown key {quote(k)} (expected base, top, table)", file=file,
                             line=_line(data, k, line), field=f"priority_weights.{k}")
     b, t, table = pw.base, pw.top, dict(pw.table)
     if "base" in data:
         b = data["base"]
         if not _is_number(b) or b <= 1:
-            raise GoalListError(f"base must be a number > 1, got {b!r}", file=file,
+            raise GoalListError(f"base must be a number > 1, got {quote(b)}", file=file,
                                 line=_line(data, "base", line), field="priority_weights.base")
     if "top" in data:
         t = data["top"]
-        if not _is_int(t):
-            raise GoalListError(f"top must be an integer, got {t!r}", file=file,
-                                line=_line(data, "top", line), field="priority_weights.top")
+        if not _is_int(t) or not 1 <= t <= MAX_PRIORITY:
+            raise GoalListError(f"top must be an integer 1..{MAX_PRIORITY}, got {quote(t)}",
+                                file=file, line=_line(data, "top", line),
+                                field="priority_weights.top")
+    if _pow_weight(float(b), int(t), 1) > MAX_WEIGHT:
+        key = "top" if "top" in data else "base"
+        raise GoalListError(f"base ** (top - 1) = {float(b):g} ** {int(t) - 1} gives "
+                            f"priority 1 a weight above {MAX_WEIGHT:g}", file=file,
+                            line=_line(data, key, line), field=f"priority_weights.{key}")
     if "table" in data:
         tb = data["table"]
         tline = _line(data, "table", line)
@@ -145,9 +162,10 @@ def parse_priority_weights(data, file: str | None, line: int | None,
             raise GoalListError("table must map priority -> weight", file=file, line=tline,
                                 field="priority_weights.table")
         for k, v in tb.items():
-            if not _is_int(k) or k < 1 or not _is_number(v) or v <= 0:
-                raise GoalListError(f"table entry {k!r}: {v!r}: priorities are integers >= 1, "
-                                    "weights numbers > 0", file=file,
+            if not _is_int(k) or k < 1 or not _is_number(v) or not 0 < v <= MAX_WEIGHT:
+                raise GoalListError(f"table entry {quote(k, 20)}: {quote(v, 20)}: priorities "
+                                    f"are integers >= 1, weights numbers in (0, "
+                                    f"{MAX_WEIGHT:g}]", file=file,
                                     line=_line(tb, k, tline), field="priority_weights.table")
             table[int(k)] = float(v)
     return PriorityWeights(float(b), int(t), table)
@@ -249,15 +267,15 @@ def parse_value(v, metric: Metric, fail):
         m = _RX_VALUE.match(s)
         if m:
             if metric.result_unit != "Gy":
-                raise fail("value", f"'{s}': %Rx values are only for dose (Gy) metrics; "
+                raise fail("value", f"{quote(s)}: %Rx values are only for dose (Gy) metrics; "
                                     f"{metric.text} is in {metric.result_unit or 'no unit'}")
             pct = float(m.group(1))
             if not 0 < pct <= 300:
-                raise fail("value", f"'{s}': percentage of Rx must be in (0, 300]")
+                raise fail("value", f"{quote(s)}: percentage of Rx must be in (0, 300]")
             return f"{pct:g}%Rx"
-        raise fail("value", f"value must be a number, '<x>%Rx' or 'predicted', got '{s}'")
+        raise fail("value", f"value must be a number, '<x>%Rx' or 'predicted', got {quote(s)}")
     if not _is_number(v):
-        raise fail("value", f"value must be a number, '<x>%Rx' or 'predicted', got {v!r}")
+        raise fail("value", f"value must be a number, '<x>%Rx' or 'predicted', got {quote(v)}")
     v = float(v)
     if v < 0:
         raise fail("value", f"value must be >= 0, got {v:g}")
@@ -271,7 +289,7 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
     """Validate one raw goal (see the module docstring for the rules)."""
     label = f"goals[{index}]"
     if "id" in raw and isinstance(raw["id"].value, str):
-        label = raw["id"].value
+        label = quote(raw["id"].value, 40, repr_=False)
 
     def fail(key: str, msg: str) -> GoalListError:
         f = raw.get(key)
@@ -283,12 +301,12 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
 
     for k in raw:
         if k not in GOAL_KEYS:
-            raise fail(k, f"unknown goal key '{k}'; allowed: {', '.join(GOAL_KEYS)}")
+            raise fail(k, f"unknown goal key {quote(k)}; allowed: {', '.join(GOAL_KEYS)}")
     control = get("control")
     params: dict = {}
     if control is not None:
         if control not in CONTROL_TYPES:
-            raise fail("control", f"unknown control '{control}'; one of {CONTROL_TYPES}")
+            raise fail("control", f"unknown control {quote(control)}; one of {CONTROL_TYPES}")
         if "structure" in raw:
             raise fail("structure", "a control goal builds its own structure; remove "
                                     "'structure' (use 'around' for rings/conformity)")
@@ -313,12 +331,12 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
         if control == "ring":
             inner, outer = get("inner_mm", 0.0), get("outer_mm")
             if not _is_number(inner) or inner < 0:
-                raise fail("inner_mm", f"inner_mm must be a number >= 0, got {inner!r}")
+                raise fail("inner_mm", f"inner_mm must be a number >= 0, got {quote(inner)}")
             if outer is None:
                 raise fail("outer_mm", "a ring needs outer_mm (mm from the target surface)")
             if not _is_number(outer) or outer <= inner:
                 raise fail("outer_mm", f"outer_mm must be a number > inner_mm ({inner}), "
-                                       f"got {outer!r}")
+                                       f"got {quote(outer)}")
             params["inner_mm"], params["outer_mm"] = float(inner), float(outer)
         else:
             for k in ("inner_mm", "outer_mm"):
@@ -340,7 +358,7 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
             params["unknown_name"] = True
         kind = get("kind") or structure_kind(structure)
         if kind not in ("target", "organ"):
-            raise fail("kind", f"kind must be 'target' or 'organ', got {kind!r}")
+            raise fail("kind", f"kind must be 'target' or 'organ', got {quote(kind)}")
         metric_text = get("metric")
         if metric_text is None:
             raise fail("metric", "each goal needs 'metric' (e.g. D95%, Dmean, D0.1cc)")
@@ -361,18 +379,19 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
     if op is None:
         raise fail("operator", "each goal needs 'operator' ('<=' or '>=')")
     if op not in OPERATORS:
-        raise fail("operator", f"operator must be '<=' or '>=', got {op!r}")
+        raise fail("operator", f"operator must be '<=' or '>=', got {quote(op)}")
     priority = get("priority", default_priority)
     if priority is None:
         raise fail("priority", "organ goals need 'priority' (1 = hard, 2 = target level, ...)")
-    if not _is_int(priority) or priority < 1:
-        raise fail("priority", f"priority must be an integer >= 1, got {priority!r}")
+    if not _is_int(priority) or not 1 <= priority <= MAX_PRIORITY:
+        raise fail("priority", f"priority must be an integer 1..{MAX_PRIORITY}, got "
+                               f"{quote(priority)}")
     if "value" not in raw and default_value is None:
         raise fail("value", "each goal needs 'value' (number, '<x>%Rx' or 'predicted')")
     value = parse_value(get("value", default_value), metric, fail)
     tol = get("tolerance", 0.0)
     if not _is_number(tol) or not -100 < tol <= 1000:
-        raise fail("tolerance", f"tolerance is a percentage in (-100, 1000], got {tol!r}")
+        raise fail("tolerance", f"tolerance is a percentage in (-100, 1000], got {quote(tol)}")
     if value == "predicted":
         if priority == 1:
             pf, vf = raw.get("priority"), raw.get("value")
@@ -385,11 +404,12 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
     elif "tolerance" in raw and tol != 0:
         raise fail("tolerance", "tolerance applies only to 'predicted' values")
     weight = get("weight")
-    if weight is not None and (not _is_number(weight) or weight <= 0):
-        raise fail("weight", f"weight must be a number > 0, got {weight!r}")
+    if weight is not None and (not _is_number(weight) or not 0 < weight <= MAX_WEIGHT):
+        raise fail("weight", f"weight must be a number in (0, {MAX_WEIGHT:g}], got "
+                             f"{quote(weight)}")
     required = get("required", kind == "target")
     if not isinstance(required, bool):
-        raise fail("required", f"required must be true or false, got {required!r}")
+        raise fail("required", f"required must be true or false, got {quote(required)}")
     note = get("note", "")
     if not isinstance(note, str):
         raise fail("note", "note must be text")
@@ -402,7 +422,7 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
         else:
             gid = f"{structure}.{metric.text}" + (".pred" if value == "predicted" else "")
     elif not isinstance(gid, str) or not re.match(r"^[A-Za-z0-9_.%+\-]+$", gid):
-        raise fail("id", f"id must be text of letters, digits and _ . % + -, got {gid!r}")
+        raise fail("id", f"id must be text of letters, digits and _ . % + -, got {quote(gid)}")
     return Goal(id=gid, structure=structure, metric=metric, operator=op, value=value,
                 priority=int(priority), tolerance_pct=float(tol),
                 weight=None if weight is None else float(weight), kind=kind, note=note,
@@ -425,13 +445,19 @@ def parse_goal_list(data, file: str | None) -> tuple[GoalList, list[dict[str, Fi
                             file=file, line=getattr(data, "line", 1))
     for k in data:
         if k not in TOP_KEYS:
-            raise GoalListError(f"unknown key '{k}'; allowed: {', '.join(TOP_KEYS)}",
-                                file=file, line=_line(data, k, None), field=str(k))
+            raise GoalListError(f"unknown key {quote(k)}; allowed: {', '.join(TOP_KEYS)}",
+                                file=file, line=_line(data, k, None),
+                                field=quote(k, repr_=False))
     site = data.get("site")
     if not isinstance(site, str) or not site.strip():
         raise GoalListError("'site' must name the site (e.g. hn)", file=file,
                             line=_line(data, "site", 1), field="site")
-    desc = data.get("description", "") or ""
+    desc = data.get("description", "")
+    if desc is None:
+        desc = ""
+    if not isinstance(desc, str):
+        raise GoalListError(f"description must be text, got {quote(desc)}", file=file,
+                            line=_line(data, "description", None), field="description")
     pw = PriorityWeights()
     if "priority_weights" in data:
         pw = parse_priority_weights(data["priority_weights"], file,
@@ -457,11 +483,12 @@ def parse_goal_list(data, file: str | None) -> tuple[GoalList, list[dict[str, Fi
 
 def parse_beams(data, file) -> tuple[str | None, int | None]:
     bt, beams = data.get("beam_template"), data.get("beams")
-    if bt is not None and (not isinstance(bt, str) or not bt.strip()):
-        raise GoalListError("beam_template must be a template name", file=file,
+    if bt is not None and (not isinstance(bt, str) or bt not in BEAM_TEMPLATES):
+        raise GoalListError(f"unknown beam_template {quote(bt)}; known: "
+                            f"{', '.join(sorted(BEAM_TEMPLATES))}", file=file,
                             line=_line(data, "beam_template", None), field="beam_template")
     if beams is not None and (not _is_int(beams) or not 1 <= beams <= 360):
-        raise GoalListError(f"beams must be an integer 1..360, got {beams!r}", file=file,
+        raise GoalListError(f"beams must be an integer 1..360, got {quote(beams)}", file=file,
                             line=_line(data, "beams", None), field="beams")
     return bt, beams
 
