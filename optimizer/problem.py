@@ -92,6 +92,9 @@ class GoalBinding:
     measurable: bool = True
 
 
+MAX_TERM_WEIGHT = 1e12  # a term weight beyond this lets the objective's sums overflow
+
+
 @dataclass(eq=False)
 class Problem:
     """The optimisation problem (host arrays; backends move them to their device).
@@ -170,6 +173,31 @@ class Problem:
             v, _ = term_value_grad(t, d[t.rows], t.voxel_weight, t.ref_gy)
             out.append(float(v))
         return out
+
+    def check_finite(self, fluence) -> None:
+        """Raise InputError naming the first objective term whose weight, normalisation,
+        reference dose or value at ``fluence`` is not a finite number, or whose weight
+        exceeds MAX_TERM_WEIGHT (a weight of 1e308 makes the sum overflow to NaN, which
+        would otherwise stop the solver without a word of why)."""
+        vals = self.term_values(fluence)
+        for t, v in zip(self.terms, vals):
+            ref = np.asarray(t.ref_gy, dtype=np.float64)
+            problem = None
+            if not np.isfinite(t.weight) or not abs(t.weight) <= MAX_TERM_WEIGHT:
+                problem = f"weight {t.weight:g} (at most {MAX_TERM_WEIGHT:g})"
+            elif not np.isfinite(t.norm):
+                problem = f"normalisation {t.norm:g}"
+            elif not np.all(np.isfinite(ref)):
+                problem = "a reference dose that is not finite"
+            elif not np.isfinite(v):
+                problem = f"value {v:g} at the start fluence"
+            if problem:
+                field_name = f"{t.goal_id}.weight" if t.goal_id else t.name
+                raise InputError(f"objective term '{t.name}' is not finite: {problem}; "
+                                 "lower the goal's weight or priority weight",
+                                 field=field_name)
+        if not np.isfinite(self.smooth_weight / self.smooth_norm):
+            raise InputError("the smoothness term is not finite", field="auto:smoothness")
 
     def measure(self, binding: GoalBinding, dose_rows: np.ndarray) -> float | None:
         """The goal's metric on the dose grid for ``dose_rows`` (None: not measurable)."""
@@ -509,9 +537,11 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     pairs = smoothness_pairs(dij.beamlets.beam_index, dij.beamlets.bev_x_mm,
                              dij.beamlets.bev_y_mm, dij.beamlets.beamlet_size_mm)
     smooth_norm = max(len(pairs), 1) * float(np.mean(x0)) ** 2
-    return Problem(A, used, terms, x0, dij.dose_grid, pairs,
-                   opt.smoothness_weight_rel * wref, max(smooth_norm, 1e-12), bindings,
-                   notes, dvox_cc, rx)
+    problem = Problem(A, used, terms, x0, dij.dose_grid, pairs,
+                      opt.smoothness_weight_rel * wref, max(smooth_norm, 1e-12), bindings,
+                      notes, dvox_cc, rx)
+    problem.check_finite(x0)
+    return problem
 
 
 def initial_fluence(A, terms, rx, targets, fractions, lookup) -> np.ndarray:

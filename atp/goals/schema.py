@@ -284,6 +284,38 @@ def parse_value(v, metric: Metric, fail):
     return v
 
 
+def check_setting(field_name: str, value, *, unit: str | None = None,
+                  where: str = "--set") -> float:
+    """One re-plan change (``atp replan --set GOAL.FIELD=VALUE``, ``Plan.replan(set=)``)
+    validated with the rules of the goal-list field it overrides: tolerance a percentage
+    in (-100, 1000], value a number >= 0 (<= 100 for % metrics), weight in
+    (0, MAX_WEIGHT], priority an integer 1..MAX_PRIORITY; all finite. Returns the number;
+    raises GoalListError naming ``where``."""
+    def fail(msg):
+        return GoalListError(msg, field=where)
+
+    if isinstance(value, bool):
+        raise fail(f"{field_name} must be a number, got {quote(value)}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise fail(f"{field_name} must be a number, got {quote(value)}") from None
+    if not math.isfinite(v):
+        raise fail(f"{field_name} must be a finite number, got {quote(value)}")
+    if field_name == "tolerance" and not -100 < v <= 1000:
+        raise fail(f"tolerance is a percentage in (-100, 1000], got {v:g}")
+    if field_name == "value":
+        if v < 0:
+            raise fail(f"value must be >= 0, got {v:g}")
+        if unit == "%" and v > 100:
+            raise fail(f"value is a percentage: must be <= 100, got {v:g}")
+    if field_name == "weight" and not 0 < v <= MAX_WEIGHT:
+        raise fail(f"weight must be a number in (0, {MAX_WEIGHT:g}], got {v:g}")
+    if field_name == "priority" and (v != int(v) or not 1 <= v <= MAX_PRIORITY):
+        raise fail(f"priority must be an integer 1..{MAX_PRIORITY}, got {v:g}")
+    return v
+
+
 def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
                index: int) -> Goal:
     """Validate one raw goal (see the module docstring for the rules)."""
