@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.errors import InputError
+from atp.errors import InputError, quote
+from atp.goals.schema import MAX_WEIGHT, check_setting
 
 PLAN_FORMAT = "atp-plan-1"
 ATTAIN_ROUNDS = 3  # goal-attainment rounds of the optimiser (optimizer.solve.optimize)
@@ -282,14 +283,18 @@ def apply_settings(resolved_goals, settings: dict, priority_weights: dict | None
         if fld not in SETTABLE or not gkey:
             raise InputError(f"cannot set '{key}': expected <goal>.<field> with field one "
                              f"of {', '.join(SETTABLE)}", field="--set")
-        try:
-            val = float(val)
-        except (TypeError, ValueError):
-            raise InputError(f"'{key}' needs a number, got {val!r}", field="--set") from None
         hits = [i for i, g in enumerate(goals) if _goal_matches(g, gkey)]
         if not hits:
-            raise InputError(f"no goal '{gkey}'; goals: {', '.join(g.id for g in goals)}",
+            raise InputError(f"no goal {quote(gkey)}; goals: "
+                             f"{quote(', '.join(g.id for g in goals), 300, repr_=False)}",
                              field="--set")
+        # the rules of the goal-list field it overrides (finite, in range, right type)
+        val = check_setting(fld, val, unit=goals[hits[0]].metric.result_unit,
+                            where=f"--set {quote(key, 60, repr_=False)}")
+        if fld == "priority" and int(val) == 1 and goals[hits[0]].source == "predicted":
+            raise InputError("priority-1 goals are hard: give the value yourself, "
+                             "'predicted' values are only for priority >= 2",
+                             field=f"--set {quote(key, 60, repr_=False)}")
         if fld == "tolerance":
             hits = [i for i in hits if goals[i].source == "predicted"
                     and goals[i].predicted_value is not None]
@@ -322,7 +327,14 @@ def _priority_weight(priority: int, rule: dict | None) -> float:
     table = {int(k): float(v) for k, v in (rule.get("table") or {}).items()}
     if priority in table:
         return table[priority]
-    return float(rule.get("base", 10.0)) ** (int(rule.get("top", 3)) - int(priority))
+    try:
+        w = float(rule.get("base", 10.0)) ** (int(rule.get("top", 3)) - int(priority))
+    except (OverflowError, TypeError, ValueError):
+        w = float("inf")
+    if not 0 < w <= MAX_WEIGHT:
+        raise InputError(f"the priority rule gives priority {int(priority)} the weight {w:g}, "
+                         f"outside (0, {MAX_WEIGHT:g}]", field="settings.priority_weights")
+    return w
 
 
 # --- the stages -------------------------------------------------------------------------
