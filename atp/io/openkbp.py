@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.errors import InputError
+from atp.errors import InputError, quote
 from atp.grid import Grid
 from atp.patient import Patient, Prescription, Role, Structure
 
@@ -42,6 +42,50 @@ OPENKBP_DIRECTION = np.array([[0.0, 1.0, 0.0],   # columns: axis0 -> +y, axis1 -
                               [0.0, 0.0, -1.0]])
 
 
+VOXEL_MM_RANGE = (0.1, 20.0)   # a CT voxel edge in mm (OpenKBP: 2.0 .. 4.0)
+CT_RAW_RANGE = (0.0, 6000.0)   # HU + 1024 (OpenKBP stores 0 .. ~4000)
+DOSE_MAX_GY = 1000.0
+
+
+def check_voxel_mm(voxel, *, file, field: str = "voxel_mm") -> np.ndarray:
+    """The voxel size as 3 finite mm values in VOXEL_MM_RANGE, or InputError(file, field)."""
+    v = np.asarray(voxel)
+    if v.dtype.kind not in "iuf":
+        raise InputError(f"must be 3 numbers (mm), got dtype {v.dtype}", file=file,
+                         field=field)
+    v = v.astype(np.float64).reshape(-1) if v.size <= 16 else v.reshape(-1)[:16]
+    if v.shape != (3,):
+        raise InputError(f"must be 3 numbers (mm), got {np.asarray(voxel).size}", file=file,
+                         field=field)
+    lo, hi = VOXEL_MM_RANGE
+    if not np.all(np.isfinite(v)) or np.any(v < lo) or np.any(v > hi):
+        raise InputError(f"each voxel size must be a finite number in [{lo:g}, {hi:g}] mm, "
+                         f"got {quote(v.tolist())}", file=file, field=field)
+    return v
+
+
+def check_volume(a, *, file, field: str, kinds: str = "iuf",
+                 value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """A 128^3 real array (dtype kind in ``kinds``), finite, within ``value_range``; else
+    InputError naming the file and field."""
+    a = np.asarray(a)
+    if a.dtype.kind not in kinds:
+        raise InputError(f"must be a numeric array, got dtype {a.dtype}", file=file,
+                         field=field)
+    if a.shape != OPENKBP_SHAPE:
+        raise InputError(f"array shape {a.shape} is not the OpenKBP grid {OPENKBP_SHAPE}",
+                         file=file, field=field)
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        n = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise InputError(f"{n} voxels are NaN/inf", file=file, field=field)
+    if value_range is not None and a.size:
+        lo, hi = float(a.min()), float(a.max())
+        if lo < value_range[0] or hi > value_range[1]:
+            raise InputError(f"values {lo:g} .. {hi:g} outside [{value_range[0]:g}, "
+                             f"{value_range[1]:g}]", file=file, field=field)
+    return a
+
+
 def openkbp_grid(voxel_mm) -> Grid:
     """The OpenKBP grid for a voxel size, centred on the patient-coordinate origin."""
     spacing = np.asarray(voxel_mm, dtype=np.float64)
@@ -52,9 +96,12 @@ def openkbp_grid(voxel_mm) -> Grid:
 
 def _build(ct_raw: np.ndarray, masks: dict[str, np.ndarray], possible: np.ndarray | None,
            voxel_mm, patient_id: str, source: str, dose: np.ndarray | None) -> Patient:
-    grid = openkbp_grid(voxel_mm)
+    grid = openkbp_grid(check_voxel_mm(voxel_mm, file=source))
+    ct_raw = check_volume(ct_raw, file=source, field="ct", value_range=CT_RAW_RANGE)
     ct_raw = np.asarray(ct_raw, dtype=np.float32)
-    grid.check_array(ct_raw, file=source, field="ct")
+    if dose is not None:
+        dose = check_volume(dose, file=source, field="dose", value_range=(0.0, DOSE_MAX_GY))
+        dose = np.asarray(dose, dtype=np.float32)
     ct_hu = np.where(ct_raw > 0, ct_raw - 1024.0, -1024.0).astype(np.float32)
     structures: dict[str, Structure] = {}
     prescriptions = []
@@ -83,6 +130,25 @@ def _build(ct_raw: np.ndarray, masks: dict[str, np.ndarray], possible: np.ndarra
     return Patient(ct_hu, grid, structures, tuple(prescriptions), patient_id, meta, source)
 
 
+def _check_npz_sizes(data, path) -> None:
+    """Refuse an archive member whose header declares more than 128^3 x 8 bytes, before
+    reading it (a few kB of zeros compress to gigabytes)."""
+    limit = int(np.prod(OPENKBP_SHAPE)) * 8
+    for key in data.files:
+        try:
+            with data.zip.open(f"{key}.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(fh)
+        except Exception as exc:  # noqa: BLE001 - a corrupt member header
+            raise InputError(f"corrupt array header: {quote(str(exc), 120, repr_=False)}",
+                             file=path, field=key) from None
+        if int(np.prod(shape, dtype=np.float64)) * max(dtype.itemsize, 1) > limit:
+            raise InputError(f"array of shape {quote(shape)} and dtype {dtype} is larger "
+                             "than an OpenKBP volume", file=path, field=key)
+
+
 def load_openkbp_npz(path: str | Path) -> Patient:
     """Read one patient from the compact OpenKBP ``.npz`` (see ../shared README).
 
@@ -93,27 +159,53 @@ def load_openkbp_npz(path: str | Path) -> Patient:
         data = np.load(path, allow_pickle=False)
         keys = set(data.files)
     except Exception as exc:  # noqa: BLE001 - zipfile / value errors
-        raise InputError(f"cannot read OpenKBP npz: {exc}", file=path) from None
+        raise InputError(f"cannot read OpenKBP npz: {quote(str(exc), 120, repr_=False)}",
+                         file=path) from None
+    if not hasattr(data, "files"):
+        raise InputError("not an .npz archive (a single .npy array)", file=path)
     for key in ("ct", "masks", "rois", "voxel_mm"):
         if key not in keys:
             raise InputError("missing array", file=path, field=key)
+    _check_npz_sizes(data, path)
+    field = "rois"
     try:
-        rois = [str(r) for r in data["rois"]]
+        raw_rois = data["rois"]
+        if raw_rois.dtype.kind not in "US" or raw_rois.ndim != 1 or raw_rois.size > 16:
+            raise InputError(f"must be up to 16 ROI names, got dtype {raw_rois.dtype} "
+                             f"shape {raw_rois.shape}", file=path, field="rois")
+        rois = [str(r) for r in raw_rois]
+        field = "masks"
         bits = data["masks"]
+        if bits.dtype.kind not in "iu" or bits.shape != OPENKBP_SHAPE:
+            raise InputError(f"must be a {OPENKBP_SHAPE} integer bit mask, got dtype "
+                             f"{bits.dtype} shape {bits.shape}", file=path, field="masks")
+        if bits.dtype.kind == "i" and bits.min() < 0:
+            raise InputError("bit mask has negative values", file=path, field="masks")
+        if len(rois) > 8 * bits.dtype.itemsize:
+            raise InputError(f"{len(rois)} ROI names but {8 * bits.dtype.itemsize} mask bits",
+                             file=path, field="rois")
         masks = {r: ((bits >> i) & 1).astype(bool) for i, r in enumerate(rois)}
         possible = None
+        n = int(np.prod(OPENKBP_SHAPE))
         if "possible_dose_mask" in keys:
+            field = "possible_dose_mask"
             packed = data["possible_dose_mask"]
-            n = int(np.prod(OPENKBP_SHAPE))
+            if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != n // 8:
+                raise InputError(f"must be {n // 8} bit-packed uint8 bytes, got dtype "
+                                 f"{packed.dtype} shape {packed.shape}", file=path,
+                                 field="possible_dose_mask")
             possible = np.unpackbits(packed)[:n].reshape(OPENKBP_SHAPE).astype(bool)
-        dose = data["dose"].astype(np.float32) if "dose" in keys else None
-        ct, voxel = data["ct"], data["voxel_mm"]
+        field = "dose"
+        dose = data["dose"] if "dose" in keys else None
+        field = "ct"
+        ct = data["ct"]
+        field = "voxel_mm"
+        voxel = data["voxel_mm"]
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decode error is a corrupt file
-        raise InputError(f"corrupt OpenKBP npz: {exc}", file=path) from None
-    if dose is not None and not np.all(np.isfinite(dose)):
-        raise InputError("dose contains NaN/inf", file=path, field="dose")
+        raise InputError(f"corrupt OpenKBP npz: {quote(str(exc), 120, repr_=False)}",
+                         file=path, field=field) from None
     return _build(ct, masks, possible, voxel, path.stem, str(path), dose)
 
 
@@ -121,10 +213,13 @@ def _read_sparse_csv(path: Path, n: int, *, values: bool) -> np.ndarray:
     """OpenKBP CSV: header ',data', rows 'flat_index,value' (value column may be empty)."""
     out = np.zeros(n, dtype=np.float32 if values else bool)
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", file=path) from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"not a CSV text file: {quote(str(exc), 120, repr_=False)}",
+                         file=path, field="data") from None
     if not rows:
         raise InputError("empty CSV", file=path)
     body = rows[1:] if rows[0] and not rows[0][0].strip().isdigit() else rows
@@ -141,8 +236,9 @@ def _read_sparse_csv(path: Path, n: int, *, values: bool) -> np.ndarray:
             out[idx] = vals
         else:
             out[idx] = True
-    except (ValueError, IndexError) as exc:
-        raise InputError(f"malformed row: {exc}", file=path, field="data") from None
+    except (ValueError, IndexError, OverflowError) as exc:
+        raise InputError(f"malformed row: {quote(str(exc), 120, repr_=False)}", file=path,
+                         field="data") from None
     return out
 
 
@@ -158,12 +254,15 @@ def load_openkbp_csv(folder: str | Path) -> Patient:
         raise InputError("OpenKBP folder has no voxel_dimensions.csv", file=folder,
                          field="voxel_dimensions.csv")
     try:
-        voxel = np.loadtxt(vox_file, dtype=np.float64).reshape(-1)
-    except ValueError as exc:
-        raise InputError(f"malformed: {exc}", file=vox_file) from None
-    if voxel.shape != (3,):
-        raise InputError(f"expected 3 voxel dimensions, got {voxel.size}", file=vox_file)
+        if vox_file.stat().st_size > 10_000:
+            raise InputError("larger than 3 numbers", file=vox_file, field="voxel_mm")
+        voxel = np.loadtxt(vox_file, dtype=np.float64, delimiter=None).reshape(-1)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"malformed: {quote(str(exc), 120, repr_=False)}", file=vox_file,
+                         field="voxel_mm") from None
+    voxel = check_voxel_mm(voxel, file=vox_file)
     ct = _read_sparse_csv(ct_file, n, values=True).reshape(OPENKBP_SHAPE)
+    check_volume(ct, file=ct_file, field="data", value_range=CT_RAW_RANGE)
     masks = {}
     for roi in OPENKBP_ROIS:
         f = folder / f"{roi}.csv"
@@ -177,4 +276,5 @@ def load_openkbp_csv(folder: str | Path) -> Patient:
     df = folder / "dose.csv"
     if df.is_file():
         dose = _read_sparse_csv(df, n, values=True).reshape(OPENKBP_SHAPE)
+        check_volume(dose, file=df, field="data", value_range=(0.0, DOSE_MAX_GY))
     return _build(ct, masks, possible, voxel, folder.name, str(folder), dose)
