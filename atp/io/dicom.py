@@ -25,12 +25,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from atp.errors import DicomError, InputError
+from atp.errors import DicomError, InputError, quote
 from atp.grid import Grid
 from atp.io.prescription import find_sidecar, load_prescription_file, resolve_prescriptions
 from atp.io.rasterize import rasterize_contours
@@ -67,22 +69,67 @@ def _read_all(folder: Path):
             raise DicomError("not a DICOM file (remove it from the folder or fix it)",
                              file=path) from None
         except Exception as exc:  # noqa: BLE001 - any decode failure = corrupt file
-            raise DicomError(f"corrupt DICOM file: {exc}", file=path) from None
+            raise DicomError(f"corrupt DICOM file: {quote(str(exc), 120, repr_=False)}",
+                             file=path) from None
         if "Modality" not in ds:
             raise DicomError("DICOM file without Modality", file=path, field="Modality")
         out.append((path, ds))
     return out
 
 
-def _floats(ds, tag: str, n: int, path) -> np.ndarray:
+MAX_PIXELS = 2048          # Rows / Columns of one CT image
+MAX_VOXELS = 300_000_000   # slices x rows x columns of one CT series (1.2 GB float32)
+
+
+@contextlib.contextmanager
+def _guard(path, what: str):
+    """Turn a malformed dataset's AttributeError / KeyError / ValueError (a missing or
+    unconvertible attribute found while reading ``what``) into a DicomError naming the
+    file and, where the message says, the attribute."""
     try:
-        v = np.array([float(x) for x in ds[tag].value], dtype=np.float64)
+        yield
+    except InputError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError,
+            OverflowError) as exc:
+        m = re.search(r"attribute '(\w+)'", str(exc)) or re.search(r"\((\w+)\)", str(exc))
+        raise DicomError(f"malformed {what}: {quote(str(exc), 120, repr_=False)}", file=path,
+                         field=m.group(1) if m else what) from None
+
+
+def _int(ds, tag: str, path, lo: int = 0, hi: int = 2**31 - 1) -> int:
+    """A required integer attribute in [lo, hi], or DicomError naming file and tag."""
+    try:
+        v = ds[tag].value
     except KeyError:
         raise DicomError("missing attribute", file=path, field=tag) from None
-    except (TypeError, ValueError):
+    except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert
+        raise DicomError(f"unreadable value: {quote(str(exc), 80, repr_=False)}", file=path,
+                         field=tag) from None
+    try:
+        i = int(v)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"not an integer: {quote(v)}", file=path, field=tag) from None
+    if not lo <= i <= hi:
+        raise DicomError(f"must be in {lo}..{hi}, got {i}", file=path, field=tag)
+    return i
+
+
+def _floats(ds, tag: str, n: int, path) -> np.ndarray:
+    try:
+        raw = ds[tag].value
+        raw = raw if isinstance(raw, (list, tuple)) or hasattr(raw, "__len__") and \
+            not isinstance(raw, (str, bytes)) else [raw]
+        v = np.array([float(x) for x in raw], dtype=np.float64)
+    except KeyError:
+        raise DicomError("missing attribute", file=path, field=tag) from None
+    except (TypeError, ValueError, OverflowError):
         raise DicomError("not numeric", file=path, field=tag) from None
+    except Exception as exc:  # noqa: BLE001 - a value pydicom cannot convert
+        raise DicomError(f"unreadable value: {quote(str(exc), 80, repr_=False)}", file=path,
+                         field=tag) from None
     if v.shape != (n,) or not np.all(np.isfinite(v)):
-        raise DicomError(f"expected {n} finite numbers, got {ds[tag].value}", file=path,
+        raise DicomError(f"expected {n} finite numbers, got {quote(v.tolist())}", file=path,
                          field=tag)
     return v
 
@@ -99,7 +146,14 @@ def _ct_geometry(slices, folder: Path):
     row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
     ps0 = _floats(ds0, "PixelSpacing", 2, path0)
-    rows0, cols0 = int(ds0.Rows), int(ds0.Columns)
+    if np.any(ps0 <= 0) or np.any(ps0 > 50):
+        raise DicomError(f"pixel spacing must be in (0, 50] mm, got {quote(ps0.tolist())}",
+                         file=path0, field="PixelSpacing")
+    rows0 = _int(ds0, "Rows", path0, 1, MAX_PIXELS)
+    cols0 = _int(ds0, "Columns", path0, 1, MAX_PIXELS)
+    if len(slices) * rows0 * cols0 > MAX_VOXELS:
+        raise DicomError(f"CT series of {len(slices)} x {rows0} x {cols0} voxels is larger "
+                         f"than {MAX_VOXELS}", file=folder, field="Rows")
     pos = []
     for path, ds in slices:
         if not np.allclose(_floats(ds, "ImageOrientationPatient", 6, path), iop, atol=1e-4):
@@ -108,7 +162,7 @@ def _ct_geometry(slices, folder: Path):
         if not np.allclose(_floats(ds, "PixelSpacing", 2, path), ps0, atol=1e-4):
             raise DicomError("pixel spacing differs from the rest of the series", file=path,
                              field="PixelSpacing")
-        if (int(ds.Rows), int(ds.Columns)) != (rows0, cols0):
+        if (_int(ds, "Rows", path), _int(ds, "Columns", path)) != (rows0, cols0):
             raise DicomError("image size differs from the rest of the series", file=path,
                              field="Rows")
         pos.append(_floats(ds, "ImagePositionPatient", 3, path))
@@ -127,6 +181,9 @@ def _ct_geometry(slices, folder: Path):
                          f"({slices[i][0].name}, {slices[i + 1][0].name})", file=folder,
                          field="ImagePositionPatient")
     spacing = float(np.median(d))
+    if spacing > 50:
+        raise DicomError(f"slice spacing {spacing:g} mm is above 50 mm", file=folder,
+                         field="ImagePositionPatient")
     if np.max(d) > GAP_FACTOR * spacing:
         i = int(np.argmax(d))
         raise DicomError(f"missing CT slice(s): gap of {d[i]:.3f} mm between slices at "
@@ -153,13 +210,18 @@ def _ct_volume(slices, grid: Grid) -> np.ndarray:
         try:
             px = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - any decode failure = corrupt pixels
-            raise DicomError(f"cannot decode pixel data: {exc}", file=path,
+            raise DicomError(f"cannot decode pixel data: {quote(str(exc), 120, repr_=False)}",
+                             file=path,
                              field="PixelData") from None
         if px.shape != grid.shape[1:]:
             raise DicomError(f"pixel data shape {px.shape} != Rows x Columns "
                              f"{grid.shape[1:]}", file=path, field="PixelData")
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        try:
+            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        except Exception:  # noqa: BLE001 - a malformed DS value
+            raise DicomError("RescaleSlope / RescaleIntercept not numeric", file=path,
+                             field="RescaleSlope") from None
         hu = px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         if not np.all(np.isfinite(hu)):
             raise DicomError("CT values are not finite", file=path, field="PixelData")
@@ -240,7 +302,7 @@ def _roi_contours(rs, path) -> dict[int, list[np.ndarray]]:
     """ROI number -> closed planar contours (N, 3) mm; other geometry types skipped."""
     out: dict[int, list[np.ndarray]] = {}
     for rc in getattr(rs, "ROIContourSequence", []) or []:
-        num = int(rc.ReferencedROINumber)
+        num = _int(rc, "ReferencedROINumber", path)
         polys = out.setdefault(num, [])
         for c in getattr(rc, "ContourSequence", []) or []:
             gtype = str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")).upper()
@@ -292,7 +354,15 @@ def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
             structs.append((path, ds))
         else:
             ignored.append({"file": str(path.relative_to(folder)), "modality": modality})
-    series_uid, (rs_path, rs) = _choose(ct_by_series, structs, folder)
+    with _guard(folder, "RTSTRUCT references"):
+        series_uid, (rs_path, rs) = _choose(ct_by_series, structs, folder)
+    with _guard(folder, "CT series"):
+        return _load(folder, ct_by_series, series_uid, rs_path, rs, ignored, prescription_file,
+                     prescriptions, fractions, alias_table, require_prescription)
+
+
+def _load(folder, ct_by_series, series_uid, rs_path, rs, ignored, prescription_file,
+          prescriptions, fractions, alias_table, require_prescription) -> Patient:
     slices, grid = _ct_geometry(ct_by_series[series_uid], folder)
     ct_ds = slices[0][1]
     frame_uid = str(getattr(ct_ds, "FrameOfReferenceUID", ""))
@@ -307,15 +377,25 @@ def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
     ct = _ct_volume(slices, grid)
 
     table = alias_table or AliasTable.default()
+    with _guard(rs_path, "RTSTRUCT"):
+        return _with_structures(folder, slices, grid, ct, ct_ds, series_uid, frame_uid,
+                                rs_path, rs, ignored, table, prescription_file,
+                                prescriptions, fractions, require_prescription)
+
+
+def _with_structures(folder, slices, grid, ct, ct_ds, series_uid, frame_uid, rs_path, rs,
+                     ignored, table, prescription_file, prescriptions, fractions,
+                     require_prescription) -> Patient:
     contours = _roi_contours(rs, rs_path)
-    interpreted = {int(o.ReferencedROINumber): str(getattr(o, "RTROIInterpretedType", "") or "")
-                   .upper() for o in getattr(rs, "RTROIObservationsSequence", []) or []
+    interpreted = {_int(o, "ReferencedROINumber", rs_path):
+                   str(getattr(o, "RTROIInterpretedType", "") or "").upper()
+                   for o in getattr(rs, "RTROIObservationsSequence", []) or []
                    if "ReferencedROINumber" in o}
     warnings: list[str] = []
     structures: dict[str, Structure] = {}
     roi_numbers: dict[str, int] = {}
     for roi in getattr(rs, "StructureSetROISequence", []) or []:
-        num = int(roi.ROINumber)
+        num = _int(roi, "ROINumber", rs_path)
         original = str(getattr(roi, "ROIName", "") or f"ROI_{num}").strip()
         polys = contours.get(num, [])
         if not polys:
