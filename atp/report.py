@@ -63,6 +63,13 @@ def _structures_for_plots(patient) -> list[str]:
             if s.role in (Role.TARGET, Role.ORGAN) and s.n_voxels > 0]
 
 
+def plain_label(text) -> str:
+    """A structure name as literal matplotlib text: ``$`` escaped (no mathtext, so a name
+    like ``Larynx $x^^2$`` cannot break the figure), a leading ``_`` kept visible."""
+    text = str(text).replace("$", r"\$")
+    return "\u200b" + text if text.startswith("_") else text
+
+
 def dvh_figure(patient, dose_gy, predicted_dose_gy=None, structures=None):
     """DVH figure: plan (solid) and prediction (dashed) per structure; returns a data URI."""
     import matplotlib
@@ -83,7 +90,8 @@ def dvh_figure(patient, dose_gy, predicted_dose_gy=None, structures=None):
             d = np.sort(np.asarray(dose)[m])
             levels = np.linspace(0, top, 400)
             vol = 100.0 * (d.size - np.searchsorted(d, levels, side="left")) / d.size
-            ax.plot(levels, vol, style, color=c, lw=1.5, label=lab)
+            ax.plot(levels, vol, style, color=c, lw=1.5,
+                    label=None if lab is None else plain_label(lab))
     ax.set_xlabel("dose (Gy)")
     ax.set_ylabel("volume (%)")
     ax.set_xlim(0, top)
