@@ -203,3 +203,6 @@ class DoseInfluence:
             raise InputError(exc.message, file=path, field=exc.field) from None
         except KeyError as exc:
             raise InputError("missing array", file=path, field=str(exc.args[0])) from None
+        except Exception as exc:  # noqa: BLE001 - a truncated / inconsistent / object member
+            msg = " ".join(str(exc).split())[:120]
+            raise InputError(f"corrupt dij npz: {msg}", file=path, field="matrix") from None
