@@ -181,7 +181,11 @@ class DoseInfluence:
             files = set(d.files)
         except Exception as exc:  # noqa: BLE001 - any reader failure is bad input
             raise InputError(f"cannot read dij npz: {exc}", file=path) from None
-        if "format" not in files or str(d["format"]) != FORMAT_TAG:
+        try:
+            tag = str(d["format"]) if "format" in files else None
+        except Exception:  # noqa: BLE001 - an object / truncated member
+            tag = None
+        if tag != FORMAT_TAG:
             raise InputError(f"not an {FORMAT_TAG} file", file=path, field="format")
         try:
             m = sp.csc_matrix((d["data"], d["indices"], d["indptr"]),
