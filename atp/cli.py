@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "atp.commands.predict",
     "atp.commands.dij",
     "atp.commands.commission",
+    "atp.commands.listing",
 ]
 
 

@@ -1,4 +1,4 @@
-"""``atp commission [--json] [--model FILE]``: the beam model in water vs reference data.
+"""``atp commission [--json] [--beam-model FILE]``: the beam model in water vs reference data.
 
 10 x 10 cm^2 field at SSD 100 cm: PDD at 1.5 / 5 / 10 / 20 cm, depth of maximum dose and
 80-20 % penumbra at 10 cm depth, next to the reference values and their sources.
@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
-from atp.commands.common import print_json
+from atp.commands.common import add_hidden_alias, print_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("commission", help="check the photon beam model against reference "
                                           "water data (10x10 field, SSD 100 cm)")
-    p.add_argument("--model", help="beam-model JSON (default: built-in 6 MV)")
+    p.add_argument("--beam-model", help="beam-model JSON (default: built-in 6 MV; the same "
+                                        "option as `atp dij --beam-model`)")
+    add_hidden_alias(p, "--model", "--beam-model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -21,7 +23,7 @@ def run(args) -> int:
     from atp.dose.beam_model import PhotonBeamModel
     from atp.dose.commission import commission
 
-    res = commission(PhotonBeamModel.load(args.model))
+    res = commission(PhotonBeamModel.load(args.beam_model))
     if args.json:
         print_json(res)
         return 0

@@ -8,6 +8,8 @@ import sys
 
 from atp.outputs import to_jsonable
 
+DEFAULT_SITE = "hn"  # --site when neither --site nor --goal-list is given (every command)
+
 
 def add_patient_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("patient", help="OpenKBP .npz, OpenKBP CSV folder, DICOM folder, or "
@@ -16,6 +18,26 @@ def add_patient_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rx", action="append", default=[], metavar="TARGET=GY",
                    help="prescription for a target in Gy (DICOM; repeatable)")
     p.add_argument("--fractions", type=int, help="number of fractions (DICOM)")
+
+
+class _HiddenAlias(argparse.Action):
+    """An old option name kept for a release: hidden from --help, same destination as
+    its new name, and one line on stderr saying which name to use."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"atp: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_hidden_alias(p: argparse.ArgumentParser, old: str, new: str, **kw) -> None:
+    """Keep ``old`` as a hidden alias of the already-added option ``new``."""
+    dest = next(a.dest for a in p._actions if new in a.option_strings)
+    p.add_argument(old, dest=dest, action=_HiddenAlias, new=new, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS, **kw)
 
 
 def load_patient_from_args(args, *, require_prescription: bool = True):

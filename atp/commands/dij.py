@@ -8,7 +8,7 @@ The ``.npz`` layout is documented in :mod:`atp.dose.influence`.
 
 from __future__ import annotations
 
-from atp.commands.common import print_json
+from atp.commands.common import add_hidden_alias, print_json
 from atp.errors import InputError
 
 
@@ -41,8 +41,11 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="relative sparsification threshold (engine default 1e-4, arcs "
                         "3e-4)")
-    p.add_argument("--engine", default="pencil-beam", help="dose engine name")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--dose-engine", default="pencil-beam",
+                   help="dose engine name (`atp list engines`)")
+    add_hidden_alias(p, "--engine", "--dose-engine")
+    p.add_argument("--device", choices=("cpu", "cuda", "gpu"), default="cpu",
+                   metavar="cpu|cuda", help="pencil-beam: cpu (NumPy) or cuda (CuPy)")
     p.add_argument("--hu-table", help="HU -> relative electron density CSV (pencil-beam; "
                                       "default atp/data/hu_to_density.csv)")
     p.add_argument("--beam-model", help="beam-model JSON (pencil-beam; default built-in 6 MV)")
@@ -110,9 +113,10 @@ def run(args) -> int:
 
         patient = load_patient_from_args(args)
         beams = _beams(args)
-        engine = registry.get({"name": args.engine, "device": args.device,
+        device = "gpu" if args.device in ("cuda", "gpu") else "cpu"  # gpu: the old name
+        engine = registry.get({"name": args.dose_engine, "device": device,
                                "hu_table": args.hu_table, "model": args.beam_model}
-                              if args.engine == "pencil-beam" else args.engine)
+                              if args.dose_engine == "pencil-beam" else args.dose_engine)
         from atp.dose.arc import ARC_DOSE_GRID_FACTOR, ARC_THRESHOLD
 
         factor = args.dose_grid_factor or (ARC_DOSE_GRID_FACTOR if args.arc else 2)

@@ -1,9 +1,10 @@
-"""``atp evaluate PATIENT --dose DOSE.npy (--site S [--institution X] | --goal-list F)
-[--predicted PRED.npy] [--json]``: every goal with its achieved value and pass/fail,
+"""``atp evaluate PATIENT --dose DOSE.npy [--site S (default hn) [--institution X] |
+--goal-list F] [--predicted-dose PRED.npy] [--json]``: every goal with its achieved value
+and pass/fail,
 plus the standard DVH metrics per structure (and CI/HI/GI per prescribed target).
 
 The dose (and predicted dose) must be a .npy array in Gy on the patient grid. A goal
-with value 'predicted' and no --predicted is reported with its achieved value and
+with value 'predicted' and no --predicted-dose is reported with its achieved value and
 pass = null, with the reason.
 """
 
@@ -13,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
+from atp.commands.common import (
+    add_hidden_alias,
+    add_patient_arguments,
+    load_patient_from_args,
+    print_json,
+)
 from atp.commands.goals import add_goal_list_arguments, goal_list_from_args
 from atp.errors import GridMismatchError, InputError
 
@@ -24,8 +30,9 @@ def register(sub) -> None:
     p.add_argument("--dose", required=True, metavar="DOSE.npy",
                    help="dose in Gy on the patient grid (.npy)")
     add_goal_list_arguments(p)
-    p.add_argument("--predicted", metavar="PRED.npy",
+    p.add_argument("--predicted-dose", metavar="PRED.npy",
                    help="predicted dose (Gy, .npy) for goals with value 'predicted'")
+    add_hidden_alias(p, "--predicted", "--predicted-dose")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -79,8 +86,8 @@ def run(args) -> int:
     patient = load_patient_from_args(args)
     goal_list = goal_list_from_args(args)
     dose = load_dose_npy(args.dose, patient)
-    predicted = load_dose_npy(args.predicted, patient, "predicted dose") \
-        if args.predicted else None
+    predicted = load_dose_npy(args.predicted_dose, patient, "predicted dose") \
+        if args.predicted_dose else None
     report = evaluate_report(patient, dose, goal_list, predicted, dose_file=args.dose)
     if args.json:
         print_json(report)
@@ -93,7 +100,7 @@ def run(args) -> int:
         state = {True: "pass", False: "FAIL", None: "n/a"}[g["passed"]]
         print(f"{g['priority']:>2} {g['id']:<30}{g['structure']:<28}{g['operator']:<3}"
               f"{_fmt(g['value']):>10}{_fmt(g['achieved']):>10}  {state}"
-              + (" (value 'predicted': give --predicted)" if g.get("reason") else ""))
+              + (" (value 'predicted': give --predicted-dose)" if g.get("reason") else ""))
     for s in report["skipped"]:
         print(f"   skipped {s['id']}: {s['reason']}")
     a, h = report["summary"]["all"], report["summary"]["hard"]

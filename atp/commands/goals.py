@@ -1,14 +1,19 @@
 """``atp goals show|list``: inspect shipped goal lists and institution overlays.
 
 * ``atp goals list [--json]``: shipped sites and institutions.
-* ``atp goals show (--site SITE [--institution X] | --goal-list FILE) [--json]``: the
+* ``atp goals show [--site SITE (default hn) [--institution X] | --goal-list FILE]
+  [--json]``: the
   goal list after the overlay merge: priority, structure, metric, operator, value (or
-  'predicted' with its tolerance), weight and note of every goal.
+  'predicted' with its tolerance), weight and note of every goal; goals the institution
+  overlay modified (``*``) or added (``+``), and those it removed, name the overlay's
+  file:line. ``--institution NAME`` is looked up on the overlay search path
+  (``ATP_CONFIG_PATH``, the user config folder, the shipped overlays:
+  :mod:`atp.goals.loader`).
 """
 
 from __future__ import annotations
 
-from atp.commands.common import print_json
+from atp.commands.common import DEFAULT_SITE, print_json
 
 
 def register(sub) -> None:
@@ -25,8 +30,9 @@ def register(sub) -> None:
 
 
 def add_goal_list_arguments(p) -> None:
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--site", help="shipped goal list by site name (see `atp goals list`)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--site", help="shipped goal list by site name (default hn; see "
+                                  "`atp list sites`)")
     g.add_argument("--goal-list", metavar="FILE", help="a goal-list YAML file")
     p.add_argument("--institution", metavar="NAME|FILE",
                    help="institution overlay: shipped name or a YAML file")
@@ -35,7 +41,8 @@ def add_goal_list_arguments(p) -> None:
 def goal_list_from_args(args):
     from atp.goals.loader import load_goal_list
 
-    return load_goal_list(site=args.site, path=args.goal_list, institution=args.institution)
+    site = args.site if args.site or args.goal_list else DEFAULT_SITE
+    return load_goal_list(site=site, path=args.goal_list, institution=args.institution)
 
 
 def format_value(goal) -> str:
@@ -47,10 +54,23 @@ def format_value(goal) -> str:
     return f"{goal.value:g}" + (f" {unit}" if unit else "")
 
 
+def overlay_marks(gl) -> dict[str, dict]:
+    """Goal id -> the overlay's last change to it (modified / added / removed)."""
+    return {c["id"]: c for c in gl.overlay_changes}
+
+
 def run_show(args) -> int:
     gl = goal_list_from_args(args)
+    marks = overlay_marks(gl)
     if args.json:
-        print_json(gl.to_dict())
+        data = gl.to_dict()
+        for g in data["goals"]:
+            c = marks.get(g["id"])
+            g["overlay_change"] = None if c is None or c["change"] == "removed" else c
+        data["removed_by_overlay"] = [c for c in gl.overlay_changes
+                                      if c["change"] == "removed"
+                                      and c["id"] not in gl.ids]
+        print_json(data)
         return 0
     title = f"goal list '{gl.site}'" + (f" + institution '{gl.institution}'"
                                         if gl.institution else "")
@@ -61,7 +81,7 @@ def run_show(args) -> int:
     print(f"priority -> weight: {gl.priority_weights.describe()}")
     if gl.beam_template or gl.beams:
         print(f"beams: {gl.beam_template or '-'} ({gl.beams or '-'} beams)")
-    print(f"{'P':>2} {'id':<30}{'structure':<22}{'metric':<11}{'op':<3}{'value':<16}"
+    print(f"{'P':>3} {'id':<30}{'structure':<22}{'metric':<11}{'op':<3}{'value':<16}"
           f"{'weight':>8}  note")
     for g in sorted(gl.goals, key=lambda g: g.priority):
         where = g.structure
@@ -69,8 +89,20 @@ def run_show(args) -> int:
             where = f"{g.params['control']}:{g.params['around']}"
         if g.params.get("control") == "ring":
             where = f"ring {g.params['inner_mm']:g}-{g.params['outer_mm']:g}mm"
-        print(f"{g.priority:>2} {g.id:<30}{where:<22}{g.metric.text:<11}{g.operator:<3}"
-              f"{format_value(g):<16}{gl.weight_for(g):>8g}  {g.note}")
+        c = marks.get(g.id)
+        mark, src = " ", ""
+        if c is not None and c["change"] == "modified":
+            mark = "*"
+            src = f"  [overlay sets {', '.join(c['fields'])}: {c['file']}:{c['line']}]"
+        elif c is not None and c["change"] == "added":
+            mark, src = "+", f"  [added by overlay: {c['file']}:{c['line']}]"
+        print(f"{mark}{g.priority:>2} {g.id:<30}{where:<22}{g.metric.text:<11}"
+              f"{g.operator:<3}{format_value(g):<16}{gl.weight_for(g):>8g}  {g.note}{src}")
+    for c in gl.overlay_changes:
+        if c["change"] == "removed" and c["id"] not in gl.ids:
+            print(f"-   {c['id']:<30}removed by overlay: {c['file']}:{c['line']}")
+    if gl.overlay_changes:
+        print("(* modified, + added, - removed by the institution overlay)")
     return 0
 
 

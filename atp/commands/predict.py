@@ -1,9 +1,9 @@
-"""``atp predict PATIENT [--model NAME|PATH] --out pred.npy``: predicted dose in Gy.
+"""``atp predict PATIENT [--predictor NAME|PATH] --out pred.npy``: predicted dose in Gy.
 
 The output is a float32 ``.npy`` on the patient grid (same axes as the patient's CT),
-zero outside the body. ``--model`` takes a registered predictor name (``atp predict
---list``) or a ``.pt`` network checkpoint written by ``atp train``; the default is the
-best shipped predictor.
+zero outside the body. ``--predictor`` (as in ``atp plan``; ``--model`` is its old,
+hidden name) takes a registered predictor name (``atp list predictors``) or a ``.pt``
+network checkpoint written by ``atp train``; the default is the best shipped predictor.
 """
 
 from __future__ import annotations
@@ -14,13 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
+from atp.commands.common import (
+    add_hidden_alias,
+    add_patient_arguments,
+    load_patient_from_args,
+    print_json,
+)
 
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="predict the dose distribution of a patient")
     add_patient_arguments(p)
-    p.add_argument("--model", help="predictor name or .pt checkpoint (default: best shipped)")
+    p.add_argument("--predictor", metavar="NAME|PT",
+                   help="predictor name or .pt checkpoint (default: best shipped; "
+                        "`atp list predictors`)")
+    add_hidden_alias(p, "--model", "--predictor")
     p.add_argument("--out", required=True, help="output .npy (Gy on the patient grid)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.set_defaults(func=run)
@@ -45,7 +53,7 @@ def run(args) -> int:
     from atp.outputs import atomic_write_bytes
 
     patient = load_patient_from_args(args)
-    predictor = resolve_predictor(args.model)
+    predictor = resolve_predictor(args.predictor)
     t0 = time.perf_counter()
     dose = predictor.predict(patient)
     seconds = time.perf_counter() - t0

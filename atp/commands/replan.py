@@ -1,9 +1,10 @@
-"""``atp replan PLAN_DIR --set "Parotid_L.Dmean.tolerance=-20" [--warm] [--out DIR]``
+"""``atp replan PLAN_DIR --set "Parotid_L.Dmean.tolerance=-20" [--cold] [--out DIR]``
 
 Re-optimises a saved plan after goal changes, reusing its stored dose-influence matrix
 and predicted dose. ``--set GOAL.FIELD=VALUE`` (repeatable) with FIELD one of tolerance
 (% on a predicted goal), value, weight, priority; GOAL is a goal id (the ``.pred``
-suffix may be left off) or STRUCTURE.METRIC. ``--warm`` starts from the saved fluence.
+suffix may be left off) or STRUCTURE.METRIC. Warm by default, like ``Plan.replan``: it
+starts from the saved fluence and hard-goal state; ``--cold`` starts afresh.
 Writes to ``--out`` (default: PLAN_DIR itself, replaced atomically). Exit codes as for
 ``atp plan``.
 """
@@ -24,8 +25,11 @@ def register(sub) -> None:
     p.add_argument("plan_dir", help="a plan directory written by `atp plan`")
     p.add_argument("--set", action="append", default=[], metavar="GOAL.FIELD=VALUE",
                    help="change a goal (repeatable), e.g. Parotid_L.Dmean.tolerance=-20")
-    p.add_argument("--warm", action="store_true",
-                   help="warm start from the saved fluence (default: cold start)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--warm", dest="warm", action="store_true", default=True,
+                   help="warm start from the saved fluence (the default, as Plan.replan)")
+    w.add_argument("--cold", dest="warm", action="store_false",
+                   help="cold start from the uniform initial fluence")
     p.add_argument("--patient", default=None,
                    help="the patient (default: the source recorded in plan.json)")
     p.add_argument("--out", default=None, help="output plan directory (default PLAN_DIR)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from atp.goals.model import GoalResult, ResolvedGoal
 from atp.goals.resolve import check_dose, measure_goal
 
-NO_PREDICTION = ("value is 'predicted' but no predicted dose was given (pass --predicted "
+NO_PREDICTION = ("value is 'predicted' but no predicted dose was given (pass --predicted-dose "
                  "PRED.npy); achieved value reported only")
 
 

@@ -1,14 +1,29 @@
 """Finding and loading shipped goal lists (``goal_lists/``) and overlays (``site_configs/``).
 
 ``load_goal_list(site="hn", institution="example_parotid_sparing")`` reads
-``goal_lists/hn.yaml`` shipped with the package and merges
-``site_configs/example_parotid_sparing.yaml``; ``path=`` reads any goal-list file
-instead, and ``institution`` may also be a path to an overlay file.
+``goal_lists/hn.yaml`` shipped with the package and merges the overlay
+``example_parotid_sparing.yaml``; ``path=`` reads any goal-list file instead, and
+``institution`` may also be a path to an overlay file.
+
+Institution overlays are found by name on a search path, first match wins:
+
+1. each folder in ``ATP_CONFIG_PATH`` (separated by ``os.pathsep``; a folder of
+   ``NAME.yaml`` overlays, or one holding a ``site_configs/`` folder of them);
+2. the user's config folder, :func:`user_config_dir` (Linux
+   ``$XDG_CONFIG_HOME/atp/site_configs``, default ``~/.config/atp/site_configs``; macOS
+   ``~/Library/Application Support/atp/site_configs``; Windows
+   ``%APPDATA%\\atp\\site_configs``);
+3. the overlays shipped with atp (``site_configs/``).
+
+So an institution keeps its own overlay outside site-packages and names it with
+``--institution NAME``; a name found earlier hides a shipped overlay of the same name.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
+import sys
 from pathlib import Path
 
 from atp.errors import GoalListError
@@ -36,9 +51,46 @@ def list_sites() -> list[str]:
     return sorted(p.stem for p in goal_lists_dir().glob("*.yaml"))
 
 
+CONFIG_PATH_ENV = "ATP_CONFIG_PATH"
+OVERLAY_SUFFIXES = (".yaml", ".yml")
+
+
+def user_config_dir() -> Path:
+    """The user's folder of institution overlays (platform convention; may not exist)."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "atp" / "site_configs"
+
+
+def institution_search_path() -> list[Path]:
+    """Folders searched for ``--institution NAME``, in order (see the module docstring)."""
+    dirs = []
+    for entry in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep):
+        if entry.strip():
+            d = Path(entry).expanduser()
+            dirs.append(d / "site_configs" if (d / "site_configs").is_dir() else d)
+    return dirs + [user_config_dir(), site_configs_dir()]
+
+
+def find_institutions() -> dict[str, Path]:
+    """Overlay name -> its file, the first on :func:`institution_search_path`."""
+    found: dict[str, Path] = {}
+    for d in institution_search_path():
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.suffix in OVERLAY_SUFFIXES and p.is_file():
+                found.setdefault(p.stem, p)
+    return found
+
+
 def list_institutions() -> list[str]:
-    """Names of the shipped institution overlays (``--institution`` values)."""
-    return sorted(p.stem for p in site_configs_dir().glob("*.yaml"))
+    """Names of the institution overlays on the search path (``--institution`` values)."""
+    return sorted(find_institutions())
 
 
 def site_path(site: str) -> Path:
@@ -50,17 +102,19 @@ def site_path(site: str) -> Path:
 
 
 def institution_path(institution: str) -> Path:
-    """A shipped overlay by name, or an overlay file path."""
+    """An overlay by name on the search path, or an overlay file path."""
     p = Path(institution)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
+    if p.suffix in OVERLAY_SUFFIXES or p.is_file():
         if not p.is_file():
             raise GoalListError("no such overlay file", file=p, field="institution")
         return p
-    q = site_configs_dir() / f"{institution}.yaml"
-    if not q.is_file():
-        raise GoalListError(f"no shipped institution overlay '{institution}'; institutions: "
-                            f"{list_institutions()}", field="institution")
-    return q
+    found = find_institutions()
+    if institution not in found:
+        raise GoalListError(
+            f"no institution overlay '{institution}'; institutions: {sorted(found)}; "
+            f"searched {os.pathsep.join(map(str, institution_search_path()))} "
+            f"(add folders with {CONFIG_PATH_ENV})", field="institution")
+    return found[institution]
 
 
 def read_goal_list(path: str | Path) -> tuple[GoalList, list]:

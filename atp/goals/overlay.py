@@ -134,6 +134,7 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
                                 file=file, line=_line(sec, k, sline), field=f"sites.{site}.{k}")
     goals = list(base.goals)
     raws = [dict(r) for r in raws]
+    changes_made: list[dict] = []
 
     def entries(key):
         items = sec.get(key) or []
@@ -150,6 +151,8 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
                                     "+ metric)", file=file, line=_line(item, k, ln),
                                     field=f"remove.{k}")
         i = _select(goals, item, file, ln, "remove")
+        changes_made.append({"id": goals[i].id, "change": "removed", "file": file,
+                             "line": ln})
         del goals[i]
         del raws[i]
     for item, ln in entries("modify"):
@@ -175,6 +178,8 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
             raw.pop("tolerance")  # a tolerance belongs to the 'predicted' value it replaced
         raws[i] = raw
         goals[i] = reparse_goal(goals[i], raw)
+        changes_made.append({"id": goals[i].id, "change": "modified", "file": file,
+                             "line": ln, "fields": sorted(map(str, changes))})
     for item, ln in entries("add"):
         if not isinstance(item, dict):
             raise GoalListError("each added goal must be a mapping", file=file, line=ln,
@@ -182,6 +187,8 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
         raw = raw_fields(item, file)
         goals.append(parse_goal(raw, file=file, line=ln, index=len(goals)))
         raws.append(raw)
+        changes_made.append({"id": goals[-1].id, "change": "added", "file": file,
+                             "line": ln})
     check_unique_ids(goals)
     pw = base.priority_weights
     if "priority_weights" in sec:
@@ -191,4 +198,5 @@ def apply_overlay(base: GoalList, raws: list, data, file: str, site: str) -> Goa
     return replace(base, goals=tuple(goals), priority_weights=pw,
                    beam_template=bt if bt is not None else base.beam_template,
                    beams=beams if beams is not None else base.beams,
-                   institution=institution, overlay_file=file)
+                   institution=institution, overlay_file=file,
+                   overlay_changes=tuple(changes_made))

@@ -185,6 +185,9 @@ class GoalList:
     source_file: str | None = None
     institution: str | None = None
     overlay_file: str | None = None
+    # what the overlay did, in order: {"id", "change": removed|modified|added, "file",
+    # "line", "fields": changed field names (modified)}
+    overlay_changes: tuple[dict, ...] = ()
 
     def weight_for(self, goal: Goal) -> float:
         """The goal's own ``weight`` when given, else the priority rule's weight."""
@@ -206,7 +209,8 @@ class GoalList:
         return {
             "site": self.site, "description": self.description,
             "institution": self.institution, "source_file": self.source_file,
-            "overlay_file": self.overlay_file, "beam_template": self.beam_template,
+            "overlay_file": self.overlay_file, "overlay_changes": list(self.overlay_changes),
+            "beam_template": self.beam_template,
             "beams": self.beams, "priority_weights": self.priority_weights.to_dict(),
             "priority_rule": self.priority_weights.describe(),
             "goals": [goal_to_dict(g, self.weight_for(g)) for g in self.goals],
