@@ -30,6 +30,7 @@ This module imports predictor / optimizer / sequencer lazily, inside functions.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -745,6 +746,100 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
 
 
 # --- loading ----------------------------------------------------------------------------
+def _num(v, *, lo=-math.inf, hi=math.inf, optional=False, integer=False) -> bool:
+    if v is None:
+        return optional
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if integer and not isinstance(v, int):
+        return False
+    return math.isfinite(float(v)) and lo <= v <= hi
+
+
+_GOAL_FIELDS = {  # plan.json goal key -> check
+    "id": lambda v: isinstance(v, str) and bool(v),
+    "structure": lambda v: isinstance(v, str) and bool(v),
+    "metric": lambda v: isinstance(v, str) and bool(v),
+    "operator": lambda v: v in ("<=", ">="),
+    "value": lambda v: _num(v, lo=0.0, optional=True),
+    "priority": lambda v: _num(v, lo=1, hi=99, integer=True),
+    "weight": lambda v: _num(v, lo=0.0, hi=MAX_WEIGHT) and v > 0,
+    "kind": lambda v: v in ("target", "organ", "control"),
+    "source": lambda v: isinstance(v, str),
+    "tolerance_pct": lambda v: _num(v, lo=-100, hi=1000, optional=True),
+    "predicted_value": lambda v: _num(v, optional=True),
+    "reference_rx_gy": lambda v: _num(v, lo=0.0, optional=True),
+    "note": lambda v: v is None or isinstance(v, str),
+    "params": lambda v: v is None or isinstance(v, dict),
+}
+_PLAN_JSON_TYPES = {"patient": dict, "goals": list, "settings": dict, "optimizer": dict,
+                    "timings_s": dict, "notes": list, "versions": dict}
+
+
+def _check_plan_json(data, pj) -> None:
+    """plan.json read back: the types :func:`load_plan` relies on, or InputError naming
+    plan.json and the field (a hand-edited or foreign plan.json must not traceback)."""
+    if not isinstance(data, dict):
+        raise InputError("plan.json must hold a JSON object", file=pj)
+    for key, typ in _PLAN_JSON_TYPES.items():
+        if key in data and not isinstance(data[key], typ):
+            raise InputError(f"must be a JSON {typ.__name__}, got {type(data[key]).__name__}",
+                             file=pj, field=key)
+    for key in ("patient", "goals"):
+        if key not in data:
+            raise InputError("missing", file=pj, field=key)
+    src = data["patient"].get("source")
+    if src is not None and not isinstance(src, str):
+        raise InputError("must be text", file=pj, field="patient.source")
+    for i, g in enumerate(data["goals"]):
+        if not isinstance(g, dict):
+            raise InputError("each goal must be a JSON object", file=pj, field=f"goals[{i}]")
+        for key, ok in _GOAL_FIELDS.items():
+            if key not in g and key in ("id", "structure", "metric", "operator", "priority",
+                                        "weight", "kind", "source"):
+                raise InputError("missing", file=pj, field=f"goals[{i}].{key}")
+            if key in g and not ok(g[key]):
+                raise InputError(f"invalid value {quote(g[key])}", file=pj,
+                                 field=f"goals[{i}].{key}")
+    pw = data.get("settings", {}).get("priority_weights")
+    if pw is not None and not isinstance(pw, dict):
+        raise InputError("must be a JSON object", file=pj, field="settings.priority_weights")
+
+
+def _load_npy(path, field: str, shape=None, *, member: str | None = None) -> np.ndarray:
+    """A float array from a plan folder (no pickles), finite, of ``shape``; else
+    InputError naming the file and field."""
+    try:
+        obj = np.load(path, allow_pickle=False)
+        if member is None:
+            if hasattr(obj, "files"):
+                obj.close()
+                raise InputError("expected a .npy array, found an .npz archive", file=path,
+                                 field=field)
+            a = obj
+        else:
+            if not hasattr(obj, "files"):
+                raise InputError("expected an .npz archive", file=path, field=field)
+            with obj:
+                a = np.asarray(obj[member])
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError("missing", file=path, field=field) from None
+    except KeyError:
+        raise InputError("missing array", file=path, field=field) from None
+    except Exception as exc:  # noqa: BLE001 - truncated / pickle-bearing / not numpy
+        raise InputError(f"cannot read: {quote(str(exc), 120, repr_=False)}", file=path,
+                         field=field) from None
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "iuf":
+        raise InputError("must be a numeric array", file=path, field=field)
+    if shape is not None and a.shape != tuple(shape):
+        raise InputError(f"shape {a.shape} is not {tuple(shape)}", file=path, field=field)
+    if not np.all(np.isfinite(a)):
+        raise InputError("contains NaN/inf", file=path, field=field)
+    return a
+
+
 def _resolved_from_dict(d: dict):
     from atp.goals.model import Metric, ResolvedGoal
 
@@ -770,11 +865,15 @@ def load_plan(plan_dir, patient=None) -> Plan:
     if not pj.is_file():
         raise InputError("not a plan directory (no plan.json)", file=plan_dir)
     try:
-        data = json.loads(pj.read_text())
-    except ValueError as exc:
-        raise InputError(f"malformed plan.json: {exc}", file=pj) from None
+        data = json.loads(pj.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as exc:
+        raise InputError(f"malformed plan.json: {quote(str(exc), 120, repr_=False)}",
+                         file=pj) from None
+    if not isinstance(data, dict):
+        raise InputError("plan.json must hold a JSON object", file=pj)
     if data.get("format") != PLAN_FORMAT:
         raise InputError(f"not an {PLAN_FORMAT} plan", file=pj, field="format")
+    _check_plan_json(data, pj)
     for f in ("dose.npy", "fluence.npz", "dij.npz"):
         if not (plan_dir / f).is_file():
             raise InputError(f"plan directory lacks {f}", file=plan_dir, field=f)
@@ -788,16 +887,29 @@ def load_plan(plan_dir, patient=None) -> Plan:
         patient = load_patient("phantom" if src.startswith("<embedded") else src)
     try:
         resolved = [_resolved_from_dict(g) for g in data["goals"]]
-    except (KeyError, TypeError) as exc:
-        raise InputError(f"malformed goal entry: {exc}", file=pj, field="goals") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"malformed goal entry: {quote(str(exc), 120, repr_=False)}",
+                         file=pj, field="goals") from None
     patient = with_control_structures(patient, resolved)
     dij = DoseInfluence.load(plan_dir / "dij.npz")
-    dose = np.load(plan_dir / "dose.npy")
+    if dij.patient_grid is None:
+        raise InputError("dij has no patient grid", file=plan_dir / "dij.npz",
+                         field="patient_grid_shape")
+    if dij.patient_grid.shape != patient.grid.shape:
+        raise InputError(f"dij patient grid {dij.patient_grid.shape} is not the patient's "
+                         f"{patient.grid.shape}", file=plan_dir / "dij.npz",
+                         field="patient_grid_shape")
+    dose = _load_npy(plan_dir / "dose.npy", "dose", patient.grid.shape)
     pred_file = plan_dir / "predicted_dose.npy"
-    pred = np.load(pred_file) if pred_file.is_file() else None
-    fl = np.load(plan_dir / "fluence.npz")["fluence"]
+    pred = _load_npy(pred_file, "predicted_dose", patient.grid.shape) \
+        if pred_file.is_file() else None
+    fl = _load_npy(plan_dir / "fluence.npz", "fluence", (dij.n_beamlets,), member="fluence")
+    if np.any(fl < 0):
+        raise InputError("negative beamlet weights", file=plan_dir / "fluence.npz",
+                         field="fluence")
     ideal_file = plan_dir / "ideal_dose.npy"
-    ideal = np.load(ideal_file) if ideal_file.is_file() else None
+    ideal = _load_npy(ideal_file, "ideal_dose", patient.grid.shape) \
+        if ideal_file.is_file() else None
     results = evaluate_goals(resolved, patient, dose)
     term_values = {g["id"]: g.get("objective_value") for g in data["goals"]}
     return Plan(patient, resolved, results, fl, dose, pred, dij, data.get("timings_s", {}),
