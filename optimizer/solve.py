@@ -7,6 +7,19 @@ gets its weight multiplied by ``hard_growth`` and its reference moved past the t
 the violation (a multiplier-style shift), and the solve restarts warm. After
 ``hard_rounds`` rounds, goals still violated are listed in ``Result.messages`` and
 ``Result.unmet_hard`` with the achieved value and by how much they miss: never silent.
+
+**Surrogate offsets.** A goal is optimised on a surrogate (its term's voxels on the dose
+grid: an organ minus the targets it overlaps, coverage voxels counted whole, the ideal
+fluence dose) but reported on the whole structure on the patient grid, after sequencing.
+After every solve each goal's offset ``reported - surrogate`` is measured (the pipeline's
+``goal_check`` measures what the plan is judged on) and the goal's term reference is
+tightened by it (never loosened), so that the term is active exactly when the reported
+value fails (to first order): what is optimised and what is reported agree. The offset is
+re-measured every round (not accumulated; the deliverable-dose correction of Siebers et
+al. 2002 applied to the surrogate), kept in ``Result.hard_state[goal]['offset']`` and
+carried by warm re-plans. Goals of every priority get it; the attainment rounds (soft
+goals of priority <= ``attain_max_priority``) and the hard-goal loop shift references on
+top of it.
 """
 
 from __future__ import annotations
@@ -15,7 +28,9 @@ import time
 
 from optimizer import registry
 from optimizer.backends.base import Result
-from optimizer.problem import UPPER_OPS
+from optimizer.problem import UPPER_OPS, measure_metric
+
+OFFSET_KINDS = ("Dmean", "Dmax", "Dmin", "D")  # metrics whose term reference is a dose
 
 
 def _apply_hard_state(problem, state: dict):
@@ -28,11 +43,54 @@ def _apply_hard_state(problem, state: dict):
         if not st:
             continue
         for ti in b.term_indices:
-            t = terms[ti].with_weight(terms[ti].weight * st["weight_factor"])
-            if isinstance(t.ref_gy, float) and st.get("ref_shift"):
-                t = t.with_ref(max(0.0, t.ref_gy + st["ref_shift"]))
+            t = terms[ti].with_weight(terms[ti].weight * st.get("weight_factor", 1.0))
+            shift = st.get("ref_shift", 0.0) + st.get("offset", 0.0)
+            if isinstance(t.ref_gy, float) and shift:
+                t = t.with_ref(max(0.0, t.ref_gy + shift))
             terms[ti] = t
     return problem.with_terms(terms)
+
+
+def apply_state(problem, state: dict):
+    """The problem as optimised with ``state`` (``Result.hard_state``): each goal's term
+    re-weighted and its reference moved by the hard-goal / attainment shift and the
+    surrogate offset."""
+    return _apply_hard_state(problem, state or {})
+
+
+def surrogate_value(problem, binding, dose_rows) -> float | None:
+    """A goal's metric on its optimised surrogate: its (single) term's voxels and voxel
+    weights on the dose grid (None: the goal has no such term)."""
+    g = binding.goal
+    if (len(binding.term_indices) != 1 or g.value is None
+            or g.metric.kind not in OFFSET_KINDS):
+        return None
+    t = problem.terms[binding.term_indices[0]]
+    if not isinstance(t.ref_gy, float) or t.rows.size == 0:
+        return None
+    from optimizer.problem import _rx_of
+
+    return measure_metric(g.metric, dose_rows[t.rows], t.voxel_weight,
+                          problem.voxel_volume_cc, _rx_of(g, problem.prescriptions))
+
+
+def measure_offsets(problem, fluence, report) -> dict:
+    """Per goal id: the signed reference offset (Gy) that tightens its surrogate by the
+    measured ``reported - surrogate`` (upper goals: <= 0; lower goals: >= 0)."""
+    d = problem.dose_rows(fluence)
+    by_id = {r["id"]: r for r in report}
+    out = {}
+    for b in problem.bindings:
+        r = by_id.get(b.goal.id)
+        if r is None or r.get("achieved") is None:
+            continue
+        s = surrogate_value(problem, b, d)
+        if s is None:
+            continue
+        diff = float(r["achieved"]) - s
+        out[b.goal.id] = -max(0.0, diff) if b.goal.operator in UPPER_OPS \
+            else max(0.0, -diff)
+    return out
 
 
 def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
@@ -40,7 +98,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              attain_rounds: int = 0, attain_max_priority: int = 3,
              attain_max_shift: float = 0.25, attain_margin: float = 0.01,
              hard_max_factor: float = 64.0, hard_max_shift: float = 0.5,
-             **options) -> Result:
+             surrogate_offsets: bool = True, **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
     goal_check: optional callable(fluence) -> list of per-goal dicts (id, achieved, met,
@@ -64,6 +122,9 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     their value tightened by ``attain_margin`` (a fraction of it), so that a goal met
     only at its edge on the optimised dose stays met after small dose changes
     (sequencing, interpolation).
+    surrogate_offsets: tighten every goal's term reference by its measured ``reported -
+    surrogate`` offset after each solve (module docstring); a round is re-solved while a
+    failing goal's offset moves by more than max(0.1 Gy, 1 % of its value).
     """
     be = registry.resolve(backend)
     t0 = time.perf_counter()
@@ -90,6 +151,21 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 return max(0.0, a - (v - attain_margin * abs(v)))
             return max(0.0, (v + attain_margin * abs(v)) - a)
 
+        def update_offsets(fluence, rep) -> list:
+            """Re-measure the surrogate offsets; ids of failing goals whose offset moved."""
+            if not surrogate_offsets:
+                return []
+            met = {r["id"]: r.get("met") for r in rep}
+            moved = []
+            for gid, off in measure_offsets(problem, fluence, rep).items():
+                st = state.setdefault(gid, {"weight_factor": 1.0, "ref_shift": 0.0})
+                before = st.get("offset", 0.0)
+                st["offset"] = off
+                tol = max(0.1, 0.01 * abs(float(by_id[gid].goal.value)))
+                if met.get(gid) is False and abs(off - before) > tol:
+                    moved.append(gid)
+            return moved
+
         report = check(res.fluence) if goal_check else res.goal_report
         for rounds in range(1, max(hard_rounds, attain_rounds) + 1):
             violated = [r for r in report if r.get("hard") and r.get("met") is False] \
@@ -97,7 +173,8 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             soft = [dict(r, violation=soft_shortfall(r)) for r in report] \
                 if rounds <= attain_rounds else []
             soft = [r for r in soft if r["violation"] > 0.0]
-            if not violated and not soft:
+            moved = update_offsets(res.fluence, report)
+            if not violated and not soft and not moved:
                 rounds -= 1
                 break
             escalated = False
@@ -111,7 +188,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                     cap = hard_max_shift * abs(float(b.goal.value))
                     st["ref_shift"] = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
                 escalated |= (st["weight_factor"], st["ref_shift"]) != before
-            if violated and not escalated and not soft:
+            if violated and not escalated and not soft and not moved:
                 rounds -= 1  # every violated hard goal is at its caps: nothing to try
                 break
             for r in soft:
@@ -128,6 +205,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             iterations += res.iterations
             history.extend(res.history)
             report = check(res.fluence) if goal_check else problem.goal_report(res.fluence)
+        update_offsets(res.fluence, report)  # kept for warm re-plans and the plan's terms
         res.objective = problem.objective(res.fluence)
         res.goal_report = problem.goal_report(res.fluence)
         if goal_check:  # the caller's measurement decides what is met
