@@ -30,11 +30,20 @@ COMMAND_MODULES = [
 ]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other input error of atp."""
+
+    def error(self, message: str):
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="atp", description="Clinical-goal-guided automated radiotherapy planning.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=_OneLineParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from atp.commands import argtypes
 from atp.outputs import to_jsonable
 
 DEFAULT_SITE = "hn"  # --site when neither --site nor --goal-list is given (every command)
@@ -17,7 +18,7 @@ def add_patient_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prescription-file", help="YAML sidecar with prescriptions (DICOM)")
     p.add_argument("--rx", action="append", default=[], metavar="TARGET=GY",
                    help="prescription for a target in Gy (DICOM; repeatable)")
-    p.add_argument("--fractions", type=int, help="number of fractions (DICOM)")
+    p.add_argument("--fractions", type=argtypes.FRACTIONS, help="number of fractions (DICOM)")
 
 
 class _HiddenAlias(argparse.Action):

@@ -8,6 +8,7 @@ The ``.npz`` layout is documented in :mod:`atp.dose.influence`.
 
 from __future__ import annotations
 
+from atp.commands import argtypes
 from atp.commands.common import add_hidden_alias, print_json
 from atp.errors import InputError
 
@@ -19,26 +20,26 @@ def register(sub) -> None:
     p.add_argument("--prescription-file", help="YAML sidecar with prescriptions (DICOM)")
     p.add_argument("--rx", action="append", default=[], metavar="TARGET=GY",
                    help="prescription for a target in Gy (DICOM; repeatable)")
-    p.add_argument("--fractions", type=int, help="number of fractions (DICOM)")
-    p.add_argument("--beams", type=int, default=9, help="number of equispaced beams (9)")
-    p.add_argument("--start-angle", type=float, default=0.0,
+    p.add_argument("--fractions", type=argtypes.FRACTIONS, help="number of fractions (DICOM)")
+    p.add_argument("--beams", type=argtypes.BEAMS, default=9, help="number of equispaced beams (9)")
+    p.add_argument("--start-angle", type=argtypes.ANGLE_DEG, default=0.0,
                    help="gantry angle of the first equispaced beam, degrees (0)")
     p.add_argument("--beam-angles", help="comma-separated IEC gantry angles (overrides "
                                          "--beams)")
-    p.add_argument("--arc", nargs=3, type=float, metavar=("START", "STOP", "SPACING"),
+    p.add_argument("--arc", nargs=3, type=argtypes.float_range(-720.0, 720.0), metavar=("START", "STOP", "SPACING"),
                    help="VMAT arc: one control point per SPACING degrees from START to "
                         "STOP clockwise (overrides --beams)")
-    p.add_argument("--collimator", type=float, default=0.0, help="collimator angle, deg")
-    p.add_argument("--couch", type=float, default=0.0, help="couch angle, deg")
+    p.add_argument("--collimator", type=argtypes.ANGLE_DEG, default=0.0, help="collimator angle, deg")
+    p.add_argument("--couch", type=argtypes.ANGLE_DEG, default=0.0, help="couch angle, deg")
     p.add_argument("--isocenter", help="x,y,z in patient LPS mm (default: centre of mass "
                                        "of the highest-dose target)")
-    p.add_argument("--dose-grid-factor", type=int, default=None,
+    p.add_argument("--dose-grid-factor", type=argtypes.DOSE_GRID_FACTOR, default=None,
                    help="dose grid = CT grid down-sampled by this factor (2, arcs 3; "
                         "1 = CT grid)")
-    p.add_argument("--beamlet-size", type=float, default=5.0, help="beamlet size, mm (5)")
-    p.add_argument("--margin", type=float, default=5.0,
+    p.add_argument("--beamlet-size", type=argtypes.float_range(1.0, 20.0), default=5.0, help="beamlet size, mm (5)")
+    p.add_argument("--margin", type=argtypes.float_range(0.0, 100.0), default=5.0,
                    help="beamlets kept within this BEV margin of the targets, mm (5)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=argtypes.float_range(0.0, 1.0), default=None,
                    help="relative sparsification threshold (engine default 1e-4, arcs "
                         "3e-4)")
     p.add_argument("--dose-engine", default="pencil-beam",

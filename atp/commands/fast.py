@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from atp.commands import argtypes
 from atp.errors import InputError
 
 # optimiser-only flags of `atp plan` (dest, flag, value when not given)
@@ -25,7 +26,7 @@ def add_fast_arguments(p) -> None:
     p.add_argument("--spare", action="append", default=[], metavar="OAR=FACTOR",
                    help="--fast: OAR sparing slider, factor in [0, 1): aim the OAR's dose "
                         "below (1 - FACTOR) x the initial fluence's (repeatable)")
-    p.add_argument("--arc-spacing", type=float, default=None, metavar="DEG",
+    p.add_argument("--arc-spacing", type=argtypes.ARC_SPACING_DEG, default=None, metavar="DEG",
                    help="--fast: degrees between arc control points (default 4)")
     p.add_argument("--initial-fluence", default=None, metavar="auto|network|fallback",
                    help="--fast: initial fluence from the trained Bev2Fluence network or "
@@ -40,7 +41,7 @@ def add_fast_arguments(p) -> None:
     p.add_argument("--correction-weights", default=None, metavar="PT",
                    help="--fast: correction-network weights file (default: the shipped "
                         "one)")
-    p.add_argument("--aperture-iterations", type=int, default=None, metavar="N",
+    p.add_argument("--aperture-iterations", type=argtypes.ITERATIONS, default=None, metavar="N",
                    help="--fast: L-BFGS-B iterations per round of direct aperture "
                         "refinement after sequencing (leaf tips and control-point MU "
                         "moved to lower the plan objective within the machine limits; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from atp.commands import argtypes
 from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
 from atp.commands.fast import add_fast_arguments, reject_fast_only, run_fast
 from atp.errors import InputError
@@ -29,7 +30,7 @@ EXIT_HARD_UNMET = 3
 def add_optimiser_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu", "qp"],
                    help="optimiser backend (auto: gpu when a GPU is present, else cpu)")
-    p.add_argument("--refine", type=int, default=None, metavar="N",
+    p.add_argument("--refine", type=argtypes.REFINE_ROUNDS, default=None, metavar="N",
                    help="AIRTP-style refinement rounds (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the plan summary as JSON")
@@ -52,13 +53,13 @@ def register(sub) -> None:
                    help="use this dose-influence matrix (atp-dij-1 .npz) instead of the "
                         "engine")
     b = p.add_mutually_exclusive_group()
-    b.add_argument("--beams", type=int, default=None, help="number of equispaced beams "
+    b.add_argument("--beams", type=argtypes.BEAMS, default=None, help="number of equispaced beams "
                                                            "(default: the goal list's, else 9)")
     b.add_argument("--beam-template", default=None, help="named beam arrangement")
-    p.add_argument("--dose-grid-factor", type=int, default=None,
+    p.add_argument("--dose-grid-factor", type=argtypes.DOSE_GRID_FACTOR, default=None,
                    help="dose grid = CT grid downsampled by this factor (default 2; "
                         "--fast: 3)")
-    p.add_argument("--max-iter", type=int, default=None,
+    p.add_argument("--max-iter", type=argtypes.MAX_ITER, default=None,
                    help="first-order iteration limit per solve")
     sq = p.add_mutually_exclusive_group()
     sq.add_argument("--sequencer", default="auto", metavar="NAME",
