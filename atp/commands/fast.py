@@ -68,6 +68,18 @@ def reject_fast_only(args) -> None:
             raise InputError(f"{flag} needs --fast", field=flag)
 
 
+def check_weights_file(path, flag: str) -> None:
+    """Before any work: ``path`` must load as the network weights ``flag`` names (a
+    torch file of plain data, weights_only=True); else InputError naming the file."""
+    from optimizer.fastpath.bev2fluence import BEV2FLUENCE, load_weights
+    from optimizer.fastpath.correction_net import CORRECTION
+
+    try:
+        load_weights(path, "cpu", kind=CORRECTION if "correction" in flag else BEV2FLUENCE)
+    except InputError as exc:
+        raise InputError(exc.message, file=exc.file or path, field=flag) from None
+
+
 def fast_options(args) -> tuple[dict, dict]:
     """(spare, fast_options) from the CLI flags; raises InputError on bad input."""
     from atp.fastplan import parse_spare_args
@@ -92,6 +104,10 @@ def fast_options(args) -> tuple[dict, dict]:
                       ("preset", "preset")):
         if getattr(args, dest) is not None:
             opts[key] = getattr(args, dest)
+    for dest, flag in (("weights", "--weights"),
+                       ("correction_weights", "--correction-weights")):
+        if getattr(args, dest, None) is not None:
+            check_weights_file(getattr(args, dest), flag)
     n = getattr(args, "aperture_iterations", None)
     if n is not None:
         if n < 0:
@@ -132,5 +148,5 @@ def run_fast(args) -> int:
           f"{correction_message(plan.settings['correction_path'])}; device "
           f"{plan.settings['device']}", file=stream)
     out = Path(args.out)
-    plan.save(out, report=not args.no_report, dicom=args.dicom)
+    plan.save(out, report=not args.no_report, dicom=args.dicom, progress=progress_arg(args))
     return report(plan, out, args)
