@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from atp.errors import InputError
+from atp.errors import InputError, quote
+from atp.yamlio import load_yaml
 
 MACHINE_DIR = Path(__file__).resolve().parent / "machines"
 
@@ -104,20 +104,26 @@ class Machine:
 
 # --- loading --------------------------------------------------------------------------------
 
-def _line_of(node, path: tuple[str, ...]) -> int | None:
-    """1-based line of the key at ``path`` in a composed YAML node tree (best effort)."""
+def _line_of(data, path: tuple[str, ...]) -> int | None:
+    """1-based line of the key at ``path`` in YAML read by :func:`atp.yamlio.load_yaml`
+    (best effort)."""
     line = None
     for key in path:
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(data, dict) or key not in data:
             return line
-        for k, v in node.value:
-            if getattr(k, "value", None) == key:
-                line = k.start_mark.line + 1
-                node = v
-                break
-        else:
-            return line
+        line = data.line_of(key) if hasattr(data, "line_of") else line
+        data = data[key]
     return line
+
+
+def _finite(v) -> bool:
+    try:
+        return bool(np.isfinite(float(v)))
+    except OverflowError:
+        return False
+
+
+MAX_LEAF_PAIRS = 200
 
 
 class _Reader:
@@ -139,13 +145,13 @@ class _Reader:
     def text(self, *path: str) -> str:
         v = self.get(*path)
         if not isinstance(v, str) or not v.strip():
-            self.fail(path, f"must be non-empty text, got {v!r}")
+            self.fail(path, f"must be non-empty text, got {quote(v)}")
         return v
 
     def number(self, *path: str, minimum: float | None = None, strict: bool = False) -> float:
         v = self.get(*path)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-            self.fail(path, f"must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+            self.fail(path, f"must be a number, got {quote(v)}")
         if minimum is not None and (v <= minimum if strict else v < minimum):
             self.fail(path, f"must be {'>' if strict else '>='} {minimum}, got {v}")
         return float(v)
@@ -153,29 +159,20 @@ class _Reader:
     def range(self, *path: str) -> tuple[float, float]:
         v = self.get(*path)
         if (not isinstance(v, list) or len(v) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                or not np.all(np.isfinite(v)) or v[0] >= v[1]):
-            self.fail(path, f"must be [min, max] with min < max, got {v!r}")
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                           and _finite(x) for x in v)
+                or v[0] >= v[1]):
+            self.fail(path, f"must be [min, max] with min < max, got {quote(v)}")
         return float(v[0]), float(v[1])
 
 
 def load_machine_file(path: str | Path) -> Machine:
     """Load and validate one machine YAML file; any problem -> InputError(file, field, line)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read machine file: {exc.strerror}", file=path) from None
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise InputError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path,
-                         line=mark.line + 1 if mark else None) from None
+    data = load_yaml(path, what="machine file")
     if not isinstance(data, dict):
         raise InputError("a machine file must be a mapping", file=path)
-    r = _Reader(data, root, str(path))
+    r = _Reader(data, data, str(path))
 
     runs = r.get("mlc", "leaf_widths_mm")
     widths: list[float] = []
@@ -183,11 +180,15 @@ def load_machine_file(path: str | Path) -> Machine:
         r.fail(("mlc", "leaf_widths_mm"), "must be a list of [width_mm, count] pairs")
     for run in runs:
         if (not isinstance(run, list) or len(run) != 2 or isinstance(run[1], bool)
-                or not isinstance(run[1], int) or run[1] < 1
-                or not isinstance(run[0], (int, float)) or not run[0] > 0):
+                or not isinstance(run[1], int) or not 1 <= run[1] <= MAX_LEAF_PAIRS
+                or isinstance(run[0], bool) or not isinstance(run[0], (int, float))
+                or not _finite(run[0]) or not 0 < run[0] <= 100):
             r.fail(("mlc", "leaf_widths_mm"),
-                   f"each entry must be [width_mm > 0, count >= 1], got {run!r}")
+                   f"each entry must be [width_mm in (0, 100], count 1..{MAX_LEAF_PAIRS}], "
+                   f"got {quote(run)}")
         widths += [float(run[0])] * run[1]
+        if len(widths) > MAX_LEAF_PAIRS:
+            r.fail(("mlc", "leaf_widths_mm"), f"more than {MAX_LEAF_PAIRS} leaf pairs")
     edges = np.concatenate([[0.0], np.cumsum(widths)])
     edges -= edges[-1] / 2.0
     edges.setflags(write=False)
