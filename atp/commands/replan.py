@@ -17,7 +17,8 @@ from atp.commands.plan import (
     progress_arg,
     report,
 )
-from atp.errors import InputError
+from atp.errors import InputError, quote
+from atp.goals.schema import check_setting
 
 
 def register(sub) -> None:
@@ -44,10 +45,16 @@ def parse_sets(items) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"expected GOAL.FIELD=VALUE, got '{item}'", field="--set")
+        key = key.strip()
+        fld = key.rpartition(".")[2]
         try:
-            out[key.strip()] = float(value)
+            number = float(value)
         except ValueError:
-            raise InputError(f"'{item}': value must be a number", field="--set") from None
+            raise InputError(f"{quote(item)}: value must be a number",
+                             field=f"--set {quote(key, 60, repr_=False)}") from None
+        if fld in ("tolerance", "value", "weight", "priority"):  # before any loading
+            check_setting(fld, number, where=f"--set {quote(key, 60, repr_=False)}")
+        out[key] = number
     return out
 
 
