@@ -30,9 +30,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from atp.commands.plan import EXIT_HARD_UNMET
+    from atp.outputs import check_output_dir
     from atp.phantom import head_neck_phantom
     from atp.pipeline import plan as run_plan
 
+    check_output_dir(args.out)  # before any work
     patient = head_neck_phantom()
     plan = run_plan(patient, site="hn", predictor=args.predictor, backend=args.backend,
                     progress=not args.quiet, sequence=not args.no_sequence)

@@ -94,12 +94,25 @@ def summary(dij) -> dict:
             "meta": dij.meta}
 
 
+def is_dij_file(path) -> bool:
+    """An ``.npz`` of the format ``atp dij`` writes (reads only its format tag)."""
+    import numpy as np
+
+    from atp.dose.influence import FORMAT_TAG
+
+    with np.load(path, allow_pickle=False) as d:
+        return "format" in d.files and str(d["format"]) == FORMAT_TAG
+
+
 def run(args) -> int:
     from pathlib import Path
+
+    from atp.outputs import check_output_file
 
     out = Path(args.out)
     if out.suffix != ".npz":
         raise InputError("output must end in .npz", field="--out")
+    check_output_file(out, recognise=is_dij_file, what="an atp-dij-1 .npz")  # before work
     if args.import_format:
         from atp.dose.external import import_dij
 
@@ -135,7 +148,6 @@ def run(args) -> int:
                 print(f"\rbeam {i}/{n}", end="" if i < n else "\n", file=sys.stderr,
                       flush=True)
         dij = engine.influence(patient, beams, progress=progress, **kw)
-    out.parent.mkdir(parents=True, exist_ok=True)
     dij.save(out)
     info = summary(dij)
     info["out"] = str(out)

@@ -76,7 +76,8 @@ def register(sub) -> None:
     add_output_arguments(p)
     add_optimiser_arguments(p)
     add_fast_arguments(p)
-    p.add_argument("--out", required=True, help="plan directory to write")
+    p.add_argument("--out", required=True,
+                   help="plan directory to write (new, empty, or a plan folder atp wrote)")
     p.set_defaults(func=run)
 
 
@@ -132,8 +133,10 @@ def sequence_arg(name):
 def run(args) -> int:
     from pathlib import Path
 
+    from atp.outputs import check_output_dir
     from atp.pipeline import plan as run_plan
 
+    check_output_dir(args.out)  # before any work: never replace what atp did not write
     if args.fast:
         return run_fast(args)
     reject_fast_only(args)

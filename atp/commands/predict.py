@@ -50,8 +50,10 @@ def resolve_predictor(model: str | None):
 
 
 def run(args) -> int:
-    from atp.outputs import atomic_write_bytes
+    from atp.outputs import atomic_write_bytes, check_output_file, is_npy_dose
 
+    check_output_file(args.out, recognise=is_npy_dose,
+                      what="a dose .npy (float32, 3-D)")  # before any work
     patient = load_patient_from_args(args)
     predictor = resolve_predictor(args.predictor)
     t0 = time.perf_counter()

@@ -5,11 +5,18 @@ and predicted dose. ``--set GOAL.FIELD=VALUE`` (repeatable) with FIELD one of to
 (% on a predicted goal), value, weight, priority; GOAL is a goal id (the ``.pred``
 suffix may be left off) or STRUCTURE.METRIC. Warm by default, like ``Plan.replan``: it
 starts from the saved fluence and hard-goal state; ``--cold`` starts afresh.
-Writes to ``--out`` (default: PLAN_DIR itself, replaced atomically). Exit codes as for
+
+Writes a new plan folder and leaves PLAN_DIR as it was: ``--out DIR``, or by default the
+next free ``PLAN_DIR-replan-N`` beside it (a re-plan of ``p-replan-1`` becomes
+``p-replan-2``). ``--in-place`` replaces PLAN_DIR itself (atomically). Exit codes as for
 ``atp plan``.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
 
 from atp.commands.plan import (
     add_optimiser_arguments,
@@ -33,7 +40,11 @@ def register(sub) -> None:
                    help="cold start from the uniform initial fluence")
     p.add_argument("--patient", default=None,
                    help="the patient (default: the source recorded in plan.json)")
-    p.add_argument("--out", default=None, help="output plan directory (default PLAN_DIR)")
+    o = p.add_mutually_exclusive_group()
+    o.add_argument("--out", default=None,
+                   help="output plan directory (default: PLAN_DIR-replan-N, the next free N)")
+    o.add_argument("--in-place", action="store_true",
+                   help="replace PLAN_DIR itself instead of writing a new folder")
     add_output_arguments(p)
     add_optimiser_arguments(p)
     p.set_defaults(func=run, backend=None)
@@ -58,11 +69,28 @@ def parse_sets(items) -> dict:
     return out
 
 
-def run(args) -> int:
-    from pathlib import Path
+def default_out(plan_dir) -> Path:
+    """``PLAN-replan-N`` beside the plan, N the first free number (``P-replan-3`` ->
+    ``P-replan-4`` and on)."""
+    src = Path(os.path.abspath(plan_dir))
+    m = re.fullmatch(r"(.+)-replan-(\d+)", src.name)
+    stem, n = (m.group(1), int(m.group(2)) + 1) if m else (src.name, 1)
+    while True:
+        out = src.with_name(f"{stem}-replan-{n}")
+        if not os.path.lexists(out):
+            return out
+        n += 1
 
+
+def run(args) -> int:
+    from atp.outputs import check_output_dir
     from atp.pipeline import load_plan
 
+    if args.in_place:
+        out = Path(args.plan_dir)
+    else:
+        out = Path(args.out) if args.out else default_out(args.plan_dir)
+    check_output_dir(out)  # before any work
     changes = parse_sets(args.set)
     patient = None
     if args.patient:
@@ -72,6 +100,5 @@ def run(args) -> int:
     old = load_plan(args.plan_dir, patient=patient)
     new = old.replan(set=changes, warm=args.warm, backend=args.backend, refine=args.refine,
                      progress=progress_arg(args))
-    out = Path(args.out or args.plan_dir)
     new.save(out, report=not args.no_report, dicom=args.dicom)
     return report(new, out, args)

@@ -37,13 +37,15 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from atp.errors import BackendUnavailableError
+    from atp.outputs import check_output_dir, mark_output_dir
 
+    out = check_output_dir(args.out, replace=False)  # new, empty or an atp run folder
     try:
         import torch  # noqa: F401
     except ImportError:
         raise BackendUnavailableError("training needs PyTorch: pip install 'atp[ml]'") from None
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, kind="train")
     with open(out / "train.log", "a") as logf:
         return _run(args, out, logf)
 

@@ -148,7 +148,8 @@ class DoseInfluence:
 
     # --- persistence -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the documented ``.npz`` format (atomically: temp file then rename)."""
+        """Write the documented ``.npz`` format (atomically: a unique temporary file beside
+        ``path``, then rename; see :mod:`atp.outputs`)."""
         path = Path(path)
         m = self.matrix
         arrays = {
@@ -169,9 +170,9 @@ class DoseInfluence:
             arrays[f"{prefix}_spacing_mm"] = g.spacing_mm
             arrays[f"{prefix}_origin_mm"] = g.origin_mm
             arrays[f"{prefix}_direction"] = g.direction
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        from atp.outputs import atomic_write_file
+
+        atomic_write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DoseInfluence:
