@@ -5,12 +5,14 @@ Checkpoint file (``torch.save`` of plain data, loaded with ``weights_only=True``
     {"format": "atp-dose-cnn", "version": 1, "net": "cadunet", "net_kwargs": {...},
      "encoding": EncodingConfig.to_dict(), "ptv_target": "prescription",
      "ptv_override": True, "decode": "linear", "dose_scale_gy": 70.0,
-     "state_dict": {...}, "meta": {...}}
+     "tta": False, "state_dict": {...}, "meta": {...}}
 
 ``ptv_override``: after decoding, every PTV voxel is set to its highest prescription
 (the hybrid ATP paper predicts dose only outside the PTV). ``decode``: how the coarse
 network output returns to the patient grid (``linear``: trilinear between coarse voxel
-centres; ``nearest``: the exact inverse of the encoder's block averaging).
+centres; ``nearest``: the exact inverse of the encoder's block averaging). ``tta``: the
+network output is averaged with that of the left-right mirrored input (paired OAR
+channels swapped), mirrored back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ import numpy as np
 from atp.errors import InputError
 from atp.patient import Patient
 from predictor.base import finalize_dose, require_prescriptions
-from predictor.encoding import EncodingConfig, decode, encode_patient, network_inputs
+from predictor.encoding import (
+    EncodingConfig,
+    decode,
+    encode_patient,
+    lr_swap_permutation,
+    network_inputs,
+)
 
 CHECKPOINT_FORMAT = "atp-dose-cnn"
 
@@ -36,7 +44,7 @@ class CNNPredictor:
                  ptv_target: str = "prescription", ptv_override: bool = True,
                  decode: str = "linear", dose_scale_gy: float = 70.0, net_name: str = "",
                  net_kwargs: dict | None = None, meta: dict | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, tta: bool = False) -> None:
         import torch
 
         self.name = name
@@ -49,6 +57,7 @@ class CNNPredictor:
         self.net_name = net_name
         self.net_kwargs = dict(net_kwargs or {})
         self.meta = dict(meta or {})
+        self.tta = bool(tta)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net.to(self.device).eval()
 
@@ -58,6 +67,7 @@ class CNNPredictor:
                 "net_kwargs": self.net_kwargs, "encoding": self.encoding.to_dict(),
                 "ptv_target": self.ptv_target, "ptv_override": self.ptv_override,
                 "decode": self.decode, "dose_scale_gy": self.dose_scale_gy,
+                "tta": self.tta,
                 "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
                 "meta": self.meta}
 
@@ -91,17 +101,25 @@ class CNNPredictor:
                    "reference"), ptv_override=ck.get("ptv_override", False),
                    decode=ck.get("decode", "linear"),
                    dose_scale_gy=ck.get("dose_scale_gy", enc.rx_norm_gy), net_name=ck["net"],
-                   net_kwargs=ck["net_kwargs"], meta=ck.get("meta", {}), device=device)
+                   net_kwargs=ck["net_kwargs"], meta=ck.get("meta", {}), device=device,
+                   tta=bool(ck.get("tta", False)))
 
     # --- prediction -----------------------------------------------------------------
     def predict_network_grid(self, stack: np.ndarray) -> np.ndarray:
         """Network output (dose, Gy) for one encoded channel stack (C, *size)."""
         import torch
 
-        x = network_inputs(np.asarray(stack, dtype=np.float32), self.encoding)
+        stack = np.asarray(stack, dtype=np.float32)
+        x = network_inputs(stack, self.encoding)
         with torch.inference_mode():
             y = self.net(torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device))
-        return y[0, 0].float().cpu().numpy() * self.dose_scale_gy
+            y = y[0, 0].float().cpu().numpy()
+            if self.tta:  # canonical axis 1 is patient left-right
+                flipped = np.flip(stack[lr_swap_permutation(self.encoding)], axis=2)
+                xf = network_inputs(np.ascontiguousarray(flipped), self.encoding)
+                yf = self.net(torch.from_numpy(np.ascontiguousarray(xf))[None].to(self.device))
+                y = 0.5 * (y + np.flip(yf[0, 0].float().cpu().numpy(), axis=1))
+        return np.ascontiguousarray(y) * self.dose_scale_gy
 
     def predict(self, patient: Patient) -> np.ndarray:
         require_prescriptions(patient, self.name)

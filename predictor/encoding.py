@@ -24,7 +24,10 @@ when the factors are 1 and nothing is cropped.
 
 Channels of :func:`encode_patient` (float32): 0 CT (HU clipped to ``ct_clip_hu`` and
 scaled to [0, 1]), 1 body, 2 PTV (each voxel's highest prescription / ``rx_norm_gy``),
-3.. one per OAR of ``oars`` (occupancy fraction; missing OAR -> zeros).
+3.. one per OAR of ``oars`` (occupancy fraction; missing OAR -> zeros), then
+``ptv_distance`` channels: the signed distance to each target, highest prescription
+first (computed on the network grid in mm, negative inside, clipped to
++-``distance_clip_mm`` and divided by it; a target the patient lacks -> +1 everywhere).
 :func:`network_inputs` turns this stack into the input a network configuration wants:
 all channels (CAD-UNet) or CT, body, PTV and one OAR label channel (ResUNet).
 """
@@ -60,6 +63,11 @@ class EncodingConfig:
         is None). ct_clip_hu: CT window. rx_norm_gy: PTV channel scale.
     oars: canonical OAR names, one channel each. inputs: "channels" (every channel) or
         "labels" (CT, body, PTV, OAR label map).
+    crop: where an axis longer than the network is cropped: "targets" (around the
+        targets' bounding-box centre) or "body" (around the body's bounding-box centre
+        on every axis where the body fits, else around the targets).
+    ptv_distance: number of signed-distance channels (targets by decreasing
+        prescription); distance_clip_mm: their clip and scale.
     """
 
     size: tuple[int, int, int] = (64, 64, 64)
@@ -69,6 +77,9 @@ class EncodingConfig:
     rx_norm_gy: float = 70.0
     oars: tuple[str, ...] = DEFAULT_OARS
     inputs: str = "channels"
+    crop: str = "targets"
+    ptv_distance: int = 0
+    distance_clip_mm: float = 100.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
@@ -89,9 +100,19 @@ class EncodingConfig:
             raise InputError("rx_norm_gy must be > 0", field="rx_norm_gy")
         if self.inputs not in ("channels", "labels"):
             raise InputError("inputs must be 'channels' or 'labels'", field="inputs")
+        if self.crop not in ("targets", "body"):
+            raise InputError("crop must be 'targets' or 'body'", field="crop")
+        if int(self.ptv_distance) < 0 or self.distance_clip_mm <= 0:
+            raise InputError("ptv_distance must be >= 0 and distance_clip_mm > 0",
+                             field="ptv_distance")
+        object.__setattr__(self, "ptv_distance", int(self.ptv_distance))
 
     @property
     def n_stack_channels(self) -> int:
+        return FIRST_OAR_CHANNEL + len(self.oars) + self.ptv_distance
+
+    @property
+    def first_distance_channel(self) -> int:
         return FIRST_OAR_CHANNEL + len(self.oars)
 
     @property
@@ -187,6 +208,16 @@ def canonical_axes(grid: Grid) -> tuple[tuple[int, int, int], tuple[bool, bool, 
     return tuple(perm), tuple(flip)
 
 
+def lr_swap_permutation(enc: EncodingConfig) -> list[int]:
+    """Stack channel order after a left-right flip (paired OAR channels exchanged)."""
+    perm = list(range(enc.n_stack_channels))
+    for a, b in LR_PAIRS:
+        if a in enc.oars and b in enc.oars:
+            ia, ib = FIRST_OAR_CHANNEL + enc.oars.index(a), FIRST_OAR_CHANNEL + enc.oars.index(b)
+            perm[ia], perm[ib] = ib, ia
+    return perm
+
+
 def make_transform(patient: Patient, config: EncodingConfig) -> GridTransform:
     perm, flip = canonical_axes(patient.grid)
     spacing_c = np.asarray(patient.grid.spacing_mm)[list(perm)]
@@ -203,6 +234,11 @@ def make_transform(patient: Patient, config: EncodingConfig) -> GridTransform:
         centre = (idx.min(axis=0) + idx.max(axis=0)) / 2.0 / np.asarray(factor)
     else:
         centre = (np.asarray(coarse) - 1) / 2.0
+    if config.crop == "body" and patient.body_mask.any():
+        idx = np.argwhere(_orient_with(patient.body_mask, perm, flip))
+        lo, hi = idx.min(axis=0) // np.asarray(factor), idx.max(axis=0) // np.asarray(factor)
+        fits = (hi - lo + 1) <= np.asarray(config.size)
+        centre = np.where(fits, (lo + hi) / 2.0, centre)
     offset = []
     for k in range(3):
         n, m = config.size[k], coarse[k]
@@ -297,7 +333,29 @@ def encode_patient(patient: Patient, config: EncodingConfig
             chans.append(encode_array(patient.mask(name), t))
         else:
             chans.append(np.zeros(config.size, dtype=np.float32))
+    if config.ptv_distance:
+        targets = sorted(patient.prescriptions, key=lambda r: (-r.dose_gy, r.target))
+        spacing = np.asarray(patient.grid.spacing_mm)[list(t.perm)] * np.asarray(t.factor)
+        for k in range(config.ptv_distance):
+            if k < len(targets) and targets[k].target in patient.structures:
+                occ = encode_array(patient.mask(targets[k].target), t)
+                chans.append(signed_distance(occ, spacing, config.distance_clip_mm))
+            else:
+                chans.append(np.ones(config.size, dtype=np.float32))
     return np.stack(chans).astype(np.float32), t
+
+
+def signed_distance(occupancy: np.ndarray, spacing_mm, clip_mm: float) -> np.ndarray:
+    """Signed distance (mm, < 0 inside) to the voxels at least half occupied (any occupied
+    voxel when none is), clipped to +-clip_mm and divided by it; +1 for an empty mask."""
+    inside = occupancy >= 0.5
+    if not inside.any():
+        inside = occupancy > 0
+    if not inside.any():
+        return np.ones(occupancy.shape, dtype=np.float32)
+    d = (ndimage.distance_transform_edt(~inside, sampling=spacing_mm)
+         - ndimage.distance_transform_edt(inside, sampling=spacing_mm))
+    return (np.clip(d, -clip_mm, clip_mm) / clip_mm).astype(np.float32)
 
 
 def encode_dose(dose_gy: np.ndarray, t: GridTransform) -> np.ndarray:
@@ -310,7 +368,7 @@ def network_inputs(stack, config: EncodingConfig):
         return stack
     lead = stack.ndim - 4  # 0 for (C, ...), 1 for (B, C, ...)
     sl = (slice(None),) * lead
-    oars = stack[sl + (slice(FIRST_OAR_CHANNEL, None),)]
+    oars = stack[sl + (slice(FIRST_OAR_CHANNEL, config.first_distance_channel),)]
     n = oars.shape[lead]
     weights = (np.arange(1, n + 1, dtype=np.float32) / n)
     # label map: the first OAR (list order) occupying >= half of a voxel, scaled to (0, 1]

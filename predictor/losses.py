@@ -33,13 +33,16 @@ def training_target(stack: torch.Tensor, dose: torch.Tensor, ptv_target: str
     return torch.where(ptv > 0, ptv, dose)
 
 
-def roi_weights(stack: torch.Tensor) -> torch.Tensor:
-    """Per-voxel weights (B,1,...): reciprocal volume fraction of the voxel's smallest ROI."""
+def roi_weights(stack: torch.Tensor, n_oars: int | None = None) -> torch.Tensor:
+    """Per-voxel weights (B,1,...): reciprocal volume fraction of the voxel's smallest ROI.
+
+    n_oars: the OAR channels (default: every channel after the PTV one)."""
     b = stack.shape[0]
     spatial = stack.shape[2:]
     v = float(torch.tensor(spatial).prod())
     rois = [stack[:, PTV_CHANNEL] > 0]
-    rois += [stack[:, c] >= 0.5 for c in range(FIRST_OAR_CHANNEL, stack.shape[1])]
+    last = stack.shape[1] if n_oars is None else FIRST_OAR_CHANNEL + n_oars
+    rois += [stack[:, c] >= 0.5 for c in range(FIRST_OAR_CHANNEL, last)]
     body = stack[:, BODY_CHANNEL] >= 0.5
     anyroi = torch.stack(rois, 0).any(0)
     rois += [body & ~anyroi, ~body & ~anyroi]
@@ -55,3 +58,10 @@ def volume_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch
                         ) -> torch.Tensor:
     w = weights.to(pred.dtype)
     return (w * (pred - target) ** 2).sum() / w.sum().clamp(min=1e-12)
+
+
+def body_l1(pred: torch.Tensor, target: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error inside the body (possible-dose mask), each voxel weighted by
+    its body occupancy: the OpenKBP dose score on the network grid."""
+    w = stack[:, BODY_CHANNEL:BODY_CHANNEL + 1].to(pred.dtype)
+    return (w * (pred - target).abs()).sum() / w.sum().clamp(min=1e-12)

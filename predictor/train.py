@@ -4,13 +4,27 @@
   draw come from ``seed`` (per-step generators seeded by (seed, epoch, step)), so a
   resumed run continues exactly where the interrupted one stopped;
 * augmentation: left-right flip (swapping the parotid channels), small rotations about
-  each axis and isotropic scaling, applied jointly to inputs and dose; random patches;
-* Adam + cosine learning-rate decay; AMP (bfloat16 autocast) when on CUDA;
-* a full checkpoint (``last.pt``: model, optimiser, position, history) is written
-  atomically every ``checkpoint_every_s`` seconds and after every epoch; the best
-  network on the validation loss is kept as ``best.pt`` (a shippable
+  each axis, isotropic scaling and integer shifts, applied jointly to inputs and dose;
+  random patches;
+* Adam or AdamW; cosine decay or a one-cycle schedule -- both pure functions of the
+  global step and the planned total, so a resumed run continues the schedule exactly;
+  AMP (bfloat16 autocast) on CUDA, or wherever ``amp="bf16"``; an optional exponential
+  moving average (EMA) of the weights, which is then what is evaluated and shipped;
+* loss: volume-weighted MSE (``vw_mse``) or the L1 error inside the body (``body_l1``);
+* a full checkpoint (``last.pt``: model, EMA, optimiser, RNG state, position, history;
+  plain data, read with ``torch.load(weights_only=True)``) is written atomically every
+  ``checkpoint_every_s`` seconds and after every epoch; the best network on the
+  selection score (OpenKBP dose + DVH score of held-out patients, when a ``selector`` is
+  given) or else on the validation loss is kept as ``best.pt`` (a shippable
   :mod:`predictor.cnn` checkpoint); early stopping after ``patience`` epochs without
   improvement; an optional time budget stops cleanly after a checkpoint.
+
+Named recipes (``PRESETS``): ``small`` / ``full`` per network, and ``okbp_stage1``
+(issue 23, Stage 1): the whole patient cropped to the body at 48 x 64 x 64 (7.8 x 7.8 x
+5 mm), ResUNet 16-32-64-128 on every channel (CT, body, prescription map, seven OARs,
+signed distance to each of three targets), no PTV override, L1 inside the body, AdamW
+one-cycle over 80 planned epochs, EMA 0.998, flips with parotid swap, +-10 deg
+rotations, +-3 voxel shifts, 20 training patients held out for selection.
 
 Encoded patients are cached under the output folder (float16) so that a resumed or
 repeated run does not re-read the data set.
@@ -31,11 +45,10 @@ import numpy as np
 from atp.errors import InputError
 from atp.outputs import atomic_write_bytes
 from predictor.encoding import (
-    FIRST_OAR_CHANNEL,
-    LR_PAIRS,
     EncodingConfig,
     encode_dose,
     encode_patient,
+    lr_swap_permutation,
     network_inputs,
 )
 
@@ -64,7 +77,19 @@ PRESETS = {
                                 inputs="labels"),
         "patch": (128, 128, 128), "batch_size": 2, "lr": 3e-4, "ptv_target": "reference",
         "ptv_override": False},
+    ("resunet", "okbp_stage1"): {
+        "net_kwargs": {"channels": [16, 32, 64, 128]},
+        "encoding": EncodingConfig(size=(48, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
+                                inputs="channels", crop="body", ptv_distance=3),
+        "patch": (48, 64, 64), "batch_size": 1, "lr": 2e-3, "min_lr": 1e-6,
+        "weight_decay": 1e-2, "epochs": 80, "patience": 10**6, "ptv_target": "reference",
+        "ptv_override": False, "optimizer": "adamw", "schedule": "onecycle",
+        "loss": "body_l1", "amp": "off", "ema_decay": 0.998, "rotate_deg": 10.0,
+        "scale_frac": 0.0, "shift_vox": 3, "affine_prob": 0.8,
+        "aug_geometry": "physical", "selection": 20, "tta": True},
 }
+# named recipes -> their network (``atp train --config NAME`` needs no --model)
+RECIPE_MODELS = {"okbp_stage1": "resunet"}
 
 
 @dataclass
@@ -92,6 +117,17 @@ class TrainConfig:
     ptv_target: str = "prescription"
     ptv_override: bool = True
     decode: str = "linear"
+    optimizer: str = "adam"          # adam | adamw
+    schedule: str = "cosine"         # cosine | onecycle
+    warmup_frac: float = 0.1         # one-cycle: fraction of the steps spent warming up
+    div_factor: float = 25.0         # one-cycle: initial lr = lr / div_factor
+    loss: str = "vw_mse"             # vw_mse | body_l1
+    amp: str = "auto"                # auto (bf16 on CUDA) | bf16 | off
+    ema_decay: float = 0.0           # 0: no EMA
+    shift_vox: int = 0               # augmentation: integer shifts up to +-shift_vox
+    aug_geometry: str = "normalized"  # normalized | physical (mm-true rotations, pads)
+    selection: int = 0               # training patients held out for selection (CLI)
+    tta: bool = False                # shipped predictor averages a left-right flip
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
     threads: int | None = None
@@ -110,7 +146,11 @@ class TrainConfig:
         return cls(**d)
 
 
-def make_config(model: str, preset: str = "small", **overrides) -> TrainConfig:
+def make_config(model: str | None, preset: str = "small", **overrides) -> TrainConfig:
+    model = model or RECIPE_MODELS.get(preset)
+    if preset in RECIPE_MODELS and model != RECIPE_MODELS[preset]:
+        raise InputError(f"config {preset!r} trains {RECIPE_MODELS[preset]!r}, not {model!r}",
+                         field="--model")
     key = (model, preset)
     if key not in PRESETS:
         raise InputError(f"no preset {preset!r} for model {model!r}; presets: "
@@ -159,19 +199,100 @@ def cached_split(data_dir, split: str, enc: EncodingConfig, cache_dir: Path,
     return stacks, doses, ids
 
 
+def selection_split(files, n: int, seed: int) -> tuple[list, list]:
+    """(training files, held-out selection files): ``n`` of the files drawn with ``seed``
+    (fixed for a run; recorded in its run.json)."""
+    files = list(files)
+    if not 0 <= n < len(files):
+        raise InputError(f"cannot hold out {n} of {len(files)} training patients",
+                         field="selection")
+    held = set(np.random.default_rng([seed, 23]).permutation(len(files))[:n].tolist())
+    return ([f for i, f in enumerate(files) if i not in held],
+            [f for i, f in enumerate(files) if i in held])
+
+
+def score_predictor(predictor, files) -> dict:
+    """OpenKBP dose and DVH scores (Gy, :mod:`predictor.scoring`) of ``predictor`` on the
+    patients in ``files``, on each patient's own grid; selection_score = dose + DVH."""
+    from atp.io.openkbp import load_openkbp_npz
+    from predictor.base import reference_dose_gy
+    from predictor.scoring import cohort_scores, score_patient
+
+    per = []
+    for f in files:
+        p = load_openkbp_npz(f)
+        per.append(score_patient(predictor.predict(p), reference_dose_gy(p), p))
+    c = cohort_scores(per)
+    return {"sel_dose_score_gy": c["dose_score_gy"], "sel_dvh_score_gy": c["dvh_score_gy"],
+            "selection_score": c["dose_score_gy"] + c["dvh_score_gy"]}
+
+
+def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print):
+    """Encoded (stacks, doses, ids) of OpenKBP .npz files, cached under ``cache_dir``."""
+    from atp.io.openkbp import load_openkbp_npz
+
+    files = [Path(f) for f in files]
+    key = hashlib.sha1(json.dumps([enc.to_dict(), [str(f) for f in files]],
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"files-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["stacks"], z["doses"], [str(i) for i in z["ids"]]
+    t0 = time.perf_counter()
+    stacks, doses, ids = encode_patients((load_openkbp_npz(f) for f in files), enc)
+    buf = io.BytesIO()
+    np.savez(buf, stacks=stacks, doses=doses, ids=np.array(ids))
+    atomic_write_bytes(path, buf.getvalue())
+    log(f"encoded {len(ids)} patients in {time.perf_counter() - t0:.0f} s -> {path}")
+    return stacks, doses, ids
+
+
+def data_list(files) -> list[dict]:
+    """Name, size and SHA-1 of each data file (recorded with a run)."""
+    out = []
+    for f in files:
+        b = Path(f).read_bytes()
+        out.append({"file": Path(f).name, "bytes": len(b),
+                    "sha1": hashlib.sha1(b).hexdigest()})
+    return out
+
+
 # --- augmentation ------------------------------------------------------------------------
-def lr_swap_permutation(enc: EncodingConfig) -> list[int]:
-    """Channel order after a left-right flip (paired OAR channels exchanged)."""
-    perm = list(range(enc.n_stack_channels))
-    for a, b in LR_PAIRS:
-        if a in enc.oars and b in enc.oars:
-            ia, ib = FIRST_OAR_CHANNEL + enc.oars.index(a), FIRST_OAR_CHANNEL + enc.oars.index(b)
-            perm[ia], perm[ib] = ib, ia
-    return perm
+def pad_values(enc: EncodingConfig) -> list[float]:
+    """Per stack channel, the value outside the patient (distance channels: far away)."""
+    pads = [0.0] * enc.n_stack_channels
+    for k in range(enc.ptv_distance):
+        pads[enc.first_distance_channel + k] = 1.0
+    return pads
+
+
+def affine_theta(rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
+    """The (1, 3, 4) ``affine_grid`` matrix of one random rotation / scale / shift.
+
+    ``physical`` geometry: the rotation is a rotation in mm (the normalised grid
+    coordinates are scaled by each axis' half-extent), shifts are whole voxels."""
+    a = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, 3))
+    s = 1.0 + rng.uniform(-cfg.scale_frac, cfg.scale_frac)
+    cx, sx = np.cos(a), np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx[0], -sx[0]], [0, sx[0], cx[0]]])
+    ry = np.array([[cx[1], 0, sx[1]], [0, 1, 0], [-sx[1], 0, cx[1]]])
+    rz = np.array([[cx[2], -sx[2], 0], [sx[2], cx[2], 0], [0, 0, 1]])
+    theta = np.zeros((1, 3, 4))
+    rot = (rx @ ry @ rz) / s
+    if cfg.aug_geometry == "physical":
+        enc = cfg.encoding
+        spacing = enc.spacing_mm or (1.0, 1.0, 1.0)
+        half = np.array([enc.size[k] * spacing[k] for k in (2, 1, 0)]) / 2.0  # (W, H, D)
+        rot = np.diag(1.0 / half) @ rot @ np.diag(half)
+    theta[0, :, :3] = rot
+    if cfg.shift_vox:
+        v = rng.integers(-cfg.shift_vox, cfg.shift_vox + 1, 3)  # canonical axes 0, 1, 2
+        theta[0, :, 3] = [2.0 * v[k] / cfg.encoding.size[k] for k in (2, 1, 0)]
+    return theta
 
 
 def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[int]):
-    """Jointly flip / rotate / scale one sample: stack (C,...) and dose (1,...) tensors."""
+    """Jointly flip / rotate / scale / shift one sample: stack (C,...) and dose (1,...)."""
     import torch
     import torch.nn.functional as F
 
@@ -179,19 +300,19 @@ def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[
         stack = torch.flip(stack[swap], dims=[2])
         dose = torch.flip(dose, dims=[2])
     if rng.random() < cfg.affine_prob:
-        a = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, 3))
-        s = 1.0 + rng.uniform(-cfg.scale_frac, cfg.scale_frac)
-        cx, sx = np.cos(a), np.sin(a)
-        rx = np.array([[1, 0, 0], [0, cx[0], -sx[0]], [0, sx[0], cx[0]]])
-        ry = np.array([[cx[1], 0, sx[1]], [0, 1, 0], [-sx[1], 0, cx[1]]])
-        rz = np.array([[cx[2], -sx[2], 0], [sx[2], cx[2], 0], [0, 0, 1]])
-        theta = np.zeros((1, 3, 4))
-        theta[0, :, :3] = (rx @ ry @ rz) / s
+        theta = affine_theta(rng, cfg)
         both = torch.cat([stack, dose], 0)[None].float()
+        pad = None
+        if cfg.aug_geometry == "physical":  # pad each channel with its outside value
+            pad = torch.tensor(pad_values(cfg.encoding) + [0.0]).view(1, -1, 1, 1, 1)
+            both = both - pad
         grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32), both.shape,
                              align_corners=False)
         both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False)[0]
+                             align_corners=False)
+        if pad is not None:
+            both = both + pad
+        both = both[0]
         stack, dose = both[:-1], both[-1:]
     return stack, dose
 
@@ -204,16 +325,36 @@ def random_patch(stack, dose, rng: np.random.Generator, patch):
 
 # --- loop --------------------------------------------------------------------------------
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(step, total)
+    """Learning rate of a step: a pure function of (step, planned total), so resumes
+    continue the schedule exactly. cosine: lr -> min_lr; onecycle: cosine warm-up from
+    lr / div_factor to lr over warmup_frac of the steps, then cosine down to min_lr."""
+    step = min(step, total)
+    if cfg.schedule == "onecycle":
+        warm = max(1, round(cfg.warmup_frac * total))
+        if step < warm:
+            lo = cfg.lr / cfg.div_factor
+            return lo + 0.5 * (cfg.lr - lo) * (1 - math.cos(math.pi * step / warm))
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (
+            1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+    if cfg.schedule != "cosine":
+        raise InputError(f"unknown schedule {cfg.schedule!r}", field="schedule")
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * step
                                                                     / max(total, 1)))
 
 
-# options that may change between an interrupted run and its resumption
-RESUME_MAY_CHANGE = ("epochs", "patience", "time_limit_s", "checkpoint_every_s", "threads")
+# options that may change between an interrupted run and its resumption (the one-cycle
+# schedule is defined on the planned epochs, so there they may not change)
+RESUME_MAY_CHANGE = ("epochs", "patience", "time_limit_s", "checkpoint_every_s", "threads",
+                     "tta")
 
 
 def _resume_key(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in RESUME_MAY_CHANGE}
+    d = {**TrainConfig().to_dict(), **d}  # options added since the checkpoint: defaults
+    keep = {k: v for k, v in d.items() if k not in RESUME_MAY_CHANGE}
+    if d.get("schedule") == "onecycle":
+        keep["epochs"] = d["epochs"]
+    keep["encoding"] = EncodingConfig.from_dict(d["encoding"]).to_dict()
+    return keep
 
 
 def _save_torch(obj, path: Path) -> None:
@@ -224,45 +365,73 @@ def _save_torch(obj, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def training_loss(y, s, d, cfg: TrainConfig):
+    """The configured loss of network output y for stacks s and reference doses d."""
+    from predictor.losses import body_l1, roi_weights, training_target, volume_weighted_mse
+
+    tgt = training_target(s, d, cfg.ptv_target)
+    if cfg.loss == "body_l1":
+        return body_l1(y, tgt, s)
+    if cfg.loss != "vw_mse":
+        raise InputError(f"unknown loss {cfg.loss!r}", field="loss")
+    return volume_weighted_mse(y, tgt, roi_weights(s, len(cfg.encoding.oars)))
+
+
 def evaluate(net, stacks, doses, cfg: TrainConfig, device) -> dict:
-    """Validation loss (volume-weighted MSE) and coarse-grid body MAE in Gy."""
+    """Validation loss (the training loss) and coarse-grid body MAE in Gy."""
     import torch
 
-    from predictor.losses import roi_weights, training_target, volume_weighted_mse
-
+    was_training = net.training
     net.eval()
     losses, maes = [], []
     with torch.inference_mode():
         for i in range(len(stacks)):
             s = torch.from_numpy(stacks[i:i + 1].astype(np.float32)).to(device)
             d = torch.from_numpy(doses[i:i + 1].astype(np.float32)).to(device)
-            with _autocast(device):
+            with _autocast(device, cfg.amp):
                 y = net(network_inputs(s, cfg.encoding)).float()
-            tgt = training_target(s, d, cfg.ptv_target)
-            losses.append(float(volume_weighted_mse(y, tgt, roi_weights(s))))
+            losses.append(float(training_loss(y, s, d, cfg)))
             body = s[:, 1:2] >= 0.5
             maes.append(float((y - d).abs()[body].mean()) * cfg.encoding.rx_norm_gy)
-    net.train()
+    net.train(was_training)
     return {"val_loss": float(np.mean(losses)), "val_mae_gy": float(np.mean(maes))}
 
 
-def _autocast(device):
+def _autocast(device, amp: str = "auto"):
     import contextlib
 
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp not in ("auto", "off", "bf16"):
+        raise InputError(f"amp must be auto, bf16 or off, got {amp!r}", field="amp")
     return contextlib.nullcontext()
 
 
+def _ema_update(ema, net, decay: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p.detach(), 1.0 - decay)
+        for be, b in zip(ema.buffers(), net.buffers()):
+            be.copy_(b)
+
+
 def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume: bool = False,
-          progress: bool = True, log=print, meta: dict | None = None) -> dict:
-    """Train ``cfg.model`` on encoded arrays; writes last.pt / best.pt / history.json."""
+          progress: bool = True, log=print, meta: dict | None = None,
+          selector=None) -> dict:
+    """Train ``cfg.model`` on encoded arrays; writes last.pt / best.pt / history.json.
+
+    selector: optional ``f(predictor) -> dict`` run after every epoch on the predictor
+    being trained (EMA weights when ``ema_decay``); its ``selection_score`` (lower is
+    better) then picks ``best.pt`` instead of the validation loss."""
+    import copy
+
     import torch
 
     from predictor.cnn import CNNPredictor
-    from predictor.losses import roi_weights, training_target, volume_weighted_mse
     from predictor.nets import build_net
 
     out = Path(out_dir)
@@ -282,41 +451,63 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
     net = build_net(cfg.model, 3, cfg.encoding.in_channels, 1,
                     **{k: (tuple(v) if isinstance(v, list) else v)
                        for k, v in cfg.net_kwargs.items()}).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(net).eval() if cfg.ema_decay else None
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise InputError(f"unknown optimizer {cfg.optimizer!r}", field="optimizer")
     steps_per_epoch = cfg.steps_per_epoch or max(1, n // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
+    metric = "selection_score" if selector is not None else "val_loss"
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val_loss": float("inf"),
              "best_epoch": -1, "bad_epochs": 0, "history": [], "epoch_loss_sum": 0.0,
-             "train_seconds": 0.0, "done": False}
+             "train_seconds": 0.0, "done": False, "best_metric": metric}
     last = out / "last.pt"
     if resume and last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = torch.load(last, map_location="cpu", weights_only=True)
         if _resume_key(ck["config"]) != _resume_key(cfg.to_dict()):
             raise InputError("checkpoint was written with another configuration; use a new "
                              "--out or the same options", file=last, field="config")
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        if "torch_rng" in ck:
+            torch.set_rng_state(ck["torch_rng"])
         state.update(ck["state"])
         if state["done"] and state["bad_epochs"] < cfg.patience:
             state["done"] = False  # early-stopped, resumed with a larger --patience
         log(f"resumed at epoch {state['epoch']} step {state['step_in_epoch']}")
     swap = lr_swap_permutation(cfg.encoding)
+    shipped = ema if ema is not None else net
 
     def save_last():
-        _save_torch({"config": cfg.to_dict(), "model": net.state_dict(),
-                     "optimizer": opt.state_dict(), "state": state}, last)
+        ck = {"config": cfg.to_dict(), "model": net.state_dict(),
+              "optimizer": opt.state_dict(), "state": state,
+              "torch_rng": torch.get_rng_state()}
+        if ema is not None:
+            ck["ema"] = ema.state_dict()
+        _save_torch(ck, last)
 
     def make_predictor():
         m = dict(meta or {})
         m.update({"train_config": cfg.to_dict(), "best_epoch": state["best_epoch"],
+                  "best_metric": metric, "best_value": state["best_val_loss"],
                   "best_val_loss": state["best_val_loss"],
                   "train_seconds": round(state["train_seconds"], 1),
                   "epochs_completed": state["epoch"], "steps": state["global_step"],
-                  "device": str(device), "torch": str(torch.__version__)})
-        return CNNPredictor(net, cfg.encoding, name=cfg.model, ptv_target=cfg.ptv_target,
-                            ptv_override=cfg.ptv_override, decode=cfg.decode,
-                            dose_scale_gy=cfg.encoding.rx_norm_gy, net_name=cfg.model,
-                            net_kwargs=cfg.net_kwargs, meta=m, device=str(device))
+                  "ema_decay": cfg.ema_decay, "device": str(device),
+                  "torch": str(torch.__version__)})
+        was_training = shipped.training
+        p = CNNPredictor(shipped, cfg.encoding, name=cfg.model, ptv_target=cfg.ptv_target,
+                         ptv_override=cfg.ptv_override, decode=cfg.decode,
+                         dose_scale_gy=cfg.encoding.rx_norm_gy, net_name=cfg.model,
+                         net_kwargs=cfg.net_kwargs, meta=m, device=str(device),
+                         tta=cfg.tta)
+        shipped.train(was_training)
+        return p
 
     bar = None
     if progress:
@@ -327,6 +518,7 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
     net.train()
     t_start = time.perf_counter()
     t_ckpt = t_start
+    step_at_ckpt = state["global_step"]
     seconds_before = state["train_seconds"]
     stopped = "epochs"
     while state["epoch"] < cfg.epochs and not state["done"]:
@@ -349,12 +541,15 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
             d = torch.stack(ys).to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, state["global_step"], total_steps)
-            with _autocast(device):
+            with _autocast(device, cfg.amp):
                 y = net(network_inputs(s, cfg.encoding)).float()
-            loss = volume_weighted_mse(y, training_target(s, d, cfg.ptv_target), roi_weights(s))
+            loss = training_loss(y, s, d, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                k = state["global_step"]
+                _ema_update(ema, net, min(cfg.ema_decay, (1.0 + k) / (10.0 + k)))
             state["epoch_loss_sum"] += float(loss.detach())
             state["step_in_epoch"] += 1
             state["global_step"] += 1
@@ -365,16 +560,26 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
             now = time.perf_counter()
             if now - t_ckpt >= cfg.checkpoint_every_s:
                 save_last()
-                t_ckpt = now
+                done_steps = state["global_step"] - step_at_ckpt
+                log(json.dumps({"checkpoint_step": state["global_step"], "epoch": epoch,
+                                "epoch_loss_so_far": state["epoch_loss_sum"]
+                                / state["step_in_epoch"], "lr": opt.param_groups[0]["lr"],
+                                "s_per_step": round((now - t_ckpt) / max(done_steps, 1), 3)}))
+                t_ckpt, step_at_ckpt = now, state["global_step"]
             if cfg.time_limit_s and now - t_start >= cfg.time_limit_s:
                 stopped = "time limit"
                 break
         if stopped == "time limit" and state["step_in_epoch"] < steps_per_epoch:
             save_last()
             break
-        metrics = evaluate(net, vstacks, vdoses, cfg, device) if len(vstacks) else {
+        metrics = evaluate(shipped, vstacks, vdoses, cfg, device) if len(vstacks) else {
             "val_loss": state["epoch_loss_sum"] / steps_per_epoch, "val_mae_gy": float("nan")}
-        rec = {"epoch": epoch, "train_loss": state["epoch_loss_sum"] / steps_per_epoch,
+        if selector is not None:
+            t_sel = time.perf_counter()
+            metrics.update(selector(make_predictor()))
+            metrics["selection_s"] = round(time.perf_counter() - t_sel, 1)
+        rec = {"epoch": epoch, "step": state["global_step"],
+               "train_loss": state["epoch_loss_sum"] / steps_per_epoch,
                **metrics, "lr": opt.param_groups[0]["lr"],
                "elapsed_s": round(state["train_seconds"], 1)}
         state["history"].append(rec)
@@ -382,9 +587,9 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         state["epoch_loss_sum"] = 0.0
-        if metrics["val_loss"] < state["best_val_loss"]:
+        if metrics[metric] < state["best_val_loss"]:
             state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = (
-                metrics["val_loss"], epoch, 0)
+                metrics[metric], epoch, 0)
             _save_torch(make_predictor().checkpoint(), out / "best.pt")
         else:
             state["bad_epochs"] += 1
@@ -392,18 +597,21 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
                 state["done"] = True
                 stopped = "early stopping"
         save_last()
-        t_ckpt = time.perf_counter()
+        t_ckpt, step_at_ckpt = time.perf_counter(), state["global_step"]
+        if cfg.time_limit_s and time.perf_counter() - t_start >= cfg.time_limit_s:
+            stopped = "time limit"
         if stopped == "time limit":
             break
     if bar is not None:
         bar.close()
     result = {"stopped": stopped, "epochs_completed": state["epoch"],
-              "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+              "global_step": state["global_step"], "best_epoch": state["best_epoch"],
+              "best_metric": metric, "best_val_loss": state["best_val_loss"],
               "train_seconds": round(state["train_seconds"], 1), "history": state["history"],
               "best": str(out / "best.pt") if (out / "best.pt").is_file() else None,
-              "net": net, "predictor": make_predictor}
+              "net": net, "ema": ema, "predictor": make_predictor}
     atomic_write_bytes(out / "history.json", (json.dumps(
-        {k: v for k, v in result.items() if k not in ("net", "predictor")}, indent=2)
+        {k: v for k, v in result.items() if k not in ("net", "ema", "predictor")}, indent=2)
         + "\n").encode())
     return result
 

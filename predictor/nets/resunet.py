@@ -6,7 +6,7 @@ labels) to ``channels[0]``. The encoder has one residual block per further entry
 3, stride 2, padding 1), and a bottleneck residual block keeping the last width. The
 decoder up-samples trilinearly (bilinearly in 2-D), concatenates the matching encoder
 features and applies a conv-norm-act block. A 1x1 convolution and a Softplus give the
-non-negative dose.
+non-negative dose; they run in float32 even under (bfloat16) autocast.
 """
 
 from __future__ import annotations
@@ -73,4 +73,7 @@ class ResUNet(nn.Module):
             h = nn.functional.interpolate(h, size=skip.shape[2:], mode=self._mode,
                                           align_corners=False)
             h = block(torch.cat([h, skip], dim=1))
-        return self.head(self.fuse(torch.cat([h, stem], dim=1)))
+        h = self.fuse(torch.cat([h, stem], dim=1))
+        # the output layer always runs in float32, also under bf16 autocast
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float())
