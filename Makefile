@@ -6,11 +6,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := ml,qp,report,dev
 
-.PHONY: install demo test lint bench clean sysdeps
+.PHONY: install demo test lint bench clean sysdeps wheel-check
 
-$(STAMP): pyproject.toml
+# Versions: the ranges of pyproject.toml, pinned exactly by constraints.txt (torch==2.13.0 is
+# the CPU wheel on this machine's disk; no CUDA build is ever downloaded).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +28,10 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
+
+# build the wheel, install it into fresh venvs (bare, then [ml,report]) and run `atp demo`
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh $(PYTHON)
 
 lint: $(STAMP)
 	$(BIN)/ruff check atp predictor optimizer sequencer tests benchmarks
