@@ -180,11 +180,20 @@ def _check_replaceable(out: Path, field: str | None) -> None:
         raise OutputError(problem, file=out, field=field)
 
 
+def _marker_kind(folder: Path) -> str | None:
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("kind") if isinstance(data, dict) and data.get("writer") == "atp" else None
+
+
 def check_output_dir(out, *, min_bytes: int = PLAN_MIN_BYTES, replace: bool = True,
-                     field: str | None = "--out") -> Path:
+                     kind: str = "train", field: str | None = "--out") -> Path:
     """Before the work: the absolute ``out`` if atp may write the folder there, else
     :class:`OutputError`. replace=False: the folder is written into, not replaced (a
-    training run folder): it must be new, empty or atp's own (marker or ``train.log``)."""
+    training run folder): it must be new, empty or atp's own folder of that ``kind``
+    (its marker says so, or, written before the marker, it holds ``train.log``)."""
     out = _abs(out)
     if replace:
         _check_replaceable(out, field)
@@ -194,10 +203,10 @@ def check_output_dir(out, *, min_bytes: int = PLAN_MIN_BYTES, replace: bool = Tr
         if out.exists():
             if not out.is_dir():
                 raise OutputError("is a file, not a folder", file=out, field=field)
-            if any(os.scandir(out)) and not ((out / MARKER).is_file()
-                                             or (out / "train.log").is_file()):
-                raise OutputError("folder exists and was not written by atp; give a new "
-                                  "folder", file=out, field=field)
+            if any(os.scandir(out)) and not (_marker_kind(out) == kind or (
+                    _marker_kind(out) is None and (out / "train.log").is_file())):
+                raise OutputError(f"folder exists and is not an atp {kind} folder; give a "
+                                  "new folder", file=out, field=field)
             if not os.access(out, os.W_OK | os.X_OK):
                 raise OutputError("folder is not writable", file=out, field=field)
     anc = _existing_ancestor(out, field)

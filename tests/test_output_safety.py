@@ -458,6 +458,25 @@ def test_check_output_dir_returns_the_absolute_path(tmp_path, monkeypatch):
     assert clean_stale(tmp_path / "new") == []
 
 
+def test_run_folders_are_written_into_only_when_atp_made_them(cheap_plan, tmp_path):
+    from atp.outputs import mark_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mark_output_dir(run, kind="train")
+    (run / "last.pt").write_bytes(b"x")
+    assert check_output_dir(run, replace=False) == run
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "train.log").write_text("{}")
+    assert check_output_dir(legacy, replace=False) == legacy
+    plan = cheap_plan.save(tmp_path / "plan", report=False)  # atp's, but not a run folder
+    with pytest.raises(OutputError, match="not an atp train folder"):
+        check_output_dir(plan, replace=False)
+    with pytest.raises(OutputError, match="not written by atp"):  # nor the reverse
+        check_output_dir(run)
+
+
 # --- CLI: internal errors and closed pipes ------------------------------------------------------
 def test_internal_error_is_one_line_and_a_traceback_file(tmp_path, monkeypatch, capsys):
     def broken(args):
