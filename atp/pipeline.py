@@ -52,33 +52,28 @@ SETTABLE = ("tolerance", "value", "weight", "priority")
 
 # --- progress ---------------------------------------------------------------------------
 class _Stages:
-    """Stage timer + progress display (tqdm to stderr; silent when disabled)."""
+    """Stage timer + progress display on stderr (:class:`atp.progress.Display`: a bar on
+    a terminal, plain lines otherwise; rounds and iterations inside a stage through
+    :func:`atp.progress.tick`; silent when disabled)."""
 
     def __init__(self, progress, total: int):
-        self.timings: dict[str, float] = {}
-        self._bar = None
-        self._callback = progress if callable(progress) else None
-        if progress is True:
-            from tqdm import tqdm
+        from atp.progress import Display
 
-            self._bar = tqdm(total=total, file=sys.stderr, unit="stage", leave=False,
-                             bar_format="{desc:<28}{bar:20}{n_fmt}/{total_fmt} {elapsed}")
+        self.timings: dict[str, float] = {}
+        self._callback = progress if callable(progress) else None
+        self._display = Display(progress is True, total)
 
     def run(self, name: str, fn, *args, **kwargs):
-        if self._bar is not None:
-            self._bar.set_description_str(name)
         if self._callback is not None:
             self._callback(name)
         t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
+        with self._display.stage(name):
+            out = fn(*args, **kwargs)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-        if self._bar is not None:
-            self._bar.update(1)
         return out
 
     def close(self):
-        if self._bar is not None:
-            self._bar.close()
+        self._display.close()
 
 
 # --- the Plan ---------------------------------------------------------------------------
@@ -173,20 +168,23 @@ class Plan:
 
     # --- persistence ---------------------------------------------------------------
     def save(self, out_dir, *, report: bool = True, dicom: bool = False,
-             extra=None) -> Path:
+             extra=None, progress: bool = False) -> Path:
         """Write the plan directory atomically.
 
         report: also write ``report.html`` (needs matplotlib; skipped with a note when it
         is not installed). dicom: also export RT Plan / RT Dose / RT Struct (and CT for
         non-DICOM patients) into ``dicom/``. extra(tmp_dir, plan): add more files.
+        progress: show the save and each file written on stderr (:mod:`atp.progress`).
         """
         import importlib.util
 
         from atp.outputs import atomic_output_dir, write_json
+        from atp.progress import saving, tick
 
         t_export = time.perf_counter()
         out_dir = Path(out_dir)
-        with atomic_output_dir(out_dir) as tmp:
+        with saving(progress, str(out_dir)), atomic_output_dir(out_dir) as tmp:
+            tick(step="dose arrays")
             np.save(tmp / "dose.npy", np.asarray(self.dose_gy, dtype=np.float32))
             if self.predicted_dose_gy is not None:
                 np.save(tmp / "predicted_dose.npy",
@@ -195,6 +193,7 @@ class Plan:
             np.savez_compressed(tmp / "fluence.npz", fluence=self.fluence,
                                 beam_index=b.beam_index, bev_x_mm=b.bev_x_mm,
                                 bev_y_mm=b.bev_y_mm, gantry_deg=b.gantry_deg)
+            tick(step="dij.npz")
             self.dij.save(tmp / "dij.npz")
             if self.ideal_dose_gy is not None:
                 np.save(tmp / "ideal_dose.npy", np.asarray(self.ideal_dose_gy, np.float32))
@@ -206,6 +205,7 @@ class Plan:
                 else:
                     from atp.report import write_report
 
+                    tick(step="report.html")
                     write_report(tmp, self.patient, self.dose_gy, self.predicted_dose_gy,
                                  goal_results=self.results, timings=self.timings_s,
                                  title=f"atp plan {self.patient.patient_id}",
@@ -216,6 +216,7 @@ class Plan:
             if dicom:
                 from atp.io.dicom_export import export_plan_set
 
+                tick(step="DICOM export")
                 export_plan_set(tmp / "dicom", self.patient, self.dose_gy, self.delivery)
                 written["dicom"] = "dicom/"
             if extra is not None:
@@ -701,11 +702,13 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
     references would only lower the whole target dose.
     """
     from atp.goals import evaluate_goals
+    from atp.progress import tick
     from optimizer.solve import optimize
 
     best = (res, *current)
     best_score = _score_results(evaluate_goals(resolved, patient, current[2]))
-    for _ in range(rounds):
+    for k in range(rounds):
+        tick(correction_round=f"{k + 1}/{rounds}")
         r0, _, ideal, dose, _ = best
         offset = (dose - ideal).astype(np.float32)
         o = dict(opts, hard_state=r0.hard_state,

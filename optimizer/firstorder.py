@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from atp.progress import tick
 from optimizer.objectives import RANK_ONE, evaluate_terms
 
 
@@ -225,6 +226,8 @@ def solve_lbfgs(dp: DeviceProblem, x0, *, max_iter: int = 600, tol: float = 1e-5
         rel = (f - f_new) / max(abs(f_new), 1e-30)
         x, f, g = x_new, f_new, g_new
         history.append((it, f))
+        if it % 10 == 0:
+            tick(iteration=it)
         stall = stall + 1 if rel < tol else 0
         if stall >= stall_iterations:
             status = "converged"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 
+from atp.progress import tick
 from optimizer import registry
 from optimizer.backends.base import Result
 from optimizer.problem import UPPER_OPS, measure_metric
@@ -168,6 +169,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
 
         report = check(res.fluence) if goal_check else res.goal_report
         for rounds in range(1, max(hard_rounds, attain_rounds) + 1):
+            tick(round=rounds)
             violated = [r for r in report if r.get("hard") and r.get("met") is False] \
                 if rounds <= hard_rounds else []
             soft = [dict(r, violation=soft_shortfall(r)) for r in report] \

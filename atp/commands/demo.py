@@ -43,7 +43,7 @@ def run(args) -> int:
     def extra(tmp, p):
         write_json(tmp / "patient.json", patient.summary())
 
-    plan.save(out, dicom=not args.no_dicom, extra=extra)
+    plan.save(out, dicom=not args.no_dicom, extra=extra, progress=not args.quiet)
     s = plan.summary()
     print(f"demo plan: {s['goals_passed']}/{s['goals_total']} goals met, backend "
           f"{plan.backend}, {plan.timings_s.get('total', 0.0):.1f} s")

@@ -144,9 +144,17 @@ def run(args) -> int:
         if not (args.quiet or args.json):
             import sys
 
-            def progress(i, n):
-                print(f"\rbeam {i}/{n}", end="" if i < n else "\n", file=sys.stderr,
-                      flush=True)
+            from atp.progress import is_terminal
+
+            tty = is_terminal(sys.stderr)
+
+            def progress(i, n):  # no carriage-return frames in a log: every 10 %
+                if tty:
+                    print(f"\rbeam {i}/{n}", end="" if i < n else "\n", file=sys.stderr,
+                          flush=True)
+                elif i == n or i % max(1, n // 10) == 0:
+                    print(f"atp: dose influence: beam {i}/{n}", file=sys.stderr,
+                          flush=True)
         dij = engine.influence(patient, beams, progress=progress, **kw)
     dij.save(out)
     info = summary(dij)

@@ -164,5 +164,5 @@ def run(args) -> int:
                     sequence=sequence_arg(args.sequencer),
                     machine=args.machine, optimizer_options=opts)
     out = Path(args.out)
-    plan.save(out, report=not args.no_report, dicom=args.dicom)
+    plan.save(out, report=not args.no_report, dicom=args.dicom, progress=progress_arg(args))
     return report(plan, out, args)
