@@ -161,3 +161,14 @@ def test_best_is_the_ema_predictor_with_tta(phantom, tmp_path):
     mirrored = np.flip(stack[lr_swap_permutation(ENC)], axis=2)
     assert np.allclose(pred.predict_network_grid(mirrored),
                        np.flip(pred.predict_network_grid(stack), axis=1), atol=1e-4)
+
+
+def test_cli_train_needs_a_model_or_a_recipe(tmp_path, capsys):
+    from atp.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--quiet"]) == 2
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert make_config(None, "okbp_stage1").model == "resunet"
+    with pytest.raises(Exception, match="resunet"):
+        make_config("cadunet", "okbp_stage1")

@@ -3,6 +3,11 @@
 Reads the OpenKBP ``train`` split for learning and the ``validation`` split for early
 stopping (never the test split), writes ``last.pt`` (resumable), ``best.pt`` (usable
 with ``atp predict --model PATH``), ``history.json`` and ``train.log`` into OUT.
+
+Named recipes (``--config okbp_stage1``, no --model needed) hold out ``selection``
+training patients instead and pick ``best.pt`` on their OpenKBP scores; the validation
+split is not read. Their run folder records ``run.json`` (config, data list with
+SHA-1s, held-out patients) and ``chunks.jsonl`` (code version of every invocation).
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a dose-prediction network on OpenKBP data")
-    p.add_argument("--model", required=True, choices=["cadunet", "resunet"])
+    p.add_argument("--model", choices=["cadunet", "resunet"],
+                   help="network (implied by a named --config such as okbp_stage1)")
     p.add_argument("--data", required=True, help="OpenKBP folder with train/ and validation/")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
-    p.add_argument("--config", default="small", choices=["small", "full"],
-                   help="small: 64^3 input for CPU; full: 128^3 for a GPU")
+    p.add_argument("--config", default="small", choices=["small", "full", "okbp_stage1"],
+                   help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1: "
+                        "the issue-23 Stage-1 recipe (see predictor/train.py)")
+    p.add_argument("--selection", type=int,
+                   help="training patients held out for selection (recipe default)")
     p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
     p.add_argument("--steps-per-epoch", type=int, help="default: one pass over the patients")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
@@ -36,8 +45,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from atp.errors import BackendUnavailableError
+    from atp.errors import BackendUnavailableError, InputError
     from atp.outputs import check_output_dir, mark_output_dir
+    from predictor.train import RECIPE_MODELS
+
+    if args.model is None and args.config not in RECIPE_MODELS:  # before writing anything
+        raise InputError(f"--model is needed with --config {args.config}", field="--model")
 
     out = check_output_dir(args.out, replace=False)  # new, empty or an atp run folder
     try:
@@ -62,10 +75,13 @@ def _run(args, out: Path, logf) -> int:
     cfg = make_config(args.model, args.config, epochs=args.epochs,
                       steps_per_epoch=args.steps_per_epoch, patience=args.patience,
                       lr=args.lr, seed=args.seed, threads=args.threads,
+                      selection=args.selection,
                       checkpoint_every_s=args.checkpoint_minutes * 60.0,
                       time_limit_s=args.max_minutes * 60.0 if args.max_minutes else None)
     log(json.dumps({"config": cfg.to_dict(), "data": str(args.data), "limit": args.limit}))
     cache = Path(args.cache) if args.cache else out / "cache"
+    if cfg.selection:
+        return _run_selection(args, cfg, out, cache, log)
     tr = cached_split(args.data, "train", cfg.encoding, cache, args.limit, log)
     va = cached_split(args.data, "validation", cfg.encoding, cache, args.val_limit, log)
     res = train(cfg, tr, va, out, resume=args.resume, progress=not args.quiet, log=log,
@@ -73,4 +89,68 @@ def _run(args, out: Path, logf) -> int:
                       "n_validation": len(va[2])})
     log(f"stopped ({res['stopped']}) after {res['epochs_completed']} epochs, best epoch "
         f"{res['best_epoch']} val loss {res['best_val_loss']:.5f}; best weights {res['best']}")
+    return 0
+
+
+def _git_version() -> dict:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "predictor", "atp/commands/train.py"], check=True,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": head, "dirty": dirty.splitlines() if dirty else []}
+
+
+def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
+    """A recipe run: train on the train split minus ``cfg.selection`` held-out patients,
+    which pick best.pt by their OpenKBP scores (validation/ is not read)."""
+    import time
+
+    from atp.errors import InputError
+    from atp.outputs import atomic_write_bytes, write_json
+    from predictor.data import split_files
+    from predictor.train import (
+        data_list,
+        encode_files,
+        score_predictor,
+        selection_split,
+        train,
+    )
+
+    files = split_files(args.data, "train")
+    files = files[:args.limit] if args.limit else files
+    fit_files, sel_files = selection_split(files, cfg.selection, cfg.seed)
+    record = {"config": cfg.to_dict(), "data": str(Path(args.data).resolve()),
+              "train_files": data_list(fit_files), "selection_files": data_list(sel_files)}
+    run_json = out / "run.json"
+    if run_json.is_file():
+        old = json.loads(run_json.read_text())
+        if [f["sha1"] for f in old["train_files"] + old["selection_files"]] != [
+                f["sha1"] for f in record["train_files"] + record["selection_files"]]:
+            raise InputError("the data differ from the ones this run was started with",
+                             file=run_json, field="train_files")
+    else:
+        write_json(run_json, {**record, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                 time.gmtime())})
+    chunk = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "resume": bool(args.resume), "max_minutes": args.max_minutes,
+             "threads": cfg.threads, **_git_version()}
+    chunks = out / "chunks.jsonl"
+    prev = chunks.read_bytes() if chunks.is_file() else b""
+    atomic_write_bytes(chunks, prev + (json.dumps(chunk) + "\n").encode())
+    tr = encode_files(fit_files, cfg.encoding, cache, log)
+    va = encode_files(sel_files, cfg.encoding, cache, log)
+    res = train(cfg, tr, va, out, resume=args.resume, progress=not args.quiet, log=log,
+                meta={"data": "OpenKBP train split minus the held-out selection patients",
+                      "n_train": len(tr[2]), "selection_patients": va[2]},
+                selector=lambda predictor: score_predictor(predictor, sel_files))
+    log(f"stopped ({res['stopped']}) after {res['epochs_completed']} epochs "
+        f"(step {res['global_step']}), best epoch {res['best_epoch']} "
+        f"{res['best_metric']} {res['best_val_loss']:.4f}; best weights {res['best']}")
     return 0
