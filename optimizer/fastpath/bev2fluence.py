@@ -243,21 +243,18 @@ BEV2FLUENCE = NetKind("bev2fluence", FEATURE_CHANNELS, FEATURE_VERSION, WEIGHTS_
 def save_weights(model: Bev2FluenceNet, path, extra: dict | None = None,
                  kind: NetKind = BEV2FLUENCE) -> None:
     """float32 state dict + config (``.pt``) and the config as JSON next to it, atomically."""
-    import os
+    from atp.outputs import atomic_write_bytes, atomic_write_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {"format": kind.weights_format, "model": model.config,
               "feature_version": kind.feature_version, "channels": list(kind.channels),
               "bev_samples": BEV_SAMPLES, "bev_half_depth_mm": BEV_HALF_DEPTH_MM,
               **(extra or {})}
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": config, "state_dict": state}, tmp)
-    os.replace(tmp, path)
-    tmp_json = path.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(config, indent=2, default=str) + "\n")
-    os.replace(tmp_json, path.with_suffix(".json"))
+    atomic_write_file(path, lambda fh: torch.save({"config": config, "state_dict": state},
+                                                  fh))
+    atomic_write_bytes(path.with_suffix(".json"),
+                       (json.dumps(config, indent=2, default=str) + "\n").encode())
 
 
 def load_weights(path, device="cpu", kind: NetKind = BEV2FLUENCE) -> Bev2FluenceNet:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -75,12 +74,11 @@ def patient_record(patient, dij, predicted_dose_gy, target_fluence_mu) -> dict:
 
 
 def save_record(path: Path, record: dict, meta: dict) -> None:
-    """Compressed npz, written to a temp file in the same folder then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial")
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, meta_json=np.array(json.dumps(meta, default=str)), **record)
-    os.replace(tmp, path)
+    """Compressed npz, written atomically (:func:`atp.outputs.atomic_write_file`)."""
+    from atp.outputs import atomic_write_file
+
+    atomic_write_file(path, lambda fh: np.savez_compressed(
+        fh, meta_json=np.array(json.dumps(meta, default=str)), **record))
 
 
 def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:

@@ -128,10 +128,9 @@ def backprojection_baseline(records, channel: int = BP) -> float:
 
 # --- checkpoints and the model card -----------------------------------------------------
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from atp.outputs import atomic_write_file
+
+    atomic_write_file(path, lambda fh: torch.save(obj, fh))
 
 
 def _counts(values) -> str:
