@@ -43,7 +43,9 @@ OPENKBP_DIRECTION = np.array([[0.0, 1.0, 0.0],   # columns: axis0 -> +y, axis1 -
 
 
 VOXEL_MM_RANGE = (0.1, 20.0)   # a CT voxel edge in mm (OpenKBP: 2.0 .. 4.0)
-CT_RAW_RANGE = (0.0, 6000.0)   # HU + 1024 (OpenKBP stores 0 .. ~4000)
+# HU + 1024, HU at most the int16 maximum 32767: real OpenKBP CTs reach 28036 with metal
+# (8 train patients exceed 6000, e.g. train/pt_132), so the bound only stops absurd values
+CT_RAW_RANGE = (0.0, 33791.0)
 DOSE_MAX_GY = 1000.0
 
 
