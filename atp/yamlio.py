@@ -64,6 +64,26 @@ class _LineLoader(yaml.SafeLoader):
 
     atp_file: str | None = None
     atp_error: type = InputError
+    atp_depth: int = 0
+
+    def fetch_flow_collection_start(self, token_class):
+        # the scanner's cost grows with the square of the flow depth: stop early
+        if self.flow_level >= MAX_DEPTH:
+            raise self.atp_error(f"YAML nested deeper than {MAX_DEPTH} levels",
+                                 file=self.atp_file, line=self.line + 1)
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent, index):
+        # refuse deep nesting while composing (PyYAML recurses once per level)
+        self.atp_depth += 1
+        try:
+            if self.atp_depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise self.atp_error(f"YAML nested deeper than {MAX_DEPTH} levels",
+                                     file=self.atp_file, line=mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.atp_depth -= 1
 
 
 def _children(node):

@@ -151,7 +151,8 @@ def parse_priority_weights(data, file: str | None, line: int | None,
                                 file=file, line=_line(data, "top", line),
                                 field="priority_weights.top")
     if _pow_weight(float(b), int(t), 1) > MAX_WEIGHT:
-        key = "top" if "top" in data else "base"
+        key = "top" if "top" in data and int(t) > PriorityWeights().top or \
+            "base" not in data else "base"
         raise GoalListError(f"base ** (top - 1) = {float(b):g} ** {int(t) - 1} gives "
                             f"priority 1 a weight above {MAX_WEIGHT:g}", file=file,
                             line=_line(data, key, line), field=f"priority_weights.{key}")

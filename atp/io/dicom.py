@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def _read_all(folder: Path):
             continue
         try:
             ds = pydicom.dcmread(path)
+            for _ in ds.iterall():  # parse every element now: a truncated file fails here
+                pass
         except InvalidDicomError:
             raise DicomError("not a DICOM file (remove it from the folder or fix it)",
                              file=path) from None
@@ -90,8 +93,8 @@ def _guard(path, what: str):
         yield
     except InputError:
         raise
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError,
-            OverflowError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError,
+            struct.error, EOFError) as exc:
         m = re.search(r"attribute '(\w+)'", str(exc)) or re.search(r"\((\w+)\)", str(exc))
         raise DicomError(f"malformed {what}: {quote(str(exc), 120, repr_=False)}", file=path,
                          field=m.group(1) if m else what) from None
@@ -386,6 +389,11 @@ def _load(folder, ct_by_series, series_uid, rs_path, rs, ignored, prescription_f
 def _with_structures(folder, slices, grid, ct, ct_ds, series_uid, frame_uid, rs_path, rs,
                      ignored, table, prescription_file, prescriptions, fractions,
                      require_prescription) -> Patient:
+    for seq in ("StructureSetROISequence", "ROIContourSequence",
+                "RTROIObservationsSequence"):  # type 1: absent = truncated / incomplete
+        if seq not in rs:
+            raise DicomError("RTSTRUCT lacks this required sequence (truncated or "
+                             "incomplete file)", file=rs_path, field=seq)
     contours = _roi_contours(rs, rs_path)
     interpreted = {_int(o, "ReferencedROINumber", rs_path):
                    str(getattr(o, "RTROIInterpretedType", "") or "").upper()
