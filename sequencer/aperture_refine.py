@@ -11,10 +11,15 @@ dose itself, within the machine's limits:
 w(a, b, v): beamlet weights (MU) of the delivery, exactly as
 :func:`sequencer.deliverable.delivered_weights` computes them (each interval between
 control points split into ``n_sub`` equal-MU sub-apertures at linearly interpolated tips,
-the exact open-area fraction of each beamlet rectangle, jaws fixed). That map is
-piecewise linear in the tips, so its vector-Jacobian product is written out here in
-closed form (NumPy); J and dJ/dw come from the caller (``weight_value_grad``: e.g. D = A w
-and A^T dJ/dD on a GPU), so any objective can drive it.
+the delivered fraction of each beamlet rectangle with the machine's transmission, jaws
+fixed). That map is piecewise linear in the tips, so its vector-Jacobian product is
+written out here in closed form (NumPy); J and dJ/dw come from the caller
+(``weight_value_grad``: e.g. D = A w and A^T dJ/dD on a GPU), so any objective can drive
+it. The weights and the MU derivative are exact, transmission included; the tip
+derivative is that of the opening inside the jaws times (1 - leaf transmission): it
+leaves out the tongue-and-groove strips and tips moving outside the jaws (a fraction of
+a percent of the dose; L-BFGS-B still descends and a round is kept only when the exact J
+falls).
 
 Feasibility is kept by construction: each round solves a box-constrained problem
 (L-BFGS-B) whose boxes are cut from the current delivery's slack -- each leaf may take
@@ -30,8 +35,9 @@ from dataclasses import replace
 
 import numpy as np
 
+from atp.dose.aperture import beamlet_pair_slots, delivered_fraction
 from atp.dose.influence import BeamletInfo
-from sequencer.deliverable import beamlet_pair_overlap, open_fraction_of_pairs
+from sequencer.deliverable import beamlet_pair_overlap
 from sequencer.delivery import BeamDelivery, Delivery
 from sequencer.machine import Machine
 from sequencer.reweight import _mu_map
@@ -56,6 +62,8 @@ class _ArcModel:
         self.mu_hi = machine.max_mu_per_deg * cover * fractions
         half = machine.dosimetric_leaf_gap_mm / 2.0
         self.half = half
+        self.transmission = machine.transmission
+        self.leaf_edges_mm = machine.leaf_edges_mm
         # sub-apertures: every interval k (n_all - 1 of them) x n_sub
         n_int = n_all - 1
         t = (np.arange(self.n_sub) + 0.5) / self.n_sub
@@ -78,9 +86,11 @@ class _ArcModel:
             bx = beamlets.bev_x_mm[cols]
             # flat (sub-aperture, pair) slot of every overlap, for the gradient's scatter
             slot = (np.arange(sel.size)[:, None, None] * n_pairs + pairs[None]).ravel()
+            slots = beamlet_pair_slots(beamlets.bev_y_mm[cols], sy, machine.leaf_edges_mm)
             self.groups.append((cols, sel, pairs, oy, slot, bx, jx[sel],
                                 (bx - sx / 2)[None, :, None], (bx + sx / 2)[None, :, None],
-                                jx[sel, 0, None, None], jx[sel, 1, None, None]))
+                                jx[sel, 0, None, None], jx[sel, 1, None, None],
+                                beamlets.bev_y_mm[cols], jy[sel], slots))
 
     def _edges(self, a, b):
         """Radiation-field edges (n_subs, n_pairs) of the sub-apertures."""
@@ -98,9 +108,10 @@ class _ArcModel:
         """Add this arc's beamlet weights (MU) to ``out``."""
         left, right = self._edges(a, b)
         mu = self._sub_mu(v)
-        for cols, sel, pairs, oy, _, bx, jx, *_ in self.groups:
-            out[cols] += mu[sel] @ open_fraction_of_pairs(
-                bx, self.beamlet_size_mm, pairs, oy, left[sel], right[sel], jx)
+        for cols, sel, _, _, _, bx, jx, _, _, _, _, by, jy, slots in self.groups:
+            out[cols] += mu[sel] @ delivered_fraction(
+                bx, by, self.beamlet_size_mm, self.leaf_edges_mm, left[sel], right[sel], jx,
+                jy, self.transmission, slots=slots)
 
     def grad(self, a, b, v, g_w):
         """dJ/da, dJ/db (n_cp, n_pairs) and dJ/dv (n_cp,) from dJ/dw (n_beamlets,)."""
@@ -110,20 +121,24 @@ class _ArcModel:
         d_left = np.zeros((n_s, self.n_pairs))
         d_right = np.zeros((n_s, self.n_pairs))
         d_mu = np.zeros(n_s)
-        for cols, sel, pairs, oy, slot, _, _, blo, bhi, j0, j1 in self.groups:
+        keep = 1.0 - self.transmission.leaf  # the covered part still transmits
+        for (cols, sel, pairs, oy, slot, bx, jx, blo, bhi, j0, j1, by, jy,
+             slots) in self.groups:
             le_raw = left[sel][:, pairs]
             ri_raw = right[sel][:, pairs]
             le = np.maximum(le_raw, j0)
             ri = np.minimum(ri_raw, j1)
             lo_c = np.maximum(le, blo)
             hi_c = np.minimum(ri, bhi)
-            ox = hi_c - lo_c
             gw = g_w[cols][None, :, None]
             ogw = oy * gw
-            d_mu[sel] += (np.maximum(ox, 0.0) * ogw).sum(axis=(1, 2)) / self.area
+            frac = delivered_fraction(bx, by, self.beamlet_size_mm, self.leaf_edges_mm,
+                                      left[sel], right[sel], jx, jy, self.transmission,
+                                      slots=slots)
+            d_mu[sel] += frac @ g_w[cols]
             # tips often sit exactly on a beamlet edge or a jaw (kinks): the mean of the
             # two one-sided derivatives (what a central difference measures)
-            common = ogw * (0.5 * mu[sel] / self.area)[:, None, None]
+            common = ogw * (0.5 * keep * mu[sel] / self.area)[:, None, None]
             dr = common * (((ri_raw < j1) & (ri < bhi) & (ri >= lo_c)).astype(np.float64)
                            + ((ri_raw <= j1) & (ri <= bhi) & (ri > lo_c)))
             dl = common * (((le_raw >= j0) & (le >= blo) & (le < hi_c)).astype(np.float64)

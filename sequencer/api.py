@@ -24,7 +24,8 @@ def default_technique(dij: DoseInfluence) -> str:
 
 def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
              machine: str | Machine = "millennium120", fractions: int | None = None,
-             reweight: bool = True, **params) -> Delivery:
+             reweight: bool = True, jaw_tracking: bool | None = None,
+             **params) -> Delivery:
     """Sequence optimised beamlet weights (MU, total course) for ``dij``'s beams.
 
     technique: a registry name ('imrt-sns', 'imrt-sliding', 'vmat'; default
@@ -32,12 +33,18 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     Machine. fractions: the course's fractions (sets per-fraction MU and speed limits;
     default 1). reweight: afterwards choose the segment / control-point MU that best
     reproduce the ideal dose ``dij @ fluence`` (:func:`sequencer.reweight.reweight_mu`;
-    leaves unchanged; not for sliding window). params: passed to the sequencer's
-    constructor (e.g. ``levels=10``).
+    leaves unchanged; not for sliding window). jaw_tracking: jaws follow the open leaves
+    at every control point (:func:`sequencer.apertures.track_jaws`; default: the
+    machine's ``jaws.tracking``), applied before the MU fit so the MU see the leakage they
+    get. params: passed to the sequencer's constructor (e.g. ``levels=10``).
     """
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
     delivery = get(technique or default_technique(dij), **params).sequence(fs, m)
+    if m.jaw_tracking if jaw_tracking is None else jaw_tracking:
+        from sequencer.apertures import track_jaws
+
+        delivery = track_jaws(delivery)
     if reweight and delivery.technique in ("imrt-sns", "vmat", "vmat-sliding"):
         from sequencer.reweight import reweight_mu
 

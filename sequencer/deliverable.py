@@ -1,23 +1,30 @@
 """Deliverable dose: sequenced apertures + MU -> beamlet weights -> dose via the dij.
 
-Each beamlet's weight is the MU-weighted exact open-area fraction of its rectangle
-(``beamlet_size_mm`` around its BEV centre) over all apertures of its beam. An aperture's
-radiation field per leaf pair is [a - DLG/2, b + DLG/2] (physical tips widened by the
-dosimetric leaf gap) clipped to the X jaws, over the pair's y extent clipped to the Y
-jaws. Leaf and jaw transmission are not modelled.
+Each beamlet's weight is the MU-weighted delivered fraction of its rectangle
+(``beamlet_size_mm`` around its BEV centre) over all apertures of its beam
+(:func:`atp.dose.aperture.delivered_fraction`, the one function every deliverable dose
+goes through). An aperture's radiation field per leaf pair is [a - DLG/2, b + DLG/2]
+(physical tips widened by the dosimetric leaf gap, the rounded leaf end) clipped to the X
+jaws, over the pair's y extent clipped to the Y jaws; the machine's leaf transmission
+reaches the leaf-covered part under the jaws, its jaw transmission the part outside, and
+its tongue-and-groove strip narrows openings where neighbouring pairs differ
+(:attr:`sequencer.machine.Machine.transmission`).
 
 Moving leaves (sliding window, arcs): each interval between control points is split into
 ``n_sub`` equal-MU sub-apertures at the midpoints of linearly interpolated tips; an arc
 sub-aperture uses the dij columns of the nearer control point (``dij_beam``).
 
 deliverable dose = dij @ weights (``DoseInfluence.dose``), the same linear model the
-optimiser used for the ideal fluence, so ideal vs delivered differ only by sequencing.
+optimiser used for the ideal fluence, so ideal vs delivered differ only by sequencing and
+the collimators' transmission. Transmission reaches only the dij's beamlets (the target's
+projection plus the beamlet margin): leakage further out is not in the dose.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from atp.dose.aperture import Transmission, beamlet_pair_slots, delivered_fraction
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from sequencer.delivery import BeamDelivery, Delivery
 
@@ -51,18 +58,17 @@ def beamlet_pair_overlap(bev_y_mm, beamlet_size_y_mm: float, leaf_edges_mm, jaw_
 
 
 def aperture_open_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm,
-                           right_mm, jaw_x_mm=None, jaw_y_mm=None) -> np.ndarray:
-    """Open area fraction (n_apertures, n_beamlets) of beamlet rectangles.
+                           right_mm, jaw_x_mm=None, jaw_y_mm=None,
+                           transmission: Transmission | None = None) -> np.ndarray:
+    """Delivered fraction (n_apertures, n_beamlets) of beamlet rectangles
+    (:func:`atp.dose.aperture.delivered_fraction`; without ``transmission`` the exact
+    open-area fraction).
 
     left_mm/right_mm: (n_apertures, n_pairs) *radiation-field* edges per leaf pair;
     jaw_x_mm/jaw_y_mm: (n_apertures, 2) or None (no jaw clipping).
     """
-    bx = np.asarray(bev_x_mm, dtype=np.float64)
-    sx, sy = (float(s) for s in beamlet_size_mm)
-    left = np.atleast_2d(np.asarray(left_mm, dtype=np.float64))
-    right = np.atleast_2d(np.asarray(right_mm, dtype=np.float64))
-    pairs, oy = beamlet_pair_overlap(bev_y_mm, sy, leaf_edges_mm, jaw_y_mm, left.shape[0])
-    return open_fraction_of_pairs(bx, (sx, sy), pairs, oy, left, right, jaw_x_mm)
+    return delivered_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm,
+                              right_mm, jaw_x_mm, jaw_y_mm, transmission)
 
 
 def open_fraction_of_pairs(bev_x_mm, beamlet_size_mm, pairs, oy, left_mm, right_mm,
@@ -114,26 +120,35 @@ def beam_apertures(beam: BeamDelivery, dlg_mm: float, n_sub: int = 4):
 
 
 def delivered_weights(delivery: Delivery, beamlets: BeamletInfo, n_sub: int = 4,
-                      chunk: int = 256) -> np.ndarray:
-    """Beamlet weights (MU, total course) equivalent to the sequenced delivery."""
-    edges = delivery.machine.leaf_edges_mm
-    dlg = delivery.machine.dosimetric_leaf_gap_mm
+                      chunk: int = 256, transmission: Transmission | None = None
+                      ) -> np.ndarray:
+    """Beamlet weights (MU, total course) equivalent to the sequenced delivery, the
+    machine's transmission included (``transmission``: another one, e.g.
+    ``Transmission()`` for the open-area fraction alone)."""
+    m = delivery.machine
+    edges = m.leaf_edges_mm
+    trans = m.transmission if transmission is None else transmission
     w = np.zeros(beamlets.n_beamlets)
     for beam in delivery.beams:
-        ap = beam_apertures(beam, dlg, n_sub)
+        ap = beam_apertures(beam, m.dosimetric_leaf_gap_mm, n_sub)
         for d in np.unique(ap["dij_beam"]):
             cols = beamlets.columns_of_beam(int(d))
             sel = np.flatnonzero(ap["dij_beam"] == d)
+            slots = beamlet_pair_slots(beamlets.bev_y_mm[cols], beamlets.beamlet_size_mm[1],
+                                       edges)
             for s in range(0, sel.size, chunk):
                 i = sel[s:s + chunk]
-                frac = aperture_open_fraction(
+                frac = delivered_fraction(
                     beamlets.bev_x_mm[cols], beamlets.bev_y_mm[cols],
                     beamlets.beamlet_size_mm, edges, ap["left"][i], ap["right"][i],
-                    ap["jaw_x"][i], ap["jaw_y"][i])
+                    ap["jaw_x"][i], ap["jaw_y"][i], trans, slots=slots)
                 w[cols] += ap["mu"][i] @ frac
     return w
 
 
-def deliverable_dose(delivery: Delivery, dij: DoseInfluence, n_sub: int = 4) -> np.ndarray:
-    """Dose (Gy, total course, 3-D on ``dij.dose_grid``) of the sequenced delivery."""
-    return dij.dose(delivered_weights(delivery, dij.beamlets, n_sub))
+def deliverable_dose(delivery: Delivery, dij: DoseInfluence, n_sub: int = 4,
+                     transmission: Transmission | None = None) -> np.ndarray:
+    """Dose (Gy, total course, 3-D on ``dij.dose_grid``) of the sequenced delivery
+    (the machine's transmission included unless ``transmission`` says otherwise)."""
+    return dij.dose(delivered_weights(delivery, dij.beamlets, n_sub,
+                                      transmission=transmission))

@@ -11,14 +11,25 @@ Fields of the YAML file (all required unless noted)::
   mlc.leaf_widths_mm            [[width_mm, count], ...] from -y to +y (centred on y=0)
   mlc.max_leaf_speed_mm_s       > 0
   mlc.min_leaf_gap_mm           >= 0, gap between opposing leaf tips
-  mlc.dosimetric_leaf_gap_mm    >= 0, radiation-field widening of every opening
+  mlc.dosimetric_leaf_gap_mm    >= 0, radiation-field widening of every opening (the
+                                rounded leaf end)
+  mlc.leaf_transmission         in [0, 0.2]: fraction of the open-field dose through
+                                closed leaves (interleaf leakage averaged in)
+  mlc.tongue_groove_mm          in [0, narrowest leaf]: tongue-and-groove strip width
+                                at each leaf-pair boundary
   mlc.leaf_position_range_mm    [min, max] allowed tip position
   mlc.max_leaf_span_mm          > 0, most- vs least-extended leaf of one bank
   jaws.x1_range_mm ... y2_range_mm   [min, max] per jaw;  jaws.min_field_mm >= 0
+  jaws.transmission             in [0, 0.2]: fraction through the jaws
+  jaws.tracking                 optional bool (default false): the jaws follow the
+                                open leaves at every control point
   delivery.max_dose_rate_mu_min, delivery.max_gantry_speed_deg_s   > 0
   delivery.min_mu_per_deg, delivery.max_mu_per_deg   0 <= min < max (per fraction)
   delivery.min_gantry_speed_deg_s  optional, 0 < min <= max: how far an arc may slow its
                                    gantry (default: the maximum, a constant-speed gantry)
+
+Transmission (:attr:`Machine.transmission`, :class:`atp.dose.aperture.Transmission`)
+enters every deliverable dose through :func:`atp.dose.aperture.delivered_fraction`.
 
 Arcs: the leaves may travel ``max_leaf_speed / min_gantry_speed`` mm per degree (the
 gantry slows down while they move: :attr:`Machine.leaf_travel_limit_per_deg_mm`, what
@@ -35,10 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+from atp.dose.aperture import Transmission
 from atp.errors import InputError, quote
 from atp.yamlio import load_yaml
 
 MACHINE_DIR = Path(__file__).resolve().parent / "machines"
+MAX_TRANSMISSION = 0.2  # a larger value is a percent typed as a fraction, not a collimator
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +81,16 @@ class Machine:
     max_mu_per_deg: float
     source: str | None = None
     min_gantry_speed_deg_s: float | None = None  # None: the gantry turns at full speed
+    leaf_transmission: float = 0.0
+    jaw_transmission: float = 0.0
+    tongue_groove_mm: float = 0.0
+    jaw_tracking: bool = False
+
+    @property
+    def transmission(self) -> Transmission:
+        """Leaf / jaw transmission and tongue-and-groove width of this machine."""
+        return Transmission(self.leaf_transmission, self.jaw_transmission,
+                            self.tongue_groove_mm)
 
     @property
     def n_pairs(self) -> int:
@@ -156,6 +179,17 @@ class _Reader:
             self.fail(path, f"must be {'>' if strict else '>='} {minimum}, got {v}")
         return float(v)
 
+    def flag(self, *path: str, default: bool) -> bool:
+        cur = self.data
+        for key in path[:-1]:
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        if not isinstance(cur, dict) or path[-1] not in cur:
+            return default
+        v = cur[path[-1]]
+        if not isinstance(v, bool):
+            self.fail(path, f"must be true or false, got {v!r}")
+        return v
+
     def range(self, *path: str) -> tuple[float, float]:
         v = self.get(*path)
         if (not isinstance(v, list) or len(v) != 2
@@ -223,11 +257,21 @@ def load_machine_file(path: str | Path) -> Machine:
             r.number("delivery", "min_gantry_speed_deg_s", minimum=0, strict=True)
             if isinstance(r.data.get("delivery"), dict)
             and "min_gantry_speed_deg_s" in r.data["delivery"] else None),
+        leaf_transmission=r.number("mlc", "leaf_transmission", minimum=0),
+        jaw_transmission=r.number("jaws", "transmission", minimum=0),
+        tongue_groove_mm=r.number("mlc", "tongue_groove_mm", minimum=0),
+        jaw_tracking=r.flag("jaws", "tracking", default=False),
     )
     if (m.min_gantry_speed_deg_s is not None
             and m.min_gantry_speed_deg_s > m.max_gantry_speed_deg_s):
         r.fail(("delivery", "min_gantry_speed_deg_s"),
                "must not exceed delivery.max_gantry_speed_deg_s")
+    for path in (("mlc", "leaf_transmission"), ("jaws", "transmission")):
+        if r.number(*path, minimum=0) > MAX_TRANSMISSION:
+            r.fail(path, f"must be a fraction in [0, {MAX_TRANSMISSION}] (e.g. 0.015 for "
+                         f"1.5 %), got {r.get(*path)}")
+    if m.tongue_groove_mm > float(np.min(np.diff(edges))):
+        r.fail(("mlc", "tongue_groove_mm"), "wider than the narrowest leaf")
     if m.min_mu_per_deg >= m.max_mu_per_deg:
         r.fail(("delivery", "min_mu_per_deg"), "must be below delivery.max_mu_per_deg")
     if m.min_leaf_gap_mm >= leaf_range[1] - leaf_range[0]:

@@ -8,7 +8,8 @@ limits: >= 0 per segment, and the machine's MU/degree range per arc control poin
 leaves do not move, so every leaf constraint still holds.
 
 The dose is linear in the MU: each delivery interval (between two control points) gives a
-per-MU dose (its sub-apertures, as in :mod:`sequencer.deliverable`), and each interval's MU
+per-MU dose (its sub-apertures, as in :mod:`sequencer.deliverable`, the machine's leaf /
+jaw transmission and tongue-and-groove included, so the MU pay for their leakage), and each interval's MU
 is a fixed linear combination of the free MU (arcs: control point k's MU is delivered
 half on each side of it).
 """
@@ -171,7 +172,7 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M=None):
         frac = aperture_open_fraction(info.bev_x_mm[cols], info.bev_y_mm[cols],
                                       info.beamlet_size_mm, machine.leaf_edges_mm,
                                       ap["left"][sel], ap["right"][sel], ap["jaw_x"][sel],
-                                      ap["jaw_y"][sel])
+                                      ap["jaw_y"][sel], machine.transmission)
         w = frac * ap["mu"][sel, None]
         dose = np.asarray(mat[:, cols] @ w.T)
         if M is None:
