@@ -149,6 +149,8 @@ def _replace_problem(out: Path) -> str | None:
         return f"cannot read: {exc.strerror}"
     if empty:
         return None
+    if not os.access(out, os.W_OK | os.X_OK):
+        return "folder is not writable, so atp could not remove it after replacing it"
     foreign = _foreign_entries(out)
     if foreign is None:
         return ("folder exists and was not written by atp; atp only replaces its own plan "
