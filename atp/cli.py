@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "atp.commands.predict",
     "atp.commands.dij",
     "atp.commands.commission",
+    "atp.commands.dose",
     "atp.commands.listing",
 ]
 

@@ -624,6 +624,8 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                     opts, goal_check, patient, dij, resolved, technique, machine,
                     deliverable_rounds,
                     (delivery, ideal, dose, fid))
+            delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij,
+                                             delivery, ideal, dose, fid)
         results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)
     finally:
         if own:
@@ -746,6 +748,42 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
     masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
     fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return delivery, ideal_dose, dose, fid
+
+
+def _field_dose(patient, dij, delivery, ideal_dose, dose, fid):
+    """The reported deliverable dose: the final delivery recomputed over each beam's whole
+    jaw field (:func:`atp.forward.forward_dose`, what ``atp dose`` computes from the
+    exported RT Plan), so the leakage through closed leaves and jaws outside the planning
+    beamlets is in it too; plus MU per cGy in the delivery's summary. A dij not made by
+    the pencil-beam engine (imported) keeps its own deliverable dose."""
+    from dataclasses import replace as _replace
+
+    from atp.dose.geometry import Beam
+    from atp.forward import forward_dose
+    from sequencer.fidelity import fidelity
+
+    meta = dict(delivery.meta)
+    fx = delivery.fractions
+    if patient.prescriptions:
+        rx_fx = patient.max_prescription_gy / fx
+        meta["mu_per_cgy"] = round(delivery.total_mu / fx / (100.0 * rx_fx), 3)
+    m = delivery.machine
+    meta["leaf_transmission_percent"] = round(100.0 * m.leaf_transmission, 3)
+    meta["jaw_transmission_percent"] = round(100.0 * m.jaw_transmission, 3)
+    dm = dij.meta or {}
+    if dm.get("engine") == "pencil-beam":
+        b = dij.beamlets
+        beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
+                 zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
+        dose, _ = forward_dose(patient, delivery, beams,
+                               dose_grid_factor=int(dm.get("dose_grid_factor", 2)),
+                               beamlet_size_mm=float(b.beamlet_size_mm[0]),
+                               margin_mm=float(dm.get("margin_mm", 5.0)),
+                               threshold=dm.get("threshold"))
+        meta["dose_beamlets"] = "jaw field"
+        masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
+        fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
+    return _replace(delivery, meta=meta), dose, fid
 
 
 # --- loading ----------------------------------------------------------------------------

@@ -98,12 +98,21 @@ def report(plan, out, args) -> int:
         summary = plan.summary()
         summary.update(out=str(out), backend=plan.backend, timings_s=plan.timings_s,
                        optimizer_status=plan.optimizer.get("status"))
+        if plan.delivery is not None:
+            d = plan.delivery.summary()
+            summary.update(mu_per_fraction=d["mu_per_fraction"],
+                           mu_per_cgy=d.get("mu_per_cgy"))
         print_json(summary)
     else:
         s = plan.summary()
         print(f"plan written to {out.resolve()}  (backend {plan.backend}, "
               f"{plan.timings_s.get('total', plan.timings_s.get('replan', 0.0)):.1f} s)")
         print(f"goals met: {s['goals_passed']}/{s['goals_total']}")
+        if plan.delivery is not None:
+            d = plan.delivery.summary()
+            mu_cgy = f", {d['mu_per_cgy']} MU/cGy" if d.get("mu_per_cgy") else ""
+            print(f"delivery: {d['technique']}, {d['mu_per_fraction']:.0f} MU per fraction"
+                  f"{mu_cgy}")
         for r in plan.results:
             if r.passed is False:
                 g = r.goal
