@@ -755,8 +755,62 @@ OPTIONS = [
                                              "{out}"], None, "--couch"),
 ]
 
+# machine models (sequencer YAML) --------------------------------------------------------
+def _machine(edit):
+    def build(folder: Path):
+        from sequencer.machine import MACHINE_DIR
+
+        (folder / "m.yaml").write_text(edit((MACHINE_DIR / "millennium120.yaml").read_text()))
+    return build
+
+
+M = ["plan", "phantom", "--machine", "{in}/m.yaml", *PLAN_ARGS]
+MACHINES = [
+    Case("machine-duplicate-key", "machine",
+         _machine(_replace("nominal_energy_mv: 6.0\n", "nominal_energy_mv: 6.0\n"
+                           "nominal_energy_mv: 10.0\n")), M, "m.yaml", "nominal_energy_mv"),
+    Case("machine-sad-inf", "machine",
+         _machine(_replace("source_axis_distance_mm: 1000.0", "source_axis_distance_mm: .inf")),
+         M, "m.yaml", "source_axis_distance_mm"),
+    Case("machine-leaf-count-huge", "machine",
+         _machine(_replace("[[10.0, 10], [5.0, 40], [10.0, 10]]",
+                           "[[10.0, 10], [5.0, 4000000000], [10.0, 10]]")), M, "m.yaml",
+         "mlc.leaf_widths_mm"),
+    Case("machine-alias-bomb", "machine", _text("m.yaml", ALIAS_BOMB), M, "m.yaml:", "m.yaml"),
+    Case("machine-fast-path", "machine",
+         _machine(_replace("max_leaf_speed_mm_s: 25.0", "max_leaf_speed_mm_s: -25.0")),
+         ["plan", "phantom", "--fast", "--machine", "{in}/m.yaml", *PLAN_ARGS], "m.yaml",
+         "mlc.max_leaf_speed_mm_s"),
+]
+
+
+# arrays given on the command line: --predicted-dose, --dij -----------------------------
+def _npy(name, array, **kw):
+    def build(folder: Path):
+        np.save(folder / name, array, **kw)
+    return build
+
+
+PD = ["plan", "phantom", "--predicted-dose", "{in}/pd.npy", *PLAN_ARGS]
+DJ = ["plan", "phantom", "--dij", "{in}/dij.npz", *PLAN_ARGS]
+ARRAYS = [
+    Case("predicted-dose-pickle", "arrays",
+         _npy("pd.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True), PD, "pd.npy",
+         "predicted dose"),
+    Case("predicted-dose-wrong-shape", "arrays", _npy("pd.npy", np.zeros((2, 2, 2))), PD,
+         "pd.npy", "shape"),
+    Case("predicted-dose-nan", "arrays",
+         _npy("pd.npy", np.full((40, 64, 64), np.nan, np.float32)), PD, "pd.npy",
+         "predicted dose"),
+    Case("predicted-dose-text", "arrays", _text("pd.npy", "1,2,3"), PD, "pd.npy",
+         "predicted dose"),
+    Case("dij-not-atp", "arrays", _npz("dij.npz", lambda a: None), DJ, "dij.npz", "format"),
+    Case("dij-truncated", "arrays", _raw("dij.npz", b"PK\x03\x04" + b"\0" * 40), DJ, "dij.npz",
+         "dij.npz"),
+]
+
 ALL = (OPENKBP + OPENKBP_CSV + GOAL_LISTS + OVERLAYS + DICOM + SIDECARS + REPLAN_SET
-       + PLAN_FILES + WEIGHTS + OPTIONS)
+       + PLAN_FILES + WEIGHTS + OPTIONS + MACHINES + ARRAYS)
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
@@ -769,7 +823,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys, mo
 def test_corpus_covers_every_class():
     classes = {c.cls for c in ALL}
     assert classes == {"openkbp", "openkbp-csv", "yaml", "overlay", "dicom", "sidecar",
-                       "replan-set", "plan-folder", "weights", "options"}
+                       "replan-set", "plan-folder", "weights", "options", "machine", "arrays"}
     assert len({c.id for c in ALL}) == len(ALL)
 
 

@@ -93,6 +93,9 @@ def fast_options(args) -> tuple[dict, dict]:
         raise InputError("--fast always sequences a VMAT arc (--sequencer vmat or "
                          "vmat-sliding)", field="--sequencer")
     spare = parse_spare_args(args.spare)
+    from sequencer.machine import load_machine
+
+    load_machine(args.machine)  # a bad machine file fails before any work
     opts = {"machine": args.machine}
     if seq != "auto":
         opts["vmat_sequencer"] = seq

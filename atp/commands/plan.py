@@ -149,6 +149,10 @@ def run(args) -> int:
     if args.fast:
         return run_fast(args)
     reject_fast_only(args)
+    if args.sequencer is not None:
+        from sequencer.machine import load_machine
+
+        load_machine(args.machine)  # a bad machine file fails before any work
     patient = load_patient_from_args(args)
     predicted = None
     if args.predicted_dose:
