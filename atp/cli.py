@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _terminate_cleanly()
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -88,6 +89,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM (kill, a batch system's time limit) unwinds like Ctrl-C, so a save in
+    progress removes its temporary folder; exit 143 = 128 + SIGTERM."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        def stop(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
 
 
 def _broken_pipe() -> int:

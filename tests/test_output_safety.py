@@ -395,6 +395,24 @@ def test_concurrent_writers_last_one_wins_cleanly(tmp_path, monkeypatch, exchang
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "who.txt", "data.bin"])
 
 
+def test_sigterm_during_a_cli_save_leaves_nothing(tmp_path):
+    code = (
+        "import os, signal, sys, atp.commands.commission as c\n"
+        "from atp.outputs import atomic_output_dir\n"
+        "def save(args):\n"
+        f"    with atomic_output_dir({str(tmp_path / 'p')!r}) as tmp:\n"
+        "        (tmp / 'a.npy').write_bytes(b'x' * 1000)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        signal.pause()\n"
+        "c.run = save\n"
+        "from atp.cli import main\n"
+        "sys.exit(main(['commission']))\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 143, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_concurrent_processes_and_dij_saves(tmp_path, toy):
     code = (
