@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _terminate_cleanly()
+    restore = _terminate_cleanly()
     try:
         rc = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
@@ -86,23 +86,29 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ATP_DEBUG"):
             raise
         return _internal_error(args.command, exc, sys.argv[1:] if argv is None else argv)
+    finally:
+        restore()
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head`
 
 
-def _terminate_cleanly() -> None:
+def _terminate_cleanly():
     """SIGTERM (kill, a batch system's time limit) unwinds like Ctrl-C, so a save in
-    progress removes its temporary folder; exit 143 = 128 + SIGTERM."""
+    progress removes its temporary folder; exit 143 = 128 + SIGTERM. Returns the function
+    that puts the previous handler back (main() called from a host program)."""
     import signal
     import threading
 
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        def stop(signum, frame):
-            raise SystemExit(128 + signum)
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        return lambda: None
 
-        signal.signal(signal.SIGTERM, stop)
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _broken_pipe() -> int:
