@@ -109,6 +109,8 @@ class Plan:
     fidelity: dict | None = None
     # the prepared FastPath of a fast plan (not saved): respare() reuses it
     fastpath: object = field(default=None, repr=False)
+    # a re-plan's before -> after rows (atp.goals.changes.goal_changes); None: not a re-plan
+    changes: list | None = None
 
     # --- summaries -----------------------------------------------------------------
     @property
@@ -130,6 +132,9 @@ class Plan:
             d = r.to_dict()
             d["objective_value"] = self.term_values.get(r.goal.id)
             d["optimised"] = (self.optimizer.get("surrogates") or {}).get(r.goal.id)
+            why = (self.optimizer.get("blockers") or {}).get(r.goal.id)
+            if why and r.passed is False:
+                d["why"] = why["line"]
             rows.append(d)
         return rows
 
@@ -162,6 +167,7 @@ class Plan:
             "versions": self.versions,
             "delivery": self.delivery.summary() if self.delivery is not None else None,
             "fidelity": self.fidelity,
+            **({"changes": self.changes} if self.changes is not None else {}),
             "files": {"dose": "dose.npy", "predicted_dose": "predicted_dose.npy",
                       "fluence": "fluence.npz", "dij": "dij.npz"},
         }
@@ -211,7 +217,8 @@ class Plan:
                                  title=f"atp plan {self.patient.patient_id}",
                                  delivery_summary=self.delivery.summary()
                                  if self.delivery is not None else None,
-                                 fidelity=self.fidelity, notes=self.notes)
+                                 fidelity=self.fidelity, notes=self.notes,
+                                 changes=self.changes)
                     written["report"] = "report.html"
             if dicom:
                 from atp.io.dicom_export import export_plan_set
@@ -257,8 +264,11 @@ class Plan:
         if warm and self.ideal_dose_gy is not None and self.settings.get("sequence"):
             offset = (np.asarray(self.dose_gy, np.float32)
                       - np.asarray(self.ideal_dose_gy, np.float32))
-        return _optimise_and_finish(
-            self.patient, goals, self.dij, self.predicted_dose_gy,
+        touched = tuple(n.id for o, n in zip(self.resolved_goals, goals)
+                        if (o.value, o.tolerance_pct, o.priority, o.weight)
+                        != (n.value, n.tolerance_pct, n.priority, n.weight))
+        new = _optimise_and_finish(
+            self.patient, goals, self.dij, self.predicted_dose_gy, steer=touched,
             backend=backend or self.settings.get("backend_requested", "auto"),
             refine=self.settings.get("refine", 0) if refine is None else refine,
             x0=self.fluence if warm else None, progress=progress, settings=settings,
@@ -267,6 +277,11 @@ class Plan:
             hard_state=self.optimizer.get("hard_state") if warm else None,
             sequencing_offset=offset,
             attain_rounds_default=WARM_ATTAIN_ROUNDS if warm else ATTAIN_ROUNDS)
+        from atp.goals.changes import goal_changes
+
+        why = {k: v["line"] for k, v in (new.optimizer.get("blockers") or {}).items()}
+        new.changes = goal_changes(self.results, new.results, why=why)
+        return new
 
 
 def _goal_matches(goal, key: str) -> bool:
@@ -309,9 +324,14 @@ def apply_settings(resolved_goals, settings: dict, priority_weights: dict | None
                 value = g.predicted_value * (1.0 + val / 100.0)
                 if g.metric.result_unit == "%":
                     value = min(value, 100.0)
-                goals[i] = replace(g, tolerance_pct=val, value=value)
+                goals[i] = replace(g, tolerance_pct=val, value=value,
+                                   note=_note_in_force(g.note, f"tolerance {val:+g} %: "
+                                                       f"predicted {g.predicted_value:.4g} "
+                                                       f"x {1 + val / 100:.4g} = {value:.4g}"
+                                                       f" {g.metric.result_unit}"))
             elif fld == "value":
-                goals[i] = replace(g, value=val)
+                goals[i] = replace(g, value=val, note=_note_in_force(
+                    g.note, f"value {val:.4g} {g.metric.result_unit} (set by replan)"))
             elif fld == "weight":
                 if val <= 0:
                     raise InputError(f"weight must be > 0, got {val}", field="--set")
@@ -322,6 +342,15 @@ def apply_settings(resolved_goals, settings: dict, priority_weights: dict | None
                     raise InputError(f"priority must be >= 1, got {val}", field="--set")
                 goals[i] = replace(g, priority=p, weight=_priority_weight(p, priority_weights))
     return goals
+
+
+IN_FORCE = " [in force: "
+
+
+def _note_in_force(note: str, what: str) -> str:
+    """A goal's note with the setting in force after a re-plan (replaces an earlier one)."""
+    base = (note or "").split(IN_FORCE)[0]
+    return f"{base}{IN_FORCE}{what}]"
 
 
 def _priority_weight(priority: int, rule: dict | None) -> float:
@@ -454,7 +483,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     from atp.patient import Patient
 
     n_stages = (6 + (predicted_dose is None) + (dij is None) + (not isinstance(patient, Patient))
-                + (1 if refine else 0) + (2 if sequence else 0))  # for the progress bar
+                + (1 if refine else 0) + (2 if sequence else 0) + 1)  # bar; +1: explain
     stages = _Stages(progress, total=n_stages)
     t_start = time.perf_counter()
     try:
@@ -535,7 +564,7 @@ def _fast(patient, *, backend, beams, beam_template, refine, sequence, optimizer
 def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refine, x0,
                          settings, notes, progress=False, stages=None, fractions=None,
                          sequence=False, hard_state=None, sequencing_offset=None,
-                         attain_rounds_default: int = ATTAIN_ROUNDS) -> Plan:
+                         attain_rounds_default: int = ATTAIN_ROUNDS, steer=()) -> Plan:
     """Optimise (-> refine) (-> sequence + deliverable correction) -> evaluate.
 
     sequencing_offset: a previous plan's deliverable-minus-ideal dose (Gy, patient grid);
@@ -543,6 +572,8 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
     ideal dose plus it, and no further correction rounds are run.
     attain_rounds_default: goal-attainment rounds unless ``optimizer_options`` says
     otherwise (warm re-plans: 1, as the stored hard/attainment state is applied first).
+    steer: ids of goals a re-plan changed: the attainment rounds pursue them whatever
+    their priority (``optimizer.solve.optimize(attain_ids=)``).
     """
     from atp.goals import evaluate_goals
     from optimizer import registry as backends
@@ -552,7 +583,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
 
     own = stages is None
     if own:
-        stages = _Stages(progress, total=5 + (1 if refine else 0))
+        stages = _Stages(progress, total=6 + (1 if refine else 0))
     t0 = time.perf_counter()
     try:
         be = backends.resolve(backend)
@@ -565,6 +596,8 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         # still violated after a solve get their reference shifted and are re-solved
         opts.setdefault("attain_rounds", attain_rounds_default)
         opts.setdefault("attain_max_priority", ATTAIN_MAX_PRIORITY)
+        if steer:
+            opts.setdefault("attain_ids", tuple(steer))
         deliverable_rounds = int(opts.pop("deliverable_rounds", DELIVERABLE_ROUNDS))
         # every goal with a dose-valued term is measured: its surrogate offset (reported -
         # surrogate, optimizer.solve) keeps what is optimised in line with what is reported
@@ -627,11 +660,13 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
             delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij,
                                              delivery, ideal, dose, fid)
         results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)
+        optimised = apply_state(problem, res.hard_state)  # the terms as last optimised
+        blockers = stages.run("explain", _blockers, optimised, res.fluence, results,
+                              patient, resolved)
     finally:
         if own:
             stages.close()
     term_values = {}
-    optimised = apply_state(problem, res.hard_state)  # the terms as last optimised
     vals = optimised.term_values(res.fluence)
     for b in problem.bindings:
         if b.term_indices:
@@ -645,6 +680,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         "n_beamlets": problem.n_beamlets, "n_rows": problem.n_rows,
         "goal_report": res.goal_report, "timings_s": res.timings_s,
         "refine": refine_info, "hard_state": res.hard_state, "surrogates": surrogates,
+        "blockers": blockers,
     }
     timings = dict(stages.timings)
     timings["replan" if own else "optimise_total"] = time.perf_counter() - t0
@@ -656,6 +692,21 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                 predicted_dose, dij, timings, res.backend, optimizer_info, term_values,
                 settings, notes, _versions(res.backend),
                 delivery, fractions, ideal, fid)
+
+
+def _blockers(optimised, fluence, results, patient, resolved) -> dict:
+    """{goal id: optimizer.explain.explain_goal(...)} for every failing goal: what holds
+    it (opposing terms at the final fluence, a target's coverage floor)."""
+    from optimizer.explain import explain_goal
+
+    cache: dict = {}
+    out = {}
+    for r in results:
+        if r.passed is False:
+            e = explain_goal(optimised, fluence, r, patient, resolved, cache=cache)
+            if e is not None:
+                out[r.goal.id] = e
+    return out
 
 
 def _surrogates(optimised, res) -> dict:

@@ -218,9 +218,40 @@ def _fidelity_table(fid: dict) -> str:
     return out
 
 
+def replan_changes_section(changes) -> str:
+    """A re-plan's before -> after table (rows of ``atp.goals.changes.goal_changes``)."""
+    if not changes:
+        return ("<h2>What this re-plan changed</h2><p class='small'>no goal touched, no "
+                "goal flipped between pass and fail</p>")
+    head = ("<tr><th>goal</th><th>set</th><th>limit before &rarr; after</th>"
+            "<th>achieved before &rarr; after</th><th>result before &rarr; after</th>"
+            "<th>why</th></tr>")
+
+    def word(p):
+        return "pass" if p is True else "FAIL" if p is False else "n/a"
+
+    body = []
+    for r in changes:
+        unit = _esc(r.get("unit", ""))
+        v0, v1 = r.get("value", [None, None])
+        a0, a1 = r.get("achieved", [None, None])
+        p0, p1 = r.get("passed", [None, None])
+        cls = "pass" if p1 is True else "fail" if p1 is False else "unknown"
+        body.append(
+            f"<tr class='{cls}'><td>{_esc(r.get('id', ''))}</td>"
+            f"<td>{_esc(', '.join(r.get('touched') or []))}</td>"
+            f"<td class='num'>{_esc(r.get('operator', ''))} {_fmt(v0)} &rarr; {_fmt(v1)} "
+            f"{unit}</td><td class='num'>{_fmt(a0)} &rarr; {_fmt(a1)} {unit}</td>"
+            f"<td>{word(p0)} &rarr; {word(p1)}</td><td class='small'>"
+            f"{_esc(r.get('why', ''))}</td></tr>")
+    return ("<h2>What this re-plan changed</h2><p class='small'>goals whose setting was "
+            "changed, and every goal whose pass/fail flipped</p>"
+            f"<table>{head}{''.join(body)}</table>")
+
+
 def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, timings=None,
                   *, title: str | None = None, delivery_summary: dict | None = None,
-                  fidelity: dict | None = None, notes=None) -> str:
+                  fidelity: dict | None = None, notes=None, changes=None) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     dose = np.asarray(dose_gy, dtype=np.float64)
     patient.grid.check_array(dose, field="dose_gy")
@@ -247,6 +278,8 @@ def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, t
                      "(sequenced) dose.</p>")
     parts.append("<h2>Dose-volume histograms</h2>")
     parts.append(f"<img alt='DVH' src='{dvh_figure(patient, dose, pred)}'>")
+    if changes is not None:
+        parts.append(replan_changes_section(changes))
     parts.append("<h2>Clinical goals</h2>" + _goal_table(goal_results))
     parts.append("<h2>Dose distribution</h2>")
     parts.append(f"<img alt='dose colour-wash' src='{dose_wash_figure(patient, dose)}'>")

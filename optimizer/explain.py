@@ -205,7 +205,7 @@ def explain_goal(problem, fluence, result, patient, resolved_goals, *,
     if floor is not None:
         where = ", ".join(f"{100 * f:.0f} % in {t}" for t, f in floor["overlaps"].items())
         blocked = floor["floor"] >= g.value
-        parts.append(f"{where} of {g.structure}: its {g.metric.text} cannot fall below "
+        parts.append(f"{g.structure} lies {where}: its {g.metric.text} cannot fall below "
                      f"{floor['floor']:.4g} {unit} without breaking "
                      f"{', '.join(floor['goals'])}"
                      + (" -- the goal is infeasible" if blocked else ""))

@@ -99,7 +99,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              attain_rounds: int = 0, attain_max_priority: int = 3,
              attain_max_shift: float = 0.25, attain_margin: float = 0.01,
              hard_max_factor: float = 64.0, hard_max_shift: float = 0.5,
-             surrogate_offsets: bool = True, **options) -> Result:
+             surrogate_offsets: bool = True, attain_ids=(), **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
     goal_check: optional callable(fluence) -> list of per-goal dicts (id, achieved, met,
@@ -126,6 +126,9 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     surrogate_offsets: tighten every goal's term reference by its measured ``reported -
     surrogate`` offset after each solve (module docstring); a round is re-solved while a
     failing goal's offset moves by more than max(0.1 Gy, 1 % of its value).
+    attain_ids: goal ids the attainment rounds steer whatever their priority (a re-plan
+    passes the goals the user changed, so a tightened priority-4 goal is pursued like a
+    protocol goal; priorities still arbitrate through the weights).
     """
     be = registry.resolve(backend)
     t0 = time.perf_counter()
@@ -144,7 +147,8 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             (0: met with the margin, or not a goal the attainment rounds steer)."""
             b = by_id.get(r["id"])
             if (b is None or r.get("hard") or r.get("achieved") is None
-                    or not b.term_indices or b.goal.priority > attain_max_priority
+                    or not b.term_indices
+                    or (b.goal.priority > attain_max_priority and r["id"] not in attain_ids)
                     or b.goal.metric.kind == "V" or b.goal.value is None):
                 return 0.0
             v, a = float(b.goal.value), float(r["achieved"])

@@ -118,6 +118,10 @@ def report(plan, out, args) -> int:
                 g = r.goal
                 print(f"  not met: {g.id} ({g.structure} {g.metric.text} {g.operator} "
                       f"{g.value:.4g}): {r.achieved:.4g}")
+    if unmet:  # one headline, then one line per goal (exit 3, with or without --fast)
+        print(f"atp: plan written, but {len(unmet)} priority-1 goal"
+              f"{'s' if len(unmet) > 1 else ''} not met ({', '.join(u['id'] for u in unmet)})"
+              f"; exit {EXIT_HARD_UNMET}", file=sys.stderr)
     for u in unmet:
         print(f"atp: priority-1 goal {u['id']} cannot be met: {u['metric']} "
               f"{u['operator']} {u['value']:.4g} {u['unit']}, achieved {u['achieved']:.4g} "

@@ -101,4 +101,17 @@ def run(args) -> int:
     new = old.replan(set=changes, warm=args.warm, backend=args.backend, refine=args.refine,
                      progress=progress_arg(args))
     new.save(out, report=not args.no_report, dicom=args.dicom)
-    return report(new, out, args)
+    rc = report(new, out, args)
+    print_changes(new, args)
+    return rc
+
+def print_changes(plan, args) -> None:
+    """The re-plan's before -> after table (also in plan.json 'changes' and report.html);
+    to stderr with --json so stdout stays one JSON document."""
+    import sys
+
+    from atp.goals.changes import format_changes
+
+    stream = sys.stderr if args.json else sys.stdout
+    for line in format_changes(plan.changes or []):
+        print(line, file=stream)
