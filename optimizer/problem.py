@@ -29,8 +29,10 @@ Rules (documented once, here):
   (``organ_minus_targets``; the clinical "Parotid - PTV" optimisation structure): inside
   the target the two goals conflict voxel by voxel and coverage, of higher priority,
   wins anyway, so the organ term would only pull cold spots into the target. The goal
-  is still measured (and reported) on the whole organ. Hard (priority-1) goals keep
-  every voxel.
+  is still measured (and reported) on the whole organ: :func:`optimizer.solve.optimize`
+  tightens the term's reference by the measured offset between the two (surrogate
+  offsets), so the term is active whenever the reported value fails. Hard (priority-1)
+  goals keep every voxel.
 * **Nested targets.** Upper-bound terms of a target ignore voxels of targets with a
   higher prescription. Lower-bound (coverage) terms of a target weight every dose-grid
   voxel touching it fully (not by its partial-volume fraction), so that coverage holds
