@@ -58,6 +58,7 @@ def test_failing_organ_goals_are_active_in_the_optimisation(base_plan):
         assert base_plan.optimizer["blockers"][r.goal.id]["line"].startswith(r.goal.id)
 
 
+@pytest.mark.slow
 def test_surrogate_offsets_can_be_switched_off(phantom, toy):
     p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
                  progress=False, optimizer_options=dict(FAST, surrogate_offsets=False))
