@@ -10,6 +10,7 @@ total course, patient grid), ``RD.atp.dcm`` (RT Dose referencing the plan) and
 
 from __future__ import annotations
 
+from atp.commands import argtypes
 from atp.commands.common import print_json
 
 
@@ -22,12 +23,12 @@ def register(sub) -> None:
     p.add_argument("--prescription-file", help="YAML sidecar with prescriptions (DICOM)")
     p.add_argument("--rx", action="append", default=[], metavar="TARGET=GY",
                    help="prescription for a target in Gy (DICOM; repeatable)")
-    p.add_argument("--fractions", type=int, help="number of fractions (DICOM)")
+    p.add_argument("--fractions", type=argtypes.FRACTIONS, help="number of fractions (DICOM)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--machine", default="millennium120",
                    help="machine model for transmission, T&G and DLG (shipped name or "
                         "YAML; default millennium120)")
-    p.add_argument("--dose-grid-factor", type=int, default=2,
+    p.add_argument("--dose-grid-factor", type=argtypes.DOSE_GRID_FACTOR, default=2,
                    help="dose grid = CT grid down-sampled by this factor (2)")
     p.add_argument("--dose-engine", default="pencil-beam", help="dose engine name")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

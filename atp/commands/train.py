@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from atp.commands import argtypes
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a dose-prediction network on OpenKBP data")
@@ -27,17 +29,17 @@ def register(sub) -> None:
                         "the issue-23 Stage-1 recipe (see predictor/train.py)")
     p.add_argument("--selection", type=int,
                    help="training patients held out for selection (recipe default)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
-    p.add_argument("--steps-per-epoch", type=int, help="default: one pass over the patients")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    p.add_argument("--lr", type=float, help="initial learning rate")
-    p.add_argument("--seed", type=int, help="random seed (default 2020)")
-    p.add_argument("--limit", type=int, help="use only the first N training patients")
-    p.add_argument("--val-limit", type=int, help="use only the first N validation patients")
-    p.add_argument("--max-minutes", type=float, help="stop cleanly after this training time")
-    p.add_argument("--checkpoint-minutes", type=float, default=3.0,
+    p.add_argument("--epochs", type=argtypes.int_range(1, 100_000), help="maximum epochs (default 20)")
+    p.add_argument("--steps-per-epoch", type=argtypes.int_range(1, 10_000_000), help="default: one pass over the patients")
+    p.add_argument("--patience", type=argtypes.int_range(1, 100_000), help="early-stopping patience in epochs")
+    p.add_argument("--lr", type=argtypes.float_range(0.0, 1.0, low_open=True), help="initial learning rate")
+    p.add_argument("--seed", type=argtypes.int_range(0, 2**32 - 1), help="random seed (default 2020)")
+    p.add_argument("--limit", type=argtypes.int_range(1, 1_000_000), help="use only the first N training patients")
+    p.add_argument("--val-limit", type=argtypes.int_range(1, 1_000_000), help="use only the first N validation patients")
+    p.add_argument("--max-minutes", type=argtypes.float_range(0.0, 1e6, low_open=True), help="stop cleanly after this training time")
+    p.add_argument("--checkpoint-minutes", type=argtypes.float_range(0.0, 1e5, low_open=True), default=3.0,
                    help="minutes between checkpoints (default 3)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=argtypes.int_range(1, 1024), help="torch CPU threads")
     p.add_argument("--cache", help="folder for the encoded-data cache (default OUT/cache)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
