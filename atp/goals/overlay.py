@@ -70,6 +70,10 @@ def overlay_sites(data, file) -> dict:
     if not isinstance(inst, str) or not inst.strip():
         raise GoalListError("'institution' must name the institution", file=file,
                             line=_line(data, "institution", 1), field="institution")
+    desc = data.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise GoalListError(f"description must be text, got {quote(desc)}", file=file,
+                            line=_line(data, "description", 1), field="description")
     sites = data.get("sites")
     if not isinstance(sites, dict) or not sites:
         raise GoalListError("'sites' must map site names to their changes", file=file,
