@@ -76,8 +76,6 @@ class CNNPredictor:
                         device: str | None = None) -> CNNPredictor:
         import torch
 
-        from predictor.nets import build_net
-
         path = Path(path)
         if not path.is_file():
             raise InputError("network weights not found", file=path)
@@ -87,8 +85,21 @@ class CNNPredictor:
                 zipfile.BadZipFile) as exc:
             raise InputError("cannot read network weights: " + str(exc).splitlines()[0],
                              file=path) from None
+        if isinstance(ck, dict) and ck.get("format") == "atp-dose-cascade":
+            from predictor.cascade import CascadePredictor
+
+            return CascadePredictor.from_dict(ck, name=name, device=device, source=path)
+        return cls.from_dict(ck, name=name, device=device, source=path)
+
+    @classmethod
+    def from_dict(cls, ck: dict, *, name: str | None = None, device: str | None = None,
+                  source=None) -> CNNPredictor:
+        """A predictor from a checkpoint's data (see the module doc)."""
+        from predictor.nets import build_net
+
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"not an {CHECKPOINT_FORMAT} checkpoint", file=path, field="format")
+            raise InputError(f"not an {CHECKPOINT_FORMAT} checkpoint", file=source,
+                             field="format")
         try:
             enc = EncodingConfig.from_dict(ck["encoding"])
             kwargs = {k: (tuple(v) if isinstance(v, list) else v)
@@ -96,7 +107,7 @@ class CNNPredictor:
             net = build_net(ck["net"], 3, enc.in_channels, 1, **kwargs)
             net.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()})
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-            raise InputError(f"inconsistent checkpoint: {exc}", file=path) from None
+            raise InputError(f"inconsistent checkpoint: {exc}", file=source) from None
         return cls(net, enc, name=name or ck["net"], ptv_target=ck.get("ptv_target",
                    "reference"), ptv_override=ck.get("ptv_override", False),
                    decode=ck.get("decode", "linear"),

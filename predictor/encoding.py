@@ -27,7 +27,9 @@ scaled to [0, 1]), 1 body, 2 PTV (each voxel's highest prescription / ``rx_norm_
 3.. one per OAR of ``oars`` (occupancy fraction; missing OAR -> zeros), then
 ``ptv_distance`` channels: the signed distance to each target, highest prescription
 first (computed on the network grid in mm, negative inside, clipped to
-+-``distance_clip_mm`` and divided by it; a target the patient lacks -> +1 everywhere).
++-``distance_clip_mm`` and divided by it; a target the patient lacks -> +1 everywhere),
+then, with ``dose_input``, a dose (Gy / ``rx_norm_gy``) given to :func:`encode_patient`
+(the Stage-2 refiner's input: an up-sampled coarse dose).
 :func:`network_inputs` turns this stack into the input a network configuration wants:
 all channels (CAD-UNet) or CT, body, PTV and one OAR label channel (ResUNet).
 """
@@ -68,6 +70,7 @@ class EncodingConfig:
         on every axis where the body fits, else around the targets).
     ptv_distance: number of signed-distance channels (targets by decreasing
         prescription); distance_clip_mm: their clip and scale.
+    dose_input: a last channel carrying a given dose (the Stage-2 refiner).
     """
 
     size: tuple[int, int, int] = (64, 64, 64)
@@ -80,6 +83,7 @@ class EncodingConfig:
     crop: str = "targets"
     ptv_distance: int = 0
     distance_clip_mm: float = 100.0
+    dose_input: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
@@ -109,7 +113,7 @@ class EncodingConfig:
 
     @property
     def n_stack_channels(self) -> int:
-        return FIRST_OAR_CHANNEL + len(self.oars) + self.ptv_distance
+        return FIRST_OAR_CHANNEL + len(self.oars) + self.ptv_distance + int(self.dose_input)
 
     @property
     def first_distance_channel(self) -> int:
@@ -319,9 +323,15 @@ def decode(y: np.ndarray, t: GridTransform, *, fill: float = 0.0,
     return np.ascontiguousarray(t.unorient(up), dtype=np.float32)
 
 
-def encode_patient(patient: Patient, config: EncodingConfig
+def encode_patient(patient: Patient, config: EncodingConfig,
+                   dose_input_gy: np.ndarray | None = None
                    ) -> tuple[np.ndarray, GridTransform]:
-    """The full channel stack (C, *size) float32 and the transform (see module doc)."""
+    """The full channel stack (C, *size) float32 and the transform (see module doc).
+
+    dose_input_gy: the dose of the last channel (patient grid, Gy) when
+    ``config.dose_input``."""
+    if config.dose_input and dose_input_gy is None:
+        raise InputError("this encoding needs an input dose", field="dose_input_gy")
     t = make_transform(patient, config)
     lo, hi = config.ct_clip_hu
     ct = (np.clip(patient.ct_hu, lo, hi) - lo) / (hi - lo)
@@ -342,6 +352,9 @@ def encode_patient(patient: Patient, config: EncodingConfig
                 chans.append(signed_distance(occ, spacing, config.distance_clip_mm))
             else:
                 chans.append(np.ones(config.size, dtype=np.float32))
+    if config.dose_input:
+        chans.append(encode_array(np.asarray(dose_input_gy, dtype=np.float32)
+                                  / config.rx_norm_gy, t))
     return np.stack(chans).astype(np.float32), t
 
 

@@ -65,3 +65,29 @@ def body_l1(pred: torch.Tensor, target: torch.Tensor, stack: torch.Tensor) -> to
     its body occupancy: the OpenKBP dose score on the network grid."""
     w = stack[:, BODY_CHANNEL:BODY_CHANNEL + 1].to(pred.dtype)
     return (w * (pred - target).abs()).sum() / w.sum().clamp(min=1e-12)
+
+
+def dvh_point_loss(pred: torch.Tensor, target: torch.Tensor, targets: list, organs: list,
+                   hot_voxels: int = 3) -> torch.Tensor:
+    """Mean absolute difference of differentiable DVH points (a batch of one sample).
+
+    targets: boolean masks (spatial) -> D99, D95, D1 (``torch.quantile``, whose gradient
+    reaches the voxels it interpolates); organs: boolean masks -> mean dose and the mean
+    of the ``hot_voxels`` hottest voxels (a smooth D0.1cc: 0.1 cc is 2.6 OpenKBP voxels).
+    Empty masks are skipped; no points -> 0."""
+    p, t = pred[0, 0], target[0, 0]
+    diffs = []
+    for m in targets:
+        if m.any():
+            q = torch.tensor([0.01, 0.05, 0.99], dtype=p.dtype, device=p.device)
+            diffs.append((torch.quantile(p[m], q) - torch.quantile(t[m], q)).abs())
+    for m in organs:
+        if m.any():
+            a, b = p[m], t[m]
+            k = max(1, min(int(hot_voxels), a.numel()))
+            diffs.append((a.mean() - b.mean()).abs().view(1))
+            diffs.append((torch.topk(a, k).values.mean() - torch.topk(b, k).values.mean())
+                         .abs().view(1))
+    if not diffs:
+        return pred.sum() * 0.0
+    return torch.cat(diffs).mean()

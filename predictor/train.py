@@ -89,8 +89,26 @@ PRESETS = {
         "scale_frac": 0.0, "shift_vox": 3, "affine_prob": 0.8,
         "aug_geometry": "physical", "selection": 20, "tta": True},
 }
+# Stage 2 (issue 23): full resolution in a 64 x 96 x 128 window around the targets (the
+# PTV bounding box + 8 voxels of 95 % of the OpenKBP train patients fits); a small
+# ResUNet corrects the dose given as its last input channel (Stage 1's, up-sampled);
+# trained on the Stage-1-grid-averaged reference dose + smooth 2-3 Gy noise; L1 +
+# 0.3 x DVH-point loss; flips only (rotations / shifts would pad the window's edges).
+STAGE1_ENCODING = PRESETS[("resunet", "okbp_stage1")]["encoding"]
+_STAGE2_ENCODING = EncodingConfig(size=(64, 96, 128), spacing_mm=None, factor=(1, 1, 1),
+                                  inputs="channels", crop="targets", ptv_distance=3,
+                                  dose_input=True)
+PRESETS[("resunet", "okbp_stage2")] = {
+    "net_kwargs": {"channels": [8, 16, 32, 64],
+                   "residual_channel": _STAGE2_ENCODING.n_stack_channels - 1},
+    "encoding": _STAGE2_ENCODING, "coarse_encoding": STAGE1_ENCODING,
+    "patch": (64, 96, 128), "batch_size": 1, "lr": 1e-3, "min_lr": 1e-6,
+    "weight_decay": 1e-2, "epochs": 30, "patience": 10**6, "ptv_target": "reference",
+    "ptv_override": False, "optimizer": "adamw", "schedule": "onecycle", "loss": "l1_dvh",
+    "dvh_weight": 0.3, "amp": "off", "ema_decay": 0.998, "affine_prob": 0.0,
+    "dose_noise_lo_gy": 2.0, "dose_noise_hi_gy": 3.0, "selection": 20, "tta": True}
 # named recipes -> their network (``atp train --config NAME`` needs no --model)
-RECIPE_MODELS = {"okbp_stage1": "resunet"}
+RECIPE_MODELS = {"okbp_stage1": "resunet", "okbp_stage2": "resunet"}
 
 
 @dataclass
@@ -129,6 +147,16 @@ class TrainConfig:
     aug_geometry: str = "normalized"  # normalized | physical (mm-true rotations, pads)
     selection: int = 0               # training patients held out for selection (CLI)
     tta: bool = False                # shipped predictor averages a left-right flip
+    # Stage 2 (refiner; encoding.dose_input): its input dose is the reference dose
+    # block-averaged on ``coarse_encoding`` and interpolated back, plus smooth noise of a
+    # standard deviation drawn in [dose_noise_lo_gy, dose_noise_hi_gy] (white noise on a
+    # grid dose_noise_smooth_vox times coarser, up-sampled trilinearly)
+    coarse_encoding: EncodingConfig | None = None
+    dose_noise_lo_gy: float = 0.0
+    dose_noise_hi_gy: float = 0.0
+    dose_noise_smooth_vox: int = 8
+    dvh_weight: float = 0.0          # loss l1_dvh: body L1 + dvh_weight * DVH-point loss
+    hot_voxels: int = 3              # organs' hottest voxels in the DVH-point loss
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
     threads: int | None = None
@@ -137,12 +165,16 @@ class TrainConfig:
         d = asdict(self)
         d["encoding"] = self.encoding.to_dict()
         d["patch"] = list(self.patch)
+        if self.coarse_encoding is not None:
+            d["coarse_encoding"] = self.coarse_encoding.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         d["encoding"] = EncodingConfig.from_dict(d["encoding"])
+        if d.get("coarse_encoding") is not None:
+            d["coarse_encoding"] = EncodingConfig.from_dict(d["coarse_encoding"])
         d["patch"] = tuple(d["patch"])
         return cls(**d)
 
@@ -163,13 +195,32 @@ def make_config(model: str | None, preset: str = "small", **overrides) -> TrainC
 
 
 # --- data --------------------------------------------------------------------------------
-def encode_patients(patients, enc: EncodingConfig):
-    """(stacks float16 (N,C,...), doses float16 (N,1,...) in units of rx_norm_gy, ids)."""
+def coarse_reference_gy(patient, coarse: EncodingConfig) -> np.ndarray:
+    """The reference dose block-averaged on the coarse (Stage-1) grid and interpolated
+    back to the patient grid (what a perfect Stage 1 would hand Stage 2), zero outside
+    the body."""
+    from predictor.base import finalize_dose, reference_dose_gy
+    from predictor.encoding import decode, make_transform
+
+    t = make_transform(patient, coarse)
+    y = encode_dose(reference_dose_gy(patient), t)
+    return finalize_dose(decode(y, t, interpolation="linear"), patient)
+
+
+def encode_patients(patients, enc: EncodingConfig, coarse: EncodingConfig | None = None):
+    """(stacks float16 (N,C,...), doses float16 (N,1,...) in units of rx_norm_gy, ids).
+
+    With ``enc.dose_input`` the last channel is :func:`coarse_reference_gy` on
+    ``coarse``."""
     from predictor.base import reference_dose_gy
 
+    if enc.dose_input and coarse is None:
+        raise InputError("a dose-input encoding needs the coarse encoding",
+                         field="coarse_encoding")
     stacks, doses, ids = [], [], []
     for p in patients:
-        stack, t = encode_patient(p, enc)
+        stack, t = encode_patient(p, enc, coarse_reference_gy(p, coarse)
+                                  if enc.dose_input else None)
         dose = encode_dose(reference_dose_gy(p), t) / enc.rx_norm_gy
         stacks.append(stack.astype(np.float16))
         doses.append(dose[None].astype(np.float16))
@@ -228,19 +279,23 @@ def score_predictor(predictor, files) -> dict:
             "selection_score": c["dose_score_gy"] + c["dvh_score_gy"]}
 
 
-def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print):
+def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print,
+                 coarse: EncodingConfig | None = None):
     """Encoded (stacks, doses, ids) of OpenKBP .npz files, cached under ``cache_dir``."""
     from atp.io.openkbp import load_openkbp_npz
 
     files = [Path(f) for f in files]
-    key = hashlib.sha1(json.dumps([enc.to_dict(), [str(f) for f in files]],
-                                  sort_keys=True).encode()).hexdigest()[:12]
+    ek = enc.to_dict()
+    if not ek["dose_input"]:
+        del ek["dose_input"]  # the key of caches written before the field existed
+    parts = [ek, [str(f) for f in files]] + ([coarse.to_dict()] if enc.dose_input else [])
+    key = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"files-{key}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["stacks"], z["doses"], [str(i) for i in z["ids"]]
     t0 = time.perf_counter()
-    stacks, doses, ids = encode_patients((load_openkbp_npz(f) for f in files), enc)
+    stacks, doses, ids = encode_patients((load_openkbp_npz(f) for f in files), enc, coarse)
     buf = io.BytesIO()
     np.savez(buf, stacks=stacks, doses=doses, ids=np.array(ids))
     atomic_write_bytes(path, buf.getvalue())
@@ -315,7 +370,27 @@ def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[
             both = both + pad
         both = both[0]
         stack, dose = both[:-1], both[-1:]
+    if cfg.encoding.dose_input and cfg.dose_noise_hi_gy > 0:
+        stack = stack.clone()
+        c = cfg.encoding.n_stack_channels - 1
+        stack[c] = torch.clamp(stack[c] + smooth_noise(rng, cfg, tuple(stack.shape[1:]))
+                               * (stack[1] >= 0.5), min=0.0)
     return stack, dose
+
+
+def smooth_noise(rng: np.random.Generator, cfg: TrainConfig, shape):
+    """Smooth random field (normalised dose units) of standard deviation drawn in
+    [dose_noise_lo_gy, dose_noise_hi_gy]: white noise on a coarser grid, up-sampled."""
+    import torch
+    import torch.nn.functional as F
+
+    k = max(1, int(cfg.dose_noise_smooth_vox))
+    coarse = rng.standard_normal((1, 1) + tuple(-(-n // k) + 1 for n in shape))
+    field = F.interpolate(torch.as_tensor(coarse, dtype=torch.float32), size=shape,
+                          mode="trilinear", align_corners=False)[0, 0]
+    field = field / field.std().clamp(min=1e-6)
+    sd = rng.uniform(cfg.dose_noise_lo_gy, cfg.dose_noise_hi_gy)
+    return field * float(sd / cfg.encoding.rx_norm_gy)
 
 
 def random_patch(stack, dose, rng: np.random.Generator, patch):
@@ -373,9 +448,28 @@ def training_loss(y, s, d, cfg: TrainConfig):
     tgt = training_target(s, d, cfg.ptv_target)
     if cfg.loss == "body_l1":
         return body_l1(y, tgt, s)
+    if cfg.loss == "l1_dvh":
+        return body_l1(y, tgt, s) + cfg.dvh_weight * _dvh_loss(y, tgt, s, cfg)
     if cfg.loss != "vw_mse":
         raise InputError(f"unknown loss {cfg.loss!r}", field="loss")
     return volume_weighted_mse(y, tgt, roi_weights(s, len(cfg.encoding.oars)))
+
+
+def _dvh_loss(y, tgt, s, cfg: TrainConfig):
+    """DVH-point loss per sample: targets from the distance channels (< 0 inside), organs
+    from the OAR channels (occupancy >= 0.5)."""
+    from predictor.encoding import FIRST_OAR_CHANNEL
+    from predictor.losses import dvh_point_loss
+
+    enc = cfg.encoding
+    first = enc.first_distance_channel
+    total = 0.0
+    for b in range(y.shape[0]):
+        targets = [s[b, first + k] < 0 for k in range(enc.ptv_distance)]
+        organs = [s[b, FIRST_OAR_CHANNEL + k] >= 0.5 for k in range(len(enc.oars))]
+        total = total + dvh_point_loss(y[b:b + 1], tgt[b:b + 1], targets, organs,
+                                       cfg.hot_voxels)
+    return total / y.shape[0]
 
 
 def evaluate(net, stacks, doses, cfg: TrainConfig, device) -> dict:

@@ -24,9 +24,12 @@ def register(sub) -> None:
                    help="network (implied by a named --config such as okbp_stage1)")
     p.add_argument("--data", required=True, help="OpenKBP folder with train/ and validation/")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
-    p.add_argument("--config", default="small", choices=["small", "full", "okbp_stage1"],
-                   help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1: "
-                        "the issue-23 Stage-1 recipe (see predictor/train.py)")
+    p.add_argument("--config", default="small",
+                   choices=["small", "full", "okbp_stage1", "okbp_stage2"],
+                   help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1 / "
+                        "okbp_stage2: the issue-23 cascade recipes (see predictor/train.py)")
+    p.add_argument("--stage1", help="okbp_stage2: the Stage-1 best.pt (selection runs the "
+                                    "cascade; OUT/cascade.pt combines both)")
     p.add_argument("--selection", type=int,
                    help="training patients held out for selection (recipe default)")
     p.add_argument("--epochs", type=argtypes.int_range(1, 100_000), help="maximum epochs (default 20)")
@@ -53,6 +56,9 @@ def run(args) -> int:
 
     if args.model is None and args.config not in RECIPE_MODELS:  # before writing anything
         raise InputError(f"--model is needed with --config {args.config}", field="--model")
+    if args.config == "okbp_stage2" and not (args.stage1 and Path(args.stage1).is_file()):
+        raise InputError("okbp_stage2 needs --stage1 with a Stage-1 best.pt",
+                         file=args.stage1, field="--stage1")
 
     out = check_output_dir(args.out, replace=False)  # new, empty or an atp run folder
     try:
@@ -130,6 +136,9 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
     fit_files, sel_files = selection_split(files, cfg.selection, cfg.seed)
     record = {"config": cfg.to_dict(), "data": str(Path(args.data).resolve()),
               "train_files": data_list(fit_files), "selection_files": data_list(sel_files)}
+    if args.stage1:
+        record["stage1"] = {"path": str(Path(args.stage1).resolve()),
+                            **data_list([args.stage1])[0]}
     run_json = out / "run.json"
     if run_json.is_file():
         old = json.loads(run_json.read_text())
@@ -146,12 +155,34 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
     chunks = out / "chunks.jsonl"
     prev = chunks.read_bytes() if chunks.is_file() else b""
     atomic_write_bytes(chunks, prev + (json.dumps(chunk) + "\n").encode())
-    tr = encode_files(fit_files, cfg.encoding, cache, log)
-    va = encode_files(sel_files, cfg.encoding, cache, log)
+    tr = encode_files(fit_files, cfg.encoding, cache, log, cfg.coarse_encoding)
+    va = encode_files(sel_files, cfg.encoding, cache, log, cfg.coarse_encoding)
+    stage1 = None
+    if cfg.encoding.dose_input:  # Stage 2: selection scores the cascade
+        from predictor.cascade import CascadePredictor
+        from predictor.cnn import CNNPredictor
+
+        stage1 = CNNPredictor.from_checkpoint(args.stage1)
+
+        def selector(predictor):
+            return score_predictor(CascadePredictor(stage1, predictor), sel_files)
+    else:
+        def selector(predictor):
+            return score_predictor(predictor, sel_files)
     res = train(cfg, tr, va, out, resume=args.resume, progress=not args.quiet, log=log,
                 meta={"data": "OpenKBP train split minus the held-out selection patients",
                       "n_train": len(tr[2]), "selection_patients": va[2]},
-                selector=lambda predictor: score_predictor(predictor, sel_files))
+                selector=selector)
+    if stage1 is not None and res["best"]:
+        import io
+
+        import torch
+
+        best = CNNPredictor.from_checkpoint(res["best"])
+        buf = io.BytesIO()
+        torch.save(CascadePredictor(stage1, best).checkpoint(), buf)
+        atomic_write_bytes(out / "cascade.pt", buf.getvalue())
+        log(f"cascade (Stage 1 {args.stage1} + Stage 2 best) -> {out / 'cascade.pt'}")
     log(f"stopped ({res['stopped']}) after {res['epochs_completed']} epochs "
         f"(step {res['global_step']}), best epoch {res['best_epoch']} "
         f"{res['best_metric']} {res['best_val_loss']:.4f}; best weights {res['best']}")

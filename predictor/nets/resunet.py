@@ -7,6 +7,9 @@ labels) to ``channels[0]``. The encoder has one residual block per further entry
 decoder up-samples trilinearly (bilinearly in 2-D), concatenates the matching encoder
 features and applies a conv-norm-act block. A 1x1 convolution and a Softplus give the
 non-negative dose; they run in float32 even under (bfloat16) autocast.
+
+``residual_channel=c`` (the Stage-2 refiner): the head has no Softplus; the output is
+``relu(x[:, c] + head)``, a signed correction of the dose given as input channel c.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class ResUNet(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int = 4, out_channels: int = 1,
                  channels=(16, 64, 128, 256), act: str = "relu",
-                 norm: str = "instance") -> None:
+                 norm: str = "instance", residual_channel: int | None = None) -> None:
         super().__init__()
         self.spatial_dims = check_dims(spatial_dims)
         check_channels("in_channels", in_channels)
@@ -53,7 +56,14 @@ class ResUNet(nn.Module):
             ConvNormAct(spatial_dims, 2 * ch[i], ch[i - 1] if i > 1 else ch[1], 3, act, norm)
             for i in range(len(ch) - 1, 0, -1))
         self.fuse = ConvNormAct(spatial_dims, ch[1] + ch[0], ch[0], 3, act, norm)
-        self.head = nn.Sequential(conv_cls(spatial_dims)(ch[0], out_channels, 1), nn.Softplus())
+        self.residual_channel = residual_channel
+        if residual_channel is not None:
+            if not 0 <= int(residual_channel) < in_channels or out_channels != 1:
+                raise ValueError("residual_channel must be an input channel (one output)")
+            self.head = conv_cls(spatial_dims)(ch[0], out_channels, 1)
+        else:
+            self.head = nn.Sequential(conv_cls(spatial_dims)(ch[0], out_channels, 1),
+                                      nn.Softplus())
         self._mode = "trilinear" if spatial_dims == 3 else "bilinear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,4 +86,8 @@ class ResUNet(nn.Module):
         h = self.fuse(torch.cat([h, stem], dim=1))
         # the output layer always runs in float32, also under bf16 autocast
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float())
+            y = self.head(h.float())
+            if self.residual_channel is not None:
+                c = int(self.residual_channel)
+                y = torch.relu(x[:, c:c + 1].float() + y)
+            return y

@@ -1,0 +1,124 @@
+"""Issue-23 Stage 2: full-resolution refiner of a coarse dose, DVH-point loss, cascade."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from predictor.cascade import CascadePredictor
+from predictor.cnn import CNNPredictor
+from predictor.encoding import EncodingConfig, encode_patient
+from predictor.losses import dvh_point_loss
+from predictor.nets import build_net
+from predictor.train import (
+    augment,
+    coarse_reference_gy,
+    encode_patients,
+    lr_swap_permutation,
+    make_config,
+    train,
+)
+
+COARSE = EncodingConfig(size=(16, 16, 16), spacing_mm=(16.0, 16.0, 12.0), crop="body",
+                        ptv_distance=3)
+FINE = EncodingConfig(size=(16, 32, 32), spacing_mm=None, factor=(1, 1, 1),
+                      crop="targets", ptv_distance=3, dose_input=True)
+
+
+def _patient(phantom):
+    from scipy import ndimage
+
+    from atp.patient import Patient
+
+    rx = phantom.prescription_map_gy()
+    dose = np.where(phantom.body_mask, np.maximum(ndimage.gaussian_filter(rx, 2.0), rx), 0)
+    meta = dict(phantom.metadata, reference_dose_gy=dose.astype(np.float32))
+    return Patient(phantom.ct_hu, phantom.grid, phantom.structures, phantom.prescriptions,
+                   "p", meta)
+
+
+def _cfg(**kw):
+    cfg = make_config(None, "okbp_stage2", epochs=1, steps_per_epoch=2, threads=1,
+                      checkpoint_every_s=0.0)
+    return replace(cfg, encoding=FINE, coarse_encoding=COARSE, patch=FINE.size,
+                   net_kwargs={"channels": [4, 8], "residual_channel": 13}, **kw)
+
+
+def test_residual_net_corrects_its_input_dose():
+    torch.manual_seed(0)
+    net = build_net("resunet", 3, 14, 1, channels=(4, 8), residual_channel=13)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    x = torch.randn(1, 14, 8, 8, 8)
+    assert torch.equal(net(x), torch.relu(x[:, 13:14]))
+    with pytest.raises(ValueError):
+        build_net("resunet", 3, 14, 1, channels=(4, 8), residual_channel=14)
+
+
+def test_dvh_point_loss():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(1, 1, 8, 8, 8, generator=g)
+    m = torch.zeros(8, 8, 8, dtype=torch.bool)
+    m[2:6, 2:6, 2:6] = True
+    empty = torch.zeros_like(m)
+    assert float(dvh_point_loss(ref, ref, [m, empty], [~m])) == 0.0
+    pred = (ref + 0.1).requires_grad_(True)
+    loss = dvh_point_loss(pred, ref, [m], [~m])
+    assert float(loss.detach()) == pytest.approx(0.1, abs=1e-5)  # every DVH point shifted by 0.1
+    loss.backward()
+    assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
+    assert float(dvh_point_loss(pred, ref, [empty], []).detach()) == 0.0
+
+
+def test_input_noise_is_smooth_in_the_body_and_reproducible(phantom):
+    pat = _patient(phantom)
+    stack, _ = encode_patient(pat, FINE, coarse_reference_gy(pat, COARSE))
+    s, d = torch.from_numpy(stack), torch.zeros(1, *FINE.size)
+    cfg = replace(_cfg(), flip_prob=0.0)
+    a, _ = augment(s, d, np.random.default_rng(3), cfg, lr_swap_permutation(FINE))
+    b, _ = augment(s, d, np.random.default_rng(3), cfg, lr_swap_permutation(FINE))
+    assert torch.equal(a, b) and torch.equal(a[:13], s[:13])
+    body = s[1] >= 0.5
+    diff = (a[13] - s[13]) * 70.0
+    assert torch.all(diff[~body] == 0)
+    inside = diff[body & (s[13] * 70 > 5)]  # away from the clamp at 0
+    assert 1.0 < float(inside.std()) < 4.0
+    # smooth: neighbouring voxels differ far less than the noise amplitude
+    assert float((diff[:, :, 1:] - diff[:, :, :-1])[body[:, :, 1:] & body[:, :, :-1]]
+                 .abs().mean()) < 0.3 * float(inside.std())
+
+
+@pytest.mark.slow
+def test_stage2_trains_and_cascade_keeps_stage1_outside_the_window(phantom, tmp_path):
+    pat = _patient(phantom)
+    data = encode_patients([pat], FINE, COARSE)
+    assert data[0].shape == (1, 14, 16, 32, 32)
+    res = train(_cfg(), data, data, tmp_path, progress=False, log=lambda *_: None)
+    stage2 = CNNPredictor.from_checkpoint(res["best"])
+    torch.manual_seed(1)
+    net1 = build_net("resunet", 3, COARSE.in_channels, 1, channels=(4, 8))
+    stage1 = CNNPredictor(net1, COARSE, ptv_override=False, net_name="resunet",
+                          net_kwargs={"channels": [4, 8]}, device="cpu")
+    cascade = CascadePredictor(stage1, stage2)
+    d1, d = stage1.predict(pat), cascade.predict(pat)
+    assert d.shape == pat.grid.shape and d.dtype == np.float32
+    assert np.all(d[~pat.body_mask] == 0)
+    _, t = encode_patient(pat, FINE, d1)
+    from predictor.encoding import decode
+
+    window = np.isfinite(decode(np.zeros(FINE.size, np.float32), t, fill=np.nan))
+    assert np.array_equal(d[~window], d1[~window]) and not np.array_equal(d[window],
+                                                                         d1[window])
+    buf = io.BytesIO()
+    torch.save(cascade.checkpoint(), buf)
+    path = tmp_path / "cascade.pt"
+    path.write_bytes(buf.getvalue())
+    again = CNNPredictor.from_checkpoint(path)
+    assert isinstance(again, CascadePredictor)
+    assert np.array_equal(again.predict(pat), d)
