@@ -43,8 +43,10 @@ MARKER = ".atp-output.json"
 # what an atp-plan-1 folder written before the marker existed may hold
 LEGACY_PLAN_FILES = {"plan.json", "dose.npy", "predicted_dose.npy", "ideal_dose.npy",
                      "fluence.npz", "dij.npz", "report.html", "patient.json", "dicom"}
-# a plan folder: dij.npz dominates (tens to hundreds of MB on OpenKBP patients)
-PLAN_MIN_BYTES = 16 * 2**20
+# a plan folder: dij.npz dominates (35 MB for the phantom demo, more on OpenKBP
+# patients); the check before the work can only ask for a floor, a save that still runs
+# out of space fails with one line and removes what it wrote
+PLAN_MIN_BYTES = 64 * 2**20
 FILE_MIN_BYTES = 2**20
 WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS,
                 getattr(errno, "EDQUOT", errno.ENOSPC)}
