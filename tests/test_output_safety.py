@@ -217,6 +217,25 @@ def test_read_only_parent_fails_fast(tmp_path, monkeypatch, capsys):
         ro.chmod(0o755)
 
 
+def test_unwritable_parent_fails_fast_even_as_root(tmp_path, monkeypatch, capsys):
+    """The same refusal where the test runs as root (who may write anywhere): the
+    permission answer is simulated."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == ro
+                        else real(p, mode, **k))
+    _no_work(monkeypatch)
+    for argv in (["plan", "phantom", "--out", str(ro / "p")],
+                 ["replan", str(tmp_path / "src"), "--out", str(ro / "p")],
+                 ["predict", "phantom", "--out", str(ro / "x.npy")]):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "not writable" in err
+        _one_line_naming(err, ro)
+    assert list(ro.iterdir()) == []
+
+
 def test_read_only_file_system_fails_fast(tmp_path, monkeypatch, capsys):
     real = os.statvfs
 
