@@ -173,6 +173,29 @@ class Plan:
         }
 
     # --- persistence ---------------------------------------------------------------
+    def report_info(self) -> dict:
+        """How the plan was made, for the report's summary: site, institution overlay,
+        predictor, backend (or fast path), dose engine, sequencing, machine, re-plan."""
+        s = self.settings
+        seq = s.get("sequence")
+        info = {"site": s.get("site"),
+                "institution overlay": s.get("institution") or "none (shipped goal list)",
+                "predictor": s.get("predictor") or ("given predicted dose"
+                                                    if self.predicted_dose_gy is not None
+                                                    else None),
+                "backend": (f"fast path ({s.get('preset') or 'airt'}, device "
+                            f"{s.get('device')})" if s.get("fast") else self.backend),
+                "dose engine": s.get("dose_engine"),
+                "sequencer": ("none: ideal fluence dose (not deliverable)" if seq is False
+                              else "auto" if seq is True else seq),
+                "machine": s.get("machine") if seq is not False else None}
+        if s.get("replan_of"):
+            r = s["replan_of"]
+            info["re-plan"] = (", ".join(f"{k}={v:g}" for k, v in r.get("set", {}).items())
+                               or "no goal changed") + ("; warm" if r.get("warm")
+                                                         else "; cold")
+        return info
+
     def save(self, out_dir, *, report: bool = True, dicom: bool = False,
              extra=None, progress: bool = False) -> Path:
         """Write the plan directory atomically.
@@ -215,6 +238,7 @@ class Plan:
                     write_report(tmp, self.patient, self.dose_gy, self.predicted_dose_gy,
                                  goal_results=self.results, timings=self.timings_s,
                                  title=f"atp plan {self.patient.patient_id}",
+                                 plan_info=self.report_info(),
                                  delivery_summary=self.delivery.summary()
                                  if self.delivery is not None else None,
                                  fidelity=self.fidelity, notes=self.notes,

@@ -1,9 +1,13 @@
 """The plan report: one self-contained ``report.html`` (figures as base64 PNG, no links).
 
-Sections: plan summary, DVH (plan solid vs prediction dashed, one colour per structure),
-goal table (pass/fail, priority, value, achieved, margin), dose colour-wash over the CT on
-axial / sagittal / coronal planes through the main target, delivery and fidelity tables
-(when given), timings. Figures use matplotlib's Agg backend (no display needed).
+Sections: plan summary (patient, prescription, and the plan's site, institution
+overlay, predictor, backend, ... as ``plan_info``), DVH (plan solid vs prediction dashed,
+one distinct colour per structure), goal table (priority, goal id, pass/fail, value,
+achieved, margin, note), dose colour-wash over the CT with isodose lines and the
+structures outlined in their DVH colours, on axial / coronal / sagittal planes through the
+main target (one large view each), delivery and fidelity tables (when given), timings.
+Figures are ``matplotlib.figure.Figure`` objects drawn by the Agg canvas directly: no
+pyplot, so the host application's matplotlib backend is never switched.
 """
 
 from __future__ import annotations
@@ -25,19 +29,45 @@ body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f0f0f0}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .pass{background:#dff5df}.fail{background:#f9d6d6}.unknown{background:#eee}
-img{max-width:100%}.small{color:#666;font-size:12px}
+img{max-width:100%}img.view{display:block;margin:6px 0}.small{color:#666;font-size:12px}
+code{font-size:12px}
 """
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+def _figure(width_in: float, height_in: float):
+    """A matplotlib Figure drawn by the Agg canvas directly: no pyplot, and the host
+    application's backend (``matplotlib.use``) is never switched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    plt.close(fig)
+    fig = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig, dpi: int = 100, tight: bool = True) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# one colour per structure, the same in the DVH and on the dose views; well-separated hues
+# (tab10, then Dark2 and Set1), so neighbouring legend entries never share a hue family
+_PALETTE = ("#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+            "#bcbd22", "#ff7f0e", "#7f7f7f", "#1b9e77", "#d95f02", "#7570b3", "#e7298a",
+            "#66a61e", "#e6ab02", "#a6761d", "#377eb8", "#4daf4a", "#984ea3", "#a65628",
+            "#f781bf", "#999999", "#e41a1c")
+
+
+def structure_colours(names) -> dict[str, str]:
+    """Structure name -> colour, distinct for the first len(_PALETTE) structures."""
+    return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(names)}
+
+
+ISODOSE_PCT = (107, 95, 80, 50, 30)  # % of the highest prescription
+_ISODOSE_COLOURS = ("#ff00ff", "#ff2020", "#ffd000", "#00e0ff", "#2050ff")
 
 
 def _esc(v) -> str:
@@ -71,19 +101,16 @@ def plain_label(text) -> str:
 
 
 def dvh_figure(patient, dose_gy, predicted_dose_gy=None, structures=None):
-    """DVH figure: plan (solid) and prediction (dashed) per structure; returns a data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    """DVH figure: plan (solid) and prediction (dashed) per structure, one colour per
+    structure (:func:`structure_colours`); returns a data URI."""
     names = structures or _structures_for_plots(patient)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    colours = plt.get_cmap("tab20")
+    colours = structure_colours(names)
+    fig = _figure(11, 6.5)
+    ax = fig.add_subplot()
     top = float(np.max(dose_gy)) * 1.05 if np.max(dose_gy) > 0 else 1.0
-    for i, name in enumerate(names):
+    for name in names:
         m = patient.mask(name)
-        c = colours(i % 20)
+        c = colours[name]
         for dose, style, lab in ((dose_gy, "-", name), (predicted_dose_gy, "--", None)):
             if dose is None:
                 continue
@@ -100,17 +127,18 @@ def dvh_figure(patient, dose_gy, predicted_dose_gy=None, structures=None):
     title = "DVH: plan (solid)" + (" vs prediction (dashed)" if predicted_dose_gy is not None
                                     else "")
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    ax.legend(fontsize=9, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False)
     return _png(fig)
 
 
 def dose_wash_figure(patient, dose_gy, target: str | None = None):
-    """Dose colour-wash over the CT on axial, sagittal and coronal planes through the
-    target's centre of mass (target outline in white); returns a data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """Dose colour-wash over the CT on axial, coronal and sagittal planes through the
+    main target's centre of mass, cropped to the body: isodose lines (:data:`ISODOSE_PCT`
+    of the highest prescription, else of the maximum dose) and every target and organ
+    outlined in its DVH colour; one large view per row. Returns a data URI."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
 
     from atp.io.dicom_export_geometry import slice_layout
 
@@ -125,29 +153,64 @@ def dose_wash_figure(patient, dose_gy, target: str | None = None):
         centre = np.array(ct.shape) // 2
     sp = layout.grid.spacing_mm
     dmax = float(dose.max()) if dose.max() > 0 else 1.0
-    views = [
-        ("axial", ct[centre[0]], dose[centre[0]], None if tmask is None else tmask[centre[0]],
-         sp[1] / sp[2], False),
-        ("coronal", ct[:, centre[1], :], dose[:, centre[1], :],
-         None if tmask is None else tmask[:, centre[1], :], sp[0] / sp[2], True),
-        ("sagittal", ct[:, :, centre[2]], dose[:, :, centre[2]],
-         None if tmask is None else tmask[:, :, centre[2]], sp[0] / sp[1], True),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 5))
-    im = None
-    for ax, (name, c, d, t, aspect, flip_up) in zip(axes, views):
+    ref = max((p.dose_gy for p in patient.prescriptions), default=dmax)
+    iso = [(pct, pct / 100.0 * ref, col) for pct, col in zip(ISODOSE_PCT, _ISODOSE_COLOURS)
+           if pct / 100.0 * ref <= dmax]
+    names = _structures_for_plots(patient)
+    colours = structure_colours(names)
+    masks = {n: layout.reorient(patient.mask(n)) for n in names}
+    body = layout.reorient(patient.body_mask)
+    lo, hi = np.zeros(3, int), np.array(ct.shape)
+    if body.any():  # crop to the body (+5 voxels): the anatomy fills the view
+        idx = np.argwhere(body)
+        lo, hi = np.maximum(idx.min(0) - 5, 0), np.minimum(idx.max(0) + 6, ct.shape)
+
+    def plane(a, axis):
+        k = centre[axis]
+        cut = [slice(lo[i], hi[i]) for i in range(3)]
+        cut[axis] = k
+        return a[tuple(cut)]
+
+    views = [("axial", 0, sp[1] / sp[2], False), ("coronal", 1, sp[0] / sp[2], True),
+             ("sagittal", 2, sp[0] / sp[1], True)]
+    cmap = colormaps["jet"]
+    figs = []
+    for title, axis, aspect, flip_up in views:
+        c, d = plane(ct, axis), plane(dose, axis)
+        # fixed layout (no tight bounding box: one draw instead of two): the view on the
+        # left two thirds at the plane's true aspect, colour bar and legend on the right
+        h = 7.3 * min(1.4, max(0.45, c.shape[0] * aspect / c.shape[1]))
+        fig = _figure(11, h + 0.5)
+        ax = fig.add_axes((0.005, 0.01, 0.66, h / (h + 0.5)))
+        cax = fig.add_axes((0.675, 0.1, 0.015, 0.8 * h / (h + 0.5)))
         origin = "lower" if flip_up else "upper"  # superior up in coronal/sagittal
         ax.imshow(c, cmap="gray", vmin=-400, vmax=600, aspect=aspect, origin=origin)
         wash = np.ma.masked_less(d, 0.1 * dmax)
-        im = ax.imshow(wash, cmap="jet", alpha=0.45, vmin=0, vmax=dmax, aspect=aspect,
-                       origin=origin)
-        if t is not None and t.any():
-            ax.contour(t.astype(float), levels=[0.5], colors="white", linewidths=1.0,
-                       origin=origin)
-        ax.set_title(name)
+        im = ax.imshow(wash, cmap=cmap, alpha=0.4, vmin=0, vmax=dmax, aspect=aspect,
+                       origin=origin, interpolation="bilinear")
+        handles = []
+        for pct, level, col in iso:
+            if d.min() < level < d.max():  # contour and imshow share pixel centres
+                cs = ax.contour(d, levels=[level], colors=[col], linewidths=1.2,
+                                linestyles="--")
+                ax.clabel(cs, fmt={level: f"{pct}%"}, fontsize=8, inline=True)
+                handles.append(Line2D([], [], color=col, ls="--",
+                                      label=f"{pct}% ({level:.1f} Gy)"))
+        for n in names:
+            m = plane(masks[n], axis)
+            if m.any():
+                ax.contour(m.astype(np.float32), levels=[0.5], colors=[colours[n]],
+                           linewidths=2.2 if n in patient.targets else 1.6)
+                handles.append(Line2D([], [], color=colours[n], label=plain_label(n)))
+        ax.set_title(f"{title} (slice {centre[axis] + 1} of {ct.shape[axis]})")
         ax.set_axis_off()
-    fig.colorbar(im, ax=axes, shrink=0.8, label="dose (Gy)")
-    return _png(fig)
+        fig.colorbar(im, cax=cax, label="dose (Gy)")
+        if handles:
+            fig.legend(handles=handles, fontsize=9, loc="upper left",
+                       bbox_to_anchor=(0.76, 0.98), frameon=False,
+                       title=f"isodose (% of {ref:g} Gy),\nstructures", title_fontsize=9)
+        figs.append(_png(fig, dpi=90, tight=False))
+    return figs
 
 
 def _goal_rows(goal_results) -> list[dict]:
@@ -162,8 +225,9 @@ def _goal_table(goal_results) -> str:
     if not rows:
         return "<p class='small'>no goals evaluated</p>"
     rows.sort(key=lambda r: (r.get("priority", 99), str(r.get("structure", ""))))
-    head = ("<tr><th>priority</th><th>structure</th><th>goal</th><th>value</th>"
-            "<th>predicted</th><th>achieved</th><th>margin</th><th>result</th></tr>")
+    head = ("<tr><th>priority</th><th>goal id</th><th>structure</th><th>goal</th>"
+            "<th>value</th><th>predicted</th><th>achieved</th><th>margin</th>"
+            "<th>result</th><th>note</th></tr>")
     body = []
     for r in rows:
         passed = r.get("passed")
@@ -172,12 +236,14 @@ def _goal_table(goal_results) -> str:
         unit = r.get("unit", "")
         body.append(
             f"<tr class='{cls}'><td class='num'>{_fmt(r.get('priority'))}</td>"
+            f"<td><code>{_esc(r.get('id', ''))}</code></td>"
             f"<td>{_esc(r.get('structure', ''))}</td>"
             f"<td>{_esc(r.get('metric', ''))} {_esc(r.get('operator', ''))}</td>"
             f"<td class='num'>{_fmt(r.get('value'))} {_esc(unit)}</td>"
             f"<td class='num'>{_fmt(r.get('predicted_value'))}</td>"
             f"<td class='num'>{_fmt(r.get('achieved'))} {_esc(unit)}</td>"
-            f"<td class='num'>{_fmt(r.get('margin'))}</td><td>{word}</td></tr>")
+            f"<td class='num'>{_fmt(r.get('margin'))}</td><td>{word}</td>"
+            f"<td class='small'>{_esc(r.get('note') or '')}</td></tr>")
     n_pass = sum(r.get("passed") is True for r in rows)
     return (f"<p>{n_pass} of {len(rows)} goals met.</p><table>{head}{''.join(body)}</table>")
 
@@ -250,7 +316,8 @@ def replan_changes_section(changes) -> str:
 
 
 def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, timings=None,
-                  *, title: str | None = None, delivery_summary: dict | None = None,
+                  *, title: str | None = None, plan_info: dict | None = None,
+                  delivery_summary: dict | None = None,
                   fidelity: dict | None = None, notes=None, changes=None) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     dose = np.asarray(dose_gy, dtype=np.float64)
@@ -270,9 +337,11 @@ def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, t
               f"<tr><td>patient</td><td>{_esc(patient.patient_id)}</td></tr>"
               f"<tr><td>source</td><td>{_esc(patient.source or '')}</td></tr>"
               f"<tr><td>prescription</td><td>{_esc(rx)}</td></tr>"
-              f"<tr><td>max dose</td><td>{dose.max():.2f} Gy</td></tr>"
+              + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>"
+                        for k, v in (plan_info or {}).items() if v not in (None, ""))
+              + f"<tr><td>max dose</td><td>{dose.max():.2f} Gy</td></tr>"
               f"<tr><td>created</td><td>{_dt.datetime.now().isoformat(timespec='seconds')}"
-             "</td></tr></table>")]
+              "</td></tr></table>")]
     if delivery_summary:
         parts.append("<p class='small'>Dose, DVH and goal results are from the deliverable "
                      "(sequenced) dose.</p>")
@@ -282,7 +351,10 @@ def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, t
         parts.append(replan_changes_section(changes))
     parts.append("<h2>Clinical goals</h2>" + _goal_table(goal_results))
     parts.append("<h2>Dose distribution</h2>")
-    parts.append(f"<img alt='dose colour-wash' src='{dose_wash_figure(patient, dose)}'>")
+    parts.append("<p class='small'>colour-wash with isodose lines (dashed) and structure "
+                 "outlines in their DVH colours</p>")
+    parts.extend(f"<img class='view' alt='dose colour-wash' src='{uri}'>"
+                 for uri in dose_wash_figure(patient, dose))
     if delivery_summary:
         parts.append("<h2>Delivery</h2>" + _delivery_table(delivery_summary))
     if fidelity:
@@ -302,7 +374,9 @@ def write_report(plan_dir: str | os.PathLike, patient, dose_gy, predicted_dose_g
 
     dose_gy / predicted_dose_gy: Gy on the patient grid. goal_results: GoalResult objects
     or their ``to_dict()`` rows. timings: {stage: seconds}. kwargs: ``title``,
-    ``delivery_summary`` (``Delivery.summary()``), ``fidelity``
+    ``plan_info`` ({label: value} for the summary, e.g. ``Plan.report_info()``: site,
+    institution overlay, predictor, backend), ``delivery_summary`` (``Delivery.summary()``),
+    ``fidelity``
     (``sequencer.fidelity.fidelity`` output), ``notes``.
     """
     text = render_report(patient, dose_gy, predicted_dose_gy, goal_results, timings, **kwargs)
