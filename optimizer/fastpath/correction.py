@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from atp.progress import tick
 from optimizer.fastpath.error_map import error_map
 from optimizer.fastpath.torch_dose import TorchDose
 
@@ -86,7 +87,9 @@ def unrolled_correction(w0: torch.Tensor, dose_op: TorchDose,
     y = w
     t = 1.0
     use_reg = regulariser is not None and reg_weight > 0
-    for _ in range(int(steps)):
+    for k in range(int(steps)):
+        if k % 10 == 0:
+            tick(step=f"gradient step {k + 1}/{int(steps)}")
         g = dose_op.transpose_apply(error_map(dose_op(y), objective))
         if use_reg:
             g = g + reg_weight * regulariser.grad(y)
