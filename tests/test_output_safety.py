@@ -166,6 +166,21 @@ def test_single_file_outputs_refuse_foreign_files_and_folders(command, name, tmp
     assert _snapshot(tmp_path) == before
 
 
+def test_single_files_atp_wrote_may_be_replaced(tmp_path, toy):
+    from atp.commands.dij import is_dij_file
+    from atp.outputs import check_output_file, is_npy_dose
+
+    toy.save(tmp_path / "d.npz")
+    assert check_output_file(tmp_path / "d.npz", recognise=is_dij_file) == tmp_path / "d.npz"
+    np.save(tmp_path / "p.npy", np.zeros((2, 3, 4), np.float32))
+    assert check_output_file(tmp_path / "p.npy", recognise=is_npy_dose)
+    np.save(tmp_path / "q.npy", np.zeros((2, 3), np.float64))  # not what predict writes
+    (tmp_path / "r.npz").write_bytes(b"not a zip")
+    for f, fn in (("q.npy", is_npy_dose), ("r.npz", is_dij_file)):
+        with pytest.raises(OutputError, match="atp does not overwrite it"):
+            check_output_file(tmp_path / f, recognise=fn)
+
+
 def test_plan_save_api_refuses_a_user_folder(cheap_plan, user_folder):
     before = _snapshot(user_folder)
     with pytest.raises(OutputError, match="not written by atp"):
