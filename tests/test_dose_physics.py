@@ -97,7 +97,9 @@ def test_slab_changes_downstream_dose(water, hu, sign):
     change = (c1[down] - c0[down]) / c0[down]
     assert np.all(sign * change > 0.02)  # bone lowers, lung raises downstream dose
     up = (y0 > 10.0) & (y0 < 25.0)
-    np.testing.assert_allclose(c1[up], c0[up], rtol=1e-5)  # upstream unchanged
+    # upstream unchanged (up to the threshold: in bone the density-scaled kernel is
+    # narrower, the beam's peak dose per MU and so the dropped-entry floor rise a little)
+    np.testing.assert_allclose(c1[up], c0[up], rtol=2e-3)
 
 
 def test_linear_in_weights(water):

@@ -1,32 +1,58 @@
-"""The 6 MV finite-size pencil-beam kernel: a small parameterisation fitted to water data.
+"""The 6 MV finite-size pencil-beam model: primary, phantom scatter, head scatter and
+electron contamination, fitted to water data for square fields of 2-40 cm.
 
 Dose per MU at a point from a rectangular beamlet (edges ``u0..u1`` x ``v0..v1`` mm at
-the isocentre plane) is
+the isocentre plane, centre ``(uc, vc)``) is
 
-    D = k_cal * T(d) * (SAD / s)^2 * sum_k w_k(d) * F(u; u0, u1, sigma_k') * F(v; v0, v1, sigma_k')
+    D = k_cal * (SAD / s)^2 * H(uc, vc, d) * sum_k A_k(d) * F(u; u0, u1, S sigma_k') * F(v; ...)
 
-* ``d``: radiological depth (mm of water) from the surface along the ray; ``s``: the
-  point's distance from the source along the beam axis (mm); ``(u, v)``: its BEV
-  position projected to the isocentre plane.
-* ``T(d) = (1 - exp(-beta d)) exp(-mu d) (1 + gamma d)``: build-up (charged-particle
-  equilibrium) times attenuation, with a linear term for the in-phantom scatter build-up
-  that a single exponential misses: the broad-beam depth term.
-* two Gaussian lateral components: a narrow "primary" one (sigma_1 = a1 + b1 d: source
-  size, penumbra, electron transport) and a wide "scatter" one (sigma_2 = a2 + b2 d) with
-  weight ``w_2(d) = w0 + w1 d`` (phantom scatter grows with depth); w_1 = 1 - w_2.
-  ``sigma_k' = sigma_k * SAD / s`` is the width projected to the isocentre plane.
+* ``d``: radiological depth (mm of water) along the ray; ``s``: distance from the source
+  along the beam axis (mm); ``(u, v)``: the point's BEV position at the isocentre plane.
 * ``F(u; u0, u1, sigma) = (erf((u - u0) / (sqrt2 sigma)) - erf((u - u1) / (sqrt2 sigma))) / 2``
-  is the exact integral of a normalised Gaussian over the beamlet's width, so a field
-  made of adjacent beamlets equals the same field computed as one rectangle.
-* ``k_cal`` (Gy/MU) is set so that a 10 x 10 cm^2 field at SSD 100 cm in water gives
-  0.01 Gy/MU at the depth of maximum dose (the usual linac calibration, 1 cGy/MU).
+  is the exact integral of a normalised Gaussian over the beamlet, so adjacent beamlets
+  add up to the field; ``sigma_k' = sigma_k * SAD / s`` is the width at the iso plane.
+* Depth term of the photons ``T(d) = (1 - (1 - t0) exp(-beta d)) exp(-mu d) (1 + gamma d)``
+  (build-up from the surface value ``t0``, attenuation, and a linear term for the scatter
+  build-up a single exponential misses): the broad-beam depth dose.
+* Components ``(A_k, sigma_k)`` (a Gaussian decomposition of the pencil kernel, as in
+  Bortfeld et al. 1993 Med Phys 20:311 and Nyholm et al. 2006 Radiother Oncol 78:347;
+  Ahnesjo & Trepp 1991 Acta Oncol 30:403 for the primary/scatter split):
 
-The parameters live in ``atp/data/photon_6mv.json`` beside the reference data they were
-fitted to (``benchmarks/fit_beam_model.py`` redoes the fit); every number's source is
-written there. This is the usual structure of analytical pencil-beam models (Bortfeld
-et al. 1993 Med Phys 20:311; Ahnesjo & Trepp 1991 Acta Oncol 30:403, in simplified
-form): no field-size dependent head scatter, no electron contamination, no
-density-scaled lateral spread.
+  - primary: ``(1 - h) T(d) w_p(d)``, ``sigma_p = a_p + b_p d`` (source size, electron
+    transport, penumbra);
+  - phantom scatter, two Gaussians (a narrow and a wide one): ``(1 - h) T(d) w_k(d)``,
+    ``w_k = c_k + e_k d + q_k d^2`` (scatter grows with depth), ``sigma_k = a_k + b_k d``;
+    ``w_p = 1 - sum w_k``, so the kernel integrates to ``T(d)``: a broad field's depth dose
+    is T, a small field loses the part of the scatter that falls outside it;
+  - head scatter (extra-focal source in the flattening-filter / primary-collimator
+    region): a fraction ``h`` of the fluence, ``h T(d)``, spread with the width of the
+    wide scatter Gaussian, so the output follows the MLC/jaw-defined field (the
+    collimator scatter factor S_c is folded in with the phantom scatter; the fitted
+    water data, output factors at depth, do not separate the two);
+  - electron contamination ``E(d) = e0 exp(-mu_e d)``, spread like the head scatter
+    (the contaminant electrons come from the head): surface dose > 0 and rising with
+    field size.
+  Sharing one width keeps the engine at three Gaussians per beamlet (its cost).
+* ``H(uc, vc, d) = exp((alpha - kappa d) (uc^2 + vc^2))``: off-axis primary fluence of a
+  flattened beam (horns, ``alpha``) softening off axis (horns vanish with depth,
+  ``kappa``); evaluated at each beamlet's centre (separable in u and v).
+* Heterogeneity: lateral transport lengths scale with the inverse of the density along
+  the path (O'Connor's scaling): every phantom width is multiplied by
+  ``S = min(1 / rho_bar, max_lateral_scale)``, ``rho_bar`` the mean relative density over
+  the last ``density_length_mm`` of the ray before the point. Beyond air or lung a small
+  field therefore loses lateral equilibrium (its central dose drops) and regains it
+  within about that length in water (re-build-up). Depth attenuation uses the
+  radiological depth.
+* ``k_cal`` (Gy/MU): a 10 x 10 cm^2 field at SSD 100 cm in water gives 0.01 Gy/MU at the
+  depth of maximum dose.
+
+The parameters live in ``atp/data/photon_6mv.json``, fitted by :mod:`atp.dose.fit` to the
+table ``atp/data/photon_6mv_reference.csv`` (sources and caveats written there);
+``atp commission --fit measured.csv --out model.json`` refits them to a clinic's data.
+Limits: a pencil-beam superposition (no lateral scatter from inhomogeneities beyond the
+path-density scaling, no backscatter changes at interfaces), flattened beams only, the
+off-axis factor is the beamlet centre's, and the engine's sparse matrix drops kernel
+tails beyond its lateral cutoff and threshold (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -63,9 +89,10 @@ class PhotonBeamModel:
 
     buildup_per_mm: float
     attenuation_per_mm: float
-    sigma_primary_mm: tuple[float, float]  # (a1, b1): sigma_1(d) = a1 + b1 * d
-    sigma_scatter_mm: tuple[float, float]  # (a2, b2)
-    scatter_weight: tuple[float, float]  # (w0, w1): w_2(d) = w0 + w1 * d
+    sigma_primary_mm: tuple[float, float]  # (a_p, b_p): sigma_p(d) = a_p + b_p * d
+    # phantom-scatter Gaussians: ((c_k, e_k[, q_k]), (a_k, b_k)):
+    # w_k = c_k + e_k d (+ q_k d^2), sigma_k = a_k + b_k d
+    scatter: tuple = ()
     sad_mm: float = 1000.0
     name: str = "6MV"
     reference: dict = field(default_factory=dict, compare=False, repr=False)
@@ -73,6 +100,14 @@ class PhotonBeamModel:
     calibration_field_mm: float = 100.0
     calibration_ssd_mm: float = 1000.0
     depth_linear_per_mm: float = 0.0  # gamma in T(d)
+    surface_fraction: float = 0.0  # t0 in T(d)
+    head_fraction: float = 0.0  # h
+    electron_surface: float = 0.0  # e0
+    electron_per_mm: float = 0.1  # mu_e
+    horn_per_mm2: float = 0.0  # alpha
+    softening_per_mm3: float = 0.0  # kappa
+    density_length_mm: float = 15.0
+    max_lateral_scale: float = 20.0
 
     # --- loading -----------------------------------------------------------------------
     @classmethod
@@ -80,18 +115,57 @@ class PhotonBeamModel:
         try:
             p = d["parameters"]
             cal = d.get("calibration", {})
-            return cls(float(p["buildup_per_mm"]), float(p["attenuation_per_mm"]),
-                       tuple(float(v) for v in p["sigma_primary_mm"]),
-                       tuple(float(v) for v in p["sigma_scatter_mm"]),
-                       tuple(float(v) for v in p["scatter_weight"]),
-                       float(d.get("sad_mm", 1000.0)), str(d.get("name", "6MV")),
-                       dict(d.get("reference", {})),
-                       float(cal.get("gy_per_mu", 0.01)), float(cal.get("field_mm", 100.0)),
-                       float(cal.get("ssd_mm", 1000.0)),
-                       float(p.get("depth_linear_per_mm", 0.0)))
-        except (KeyError, TypeError, ValueError) as exc:
+            if "scatter" in p:
+                scatter = tuple((tuple(float(x) for x in c["weight"]),
+                                 tuple(float(x) for x in c["sigma_mm"])) for c in p["scatter"])
+            else:  # the first (single-scatter-Gaussian) format
+                scatter = ((tuple(float(v) for v in p["scatter_weight"]),
+                            tuple(float(v) for v in p["sigma_scatter_mm"])),)
+            head = p.get("head_scatter", {})
+            elec = p.get("electron_contamination", {})
+            off = p.get("off_axis", {})
+            het = p.get("heterogeneity", {})
+            m = cls(float(p["buildup_per_mm"]), float(p["attenuation_per_mm"]),
+                    tuple(float(v) for v in p["sigma_primary_mm"]), scatter,
+                    float(d.get("sad_mm", 1000.0)), str(d.get("name", "6MV")),
+                    dict(d.get("reference", {})),
+                    float(cal.get("gy_per_mu", 0.01)), float(cal.get("field_mm", 100.0)),
+                    float(cal.get("ssd_mm", 1000.0)),
+                    float(p.get("depth_linear_per_mm", 0.0)),
+                    float(p.get("surface_fraction", 0.0)),
+                    float(head.get("fraction", 0.0)),
+                    float(elec.get("surface", 0.0)), float(elec.get("per_mm", 0.1)),
+                    float(off.get("horn_per_mm2", 0.0)),
+                    float(off.get("softening_per_mm3", 0.0)),
+                    float(het.get("density_length_mm", 15.0)),
+                    float(het.get("max_lateral_scale", 20.0)))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"malformed beam model: {exc!r}", file=source,
                              field="parameters") from None
+        if not (len(m.sigma_primary_mm) == 2 and all(len(w) in (2, 3) and len(s) == 2
+                                                      for w, s in m.scatter)):
+            raise InputError("malformed beam model: widths and weights need 2 numbers "
+                             "(value at the surface, slope per mm)", file=source,
+                             field="parameters")
+        return m
+
+    def to_dict(self) -> dict:
+        """The parameter block of the JSON format (inverse of :meth:`from_dict`)."""
+        return {
+            "buildup_per_mm": self.buildup_per_mm,
+            "attenuation_per_mm": self.attenuation_per_mm,
+            "depth_linear_per_mm": self.depth_linear_per_mm,
+            "surface_fraction": self.surface_fraction,
+            "sigma_primary_mm": list(self.sigma_primary_mm),
+            "scatter": [{"weight": list(w), "sigma_mm": list(s)} for w, s in self.scatter],
+            "head_scatter": {"fraction": self.head_fraction},
+            "electron_contamination": {"surface": self.electron_surface,
+                                       "per_mm": self.electron_per_mm},
+            "off_axis": {"horn_per_mm2": self.horn_per_mm2,
+                         "softening_per_mm3": self.softening_per_mm3},
+            "heterogeneity": {"density_length_mm": self.density_length_mm,
+                              "max_lateral_scale": self.max_lateral_scale},
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> PhotonBeamModel:
@@ -109,50 +183,109 @@ class PhotonBeamModel:
 
     # --- kernel pieces (work on numpy or cupy arrays) ----------------------------------
     def depth_term(self, d_mm, xp=np):
+        """T(d): the broad-beam photon depth term (no electron contamination)."""
         d = xp.maximum(d_mm, 0.0)
-        return ((1.0 - xp.exp(-self.buildup_per_mm * d)) * xp.exp(-self.attenuation_per_mm * d)
-                * (1.0 + self.depth_linear_per_mm * d))
+        return ((1.0 - (1.0 - self.surface_fraction) * xp.exp(-self.buildup_per_mm * d))
+                * xp.exp(-self.attenuation_per_mm * d) * (1.0 + self.depth_linear_per_mm * d))
 
-    def components(self, d_mm, xp=np):
-        """[(weight, sigma_mm), ...] at radiological depth d (arrays like d)."""
+    def electron_term(self, d_mm, xp=np):
         d = xp.maximum(d_mm, 0.0)
-        w2 = xp.clip(self.scatter_weight[0] + self.scatter_weight[1] * d, 0.0, 1.0)
-        s1 = self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d
-        s2 = self.sigma_scatter_mm[0] + self.sigma_scatter_mm[1] * d
-        return [(1.0 - w2, s1), (w2, s2)]
+        return self.electron_surface * xp.exp(-self.electron_per_mm * d)
+
+    def components(self, d_mm, xp=np, lateral_scale=None):
+        """[(amplitude, sigma_mm), ...] at radiological depth d (arrays like d).
+
+        Amplitudes include T(d) (and E(d) on the head-scatter component); sigma is at
+        depth, before projection to the isocentre plane. ``lateral_scale`` (like d,
+        >= 1 in low density) multiplies the phantom transport widths."""
+        d = xp.maximum(d_mm, 0.0)
+        t = self.depth_term(d, xp)
+        ws = [xp.clip(w[0] + w[1] * d + (w[2] * d * d if len(w) > 2 else 0.0), 0.0, 1.0)
+              for w, _ in self.scatter]
+        wp = 1.0 - sum(ws) if ws else 1.0 + 0.0 * d
+        wp = xp.clip(wp, 0.0, 1.0)
+        sc = 1.0 if lateral_scale is None else lateral_scale
+        sp = (self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d) * sc
+        keep = (1.0 - self.head_fraction) * t
+        out = [(keep * wp, sp)]
+        for w, (_, (a, b)) in zip(ws, self.scatter):
+            out.append((keep * w, (a + b * d) * sc))
+        extra = self.head_fraction * t + self.electron_term(d, xp)
+        if len(out) > 1:  # head scatter and contamination share the widest scatter width
+            out[-1] = (out[-1][0] + extra, out[-1][1])
+        else:
+            out[0] = (out[0][0] + extra, out[0][1])
+        return out
+
+    def off_axis_exponent(self, d_mm, xp=np):
+        """c(d) of the off-axis factor exp(c (uc^2 + vc^2)) (1/mm^2 at the iso plane)."""
+        return self.horn_per_mm2 - self.softening_per_mm3 * xp.maximum(d_mm, 0.0)
+
+    def lateral_scale(self, mean_density, xp=np):
+        """Width factor 1 / rho_bar, clipped to [1 / 3, max_lateral_scale]."""
+        rho = xp.maximum(mean_density, 1.0 / self.max_lateral_scale)
+        return xp.clip(1.0 / rho, 1.0 / 3.0, self.max_lateral_scale)
 
     def max_sigma_mm(self, d_max_mm: float) -> float:
-        """Largest lateral sigma (mm, at depth) for depths up to d_max_mm."""
+        """Largest lateral sigma (mm, at depth, unit density) for depths up to d_max_mm."""
         comps = self.components(np.array([0.0, float(d_max_mm)]))
         return float(max(np.max(s) for _, s in comps))
 
-    def raw_dose(self, u, v, s_mm, d_mm, u0, u1, v0, v1, xp=np):
-        """Uncalibrated dose of a rectangle [u0,u1] x [v0,v1] (iso-plane mm); broadcasts."""
+    def _axis(self, u, lo: float, hi: float, k, c, strip_mm: float):
+        """Sum over strips of [lo, hi] of exp(c x_j^2) x (Gaussian integral over strip j)."""
+        erf = erf_for(np)
+        if c is None or (np.ndim(c) == 0 and c == 0.0) or hi - lo <= strip_mm:
+            xc = 0.5 * (lo + hi)
+            f = 0.5 * (erf((u - lo) * k) - erf((u - hi) * k))
+            return f if c is None else f * np.exp(c * xc * xc)
+        n = max(1, math.ceil((hi - lo) / strip_mm))
+        e = np.linspace(lo, hi, n + 1)
+        xc = 0.5 * (e[:-1] + e[1:])
+        ef = erf((np.asarray(u)[..., None] - e) * np.asarray(k)[..., None])
+        w = np.exp(np.asarray(c)[..., None] * xc * xc)
+        return (0.5 * (ef[..., :-1] - ef[..., 1:]) * w).sum(axis=-1)
+
+    def raw_dose(self, u, v, s_mm, d_mm, u0, u1, v0, v1, xp=np, lateral_scale=None,
+                 strip_mm: float = 5.0):
+        """Uncalibrated dose of a rectangle [u0,u1] x [v0,v1] (iso-plane mm); broadcasts.
+
+        The off-axis factor is taken per ``strip_mm`` strip (NumPy only), as the engine
+        takes it per beamlet centre."""
         erf = erf_for(xp)
         scale = self.sad_mm / s_mm
+        c = self.off_axis_exponent(d_mm, xp) if (self.horn_per_mm2 or
+                                                 self.softening_per_mm3) else None
         total = 0.0
-        for w, sig in self.components(d_mm, xp):
+        for amp, sig in self.components(d_mm, xp, lateral_scale):
             k = 1.0 / (_SQRT2 * sig * scale)
-            fx = 0.5 * (erf((u - u0) * k) - erf((u - u1) * k))
-            fy = 0.5 * (erf((v - v0) * k) - erf((v - v1) * k))
-            total = total + w * fx * fy
-        return self.depth_term(d_mm, xp) * scale * scale * total
+            if c is None or xp is not np:
+                fx = 0.5 * (erf((u - u0) * k) - erf((u - u1) * k))
+                fy = 0.5 * (erf((v - v0) * k) - erf((v - v1) * k))
+            else:
+                k_, c_ = np.broadcast_arrays(np.asarray(k, float), np.asarray(c, float))
+                u_, ku, cu = np.broadcast_arrays(np.asarray(u, float), k_, c_)
+                fx = self._axis(u_, u0, u1, ku, cu, strip_mm)
+                v_, kv, cv = np.broadcast_arrays(np.asarray(v, float), k_, c_)
+                fy = fx if (v_.shape == u_.shape and np.array_equal(v_, u_) and u0 == v0
+                            and u1 == v1) else self._axis(v_, v0, v1, kv, cv, strip_mm)
+            total = total + amp * fx * fy
+        return scale * scale * total
 
     # --- calibration -------------------------------------------------------------------
-    def reference_depth_dose(self, depth_mm, field_mm: float = 100.0,
-                             ssd_mm: float = 1000.0, off_axis_mm=0.0) -> np.ndarray:
-        """Uncalibrated dose in water for a square field (side at the isocentre plane)
-        at SSD ``ssd_mm``, depth ``depth_mm``, ``off_axis_mm`` along u (at depth)."""
+    def reference_depth_dose(self, depth_mm, field_mm=100.0, ssd_mm: float = 1000.0,
+                             off_axis_mm=0.0) -> np.ndarray:
+        """Uncalibrated dose in water for a field (side, or (x, y) sides, at the isocentre
+        plane) at SSD ``ssd_mm``, depth ``depth_mm``, ``off_axis_mm`` along u (at depth)."""
+        fx, fy = (field_mm, field_mm) if np.ndim(field_mm) == 0 else field_mm
         d = np.asarray(depth_mm, dtype=np.float64)
         s = ssd_mm + d
         u = np.asarray(off_axis_mm, dtype=np.float64) * self.sad_mm / s
-        h = field_mm / 2.0
-        return self.raw_dose(u, 0.0, s, d, -h, h, -h, h)
+        return self.raw_dose(u, 0.0, s, d, -fx / 2.0, fx / 2.0, -fy / 2.0, fy / 2.0)
 
     @functools.cached_property
     def dmax_mm(self) -> float:
         """Depth of maximum dose (mm) of the calibration field."""
-        d = np.arange(0.0, 60.0, 0.05)
+        d = np.arange(0.0, 60.0, 0.1)
         return float(d[np.argmax(self.reference_depth_dose(d, self.calibration_field_mm,
                                                           self.calibration_ssd_mm))])
 

@@ -13,7 +13,10 @@ For each beam:
    (``ray_spacing_mm`` at the isocentre plane) read by trilinear interpolation
    (``depth_method="fan"``; faster on fine grids, but see raytrace for its error);
 4. dose per MU of each (voxel, beamlet) pair from the kernel
-   (:mod:`atp.dose.beam_model`): the separable erf form lets one voxel's contribution
+   (:mod:`atp.dose.beam_model`: primary, two phantom-scatter Gaussians, head scatter and
+   electron contamination, the off-axis fluence at the beamlet centre, lateral widths
+   scaled by 1 / the mean density over the last ``density_length_mm`` of the voxel's
+   ray, read from the same ray trace): the separable erf form lets one voxel's contribution
    to a ``(2K+1) x (2K+1)`` window of neighbouring beamlets come from 2(2K+2) erf calls
    per Gaussian component;
 5. sparsification: entries below ``threshold`` x the beam's peak (the largest dose per MU
@@ -52,7 +55,7 @@ from atp.xp import cupy_or_none, to_numpy
 
 _SQRT2 = math.sqrt(2.0)
 DEFAULT_THRESHOLD = 1e-4
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 
 
 def _pair(size) -> tuple[float, float]:
@@ -235,17 +238,22 @@ class PencilBeamEngine:
         if not sel.any():
             return sp.csc_matrix((n_rows, n_cols), dtype=np.float32)
         u, v, s, rows = u[sel], v[sel], s[sel], rows_all[sel]
+        length_mm = float(model.density_length_mm)
         if self.depth_method == "voxel":
-            depth = self._voxel_depth(xp, frame, centres[sel], density, dgrid)
+            depth, rho_bar = self._voxel_depth(xp, frame, centres[sel], density, dgrid,
+                                               length_mm)
         else:
-            depth = self._radiological_depth(xp, frame, u, v, s, density, dgrid, ray_ds,
-                                             ray_h)
+            depth, rho_bar = self._radiological_depth(xp, frame, u, v, s, density, dgrid,
+                                                      ray_ds, ray_h, length_mm)
+        lat = model.lateral_scale(rho_bar, xp)  # lateral width factor 1 / rho_bar
         u, v, s = xp.asarray(u), xp.asarray(v), xp.asarray(s)
 
         # per-voxel kernel coefficients
         scale = sad / s
-        base = model.gy_per_mu_scale * model.depth_term(depth, xp) * scale * scale
-        comps = [(base * w, sig * scale) for w, sig in model.components(depth, xp)]
+        base = model.gy_per_mu_scale * scale * scale
+        comps = [(base * a, sig * scale) for a, sig in model.components(depth, xp, lat)]
+        off_c = model.off_axis_exponent(depth, xp)  # exp(c (uc^2 + vc^2)) per beamlet
+        use_off = bool(model.horn_per_mm2 or model.softening_per_mm3)
         erf = erf_for(xp)
         peak = 0.0
         for c, sg in comps:  # beamlet centred on the voxel: the largest entry possible
@@ -279,6 +287,12 @@ class PencilBeamEngine:
             oky = ((byi >= 0) & (byi < lut.shape[0])).astype(xp.float32)
             ex = (cx[:, None] + xp.arange(-kx, kx + 2)[None, :]) * bx  # beamlet edges
             ey = (cy[:, None] + xp.arange(-ky, ky + 2)[None, :]) * by
+            if use_off:  # off-axis fluence at each beamlet centre (separable)
+                cc = off_c[sl][:, None]
+                xc = ex[:, :-1] + 0.5 * bx
+                yc = ey[:, :-1] + 0.5 * by
+                okx = okx * xp.exp(cc * xc * xc).astype(xp.float32)
+                oky = oky * xp.exp(cc * yc * yc).astype(xp.float32)
             fxs, fys = [], []
             for c, sg in comps:
                 k = 1.0 / (_SQRT2 * sg[sl])
@@ -325,8 +339,10 @@ class PencilBeamEngine:
         vals = np.concatenate(out_v).astype(np.float32)
         return sp.csc_matrix((vals, (r, c)), shape=(n_rows, n_cols), dtype=np.float32)
 
-    def _voxel_depth(self, xp, frame: BeamFrame, points_mm, density, dgrid: Grid):
-        """Water-equivalent depth (mm) at points by one exact ray per point."""
+    def _voxel_depth(self, xp, frame: BeamFrame, points_mm, density, dgrid: Grid,
+                     length_mm: float):
+        """Water-equivalent depth (mm) at points by one exact ray per point, and the mean
+        density over the last ``length_mm`` of each ray (:func:`_mean_density`)."""
         vec = np.asarray(points_mm, dtype=np.float64) - frame.source_mm
         length = np.linalg.norm(vec, axis=1)
         # chunks of rays that are close in the BEV and in depth cross few planes: order
@@ -336,14 +352,20 @@ class PencilBeamEngine:
         ls = length[order]
         traced = trace_cumulative(density, dgrid, frame.source_mm,
                                   vec[order] / ls[:, None], t_stop=ls, chunk=1024)
-        depth_sorted = sample_cumulative(traced, xp.asarray(ls[:, None]))[:, 0]
-        depth = xp.empty_like(depth_sorted)
-        depth[xp.asarray(order)] = depth_sorted
-        return depth
+        q = np.stack([ls, np.maximum(ls - length_mm, 0.0)], axis=1)
+        both = sample_cumulative(traced, xp.asarray(q))
+        depth = xp.empty_like(both[:, 0])
+        rho = xp.empty_like(depth)
+        order_x = xp.asarray(order)
+        depth[order_x] = both[:, 0]
+        rho[order_x] = _mean_density(both[:, 0], both[:, 1], length_mm, xp)
+        return depth, rho
 
     def _radiological_depth(self, xp, frame: BeamFrame, u, v, s, density, dgrid: Grid,
-                            ray_ds: float, h: float):
-        """Water-equivalent depth (mm) at BEV points (u, v, s) by a traced ray fan."""
+                            ray_ds: float, h: float, length_mm: float):
+        """Water-equivalent depth (mm) at BEV points (u, v, s) by a traced ray fan, and
+        the mean density over the last ``length_mm`` (along the axis) of each fan ray,
+        computed per ray and then interpolated (:func:`_mean_density`)."""
         u0, v0 = u.min() - h, v.min() - h
         nu = int(np.ceil((u.max() + h - u0) / h)) + 1
         nv = int(np.ceil((v.max() + h - v0) / h)) + 1
@@ -365,7 +387,21 @@ class PencilBeamEngine:
             from scipy.ndimage import map_coordinates
         else:  # pragma: no cover - GPU only
             from cupyx.scipy.ndimage import map_coordinates
-        return map_coordinates(table, coords, order=1, mode="nearest")
+        depth = map_coordinates(table, coords, order=1, mode="nearest")
+        m = max(1, round(length_mm / ray_ds))
+        up = xp.zeros_like(table)
+        up[:, :, m:] = table[:, :, :-m]
+        rho = _mean_density(table, up, m * ray_ds, xp)
+        return depth, map_coordinates(rho, coords, order=1, mode="nearest")
+
+
+def _mean_density(depth, upstream, length_mm: float, xp):
+    """Mean relative density over the last ``length_mm`` of a ray (depth and upstream
+    depth in mm of water). Within ``length_mm`` of the body's entry only the path in
+    matter counts (the water the model was fitted in has no air above it); at the very
+    surface it is 1."""
+    span = xp.minimum(length_mm, xp.maximum(depth, 1e-3))
+    return xp.where(depth > 1e-3, (depth - upstream) / span, 1.0)
 
 
 def _stack_csc(mats, n_rows: int) -> sp.csc_matrix:

@@ -1,0 +1,215 @@
+"""Water measurements (CSV) and the fit of :class:`~atp.dose.beam_model.PhotonBeamModel`.
+
+The measurement format is documented at the top of
+``atp/data/photon_6mv_reference.csv`` (the representative data atp ships with):
+``quantity,field_x_cm,field_y_cm,depth_cm,off_axis_cm,value,use`` with quantity one of
+``pdd`` (SSD 100 cm, % of the curve's maximum), ``output_factor`` (10 cm depth,
+isocentre at that depth, relative to 10 x 10), ``oar`` (off-axis ratio, SSD 100 cm) and
+``penumbra_80_20_mm`` (x profile, SSD 100 cm); ``use`` is ``fit`` or ``holdout``.
+
+:func:`fit_model` adjusts every model parameter (build-up, attenuation, primary and two
+phantom-scatter Gaussians, head-scatter fraction, electron contamination, horns and
+softening) by
+bounded least squares on the ``fit`` rows: PDD points in % (build-up points at half
+weight), output factors in % (weight 1.5), off-axis ratios in %, penumbrae in mm. The
+``holdout`` rows are never seen by the fit; :mod:`atp.dose.commission` reports them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atp.dose.beam_model import PhotonBeamModel
+from atp.errors import InputError
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / "data" / "photon_6mv_reference.csv"
+QUANTITIES = ("pdd", "output_factor", "oar", "penumbra_80_20_mm")
+COLUMNS = ("quantity", "field_x_cm", "field_y_cm", "depth_cm", "off_axis_cm", "value", "use")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    quantity: str
+    field_x_cm: float
+    field_y_cm: float
+    depth_cm: float
+    off_axis_cm: float
+    value: float
+    use: str
+
+    @property
+    def field_key(self) -> tuple[float, float]:
+        return (self.field_x_cm, self.field_y_cm)
+
+
+def read_measurements(path: str | os.PathLike | None = None) -> list[Measurement]:
+    """Rows of a measurement CSV (``#`` lines are comments); InputError names the file,
+    line and column of the first bad value."""
+    path = Path(path) if path is not None else DEFAULT_REFERENCE
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read measurements: {exc}", file=path) from None
+    body = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip()
+            .startswith("#")]
+    if not body:
+        raise InputError("no header and no rows", file=path, field="quantity")
+    header = next(csv.reader([body[0][1]]))
+    header = [h.strip() for h in header]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"missing column(s) {missing} (need {','.join(COLUMNS)})",
+                         file=path, field=missing[0])
+    out = []
+    for lineno, ln in body[1:]:
+        row = dict(zip(header, (x.strip() for x in next(csv.reader([ln])))))
+        where = f"{path}:{lineno}"
+        q = row.get("quantity", "")
+        if q not in QUANTITIES:
+            raise InputError(f"line {lineno}: quantity {q!r} is not one of {QUANTITIES}",
+                             file=where, field="quantity")
+        vals = {}
+        for c in COLUMNS[1:6]:
+            try:
+                vals[c] = float(row.get(c, ""))
+            except ValueError:
+                raise InputError(f"line {lineno}: {c} {row.get(c)!r} is not a number",
+                                 file=where, field=c) from None
+            if not np.isfinite(vals[c]):
+                raise InputError(f"line {lineno}: {c} is not finite", file=where, field=c)
+        if not (0.5 <= vals["field_x_cm"] <= 45 and 0.5 <= vals["field_y_cm"] <= 45):
+            raise InputError(f"line {lineno}: field sides must be 0.5-45 cm", file=where,
+                             field="field_x_cm")
+        if not (0.0 <= vals["depth_cm"] <= 40.0):
+            raise InputError(f"line {lineno}: depth_cm must be 0-40", file=where,
+                             field="depth_cm")
+        if vals["value"] <= 0:
+            raise InputError(f"line {lineno}: value must be > 0", file=where, field="value")
+        use = row.get("use", "") or "fit"
+        if use not in ("fit", "holdout"):
+            raise InputError(f"line {lineno}: use {use!r} must be fit or holdout",
+                             file=where, field="use")
+        out.append(Measurement(q, vals["field_x_cm"], vals["field_y_cm"], vals["depth_cm"],
+                               vals["off_axis_cm"], vals["value"], use))
+    if not any(m.quantity == "pdd" and m.use == "fit" for m in out):
+        raise InputError("no pdd rows to fit", file=path, field="quantity")
+    return out
+
+
+# --- the fit -------------------------------------------------------------------------
+_NAMES = ("buildup_per_mm", "attenuation_per_mm", "depth_linear_per_mm", "surface_fraction",
+          "ap", "bp", "c1", "e1", "q1", "a1", "b1", "c2", "e2", "q2", "a2", "b2",
+          "head_fraction", "electron_surface", "electron_per_mm",
+          "horn_per_mm2", "softening_per_mm3")
+_LO = np.array([0.02, 0.001, -0.01, 0.0, 0.3, 0.0, 0.0, -0.003, -2e-5, 0.3, 0.0, 0.0,
+                -0.003, -2e-5, 5.0, 0.0, 0.0, 0.0, 0.01, -2e-5, -1e-7])
+_HI = np.array([3.0, 0.012, 0.01, 0.6, 6.0, 0.05, 0.6, 0.006, 2e-5, 30.0, 0.5, 0.6, 0.006,
+                2e-5, 150.0, 1.0, 0.25, 0.6, 2.0, 2e-5, 2e-7])
+
+
+def _vector(m: PhotonBeamModel) -> np.ndarray:
+    sc = list(m.scatter) + [((0.05, 0.0005), (5.0, 0.05)), ((0.05, 0.0003), (40.0, 0.1))]
+    (w1, (a1, b1)), (w2, (a2, b2)) = sc[0], sc[1]
+    c1, e1, q1 = (*w1, 0.0)[:3]
+    c2, e2, q2 = (*w2, 0.0)[:3]
+    x = np.array([m.buildup_per_mm, m.attenuation_per_mm, m.depth_linear_per_mm,
+                  m.surface_fraction, *m.sigma_primary_mm, c1, e1, q1, a1, b1, c2, e2, q2,
+                  a2, b2, m.head_fraction, m.electron_surface,
+                  m.electron_per_mm, m.horn_per_mm2, m.softening_per_mm3], dtype=float)
+    return np.clip(x, _LO, _HI)
+
+
+def _model(base: PhotonBeamModel, x) -> PhotonBeamModel:
+    x = [float(v) for v in x]
+    return base.with_parameters(
+        buildup_per_mm=x[0], attenuation_per_mm=x[1], depth_linear_per_mm=x[2],
+        surface_fraction=x[3], sigma_primary_mm=(x[4], x[5]),
+        scatter=(((x[6], x[7], x[8]), (x[9], x[10])), ((x[11], x[12], x[13]),
+                                                      (x[14], x[15]))),
+        head_fraction=x[16], electron_surface=x[17], electron_per_mm=x[18],
+        horn_per_mm2=x[19], softening_per_mm3=x[20])
+
+
+def residuals(model: PhotonBeamModel, rows) -> np.ndarray:
+    """Weighted residuals (model - measured) of ``rows``: % points, % and mm."""
+    from atp.dose import commission as cm
+
+    res = []
+    pdd_rows: dict = {}
+    for r in rows:
+        if r.quantity == "pdd":
+            pdd_rows.setdefault(r.field_key, []).append(r)
+    for key, rs in pdd_rows.items():
+        depth = np.array([r.depth_cm * 10.0 for r in rs])
+        calc = cm.pdd_percent(model, depth, (key[0] * 10.0, key[1] * 10.0))
+        w = np.where(depth < 10.0, 0.5, 1.0)
+        res.append(w * (calc - np.array([r.value for r in rs])))
+    ofs = [r for r in rows if r.quantity == "output_factor"]
+    if ofs:
+        calc = np.array([cm.output_factor(model, (r.field_x_cm * 10, r.field_y_cm * 10),
+                                          r.depth_cm * 10.0) for r in ofs])
+        res.append(1.5 * 100.0 * (calc / np.array([r.value for r in ofs]) - 1.0))
+    for r in rows:
+        if r.quantity == "oar":
+            calc = cm.off_axis_ratio(model, (r.field_x_cm * 10, r.field_y_cm * 10),
+                                     r.depth_cm * 10, r.off_axis_cm * 10)
+            res.append(np.atleast_1d(100.0 * (calc - r.value)))
+        elif r.quantity == "penumbra_80_20_mm":
+            calc = cm.penumbra_80_20_mm(model, r.depth_cm * 10,
+                                        (r.field_x_cm * 10, r.field_y_cm * 10))
+            res.append(np.atleast_1d(calc - r.value))
+    return np.concatenate(res)
+
+
+def fit_model(rows, base: PhotonBeamModel | None = None, *, max_nfev: int = 400):
+    """(fitted model, summary) from the ``fit`` rows of ``rows``."""
+    from scipy.optimize import least_squares
+
+    base = base or PhotonBeamModel.load()
+    fit_rows = [r for r in rows if r.use == "fit"]
+
+    def fun(x):
+        return residuals(_model(base, x), fit_rows)
+
+    x0 = _vector(base)
+    sol = least_squares(fun, x0, bounds=(_LO, _HI), x_scale=np.maximum(np.abs(x0), 1e-3 *
+                        (_HI - _LO)), max_nfev=max_nfev, diff_step=1e-4, ftol=1e-10,
+                        xtol=1e-10)
+    model = _model(base, sol.x)
+    r = sol.fun
+    return model, {"residuals": int(r.size), "parameters": len(_NAMES),
+                   "rms_weighted": round(float(np.sqrt(np.mean(r * r))), 4),
+                   "max_abs_weighted": round(float(np.max(np.abs(r))), 4),
+                   "evaluations": int(sol.nfev), "status": int(sol.status)}
+
+
+def model_json(model: PhotonBeamModel, summary: dict, data_source: str,
+               description: str | None = None) -> dict:
+    """The beam-model JSON document of a fitted model."""
+    def rnd(v):
+        if isinstance(v, dict):
+            return {k: rnd(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [rnd(x) for x in v]
+        return float(f"{v:.6g}") if isinstance(v, float) else v
+
+    return {
+        "name": model.name,
+        "description": description or (
+            "Finite-size pencil-beam model of a flattened 6 MV beam (atp/dose/beam_model.py),"
+            " fitted by atp.dose.fit to the measurements named in 'fit'."),
+        "sad_mm": model.sad_mm,
+        "calibration": {"gy_per_mu": model.calibration_gy_per_mu,
+                        "field_mm": model.calibration_field_mm,
+                        "ssd_mm": model.calibration_ssd_mm,
+                        "note": "10 x 10 cm2 field at SSD 100 cm in water: gy_per_mu at the "
+                                "depth of maximum dose"},
+        "parameters": rnd(model.to_dict()),
+        "reference": model.reference,
+        "fit": {"data": data_source, **summary},
+    }
