@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/bench_predictors.py \
         --data ../shared/data/openkbp [--models baseline mean-dose cadunet] [--limit N]
+        [--held-out-of runs/okbp_stage1]   # that run's held-out training patients instead
 
 All predictors are run side by side on the same patients in one process; the scores
 use the OpenKBP definitions (predictor.scoring) against the reference plan dose on the
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--held-out-of", help="a recipe run folder: score its held-out training "
+                                          "patients (run.json selection_files)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -54,6 +57,13 @@ def main(argv=None) -> int:
         else:
             preds[n] = registry.get(n)
     files = split_files(args.data, args.split)
+    if args.held_out_of:
+        import json
+
+        held = {f["file"] for f in json.loads(
+            (Path(args.held_out_of) / "run.json").read_text())["selection_files"]}
+        files = [f for f in split_files(args.data, "train") if f.name in held]
+        args.split = f"held-out train ({args.held_out_of})"
     files = files[:args.limit] if args.limit else files
     per = {n: [] for n in preds}
     times = {n: [] for n in preds}
