@@ -36,7 +36,7 @@ def test_evaluate_phantom_json(capsys, phantom_dose):
 def test_evaluate_with_prediction_and_institution(capsys, phantom_dose):
     rc = main(["evaluate", "phantom", "--dose", str(phantom_dose / "dose.npy"), "--site", "hn",
                "--institution", "example_parotid_sparing",
-               "--predicted", str(phantom_dose / "pred.npy"), "--json"])
+               "--predicted-dose", str(phantom_dose / "pred.npy"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["institution"] == "example_parotid_sparing"
     g = {g["id"]: g for g in out["goals"]}["Parotid_L.Dmean.pred"]

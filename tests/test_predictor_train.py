@@ -73,7 +73,7 @@ def test_best_checkpoint_is_a_predictor(phantom, tmp_path):
     assert np.all(dose[~phantom.body_mask] == 0)
     assert np.allclose(dose[phantom.mask("PTV_70")], 70.0)  # PTV set to its prescription
     out = tmp_path / "pred.npy"
-    assert main(["predict", "phantom", "--model", res["best"], "--out", str(out)]) == 0
+    assert main(["predict", "phantom", "--predictor", res["best"], "--out", str(out)]) == 0
     assert np.allclose(np.load(out), dose, atol=1e-4)
 
 
@@ -91,11 +91,11 @@ def test_flip_swaps_parotids(phantom):
 
 def test_cli_predict_baseline_and_errors(tmp_path, capsys):
     out = tmp_path / "d.npy"
-    assert main(["predict", "phantom", "--model", "baseline", "--out", str(out)]) == 0
+    assert main(["predict", "phantom", "--predictor", "baseline", "--out", str(out)]) == 0
     assert np.load(out).shape == (40, 64, 64)
-    assert main(["predict", "phantom", "--model", "nope", "--out", str(out)]) == 2
+    assert main(["predict", "phantom", "--predictor", "nope", "--out", str(out)]) == 2
     assert "installed" in capsys.readouterr().err
-    assert main(["predict", "phantom", "--model", str(tmp_path / "missing.pt"),
+    assert main(["predict", "phantom", "--predictor", str(tmp_path / "missing.pt"),
                  "--out", str(out)]) == 2
 
 
