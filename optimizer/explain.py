@@ -205,10 +205,13 @@ def explain_goal(problem, fluence, result, patient, resolved_goals, *,
     if floor is not None:
         where = ", ".join(f"{100 * f:.0f} % in {t}" for t, f in floor["overlaps"].items())
         blocked = floor["floor"] >= g.value
-        parts.append(f"{g.structure} lies {where}: its {g.metric.text} cannot fall below "
-                     f"{floor['floor']:.4g} {unit} without breaking "
-                     f"{', '.join(floor['goals'])}"
-                     + (" -- the goal is infeasible" if blocked else ""))
+        if floor["goals"] and floor["floor"] > 0:
+            parts.append(f"{g.structure} lies {where}: its {g.metric.text} cannot fall "
+                         f"below {floor['floor']:.4g} {unit} without breaking "
+                         f"{', '.join(floor['goals'])}"
+                         + (" -- the goal is infeasible" if blocked else ""))
+        else:  # the overlap fits in the cold part the coverage goals allow: no floor
+            parts.append(f"{g.structure} lies {where}")
     shares = opposing_terms(problem, fluence, g.id, reported=result.achieved, cache=cache)
     shown = [(k, s) for k, s in shares if s >= min_share][:top]
     if shown:

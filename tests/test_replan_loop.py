@@ -136,3 +136,20 @@ def test_cli_fast_exits_3_with_a_headline_when_p1_fails(base_plan, tmp_path, cap
     head = [x for x in err if "priority-1 goal" in x and "not met" in x]
     assert len(head) == 1 and "SpinalCord.D0.1cc" in head[0] and "exit 3" in head[0]
     assert any("SpinalCord.D0.1cc cannot be met" in x for x in err)
+
+
+def test_target_floor_is_a_lower_bound_the_plan_respects(base_plan):
+    """The coverage floor of an organ overlapping the PTVs: with every coverage goal it
+    uses met, the organ's mean cannot be below it (here: the plan's own dose)."""
+    from optimizer.explain import target_floor
+
+    goal = next(g for g in base_plan.resolved_goals if g.id == "Esophagus.Dmean")
+    floor = target_floor(goal, base_plan.patient, base_plan.resolved_goals)
+    assert floor is not None and floor["floor"] > 0 and floor["goals"]
+    assert set(floor["overlaps"]) <= set(base_plan.patient.targets)
+    passed = {r.goal.id: r.passed for r in base_plan.results}
+    if all(passed[g] for g in floor["goals"]):
+        assert _result(base_plan, "Esophagus.Dmean").achieved >= floor["floor"]
+    # a goal on an organ that overlaps no target has no floor
+    cord = next(g for g in base_plan.resolved_goals if g.id == "SpinalCord.D0.1cc")
+    assert target_floor(cord, base_plan.patient, base_plan.resolved_goals) is None
