@@ -49,9 +49,13 @@ def load_patient_from_args(args, *, require_prescription: bool = True):
     for item in args.rx:
         name, _, value = item.partition("=")
         try:
-            rx[name.strip()] = float(value)
+            gy = float(value)
         except ValueError:
-            raise InputError(f"expected TARGET=GY, got '{item}'", field="--rx") from None
+            gy = None
+        if not name.strip() or gy is None or not 0 < gy < 1000:  # nan / inf fail too
+            raise InputError(f"expected TARGET=GY with a dose in (0, 1000) Gy, got "
+                             f"'{item[:60]}'", field="--rx")
+        rx[name.strip()] = gy
     return load_patient(args.patient, prescription_file=args.prescription_file,
                         prescriptions=rx or None, fractions=args.fractions,
                         require_prescription=require_prescription)

@@ -96,6 +96,12 @@ def fast_options(args) -> tuple[dict, dict]:
     from sequencer.machine import load_machine
 
     load_machine(args.machine)  # a bad machine file fails before any work
+    for dest, flag, exact in (("initial_fluence", "--initial-fluence", "fallback"),
+                              ("correction", "--correction", "exact")):
+        choice = getattr(args, dest, None)
+        if choice is not None and choice not in ("auto", "network", exact):
+            raise InputError(f"must be auto, network or {exact}, got '{str(choice)[:40]}'",
+                             field=flag)
     opts = {"machine": args.machine}
     if seq != "auto":
         opts["vmat_sequencer"] = seq

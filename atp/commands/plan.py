@@ -157,6 +157,16 @@ def run(args) -> int:
         from sequencer.machine import load_machine
 
         load_machine(args.machine)  # a bad machine file fails before any work
+    if args.beam_template is not None:
+        from atp.dose.geometry import BEAM_TEMPLATES
+
+        if args.beam_template not in BEAM_TEMPLATES:
+            raise InputError(f"unknown beam template '{args.beam_template[:40]}'; known: "
+                             f"{', '.join(sorted(BEAM_TEMPLATES))}", field="--beam-template")
+    if not args.dij:
+        from atp.dose.registry import get as dose_engine
+
+        dose_engine(args.dose_engine)  # an unknown engine fails before any work
     patient = load_patient_from_args(args)
     predicted = None
     if args.predicted_dose:

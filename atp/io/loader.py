@@ -28,11 +28,18 @@ def load_patient(path: str | Path, *, prescription_file: str | Path | None = Non
     :func:`atp.io.dicom.load_dicom`).
     """
     text = str(path)
+    p = Path(path)
+    if text in PHANTOM_NAMES or (p.is_file() and p.suffix == ".npz") or (
+            p.is_dir() and (p / "ct.csv").is_file()):
+        given = [flag for flag, v in (("--rx", prescriptions), ("--fractions", fractions),
+                                      ("--prescription-file", prescription_file)) if v]
+        if given:  # not silently ignored: these cases carry their own prescription
+            raise InputError(f"{given[0]} applies to DICOM input only; this patient carries "
+                             "its own prescription", file=text, field=given[0])
     if text in PHANTOM_NAMES:
         from atp.phantom import head_neck_phantom
 
         return head_neck_phantom()
-    p = Path(path)
     if not p.exists():
         raise InputError("no such file or folder", file=p)
     if p.is_file() and p.suffix == ".npz":
