@@ -279,8 +279,12 @@ def _block_reduce(a: np.ndarray, factor, how: str) -> np.ndarray:
     pads = [(0, (-n) % f) for n, f in zip(shape, factor)]
     if how == "max":
         return _blocks(np.pad(a, pads, mode="edge"), factor).max(axis=(1, 3, 5))
-    padded = np.pad(a, pads) if any(p for _, p in pads) else a  # no copy when exact
-    total = _blocks(padded, factor).sum(axis=(1, 3, 5), dtype=np.float64)
+    total = np.pad(a, pads) if any(p for _, p in pads) else a
+    total = np.asarray(total, dtype=np.float64)
+    for k, f in enumerate(factor):  # one axis at a time: far faster than a 6-D reduce
+        if f > 1:
+            s = total.shape
+            total = total.reshape(s[:k] + (s[k] // f, f) + s[k + 1:]).sum(axis=k + 1)
     # real voxels per block: a product of per-axis counts (only the last block of an
     # axis can be partial)
     c0, c1, c2 = (np.minimum(f, n - f * np.arange(-(-n // f))).astype(np.float64)
@@ -315,12 +319,24 @@ def decode(y: np.ndarray, t: GridTransform, *, fill: float = 0.0,
                 up = np.repeat(up, f, axis=k)
         up = up[tuple(slice(0, n) for n in oriented)]
     elif interpolation == "linear":
-        coords = [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(oriented, t.factor)]
-        grid = np.meshgrid(*coords, indexing="ij")
-        up = ndimage.map_coordinates(coarse, grid, order=1, mode="nearest")
+        up = _linear_upsample(coarse, t.factor, oriented)
     else:
         raise InputError("interpolation must be 'nearest' or 'linear'", field="interpolation")
     return np.ascontiguousarray(t.unorient(up), dtype=np.float32)
+
+
+def _linear_upsample(coarse: np.ndarray, factor, shape) -> np.ndarray:
+    """Trilinear interpolation between coarse voxel centres onto the fine grid (edge
+    values held beyond the outermost centres), one axis at a time (separable)."""
+    up = np.asarray(coarse, dtype=np.float32)
+    for k, (n, f) in enumerate(zip(shape, factor)):
+        m = up.shape[k]
+        x = np.clip((np.arange(n) + 0.5) / f - 0.5, 0.0, m - 1)
+        i0 = np.minimum(np.floor(x).astype(np.int64), m - 1)
+        i1 = np.minimum(i0 + 1, m - 1)
+        w = (x - i0).astype(np.float32).reshape((-1,) + (1,) * (2 - k))
+        up = np.take(up, i0, axis=k) * (1.0 - w) + np.take(up, i1, axis=k) * w
+    return up
 
 
 def encode_patient(patient: Patient, config: EncodingConfig,
