@@ -481,6 +481,17 @@ def _bytes_ct(old: bytes, new: bytes):
     return corrupt
 
 
+def _edit_all_ct(edit):
+    def corrupt(d: Path, ct):
+        import pydicom
+
+        for path in ct.files:
+            ds = pydicom.dcmread(path)
+            edit(ds)
+            ds.save_as(path, enforce_file_format=False)
+    return corrupt
+
+
 def _truncate_rs(d: Path, ct):
     data = (d / "RS.dcm").read_bytes()
     (d / "RS.dcm").write_bytes(data[: int(len(data) * 0.6)])
@@ -522,6 +533,18 @@ DICOM = [
     Case("dicom-missing-orientation", "dicom",
          _dicom(_edit_ds("CT", _del("ImageOrientationPatient"))), DCM, "CT_",
          "ImageOrientationPatient"),
+    Case("dicom-rescale-slope-zero", "dicom", _dicom(_edit_all_ct(_set_attr("RescaleSlope", "0"))),
+         DCM, "CT_", "RescaleSlope"),
+    Case("dicom-rescale-slope-huge", "dicom",
+         _dicom(_edit_all_ct(_set_attr("RescaleSlope", "1000"))), DCM, "CT_", "PixelData"),
+    Case("dicom-pixel-data-short", "dicom",
+         _dicom(_edit_ds("CT", lambda ds: setattr(ds, "PixelData", ds.PixelData[:100]))), DCM,
+         "CT_", "PixelData"),
+    Case("dicom-position-nan", "dicom",
+         _dicom(_edit_ds("CT", _set_attr("ImagePositionPatient", ["nan", "0", "0"]))), DCM,
+         "CT_", "ImagePositionPatient"),
+    Case("dicom-rows-differ", "dicom", _dicom(_edit_ds("CT", _set_attr("Rows", 12))), DCM, "CT_",
+         "Rows"),
     Case("dicom-not-dicom", "dicom", _dicom(lambda d, ct: (d / "junk.dcm").write_bytes(b"x" * 300)),
          DCM, "junk.dcm", "junk.dcm"),
     Case("dicom-rx-nan", "dicom", _dicom(), ["plan", "{in}/dcm", "--rx", "PTV_70=nan",

@@ -26,8 +26,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,8 +42,13 @@ from atp.io.rasterize import rasterize_contours
 from atp.names import AliasTable, canonical_name, role_for
 from atp.patient import Patient, Role, Structure
 
+# pydicom logs (and warns about) odd values; with no handler Python would print them on
+# stderr beside atp's one error line. Errors that matter are raised by this module.
+logging.getLogger("pydicom").addHandler(logging.NullHandler())
+
 NOT_DICOM_SUFFIXES = {".yaml", ".yml", ".json", ".txt", ".md", ".csv", ".npz", ".npy",
                       ".png", ".jpg", ".jpeg", ".pdf", ".html", ".xml", ".py", ".zip"}
+HU_RANGE = (-10_000, 70_000)  # wider than any scanner's (padding -3024, metal ~30000)
 GAP_FACTOR = 1.5  # a slice distance above this many spacings = missing slice(s)
 _INTERPRETED_ROLE = {"EXTERNAL": Role.EXTERNAL, "PTV": Role.TARGET, "CTV": Role.TARGET,
                      "GTV": Role.TARGET, "ITV": Role.TARGET, "CONTROL": Role.CONTROL,
@@ -207,6 +214,20 @@ def _ct_geometry(slices, folder: Path):
     return slices, grid
 
 
+def _optional_float(ds, tag: str, default: float, path) -> float:
+    """A type-3 numeric attribute: ``default`` when absent or empty, else a finite
+    number (a slope of 0 is not silently read as 1)."""
+    try:
+        raw = ds.get(tag)  # the value (keyword lookup)
+        empty = raw is None or (isinstance(raw, str) and not raw.strip())
+        v = default if empty else float(raw)
+    except Exception:  # noqa: BLE001 - a malformed DS value
+        raise DicomError("not numeric", file=path, field=tag) from None
+    if not np.isfinite(v):
+        raise DicomError(f"not finite: {v}", file=path, field=tag)
+    return v
+
+
 def _ct_volume(slices, grid: Grid) -> np.ndarray:
     ct = np.empty(grid.shape, dtype=np.float32)
     for k, (path, ds) in enumerate(slices):
@@ -219,15 +240,18 @@ def _ct_volume(slices, grid: Grid) -> np.ndarray:
         if px.shape != grid.shape[1:]:
             raise DicomError(f"pixel data shape {px.shape} != Rows x Columns "
                              f"{grid.shape[1:]}", file=path, field="PixelData")
-        try:
-            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        except Exception:  # noqa: BLE001 - a malformed DS value
-            raise DicomError("RescaleSlope / RescaleIntercept not numeric", file=path,
-                             field="RescaleSlope") from None
+        slope = _optional_float(ds, "RescaleSlope", 1.0, path)
+        intercept = _optional_float(ds, "RescaleIntercept", 0.0, path)
+        if slope <= 0:
+            raise DicomError(f"must be > 0, got {slope:g}", file=path, field="RescaleSlope")
         hu = px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         if not np.all(np.isfinite(hu)):
             raise DicomError("CT values are not finite", file=path, field="PixelData")
+        lo, hi = float(hu.min()), float(hu.max())
+        if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
+            raise DicomError(f"CT values {lo:g} .. {hi:g} HU outside [{HU_RANGE[0]}, "
+                             f"{HU_RANGE[1]}] (check RescaleSlope / RescaleIntercept)",
+                             file=path, field="PixelData")
         ct[k] = hu
     return ct
 
@@ -341,6 +365,14 @@ def load_dicom(folder: str | Path, prescription_file: str | Path | None = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError("not a folder", file=folder)
+    with warnings.catch_warnings():  # pydicom's value warnings: problems that matter
+        warnings.simplefilter("ignore")  # become DicomErrors naming file and attribute
+        return _load_dicom(folder, prescription_file, prescriptions, fractions,
+                           alias_table, require_prescription)
+
+
+def _load_dicom(folder, prescription_file, prescriptions, fractions, alias_table,
+                require_prescription) -> Patient:
     files = _read_all(folder)
     if not files:
         raise DicomError("no DICOM files in the folder", file=folder)
