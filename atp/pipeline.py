@@ -669,6 +669,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
             refine_info = {"rounds_run": outcome.rounds_run, "scores": outcome.scores,
                            "accepted": outcome.accepted}
         delivery = ideal = fid = None
+        correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
         dose = stages.run("final dose", patient_dose, dij, res.fluence)
         if sequence:
             technique = None if sequence is True else str(sequence)
@@ -680,13 +681,13 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                     "deliverable correction", _deliverable_correction, problem, be, res,
                     opts, goal_check, patient, dij, resolved, technique, machine,
                     deliverable_rounds,
-                    (delivery, ideal, dose, fid))
+                    (delivery, ideal, dose, fid), info=correction)
             delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij,
                                              delivery, ideal, dose, fid)
         results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)
         optimised = apply_state(problem, res.hard_state)  # the terms as last optimised
         blockers = stages.run("explain", _blockers, optimised, res.fluence, results,
-                              patient, resolved)
+                              patient, resolved, correction.get("rejected"))
     finally:
         if own:
             stages.close()
@@ -704,7 +705,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
         "n_beamlets": problem.n_beamlets, "n_rows": problem.n_rows,
         "goal_report": res.goal_report, "timings_s": res.timings_s,
         "refine": refine_info, "hard_state": res.hard_state, "surrogates": surrogates,
-        "blockers": blockers,
+        "blockers": blockers, "correction_rejected": correction.get("rejected"),
     }
     timings = dict(stages.timings)
     timings["replan" if own else "optimise_total"] = time.perf_counter() - t0
@@ -718,9 +719,11 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                 delivery, fractions, ideal, fid)
 
 
-def _blockers(optimised, fluence, results, patient, resolved) -> dict:
+def _blockers(optimised, fluence, results, patient, resolved, rejected=None) -> dict:
     """{goal id: optimizer.explain.explain_goal(...)} for every failing goal: what holds
-    it (opposing terms at the final fluence, a target's coverage floor)."""
+    it (opposing terms at the final fluence, a target's coverage floor, and a
+    deliverable-correction round that would have moved it but lowered the goal-list
+    score: ``rejected`` from :func:`_deliverable_correction`)."""
     from optimizer.explain import explain_goal
 
     cache: dict = {}
@@ -728,8 +731,20 @@ def _blockers(optimised, fluence, results, patient, resolved) -> dict:
     for r in results:
         if r.passed is False:
             e = explain_goal(optimised, fluence, r, patient, resolved, cache=cache)
-            if e is not None:
-                out[r.goal.id] = e
+            if e is None:
+                continue
+            moved = (rejected or {}).get("moved", {}).get(r.goal.id)
+            g = r.goal
+            if moved is not None and g.value is not None and (
+                    moved < 0 if g.operator in ("<=", "<") else moved > 0) \
+                    and abs(moved) > max(0.1, 0.01 * abs(float(g.value))):
+                lost = rejected.get("broke") or []
+                e["line"] += (f"; a deliverable-dose correction round would have moved it "
+                              f"by {moved:+.3g} {g.metric.result_unit} but was not kept: "
+                              f"the goal-list score fell" + (f" (it broke {', '.join(lost)})"
+                                                              if lost else ""))
+                e["rejected_round"] = {"moved": moved, "broke": lost}
+            out[r.goal.id] = e
     return out
 
 
@@ -763,7 +778,7 @@ def _corrects(goal) -> bool:
 
 
 def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, resolved,
-                            technique, machine, rounds, current):
+                            technique, machine, rounds, current, info=None):
     """Re-optimise against the sequencing loss, then sequence again (``rounds`` times).
 
     Sequencing (MLC leakage and transmission, tongue-and-groove, the minimum leaf gap)
@@ -783,7 +798,8 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
     from optimizer.solve import optimize
 
     best = (res, *current)
-    best_score = _score_results(evaluate_goals(resolved, patient, current[2]))
+    best_rs = evaluate_goals(resolved, patient, current[2])
+    best_score = _score_results(best_rs)
     for k in range(rounds):
         tick(correction_round=f"{k + 1}/{rounds}")
         r0, _, ideal, dose, _ = best
@@ -793,10 +809,18 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
         r1 = optimize(problem, be, r0.fluence, **o)
         d1 = patient_dose(dij, r1.fluence)
         out = _sequence(patient, dij, r1.fluence, d1, technique, machine)
-        score = _score_results(evaluate_goals(resolved, patient, out[2]))
+        rs1 = evaluate_goals(resolved, patient, out[2])
+        score = _score_results(rs1)
         if score <= best_score:
+            if info is not None:  # what the round would have changed (same dose model)
+                info["rejected"] = {
+                    "round": k + 1, "score": [best_score, score],
+                    "moved": {a.goal.id: float(b.achieved - a.achieved)
+                              for a, b in zip(best_rs, rs1)},
+                    "broke": [f"{b.goal.id} (P{b.goal.priority})" for a, b in
+                              zip(best_rs, rs1) if a.passed is True and b.passed is False]}
             break
-        best, best_score = (r1, *out), score
+        best, best_rs, best_score = (r1, *out), rs1, score
     return best
 
 

@@ -153,3 +153,25 @@ def test_target_floor_is_a_lower_bound_the_plan_respects(base_plan):
     # a goal on an organ that overlaps no target has no floor
     cord = next(g for g in base_plan.resolved_goals if g.id == "SpinalCord.D0.1cc")
     assert target_floor(cord, base_plan.patient, base_plan.resolved_goals) is None
+
+
+def test_a_rejected_correction_round_is_named_in_the_why_line(base_plan):
+    """When the deliverable-dose correction round that would have lowered a failing goal
+    is not kept (the goal-list score fell), the goal's line says so and what it broke."""
+    from atp.pipeline import _blockers
+    from optimizer.problem import build_problem
+    from optimizer.solve import apply_state
+
+    failing = next(r for r in base_plan.results if r.passed is False
+                   and r.goal.kind == "organ" and r.goal.operator == "<=")
+    problem = apply_state(build_problem(base_plan.resolved_goals, base_plan.patient,
+                                        base_plan.dij), base_plan.optimizer["hard_state"])
+    rejected = {"moved": {failing.goal.id: -3.0}, "broke": ["ring_5_20mm.PTV_70 (P3)"]}
+    out = _blockers(problem, base_plan.fluence, base_plan.results, base_plan.patient,
+                    base_plan.resolved_goals, rejected)
+    line = out[failing.goal.id]["line"]
+    assert "would have moved it by -3" in line and "ring_5_20mm.PTV_70 (P3)" in line
+    # a round that would have made it worse is not quoted
+    out = _blockers(problem, base_plan.fluence, base_plan.results, base_plan.patient,
+                    base_plan.resolved_goals, {"moved": {failing.goal.id: 3.0}, "broke": []})
+    assert "would have moved" not in out[failing.goal.id]["line"]
