@@ -916,6 +916,17 @@ _PLAN_JSON_TYPES = {"patient": dict, "goals": list, "settings": dict, "optimizer
                     "timings_s": dict, "notes": list, "versions": dict}
 
 
+_SETTINGS_CHECKS = (  # plan.json settings a re-plan reads: key, check, what it must be
+    ("backend_requested", lambda v: v in ("auto", "cpu", "gpu", "qp"), "auto, cpu, gpu or qp"),
+    ("refine", lambda v: _num(v, lo=0, hi=20, integer=True), "an integer 0..20"),
+    ("sequence", lambda v: isinstance(v, (bool, str)), "true, false or a sequencer name"),
+    ("resolve_notes", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+     "a list of text"),
+    ("optimizer_options", lambda v: v is None or isinstance(v, dict), "a JSON object"),
+    ("machine", lambda v: isinstance(v, str), "a machine name or file"),
+)
+
+
 def _check_plan_json(data, pj) -> None:
     """plan.json read back: the types :func:`load_plan` relies on, or InputError naming
     plan.json and the field (a hand-edited or foreign plan.json must not traceback)."""
@@ -941,9 +952,32 @@ def _check_plan_json(data, pj) -> None:
             if key in g and not ok(g[key]):
                 raise InputError(f"invalid value {quote(g[key])}", file=pj,
                                  field=f"goals[{i}].{key}")
-    pw = data.get("settings", {}).get("priority_weights")
-    if pw is not None and not isinstance(pw, dict):
-        raise InputError("must be a JSON object", file=pj, field="settings.priority_weights")
+    settings = data.get("settings", {})
+    for key, ok, what in _SETTINGS_CHECKS:
+        if key in settings and not ok(settings[key]):
+            raise InputError(f"must be {what}, got {quote(settings[key])}", file=pj,
+                             field=f"settings.{key}")
+    seq = settings.get("sequence")
+    if isinstance(seq, str):
+        from sequencer.registry import names
+
+        if seq not in names():
+            raise InputError(f"unknown sequencer {quote(seq)}; installed: "
+                             f"{', '.join(sorted(names()))}", file=pj, field="settings.sequence")
+    pw = settings.get("priority_weights")
+    if pw is not None:
+        from atp.goals.schema import parse_priority_weights
+
+        try:
+            parse_priority_weights(pw, str(pj), None)
+        except InputError as exc:
+            raise InputError(exc.message, file=pj, field=f"settings.{exc.field}") from None
+    state = data.get("optimizer", {}).get("hard_state")
+    if state is not None and not (isinstance(state, dict) and all(
+            isinstance(v, dict) and all(_num(x) for x in v.values())
+            for v in state.values())):
+        raise InputError("must map goal ids to {weight_factor, ref_shift, offset} numbers",
+                         file=pj, field="optimizer.hard_state")
 
 
 def _load_npy(path, field: str, shape=None, *, member: str | None = None) -> np.ndarray:

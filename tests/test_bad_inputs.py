@@ -618,6 +618,10 @@ def _goal0(key, value):
     return _edit_json(lambda d: d["goals"][0].__setitem__(key, value))
 
 
+def _setting(key, value):
+    return _edit_json(lambda d: d["settings"].__setitem__(key, value))
+
+
 def _replace_file(name, data: bytes | None):
     def corrupt(p: Path):
         if data is None:
@@ -715,6 +719,20 @@ PLAN_FILES = [
     Case("plan-json-settings-list", "plan-folder",
          _plan(_edit_json(lambda d: d.__setitem__("settings", [1]))), _rp(), "plan.json",
          "settings"),
+    Case("plan-json-refine-text", "plan-folder", _plan(_setting("refine", "x")), _rp(),
+         "plan.json", "settings.refine"),
+    Case("plan-json-backend-list", "plan-folder", _plan(_setting("backend_requested", [1])),
+         _rp(), "plan.json", "settings.backend_requested"),
+    Case("plan-json-sequencer-unknown", "plan-folder", _plan(_setting("sequence", "zzz")),
+         _rp(), "plan.json", "settings.sequence"),
+    Case("plan-json-notes-number", "plan-folder", _plan(_setting("resolve_notes", 5)), _rp(),
+         "plan.json", "settings.resolve_notes"),
+    Case("plan-json-priority-rule-overflow", "plan-folder",
+         _plan(_setting("priority_weights", {"base": 10, "top": 400})),
+         _rp("Larynx.Dmean.priority=2"), "plan.json", "settings.priority_weights.top"),
+    Case("plan-json-hard-state-text", "plan-folder",
+         _plan(_edit_json(lambda d: d["optimizer"].__setitem__("hard_state", "junk"))),
+         [*_rp(), "--warm"], "plan.json", "optimizer.hard_state"),
     Case("plan-json-not-json", "plan-folder", _plan(_replace_file("plan.json", b"{not json")),
          _rp(), "plan.json", "plan.json"),
     Case("plan-dij-missing", "plan-folder", _plan(_replace_file("dij.npz", None)), _rp(),
