@@ -181,7 +181,8 @@ class Problem:
         reference dose or value at ``fluence`` is not a finite number, or whose weight
         exceeds MAX_TERM_WEIGHT (a weight of 1e308 makes the sum overflow to NaN, which
         would otherwise stop the solver without a word of why)."""
-        vals = self.term_values(fluence)
+        with np.errstate(all="ignore"):  # the overflow is reported below, not warned
+            vals = self.term_values(fluence)
         for t, v in zip(self.terms, vals):
             ref = np.asarray(t.ref_gy, dtype=np.float64)
             problem = None
