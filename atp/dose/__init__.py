@@ -9,8 +9,6 @@ Entry points for other stages:
 * :func:`mask_to_dose_grid`, :func:`dose_to_patient_grid` (:mod:`atp.dose.resample`).
 """
 
-from atp.dose.influence import BeamletInfo, DoseInfluence
-
 __all__ = [
     "Beam",
     "BeamletInfo",
@@ -27,6 +25,10 @@ __all__ = [
 
 
 def __getattr__(name):  # lazy: importing atp.dose stays cheap
+    if name in ("BeamletInfo", "DoseInfluence"):  # scipy.sparse: only when used
+        from atp.dose import influence
+
+        return getattr(influence, name)
     if name in ("Beam", "equispaced_beams", "arc_control_points", "default_isocenter"):
         from atp.dose import geometry
 
