@@ -132,14 +132,16 @@ def rt_plan_dose(plan_path, patient, *, machine="millennium120", **kw):
 
 def closed_field_transmission(machine="millennium120", *, depth_mm: float = 100.0,
                               field_mm: float = 100.0, engine="pencil-beam",
-                              phantom_mm: float = 240.0) -> dict:
+                              phantom_mm: float = 200.0) -> dict:
     """The MLC transmission measured end to end: every leaf pair closed (tips at the
     minimum gap, 1 cm inside the X1 jaw edge) and the open field, both under
     ``field_mm`` square jaws, gantry 0, SSD 100 cm in water, through
-    :func:`forward_dose` (a ``phantom_mm`` water cube); their dose ratio at ``depth_mm`` (the mean over 3 x 3 cm about
-    the central axis, away from the closed-gap line)."""
+    :func:`forward_dose`'s dij and delivered weights (a ``phantom_mm`` water cube of
+    5 mm voxels, dose on 10 mm); their dose ratio at ``depth_mm`` (the mean over 3 x 3 cm
+    about the central axis, away from the closed-gap line)."""
     from atp.dose.commission import water_phantom
     from atp.dose.geometry import Beam
+    from sequencer.deliverable import deliverable_dose
     from sequencer.delivery import BeamDelivery, Delivery
     from sequencer.machine import Machine, load_machine
 
@@ -154,14 +156,16 @@ def closed_field_transmission(machine="millennium120", *, depth_mm: float = 100.
     closed = (np.full((2, n), x_meet - gap / 2), np.full((2, n), x_meet + gap / 2))
     opened = (np.full((2, n), -half - 20.0), np.full((2, n), half + 20.0))
     iso = (0.0, 0.0, 0.0)
-    out = {}
+    deliveries = {}
     for name, (a, b) in (("closed", closed), ("open", opened)):
         beam = BeamDelivery(name, "static", np.zeros(2), 0.0, 0.0, np.array(iso), a, b,
                             jaws_x, jaws_y, np.array([0.0, 100.0]), np.zeros(2, int), 1)
-        d = Delivery("imrt-sns", m, (beam,), 1)
-        dose, _ = forward_dose(phantom, d, [Beam(0.0, 0.0, 0.0, iso)], engine=engine,
-                               dose_grid_factor=1)
-        out[name] = dose
+        deliveries[name] = Delivery("imrt-sns", m, (beam,), 1)
+    # one dij over the (same) jaw field serves both deliveries
+    dij = field_influence(phantom, deliveries["open"], [Beam(0.0, 0.0, 0.0, iso)],
+                          engine=engine, dose_grid_factor=2)
+    out = {name: dij.to_patient_grid(deliverable_dose(d, dij))
+           for name, d in deliveries.items()}
     g = phantom.grid
     pts = g.voxel_centres_mm().reshape(*g.shape, 3)
     region = ((np.abs(pts[..., 0]) <= 15.0) & (np.abs(pts[..., 2]) <= 15.0)

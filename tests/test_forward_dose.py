@@ -195,7 +195,7 @@ def test_bad_rt_plans_are_one_line_exit_2(phantom, tmp_path, capsys):
 def test_closed_mlc_field_transmits_about_the_leaf_transmission():
     from atp.forward import closed_field_transmission
 
-    r = closed_field_transmission("millennium120", phantom_mm=160.0)
+    r = closed_field_transmission("millennium120")
     assert 1.0 <= r["transmission_percent"] <= 2.0
     assert r["transmission_percent"] > r["machine_leaf_transmission_percent"] * 0.9
 
