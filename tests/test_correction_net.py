@@ -78,7 +78,7 @@ def test_identity_network_plus_steps_is_the_exact_correction(fast, identity_weig
                                atol=1e-6 * float(w0.max()))
     with pytest.raises(InputError):
         make_correction_fn(identity_weights.parent / "missing.pt")
-    with pytest.raises(InputError, match="not a bev2fluence"):
+    with pytest.raises(InputError, match="not a Bev2Fluence"):
         load_weights(identity_weights)  # a correction file is not an initial-fluence one
 
 

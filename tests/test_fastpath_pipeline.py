@@ -288,7 +288,7 @@ def test_explicit_options_win_over_the_preset(base, phantom):
     (["--fast", "--weights", "/nonexistent/b2f.pt"], "no Bev2Fluence weights file"),
     (["--initial-fluence", "fallback"], "needs --fast"),
     (["--aperture-iterations", "3"], "needs --fast"),
-    (["--fast", "--aperture-iterations", "-1"], "must be >= 0"),
+    (["--fast", "--aperture-iterations", "-1"], "must be an integer 0..10000"),
     (["--fast", "--preset", "fastest"], "unknown fast-path preset"),
     (["--preset", "coverage"], "needs --fast"),
 ])

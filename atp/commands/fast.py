@@ -100,8 +100,8 @@ def fast_options(args) -> tuple[dict, dict]:
                               ("correction", "--correction", "exact")):
         choice = getattr(args, dest, None)
         if choice is not None and choice not in ("auto", "network", exact):
-            raise InputError(f"must be auto, network or {exact}, got '{str(choice)[:40]}'",
-                             field=flag)
+            raise InputError(f"{dest} must be auto, network or {exact}, got "
+                             f"'{str(choice)[:40]}'", field=flag)
     opts = {"machine": args.machine}
     if seq != "auto":
         opts["vmat_sequencer"] = seq

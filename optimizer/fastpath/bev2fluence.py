@@ -259,19 +259,20 @@ def save_weights(model: Bev2FluenceNet, path, extra: dict | None = None,
 
 def load_weights(path, device="cpu", kind: NetKind = BEV2FLUENCE) -> Bev2FluenceNet:
     field = "correction_weights" if kind is not BEV2FLUENCE else "weights"
+    label = "Bev2Fluence" if kind is BEV2FLUENCE else "correction-network"
     if not Path(path).is_file():
-        raise InputError(f"no {kind.name} weights file", file=path, field=field)
+        raise InputError(f"no {label} weights file", file=path, field=field)
     try:  # weights_only: plain data; a pickle that would run code is refused
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols
             warnings.simplefilter("ignore")
             blob = torch.load(Path(path), map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, unsafe pickle
         msg = " ".join(str(exc).split())[:120]
-        raise InputError(f"not a {kind.name} weights file ({msg})", file=path,
+        raise InputError(f"not a {label} weights file ({msg})", file=path,
                          field=field) from None
     config = blob.get("config", {}) if isinstance(blob, dict) else None
     if not isinstance(config, dict) or config.get("format") != kind.weights_format:
-        raise InputError(f"not a {kind.name} weights file", file=path, field=field)
+        raise InputError(f"not a {label} weights file", file=path, field=field)
     if config.get("feature_version") != kind.feature_version:
         raise InputError(f"trained on feature version {config.get('feature_version')!s:.40}, "
                          f"this code makes {kind.feature_version}", file=path, field=field)
@@ -280,7 +281,7 @@ def load_weights(path, device="cpu", kind: NetKind = BEV2FLUENCE) -> Bev2Fluence
         model.load_state_dict(blob["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())[:120]
-        raise InputError(f"inconsistent {kind.name} weights: {msg}", file=path,
+        raise InputError(f"inconsistent {label} weights: {msg}", file=path,
                          field=field) from None
     return model.eval()
 
