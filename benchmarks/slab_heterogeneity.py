@@ -79,7 +79,7 @@ def main() -> int:
                 ref = np.interp(rad, y, dw) * ((1000.0 + rad) / (1000.0 + y)) ** 2
                 res[label] = (ds / np.maximum(ref, 1e-12))
             rows = []
-            for dcm in (2.0, 6.5, 7.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0):
+            for dcm in (2.0, 3.5, 4.5, 5.5, 6.5, 7.0, 7.5, 8.0, 9.0, 10.0, 12.0, 15.0):
                 j = int(np.argmin(np.abs(y - dcm * 10)))
                 rows.append({"depth_cm": round(float(y[j]) / 10, 3),
                              "ratio_scaled": round(float(res["scaled"][j]), 3),

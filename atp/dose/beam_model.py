@@ -106,7 +106,7 @@ class PhotonBeamModel:
     electron_per_mm: float = 0.1  # mu_e
     horn_per_mm2: float = 0.0  # alpha
     softening_per_mm3: float = 0.0  # kappa
-    density_length_mm: float = 15.0
+    density_length_mm: float = 20.0
     max_lateral_scale: float = 20.0
 
     # --- loading -----------------------------------------------------------------------
@@ -137,7 +137,7 @@ class PhotonBeamModel:
                     float(elec.get("surface", 0.0)), float(elec.get("per_mm", 0.1)),
                     float(off.get("horn_per_mm2", 0.0)),
                     float(off.get("softening_per_mm3", 0.0)),
-                    float(het.get("density_length_mm", 15.0)),
+                    float(het.get("density_length_mm", 20.0)),
                     float(het.get("max_lateral_scale", 20.0)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"malformed beam model: {exc!r}", file=source,

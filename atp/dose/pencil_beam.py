@@ -288,18 +288,21 @@ class PencilBeamEngine:
             ex = (cx[:, None] + xp.arange(-kx, kx + 2)[None, :]) * bx  # beamlet edges
             ey = (cy[:, None] + xp.arange(-ky, ky + 2)[None, :]) * by
             if use_off:  # off-axis fluence at each beamlet centre (separable)
-                cc = off_c[sl][:, None]
-                xc = ex[:, :-1] + 0.5 * bx
-                yc = ey[:, :-1] + 0.5 * by
-                okx = okx * xp.exp(cc * xc * xc).astype(xp.float32)
-                oky = oky * xp.exp(cc * yc * yc).astype(xp.float32)
+                cc = off_c[sl][:, None].astype(xp.float32)
+                xc = (ex[:, :-1] + 0.5 * bx).astype(xp.float32)
+                yc = (ey[:, :-1] + 0.5 * by).astype(xp.float32)
+                okx = okx * xp.exp(cc * xc * xc)
+                oky = oky * xp.exp(cc * yc * yc)
+            # erf arguments in float32 (the matrix is float32): distance to each edge
+            dxe = (uu[:, None] - ex).astype(xp.float32)
+            dye = (vv[:, None] - ey).astype(xp.float32)
             fxs, fys = [], []
             for c, sg in comps:
-                k = 1.0 / (_SQRT2 * sg[sl])
-                exf = erf((uu[:, None] - ex) * k[:, None])
-                eyf = erf((vv[:, None] - ey) * k[:, None])
-                fx = (0.5 * (exf[:, :-1] - exf[:, 1:])).astype(xp.float32) * okx
-                fy = ((0.5 * c[sl])[:, None] * (eyf[:, :-1] - eyf[:, 1:])).astype(xp.float32)
+                k = (1.0 / (_SQRT2 * sg[sl])).astype(xp.float32)[:, None]
+                exf = _erf32(dxe * k, xp)
+                eyf = _erf32(dye * k, xp)
+                fx = (0.5 * (exf[:, :-1] - exf[:, 1:])) * okx
+                fy = (0.5 * c[sl]).astype(xp.float32)[:, None] * (eyf[:, :-1] - eyf[:, 1:])
                 fxs.append(fx)
                 fys.append(fy * oky)
             # shrink the window to offsets where some entry can pass the threshold:
@@ -391,6 +394,24 @@ class PencilBeamEngine:
         up[:, :, m:] = table[:, :, :-m]
         rho = _mean_density(table, up, m * ray_ds, xp)
         return depth, map_coordinates(rho, coords, order=1, mode="nearest")
+
+
+_ERF_P = np.float32(0.3275911)
+_ERF_A = tuple(np.float32(a) for a in (1.061405429, -1.453152027, 1.421413741,
+                                       -0.284496736, 0.254829592))
+
+
+def _erf32(x, xp):
+    """erf of a float32 array (Abramowitz & Stegun 7.1.26, |error| < 5e-7 in float32):
+    2.5x faster than scipy's erf on this CPU; the beamlet entries are float32 anyway and
+    adjacent beamlets' differences telescope, so a field's dose keeps that accuracy."""
+    a = xp.abs(x)
+    t = 1.0 / (1.0 + _ERF_P * a)
+    y = _ERF_A[0] * t
+    for coef in _ERF_A[1:]:
+        y = (y + coef) * t
+    y *= xp.exp(-a * a)
+    return xp.copysign(1.0 - y, x)
 
 
 def _mean_density(depth, upstream, length_mm: float, xp):
