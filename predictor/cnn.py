@@ -18,6 +18,7 @@ channels swapped), mirrored back.
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -80,11 +81,19 @@ class CNNPredictor:
         if not path.is_file():
             raise InputError("network weights not found", file=path)
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
-                zipfile.BadZipFile) as exc:
-            raise InputError("cannot read network weights: " + str(exc).splitlines()[0],
-                             file=path) from None
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols
+                warnings.simplefilter("ignore")
+                ck = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise InputError("not a checkpoint of plain data (tensors, numbers, text); a "
+                             "pickle that could run code is refused", file=path,
+                             field="weights") from None
+        except (OSError, RuntimeError, ValueError, EOFError,
+                zipfile.BadZipFile, AttributeError, KeyError, TypeError,
+                ImportError) as exc:  # weights_only refuses anything but plain data
+            raise InputError("cannot read network weights (not a torch checkpoint): "
+                             + (str(exc).splitlines() or [type(exc).__name__])[0][:200],
+                             file=path, field="weights") from None
         if isinstance(ck, dict) and ck.get("format") == "atp-dose-cascade":
             from predictor.cascade import CascadePredictor
 

@@ -779,6 +779,12 @@ WEIGHTS = [
          [*FAST, "--correction-weights", "{in}/w.pt"], "w.pt", "--correction-weights"),
     Case("correction-weights-npz", "weights", _npz("w.pt", lambda a: None),
          [*FAST, "--correction-weights", "{in}/w.pt"], "w.pt", "--correction-weights"),
+    Case("predictor-checkpoint-code-pickle", "weights", _evil_pt,
+         ["predict", "phantom", "--predictor", "{in}/w.pt", "--out", "{out}.npy"], "w.pt",
+         "weights"),
+    Case("predictor-checkpoint-text", "weights", _text("w.pt", "hello"),
+         ["predict", "phantom", "--predictor", "{in}/w.pt", "--out", "{out}.npy"], "w.pt",
+         "weights"),
     Case("weights-missing", "weights", lambda f: None, [*FAST, "--weights", "{in}/none.pt"],
          "none.pt", "--weights"),
 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -266,7 +267,10 @@ def load_weights(path, device="cpu", kind: NetKind = BEV2FLUENCE) -> Bev2Fluence
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols
             warnings.simplefilter("ignore")
             blob = torch.load(Path(path), map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, unsafe pickle
+    except pickle.UnpicklingError:
+        raise InputError(f"not a {label} weights file of plain data; a pickle that could "
+                         "run code is refused", file=path, field=field) from None
+    except Exception as exc:  # noqa: BLE001 - not a torch file, truncated
         msg = " ".join(str(exc).split())[:120]
         raise InputError(f"not a {label} weights file ({msg})", file=path,
                          field=field) from None
