@@ -147,6 +147,17 @@ def _finite(v) -> bool:
 
 
 MAX_LEAF_PAIRS = 200
+MAX_POSITION_MM = 1000.0  # leaf / jaw positions at the isocentre plane
+# upper bounds: a value beyond these is a typo or a unit slip, not a machine
+MAXIMA = {
+    "source_axis_distance_mm": 2000.0, "nominal_energy_mv": 25.0,
+    "mlc.max_leaf_speed_mm_s": 200.0, "mlc.min_leaf_gap_mm": 20.0,
+    "mlc.dosimetric_leaf_gap_mm": 10.0, "mlc.max_leaf_span_mm": 1000.0,
+    "mlc.tongue_groove_mm": 5.0, "jaws.min_field_mm": 100.0,
+    "delivery.max_dose_rate_mu_min": 10_000.0, "delivery.max_gantry_speed_deg_s": 20.0,
+    "delivery.min_gantry_speed_deg_s": 20.0, "delivery.min_mu_per_deg": 100.0,
+    "delivery.max_mu_per_deg": 1000.0,
+}
 
 
 class _Reader:
@@ -177,6 +188,9 @@ class _Reader:
             self.fail(path, f"must be a number, got {quote(v)}")
         if minimum is not None and (v <= minimum if strict else v < minimum):
             self.fail(path, f"must be {'>' if strict else '>='} {minimum}, got {v}")
+        top = MAXIMA.get(".".join(path))
+        if top is not None and v > top:
+            self.fail(path, f"must be <= {top:g} (no linac has more), got {v:g}")
         return float(v)
 
     def flag(self, *path: str, default: bool) -> bool:
@@ -195,8 +209,9 @@ class _Reader:
         if (not isinstance(v, list) or len(v) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                            and _finite(x) for x in v)
-                or v[0] >= v[1]):
-            self.fail(path, f"must be [min, max] with min < max, got {quote(v)}")
+                or v[0] >= v[1] or max(abs(v[0]), abs(v[1])) > MAX_POSITION_MM):
+            self.fail(path, f"must be [min, max] with min < max within +-{MAX_POSITION_MM:g} "
+                            f"mm, got {quote(v)}")
         return float(v[0]), float(v[1])
 
 

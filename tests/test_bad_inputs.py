@@ -850,6 +850,13 @@ MACHINES = [
          _machine(_replace("[[10.0, 10], [5.0, 40], [10.0, 10]]",
                            "[[10.0, 10], [5.0, 4000000000], [10.0, 10]]")), M, "m.yaml",
          "mlc.leaf_widths_mm"),
+    Case("machine-sad-1e30", "machine",
+         _machine(_replace("source_axis_distance_mm: 1000.0", "source_axis_distance_mm: 1e30")),
+         M, "m.yaml", "source_axis_distance_mm"),
+    Case("machine-leaf-range-huge", "machine",
+         _machine(lambda t: t.replace("leaf_position_range_mm:", "leaf_position_range_mm: "
+                                      "[-1.0e+9, 1.0e+9]\n  old_range:", 1)), M, "m.yaml",
+         "mlc"),
     Case("machine-alias-bomb", "machine", _text("m.yaml", ALIAS_BOMB), M, "m.yaml:", "m.yaml"),
     Case("machine-fast-path", "machine",
          _machine(_replace("max_leaf_speed_mm_s: 25.0", "max_leaf_speed_mm_s: -25.0")),
