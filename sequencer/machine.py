@@ -153,7 +153,7 @@ MAXIMA = {
     "source_axis_distance_mm": 2000.0, "nominal_energy_mv": 25.0,
     "mlc.max_leaf_speed_mm_s": 200.0, "mlc.min_leaf_gap_mm": 20.0,
     "mlc.dosimetric_leaf_gap_mm": 10.0, "mlc.max_leaf_span_mm": 1000.0,
-    "mlc.tongue_groove_mm": 5.0, "jaws.min_field_mm": 100.0,
+    "jaws.min_field_mm": 100.0,  # tongue_groove_mm: at most the narrowest leaf (below)
     "delivery.max_dose_rate_mu_min": 10_000.0, "delivery.max_gantry_speed_deg_s": 20.0,
     "delivery.min_gantry_speed_deg_s": 20.0, "delivery.min_mu_per_deg": 100.0,
     "delivery.max_mu_per_deg": 1000.0,
