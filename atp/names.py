@@ -99,9 +99,10 @@ class AliasTable:
                     raise InputError("empty canonical name", file=source, field=section)
                 if aliases is None:
                     aliases = []
-                if isinstance(aliases, str) or not isinstance(aliases, list):
-                    raise InputError("aliases must be a list of names", file=source,
-                                     field=f"{section}.{canonical}")
+                if isinstance(aliases, str) or not isinstance(aliases, list) or not all(
+                        isinstance(a, str) and name_key(a) for a in aliases):
+                    raise InputError("aliases must be a list of names (text)", file=source,
+                                     field=f"{section}.{quote(canonical, 60, repr_=False)}")
                 if section == "structures":
                     for a in [canonical, *aliases]:
                         exact[name_key(a)] = canonical
@@ -114,6 +115,9 @@ class AliasTable:
         if not isinstance(flat, Mapping):
             raise InputError("must map alias -> canonical name", file=source, field="aliases")
         for alias, canonical in flat.items():
+            if not isinstance(alias, str) or not name_key(alias):
+                raise InputError("an alias must be a non-empty name", file=source,
+                                 field=f"aliases.{quote(alias, 60, repr_=False)}")
             if not isinstance(canonical, str) or not name_key(canonical):
                 raise InputError("canonical name must be a non-empty string", file=source,
                                  field=f"aliases.{alias}")

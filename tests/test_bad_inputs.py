@@ -990,3 +990,17 @@ def test_mathtext_roi_name_does_not_break_the_report(tmp_path):
     uri = dvh_figure(patient, dose, structures=[name, "PTV_70"])
     assert uri.startswith("data:image/png;base64,")
     assert plain_label(name) == r"Larynx \$x^^2\$"
+
+
+def test_alias_table_refuses_non_text_aliases(tmp_path):
+    """YAML 1.1 reads an unquoted alias ``on`` (optic nerve) as true: refused, naming the
+    entry (the shipped table quotes it)."""
+    from atp.errors import InputError
+    from atp.names import AliasTable, canonical_name
+
+    f = tmp_path / "aliases.yaml"
+    f.write_text("lateral:\n  OpticNrv: [optic nerve, on]\n")
+    with pytest.raises(InputError) as ei:
+        AliasTable.load(f)
+    assert ei.value.field == "lateral.OpticNrv" and ei.value.file == str(f)
+    assert canonical_name("ON_L") == "OpticNrv_L"
