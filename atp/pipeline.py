@@ -507,7 +507,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     from atp.patient import Patient
 
     n_stages = (6 + (predicted_dose is None) + (dij is None) + (not isinstance(patient, Patient))
-                + (1 if refine else 0) + (2 if sequence else 0) + 1)  # bar; +1: explain
+                + (1 if refine else 0) + (3 if sequence else 0) + 1)  # bar; +1: explain
     stages = _Stages(progress, total=n_stages)
     t_start = time.perf_counter()
     try:
@@ -676,14 +676,22 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
             machine = settings.get("machine", "millennium120")
             delivery, ideal, dose, fid = stages.run(
                 "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine)
+            # the reported dose (whole jaw field, leakage included) before any correction
+            # round, so the rounds correct against what is reported (#19)
+            beamlet_dose = dose
+            delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij,
+                                             delivery, ideal, dose, fid)
             if deliverable_rounds and opts.get("attain_rounds") and opts.get("goal_check") is goal_check:
-                res, delivery, ideal, dose, fid = stages.run(
+                kept = stages.run(
                     "deliverable correction", _deliverable_correction, problem, be, res,
                     opts, goal_check, patient, dij, resolved, technique, machine,
                     deliverable_rounds,
-                    (delivery, ideal, dose, fid), info=correction)
-            delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij,
-                                             delivery, ideal, dose, fid)
+                    (delivery, ideal, dose, fid), info=correction,
+                    field_extra=dose - beamlet_dose)
+                if kept[0] is not res:  # a round was kept: its own field dose
+                    res, delivery, ideal, dose, fid = kept
+                    delivery, dose, fid = stages.run("field dose", _field_dose, patient,
+                                                     dij, delivery, ideal, dose, fid)
         results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)
         optimised = apply_state(problem, res.hard_state)  # the terms as last optimised
         blockers = stages.run("explain", _blockers, optimised, res.fluence, results,
@@ -739,10 +747,13 @@ def _blockers(optimised, fluence, results, patient, resolved, rejected=None) -> 
                     moved < 0 if g.operator in ("<=", "<") else moved > 0) \
                     and abs(moved) > max(0.1, 0.01 * abs(float(g.value))):
                 lost = rejected.get("broke") or []
+                cost = rejected.get("cost") or []
                 e["line"] += (f"; a deliverable-dose correction round would have moved it "
                               f"by {moved:+.3g} {g.metric.result_unit} but was not kept: "
                               f"the goal-list score fell" + (f" (it broke {', '.join(lost)})"
-                                                              if lost else ""))
+                                                              if lost else
+                                                              f" (on {', '.join(cost)})"
+                                                              if cost else ""))
                 e["rejected_round"] = {"moved": moved, "broke": lost}
             out[r.goal.id] = e
     return out
@@ -778,7 +789,8 @@ def _corrects(goal) -> bool:
 
 
 def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, resolved,
-                            technique, machine, rounds, current, info=None):
+                            technique, machine, rounds, current, info=None,
+                            field_extra=None):
     """Re-optimise against the sequencing loss, then sequence again (``rounds`` times).
 
     Sequencing (MLC leakage and transmission, tongue-and-groove, the minimum leaf gap)
@@ -792,6 +804,11 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
     control structures (global max, rings) stay measured on the ideal dose: the hot spots
     sequencing adds are local leaf artefacts the fluence cannot remove, and moving those
     references would only lower the whole target dose.
+
+    ``current``'s dose is the reported one (the whole jaw field, :func:`_field_dose`);
+    ``field_extra`` (Gy) is what that adds to the planning beamlets' deliverable dose (the
+    leakage outside them), added to each round's re-sequenced dose, so rounds are
+    corrected and scored on the dose that is reported.
     """
     from atp.goals import evaluate_goals
     from atp.progress import tick
@@ -809,6 +826,8 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
         r1 = optimize(problem, be, r0.fluence, **o)
         d1 = patient_dose(dij, r1.fluence)
         out = _sequence(patient, dij, r1.fluence, d1, technique, machine)
+        if field_extra is not None:
+            out = (out[0], out[1], out[2] + field_extra, out[3])
         rs1 = evaluate_goals(resolved, patient, out[2])
         score = _score_results(rs1)
         if score <= best_score:
@@ -818,22 +837,30 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
                     "moved": {a.goal.id: float(b.achieved - a.achieved)
                               for a, b in zip(best_rs, rs1)},
                     "broke": [f"{b.goal.id} (P{b.goal.priority})" for a, b in
-                              zip(best_rs, rs1) if a.passed is True and b.passed is False]}
+                              zip(best_rs, rs1) if a.passed is True and b.passed is False],
+                    # the goals whose score fell most: what the goal list preferred
+                    "cost": [f"{b.goal.id} (P{b.goal.priority}) {b.achieved - a.achieved:+.3g}"
+                             f" {b.goal.metric.result_unit}" for a, b in sorted(
+                                 zip(best_rs, rs1),
+                                 key=lambda ab: _goal_score(ab[1]) - _goal_score(ab[0]))
+                             if _goal_score(b) < _goal_score(a)][:3]}
             break
         best, best_rs, best_score = (r1, *out), rs1, score
     return best
 
 
+def _goal_score(r) -> float:
+    """One goal's part of :func:`_score_results`."""
+    g = r.goal
+    if r.passed is None or g.value is None:
+        return 0.0
+    rel = float(np.clip((r.margin or 0.0) / max(abs(g.value), 1.0), -1.0, 1.0))
+    return g.weight * ((1.0 if r.passed else 0.0) + 0.1 * rel)
+
+
 def _score_results(results) -> float:
     """Goal-list score on the patient grid: weight per goal met + 0.1 x weight x margin."""
-    s = 0.0
-    for r in results:
-        g = r.goal
-        if r.passed is None or g.value is None:
-            continue
-        rel = float(np.clip((r.margin or 0.0) / max(abs(g.value), 1.0), -1.0, 1.0))
-        s += g.weight * ((1.0 if r.passed else 0.0) + 0.1 * rel)
-    return s
+    return float(sum(_goal_score(r) for r in results))
 
 
 def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
