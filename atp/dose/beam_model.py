@@ -39,7 +39,9 @@ the isocentre plane, centre ``(uc, vc)``) is
 * Heterogeneity: lateral transport lengths scale with the inverse of the density along
   the path (O'Connor's scaling): every phantom width is multiplied by
   ``S = min(1 / rho_bar, max_lateral_scale)``, ``rho_bar`` the mean relative density over
-  the last ``density_length_mm`` of the ray before the point. Beyond air or lung a small
+  the last ``density_length_mm`` (primary: secondary-electron transport, 20 mm) or
+  ``scatter_density_length_mm`` (phantom scatter: photon transport, 60 mm) of the ray
+  before the point. Beyond air or lung a small
   field therefore loses lateral equilibrium (its central dose drops) and regains it
   within about that length in water (re-build-up). Depth attenuation uses the
   radiological depth.
@@ -106,8 +108,9 @@ class PhotonBeamModel:
     electron_per_mm: float = 0.1  # mu_e
     horn_per_mm2: float = 0.0  # alpha
     softening_per_mm3: float = 0.0  # kappa
-    density_length_mm: float = 20.0
+    density_length_mm: float = 20.0  # primary (electron transport)
     max_lateral_scale: float = 20.0
+    scatter_density_length_mm: float = 60.0  # phantom scatter (photon transport)
 
     # --- loading -----------------------------------------------------------------------
     @classmethod
@@ -138,7 +141,8 @@ class PhotonBeamModel:
                     float(off.get("horn_per_mm2", 0.0)),
                     float(off.get("softening_per_mm3", 0.0)),
                     float(het.get("density_length_mm", 20.0)),
-                    float(het.get("max_lateral_scale", 20.0)))
+                    float(het.get("max_lateral_scale", 20.0)),
+                    float(het.get("scatter_density_length_mm", 60.0)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"malformed beam model: {exc!r}", file=source,
                              field="parameters") from None
@@ -164,6 +168,7 @@ class PhotonBeamModel:
             "off_axis": {"horn_per_mm2": self.horn_per_mm2,
                          "softening_per_mm3": self.softening_per_mm3},
             "heterogeneity": {"density_length_mm": self.density_length_mm,
+                              "scatter_density_length_mm": self.scatter_density_length_mm,
                               "max_lateral_scale": self.max_lateral_scale},
         }
 
@@ -197,19 +202,25 @@ class PhotonBeamModel:
 
         Amplitudes include T(d) (and E(d) on the head-scatter component); sigma is at
         depth, before projection to the isocentre plane. ``lateral_scale`` (like d,
-        >= 1 in low density) multiplies the phantom transport widths."""
+        >= 1 in low density) multiplies the phantom transport widths: one array for all,
+        or a pair (primary, phantom scatter)."""
         d = xp.maximum(d_mm, 0.0)
         t = self.depth_term(d, xp)
         ws = [xp.clip(w[0] + w[1] * d + (w[2] * d * d if len(w) > 2 else 0.0), 0.0, 1.0)
               for w, _ in self.scatter]
         wp = 1.0 - sum(ws) if ws else 1.0 + 0.0 * d
         wp = xp.clip(wp, 0.0, 1.0)
-        sc = 1.0 if lateral_scale is None else lateral_scale
-        sp = (self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d) * sc
+        if lateral_scale is None:
+            se = ss = 1.0
+        elif isinstance(lateral_scale, tuple):
+            se, ss = lateral_scale
+        else:
+            se = ss = lateral_scale
+        sp = (self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d) * se
         keep = (1.0 - self.head_fraction) * t
         out = [(keep * wp, sp)]
         for w, (_, (a, b)) in zip(ws, self.scatter):
-            out.append((keep * w, (a + b * d) * sc))
+            out.append((keep * w, (a + b * d) * ss))
         extra = self.head_fraction * t + self.electron_term(d, xp)
         if len(out) > 1:  # head scatter and contamination share the widest scatter width
             out[-1] = (out[-1][0] + extra, out[-1][1])

@@ -15,8 +15,8 @@ For each beam:
 4. dose per MU of each (voxel, beamlet) pair from the kernel
    (:mod:`atp.dose.beam_model`: primary, two phantom-scatter Gaussians, head scatter and
    electron contamination, the off-axis fluence at the beamlet centre, lateral widths
-   scaled by 1 / the mean density over the last ``density_length_mm`` of the voxel's
-   ray, read from the same ray trace): the separable erf form lets one voxel's contribution
+   scaled by 1 / the mean density over the last 20 mm (primary) or 60 mm (phantom
+   scatter) of the voxel's ray, read from the same ray trace): the separable erf form lets one voxel's contribution
    to a ``(2K+1) x (2K+1)`` window of neighbouring beamlets come from 2(2K+2) erf calls
    per Gaussian component;
 5. sparsification: entries below ``threshold`` x the beam's peak (the largest dose per MU
@@ -238,14 +238,15 @@ class PencilBeamEngine:
         if not sel.any():
             return sp.csc_matrix((n_rows, n_cols), dtype=np.float32)
         u, v, s, rows = u[sel], v[sel], s[sel], rows_all[sel]
-        length_mm = float(model.density_length_mm)
+        lengths = (float(model.density_length_mm), float(model.scatter_density_length_mm))
         if self.depth_method == "voxel":
-            depth, rho_bar = self._voxel_depth(xp, frame, centres[sel], density, dgrid,
-                                               length_mm)
+            depth, rhos = self._voxel_depth(xp, frame, centres[sel], density, dgrid,
+                                            lengths)
         else:
-            depth, rho_bar = self._radiological_depth(xp, frame, u, v, s, density, dgrid,
-                                                      ray_ds, ray_h, length_mm)
-        lat = model.lateral_scale(rho_bar, xp)  # lateral width factor 1 / rho_bar
+            depth, rhos = self._radiological_depth(xp, frame, u, v, s, density, dgrid,
+                                                   ray_ds, ray_h, lengths)
+        # lateral width factors 1 / rho_bar (primary, phantom scatter)
+        lat = tuple(model.lateral_scale(r, xp) for r in rhos)
         u, v, s = xp.asarray(u), xp.asarray(v), xp.asarray(s)
 
         # per-voxel kernel coefficients
@@ -341,9 +342,10 @@ class PencilBeamEngine:
         return sp.csc_matrix((vals, (r, c)), shape=(n_rows, n_cols), dtype=np.float32)
 
     def _voxel_depth(self, xp, frame: BeamFrame, points_mm, density, dgrid: Grid,
-                     length_mm: float):
+                     lengths_mm):
         """Water-equivalent depth (mm) at points by one exact ray per point, and the mean
-        density over the last ``length_mm`` of each ray (:func:`_mean_density`)."""
+        density over the last ``L`` mm of each ray for each L of ``lengths_mm``
+        (:func:`_mean_density`)."""
         vec = np.asarray(points_mm, dtype=np.float64) - frame.source_mm
         length = np.linalg.norm(vec, axis=1)
         # chunks of rays that are close in the BEV and in depth cross few planes: order
@@ -353,19 +355,23 @@ class PencilBeamEngine:
         ls = length[order]
         traced = trace_cumulative(density, dgrid, frame.source_mm,
                                   vec[order] / ls[:, None], t_stop=ls, chunk=1024)
-        q = np.stack([ls, np.maximum(ls - length_mm, 0.0)], axis=1)
+        q = np.stack([ls] + [np.maximum(ls - L, 0.0) for L in lengths_mm], axis=1)
         both = sample_cumulative(traced, xp.asarray(q))
-        depth = xp.empty_like(both[:, 0])
-        rho = xp.empty_like(depth)
         order_x = xp.asarray(order)
+        depth = xp.empty_like(both[:, 0])
         depth[order_x] = both[:, 0]
-        rho[order_x] = _mean_density(both[:, 0], both[:, 1], length_mm, xp)
-        return depth, rho
+        rhos = []
+        for j, L in enumerate(lengths_mm):
+            rho = xp.empty_like(depth)
+            rho[order_x] = _mean_density(both[:, 0], both[:, j + 1], L, xp)
+            rhos.append(rho)
+        return depth, rhos
 
     def _radiological_depth(self, xp, frame: BeamFrame, u, v, s, density, dgrid: Grid,
-                            ray_ds: float, h: float, length_mm: float):
+                            ray_ds: float, h: float, lengths_mm):
         """Water-equivalent depth (mm) at BEV points (u, v, s) by a traced ray fan, and
-        the mean density over the last ``length_mm`` (along the axis) of each fan ray,
+        the mean density over the last L mm (along the axis, each L of ``lengths_mm``)
+        of each fan ray,
         computed per ray and then interpolated (:func:`_mean_density`)."""
         u0, v0 = u.min() - h, v.min() - h
         nu = int(np.ceil((u.max() + h - u0) / h)) + 1
@@ -389,11 +395,15 @@ class PencilBeamEngine:
         else:  # pragma: no cover - GPU only
             from cupyx.scipy.ndimage import map_coordinates
         depth = map_coordinates(table, coords, order=1, mode="nearest")
-        m = max(1, round(length_mm / ray_ds))
-        up = xp.zeros_like(table)
-        up[:, :, m:] = table[:, :, :-m]
-        rho = _mean_density(table, up, m * ray_ds, xp)
-        return depth, map_coordinates(rho, coords, order=1, mode="nearest")
+        rhos = []
+        for L in lengths_mm:
+            m = max(1, round(L / ray_ds))
+            up = xp.zeros_like(table)
+            if m < table.shape[2]:
+                up[:, :, m:] = table[:, :, :-m]
+            rho = _mean_density(table, up, m * ray_ds, xp)
+            rhos.append(map_coordinates(rho, coords, order=1, mode="nearest"))
+        return depth, rhos
 
 
 _ERF_P = np.float32(0.3275911)
