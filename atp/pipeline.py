@@ -693,6 +693,12 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                     delivery, dose, fid = stages.run("field dose", _field_dose, patient,
                                                      dij, delivery, ideal, dose, fid)
         results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)
+        if (ideal is not None and opts.get("surrogate_offsets", True)
+                and not getattr(be, "hard_constraints", False)):
+            # the offsets in force from here on (reported objective values, why lines,
+            # warm re-plans) are measured on the reported dose, also when the last
+            # correction round was not kept
+            _final_offsets(problem, res, goal_check(res.fluence, dose - ideal))
         optimised = apply_state(problem, res.hard_state)  # the terms as last optimised
         blockers = stages.run("explain", _blockers, optimised, res.fluence, results,
                               patient, resolved, correction.get("rejected"))
@@ -725,6 +731,17 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                 predicted_dose, dij, timings, res.backend, optimizer_info, term_values,
                 settings, notes, _versions(res.backend),
                 delivery, fractions, ideal, fid)
+
+
+def _final_offsets(problem, res, report) -> None:
+    """Re-measure every goal's surrogate offset at the final fluence against ``report``
+    (the goals on the reported dose) into ``res.hard_state``."""
+    from optimizer.solve import measure_offsets
+
+    state = {k: dict(v) for k, v in (res.hard_state or {}).items()}
+    for gid, off in measure_offsets(problem, res.fluence, report).items():
+        state.setdefault(gid, {"weight_factor": 1.0, "ref_shift": 0.0})["offset"] = off
+    res.hard_state = state
 
 
 def _blockers(optimised, fluence, results, patient, resolved, rejected=None) -> dict:
