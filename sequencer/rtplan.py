@@ -262,7 +262,16 @@ def read_rt_plan(path, machine: str | Machine = "millennium120"):
     kinds = {b.kind for b in fixed}
     technique = ("vmat" if "arc" in kinds else "imrt-sliding" if "dynamic" in kinds
                  else "imrt-sns")
+    rx = []
+    for r in getattr(ds, "DoseReferenceSequence", None) or []:
+        v = getattr(r, "TargetPrescriptionDose", None)
+        try:
+            if v not in (None, "") and float(v) > 0:
+                rx.append(float(v))
+        except (TypeError, ValueError):
+            ctx.fail("DoseReferenceSequence.TargetPrescriptionDose", f"not a number: {v!r}")
     info = {"file": str(path), "label": str(getattr(ds, "RTPlanLabel", "")),
+            "plan_prescription_gy": max(rx) if rx else None,
             "sop_instance_uid": str(getattr(ds, "SOPInstanceUID", "")),
             "manufacturer": str(getattr(ds, "Manufacturer", "")),
             "fractions": fractions, "beams": len(fixed), "skipped": skipped,

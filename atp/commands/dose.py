@@ -58,7 +58,10 @@ def run(args) -> int:
                                         engine=args.dose_engine,
                                         dose_grid_factor=args.dose_grid_factor)
     fx = delivery.fractions
-    rx = patient.prescriptions[0].dose_gy if patient.prescriptions else None
+    # MU per cGy of the prescription per fraction: the plan's own prescription (its
+    # highest TargetPrescriptionDose), else the patient's
+    rx = info.get("plan_prescription_gy") or (patient.prescriptions[0].dose_gy
+                                              if patient.prescriptions else None)
     info["mu_per_cgy"] = (round(delivery.total_mu / fx / (100.0 * rx / fx), 3)
                           if rx else None)
     info["prescription_gy"] = rx
