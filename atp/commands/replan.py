@@ -100,7 +100,7 @@ def run(args) -> int:
     old = load_plan(args.plan_dir, patient=patient)
     new = old.replan(set=changes, warm=args.warm, backend=args.backend, refine=args.refine,
                      progress=progress_arg(args))
-    new.save(out, report=not args.no_report, dicom=args.dicom)
+    new.save(out, report=not args.no_report, dicom=args.dicom, progress=progress_arg(args))
     rc = report(new, out, args)
     print_changes(new, args)
     return rc
