@@ -75,9 +75,10 @@ def surrogate_value(problem, binding, dose_rows) -> float | None:
                           problem.voxel_volume_cc, _rx_of(g, problem.prescriptions))
 
 
-def measure_offsets(problem, fluence, report) -> dict:
+def measure_offsets(problem, fluence, report, *, loosen: bool = False) -> dict:
     """Per goal id: the signed reference offset (Gy) that tightens its surrogate by the
-    measured ``reported - surrogate`` (upper goals: <= 0; lower goals: >= 0)."""
+    measured ``reported - surrogate`` (upper goals: <= 0; lower goals: >= 0); with
+    ``loosen`` also the other way (the offset is ``surrogate - reported`` either way)."""
     d = problem.dose_rows(fluence)
     by_id = {r["id"]: r for r in report}
     out = {}
@@ -89,8 +90,11 @@ def measure_offsets(problem, fluence, report) -> dict:
         if s is None:
             continue
         diff = float(r["achieved"]) - s
-        out[b.goal.id] = -max(0.0, diff) if b.goal.operator in UPPER_OPS \
-            else max(0.0, -diff)
+        if loosen:
+            out[b.goal.id] = -diff
+        else:
+            out[b.goal.id] = -max(0.0, diff) if b.goal.operator in UPPER_OPS \
+                else max(0.0, -diff)
     return out
 
 
@@ -125,7 +129,9 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     (sequencing, interpolation).
     surrogate_offsets: tighten every goal's term reference by its measured ``reported -
     surrogate`` offset after each solve (module docstring); a round is re-solved while a
-    failing goal's offset moves by more than max(0.1 Gy, 1 % of its value).
+    failing goal's offset moves by more than max(0.1 Gy, 1 % of its value). ``"both"``:
+    also loosen a reference whose surrogate is stricter than what is reported (an
+    experiment, off by default; BENCHMARKS, issue 19 section).
     attain_ids: goal ids the attainment rounds steer whatever their priority (a re-plan
     passes the goals the user changed, so a tightened priority-4 goal is pursued like a
     protocol goal; priorities still arbitrate through the weights).
@@ -162,7 +168,8 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 return []
             met = {r["id"]: r.get("met") for r in rep}
             moved = []
-            for gid, off in measure_offsets(problem, fluence, rep).items():
+            for gid, off in measure_offsets(problem, fluence, rep,
+                                            loosen=surrogate_offsets == "both").items():
                 st = state.setdefault(gid, {"weight_factor": 1.0, "ref_shift": 0.0})
                 before = st.get("offset", 0.0)
                 st["offset"] = off
