@@ -175,3 +175,18 @@ def test_a_rejected_correction_round_is_named_in_the_why_line(base_plan):
     out = _blockers(problem, base_plan.fluence, base_plan.results, base_plan.patient,
                     base_plan.resolved_goals, {"moved": {failing.goal.id: 3.0}, "broke": []})
     assert "would have moved" not in out[failing.goal.id]["line"]
+
+
+def test_offsets_tighten_only_unless_asked_to_loosen(base_plan):
+    from optimizer.problem import build_problem
+    from optimizer.solve import measure_offsets
+
+    problem = build_problem(base_plan.resolved_goals, base_plan.patient, base_plan.dij)
+    report = [{"id": r.goal.id, "achieved": r.achieved} for r in base_plan.results]
+    tight = measure_offsets(problem, base_plan.fluence, report)
+    both = measure_offsets(problem, base_plan.fluence, report, loosen=True)
+    upper = {b.goal.id for b in problem.bindings if b.goal.operator == "<="}
+    assert tight and set(tight) == set(both)
+    for gid, off in tight.items():
+        assert (off <= 0) if gid in upper else (off >= 0)
+        assert off == both[gid] or off == 0.0  # loosening only adds the other sign
