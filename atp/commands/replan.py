@@ -105,6 +105,7 @@ def run(args) -> int:
     print_changes(new, args)
     return rc
 
+
 def print_changes(plan, args) -> None:
     """The re-plan's before -> after table (also in plan.json 'changes' and report.html);
     to stderr with --json so stdout stays one JSON document."""
