@@ -442,6 +442,27 @@ def _save_torch(obj, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+
+_RESUME_KEYS = ("config", "model", "optimizer", "state")
+
+
+def _load_resume_checkpoint(last: Path) -> dict:
+    """``last.pt`` read for a resume (plain data, ``weights_only=True``); a truncated,
+    foreign or code-bearing file is an :class:`InputError` naming it (CLI exit 2)."""
+    import torch
+
+    try:
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input here
+        raise InputError(f"not a resumable atp training checkpoint "
+                         f"({type(exc).__name__}); remove it or give a new --out",
+                         file=last, field="--resume") from None
+    missing = [k for k in _RESUME_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing or not isinstance(ck.get("config"), dict) or not isinstance(ck.get("state"), dict):
+        raise InputError("not a resumable atp training checkpoint (missing "
+                         f"{', '.join(missing) or 'config/state'})", file=last, field="--resume")
+    return ck
+
 def training_loss(y, s, d, cfg: TrainConfig):
     """The configured loss of network output y for stacks s and reference doses d."""
     from predictor.losses import body_l1, roi_weights, training_target, volume_weighted_mse
@@ -562,7 +583,7 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
              "train_seconds": 0.0, "done": False, "best_metric": metric}
     last = out / "last.pt"
     if resume and last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=True)
+        ck = _load_resume_checkpoint(last)
         if _resume_key(ck["config"]) != _resume_key(cfg.to_dict()):
             raise InputError("checkpoint was written with another configuration; use a new "
                              "--out or the same options", file=last, field="config")

@@ -172,3 +172,28 @@ def test_cli_train_needs_a_model_or_a_recipe(tmp_path, capsys):
     assert make_config(None, "okbp_stage1").model == "resunet"
     with pytest.raises(Exception, match="resunet"):
         make_config("cadunet", "okbp_stage1")
+
+
+def test_resume_checkpoint_that_is_not_ours_is_input_error(tmp_path):
+    """A truncated, foreign or code-bearing last.pt is exit-2 input naming the file."""
+    import pickle
+
+    import torch
+
+    from atp.errors import InputError
+    from predictor.train import _load_resume_checkpoint
+
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"config": {}, "model": {}, "optimizer": {}, "state": {}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    code = tmp_path / "code.pt"
+    code.write_bytes(pickle.dumps(print))  # a global, refused by weights_only
+    for bad in (truncated, foreign, code):
+        with pytest.raises(InputError) as err:
+            _load_resume_checkpoint(bad)
+        assert str(bad) in str(err.value) and "--resume" in str(err.value)
+    good = tmp_path / "good.pt"
+    torch.save({"config": {"a": 1}, "model": {}, "optimizer": {}, "state": {"epoch": 0}}, good)
+    assert _load_resume_checkpoint(good)["state"] == {"epoch": 0}
