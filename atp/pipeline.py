@@ -72,6 +72,10 @@ class _Stages:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
+    def add(self, n: int = 1) -> None:
+        """Stages that turned out to be needed (a kept correction round's field dose)."""
+        self._display.grow(n)
+
     def close(self):
         self._display.close()
 
@@ -690,6 +694,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
                     field_extra=dose - beamlet_dose)
                 if kept[0] is not res:  # a round was kept: its own field dose
                     res, delivery, ideal, dose, fid = kept
+                    stages.add(1)
                     delivery, dose, fid = stages.run("field dose", _field_dose, patient,
                                                      dij, delivery, ideal, dose, fid)
         results = stages.run("evaluate", evaluate_goals, resolved, patient, dose)

@@ -109,6 +109,13 @@ class Display:
             self._print(f"[{self.done + 1}/{self.total}] {name}")
             self._last_line = time.monotonic()
 
+    def grow(self, n: int) -> None:
+        """The run needs ``n`` more stages than first counted."""
+        self.total += n
+        if getattr(self, "_bar", None) is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
     def tick(self, fields: dict) -> None:
         if not self.enabled:
             return

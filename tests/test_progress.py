@@ -87,3 +87,17 @@ def test_optimiser_reports_rounds_and_iterations():
     with progress.reporting(seen.append):
         optimize(case.problem, "cpu", max_iter=200, tol=0.0)
     assert any("iteration" in f for f in seen)
+
+
+def test_a_stage_found_needed_later_grows_the_count():
+    """A kept correction round adds its own field-dose stage: [3/3], never [3/2]."""
+    out = io.StringIO()
+    d = progress.Display(True, 2, stream=out)
+    for name in ("sequence", "field dose"):
+        with d.stage(name):
+            pass
+    d.grow(1)
+    with d.stage("field dose"):
+        pass
+    d.close()
+    assert out.getvalue().splitlines()[-1] == "atp: [3/3] field dose"
