@@ -30,7 +30,7 @@ from optimizer.problem import UPPER_OPS, measure_metric
 
 AUTO_NAMES = {"auto:falloff": "the automatic dose fall-off term",
               "auto:global_max": "the automatic global-maximum term",
-              "smoothness": "fluence smoothness"}
+              "smoothness": "fluence smoothness", "mu": "the MU (leakage) term"}
 
 
 def _grad_rows(term, d) -> np.ndarray:
@@ -59,6 +59,14 @@ class _Gradients:
             D = problem.smoothness_matrix()
             gs = (2.0 * problem.smooth_weight / problem.smooth_norm) * (D.T @ (D @ w))
             self.smooth = np.asarray(gs, np.float64)[self.free]
+        self.mu = None
+        if getattr(problem, "mu", None) is not None and problem.mu_scale > 0:
+            from optimizer.objectives import mu_value_grad
+
+            m = problem.mu
+            _, gm = mu_value_grad(w, m.D, m.D.T.tocsr(), m.S, m.S.T.tocsr(), m.beam_rows,
+                                  m.tau)
+            self.mu = problem.mu_scale * np.asarray(gm, np.float64)[self.free]
 
 
 def opposing_terms(problem, fluence, goal_id: str, *, free_frac: float = 1e-3,
@@ -107,6 +115,8 @@ def opposing_terms(problem, fluence, goal_id: str, *, free_frac: float = 1e-3,
         rates[label] = rates.get(label, 0.0) + float(per_term[i])
     if gr.smooth is not None:
         rates["smoothness"] = float(-(gr.smooth @ u))
+    if gr.mu is not None:
+        rates["mu"] = float(-(gr.mu @ u))
     pos = {k: v for k, v in rates.items() if v > 0}
     total = sum(pos.values())
     if total <= 0:

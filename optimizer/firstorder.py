@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atp.progress import tick
-from optimizer.objectives import RANK_ONE, evaluate_terms
+from optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
 
 
 @dataclass(eq=False)
@@ -45,6 +45,8 @@ class DeviceProblem:
     DT: object | None
     smooth_scale: float  # weight / norm
     n_beamlets: int
+    mu: tuple | None = None  # (D, DT, S, ST, beam_rows, tau) of the MU term
+    mu_scale: float = 0.0
 
     @classmethod
     def from_problem(cls, problem, xp) -> DeviceProblem:
@@ -72,8 +74,15 @@ class DeviceProblem:
             DTm = Dm.T.tocsr()
             D, DT = (Dm, DTm) if xp is np else (sparse.csr_matrix(Dm), sparse.csr_matrix(DTm))
             scale = problem.smooth_weight / problem.smooth_norm
+        mu = None
+        if getattr(problem, "mu", None) is not None and problem.mu_scale > 0:
+            m = problem.mu
+            mats = [m.D, m.D.T.tocsr(), m.S, m.S.T.tocsr()]
+            if xp is not np:
+                mats = [sparse.csr_matrix(a) for a in mats]
+            mu = (*mats, m.beam_rows, m.tau)
         return cls(xp, A_d, AT_d, list(problem.terms), term_arrays, D, DT, scale,
-                   problem.n_beamlets)
+                   problem.n_beamlets, mu, problem.mu_scale if mu else 0.0)
 
     def value_grad(self, w):
         """Objective (0-d array) and gradient w.r.t. fluence at ``w`` (no host transfer)."""
@@ -84,6 +93,10 @@ class DeviceProblem:
             Dw = self.D @ w
             total = total + self.smooth_scale * self.xp.sum(Dw * Dw)
             g = g + (2.0 * self.smooth_scale) * (self.DT @ Dw)
+        if self.mu is not None:
+            v, gm = mu_value_grad(w, *self.mu)
+            total = total + self.mu_scale * v
+            g = g + self.mu_scale * gm
         return total, g
 
     def curvature_operator(self):

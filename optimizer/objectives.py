@@ -258,3 +258,86 @@ def smoothness_value_grad(Dw, DT, weight_over_norm):
     """Value and gradient (w.r.t. fluence) of ``weight/norm * ||D w||^2`` given Dw = D @ w."""
     xp = array_module(Dw)
     return weight_over_norm * xp.sum(Dw * Dw), (2.0 * weight_over_norm) * (DT @ Dw)
+
+
+# --- sliding-window MU ------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class MuSurrogate:
+    """The beams' sliding-window MU as a differentiable function of the fluence.
+
+    A leaf pair sweeping a row of the BEV fluence map delivers it with the least MU when
+    the trailing leaf waits at every rise (Spirou & Chui 1994): the row needs
+    ``sum_k max(f_k - f_{k-1}, 0)`` MU (``f_0 = 0``; plus the leaf travel, a constant).
+    All pairs of a dynamic beam run over the same MU, so the beam needs the largest row's;
+    that maximum is smoothed here by a log-sum-exp at temperature ``tau`` (fluence units;
+    it overestimates by at most ``tau * log(rows)``; exact for a one-row beam).
+
+    D: (n_steps, n_beamlets) +1/-1 rises (scipy CSR; the first beamlet of a row: +1 only).
+    S: (n_leaf_rows, n_steps) sums the rises of each leaf row. beam_rows: per beam, the
+    (start, stop) slice of its leaf rows (rows of one beam are contiguous).
+    """
+
+    D: object
+    S: object
+    beam_rows: tuple
+    tau: float
+
+
+def mu_surrogate(beam_index, bev_x_mm, bev_y_mm, beamlet_size_mm, tau: float) -> MuSurrogate:
+    """Build :class:`MuSurrogate` for beamlets on per-beam BEV grids (x = leaf travel)."""
+    import scipy.sparse as sp
+
+    beam_index = np.asarray(beam_index)
+    bx = np.asarray(bev_x_mm, dtype=np.float64)
+    by = np.asarray(bev_y_mm, dtype=np.float64)
+    sx, sy = (float(s) for s in beamlet_size_mm)
+    d_rows, d_cols, d_vals, step_row, beam_rows = [], [], [], [], []
+    n_steps = n_rows = 0
+    for b in np.unique(beam_index):
+        cols = np.flatnonzero(beam_index == b)
+        ix = np.round((bx[cols] - bx[cols].min()) / sx).astype(np.int64)
+        iy = np.round((by[cols] - by[cols].min()) / sy).astype(np.int64)
+        start = n_rows
+        for y in np.unique(iy):
+            sel = cols[iy == y][np.argsort(ix[iy == y], kind="stable")]
+            xs = np.sort(ix[iy == y])
+            prev, last = -10, -1
+            for c, x in zip(sel.tolist(), xs.tolist()):
+                d_rows.append(n_steps)
+                d_cols.append(c)
+                d_vals.append(1.0)
+                if x == prev + 1:  # a rise from the left neighbour (else from 0)
+                    d_rows.append(n_steps)
+                    d_cols.append(last)
+                    d_vals.append(-1.0)
+                step_row.append(n_rows)
+                n_steps += 1
+                prev, last = x, c
+            n_rows += 1
+        beam_rows.append((start, n_rows))
+    n = beam_index.size
+    D = sp.csr_matrix((np.asarray(d_vals, np.float32), (d_rows, d_cols)),
+                      shape=(n_steps, n), dtype=np.float32)
+    S = sp.csr_matrix((np.ones(n_steps, np.float32), (step_row, np.arange(n_steps))),
+                      shape=(n_rows, n_steps), dtype=np.float32)
+    return MuSurrogate(D, S, tuple(beam_rows), float(tau))
+
+
+def mu_value_grad(w, D, DT, S, ST, beam_rows, tau):
+    """Sum over beams of the smoothed sliding-window MU at fluence ``w`` and its gradient
+    (``D``, ``S`` and their transposes in ``w``'s array module)."""
+    xp = array_module(w)
+    steps = D @ w
+    rise = xp.maximum(steps, 0.0)
+    row_mu = S @ rise
+    total = xp.zeros((), dtype=xp.float32)
+    g_row = xp.zeros_like(row_mu)
+    for a, b in beam_rows:
+        r = row_mu[a:b]
+        m = xp.max(r)
+        e = xp.exp((r - m) / tau)
+        s = xp.sum(e)
+        total = total + m + tau * xp.log(s)
+        g_row[a:b] = e / s
+    g_steps = (ST @ g_row) * (steps > 0)
+    return total, DT @ g_steps.astype(w.dtype)

@@ -42,6 +42,14 @@ Rules (documented once, here):
   global max) capped at ``max_norm_voxels`` so hot spots in large structures count.
 * Automatic-term weights are ``*_weight_rel`` times the reference weight (the largest
   weight of a target goal, else of any goal).
+* **MU.** Every MU delivers leaf leakage (about 1.5 % of the open-field dose per MU) over
+  the whole jaw field, so the objective pays for them: ``mu_weight_rel * wref * sum_b
+  MU_b / (n_beams * mean x0)``, MU_b the beam's sliding-window MU as a smooth function of
+  the fluence (:class:`optimizer.objectives.MuSurrogate`: rises along leaf travel, soft
+  max over leaf rows), i.e. relative to open fields delivering the start fluence. The
+  same term lowers the modulation, hence MU, of step-and-shoot and VMAT plans too. The
+  QP backend solves it with a conic solver (Clarabel) by default; asked for OSQP it takes
+  the hard maximum over leaf rows (the soft maximum is at most ``tau * log(rows)`` above).
 """
 
 from __future__ import annotations
@@ -56,10 +64,12 @@ from optimizer.objectives import (
     Term,
     difference_matrix,
     make_term,
+    mu_surrogate,
     smoothness_pairs,
 )
 
 LOWER_OPS = (">=", ">")
+MU_WEIGHT_REL = 0.002  # train pt_10 / pt_100, BENCHMARKS "MU term"
 UPPER_OPS = ("<=", "<")
 
 
@@ -77,6 +87,10 @@ class ProblemOptions:
     falloff_end_frac: float = 0.35  # far-field reference, fraction of local Rx
     falloff_weight_rel: float = 0.3
     smoothness_weight_rel: float = 0.02
+    # sliding-window MU (optimizer.objectives.MuSurrogate): weight_rel * wref * sum_b MU_b
+    # / (n_beams * mean x0), i.e. relative to open fields delivering the start fluence
+    mu_weight_rel: float = MU_WEIGHT_REL
+    mu_tau_rel: float = 0.1  # soft-max temperature over leaf rows, x mean start fluence
     default_target_coverage: bool = True
     min_voxel_fraction: float = 0.05  # ignore voxels with less of the structure than this
     max_norm_voxels: float = 500.0  # cap on W in the normalisation of max/min goal terms
@@ -119,6 +133,8 @@ class Problem:
     notes: list[str] = field(default_factory=list)
     voxel_volume_cc: float = 1.0
     prescriptions: dict = field(default_factory=dict)
+    mu: object = None  # optimizer.objectives.MuSurrogate, or None
+    mu_scale: float = 0.0  # weight / norm of the MU term
 
     @property
     def n_beamlets(self) -> int:
@@ -136,7 +152,7 @@ class Problem:
         return Problem(self.A, self.rows, list(terms), self.x0, self.dose_grid,
                        self.smooth_pairs, self.smooth_weight, self.smooth_norm,
                        list(self.bindings), list(self.notes), self.voxel_volume_cc,
-                       dict(self.prescriptions))
+                       dict(self.prescriptions), self.mu, self.mu_scale)
 
     def convex_surrogate(self) -> Problem:
         """The convex formulation: every term soft, dose-volume terms replaced by their
@@ -164,7 +180,18 @@ class Problem:
         if self.smooth_weight > 0 and len(self.smooth_pairs):
             diff = w[self.smooth_pairs[:, 0]] - w[self.smooth_pairs[:, 1]]
             total += self.smooth_weight / self.smooth_norm * float(np.sum(diff * diff))
+        if self.mu is not None and self.mu_scale > 0:
+            total += self.mu_scale * float(self.mu_value(w))
         return total
+
+    def mu_value(self, fluence) -> float:
+        """The smoothed sliding-window MU (fluence units, all beams) at ``fluence``."""
+        from optimizer.objectives import mu_value_grad
+
+        m = self.mu
+        v, _ = mu_value_grad(np.asarray(fluence, np.float32), m.D, m.D.T.tocsr(), m.S,
+                             m.S.T.tocsr(), m.beam_rows, m.tau)
+        return float(v)
 
     def term_values(self, fluence) -> list[float]:
         from optimizer.objectives import term_value_grad
@@ -540,9 +567,17 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     pairs = smoothness_pairs(dij.beamlets.beam_index, dij.beamlets.bev_x_mm,
                              dij.beamlets.bev_y_mm, dij.beamlets.beamlet_size_mm)
     smooth_norm = max(len(pairs), 1) * float(np.mean(x0)) ** 2
+    mu = None
+    mu_scale = 0.0
+    x0_mean = float(np.mean(x0)) if x0.size else 0.0
+    if opt.mu_weight_rel > 0 and x0_mean > 0:
+        bl = dij.beamlets
+        mu = mu_surrogate(bl.beam_index, bl.bev_x_mm, bl.bev_y_mm, bl.beamlet_size_mm,
+                          opt.mu_tau_rel * x0_mean)
+        mu_scale = opt.mu_weight_rel * wref / (len(mu.beam_rows) * x0_mean)
     problem = Problem(A, used, terms, x0, dij.dose_grid, pairs,
                       opt.smoothness_weight_rel * wref, max(smooth_norm, 1e-12), bindings,
-                      notes, dvox_cc, rx)
+                      notes, dvox_cc, rx, mu, mu_scale)
     problem.check_finite(x0)
     return problem
 

@@ -34,6 +34,9 @@ _STATUS = {
 }
 
 
+
+EXP_CONE = ("CLARABEL", "SCS", "ECOS")  # solvers of the MU term's log-sum-exp
+
 class QpBackend(Backend):
     name = "qp"
     description = "convex formulation in cvxpy, solved by OSQP (or Clarabel)"
@@ -61,6 +64,9 @@ class QpBackend(Backend):
                 f"backend 'qp' is not installed; {self.install_hint}")
         import cvxpy as cp
 
+        has_mu = getattr(problem, "mu", None) is not None and problem.mu_scale > 0
+        if solver is None and has_mu:  # the MU term's log-sum-exp needs exponential cones
+            solver = next((s for s in self.solvers() if s in EXP_CONE), None)
         solver = (solver or self.solvers()[0]).upper()
         if solver not in self.solvers():
             raise BackendUnavailableError(
@@ -121,6 +127,18 @@ class QpBackend(Backend):
         if problem.smooth_weight > 0 and len(problem.smooth_pairs):
             D = problem.smoothness_matrix()
             objective += problem.smooth_weight / problem.smooth_norm * cp.sum_squares(D @ w)
+        if has_mu:
+            m = problem.mu
+            row_mu = m.S @ cp.pos(m.D @ w)
+            if solver in EXP_CONE:  # the same smooth maximum as the first-order backends
+                objective += problem.mu_scale * sum(
+                    m.tau * cp.log_sum_exp(row_mu[a:b] / m.tau) for a, b in m.beam_rows)
+            else:  # a QP solver: the hard maximum over leaf rows
+                objective += problem.mu_scale * sum(cp.max(row_mu[a:b])
+                                                    for a, b in m.beam_rows)
+                messages.append(f"MU term: {solver} takes the largest leaf row per beam (the "
+                                "first-order backends a log-sum-exp, up to tau*log(rows) "
+                                "above it)")
         prob = cp.Problem(cp.Minimize(objective), constraints)
         t1 = time.perf_counter()
         kwargs = {}
