@@ -31,6 +31,24 @@ run_demo() {  # outside the repo, so nothing is imported from the source tree
 }
 
 "${PIP[@]}" "$WHEEL"
+# atp installs one top-level package: its stages are atp.optimizer, atp.predictor, ...; a
+# host application's own `optimizer` or `predictor` module is never shadowed
+(cd "$WORK" && "$WORK/venv/bin/python" - <<'PYEOF'
+import importlib, importlib.metadata as md, sys
+top = sorted({f.parts[0] for f in md.files("atp") if f.parts[0] not in ("atp", "..")
+              and not f.parts[0].endswith((".dist-info", ".data"))})
+assert not top, f"wheel installs top-level names besides atp: {top}"
+for name in ("optimizer", "predictor", "sequencer", "goal_lists", "site_configs"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    else:
+        sys.exit(f"`import {name}` works outside the repository: it must not")
+    importlib.import_module(f"atp.{name}")
+print("wheel: atp is the only top-level package; atp.optimizer etc. import")
+PYEOF
+)
 run_demo demo-core
 echo "bare wheel: atp demo ok (core dependencies only)"
 

@@ -6,7 +6,7 @@ spare=...)`` and ``atp plan PATIENT --fast --spare Parotid_L=0.1``) runs:
 load -> predict (default: the predictor registry's default) -> resolve goals with the
 predicted dose (exactly as :func:`atp.pipeline.plan`) -> arc dose-influence matrix (one
 full arc 180 -> 180 deg clockwise, a control point every ``arc_spacing_deg`` = 4 deg, dose
-grid = CT grid / 3; or a given ``dij=``) -> :class:`optimizer.fastpath.chain.FastPath`
+grid = CT grid / 3; or a given ``dij=``) -> :class:`atp.optimizer.fastpath.chain.FastPath`
 ``prepare()`` (matrix to the torch device, masks, initial fluence) -> ``run(spare)``
 (error map + unrolled correction: fluence in MU per beamlet) -> VMAT leaf sequencing
 (sequencer ``vmat``) -> deliverable dose on the patient grid (Gy) -> goal evaluation ->
@@ -194,7 +194,7 @@ def initial_fluence_choice(choice: str, weights, device: str):
     """(initial_fluence_fn or None, weights path or None) for ``initial_fluence`` (see
     :func:`fast_plan`); None means the exact fallback."""
     def load():
-        from optimizer.fastpath.bev2fluence import (
+        from atp.optimizer.fastpath.bev2fluence import (
             default_weights_path,
             make_initial_fluence_fn,
         )
@@ -211,7 +211,7 @@ def correction_choice(choice: str, weights, device: str):
     """(correction_fn or None, weights path or None) for ``correction`` (see
     :func:`fast_plan`); None means the exact unrolled steps."""
     def load():
-        from optimizer.fastpath.correction_net import (
+        from atp.optimizer.fastpath.correction_net import (
             default_correction_weights_path,
             make_correction_fn,
         )
@@ -270,7 +270,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     arcs the VMAT sequencer delivers the one optimised arc in (2: dual arc).
     vmat_sequencer: 'vmat' (rule-based, one aperture per control point and pass) or
     'vmat-sliding' (arc sectors of ``sector_deg`` degrees swept by a sliding window,
-    :mod:`sequencer.vmat_sliding`). preset: a name of :data:`PRESETS` ('airt', the
+    :mod:`atp.sequencer.vmat_sliding`). preset: a name of :data:`PRESETS` ('airt', the
     default, or 'coverage'), which sets ``vmat_sequencer``, ``sector_deg`` and some
     ``fastpath_options``; what is given explicitly wins (a ``fastpath_options`` key over
     the preset's value of that key).
@@ -300,7 +300,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
             and sector_deg > 0):
         raise InputError(f"sector_deg must be a number > 0, got {sector_deg!r}",
                          field="sector_deg")
-    from optimizer.fastpath.chain import FastPath
+    from atp.optimizer.fastpath.chain import FastPath
 
     timings = {s: 0.0 for s in STAGES if s != "export"}
     stages = _Stages(progress, total=9)
@@ -311,7 +311,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
         timings["pre-processing"] += time.perf_counter() - t0
         # prediction
         if predicted_dose is None:
-            from predictor import registry as predictors
+            from atp.predictor import registry as predictors
 
             pred = predictors.get(predictor or predictors.default_predictor_name())
             predictor_name = getattr(pred, "name", str(predictor))
@@ -420,7 +420,7 @@ def respare(plan, spare=None, *, progress=False):
     fp = plan.fastpath
     notes = [n for n in plan.notes if not n.startswith("respare:")]
     if fp is None:  # a plan read back from disk: prepare from the stored dij + prediction
-        from optimizer.fastpath.chain import FastPath
+        from atp.optimizer.fastpath.chain import FastPath
 
         if plan.predicted_dose_gy is None:
             raise InputError("this plan has no predicted dose to respare from",
@@ -428,8 +428,8 @@ def respare(plan, spare=None, *, progress=False):
         dev, _ = resolve_device(plan.settings.get("device_requested", "auto"))
         opts = {k: v for k, v in (plan.settings.get("fastpath_options") or {}).items()
                 if k in FASTPATH_OPTION_KEYS}
-        from optimizer.fastpath.bev2fluence import make_initial_fluence_fn
-        from optimizer.fastpath.correction_net import make_correction_fn
+        from atp.optimizer.fastpath.bev2fluence import make_initial_fluence_fn
+        from atp.optimizer.fastpath.correction_net import make_correction_fn
 
         for path_key, weights_key, fn_key, make, what in (
                 ("initial_fluence_path", "initial_fluence_weights", "initial_fluence_fn",
@@ -488,10 +488,10 @@ def _timed(stages, timings, key, fn, *args, **kwargs):
 
 def _finish(fp, resolved, sparing, settings, notes, timings, stages):
     """FastPath.run -> VMAT sequencing -> deliverable dose -> evaluation -> Plan."""
-    import sequencer
+    from atp import sequencer
     from atp.goals import evaluate_goals
     from atp.pipeline import Plan, _versions
-    from sequencer.fidelity import fidelity
+    from atp.sequencer.fidelity import fidelity
 
     patient, dij = fp.patient, fp.dij
     machine = settings.get("machine", "millennium120")
@@ -510,7 +510,7 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
                           dij, technique, machine=machine, fractions=patient.fractions,
                           reweight=fp.mu_iterations <= 0, **params)
         if fp.mu_iterations > 0:
-            from sequencer.reweight import optimise_mu
+            from atp.sequencer.reweight import optimise_mu
 
             def fit_mu(delivery):
                 # J's rows of the dij are selected once (cached by the FastPath) and
@@ -523,7 +523,7 @@ def _finish(fp, resolved, sparing, settings, notes, timings, stages):
             delivery, info = _timed(stages, timings, "control-point MU", fit_mu, delivery)
             mu_info.append(info)
         if fp.aperture_iterations > 0:
-            from sequencer.aperture_refine import refine_apertures
+            from atp.sequencer.aperture_refine import refine_apertures
 
             delivery, info = _timed(stages, timings, "aperture refinement",
                                     refine_apertures, delivery, dij.beamlets,

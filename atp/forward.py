@@ -4,10 +4,10 @@
 arc control point) a dij is computed over the beam's whole jaw opening (every control
 point's jaws, plus ``margin_mm``), not only over the targets, so the leakage through
 closed leaves and jaws under the whole field is in the dose; then the delivery's
-beamlet weights come from :func:`sequencer.deliverable.delivered_weights` -- the same
+beamlet weights come from :func:`atp.sequencer.deliverable.delivered_weights` -- the same
 function the planning pipeline's deliverable dose uses (leaf / jaw transmission,
 tongue-and-groove, DLG from the machine model). ``rt_plan_dose(plan_path, patient)``
-reads the plan first (:func:`sequencer.rtplan.read_rt_plan`). ``closed_field_transmission``
+reads the plan first (:func:`atp.sequencer.rtplan.read_rt_plan`). ``closed_field_transmission``
 is the commissioning check of the MLC (an all-leaves-closed field under 10x10 jaws through
 this code path, relative to the open 10x10 field, at 10 cm depth in water).
 
@@ -101,7 +101,7 @@ def forward_dose(patient, delivery, beams, *, engine="pencil-beam",
                  dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
                  margin_mm: float = 5.0, threshold=None, progress=None):
     """(dose_gy on the patient grid, total course; the dij) of ``delivery``."""
-    from sequencer.deliverable import deliverable_dose
+    from atp.sequencer.deliverable import deliverable_dose
 
     dij = field_influence(patient, delivery, beams, engine=engine,
                           dose_grid_factor=dose_grid_factor,
@@ -112,7 +112,7 @@ def forward_dose(patient, delivery, beams, *, engine="pencil-beam",
 
 def rt_plan_dose(plan_path, patient, *, machine="millennium120", **kw):
     """Read an RT Plan and compute its dose on ``patient``: (dose_gy, delivery, info)."""
-    from sequencer.rtplan import read_rt_plan
+    from atp.sequencer.rtplan import read_rt_plan
 
     delivery, beams, info = read_rt_plan(plan_path, machine)
     for b in delivery.beams:
@@ -141,9 +141,9 @@ def closed_field_transmission(machine="millennium120", *, depth_mm: float = 100.
     about the central axis, away from the closed-gap line)."""
     from atp.dose.commission import water_phantom
     from atp.dose.geometry import Beam
-    from sequencer.deliverable import deliverable_dose
-    from sequencer.delivery import BeamDelivery, Delivery
-    from sequencer.machine import Machine, load_machine
+    from atp.sequencer.deliverable import deliverable_dose
+    from atp.sequencer.delivery import BeamDelivery, Delivery
+    from atp.sequencer.machine import Machine, load_machine
 
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     phantom = water_phantom(size_mm=(phantom_mm,) * 3, spacing_mm=(5.0, 5.0, 5.0))

@@ -519,7 +519,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
         # prediction
         predictor_name = None
         if predicted_dose is None:
-            from predictor import registry as predictors
+            from atp.predictor import registry as predictors
 
             pred = predictors.get(predictor or predictors.default_predictor_name())
             predictor_name = getattr(pred, "name", str(predictor))
@@ -601,13 +601,13 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
     attain_rounds_default: goal-attainment rounds unless ``optimizer_options`` says
     otherwise (warm re-plans: 1, as the stored hard/attainment state is applied first).
     steer: ids of goals a re-plan changed: the attainment rounds pursue them whatever
-    their priority (``optimizer.solve.optimize(attain_ids=)``).
+    their priority (``atp.optimizer.solve.optimize(attain_ids=)``).
     """
     from atp.goals import evaluate_goals
-    from optimizer import registry as backends
-    from optimizer.problem import build_problem, structure_fractions
-    from optimizer.refine import refine as run_refine
-    from optimizer.solve import apply_state, optimize
+    from atp.optimizer import registry as backends
+    from atp.optimizer.problem import build_problem, structure_fractions
+    from atp.optimizer.refine import refine as run_refine
+    from atp.optimizer.solve import apply_state, optimize
 
     own = stages is None
     if own:
@@ -741,7 +741,7 @@ def _optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, ref
 def _final_offsets(problem, res, report) -> None:
     """Re-measure every goal's surrogate offset at the final fluence against ``report``
     (the goals on the reported dose) into ``res.hard_state``."""
-    from optimizer.solve import measure_offsets
+    from atp.optimizer.solve import measure_offsets
 
     state = {k: dict(v) for k, v in (res.hard_state or {}).items()}
     for gid, off in measure_offsets(problem, res.fluence, report).items():
@@ -754,7 +754,7 @@ def _blockers(optimised, fluence, results, patient, resolved, rejected=None) -> 
     it (opposing terms at the final fluence, a target's coverage floor, and a
     deliverable-correction round that would have moved it but lowered the goal-list
     score: ``rejected`` from :func:`_deliverable_correction`)."""
-    from optimizer.explain import explain_goal
+    from atp.optimizer.explain import explain_goal
 
     cache: dict = {}
     out = {}
@@ -786,7 +786,7 @@ def _surrogates(optimised, res) -> dict:
     its term's reference (Gy, after offsets and shifts), the metric on the term's voxels
     (the surrogate: dose grid, ideal dose, an organ minus the targets it overlaps), the
     surrogate offset in force and how many dose-grid voxels the term / structure has."""
-    from optimizer.solve import surrogate_value
+    from atp.optimizer.solve import surrogate_value
 
     d = optimised.dose_rows(res.fluence)
     out = {}
@@ -833,8 +833,8 @@ def _deliverable_correction(problem, be, res, opts, goal_check, patient, dij, re
     corrected and scored on the dose that is reported.
     """
     from atp.goals import evaluate_goals
+    from atp.optimizer.solve import optimize
     from atp.progress import tick
-    from optimizer.solve import optimize
 
     best = (res, *current)
     best_rs = evaluate_goals(resolved, patient, current[2])
@@ -887,8 +887,8 @@ def _score_results(results) -> float:
 
 def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
     """Sequence the fluence into MLC apertures; deliverable dose on the patient grid."""
-    import sequencer
-    from sequencer.fidelity import fidelity
+    from atp import sequencer
+    from atp.sequencer.fidelity import fidelity
 
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions)
@@ -908,7 +908,7 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid):
 
     from atp.dose.geometry import Beam
     from atp.forward import forward_dose
-    from sequencer.fidelity import fidelity
+    from atp.sequencer.fidelity import fidelity
 
     meta = dict(delivery.meta)
     fx = delivery.fractions
@@ -1008,7 +1008,7 @@ def _check_plan_json(data, pj) -> None:
                              field=f"settings.{key}")
     seq = settings.get("sequence")
     if isinstance(seq, str):
-        from sequencer.registry import names
+        from atp.sequencer.registry import names
 
         if seq not in names():
             raise InputError(f"unknown sequencer {quote(seq)}; installed: "

@@ -377,7 +377,7 @@ def write_report(plan_dir: str | os.PathLike, patient, dose_gy, predicted_dose_g
     ``plan_info`` ({label: value} for the summary, e.g. ``Plan.report_info()``: site,
     institution overlay, predictor, backend), ``delivery_summary`` (``Delivery.summary()``),
     ``fidelity``
-    (``sequencer.fidelity.fidelity`` output), ``notes``.
+    (``atp.sequencer.fidelity.fidelity`` output), ``notes``.
     """
     text = render_report(patient, dose_gy, predicted_dose_gy, goal_results, timings, **kwargs)
     path = Path(plan_dir) / "report.html"

@@ -135,10 +135,10 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+    from atp.predictor import registry as predictors
 
     import atp
     from atp.io import load_patient
-    from predictor import registry as predictors
 
     files = patient_files(args.split, args.start + args.patients)[args.start:]
     if not files:

@@ -88,12 +88,13 @@ def patient_files(split: str, n: int) -> list[Path]:
 def convex_comparison(patient, predictor, backends, *, beamlet_mm, factor, max_iter,
                       qp_solver=None):
     """cpu / gpu vs qp on the convex formulation of one patient's problem."""
+    from atp.optimizer.problem import build_problem
+    from atp.optimizer.solve import optimize
+    from atp.predictor import registry as predictors
+
     from atp.dose import registry as engines
     from atp.dose.geometry import equispaced_beams
     from atp.goals import load_goal_list, resolve_goals, with_control_structures
-    from optimizer.problem import build_problem
-    from optimizer.solve import optimize
-    from predictor import registry as predictors
 
     pred = predictors.get(predictor).predict(patient)
     resolved = resolve_goals(load_goal_list(site="hn"), patient, pred)
@@ -136,9 +137,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    from atp.optimizer import registry
+
     import atp
     from atp.io import load_patient
-    from optimizer import registry
 
     files = patient_files(args.split, args.patients)
     if not files:

@@ -25,10 +25,11 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
+    from atp.predictor import registry
+    from atp.predictor.data import split_files
+    from atp.predictor.scoring import cohort_scores, score_patient
+
     from atp.io.openkbp import load_openkbp_npz
-    from predictor import registry
-    from predictor.data import split_files
-    from predictor.scoring import cohort_scores, score_patient
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     preds = {}
     for n in names:
         if n.endswith(".pt"):
-            from predictor.cnn import CNNPredictor
+            from atp.predictor.cnn import CNNPredictor
 
             preds[Path(n).stem] = CNNPredictor.from_checkpoint(n, name=Path(n).stem)
         else:

@@ -3,11 +3,11 @@
 For each case (the embedded phantom; optionally an OpenKBP patient) the pencil-beam dose
 engine builds the dij, the pipeline's optimiser (cpu backend, default predictor and goal
 list) gives the ideal fluence, and each sequencer turns it into a delivery whose dose is
-recomputed from the apertures (``sequencer.deliverable``). Gamma is 3 %/3 mm global with a
+recomputed from the apertures (``atp.sequencer.deliverable``). Gamma is 3 %/3 mm global with a
 10 % threshold on the patient grid, ideal dose as reference.
 
 * IMRT: 9 equispaced fields; ``imrt-sns`` (Xia-Verhey, 10 levels) vs ``imrt-sliding``.
-* Each rule-based result is also shown after MU re-weighting (``sequencer.reweight``:
+* Each rule-based result is also shown after MU re-weighting (``atp.sequencer.reweight``:
   least-squares MU of the fixed apertures against the ideal dose), except sliding window.
 * VMAT: one full arc; fluence optimised on control points every ``--arc-spacing`` degrees
   and sequenced as two arcs (default, second = residual), one arc, and one arc with the
@@ -56,10 +56,11 @@ def _plan_fluence(patient, beams):
 
 
 def _fidelity_row(patient, dij, ideal, d):
+    from atp.sequencer import check_delivery
+    from atp.sequencer.deliverable import delivered_weights
+    from atp.sequencer.fidelity import fidelity
+
     from atp.pipeline import patient_dose
-    from sequencer import check_delivery
-    from sequencer.deliverable import delivered_weights
-    from sequencer.fidelity import fidelity
 
     fx = d.fractions
     t = time.perf_counter()
@@ -82,9 +83,10 @@ def _fidelity_row(patient, dij, ideal, d):
 
 def _evaluate(patient, dij, fluence, technique, repeat, **params):
     """Rule-based sequencing alone, then (step-and-shoot, VMAT) with MU re-weighting."""
-    import sequencer
+    from atp.sequencer.reweight import reweight_mu
+
+    from atp import sequencer
     from atp.pipeline import patient_dose
-    from sequencer.reweight import reweight_mu
 
     fx = patient.fractions or 1
     ms, d = _best_ms(lambda: sequencer.sequence(fluence, dij, technique, fractions=fx,
@@ -104,9 +106,9 @@ def _evaluate(patient, dij, fluence, technique, repeat, **params):
 def _vmat_180_timing(dij, fluence, repeat, fractions):
     """Time the VMAT sequencer on 180 control points (2 degrees) built from the arc's
     optimised maps, each used for two neighbouring control points."""
-    from sequencer import load_machine
-    from sequencer.fluence import fluence_set
-    from sequencer.vmat import sequence_arc
+    from atp.sequencer import load_machine
+    from atp.sequencer.fluence import fluence_set
+    from atp.sequencer.vmat import sequence_arc
 
     m = load_machine("millennium120")
     fs = fluence_set(fluence, dij.beamlets, m.leaf_edges_mm, fractions=fractions)

@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/tmp/atp_tune_arc")
     args = ap.parse_args(argv)
 
-    import sequencer
-    from atp import dvh
+    from atp.optimizer.fastpath.chain import FastPath
+
+    from atp import dvh, sequencer
     from atp.io import load_patient
-    from optimizer.fastpath.chain import FastPath
 
     patient = load_patient(DATA / args.split / f"{args.patient}.npz")
     dij, pred = cached_inputs(patient, args.patient, Path(args.cache), None, 4.0)

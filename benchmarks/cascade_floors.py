@@ -22,11 +22,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
+    from atp.predictor.base import finalize_dose, reference_dose_gy
+    from atp.predictor.encoding import decode, make_transform
+    from atp.predictor.scoring import cohort_scores, score_patient
+    from atp.predictor.train import coarse_reference_gy, make_config
+
     from atp.io.openkbp import load_openkbp_npz
-    from predictor.base import finalize_dose, reference_dose_gy
-    from predictor.encoding import decode, make_transform
-    from predictor.scoring import cohort_scores, score_patient
-    from predictor.train import coarse_reference_gy, make_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))

@@ -41,10 +41,11 @@ def main(argv=None) -> int:
         print("warning: tune on training patients only", file=sys.stderr)
     opts = json.loads(args.options)
 
+    from atp.optimizer.fastpath.chain import FastPath
+    from atp.optimizer.fastpath.correction import unrolled_correction
+
     from atp.goals import load_goal_list, resolve_goals, with_control_structures
     from atp.io import load_patient
-    from optimizer.fastpath.chain import FastPath
-    from optimizer.fastpath.correction import unrolled_correction
 
     for pt in args.patients:
         patient = load_patient(DATA / args.split / f"{pt}.npz")

@@ -28,7 +28,7 @@ import numpy as np
 
 
 def plan(patient, out, smoothness):
-    import optimizer.problem as op
+    import atp.optimizer.problem as op
 
     @dataclass(frozen=True)
     class Opts(op.ProblemOptions):
@@ -41,7 +41,7 @@ def plan(patient, out, smoothness):
 
 
 def _delivery(p, patient):
-    import sequencer
+    from atp import sequencer
 
     if p.delivery is not None:
         return p.delivery
@@ -73,13 +73,14 @@ def roundtrip(plan_dir, patient_path, out):
 
 
 def jaws(plan_dir, patient_path):
+    from atp.sequencer.apertures import track_jaws
+    from atp.sequencer.deliverable import deliverable_dose
+
     from atp.dose.aperture import Transmission
     from atp.dose.geometry import Beam
     from atp.forward import field_influence
     from atp.io import load_patient
     from atp.pipeline import load_plan
-    from sequencer.apertures import track_jaws
-    from sequencer.deliverable import deliverable_dose
 
     pat = load_patient(patient_path)
     p = load_plan(plan_dir, pat)

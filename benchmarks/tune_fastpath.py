@@ -35,10 +35,11 @@ from tune_plan_quality import DEFAULT_PATIENTS
 def cached_inputs(patient, name: str, cache: Path, predictor: str | None,
                   arc_spacing: float, dose_grid_factor: int = 3):
     """(arc dij, predicted dose Gy) for ``patient``, computed once and cached."""
+    from atp.predictor import registry as predictors
+
     from atp.dose import arc as arcs
     from atp.dose.geometry import arc_control_points
     from atp.dose.influence import DoseInfluence
-    from predictor import registry as predictors
 
     pname = predictor or predictors.default_predictor_name()
     dij_path = cache / (f"{name}_arc{arc_spacing:g}.npz" if dose_grid_factor == 3 else

@@ -1,5 +1,5 @@
 """optimizer stage of atp: objectives, problem building, backends, refinement.
 
-Entry points: :func:`optimizer.problem.build_problem`, :func:`optimizer.solve.optimize`,
-:func:`optimizer.refine.refine`, :mod:`optimizer.registry` (backends cpu, gpu, qp).
+Entry points: :func:`atp.optimizer.problem.build_problem`, :func:`atp.optimizer.solve.optimize`,
+:func:`atp.optimizer.refine.refine`, :mod:`atp.optimizer.registry` (backends cpu, gpu, qp).
 """

@@ -24,9 +24,8 @@ Two answers, both measured on the plan (nothing is guessed):
 from __future__ import annotations
 
 import numpy as np
-
-from optimizer.objectives import term_value_grad
-from optimizer.problem import UPPER_OPS, measure_metric
+from atp.optimizer.objectives import term_value_grad
+from atp.optimizer.problem import UPPER_OPS, measure_metric
 
 AUTO_NAMES = {"auto:falloff": "the automatic dose fall-off term",
               "auto:global_max": "the automatic global-maximum term",
@@ -61,7 +60,7 @@ class _Gradients:
             self.smooth = np.asarray(gs, np.float64)[self.free]
         self.mu = None
         if getattr(problem, "mu", None) is not None and problem.mu_scale > 0:
-            from optimizer.objectives import mu_value_grad
+            from atp.optimizer.objectives import mu_value_grad
 
             m = problem.mu
             _, gm = mu_value_grad(w, m.D, m.D.T.tocsr(), m.S, m.S.T.tocsr(), m.beam_rows,
@@ -73,11 +72,11 @@ def opposing_terms(problem, fluence, goal_id: str, *, free_frac: float = 1e-3,
                    reported: float | None = None, cache: dict | None = None
                    ) -> list[tuple[str, float]]:
     """[(term label, share)] of the terms that oppose lowering ``goal_id``'s violation at
-    ``fluence`` (``problem`` as optimised: :func:`optimizer.solve.apply_state`), largest
+    ``fluence`` (``problem`` as optimised: :func:`atp.optimizer.solve.apply_state`), largest
     share first; shares of opposing terms sum to 1. Empty when nothing opposes it on the
     free beamlets (or the goal has no term). ``cache``: a dict kept between calls on the
     same problem and fluence (the term gradients are computed once)."""
-    from optimizer.solve import surrogate_value
+    from atp.optimizer.solve import surrogate_value
 
     b = next((b for b in problem.bindings if b.goal.id == goal_id), None)
     if b is None or not b.term_indices:

@@ -27,14 +27,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
 
 from atp.progress import tick
-from optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
 
 
 @dataclass(eq=False)
 class DeviceProblem:
-    """A :class:`~optimizer.problem.Problem`'s arrays in one array module."""
+    """A :class:`~atp.optimizer.problem.Problem`'s arrays in one array module."""
 
     xp: object
     A: object  # CSR (n_rows, n_beamlets)

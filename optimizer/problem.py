@@ -1,7 +1,7 @@
 """Resolved goals + patient + dose-influence matrix -> an optimisation :class:`Problem`.
 
 The problem knows nothing of solvers: it holds the dij rows that any term looks at, the
-objective terms (:mod:`optimizer.objectives`), the fluence-smoothness pairs, the initial
+objective terms (:mod:`atp.optimizer.objectives`), the fluence-smoothness pairs, the initial
 fluence and, for every goal, which terms implement it and how to measure it on the dose
 grid (so a backend or the hard-goal loop can say whether and by how much it is met).
 
@@ -10,7 +10,7 @@ Rules (documented once, here):
 * **Priority -> weight.** A goal's term weight is ``ResolvedGoal.weight``, which the goal
   list's ``priority_weights`` rule sets (an institution overlay can change it). Priority-1
   goals are *hard*: their weight is multiplied by ``hard_weight_factor`` and the
-  hard-goal loop (:func:`optimizer.solve.optimize`) raises it further and shifts their
+  hard-goal loop (:func:`atp.optimizer.solve.optimize`) raises it further and shifts their
   reference until they are met or cannot be; the QP backend makes them constraints.
 * **Metric -> term.** ``Dmax <= x``: ``max``; ``Dmin >= x``: ``min``; ``Dmean``:
   ``mean_max`` / ``mean_min``; ``D{v} <= x``: ``dv_max`` (a near-max, v <=
@@ -29,7 +29,7 @@ Rules (documented once, here):
   (``organ_minus_targets``; the clinical "Parotid - PTV" optimisation structure): inside
   the target the two goals conflict voxel by voxel and coverage, of higher priority,
   wins anyway, so the organ term would only pull cold spots into the target. The goal
-  is still measured (and reported) on the whole organ: :func:`optimizer.solve.optimize`
+  is still measured (and reported) on the whole organ: :func:`atp.optimizer.solve.optimize`
   tightens the term's reference by the measured offset between the two (surrogate
   offsets), so the term is active whenever the reported value fails. Hard (priority-1)
   goals keep every voxel.
@@ -37,7 +37,7 @@ Rules (documented once, here):
   higher prescription. Lower-bound (coverage) terms of a target weight every dose-grid
   voxel touching it fully (not by its partial-volume fraction), so that coverage holds
   on the finer patient grid after interpolation.
-* **Normalisation** (:mod:`optimizer.objectives`): voxel weight x reference dose^2,
+* **Normalisation** (:mod:`atp.optimizer.objectives`): voxel weight x reference dose^2,
   with the voxel weight of point-dose terms (``max`` / ``min``: Dmax, near-max, Dmin,
   global max) capped at ``max_norm_voxels`` so hot spots in large structures count.
 * Automatic-term weights are ``*_weight_rel`` times the reference weight (the largest
@@ -45,7 +45,7 @@ Rules (documented once, here):
 * **MU.** Every MU delivers leaf leakage (about 1.5 % of the open-field dose per MU) over
   the whole jaw field, so the objective pays for them: ``mu_weight_rel * wref * sum_b
   MU_b / (n_beams * mean x0)``, MU_b the beam's sliding-window MU as a smooth function of
-  the fluence (:class:`optimizer.objectives.MuSurrogate`: rises along leaf travel, soft
+  the fluence (:class:`atp.optimizer.objectives.MuSurrogate`: rises along leaf travel, soft
   max over leaf rows), i.e. relative to open fields delivering the start fluence. The
   same term lowers the modulation, hence MU, of step-and-shoot and VMAT plans too. The
   QP backend solves it with a conic solver (Clarabel) by default; asked for OSQP it takes
@@ -58,15 +58,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-
-from atp.errors import InputError
-from optimizer.objectives import (
+from atp.optimizer.objectives import (
     Term,
     difference_matrix,
     make_term,
     mu_surrogate,
     smoothness_pairs,
 )
+
+from atp.errors import InputError
 
 LOWER_OPS = (">=", ">")
 MU_WEIGHT_REL = 0.002  # train pt_10 / pt_100, BENCHMARKS "MU term"
@@ -170,7 +170,7 @@ class Problem:
 
     def objective(self, fluence) -> float:
         """Total objective (float) at ``fluence`` on the host."""
-        from optimizer.objectives import evaluate_terms
+        from atp.optimizer.objectives import evaluate_terms
 
         w = np.asarray(fluence, dtype=np.float32)
         d = self.A @ w
@@ -186,7 +186,7 @@ class Problem:
 
     def mu_value(self, fluence) -> float:
         """The smoothed sliding-window MU (fluence units, all beams) at ``fluence``."""
-        from optimizer.objectives import mu_value_grad
+        from atp.optimizer.objectives import mu_value_grad
 
         m = self.mu
         v, _ = mu_value_grad(np.asarray(fluence, np.float32), m.D, m.D.T.tocsr(), m.S,
@@ -194,7 +194,7 @@ class Problem:
         return float(v)
 
     def term_values(self, fluence) -> list[float]:
-        from optimizer.objectives import term_value_grad
+        from atp.optimizer.objectives import term_value_grad
 
         d = self.dose_rows(fluence)
         out = []

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from optimizer.objectives import make_term
-from optimizer.problem import measure_metric
-from optimizer.solve import optimize
+from atp.optimizer.objectives import make_term
+from atp.optimizer.problem import measure_metric
+from atp.optimizer.solve import optimize
 
 VOLUME_POINTS_PCT = (1, 10, 20, 30, 40, 60, 80)
 MARGIN_FRACTION = 0.05

@@ -15,9 +15,9 @@ from importlib.metadata import entry_points
 from atp.errors import BackendUnavailableError
 
 BUILTIN = {
-    "cpu": "optimizer.backends.cpu:CpuBackend",
-    "gpu": "optimizer.backends.gpu:GpuBackend",
-    "qp": "optimizer.backends.qp:QpBackend",
+    "cpu": "atp.optimizer.backends.cpu:CpuBackend",
+    "gpu": "atp.optimizer.backends.gpu:GpuBackend",
+    "qp": "atp.optimizer.backends.qp:QpBackend",
 }
 REQUIRED = ("name", "is_installed", "solve")
 _registered: dict[str, object] = {}

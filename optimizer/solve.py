@@ -2,7 +2,7 @@
 
 Backends with ``hard_constraints`` (qp) make priority-1 goals exact constraints. For
 the others (cpu, gpu), priority-1 goals start as penalties ``hard_weight_factor`` times
-their weight (see :mod:`optimizer.problem`); after each solve every violated hard goal
+their weight (see :mod:`atp.optimizer.problem`); after each solve every violated hard goal
 gets its weight multiplied by ``hard_growth`` and its reference moved past the target by
 the violation (a multiplier-style shift), and the solve restarts warm. After
 ``hard_rounds`` rounds, goals still violated are listed in ``Result.messages`` and
@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import time
 
+from atp.optimizer import registry
+from atp.optimizer.backends.base import Result
+from atp.optimizer.problem import UPPER_OPS, measure_metric
+
 from atp.progress import tick
-from optimizer import registry
-from optimizer.backends.base import Result
-from optimizer.problem import UPPER_OPS, measure_metric
 
 OFFSET_KINDS = ("Dmean", "Dmax", "Dmin", "D")  # metrics whose term reference is a dose
 
@@ -69,7 +70,7 @@ def surrogate_value(problem, binding, dose_rows) -> float | None:
     t = problem.terms[binding.term_indices[0]]
     if not isinstance(t.ref_gy, float) or t.rows.size == 0:
         return None
-    from optimizer.problem import _rx_of
+    from atp.optimizer.problem import _rx_of
 
     return measure_metric(g.metric, dose_rows[t.rows], t.voxel_weight,
                           problem.voxel_volume_cc, _rx_of(g, problem.prescriptions))

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from atp.optimizer.objectives import make_term
+from atp.optimizer.problem import Problem
 
 from atp.grid import Grid
-from optimizer.objectives import make_term
-from optimizer.problem import Problem
 
 
 @dataclass

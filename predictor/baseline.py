@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from atp.predictor.base import finalize_dose, reference_dose_gy, require_prescriptions
 from scipy import ndimage
 
 from atp.errors import InputError
 from atp.outputs import write_json
 from atp.patient import Patient
-from predictor.base import finalize_dose, reference_dose_gy, require_prescriptions
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BASELINE_WEIGHTS = WEIGHTS_DIR / "baseline.json"
@@ -235,7 +235,7 @@ class DistanceBaseline:
                              for k, v in data.get("organ_factors", {}).items()}
         except FileNotFoundError:
             raise InputError("baseline weights not found; run "
-                             "`python -m predictor.baseline --fit`", file=path) from None
+                             "`python -m atp.predictor.baseline --fit`", file=path) from None
         except (KeyError, ValueError, TypeError) as exc:
             raise InputError(f"malformed baseline weights: {exc}", file=path) from None
         if knots.ndim != 1 or knots.size < 2 or np.any(np.diff(knots) <= 0) or any(
@@ -334,7 +334,7 @@ def _main(argv=None) -> int:  # pragma: no cover - exercised by hand / by the le
     import argparse
     import time
 
-    from predictor.data import iter_split
+    from atp.predictor.data import iter_split
 
     ap = argparse.ArgumentParser(description="fit the baseline and mean-dose predictors")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" /

@@ -2,7 +2,7 @@
 full-resolution refiner in a window around the targets.
 
 ``CascadePredictor(stage1, stage2).predict(patient)``: Stage 1 (a
-:class:`~predictor.cnn.CNNPredictor`) predicts the dose on the patient grid; Stage 2 (a
+:class:`~atp.predictor.cnn.CNNPredictor`) predicts the dose on the patient grid; Stage 2 (a
 CNNPredictor whose encoding has ``dose_input``: factor 1, a fixed window centred on the
 targets, the Stage-1 dose as its last input channel, a ResUNet with
 ``residual_channel``) returns the corrected dose inside the window; outside the window
@@ -17,11 +17,11 @@ predict --model cascade.pt`` reads it through :meth:`CNNPredictor.from_checkpoin
 from __future__ import annotations
 
 import numpy as np
+from atp.predictor.base import finalize_dose, require_prescriptions
+from atp.predictor.encoding import decode, encode_patient
 
 from atp.errors import InputError
 from atp.patient import Patient
-from predictor.base import finalize_dose, require_prescriptions
-from predictor.encoding import decode, encode_patient
 
 CASCADE_FORMAT = "atp-dose-cascade"
 
@@ -51,7 +51,7 @@ class CascadePredictor:
     @classmethod
     def from_dict(cls, ck: dict, *, name: str | None = None, device: str | None = None,
                   source=None) -> CascadePredictor:
-        from predictor.cnn import CNNPredictor
+        from atp.predictor.cnn import CNNPredictor
 
         try:
             s1, s2 = ck["stage1"], ck["stage2"]

@@ -23,17 +23,17 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-
-from atp.errors import InputError
-from atp.patient import Patient
-from predictor.base import finalize_dose, require_prescriptions
-from predictor.encoding import (
+from atp.predictor.base import finalize_dose, require_prescriptions
+from atp.predictor.encoding import (
     EncodingConfig,
     decode,
     encode_patient,
     lr_swap_permutation,
     network_inputs,
 )
+
+from atp.errors import InputError
+from atp.patient import Patient
 
 CHECKPOINT_FORMAT = "atp-dose-cnn"
 
@@ -95,7 +95,7 @@ class CNNPredictor:
                              + (str(exc).splitlines() or [type(exc).__name__])[0][:200],
                              file=path, field="weights") from None
         if isinstance(ck, dict) and ck.get("format") == "atp-dose-cascade":
-            from predictor.cascade import CascadePredictor
+            from atp.predictor.cascade import CascadePredictor
 
             return CascadePredictor.from_dict(ck, name=name, device=device, source=path)
         return cls.from_dict(ck, name=name, device=device, source=path)
@@ -104,7 +104,7 @@ class CNNPredictor:
     def from_dict(cls, ck: dict, *, name: str | None = None, device: str | None = None,
                   source=None) -> CNNPredictor:
         """A predictor from a checkpoint's data (see the module doc)."""
-        from predictor.nets import build_net
+        from atp.predictor.nets import build_net
 
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             raise InputError(f"not an {CHECKPOINT_FORMAT} checkpoint", file=source,
@@ -153,6 +153,6 @@ class CNNPredictor:
 
     def fit(self, patients, **options) -> CNNPredictor:
         """Train this network on patients with a reference dose (see predictor.train)."""
-        from predictor.train import fit_predictor
+        from atp.predictor.train import fit_predictor
 
         return fit_predictor(self, list(patients), **options)

@@ -1,7 +1,7 @@
 """Volume-weighted mean squared error (the CAD-UNet training loss) and its targets.
 
 Regions of interest on the network grid, from the input channel stack
-(see :mod:`predictor.encoding`): the PTV (PTV channel > 0), each OAR (occupancy >= 0.5),
+(see :mod:`atp.predictor.encoding`): the PTV (PTV channel > 0), each OAR (occupancy >= 0.5),
 the rest of the body (body >= 0.5, in no other ROI) and everything outside the body.
 Each ROI gets the weight ``V / n_roi`` -- the reciprocal of its volume fraction -- and a
 voxel in several ROIs takes the largest of their weights (its smallest ROI). The loss
@@ -18,8 +18,7 @@ the reference dose everywhere. All doses are in units of the normalisation dose.
 from __future__ import annotations
 
 import torch
-
-from predictor.encoding import BODY_CHANNEL, FIRST_OAR_CHANNEL, PTV_CHANNEL
+from atp.predictor.encoding import BODY_CHANNEL, FIRST_OAR_CHANNEL, PTV_CHANNEL
 
 
 def training_target(stack: torch.Tensor, dose: torch.Tensor, ptv_target: str

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from atp.predictor.base import Predictor
+
 from atp.errors import BackendUnavailableError, InputError
-from predictor.base import Predictor
 
 ENTRY_POINT_GROUP = "atp.predictors"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -141,12 +142,12 @@ def _register_builtins() -> None:
     _BUILTINS_DONE = True
 
     def baseline():
-        from predictor.baseline import DistanceBaseline
+        from atp.predictor.baseline import DistanceBaseline
 
         return DistanceBaseline().load()
 
     def mean_dose():
-        from predictor.baseline import MeanDosePredictor
+        from atp.predictor.baseline import MeanDosePredictor
 
         return MeanDosePredictor().load()
 
@@ -163,7 +164,7 @@ def _cnn_factory(name: str, path: Path) -> Factory:
         if importlib.util.find_spec("torch") is None:
             raise BackendUnavailableError(
                 f"predictor '{name}' needs PyTorch: pip install 'atp[ml]'")
-        from predictor.cnn import CNNPredictor
+        from atp.predictor.cnn import CNNPredictor
 
         return CNNPredictor.from_checkpoint(path, name=name)
     return factory

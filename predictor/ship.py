@@ -1,6 +1,6 @@
 """Record shipped predictors and their validation scores in ``weights/shipped.json``.
 
-    python -m predictor.ship --scores bench.json [--checkpoint runs/x/best.pt --name cadunet]
+    python -m atp.predictor.ship --scores bench.json [--checkpoint runs/x/best.pt --name cadunet]
 
 ``bench.json`` is written by ``benchmarks/bench_predictors.py --json``. A checkpoint is
 copied (float32 state, plain data) to ``weights/<name>.pt``; the registry then offers it
@@ -14,9 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
+from atp.predictor.registry import SHIPPED_INDEX, WEIGHTS_DIR
+
 from atp.errors import InputError
 from atp.outputs import write_json
-from predictor.registry import SHIPPED_INDEX, WEIGHTS_DIR
 
 BUILTIN_FILES = {"baseline": "baseline.json", "mean-dose": "mean_dose.json"}
 

@@ -16,7 +16,7 @@
   ``checkpoint_every_s`` seconds and after every epoch; the best network on the
   selection score (OpenKBP dose + DVH score of held-out patients, when a ``selector`` is
   given) or else on the validation loss is kept as ``best.pt`` (a shippable
-  :mod:`predictor.cnn` checkpoint); early stopping after ``patience`` epochs without
+  :mod:`atp.predictor.cnn` checkpoint); early stopping after ``patience`` epochs without
   improvement; an optional time budget stops cleanly after a checkpoint.
 
 Named recipes (``PRESETS``): ``small`` / ``full`` per network, and ``okbp_stage1``
@@ -42,16 +42,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
-from atp.errors import InputError
-from atp.outputs import atomic_write_bytes
-from predictor.encoding import (
+from atp.predictor.encoding import (
     EncodingConfig,
     encode_dose,
     encode_patient,
     lr_swap_permutation,
     network_inputs,
 )
+
+from atp.errors import InputError
+from atp.outputs import atomic_write_bytes
 
 PRESETS = {
     ("cadunet", "small"): {
@@ -200,8 +200,8 @@ def coarse_reference_gy(patient, coarse: EncodingConfig) -> np.ndarray:
     """The reference dose block-averaged on the coarse (Stage-1) grid and interpolated
     back to the patient grid (what a perfect Stage 1 would hand Stage 2), zero outside
     the body."""
-    from predictor.base import finalize_dose, reference_dose_gy
-    from predictor.encoding import decode, make_transform
+    from atp.predictor.base import finalize_dose, reference_dose_gy
+    from atp.predictor.encoding import decode, make_transform
 
     t = make_transform(patient, coarse)
     y = encode_dose(reference_dose_gy(patient), t)
@@ -213,7 +213,7 @@ def encode_patients(patients, enc: EncodingConfig, coarse: EncodingConfig | None
 
     With ``enc.dose_input`` the last channel is :func:`coarse_reference_gy` on
     ``coarse``."""
-    from predictor.base import reference_dose_gy
+    from atp.predictor.base import reference_dose_gy
 
     if enc.dose_input and coarse is None:
         raise InputError("a dose-input encoding needs the coarse encoding",
@@ -233,7 +233,7 @@ def encode_patients(patients, enc: EncodingConfig, coarse: EncodingConfig | None
 
 def cached_split(data_dir, split: str, enc: EncodingConfig, cache_dir: Path,
                  limit: int | None = None, log=print):
-    from predictor.data import iter_split, split_files
+    from atp.predictor.data import iter_split, split_files
 
     files = split_files(data_dir, split)[:limit] if limit else split_files(data_dir, split)
     enc_key = {k: v for k, v in enc.to_dict().items() if k != "inputs"}  # same stack
@@ -265,11 +265,12 @@ def selection_split(files, n: int, seed: int) -> tuple[list, list]:
 
 
 def score_predictor(predictor, files) -> dict:
-    """OpenKBP dose and DVH scores (Gy, :mod:`predictor.scoring`) of ``predictor`` on the
+    """OpenKBP dose and DVH scores (Gy, :mod:`atp.predictor.scoring`) of ``predictor`` on the
     patients in ``files``, on each patient's own grid; selection_score = dose + DVH."""
+    from atp.predictor.base import reference_dose_gy
+    from atp.predictor.scoring import cohort_scores, score_patient
+
     from atp.io.openkbp import load_openkbp_npz
-    from predictor.base import reference_dose_gy
-    from predictor.scoring import cohort_scores, score_patient
 
     per = []
     for f in files:
@@ -465,7 +466,7 @@ def _load_resume_checkpoint(last: Path) -> dict:
 
 def training_loss(y, s, d, cfg: TrainConfig):
     """The configured loss of network output y for stacks s and reference doses d."""
-    from predictor.losses import body_l1, roi_weights, training_target, volume_weighted_mse
+    from atp.predictor.losses import body_l1, roi_weights, training_target, volume_weighted_mse
 
     tgt = training_target(s, d, cfg.ptv_target)
     if cfg.loss == "body_l1":
@@ -480,8 +481,8 @@ def training_loss(y, s, d, cfg: TrainConfig):
 def _dvh_loss(y, tgt, s, cfg: TrainConfig):
     """DVH-point loss per sample: targets from the distance channels (< 0 inside), organs
     from the OAR channels (occupancy >= 0.5)."""
-    from predictor.encoding import FIRST_OAR_CHANNEL
-    from predictor.losses import dvh_point_loss
+    from atp.predictor.encoding import FIRST_OAR_CHANNEL
+    from atp.predictor.losses import dvh_point_loss
 
     enc = cfg.encoding
     first = enc.first_distance_channel
@@ -547,9 +548,8 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
     import copy
 
     import torch
-
-    from predictor.cnn import CNNPredictor
-    from predictor.nets import build_net
+    from atp.predictor.cnn import CNNPredictor
+    from atp.predictor.nets import build_net
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,22 +2,22 @@
 (step-and-shoot, sliding window) and VMAT leaf sequencing, deliverable dose.
 
 Typical use (one call: ``sequencer.sequence(weights_mu, dij, "vmat", fractions=35)``,
-which also re-fits the MU, see ``sequencer.reweight``)::
+which also re-fits the MU, see ``atp.sequencer.reweight``)::
 
-    from sequencer import load_machine, fluence_set, get_sequencer, deliverable_dose
+    from atp.sequencer import load_machine, fluence_set, get_sequencer, deliverable_dose
     machine = load_machine("millennium120")
     fl = fluence_set(weights_mu, dij.beamlets, machine.leaf_edges_mm, fractions=35)
     delivery = get_sequencer("vmat").sequence(fl, machine)
     dose_gy = deliverable_dose(delivery, dij)
 """
 
-from sequencer.api import default_technique, sequence
-from sequencer.deliverable import deliverable_dose, delivered_weights
-from sequencer.delivery import BeamDelivery, Delivery, check_delivery
-from sequencer.fluence import BeamFluence, FluenceSet, fluence_set
-from sequencer.machine import Machine, available_machines, load_machine
-from sequencer.registry import get as get_sequencer
-from sequencer.registry import names as sequencer_names
+from atp.sequencer.api import default_technique, sequence
+from atp.sequencer.deliverable import deliverable_dose, delivered_weights
+from atp.sequencer.delivery import BeamDelivery, Delivery, check_delivery
+from atp.sequencer.fluence import BeamFluence, FluenceSet, fluence_set
+from atp.sequencer.machine import Machine, available_machines, load_machine
+from atp.sequencer.registry import get as get_sequencer
+from atp.sequencer.registry import names as sequencer_names
 
 __all__ = [
            "BeamDelivery",

@@ -9,7 +9,7 @@ dose itself, within the machine's limits:
     min_{a, b, v}  J(D(w(a, b, v)))
 
 w(a, b, v): beamlet weights (MU) of the delivery, exactly as
-:func:`sequencer.deliverable.delivered_weights` computes them (each interval between
+:func:`atp.sequencer.deliverable.delivered_weights` computes them (each interval between
 control points split into ``n_sub`` equal-MU sub-apertures at linearly interpolated tips,
 the delivered fraction of each beamlet rectangle with the machine's transmission, jaws
 fixed). That map is piecewise linear in the tips, so its vector-Jacobian product is
@@ -34,14 +34,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from atp.sequencer.deliverable import beamlet_pair_overlap
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.machine import Machine
+from atp.sequencer.reweight import _mu_map
+from atp.sequencer.vmat import control_point_cover_deg
 
 from atp.dose.aperture import beamlet_pair_slots, delivered_fraction
 from atp.dose.influence import BeamletInfo
-from sequencer.deliverable import beamlet_pair_overlap
-from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.machine import Machine
-from sequencer.reweight import _mu_map
-from sequencer.vmat import control_point_cover_deg
 
 
 class _ArcModel:
@@ -219,7 +219,7 @@ def refine_apertures(delivery: Delivery, beamlets: BeamletInfo, weight_value_gra
     weight_value_grad(w): J and dJ/dw for beamlet weights w (MU, ``beamlets`` order,
     NumPy float64). rounds x iterations: L-BFGS-B rounds (boxes re-cut from the slack
     before each) and iterations per round. Returns (delivery, info); the input delivery
-    when J does not decrease. Every result passes :func:`sequencer.check_delivery`.
+    when J does not decrease. Every result passes :func:`atp.sequencer.check_delivery`.
     """
     from scipy.optimize import minimize
 

@@ -8,8 +8,7 @@ and parked behind the X1 jaw where the bank span allows.
 from __future__ import annotations
 
 import numpy as np
-
-from sequencer.machine import Machine
+from atp.sequencer.machine import Machine
 
 
 def physical_tips(left_eff, right_eff, open_mask, machine: Machine):

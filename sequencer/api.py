@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from atp.sequencer.delivery import Delivery
+from atp.sequencer.fluence import fluence_set
+from atp.sequencer.machine import Machine, load_machine
+from atp.sequencer.registry import get
+
 from atp.dose.influence import DoseInfluence
-from sequencer.delivery import Delivery
-from sequencer.fluence import fluence_set
-from sequencer.machine import Machine, load_machine
-from sequencer.registry import get
 
 
 def default_technique(dij: DoseInfluence) -> str:
@@ -32,9 +33,9 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     :func:`default_technique`). machine: a shipped machine name, a YAML path or a
     Machine. fractions: the course's fractions (sets per-fraction MU and speed limits;
     default 1). reweight: afterwards choose the segment / control-point MU that best
-    reproduce the ideal dose ``dij @ fluence`` (:func:`sequencer.reweight.reweight_mu`;
+    reproduce the ideal dose ``dij @ fluence`` (:func:`atp.sequencer.reweight.reweight_mu`;
     leaves unchanged; not for sliding window). jaw_tracking: jaws follow the open leaves
-    at every control point (:func:`sequencer.apertures.track_jaws`; default: the
+    at every control point (:func:`atp.sequencer.apertures.track_jaws`; default: the
     machine's ``jaws.tracking``), applied before the MU fit so the MU see the leakage they
     get. params: passed to the sequencer's constructor (e.g. ``levels=10``).
     """
@@ -42,11 +43,11 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
     delivery = get(technique or default_technique(dij), **params).sequence(fs, m)
     if m.jaw_tracking if jaw_tracking is None else jaw_tracking:
-        from sequencer.apertures import track_jaws
+        from atp.sequencer.apertures import track_jaws
 
         delivery = track_jaws(delivery)
     if reweight and delivery.technique in ("imrt-sns", "vmat", "vmat-sliding"):
-        from sequencer.reweight import reweight_mu
+        from atp.sequencer.reweight import reweight_mu
 
         delivery = reweight_mu(delivery, dij, dij.dose(fluence_mu))
     return delivery

@@ -8,7 +8,7 @@ goes through). An aperture's radiation field per leaf pair is [a - DLG/2, b + DL
 jaws, over the pair's y extent clipped to the Y jaws; the machine's leaf transmission
 reaches the leaf-covered part under the jaws, its jaw transmission the part outside, and
 its tongue-and-groove strip narrows openings where neighbouring pairs differ
-(:attr:`sequencer.machine.Machine.transmission`).
+(:attr:`atp.sequencer.machine.Machine.transmission`).
 
 Moving leaves (sliding window, arcs): each interval between control points is split into
 ``n_sub`` equal-MU sub-apertures at the midpoints of linearly interpolated tips; an arc
@@ -23,10 +23,10 @@ projection plus the beamlet margin): leakage further out is not in the dose.
 from __future__ import annotations
 
 import numpy as np
+from atp.sequencer.delivery import BeamDelivery, Delivery
 
 from atp.dose.aperture import Transmission, beamlet_pair_slots, delivered_fraction
 from atp.dose.influence import BeamletInfo, DoseInfluence
-from sequencer.delivery import BeamDelivery, Delivery
 
 
 def beamlet_pair_overlap(bev_y_mm, beamlet_size_y_mm: float, leaf_edges_mm, jaw_y_mm=None,

@@ -3,7 +3,7 @@
 Leaf positions are *physical* tip positions (what goes into an RT Plan), mm at the
 isocentre plane: bank A (X1, -x side) and bank B (X2, +x side), one value per leaf pair.
 The radiation field of an opening is wider by the machine's dosimetric leaf gap (DLG/2
-each side); ``sequencer.deliverable`` applies that when computing dose.
+each side); ``atp.sequencer.deliverable`` applies that when computing dose.
 
 Between control points k and k+1 the leaves move linearly while
 ``cumulative_mu[k+1] - cumulative_mu[k]`` MU (total course) are delivered. Step-and-shoot
@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from sequencer.machine import Machine
+from atp.sequencer.machine import Machine
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,11 +18,10 @@ from __future__ import annotations
 from itertools import pairwise
 
 import numpy as np
-
-from sequencer.apertures import jaws_around, park_closed, physical_tips
-from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.fluence import BeamFluence, FluenceSet
-from sequencer.machine import Machine
+from atp.sequencer.apertures import jaws_around, park_closed, physical_tips
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.fluence import BeamFluence, FluenceSet
+from atp.sequencer.machine import Machine
 
 
 def _runs(row_mask: np.ndarray) -> list[tuple[int, int]]:

@@ -33,7 +33,7 @@ enters every deliverable dose through :func:`atp.dose.aperture.delivered_fractio
 
 Arcs: the leaves may travel ``max_leaf_speed / min_gantry_speed`` mm per degree (the
 gantry slows down while they move: :attr:`Machine.leaf_travel_limit_per_deg_mm`, what
-:func:`sequencer.check_delivery` holds arcs to); the rule-based VMAT sequencer keeps to
+:func:`atp.sequencer.check_delivery` holds arcs to); the rule-based VMAT sequencer keeps to
 the travel at full gantry speed (:attr:`Machine.max_leaf_travel_per_deg_mm`) so its arcs
 never slow down for the leaves.
 """

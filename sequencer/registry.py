@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
+from atp.sequencer.delivery import Delivery
+from atp.sequencer.fluence import FluenceSet
+from atp.sequencer.machine import Machine
+
 from atp.errors import BackendUnavailableError
-from sequencer.delivery import Delivery
-from sequencer.fluence import FluenceSet
-from sequencer.machine import Machine
 
 ENTRY_POINT_GROUP = "atp.sequencers"
 REQUIRED = ("name", "sequence")
@@ -31,7 +32,7 @@ class StepAndShoot:
     kind: str = field(default="imrt", init=False)
 
     def sequence(self, fluence: FluenceSet, machine: Machine) -> Delivery:
-        from sequencer.imrt import sequence_step_and_shoot
+        from atp.sequencer.imrt import sequence_step_and_shoot
 
         return sequence_step_and_shoot(fluence, machine, levels=self.levels)
 
@@ -45,7 +46,7 @@ class SlidingWindow:
     kind: str = field(default="imrt", init=False)
 
     def sequence(self, fluence: FluenceSet, machine: Machine) -> Delivery:
-        from sequencer.imrt import sequence_sliding_window
+        from atp.sequencer.imrt import sequence_sliding_window
 
         return sequence_sliding_window(fluence, machine,
                                        max_control_points=self.max_control_points)
@@ -63,7 +64,7 @@ class RuleBasedVmat:
     kind: str = field(default="arc", init=False)
 
     def sequence(self, fluence: FluenceSet, machine: Machine) -> Delivery:
-        from sequencer.vmat import sequence_vmat
+        from atp.sequencer.vmat import sequence_vmat
 
         return sequence_vmat(fluence, machine, threshold=self.threshold,
                              mu_relative_pass=self.mu_relative_pass, passes=self.passes)
@@ -72,7 +73,7 @@ class RuleBasedVmat:
 @dataclass
 class SlidingWindowVmat:
     """Arc sectors of ``sector_deg`` delivered by unidirectional leaf sweeps
-    (:mod:`sequencer.vmat_sliding`); ``passes``: arcs per optimised arc."""
+    (:mod:`atp.sequencer.vmat_sliding`); ``passes``: arcs per optimised arc."""
 
     sector_deg: float = 20.0
     passes: int = 2
@@ -82,7 +83,7 @@ class SlidingWindowVmat:
     kind: str = field(default="arc", init=False)
 
     def sequence(self, fluence: FluenceSet, machine: Machine) -> Delivery:
-        from sequencer.vmat_sliding import sequence_vmat_sliding
+        from atp.sequencer.vmat_sliding import sequence_vmat_sliding
 
         return sequence_vmat_sliding(fluence, machine, sector_deg=self.sector_deg,
                                      passes=self.passes, samples_per_cp=self.samples_per_cp,

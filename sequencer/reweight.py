@@ -8,7 +8,7 @@ limits: >= 0 per segment, and the machine's MU/degree range per arc control poin
 leaves do not move, so every leaf constraint still holds.
 
 The dose is linear in the MU: each delivery interval (between two control points) gives a
-per-MU dose (its sub-apertures, as in :mod:`sequencer.deliverable`, the machine's leaf /
+per-MU dose (its sub-apertures, as in :mod:`atp.sequencer.deliverable`, the machine's leaf /
 jaw transmission and tongue-and-groove included, so the MU pay for their leakage), and each interval's MU
 is a fixed linear combination of the free MU (arcs: control point k's MU is delivered
 half on each side of it).
@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from atp.sequencer.deliverable import aperture_open_fraction, beam_apertures
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.vmat import _wrap, control_point_cover_deg
 from scipy.optimize import lsq_linear
 
 from atp.dose.influence import DoseInfluence
-from sequencer.deliverable import aperture_open_fraction, beam_apertures
-from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.vmat import _wrap, control_point_cover_deg
 
 
 def _mu_map(beam: BeamDelivery) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +210,7 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
 
     if delivery.technique == "imrt-sliding":
         return delivery, {"iterations": 0, "kept": False, "reason": "sliding window"}
-    from sequencer.deliverable import deliverable_dose
+    from atp.sequencer.deliverable import deliverable_dose
 
     if rows is None:
         if row_matrix is not None:

@@ -1,4 +1,4 @@
-"""DICOM RT Plan -> :class:`~sequencer.delivery.Delivery` (any planning system's plan).
+"""DICOM RT Plan -> :class:`~atp.sequencer.delivery.Delivery` (any planning system's plan).
 
 Reads photon treatment beams with their control points: gantry / collimator / couch
 angles, isocentre, jaws (X / ASYMX, Y / ASYMY), MLC leaf positions (MLCX with its
@@ -25,11 +25,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.machine import Machine, load_machine
 
 from atp.dose.geometry import Beam
 from atp.errors import InputError
-from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.machine import Machine, load_machine
 
 RT_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"
 _OPEN_MM = 200.0  # leaves of a beam without an MLC: retracted this far

@@ -28,12 +28,12 @@ control points half a step before the first and after the last so no MU is lost.
 from __future__ import annotations
 
 import numpy as np
+from atp.sequencer.apertures import jaws_around, limit_bank_span
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.fluence import FluenceSet
+from atp.sequencer.machine import Machine
 
 from atp.errors import InputError
-from sequencer.apertures import jaws_around, limit_bank_span
-from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.fluence import FluenceSet
-from sequencer.machine import Machine
 
 
 def _wrap(d):

@@ -4,9 +4,9 @@ After the arc-sector sequencing of Craft et al. (Med Phys 2012, "Multicriteria V
 optimization"): the arc's control points (one fluence map each, every few degrees) are
 grouped into sectors of consecutive control points; a sector's maps are summed and that
 sum is delivered while the gantry turns through the sector by a sliding window (Spirou &
-Chui 1994, :func:`sequencer.imrt.sweep_row`): per leaf pair both leaves cross the pair's
+Chui 1994, :func:`atp.sequencer.imrt.sweep_row`): per leaf pair both leaves cross the pair's
 span once, the trailing leaf waiting at rises of the profile, the leading one at falls.
-Where the rule-based sequencer (:mod:`sequencer.vmat`) gives each control point one
+Where the rule-based sequencer (:mod:`atp.sequencer.vmat`) gives each control point one
 aperture (one MU per map, the rest of its modulation lost), a sweep reproduces any
 profile along leaf travel up to the floor its closed-leaf slit leaves; what it gives up
 is angle: a pixel's fluence is delivered where the window passes it inside the sector,
@@ -42,7 +42,7 @@ machine's MU per degree. ``passes`` > 1 delivers 1 / passes of every map per
 pass, alternating the gantry direction, with the sector boundaries of pass q shifted by
 q / passes of a sector so the passes' angular errors differ.
 
-The MU step (:mod:`sequencer.reweight`) may scale each sector's MU as a whole
+The MU step (:mod:`atp.sequencer.reweight`) may scale each sector's MU as a whole
 (``BeamDelivery.mu_group``): leaf travel per degree is unchanged, so the delivery stays
 within the machine limits.
 """
@@ -50,13 +50,13 @@ within the machine limits.
 from __future__ import annotations
 
 import numpy as np
+from atp.sequencer.apertures import jaws_around
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.fluence import FluenceSet
+from atp.sequencer.machine import Machine
+from atp.sequencer.vmat import _limit_travel, _wrap, arc_inputs, control_point_cover_deg, group_arcs
 
 from atp.errors import InputError
-from sequencer.apertures import jaws_around
-from sequencer.delivery import BeamDelivery, Delivery
-from sequencer.fluence import FluenceSet
-from sequencer.machine import Machine
-from sequencer.vmat import _limit_travel, _wrap, arc_inputs, control_point_cover_deg, group_arcs
 
 
 def sector_bounds(n_cp: int, sector_cps: int, offset: int = 0) -> np.ndarray:
@@ -174,7 +174,7 @@ def _sweep_positions_rows(profile, lo, hi, edges_mm, speed, direction, times):
     the span ignored) across edges ``edges_mm[lo[r]:hi[r] + 1]`` at ``speed[r]`` mm per
     MU. Returns (left, right), each (len(times), R) mm.
 
-    The trajectories of :func:`sequencer.imrt.sweep_row` with every row on the full
+    The trajectories of :func:`atp.sequencer.imrt.sweep_row` with every row on the full
     edge grid: pixels outside a row's span add no wait and no travel, so the row's
     breakpoint times stay non-decreasing and the breakpoints of its span are exactly
     those ``sweep_row`` gives for the span alone."""
@@ -367,7 +367,7 @@ def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: 
                           travel_per_deg_mm: float | None = None,
                           arcs: list[list[int]] | None = None) -> Delivery:
     """Sliding-window VMAT of every arc (``arcs``: beam positions in ``fluence.beams``;
-    default :func:`sequencer.vmat.group_arcs`); see the module docstring."""
+    default :func:`atp.sequencer.vmat.group_arcs`); see the module docstring."""
     if not sector_deg > 0:
         raise InputError(f"sector_deg must be > 0, got {sector_deg}", field="sector_deg")
     if int(passes) < 1:

@@ -10,10 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import sequencer
-from sequencer.aperture_refine import _ArcModel, leaf_boxes, refine_apertures
-from sequencer.deliverable import delivered_weights
-from sequencer.delivery import check_delivery
+from atp.sequencer.aperture_refine import _ArcModel, leaf_boxes, refine_apertures
+from atp.sequencer.deliverable import delivered_weights
+from atp.sequencer.delivery import check_delivery
+
+from atp import sequencer
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_fast_path_option_runs_and_records_the_refinement(phantom, fast):
 def test_weight_objective_on_the_objective_rows_equals_the_whole_matrix(fast, spare):
     """weight_value_grad computes A w on the rows J reads only; J and A^T dJ/dD must be
     those of the whole dose-influence matrix."""
-    from optimizer.fastpath.error_map import value_and_error_map
+    from atp.optimizer.fastpath.error_map import value_and_error_map
 
     fp = fast.fastpath
     obj = fp.objective(spare)

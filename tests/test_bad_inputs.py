@@ -580,9 +580,10 @@ SIDECARS = [
 # saved plans: replan --set and corrupt plan folders ------------------------------------------
 @pytest.fixture(scope="module")
 def plan_template(tmp_path_factory) -> Path:
+    from atp.optimizer.testing import toy_dij
+
     import atp
     from atp.phantom import head_neck_phantom
-    from optimizer.testing import toy_dij
 
     phantom = head_neck_phantom()
     dij = toy_dij(phantom, n_beams=3, factor=3)
@@ -832,7 +833,7 @@ OPTIONS = [
 # machine models (sequencer YAML) --------------------------------------------------------
 def _machine(edit):
     def build(folder: Path):
-        from sequencer.machine import MACHINE_DIR
+        from atp.sequencer.machine import MACHINE_DIR
 
         (folder / "m.yaml").write_text(edit((MACHINE_DIR / "millennium120.yaml").read_text()))
     return build
@@ -942,11 +943,12 @@ def test_optimiser_names_a_non_finite_term(plan_template):
     goal named, instead of a NaN objective."""
     from dataclasses import replace
 
+    from atp.optimizer.problem import build_problem
+
     from atp.dose.influence import DoseInfluence
     from atp.errors import InputError
     from atp.goals import with_control_structures
     from atp.pipeline import load_plan
-    from optimizer.problem import build_problem
 
     plan = load_plan(plan_template)
     goals = [replace(g, weight=1e308) if g.id == "Larynx.Dmean" else g

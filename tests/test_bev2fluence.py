@@ -3,10 +3,7 @@
 import numpy as np
 import pytest
 import torch
-
-from atp.dose.influence import BeamletInfo
-from atp.errors import InputError
-from optimizer.fastpath.bev2fluence import (
+from atp.optimizer.fastpath.bev2fluence import (
     FEATURE_CHANNELS,
     NETWORK_REFINE_STEPS,
     Bev2FluenceNet,
@@ -17,15 +14,19 @@ from optimizer.fastpath.bev2fluence import (
     masked_l1,
     save_weights,
 )
-from optimizer.fastpath.chain import FastPath
+from atp.optimizer.fastpath.chain import FastPath
+
+from atp.dose.influence import BeamletInfo
+from atp.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def arc_case(phantom):
     """Phantom, coarse arc dij (30 deg, dose grid factor 3), a predicted dose (Gy)."""
+    from atp.predictor import registry
+
     from atp.dose.arc import arc_influence
     from atp.dose.geometry import arc_control_points
-    from predictor import registry
 
     dij = arc_influence(phantom, arc_control_points(180.0, 180.0, 30.0), dose_grid_factor=3)
     pred = registry.get("baseline").predict(phantom)
@@ -35,7 +36,7 @@ def arc_case(phantom):
 @pytest.fixture(scope="module")
 def record(arc_case):
     """A gen_data record whose target is the fallback initial fluence (MU)."""
-    from optimizer.fastpath.gen_data import patient_record
+    from atp.optimizer.fastpath.gen_data import patient_record
 
     patient, dij, pred = arc_case
     target = FastPath(patient, dij, pred, init_steps=10).prepare().w_init.numpy()
@@ -77,7 +78,7 @@ def test_features_and_a_few_training_steps_lower_the_loss(record):
     assert x.shape[1] == len(FEATURE_CHANNELS) and torch.isfinite(x).all()
     assert torch.equal(x[:, FEATURE_CHANNELS.index("beamlet_mask")], m)
     torch.manual_seed(0)
-    from optimizer.fastpath.train_bev2fluence import train_step
+    from atp.optimizer.fastpath.train_bev2fluence import train_step
 
     model = Bev2FluenceNet(base=8, depth=2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -122,8 +123,8 @@ def test_network_initial_fluence_plugs_into_the_fast_path(arc_case, tmp_path):
 
 
 def test_saved_data_trains_and_resumes_from_the_cli(record, tmp_path):
-    from optimizer.fastpath.gen_data import save_record
-    from optimizer.fastpath.train_bev2fluence import main
+    from atp.optimizer.fastpath.gen_data import save_record
+    from atp.optimizer.fastpath.train_bev2fluence import main
 
     meta = {"patient_id": "phantom", "max_iter": 0, "predictor": "baseline",
             "arc_spacing_deg": 30.0, "control_points": 12, "dose_grid_factor": 3}
@@ -142,8 +143,8 @@ def test_saved_data_trains_and_resumes_from_the_cli(record, tmp_path):
 
 
 def test_gen_data_features_match_the_fast_path(arc_case):
-    from optimizer.fastpath.bev2fluence import bev_features
-    from optimizer.fastpath.gen_data import dose_grid_inputs
+    from atp.optimizer.fastpath.bev2fluence import bev_features
+    from atp.optimizer.fastpath.gen_data import dose_grid_inputs
 
     patient, dij, pred = arc_case
     fp = FastPath(patient, dij, pred, init_steps=0).prepare()

@@ -11,17 +11,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import atp
-from atp.errors import InputError
-from optimizer.fastpath.bev2fluence import Bev2FluenceNet, load_weights, save_weights
-from optimizer.fastpath.correction import unrolled_correction
-from optimizer.fastpath.correction_net import (
+from atp.optimizer.fastpath.bev2fluence import Bev2FluenceNet, load_weights, save_weights
+from atp.optimizer.fastpath.correction import unrolled_correction
+from atp.optimizer.fastpath.correction_net import (
     CORRECTION,
     CORRECTION_CHANNELS,
     correction_features,
     correction_record,
     make_correction_fn,
 )
+
+import atp
+from atp.errors import InputError
 
 ARC = {"arc_spacing_deg": 10.0, "dose_grid_factor": 3}
 
@@ -94,7 +95,7 @@ def test_plan_says_which_correction_it_used(phantom, fast, identity_weights, mon
     assert np.all(net.fluence >= 0) and net.dose_gy[phantom.mask("PTV_70")].mean() > 50
     # sliders go through the network too, and zero sliders are the baseline exactly
     np.testing.assert_array_equal(net.respare({}).fluence, net.fluence)
-    from optimizer.fastpath import correction_net
+    from atp.optimizer.fastpath import correction_net
 
     monkeypatch.setattr(correction_net, "default_correction_weights_path", lambda: None)
     with pytest.raises(InputError, match="no correction-network weights"):
@@ -106,8 +107,8 @@ def test_plan_says_which_correction_it_used(phantom, fast, identity_weights, mon
 
 
 def test_correction_data_trains_from_the_cli(fast, tmp_path):
-    from optimizer.fastpath.gen_data import save_record
-    from optimizer.fastpath.train_bev2fluence import main
+    from atp.optimizer.fastpath.gen_data import save_record
+    from atp.optimizer.fastpath.train_bev2fluence import main
 
     fp = fast.fastpath
     for i, sp in enumerate(({}, {"Parotid_L": 0.2})):
@@ -130,13 +131,13 @@ def test_correction_data_trains_from_the_cli(fast, tmp_path):
     assert model.residual_channel == 0
     # a Bev2Fluence trainer refuses correction data (and the other way round)
     with pytest.raises(ValueError, match="correction data"):
-        from optimizer.fastpath.train_bev2fluence import load_record
+        from atp.optimizer.fastpath.train_bev2fluence import load_record
 
         load_record(tmp_path / "data" / "pt_0.npz")
 
 
 def test_write_patients_skips_fails_and_writes_atomically(tmp_path, capsys):
-    from optimizer.fastpath.gen_data import write_patients
+    from atp.optimizer.fastpath.gen_data import write_patients
 
     src = [tmp_path / f"pt_{i}.npz" for i in (1, 2, 3)]
     out = tmp_path / "out"

@@ -11,12 +11,12 @@ import types
 import numpy as np
 import pydicom
 import pytest
+from atp.sequencer import fluence_set, get_sequencer, load_machine
 
 from atp.dose.influence import BeamletInfo
 from atp.io.dicom_export import export_plan_set
 from atp.io.dicom_export_contours import plane_contours
 from atp.io.dicom_export_geometry import slice_layout
-from sequencer import fluence_set, get_sequencer, load_machine
 
 
 def smooth_dose(patient):

@@ -46,7 +46,7 @@ def test_interpolation_support_covers_the_mask_after_interpolation(phantom, fast
 
 
 def test_fast_path_targets_the_support_by_default(fast):
-    from optimizer.fastpath.chain import target_prescription_map
+    from atp.optimizer.fastpath.chain import target_prescription_map
 
     fp = fast.fastpath
     assert fp.target_voxels == "support"
@@ -60,8 +60,8 @@ def test_fast_path_targets_the_support_by_default(fast):
 
 @pytest.fixture(scope="module")
 def goal_objective(fast):
-    from optimizer.fastpath.goal_objective import GoalListObjective
-    from optimizer.problem import build_problem
+    from atp.optimizer.fastpath.goal_objective import GoalListObjective
+    from atp.optimizer.problem import build_problem
 
     problem = build_problem(list(fast.resolved_goals), fast.fastpath.patient, fast.dij)
     return problem, GoalListObjective(problem, "cpu", dtype=torch.float64)
@@ -73,7 +73,7 @@ def test_goal_list_objective_is_the_optimisers_objective(fast, goal_objective):
     dose = torch.from_numpy(fast.dij.matrix @ w)
     # the same number the optimiser computes (its Problem on its own rows), minus the
     # fluence-smoothness term, which is not a dose term
-    from optimizer.objectives import evaluate_terms
+    from atp.optimizer.objectives import evaluate_terms
 
     ref, _, _ = evaluate_terms(problem.terms, [(t.rows, t.voxel_weight, t.ref_gy)
                                                for t in problem.terms], problem.A @ w)
@@ -81,7 +81,7 @@ def test_goal_list_objective_is_the_optimisers_objective(fast, goal_objective):
 
 
 def test_goal_list_error_map_matches_finite_differences(fast, goal_objective):
-    from optimizer.fastpath.error_map import error_map
+    from atp.optimizer.fastpath.error_map import error_map
 
     _, goal = goal_objective
     dose = torch.from_numpy(fast.dij.matrix @ np.asarray(fast.fluence, np.float64))
@@ -104,7 +104,7 @@ def test_goal_list_error_map_matches_finite_differences(fast, goal_objective):
 
 
 def test_goal_weight_adds_the_goal_terms_to_the_fast_objective(phantom, fast):
-    from optimizer.fastpath.chain import FastPath
+    from atp.optimizer.fastpath.chain import FastPath
 
     fp = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy, device="cpu",
                   goal_weight=1.0, resolved_goals=list(fast.resolved_goals)).prepare()
@@ -136,8 +136,9 @@ def test_correction_with_zero_offset_is_the_plain_correction(fast):
 
 
 def test_mu_basis_is_the_deliverable_dose_and_with_mu_round_trips(fast):
-    import sequencer
-    from sequencer.reweight import mu_basis, with_mu
+    from atp.sequencer.reweight import mu_basis, with_mu
+
+    from atp import sequencer
 
     delivery, dij = fast.delivery, fast.dij
     now = np.asarray(sequencer.deliverable_dose(delivery, dij)).reshape(-1)
@@ -156,8 +157,9 @@ def test_mu_basis_is_the_deliverable_dose_and_with_mu_round_trips(fast):
 
 
 def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
-    import sequencer
-    from sequencer.reweight import mu_basis, optimise_mu
+    from atp.sequencer.reweight import mu_basis, optimise_mu
+
+    from atp import sequencer
 
     fp, dij = fast.fastpath, fast.dij
     raw = sequencer.sequence(fast.fluence, dij, "vmat", fractions=fp.patient.fractions)
@@ -197,7 +199,7 @@ def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
 
 
 def test_oar_minus_targets_drops_target_voxels_from_the_oar_hinges(fast):
-    from optimizer.fastpath.chain import FastPath
+    from atp.optimizer.fastpath.chain import FastPath
 
     fp0 = fast.fastpath
     args = (fp0.patient, fast.dij, fast.predicted_dose_gy)
@@ -232,7 +234,7 @@ def test_vmat_passes_sets_the_arcs_of_the_delivery(phantom, fast):
 
 def test_sliding_window_vmat_in_the_fast_path(phantom, fast):
     import atp
-    import sequencer
+    from atp import sequencer
     from atp.errors import InputError
 
     opts = {"device": "cpu", "vmat_sequencer": "vmat-sliding", "sector_deg": 20.0}

@@ -26,7 +26,7 @@ class CountingPredictor:
     name = "counting-baseline"
 
     def __init__(self):
-        from predictor import registry
+        from atp.predictor import registry
 
         self._inner = registry.get("baseline")
         self.calls = 0
@@ -53,7 +53,7 @@ def _mean(dose, patient, name):
 
 
 def test_fast_plan_is_a_sequenced_vmat_plan_with_deliverable_dose(base, phantom, tmp_path):
-    import sequencer
+    from atp import sequencer
     from atp.dose.resample import dose_to_patient_grid
 
     assert isinstance(base, atp.Plan)
@@ -113,8 +113,9 @@ def test_raising_a_sparing_factor_lowers_that_oars_mean_dose(base, phantom):
 
 
 def test_respare_reuses_prediction_and_matrices(base, counter, monkeypatch):
+    from atp.optimizer.fastpath.chain import FastPath
+
     from atp.dose import arc
-    from optimizer.fastpath.chain import FastPath
 
     assert counter.calls == 1
 
@@ -166,7 +167,7 @@ def test_initial_fluence_path_is_noted(base):
 
 
 def test_shipped_bev2fluence_weights_are_the_default_and_said(phantom, tmp_path):
-    from optimizer.fastpath.bev2fluence import default_weights_path
+    from atp.optimizer.fastpath.bev2fluence import default_weights_path
 
     shipped = default_weights_path()
     assert shipped is not None, "optimizer/fastpath/weights/bev2fluence.pt is shipped"
@@ -186,7 +187,7 @@ def test_shipped_bev2fluence_weights_are_the_default_and_said(phantom, tmp_path)
 
 
 def test_network_without_weights_is_an_error_not_a_fallback(phantom, monkeypatch):
-    from optimizer.fastpath import bev2fluence
+    from atp.optimizer.fastpath import bev2fluence
 
     monkeypatch.setattr(bev2fluence, "default_weights_path", lambda: None)
     with pytest.raises(InputError, match="no Bev2Fluence weights"):

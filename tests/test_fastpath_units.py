@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from atp.optimizer.fastpath.bev import BEVProjection
+from atp.optimizer.fastpath.correction import lipschitz_estimate, unrolled_correction
+from atp.optimizer.fastpath.error_map import HotColdObjective, error_map
+from atp.optimizer.fastpath.initial_fluence import DoseMimicking, back_projection
+from atp.optimizer.fastpath.torch_dose import RowDose, TorchDose
 
 from atp.dose.geometry import beam_frame
 from atp.grid import Grid
-from optimizer.fastpath.bev import BEVProjection
-from optimizer.fastpath.correction import lipschitz_estimate, unrolled_correction
-from optimizer.fastpath.error_map import HotColdObjective, error_map
-from optimizer.fastpath.initial_fluence import DoseMimicking, back_projection
-from optimizer.fastpath.torch_dose import RowDose, TorchDose
 
 
 def random_dij(n_vox=300, n_bl=40, seed=0):
@@ -180,7 +180,7 @@ def toy_beamlets(n_cp=4, nx=6, ny=3, size=5.0, drop=()):
 
 
 def test_smoothness_pairs_are_leaf_travel_and_control_point_neighbours():
-    from optimizer.fastpath.smoothness import neighbour_pairs
+    from atp.optimizer.fastpath.smoothness import neighbour_pairs
 
     info = toy_beamlets(n_cp=3, nx=4, ny=2, drop=[1])  # cp 0 loses its (x 0, row 1)
     i, j, kind = neighbour_pairs(info.beam_index, info.bev_x_mm, info.bev_y_mm,
@@ -199,7 +199,7 @@ def test_smoothness_pairs_are_leaf_travel_and_control_point_neighbours():
 
 
 def test_smoothness_gradient_matches_finite_differences_and_row_sums_bound_it():
-    from optimizer.fastpath.smoothness import FluenceSmoothness
+    from atp.optimizer.fastpath.smoothness import FluenceSmoothness
 
     info = toy_beamlets()
     reg = FluenceSmoothness(info, weight_x=1.0, weight_cp=0.5, dtype=torch.float64)
@@ -230,8 +230,8 @@ def toy_arc_dij(info, n_vox=200, seed=5):
 
 
 def test_smoothness_lowers_total_variation_of_the_fluence():
-    from optimizer.fastpath.correction import balanced_weight, curvature_row_sums, diagonal_step
-    from optimizer.fastpath.smoothness import FluenceSmoothness, total_variation
+    from atp.optimizer.fastpath.correction import balanced_weight, curvature_row_sums, diagonal_step
+    from atp.optimizer.fastpath.smoothness import FluenceSmoothness, total_variation
 
     info = toy_beamlets(n_cp=6, nx=8, ny=4)
     a = toy_arc_dij(info)
@@ -255,8 +255,8 @@ def test_smoothness_lowers_total_variation_of_the_fluence():
 
 
 def test_diagonal_step_bounds_the_curvature_and_converges():
-    from optimizer.fastpath.correction import curvature_row_sums, diagonal_step
-    from optimizer.fastpath.smoothness import FluenceSmoothness
+    from atp.optimizer.fastpath.correction import curvature_row_sums, diagonal_step
+    from atp.optimizer.fastpath.smoothness import FluenceSmoothness
 
     info = toy_beamlets(n_cp=3, nx=5, ny=2)
     a = toy_arc_dij(info, n_vox=120)
@@ -395,7 +395,7 @@ def test_organ_maximum_is_an_absolute_hinge_with_exact_gradients():
 
 
 def test_bev_sample_points_follow_the_rays_of_the_beam_frame():
-    from optimizer.fastpath.bev import bev_sample_points
+    from atp.optimizer.fastpath.bev import bev_sample_points
 
     grid = Grid((10, 12, 14), (3.0, 2.0, 2.5), (-15.0, -12.0, -17.0))
     u, v = np.array([-10.0, 0.0, 10.0]), np.array([-5.0, 5.0])

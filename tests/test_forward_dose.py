@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def own_plan(phantom, tmp_path_factory):
     """A 3-field sliding-window delivery on the phantom, its reported dose as the planning
     pipeline computes it, exported as DICOM."""
-    import sequencer
+    from atp import sequencer
     from atp.io.dicom_export import export_plan_set
     from atp.pipeline import _field_dose
 
@@ -161,8 +161,9 @@ def _hand_plan(path, iso, *, n_pairs=20, width=10.0):
 
 
 def test_hand_built_sliding_window_and_arc(phantom, tmp_path):
+    from atp.sequencer.rtplan import read_rt_plan
+
     from atp.forward import rt_plan_dose
-    from sequencer.rtplan import read_rt_plan
 
     path = _hand_plan(tmp_path / "hand.dcm", phantom.target_centroid_mm())
     d, beams, info = read_rt_plan(path)
@@ -202,7 +203,7 @@ def test_closed_mlc_field_transmits_about_the_leaf_transmission():
 
 def test_forward_dose_uses_the_beams_given(phantom):
     """The field dij's columns equal the planning dij's where both have the beamlet."""
-    import sequencer
+    from atp import sequencer
     from atp.forward import field_influence
 
     eng = PencilBeamEngine()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from optimizer.firstorder import DeviceProblem
-from optimizer.objectives import make_term, mu_surrogate, mu_value_grad
-from optimizer.testing import _problem
-from sequencer.fluence import BeamFluence, FluenceSet
-from sequencer.imrt import sequence_sliding_window
-from sequencer.machine import load_machine
+from atp.optimizer.firstorder import DeviceProblem
+from atp.optimizer.objectives import make_term, mu_surrogate, mu_value_grad
+from atp.optimizer.testing import _problem
+from atp.sequencer.fluence import BeamFluence, FluenceSet
+from atp.sequencer.imrt import sequence_sliding_window
+from atp.sequencer.machine import load_machine
 
 
 def _grid(n_beams=2, ny=3, nx=5, size=5.0):

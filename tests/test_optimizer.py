@@ -5,24 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
-from atp.dose.influence import BeamletInfo, DoseInfluence
-from atp.errors import BackendUnavailableError, InputError
-from atp.goals.model import Metric, ResolvedGoal
-from atp.grid import Grid
-from atp.patient import Patient, Prescription, Role, Structure
-from optimizer import registry
-from optimizer.objectives import (
+from atp.optimizer import registry
+from atp.optimizer.objectives import (
     PENALTIES,
     dose_at_volume,
     evaluate_terms,
     make_term,
     smoothness_pairs,
 )
-from optimizer.problem import build_problem
-from optimizer.refine import goal_score, refine, tightened_dose
-from optimizer.solve import optimize
-from optimizer.testing import problem_bank
+from atp.optimizer.problem import build_problem
+from atp.optimizer.refine import goal_score, refine, tightened_dose
+from atp.optimizer.solve import optimize
+from atp.optimizer.testing import problem_bank
+
+from atp.dose.influence import BeamletInfo, DoseInfluence
+from atp.errors import BackendUnavailableError, InputError
+from atp.goals.model import Metric, ResolvedGoal
+from atp.grid import Grid
+from atp.patient import Patient, Prescription, Role, Structure
 
 FIRST_ORDER = [("cpu", "lbfgs"), ("cpu", "apg")]
 

@@ -28,7 +28,7 @@ CHEAP = ["--predictor", "baseline", "--backend", "cpu", "--max-iter", "30", "--n
 
 @pytest.fixture(scope="module")
 def toy(phantom):
-    from optimizer.testing import toy_dij
+    from atp.optimizer.testing import toy_dij
 
     return toy_dij(phantom, n_beams=3, factor=2)
 

@@ -1,6 +1,6 @@
 """The planning pipeline, plan directory, re-plans and the plan/replan CLI on the phantom.
 
-Most tests use a toy dose-influence matrix (``optimizer.testing.toy_dij``) so they do not
+Most tests use a toy dose-influence matrix (``atp.optimizer.testing.toy_dij``) so they do not
 depend on the dose engine's speed; one slow test runs the real pencil-beam engine.
 """
 
@@ -21,7 +21,7 @@ FAST = {"max_iter": 150}
 
 @pytest.fixture(scope="module")
 def toy(phantom):
-    from optimizer.testing import toy_dij
+    from atp.optimizer.testing import toy_dij
 
     return toy_dij(phantom, n_beams=5, factor=2)
 
@@ -133,7 +133,7 @@ def test_cli_plan_and_replan(tmp_path, toy, capsys):
 
 
 def test_cli_gpu_without_gpu_exits_nonzero(tmp_path, capsys):
-    from optimizer import registry
+    from atp.optimizer import registry
 
     if registry.get("gpu").available():
         pytest.skip("a GPU is present")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from atp.predictor.baseline import DistanceBaseline, MeanDosePredictor, signed_distance_mm
+from atp.predictor.scoring import cohort_scores, dose_score_gy, dvh_points_gy, score_patient
 from scipy import ndimage
 
 from atp.errors import InputError
 from atp.patient import Patient
-from predictor.baseline import DistanceBaseline, MeanDosePredictor, signed_distance_mm
-from predictor.scoring import cohort_scores, dose_score_gy, dvh_points_gy, score_patient
 
 
 def _with_dose(patient: Patient, dose: np.ndarray) -> Patient:

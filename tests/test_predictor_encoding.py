@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from atp.errors import InputError
-from predictor.encoding import (
+from atp.predictor.encoding import (
     EncodingConfig,
     canonical_axes,
     decode,
@@ -15,6 +13,8 @@ from predictor.encoding import (
     make_transform,
     network_inputs,
 )
+
+from atp.errors import InputError
 
 
 def test_phantom_oriented_like_openkbp(phantom):

@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from predictor.blocks import ConvNormAct, SqueezeExcitation, make_act, make_norm
-from predictor.encoding import EncodingConfig, encode_dose, encode_patient, network_inputs
-from predictor.losses import roi_weights, training_target, volume_weighted_mse
-from predictor.nets import build_net
-from predictor.nets.cadunet import CADUNet
-from predictor.nets.resunet import ResUNet
+from atp.predictor.blocks import ConvNormAct, SqueezeExcitation, make_act, make_norm
+from atp.predictor.encoding import EncodingConfig, encode_dose, encode_patient, network_inputs
+from atp.predictor.losses import roi_weights, training_target, volume_weighted_mse
+from atp.predictor.nets import build_net
+from atp.predictor.nets.cadunet import CADUNet
+from atp.predictor.nets.resunet import ResUNet
 
 TINY = EncodingConfig(size=(16, 16, 16), spacing_mm=(16.0, 16.0, 12.0))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from atp.predictor import registry
 
 from atp.errors import BackendUnavailableError, InputError
-from predictor import registry
 
 
 class _Constant:

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from predictor.cnn import CNNPredictor
-from predictor.encoding import EncodingConfig, encode_dose, encode_patient, lr_swap_permutation
-from predictor.train import (
+from atp.predictor.cnn import CNNPredictor
+from atp.predictor.encoding import EncodingConfig, encode_dose, encode_patient, lr_swap_permutation
+from atp.predictor.train import (
     augment,
     encode_patients,
     lr_at,
@@ -179,9 +179,9 @@ def test_resume_checkpoint_that_is_not_ours_is_input_error(tmp_path):
     import pickle
 
     import torch
+    from atp.predictor.train import _load_resume_checkpoint
 
     from atp.errors import InputError
-    from predictor.train import _load_resume_checkpoint
 
     truncated = tmp_path / "truncated.pt"
     torch.save({"config": {}, "model": {}, "optimizer": {}, "state": {}}, truncated)

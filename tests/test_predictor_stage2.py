@@ -10,12 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from predictor.cascade import CascadePredictor
-from predictor.cnn import CNNPredictor
-from predictor.encoding import EncodingConfig, encode_patient
-from predictor.losses import dvh_point_loss
-from predictor.nets import build_net
-from predictor.train import (
+from atp.predictor.cascade import CascadePredictor
+from atp.predictor.cnn import CNNPredictor
+from atp.predictor.encoding import EncodingConfig, encode_patient
+from atp.predictor.losses import dvh_point_loss
+from atp.predictor.nets import build_net
+from atp.predictor.train import (
     augment,
     coarse_reference_gy,
     encode_patients,
@@ -110,7 +110,7 @@ def test_stage2_trains_and_cascade_keeps_stage1_outside_the_window(phantom, tmp_
     assert d.shape == pat.grid.shape and d.dtype == np.float32
     assert np.all(d[~pat.body_mask] == 0)
     _, t = encode_patient(pat, FINE, d1)
-    from predictor.encoding import decode
+    from atp.predictor.encoding import decode
 
     window = np.isfinite(decode(np.zeros(FINE.size, np.float32), t, fill=np.nan))
     assert np.array_equal(d[~window], d1[~window]) and not np.array_equal(d[window],

@@ -9,10 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from atp.predictor.cnn import CNNPredictor
+from atp.predictor.encoding import EncodingConfig
+from atp.predictor.train import augment, lr_swap_permutation, make_config, train
+
 from atp.cli import main
-from predictor.cnn import CNNPredictor
-from predictor.encoding import EncodingConfig
-from predictor.train import augment, lr_swap_permutation, make_config, train
 
 TINY = EncodingConfig(size=(16, 16, 16), spacing_mm=(16.0, 16.0, 12.0))
 
@@ -105,10 +106,10 @@ def test_cli_train_rejects_bad_data(tmp_path):
 
 
 def test_cnn_predictor_fit_in_memory(phantom):
+    from atp.predictor.nets import build_net
     from scipy import ndimage
 
     from atp.patient import Patient
-    from predictor.nets import build_net
 
     rx = phantom.prescription_map_gy()
     dose = np.where(phantom.body_mask, ndimage.gaussian_filter(rx, 2.0), 0).astype(np.float32)

@@ -79,8 +79,8 @@ def test_pipeline_stages_on_a_pipe_are_lines(capsys, monkeypatch):
 
 
 def test_optimiser_reports_rounds_and_iterations():
-    from optimizer.solve import optimize
-    from optimizer.testing import problem_bank
+    from atp.optimizer.solve import optimize
+    from atp.optimizer.testing import problem_bank
 
     case = problem_bank()[1]
     seen: list[dict] = []

@@ -2,7 +2,7 @@
 tolerance moves the reported value or the plan names what holds it, every re-plan says
 what changed, and ``atp plan --fast`` exits 3 with a headline when priority-1 goals fail.
 
-Phantom + toy dose-influence matrix (``optimizer.testing.toy_dij``), as in
+Phantom + toy dose-influence matrix (``atp.optimizer.testing.toy_dij``), as in
 test_pipeline.py.
 """
 
@@ -22,7 +22,7 @@ DOSE_METRICS = ("Dmean", "Dmax", "Dmin", "D")
 
 @pytest.fixture(scope="module")
 def toy(phantom):
-    from optimizer.testing import toy_dij
+    from atp.optimizer.testing import toy_dij
 
     return toy_dij(phantom, n_beams=5, factor=2)
 
@@ -141,7 +141,7 @@ def test_cli_fast_exits_3_with_a_headline_when_p1_fails(base_plan, tmp_path, cap
 def test_target_floor_is_a_lower_bound_the_plan_respects(base_plan):
     """The coverage floor of an organ overlapping the PTVs: with every coverage goal it
     uses met, the organ's mean cannot be below it (here: the plan's own dose)."""
-    from optimizer.explain import target_floor
+    from atp.optimizer.explain import target_floor
 
     goal = next(g for g in base_plan.resolved_goals if g.id == "Esophagus.Dmean")
     floor = target_floor(goal, base_plan.patient, base_plan.resolved_goals)
@@ -158,9 +158,10 @@ def test_target_floor_is_a_lower_bound_the_plan_respects(base_plan):
 def test_a_rejected_correction_round_is_named_in_the_why_line(base_plan):
     """When the deliverable-dose correction round that would have lowered a failing goal
     is not kept (the goal-list score fell), the goal's line says so and what it broke."""
+    from atp.optimizer.problem import build_problem
+    from atp.optimizer.solve import apply_state
+
     from atp.pipeline import _blockers
-    from optimizer.problem import build_problem
-    from optimizer.solve import apply_state
 
     failing = next(r for r in base_plan.results if r.passed is False
                    and r.goal.kind == "organ" and r.goal.operator == "<=")
@@ -178,8 +179,8 @@ def test_a_rejected_correction_round_is_named_in_the_why_line(base_plan):
 
 
 def test_offsets_tighten_only_unless_asked_to_loosen(base_plan):
-    from optimizer.problem import build_problem
-    from optimizer.solve import measure_offsets
+    from atp.optimizer.problem import build_problem
+    from atp.optimizer.solve import measure_offsets
 
     problem = build_problem(base_plan.resolved_goals, base_plan.patient, base_plan.dij)
     report = [{"id": r.goal.id, "achieved": r.achieved} for r in base_plan.results]

@@ -9,13 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from bev_lattice import beamlets_for, lattice
-
-from atp.dose.influence import BeamletInfo, DoseInfluence
-from atp.errors import BackendUnavailableError, InputError
-from atp.gamma import gamma_index
-from atp.grid import Grid
-from sequencer import (
+from atp.sequencer import (
     check_delivery,
     deliverable_dose,
     delivered_weights,
@@ -24,11 +18,17 @@ from sequencer import (
     load_machine,
     sequencer_names,
 )
-from sequencer.deliverable import aperture_open_fraction
-from sequencer.fidelity import fidelity
-from sequencer.imrt import xia_verhey_segments
-from sequencer.machine import available_machines, load_machine_file
-from sequencer.vmat import group_arcs, largest_runs
+from atp.sequencer.deliverable import aperture_open_fraction
+from atp.sequencer.fidelity import fidelity
+from atp.sequencer.imrt import xia_verhey_segments
+from atp.sequencer.machine import available_machines, load_machine_file
+from atp.sequencer.vmat import group_arcs, largest_runs
+from bev_lattice import beamlets_for, lattice
+
+from atp.dose.influence import BeamletInfo, DoseInfluence
+from atp.errors import BackendUnavailableError, InputError
+from atp.gamma import gamma_index
+from atp.grid import Grid
 
 NX, NY = 20, 14
 
@@ -124,7 +124,7 @@ def test_fluence_maps_onto_leaf_pairs(m120):
 
 
 def test_outer_10mm_pairs_average_two_rows(m120):
-    from sequencer.fluence import rows_to_leaf_pairs
+    from atp.sequencer.fluence import rows_to_leaf_pairs
 
     bev = np.array([[4.0], [8.0]])
     out = rows_to_leaf_pairs(bev, np.array([-117.5, -112.5]), 5.0, m120.leaf_edges_mm)
@@ -285,7 +285,7 @@ def test_gamma_detects_a_shift_and_a_scale():
 
 
 def test_sequence_api_from_dij(m120):
-    import sequencer
+    from atp import sequencer
 
     maps = arc_maps(12)
     info, w = beamlets_for(maps, 181 + 2 * np.arange(12))
@@ -303,7 +303,7 @@ def test_sequence_api_from_dij(m120):
 
 
 def test_reweight_mu_gets_closer_to_the_reference(m120):
-    from sequencer.reweight import reweight_mu
+    from atp.sequencer.reweight import reweight_mu
 
     n = 24
     rng = np.random.default_rng(5)

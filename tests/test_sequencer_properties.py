@@ -5,12 +5,12 @@ MU per degree on arcs)."""
 from __future__ import annotations
 
 import numpy as np
+from atp.sequencer import check_delivery, fluence_set, get_sequencer, load_machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from atp.dose.influence import BeamletInfo
-from sequencer import check_delivery, fluence_set, get_sequencer, load_machine
 
 MACHINES = {n: load_machine(n) for n in ("millennium120", "hd120")}
 
@@ -92,7 +92,7 @@ def test_wide_fields_obey_the_bank_span(maps, technique, machine, x0):
 
 def test_step_and_shoot_split_keeps_the_fluence():
     """A segment open at both ends of a 20 cm field is split, with the same MU each."""
-    from sequencer.imrt import split_for_bank_span
+    from atp.sequencer.imrt import split_for_bank_span
 
     m = MACHINES["millennium120"]
     edges = -100.0 + 5.0 * np.arange(41)

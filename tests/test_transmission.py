@@ -8,13 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from atp.sequencer import (
+    check_delivery,
+    delivered_weights,
+    fluence_set,
+    get_sequencer,
+    load_machine,
+)
+from atp.sequencer.apertures import track_jaws
+from atp.sequencer.machine import load_machine_file
 
 from atp.dose.aperture import Transmission, delivered_fraction
 from atp.dose.influence import BeamletInfo
 from atp.errors import InputError
-from sequencer import check_delivery, delivered_weights, fluence_set, get_sequencer, load_machine
-from sequencer.apertures import track_jaws
-from sequencer.machine import load_machine_file
 
 T = Transmission(leaf=0.015, jaw=0.005, tongue_groove_mm=1.0)
 EDGES = np.array([-10.0, -5.0, 0.0, 5.0, 10.0])  # 4 pairs of 5 mm
@@ -141,7 +147,7 @@ def test_jaw_tracking_off_and_on():
     w_off, w_on = delivered_weights(d, info), delivered_weights(tracked, info)
     assert np.all(w_on <= w_off + 1e-9) and w_on.sum() < w_off.sum() - 1.0
     # as a sequencer / machine option
-    import sequencer
+    from atp import sequencer
     from atp.dose.influence import DoseInfluence
     from atp.grid import Grid
 

@@ -8,25 +8,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bev_lattice import beamlets_for, lattice
-
-from atp.errors import InputError
-from sequencer import (
+from atp.sequencer import (
     check_delivery,
     delivered_weights,
     fluence_set,
     get_sequencer,
     load_machine,
 )
-from sequencer.imrt import sweep_row
-from sequencer.machine import load_machine_file
-from sequencer.reweight import _mu_map, with_mu
-from sequencer.vmat_sliding import (
+from atp.sequencer.imrt import sweep_row
+from atp.sequencer.machine import load_machine_file
+from atp.sequencer.reweight import _mu_map, with_mu
+from atp.sequencer.vmat_sliding import (
     _sector_mu,
     _sweep_positions_rows,
     sector_bounds,
     sequence_vmat_sliding,
 )
+from bev_lattice import beamlets_for, lattice
+
+from atp.errors import InputError
 
 NX, NY = 24, 14
 

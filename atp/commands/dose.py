@@ -1,7 +1,7 @@
 """``atp dose RTPLAN --patient PATIENT --out DIR``: recompute the dose of any RT Plan.
 
 Reads a DICOM RT Plan (ours or another system's: static, step-and-shoot, sliding window,
-VMAT; :mod:`sequencer.rtplan`) and computes its dose on the patient's CT through the
+VMAT; :mod:`atp.sequencer.rtplan`) and computes its dose on the patient's CT through the
 same deliverable-dose code path the planner uses (:mod:`atp.forward`): MLC / jaw
 transmission, tongue-and-groove and DLG from ``--machine``. Writes ``dose.npy`` (Gy,
 total course, patient grid), ``RD.atp.dcm`` (RT Dose referencing the plan) and

@@ -71,8 +71,8 @@ def reject_fast_only(args) -> None:
 def check_weights_file(path, flag: str) -> None:
     """Before any work: ``path`` must load as the network weights ``flag`` names (a
     torch file of plain data, weights_only=True); else InputError naming the file."""
-    from optimizer.fastpath.bev2fluence import BEV2FLUENCE, load_weights
-    from optimizer.fastpath.correction_net import CORRECTION
+    from atp.optimizer.fastpath.bev2fluence import BEV2FLUENCE, load_weights
+    from atp.optimizer.fastpath.correction_net import CORRECTION
 
     try:
         load_weights(path, "cpu", kind=CORRECTION if "correction" in flag else BEV2FLUENCE)
@@ -93,7 +93,7 @@ def fast_options(args) -> tuple[dict, dict]:
         raise InputError("--fast always sequences a VMAT arc (--sequencer vmat or "
                          "vmat-sliding)", field="--sequencer")
     spare = parse_spare_args(args.spare)
-    from sequencer.machine import load_machine
+    from atp.sequencer.machine import load_machine
 
     load_machine(args.machine)  # a bad machine file fails before any work
     for dest, flag, exact in (("initial_fluence", "--initial-fluence", "fallback"),

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 def _predictors() -> list[dict]:
-    from predictor import registry
+    from atp.predictor import registry
 
     index = registry.shipped_index()
     default = registry.default_predictor_name()
@@ -57,7 +57,7 @@ def _engines() -> list[dict]:
 
 
 def _backends() -> list[dict]:
-    from optimizer import registry
+    from atp.optimizer import registry
 
     installed = set(registry.installed())
     out = [{"name": "auto", "default": True, "available": True,
@@ -69,7 +69,7 @@ def _backends() -> list[dict]:
 
 
 def _sequencers() -> list[dict]:
-    from sequencer import registry
+    from atp.sequencer import registry
 
     out = [{"name": "auto", "default": True, "available": True,
             "detail": "sliding window for static beams, vmat for arcs"}]
@@ -78,7 +78,7 @@ def _sequencers() -> list[dict]:
 
 
 def _machines() -> list[dict]:
-    from sequencer.machine import MACHINE_DIR, available_machines
+    from atp.sequencer.machine import MACHINE_DIR, available_machines
 
     return [{"name": n, "default": n == "millennium120", "available": True,
              "detail": str(MACHINE_DIR / f"{n}.yaml")} for n in available_machines()]

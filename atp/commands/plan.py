@@ -135,7 +135,7 @@ def sequence_arg(name):
         return False
     if name == "auto":
         return True
-    from sequencer.registry import names
+    from atp.sequencer.registry import names
 
     if name not in names():
         raise InputError(f"unknown sequencer '{name}'; installed: "
@@ -154,7 +154,7 @@ def run(args) -> int:
         return run_fast(args)
     reject_fast_only(args)
     if args.sequencer is not None:
-        from sequencer.machine import load_machine
+        from atp.sequencer.machine import load_machine
 
         load_machine(args.machine)  # a bad machine file fails before any work
     if args.beam_template is not None:

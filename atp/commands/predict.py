@@ -35,13 +35,13 @@ def register(sub) -> None:
 
 
 def resolve_predictor(model: str | None):
-    from predictor import registry
+    from atp.predictor import registry
 
     if model and (model.endswith(".pt") or Path(model).is_file()):
         from atp.errors import BackendUnavailableError
 
         try:
-            from predictor.cnn import CNNPredictor
+            from atp.predictor.cnn import CNNPredictor
         except ImportError:
             raise BackendUnavailableError("network checkpoints need PyTorch: "
                                           "pip install 'atp[ml]'") from None

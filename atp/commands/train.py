@@ -52,7 +52,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from atp.errors import BackendUnavailableError, InputError
     from atp.outputs import check_output_dir, mark_output_dir
-    from predictor.train import RECIPE_MODELS
+    from atp.predictor.train import RECIPE_MODELS
 
     if args.model is None and args.config not in RECIPE_MODELS:  # before writing anything
         raise InputError(f"--model is needed with --config {args.config}", field="--model")
@@ -72,7 +72,7 @@ def run(args) -> int:
 
 
 def _run(args, out: Path, logf) -> int:
-    from predictor.train import cached_split, make_config, train
+    from atp.predictor.train import cached_split, make_config, train
 
     def log(msg: str) -> None:
         logf.write(msg + "\n")
@@ -122,8 +122,8 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
 
     from atp.errors import InputError
     from atp.outputs import atomic_write_bytes, write_json
-    from predictor.data import split_files
-    from predictor.train import (
+    from atp.predictor.data import split_files
+    from atp.predictor.train import (
         data_list,
         encode_files,
         score_predictor,
@@ -159,8 +159,8 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
     va = encode_files(sel_files, cfg.encoding, cache, log, cfg.coarse_encoding)
     stage1 = None
     if cfg.encoding.dose_input:  # Stage 2: selection scores the cascade
-        from predictor.cascade import CascadePredictor
-        from predictor.cnn import CNNPredictor
+        from atp.predictor.cascade import CascadePredictor
+        from atp.predictor.cnn import CNNPredictor
 
         stage1 = CNNPredictor.from_checkpoint(args.stage1)
 

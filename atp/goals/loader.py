@@ -38,12 +38,12 @@ def _package_dir(package: str) -> Path:
 
 def goal_lists_dir() -> Path:
     """Folder of the shipped goal lists."""
-    return _package_dir("goal_lists")
+    return _package_dir("atp.goal_lists")
 
 
 def site_configs_dir() -> Path:
     """Folder of the shipped institution overlays."""
-    return _package_dir("site_configs")
+    return _package_dir("atp.site_configs")
 
 
 def list_sites() -> list[str]:

@@ -1,1 +1,1 @@
-"""Optimiser backends, one file each (cpu, gpu, qp); see :mod:`optimizer.registry`."""
+"""Optimiser backends, one file each (cpu, gpu, qp); see :mod:`atp.optimizer.registry`."""

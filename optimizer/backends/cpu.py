@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from optimizer import firstorder
-from optimizer.backends.base import Backend, Result
+from atp.optimizer import firstorder
+from atp.optimizer.backends.base import Backend, Result
 
 
 class CpuBackend(Backend):

@@ -11,10 +11,10 @@ import importlib.util
 import time
 
 import numpy as np
+from atp.optimizer import firstorder
+from atp.optimizer.backends.base import Backend, Result
 
 from atp.errors import BackendUnavailableError
-from optimizer import firstorder
-from optimizer.backends.base import Backend, Result
 
 
 class GpuBackend(Backend):

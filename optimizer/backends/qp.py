@@ -17,10 +17,10 @@ import importlib.util
 import time
 
 import numpy as np
+from atp.optimizer.backends.base import Backend, Result
+from atp.optimizer.objectives import dose_at_volume
 
 from atp.errors import BackendUnavailableError
-from optimizer.backends.base import Backend, Result
-from optimizer.objectives import dose_at_volume
 
 _STATUS = {
     "optimal": "optimal",

@@ -16,7 +16,7 @@ leaf pairs = ``bev_y_mm``) are (:data:`FEATURE_CHANNELS`):
 The network predicts a *relative* fluence (Softplus >= 0; training targets are the
 optimiser's fluence divided by its mean over the patient's beamlets), so it does not
 depend on the number of control points or the dij's MU scale. :func:`make_initial_fluence_fn`
-turns it into MU per beamlet for :class:`~optimizer.fastpath.chain.FastPath` with the
+turns it into MU per beamlet for :class:`~atp.optimizer.fastpath.chain.FastPath` with the
 exact least-squares global scale ``alpha = sum v d D_pred / sum v d^2`` (d = A w_rel).
 
 :class:`BEVLayout` scatters a flat beamlet vector into per-control-point BEV maps and
@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from atp.optimizer.fastpath.bev import BEVProjection
 from torch import nn
 
 from atp.errors import InputError
-from optimizer.fastpath.bev import BEVProjection
 
 FEATURE_VERSION = 2  # 2: rx_dose from the interpolation-support target rule
 FEATURE_CHANNELS = ("pred_dose", "rx_dose", "oar", "backprojection", "beamlet_mask",
@@ -137,7 +137,7 @@ class BEVLayout:
 def bev_features(fp, layout: BEVLayout | None = None, *, n_samples: int = BEV_SAMPLES,
                  half_depth_mm: float = BEV_HALF_DEPTH_MM):
     """Network input (n_cp, len(FEATURE_CHANNELS), n_v, n_u) float32 on ``fp.device``,
-    and the layout, from a prepared :class:`~optimizer.fastpath.chain.FastPath`."""
+    and the layout, from a prepared :class:`~atp.optimizer.fastpath.chain.FastPath`."""
     dij = fp.dij
     b = dij.beamlets
     layout = layout or BEVLayout.from_beamlets(b)
@@ -324,8 +324,8 @@ def make_initial_fluence_fn(weights_path, device="cpu",
             alpha = least_squares_scale(fp.op, w_rel, fp.pred, fp.mimic_w)
         w = (alpha * w_rel).contiguous()
         if refine_steps > 0:
-            from optimizer.fastpath.correction import unrolled_correction
-            from optimizer.fastpath.initial_fluence import DoseMimicking
+            from atp.optimizer.fastpath.correction import unrolled_correction
+            from atp.optimizer.fastpath.initial_fluence import DoseMimicking
 
             objective = DoseMimicking(fp.pred, fp.mimic_w)
             step = getattr(fp, "step_mimic", None)

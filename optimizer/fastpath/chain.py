@@ -8,12 +8,12 @@ fluence for any slider setting without re-running the predictor or rebuilding ma
 Deliverability: both the initial fluence (dose mimicking) and the correction minimise
 their dose objective plus ``mu * R(w)``, R the quadratic smoothness of the fluence maps
 along leaf travel and between neighbouring control points
-(:class:`~optimizer.fastpath.smoothness.FluenceSmoothness`), so each control point's map
+(:class:`~atp.optimizer.fastpath.smoothness.FluenceSmoothness`), so each control point's map
 is close to what one aperture per leaf row can deliver. ``smoothness`` /
-``init_smoothness`` set mu scale-free (:func:`~optimizer.fastpath.correction.balanced_weight`:
+``init_smoothness`` set mu scale-free (:func:`~atp.optimizer.fastpath.correction.balanced_weight`:
 the regulariser's mean curvature as a multiple of the data term's); 0 turns it off.
 
-Step sizes: the diagonal row-sum step (:func:`~optimizer.fastpath.correction.diagonal_step`),
+Step sizes: the diagonal row-sum step (:func:`~atp.optimizer.fastpath.correction.diagonal_step`),
 one transpose product per objective weighting (A @ 1 is computed once in ``prepare``), so
 neither ``prepare`` nor a slider change runs a power iteration. Which path made the initial fluence is
 reported (``'fallback'``: exact back-projection + projected-gradient steps; a trained
@@ -32,21 +32,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-from atp.dose.influence import DoseInfluence
-from atp.dose.resample import interpolation_support, mask_to_dose_grid
-from atp.errors import StructureError
-from atp.patient import Patient
-from optimizer.fastpath.correction import (
+from atp.optimizer.fastpath.correction import (
     balanced_weight,
     curvature_row_sums,
     diagonal_step,
     unrolled_correction,
 )
-from optimizer.fastpath.error_map import HotColdObjective, value_and_error_map
-from optimizer.fastpath.initial_fluence import DoseMimicking, initial_fluence
-from optimizer.fastpath.smoothness import FluenceSmoothness
-from optimizer.fastpath.torch_dose import RowDose, TorchDose
+from atp.optimizer.fastpath.error_map import HotColdObjective, value_and_error_map
+from atp.optimizer.fastpath.initial_fluence import DoseMimicking, initial_fluence
+from atp.optimizer.fastpath.smoothness import FluenceSmoothness
+from atp.optimizer.fastpath.torch_dose import RowDose, TorchDose
+
+from atp.dose.influence import DoseInfluence
+from atp.dose.resample import interpolation_support, mask_to_dose_grid
+from atp.errors import StructureError
+from atp.patient import Patient
 
 #: a dose-grid voxel is a target voxel (with that target's prescription) when more than
 #: this share of its trilinear-interpolation weight lands inside the target
@@ -307,8 +307,8 @@ class FastPath:
     def _prepare_goal_objective(self) -> None:
         """The goal-list objective (the optimiser's terms on this dij), scaled so its
         mean curvature row sum is ``goal_weight`` x that of the hot/cold term."""
-        from optimizer.fastpath.goal_objective import GoalListObjective
-        from optimizer.problem import build_problem
+        from atp.optimizer.fastpath.goal_objective import GoalListObjective
+        from atp.optimizer.problem import build_problem
 
         problem = build_problem(list(self.resolved_goals), self.patient, self.dij)
         goal = GoalListObjective(problem, self.device)
@@ -445,7 +445,7 @@ class FastPath:
 
     def operator_for(self, objective):
         """The dose operator to optimise ``objective`` on: A restricted to the rows it
-        reads (its ``voxel_support()``; :class:`~optimizer.fastpath.torch_dose.RowDose`,
+        reads (its ``voxel_support()``; :class:`~atp.optimizer.fastpath.torch_dose.RowDose`,
         the same iterates at about half the cost of a head-and-neck arc dij), or the
         whole A when the objective does not name its rows."""
         support = getattr(objective, "voxel_support", None)

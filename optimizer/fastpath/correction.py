@@ -2,7 +2,7 @@
 
 Each step is ``w <- max(0, w - P (A.T @ E(A w) + mu * L w))`` (FISTA momentum on top),
 where E is the error map of the dose objective, ``mu * L w`` the gradient of an optional
-fluence regulariser (:class:`optimizer.fastpath.smoothness.FluenceSmoothness`) and P a
+fluence regulariser (:class:`atp.optimizer.fastpath.smoothness.FluenceSmoothness`) and P a
 fixed step: a scalar 1/L (power-iteration Lipschitz estimate, :func:`lipschitz_estimate`)
 or, by default in the fast path, the diagonal row-sum ("Jacobi") step of
 :func:`diagonal_step`, P_jj = 1 / sum_k |H_jk| for the objective's curvature bound H =
@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from atp.optimizer.fastpath.error_map import error_map
+from atp.optimizer.fastpath.torch_dose import TorchDose
 
 from atp.progress import tick
-from optimizer.fastpath.error_map import error_map
-from optimizer.fastpath.torch_dose import TorchDose
 
 
 def lipschitz_estimate(dose_op: TorchDose, voxel_weight: torch.Tensor, iters: int = 20,

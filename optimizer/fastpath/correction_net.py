@@ -1,7 +1,7 @@
 """The learned fluence correction: error map (in BEV) + initial fluence -> corrected fluence.
 
 AIRT's correction module, trained with our own data: per arc control point, a 2-D U-Net
-(the same architecture as :class:`~optimizer.fastpath.bev2fluence.Bev2FluenceNet`) reads
+(the same architecture as :class:`~atp.optimizer.fastpath.bev2fluence.Bev2FluenceNet`) reads
 the BEV maps of (:data:`CORRECTION_CHANNELS`)
 
 * ``fluence``: the fluence w0 to correct, divided by its mean over the beamlets;
@@ -14,7 +14,7 @@ the BEV maps of (:data:`CORRECTION_CHANNELS`)
 
 and predicts the corrected fluence in units of w0's mean (Softplus >= 0). Its training
 target is the exact fallback's result (K unrolled steps, :mod:`.correction`) from the
-same w0 and slider setting (``python -m optimizer.fastpath.gen_correction_data``), so it
+same w0 and slider setting (``python -m atp.optimizer.fastpath.gen_correction_data``), so it
 learns to take the K steps at once; the fast path can follow it with a few exact steps
 (``correction_refine_steps``). The OAR sliders reach the network through the gradient
 channel (the error map includes their hinges).
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from atp.optimizer.fastpath.bev2fluence import WEIGHTS_DIR, BEVLayout, NetKind, load_weights
+from atp.optimizer.fastpath.error_map import error_map
 
 from atp.errors import InputError
-from optimizer.fastpath.bev2fluence import WEIGHTS_DIR, BEVLayout, NetKind, load_weights
-from optimizer.fastpath.error_map import error_map
 
 CORRECTION_CHANNELS = ("fluence", "gradient", "step", "beamlet_mask", "sin_gantry",
                        "cos_gantry")
@@ -82,7 +82,7 @@ def correction_features(fp, w0: torch.Tensor, sparing: Mapping[str, float], *,
 def correction_record(fp, w0: torch.Tensor, sparing: Mapping[str, float],
                       w_target) -> dict:
     """Training arrays of one (patient, slider setting): inputs, target fluence in units
-    of w0's mean, mask (see :mod:`optimizer.fastpath.gen_data` for the layout)."""
+    of w0's mean, mask (see :mod:`atp.optimizer.fastpath.gen_data` for the layout)."""
     feats, layout, scale = correction_features(fp, w0, sparing)
     target = np.asarray(torch.as_tensor(w_target).cpu(), np.float32).reshape(-1) / scale
     return {"inputs": feats.cpu().numpy().astype(np.float32),
@@ -111,7 +111,7 @@ def make_correction_fn(weights_path, device="cpu",
             w = (scale * layout.gather(net(feats)).clamp_min(0.0)).to(torch.float32)
             w = w.contiguous()
         if refine_steps > 0:
-            from optimizer.fastpath.correction import unrolled_correction
+            from atp.optimizer.fastpath.correction import unrolled_correction
 
             w = unrolled_correction(w, fp.operator_for(obj), obj, refine_steps, step,
                                     regulariser=fp.smooth, reg_weight=fp.mu)

@@ -1,6 +1,6 @@
 """Dose-domain check of Bev2Fluence weights against the exact fallback initial fluence.
 
-    python -m optimizer.fastpath.eval_bev2fluence --weights W.pt --data ../shared/data/openkbp \\
+    python -m atp.optimizer.fastpath.eval_bev2fluence --weights W.pt --data ../shared/data/openkbp \\
         [--split validation] [--limit 2] [--arc-spacing 6] [--dose-grid-factor 3]
 
 Per patient (predictor "baseline", one full arc): the fast path's dose-mimicking objective
@@ -30,10 +30,11 @@ def mimic_objective(fp, w: torch.Tensor) -> float:
 
 
 def evaluate_patient(path: Path, fns, args, predictor) -> dict:
+    from atp.optimizer.fastpath.chain import FastPath
+
     from atp.dose.arc import arc_influence
     from atp.dose.geometry import arc_control_points
     from atp.io import load_patient
-    from optimizer.fastpath.chain import FastPath
 
     patient = load_patient(path)
     pred = predictor.predict(patient)
@@ -55,7 +56,7 @@ def evaluate_patient(path: Path, fns, args, predictor) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.eval_bev2fluence",
+    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.eval_bev2fluence",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--weights", required=True)
     ap.add_argument("--data", required=True, help="OpenKBP root")
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
                     help="also rate the network + this many FISTA steps (10; 0 = skip)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    from optimizer.fastpath.bev2fluence import make_initial_fluence_fn
-    from optimizer.fastpath.gen_data import _patient_key
-    from predictor import registry as predictors
+    from atp.optimizer.fastpath.bev2fluence import make_initial_fluence_fn
+    from atp.optimizer.fastpath.gen_data import _patient_key
+    from atp.predictor import registry as predictors
 
     torch.set_num_threads(args.threads)
     fns = (make_initial_fluence_fn(args.weights),

@@ -1,6 +1,6 @@
 """Training data for the correction network: one npz per patient, two slider settings.
 
-    python -m optimizer.fastpath.gen_correction_data --data ../shared/data/openkbp \\
+    python -m atp.optimizer.fastpath.gen_correction_data --data ../shared/data/openkbp \\
         --split train --out DIR [--limit N] [--arc-spacing 4] [--predictor resunet]
 
 Per patient, exactly as ``atp plan --fast`` prepares it (goal list resolved with the
@@ -8,11 +8,11 @@ predicted dose, control structures, one full arc of ``--arc-spacing`` deg, dose 
 the shipped Bev2Fluence initial fluence when its weights exist, else the exact fallback):
 for the zero slider setting and for one random OAR slider (seeded per patient, factor in
 [0.05, 0.4]), the correction network's inputs at the initial fluence
-(:func:`~optimizer.fastpath.correction_net.correction_features`) and, as the target, the
+(:func:`~atp.optimizer.fastpath.correction_net.correction_features`) and, as the target, the
 exact fallback's corrected fluence (``FastPath.run`` with K unrolled steps) in units of
 the initial fluence's mean. Both settings are stacked along the control-point axis (so a
 patient is never split between training and validation). Same file layout as
-:mod:`optimizer.fastpath.gen_data` plus ``kind = 'correction'``; resumable, atomic.
+:mod:`atp.optimizer.fastpath.gen_data` plus ``kind = 'correction'``; resumable, atomic.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import numpy as np
 
 
 def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
+    from atp.optimizer.fastpath.bev2fluence import default_weights_path, make_initial_fluence_fn
+    from atp.optimizer.fastpath.chain import FastPath
+    from atp.optimizer.fastpath.correction_net import CORRECTION, correction_record
+
     from atp.dose.arc import ARC_THRESHOLD, arc_influence
     from atp.dose.geometry import arc_control_points
     from atp.goals import resolve_goals, with_control_structures
     from atp.io import load_patient
     from atp.pipeline import _Stages, patient_and_goal_list
-    from optimizer.fastpath.bev2fluence import default_weights_path, make_initial_fluence_fn
-    from optimizer.fastpath.chain import FastPath
-    from optimizer.fastpath.correction_net import CORRECTION, correction_record
 
     t0 = time.perf_counter()
     patient = load_patient(path)
@@ -75,9 +76,9 @@ def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.gen_correction_data",
+    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.gen_correction_data",
                                  description=__doc__.split("\n")[0])
-    from optimizer.fastpath.gen_data import add_common_arguments, common_setup, write_patients
+    from atp.optimizer.fastpath.gen_data import add_common_arguments, common_setup, write_patients
 
     add_common_arguments(ap, arc_spacing_deg=4.0)
     ap.add_argument("--seed", type=int, default=0, help="slider draws (0)")

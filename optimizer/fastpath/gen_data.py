@@ -1,6 +1,6 @@
 """Training data for Bev2Fluence: BEV inputs + optimised fluence maps, one npz per patient.
 
-    python -m optimizer.fastpath.gen_data --data ../shared/data/openkbp --split train \\
+    python -m atp.optimizer.fastpath.gen_data --data ../shared/data/openkbp --split train \\
         --out DIR [--limit N] [--arc-spacing 6] [--dose-grid-factor 3] [--max-iter 300]
 
 Per patient: load, predict the dose (``--predictor``; default: the registry's default, as
@@ -8,7 +8,7 @@ Per patient: load, predict the dose (``--predictor``; default: the registry's de
 ``--arc-spacing`` deg, coarse dose grid), run the full optimiser pipeline (cpu backend,
 no sequencing) for the target fluence (MU), and compute the BEV inputs exactly as the
 fast path does at inference
-(:func:`optimizer.fastpath.bev2fluence.bev_features`). Saved per patient (compressed):
+(:func:`atp.optimizer.fastpath.bev2fluence.bev_features`). Saved per patient (compressed):
 
   inputs       float32 (n_cp, n_channels, n_v, n_u)   network input (see ``channels``)
   target_mu    float32 (n_cp, n_v, n_u)   optimised fluence, MU (0 where no beamlet)
@@ -46,14 +46,13 @@ class _ScipyTranspose:
 
 
 def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
-    """What :func:`~optimizer.fastpath.bev2fluence.bev_features` reads from a prepared
-    FastPath (pred, rx, oar_w, mimic_w on the dose grid: :func:`~optimizer.fastpath.
+    """What :func:`~atp.optimizer.fastpath.bev2fluence.bev_features` reads from a prepared
+    FastPath (pred, rx, oar_w, mimic_w on the dose grid: :func:`~atp.optimizer.fastpath.
     chain.dose_grid_arrays`, as FastPath builds them; ``op.transpose_apply``), without
     FastPath's step-size estimate and torch copy of A, which the features do not need
     (about half of the per-patient feature time)."""
     import torch
-
-    from optimizer.fastpath.chain import dose_grid_arrays
+    from atp.optimizer.fastpath.chain import dose_grid_arrays
 
     g = dose_grid_arrays(patient, dij.dose_grid, predicted_dose_gy)
     return SimpleNamespace(dij=dij, pred=g.pred, rx=g.rx, oar_w=g.oar_w, mimic_w=g.mimic_w,
@@ -62,7 +61,7 @@ def dose_grid_inputs(patient, dij, predicted_dose_gy) -> SimpleNamespace:
 
 def patient_record(patient, dij, predicted_dose_gy, target_fluence_mu) -> dict:
     """The arrays saved for one patient (see module docstring), given the target fluence."""
-    from optimizer.fastpath.bev2fluence import FEATURE_CHANNELS, FEATURE_VERSION, bev_features
+    from atp.optimizer.fastpath.bev2fluence import FEATURE_CHANNELS, FEATURE_VERSION, bev_features
 
     feats, layout = bev_features(dose_grid_inputs(patient, dij, predicted_dose_gy))
     target = np.asarray(target_fluence_mu, dtype=np.float32).reshape(-1)
@@ -121,12 +120,13 @@ def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
 
 def refeature_one(path: Path, dest: Path, args, predictor) -> tuple[dict, dict]:
     """Record and metadata of an existing ``dest`` with its inputs recomputed by this
-    code's :func:`~optimizer.fastpath.bev2fluence.bev_features` (current feature version,
+    code's :func:`~atp.optimizer.fastpath.bev2fluence.bev_features` (current feature version,
     ``--predictor``); the target fluence (the optimiser's) is kept, so no re-planning."""
+    from atp.optimizer.fastpath.bev2fluence import BEVLayout
+
     from atp.dose.arc import ARC_THRESHOLD, arc_influence
     from atp.dose.geometry import arc_control_points
     from atp.io import load_patient
-    from optimizer.fastpath.bev2fluence import BEVLayout
 
     with np.load(dest) as z:
         meta = json.loads(str(z["meta_json"]))
@@ -151,7 +151,7 @@ def refeature_one(path: Path, dest: Path, args, predictor) -> tuple[dict, dict]:
 
 
 def _needs_refeature(dest: Path) -> bool:
-    from optimizer.fastpath.bev2fluence import FEATURE_VERSION
+    from atp.optimizer.fastpath.bev2fluence import FEATURE_VERSION
 
     with np.load(dest) as z:
         return int(z["feature_version"]) != FEATURE_VERSION
@@ -170,7 +170,7 @@ def _patient_key(p: Path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.gen_data",
+    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.gen_data",
                                  description=__doc__.split("\n")[0])
     add_common_arguments(ap, arc_spacing_deg=6.0)
     ap.add_argument("--arc-start", type=float, default=180.0, help="arc start, deg (180)")
@@ -217,8 +217,7 @@ def common_setup(args):
     """(source patient files, output folder, predictor) for parsed common arguments;
     sets the torch threads and fills in the default predictor's name."""
     import torch
-
-    from predictor import registry as predictors
+    from atp.predictor import registry as predictors
 
     torch.set_num_threads(args.threads)
     args.predictor = args.predictor or predictors.default_predictor_name()

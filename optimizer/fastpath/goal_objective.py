@@ -1,16 +1,16 @@
 """The goal-list objective as a differentiable J(D) for the fast path's error map.
 
 The fast path's error map E = grad_D J(D) takes any differentiable dose objective
-(:mod:`optimizer.fastpath.error_map`). :class:`GoalListObjective` is the optimiser's own
-objective: the terms that :func:`optimizer.problem.build_problem` makes from the
+(:mod:`atp.optimizer.fastpath.error_map`). :class:`GoalListObjective` is the optimiser's own
+objective: the terms that :func:`atp.optimizer.problem.build_problem` makes from the
 resolved clinical goals (coverage, near-min/near-max dose-volume terms, OAR means and
 maxima with their predicted-dose values and tolerances, rings, the distance-to-target
-fall-off, the 106 % global max), each normalised as in :mod:`optimizer.objectives`.
+fall-off, the 106 % global max), each normalised as in :mod:`atp.optimizer.objectives`.
 
-Written once: value and gradient come from :func:`optimizer.objectives.evaluate_terms`
+Written once: value and gradient come from :func:`atp.optimizer.objectives.evaluate_terms`
 on the array module of the dose (NumPy for a CPU tensor, zero-copy; CuPy through DLPack
 for a CUDA tensor), wrapped in a :class:`torch.autograd.Function`, so autograd (and
-therefore :func:`~optimizer.fastpath.error_map.error_map`) sees the same maths the
+therefore :func:`~atp.optimizer.fastpath.error_map.error_map`) sees the same maths the
 optimiser's cpu and gpu backends run. The dose is the full dose-grid dose (flattened,
 Gy); a term looks at its dose-grid voxel indices (``Problem.rows[term.rows]``).
 
@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from optimizer.objectives import RANK_ONE, evaluate_terms
+from atp.optimizer.objectives import RANK_ONE, evaluate_terms
 
 
 def _to_xp(t: torch.Tensor):
@@ -63,7 +62,7 @@ class _TermsFunction(torch.autograd.Function):
 class GoalListObjective:
     """J(D) = sum of a Problem's goal terms (dimensionless) on the full dose-grid dose.
 
-    problem: an :class:`optimizer.problem.Problem` built on the same dij (its rows are
+    problem: an :class:`atp.optimizer.problem.Problem` built on the same dij (its rows are
     dose-grid voxel indices). device / dtype: where J is evaluated (the dose's device).
     scale: a constant factor on J (and its gradient).
     """

@@ -4,7 +4,7 @@ Back-projection through the dose-influence matrix (w0 = A.T v D_pred, scaled by 
 least-squares factor), then K projected-gradient (FISTA) steps on the dose-mimicking
 objective ``1/2 sum_i v_i (A w - D_pred)_i^2 / sum v`` with fluence >= 0, optionally
 plus a fluence regulariser ``reg_weight * R(w)`` (the fast path's deliverability
-smoothness, :mod:`optimizer.fastpath.smoothness`). ``v`` weights voxels (targets and
+smoothness, :mod:`atp.optimizer.fastpath.smoothness`). ``v`` weights voxels (targets and
 OARs more than the rest of the body). Used when no trained Bev2Fluence weights are
 present.
 """
@@ -12,9 +12,8 @@ present.
 from __future__ import annotations
 
 import torch
-
-from optimizer.fastpath.correction import unrolled_correction
-from optimizer.fastpath.torch_dose import TorchDose
+from atp.optimizer.fastpath.correction import unrolled_correction
+from atp.optimizer.fastpath.torch_dose import TorchDose
 
 
 class DoseMimicking:
@@ -46,7 +45,7 @@ def initial_fluence(dose_op: TorchDose, predicted_gy: torch.Tensor, voxel_weight
     """Back-projection then ``steps`` projected-gradient steps of dose mimicking (MU).
 
     The step: ``step`` (a float or a per-beamlet tensor, e.g. the diagonal step of
-    :func:`optimizer.fastpath.correction.diagonal_step` for this objective), else
+    :func:`atp.optimizer.fastpath.correction.diagonal_step` for this objective), else
     ``norm / lipschitz`` (Lipschitz constant of A.T diag(v) A)."""
     w0 = back_projection(dose_op, predicted_gy, voxel_weight)
     objective = DoseMimicking(predicted_gy, voxel_weight)

@@ -18,7 +18,7 @@ R = 1/2 w^T L w with L the weighted graph Laplacian of those pairs; the gradient
 L w (``grad``), computed with two gathers and two ``index_add`` on the tensors' device
 (no host round trip). ``row_abs_sum`` is sum_k |L_jk| = 2 x the summed pair weights at
 beamlet j: the regulariser's share of the diagonal (Jacobi / row-sum) step bound used by
-:mod:`optimizer.fastpath.correction`; its maximum bounds the Lipschitz constant of grad R
+:mod:`atp.optimizer.fastpath.correction`; its maximum bounds the Lipschitz constant of grad R
 (Gershgorin).
 """
 

@@ -1,6 +1,6 @@
-"""Train the Bev2Fluence network on data from :mod:`optimizer.fastpath.gen_data`.
+"""Train the Bev2Fluence network on data from :mod:`atp.optimizer.fastpath.gen_data`.
 
-    python -m optimizer.fastpath.train_bev2fluence --data DIR \\
+    python -m atp.optimizer.fastpath.train_bev2fluence --data DIR \\
         --out optimizer/fastpath/weights/bev2fluence.pt [--max-minutes M] [--resume]
 
 ``DIR`` holds ``train/*.npz`` and, if generated, ``validation/*.npz`` (made from the
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from optimizer.fastpath.bev2fluence import (
+from atp.optimizer.fastpath.bev2fluence import (
     FEATURE_CHANNELS,
     WEIGHTS_DIR,
     Bev2FluenceNet,
@@ -44,8 +43,8 @@ BP = FEATURE_CHANNELS.index("backprojection")
 
 # --- data -------------------------------------------------------------------------------
 def _kind(name: str):
-    from optimizer.fastpath.bev2fluence import BEV2FLUENCE
-    from optimizer.fastpath.correction_net import CORRECTION
+    from atp.optimizer.fastpath.bev2fluence import BEV2FLUENCE
+    from atp.optimizer.fastpath.correction_net import CORRECTION
 
     kinds = {k.name: k for k in (BEV2FLUENCE, CORRECTION)}
     if name not in kinds:
@@ -178,7 +177,7 @@ def write_model_card(path: Path, s: dict) -> None:
 
 ## Data
 
-- source: `{s['data']}`, made by `python -m optimizer.fastpath.\
+- source: `{s['data']}`, made by `python -m atp.optimizer.fastpath.\
 {'gen_data' if kind == 'bev2fluence' else 'gen_correction_data'}`
 - targets: {_CARD_TARGET[kind]}
 - {f"optimiser max_iter: {meta.get('max_iter')}; " if kind == 'bev2fluence' else ''}\
@@ -214,7 +213,7 @@ control points per step, seed {s['seed']}
 - per control point only (no coupling between control points); the fast path's
   correction steps follow it;
 - fluence-map loss only (no dose loss); check the dose-mimicking error against the exact
-  fallback with `python -m optimizer.fastpath.eval_bev2fluence --weights W.pt --data
+  fallback with `python -m atp.optimizer.fastpath.eval_bev2fluence --weights W.pt --data
   ../shared/data/openkbp`.
 """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +326,7 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m optimizer.fastpath.train_bev2fluence",
+    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.train_bev2fluence",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="folder made by gen_data (train/, "
                                                   "validation/)")

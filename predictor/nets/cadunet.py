@@ -15,9 +15,7 @@ transition convolution to the block's output channels.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from predictor.blocks import (
+from atp.predictor.blocks import (
     ConvNormAct,
     SqueezeExcitation,
     check_channel_sequence,
@@ -27,6 +25,7 @@ from predictor.blocks import (
     make_act,
     maxpool_cls,
 )
+from torch import nn
 
 
 class CADBlock(nn.Module):

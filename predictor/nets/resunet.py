@@ -15,9 +15,7 @@ non-negative dose; they run in float32 even under (bfloat16) autocast.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from predictor.blocks import (
+from atp.predictor.blocks import (
     ConvNormAct,
     ResidualBlock,
     check_channel_sequence,
@@ -26,6 +24,7 @@ from predictor.blocks import (
     conv_cls,
     maxpool_cls,
 )
+from torch import nn
 
 
 class ResUNet(nn.Module):
