@@ -40,6 +40,15 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="plan a patient: predict, resolve goals, optimise, "
                                     "evaluate")
     add_patient_arguments(p)
+    add_plan_arguments(p)
+    p.add_argument("--out", required=True,
+                   help="plan directory to write (new, empty, or a plan folder atp wrote)")
+    p.set_defaults(func=run)
+
+
+def add_plan_arguments(p) -> None:
+    """Every ``atp plan`` option except the patient and ``--out`` (``atp batch`` applies
+    them to every patient of a cohort)."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--site", default=None, help="shipped goal list by site (default hn)")
     g.add_argument("--goal-list", metavar="FILE", help="a goal-list YAML file")
@@ -76,9 +85,6 @@ def register(sub) -> None:
     add_output_arguments(p)
     add_optimiser_arguments(p)
     add_fast_arguments(p)
-    p.add_argument("--out", required=True,
-                   help="plan directory to write (new, empty, or a plan folder atp wrote)")
-    p.set_defaults(func=run)
 
 
 def add_output_arguments(p) -> None:
