@@ -57,9 +57,8 @@ STAGES = ("pre-processing", "dose prediction", "dose influence", "dij to device"
 #: FastPath numeric options recorded in plan.json (and reused when a loaded plan respares)
 FASTPATH_OPTION_KEYS = ("lam_hot", "lam_cold", "init_steps", "correction_steps",
                         "smoothness", "init_smoothness", "smooth_weight_cp", "oar_guard",
-                        "goal_weight", "target_voxels", "target_min_fraction",
                         "sequencing_passes", "pass_steps", "mu_iterations",
-                        "aperture_iterations", "aperture_rounds", "hot_margin",
+                        "aperture_iterations", "aperture_rounds",
                         "coverage_weight", "coverage_level", "oar_minus_targets",
                         "max_weight", "max_level")
 
@@ -420,14 +419,15 @@ def respare(plan, spare=None, *, progress=False):
     fp = plan.fastpath
     notes = [n for n in plan.notes if not n.startswith("respare:")]
     if fp is None:  # a plan read back from disk: prepare from the stored dij + prediction
-        from atp.optimizer.fastpath.chain import FastPath
+        from atp.optimizer.fastpath.chain import FastPath, drop_retired_options
 
         if plan.predicted_dose_gy is None:
             raise InputError("this plan has no predicted dose to respare from",
                              field="predicted_dose")
         dev, _ = resolve_device(plan.settings.get("device_requested", "auto"))
-        opts = {k: v for k, v in (plan.settings.get("fastpath_options") or {}).items()
-                if k in FASTPATH_OPTION_KEYS}
+        recorded = drop_retired_options(plan.settings.get("fastpath_options") or {},
+                                        file="plan.json")
+        opts = {k: v for k, v in recorded.items() if k in FASTPATH_OPTION_KEYS}
         from atp.optimizer.fastpath.bev2fluence import make_initial_fluence_fn
         from atp.optimizer.fastpath.correction_net import make_correction_fn
 

@@ -14,7 +14,7 @@ parotid dose and the time per plan; the reference plan's criteria for comparison
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tune_fastpath.py \
-        --config base='{}' --config goals='{"goal_weight": 1.0}' --json /tmp/tune_fp.json
+        --config base='{}' --config cov='{"coverage_weight": 4.0}' --json /tmp/tune_fp.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fast-path pieces that aim the plan at the deliverable dose on the patient grid:
-target voxels by interpolation support, the goal-list objective as a differentiable J,
-correction against a sequencing offset, and control-point MU optimisation."""
+target voxels by interpolation support, correction against a sequencing offset, and
+control-point MU optimisation; the removed experimental options of old plans."""
 
 from __future__ import annotations
 
@@ -45,79 +45,23 @@ def test_interpolation_support_covers_the_mask_after_interpolation(phantom, fast
     assert not np.any((support > 0) & ~binary_dilation(block > 0, np.ones((3, 3, 3))))
 
 
-def test_fast_path_targets_the_support_by_default(fast):
+def test_fast_path_targets_the_interpolation_support(fast):
     from atp.optimizer.fastpath.chain import target_prescription_map
 
     fp = fast.fastpath
-    assert fp.target_voxels == "support"
-    rx = target_prescription_map(fp.patient, fp.dij.dose_grid, "support")
+    grid, dgrid = fp.patient.grid, fp.dij.dose_grid
+    rx = target_prescription_map(fp.patient, dgrid)
     np.testing.assert_array_equal(fp.rx.numpy(), rx)
-    block = target_prescription_map(fp.patient, fp.dij.dose_grid, "block", 0.05)
-    assert (rx > 0).sum() > (block > 0).sum()
-    with pytest.raises(ValueError, match="target_voxels"):
-        target_prescription_map(fp.patient, fp.dij.dose_grid, "ring")
-
-
-@pytest.fixture(scope="module")
-def goal_objective(fast):
-    from atp.optimizer.fastpath.goal_objective import GoalListObjective
-    from atp.optimizer.problem import build_problem
-
-    problem = build_problem(list(fast.resolved_goals), fast.fastpath.patient, fast.dij)
-    return problem, GoalListObjective(problem, "cpu", dtype=torch.float64)
-
-
-def test_goal_list_objective_is_the_optimisers_objective(fast, goal_objective):
-    problem, goal = goal_objective
-    w = np.asarray(fast.fluence, np.float32)
-    dose = torch.from_numpy(fast.dij.matrix @ w)
-    # the same number the optimiser computes (its Problem on its own rows), minus the
-    # fluence-smoothness term, which is not a dose term
-    from atp.optimizer.objectives import evaluate_terms
-
-    ref, _, _ = evaluate_terms(problem.terms, [(t.rows, t.voxel_weight, t.ref_gy)
-                                               for t in problem.terms], problem.A @ w)
-    assert float(goal(dose)) == pytest.approx(float(ref), rel=1e-5)
-
-
-def test_goal_list_error_map_matches_finite_differences(fast, goal_objective):
-    from atp.optimizer.fastpath.error_map import error_map
-
-    _, goal = goal_objective
-    dose = torch.from_numpy(fast.dij.matrix @ np.asarray(fast.fluence, np.float64))
-    assert dose.dtype == torch.float64  # finite differences need double precision
-    e = error_map(dose, goal)
-    voxels = np.unique(np.concatenate(goal._voxels))
-    rng = np.random.default_rng(0)
-    h = 1e-2  # Gy; the terms are piecewise quadratic, central differences are exact
-    checked = 0
-    for i in rng.choice(voxels, 40, replace=False):
-        dp, dm = dose.clone(), dose.clone()
-        dp[i] += h
-        dm[i] -= h
-        fd = (float(goal(dp)) - float(goal(dm))) / (2 * h)
-        if abs(fd) < 1e-9 and abs(float(e[i])) < 1e-9:
-            continue
-        assert float(e[i]) == pytest.approx(fd, rel=1e-4, abs=1e-10)
-        checked += 1
-    assert checked >= 5
-
-
-def test_goal_weight_adds_the_goal_terms_to_the_fast_objective(phantom, fast):
-    from atp.optimizer.fastpath.chain import FastPath
-
-    fp = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy, device="cpu",
-                  goal_weight=1.0, resolved_goals=list(fast.resolved_goals)).prepare()
-    assert fp.goal_objective is not None and fp.goal_objective.scale > 0
-    d = fp.op(fp.w_init)
-    hot = fp.objective({})
-    plain = FastPath(fast.fastpath.patient, fast.dij, fast.predicted_dose_gy,
-                     device="cpu", resolved_goals=list(fast.resolved_goals)).prepare()
-    assert plain.goal_objective is None
-    assert float(hot(d)) == pytest.approx(float(plain.objective({})(d))
-                                          + float(fp.goal_objective(d)), rel=1e-5)
-    res = fp.run({})
-    assert res.objective < float(hot(d))  # the correction lowers the combined objective
+    # every voxel the PTV_70 interpolation support reaches carries 70 Gy (the highest Rx)
+    ptv70 = interpolation_support(fp.patient.mask("PTV_70"), grid, dgrid).reshape(-1) > 0
+    assert np.all(rx[ptv70] == 70.0)
+    # more voxels than the optimiser's block-fraction rule (>= 5 % of the voxel inside)
+    inside = np.zeros(rx.shape, bool)
+    for presc in fp.patient.prescriptions:
+        block = mask_to_dose_grid(fp.patient.mask(presc.target).astype(np.float32), grid,
+                                  dgrid)
+        inside |= block.reshape(-1) > 0.05
+    assert (rx > 0).sum() > inside.sum() and np.all(rx[inside] > 0)
 
 
 def test_correction_with_zero_offset_is_the_plain_correction(fast):
@@ -203,16 +147,49 @@ def test_oar_minus_targets_drops_target_voxels_from_the_oar_hinges(fast):
 
     fp0 = fast.fastpath
     args = (fp0.patient, fast.dij, fast.predicted_dose_gy)
-    core = FastPath(*args, device="cpu", oar_minus_targets="core").prepare()
     support = FastPath(*args, device="cpu", oar_minus_targets="support").prepare()
     for name, w in fp0.oar_w.items():
         assert torch.equal(fp0.oar_hinge_w[name], w)  # default: the whole OAR
         assert torch.all(support.oar_hinge_w[name][support.rx > 0] == 0)
-        assert torch.all(core.oar_hinge_w[name] <= w)
-        assert torch.all(support.oar_hinge_w[name] <= core.oar_hinge_w[name])
-    assert core.oar_w.keys() == fp0.oar_w.keys()  # features and mimicking keep the OARs
-    with pytest.raises(ValueError, match="oar_minus_targets"):
-        FastPath(*args, oar_minus_targets="all")
+        outside = support.rx == 0
+        assert torch.equal(support.oar_hinge_w[name][outside], w[outside])
+    assert support.oar_w.keys() == fp0.oar_w.keys()  # features and mimicking keep the OARs
+    for bad in ("all", "core"):  # 'core' (voxels half inside a target): not kept
+        with pytest.raises(ValueError, match="oar_minus_targets"):
+            FastPath(*args, oar_minus_targets=bad)
+
+
+def test_old_plans_with_removed_options_load_and_respare_at_their_off_values(
+        fast, phantom, tmp_path):
+    import json
+
+    import atp
+    from atp.errors import InputError
+
+    out = fast.save(tmp_path / "old", report=False)
+    pj = out / "plan.json"
+    data = json.loads(pj.read_text())
+    recorded = data["settings"]["fastpath_options"]
+    for key in ("goal_weight", "hot_margin", "target_min_fraction", "target_voxels"):
+        assert key not in recorded  # no longer written
+    # a plan written before the removal recorded them at their "off" values
+    off = {"goal_weight": 0.0, "hot_margin": 0.0, "target_min_fraction": 0.0,
+           "target_voxels": "support"}
+    data["settings"]["fastpath_options"] = {**recorded, **off}
+    pj.write_text(json.dumps(data))
+    again = atp.load_plan(out, patient=phantom).respare({})
+    np.testing.assert_allclose(again.fluence, fast.fluence, rtol=1e-5,
+                               atol=1e-6 * float(fast.fluence.max()))
+    # one that used them cannot be re-spared: one line naming the option
+    for key, value in (("goal_weight", 1.0), ("hot_margin", 0.05),
+                       ("target_voxels", "block"), ("target_min_fraction", 0.05),
+                       ("oar_minus_targets", "core")):
+        data["settings"]["fastpath_options"] = {**recorded, **off, key: value}
+        pj.write_text(json.dumps(data))
+        loaded = atp.load_plan(out, patient=phantom)  # the plan itself still loads
+        with pytest.raises(InputError, match=f"fastpath_options.{key}") as err:
+            loaded.respare({})
+        assert "removed" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_vmat_passes_sets_the_arcs_of_the_delivery(phantom, fast):

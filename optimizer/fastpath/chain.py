@@ -45,42 +45,61 @@ from atp.optimizer.fastpath.torch_dose import RowDose, TorchDose
 
 from atp.dose.influence import DoseInfluence
 from atp.dose.resample import interpolation_support, mask_to_dose_grid
-from atp.errors import StructureError
+from atp.errors import InputError, StructureError
 from atp.patient import Patient
 
-#: a dose-grid voxel is a target voxel (with that target's prescription) when more than
-#: this share of its trilinear-interpolation weight lands inside the target
-#: (:func:`atp.dose.resample.interpolation_support`, ``target_voxels="support"``), i.e.
-#: by default every voxel whose dose reaches the target on the patient grid: the dose
-#: interpolated back to the finer patient grid then covers the PTV edge. The block
-#: fraction of the voxel inside the target (``target_voxels="block"``, the optimiser's
-#: rule) misses the outer neighbours of edge voxels, so with a 3x-coarse dose grid even a
-#: dose of exactly Rx on every touching voxel leaves PTV_70 D99 near 89 % of Rx (pt_1).
-TARGET_MIN_FRACTION = 0.0
-TARGET_VOXEL_RULES = ("support", "block")
+#: ``oar_minus_targets``: 'none', or 'support' (the OAR hinges skip every target voxel)
+OAR_MINUS_TARGETS = ("none", "support")
+
+#: options measured and not kept (docs/experiments/fastpath.md), each with the values
+#: that meant "off": a plan.json that records one at such a value still loads and
+#: respares (the key is dropped); any other value has no code path any more
+RETIRED_OPTIONS = {"goal_weight": (0.0,), "hot_margin": (0.0,),
+                   "target_min_fraction": (0.0,), "target_voxels": ("support",)}
+#: values of kept options that were measured and not kept
+RETIRED_VALUES = {"oar_minus_targets": ("core",)}
 
 
-def target_prescription_map(patient, dose_grid, rule: str = "support",
-                            min_fraction: float = TARGET_MIN_FRACTION) -> np.ndarray:
+def drop_retired_options(options: Mapping, file=None) -> dict:
+    """``options`` (fast-path options recorded in a plan.json) without the retired
+    options at their "off" value; a retired option or value that was in use is an
+    :class:`~atp.errors.InputError` naming ``file`` and the field."""
+    out = {}
+    for key, value in options.items():
+        field = f"settings.fastpath_options.{key}"
+        if key in RETIRED_OPTIONS:
+            if value not in RETIRED_OPTIONS[key]:
+                raise InputError(f"this plan was made with the experimental fast-path option "
+                                 f"{key}={value!r}, which was removed (measured and not kept, "
+                                 "docs/experiments/fastpath.md); plan again without it",
+                                 file=file, field=field)
+            continue
+        if value in RETIRED_VALUES.get(key, ()):
+            raise InputError(f"this plan was made with {key}={value!r}, which was removed "
+                             "(measured and not kept, docs/experiments/fastpath.md); plan "
+                             "again without it", file=file, field=field)
+        out[key] = value
+    return out
+
+def target_prescription_map(patient, dose_grid) -> np.ndarray:
     """(n_voxels,) float32 on ``dose_grid``: each target voxel's highest prescription
-    (Gy), 0 elsewhere; which voxels count: ``rule`` and ``min_fraction`` (see
-    :data:`TARGET_MIN_FRACTION`)."""
-    if rule not in TARGET_VOXEL_RULES:
-        raise ValueError(f"target_voxels must be one of {TARGET_VOXEL_RULES}, got {rule!r}")
+    (Gy), 0 elsewhere. A dose-grid voxel is a target voxel when any of its
+    trilinear-interpolation weight lands inside the target
+    (:func:`atp.dose.resample.interpolation_support`), i.e. every voxel whose dose reaches
+    the target on the patient grid, so the dose interpolated back to the finer patient
+    grid covers the PTV edge. (The optimiser's rule, the block fraction of the voxel inside
+    the target, misses the outer neighbours of edge voxels: on a 3x-coarse dose grid even
+    a dose of exactly Rx on every touching voxel leaves PTV_70 D99 near 89 % of Rx, pt_1;
+    docs/experiments/fastpath.md.)"""
     rx = np.zeros(dose_grid.n_voxels, dtype=np.float32)
     for presc in sorted(patient.prescriptions, key=lambda r: r.dose_gy):
-        mask = patient.mask(presc.target)
-        if rule == "support":
-            frac = interpolation_support(mask, patient.grid, dose_grid)
-        else:
-            frac = mask_to_dose_grid(mask.astype(np.float32), patient.grid, dose_grid)
-        rx[np.asarray(frac).reshape(-1) > min_fraction] = presc.dose_gy
+        frac = interpolation_support(patient.mask(presc.target), patient.grid, dose_grid)
+        rx[np.asarray(frac).reshape(-1) > 0.0] = presc.dose_gy
     return rx
 
 
-def dose_grid_arrays(patient, dose_grid, predicted_dose_gy, device="cpu",
-                     target_voxels: str = "support",
-                     target_min_fraction: float = TARGET_MIN_FRACTION) -> SimpleNamespace:
+def dose_grid_arrays(patient, dose_grid, predicted_dose_gy,
+                     device="cpu") -> SimpleNamespace:
     """The per-patient voxel arrays of the fast path on ``dose_grid`` (flattened float32
     tensors on ``device``): body, rx (each target voxel's prescription, Gy; see
     :func:`target_prescription_map`), target_w, oar_w (name -> OAR fraction), pred (the
@@ -94,8 +113,7 @@ def dose_grid_arrays(patient, dose_grid, predicted_dose_gy, device="cpu",
                                 ).to(dev)
 
     body = on_grid(patient.body_mask)
-    rx = torch.from_numpy(target_prescription_map(patient, dose_grid, target_voxels,
-                                                  target_min_fraction)).to(dev)
+    rx = torch.from_numpy(target_prescription_map(patient, dose_grid)).to(dev)
     target_w = (rx > 0).to(torch.float32)
     oar_w = {n: on_grid(patient.mask(n)) for n in patient.organs}
     mimic_w = body.clone()
@@ -140,8 +158,9 @@ class FastPath:
     correction / the fallback initial fluence (0: none). smooth_weight_cp: weight of the
     control-point-to-control-point pairs relative to the leaf-travel pairs. oar_guard:
     weight of the "stay below D0" hinge on OARs without an active slider (0: none).
-    hot_margin / coverage_weight / coverage_level: the hot-hinge dead band and the extra
-    near-minimum coverage hinge of :class:`HotColdObjective`. max_weight / max_level: its
+    coverage_weight / coverage_level: the extra near-minimum coverage hinge of
+    :class:`HotColdObjective`. oar_minus_targets: 'none' (the OAR hinges read the whole
+    OAR) or 'support' (they skip the target voxels). max_weight / max_level: its
     organ-maximum hinge at max_level x each near-max limit below Rx of the goal list
     (cord, brainstem; :meth:`_max_dose_limits`), 0 to leave it out.
     device: 'cpu' or 'cuda' (torch); everything stays on it inside the loops.
@@ -151,17 +170,14 @@ class FastPath:
                  lam_hot: float = 4.0, lam_cold: float = 1.0, init_steps: int = 20,
                  correction_steps: int = 30, smoothness: float = 0.3,
                  init_smoothness: float = 0.3, smooth_weight_cp: float = 0.5,
-                 oar_guard: float = 0.5, target_min_fraction: float = TARGET_MIN_FRACTION,
-                 goal_weight: float = 0.0, resolved_goals=None, target_voxels: str = "support",
+                 oar_guard: float = 0.5, resolved_goals=None,
                  sequencing_passes: int = 0, pass_steps: int | None = None,
                  mu_iterations: int = 30, aperture_iterations: int = 0,
-                 aperture_rounds: int = 3, hot_margin: float = 0.0,
-                 coverage_weight: float = 0.0, coverage_level: float = 0.97,
+                 aperture_rounds: int = 3, coverage_weight: float = 0.0, coverage_level: float = 0.97,
                  oar_minus_targets: str = "none", max_weight: float = 4.0,
                  max_level: float = 0.95,
                  device: str = "cpu", initial_fluence_fn: Callable | None = None,
                  correction_fn: Callable | None = None) -> None:
-        self.target_min_fraction = float(target_min_fraction)
         self.patient = patient
         self.dij = dij
         self.predicted_dose_gy = predicted_dose_gy
@@ -173,8 +189,6 @@ class FastPath:
         self.init_smoothness = float(init_smoothness)
         self.smooth_weight_cp = float(smooth_weight_cp)
         self.oar_guard = float(oar_guard)
-        self.goal_weight = float(goal_weight)
-        self.target_voxels = target_voxels
         self.sequencing_passes = int(sequencing_passes)
         self.pass_steps = pass_steps
         self.mu_iterations = int(mu_iterations)
@@ -182,11 +196,10 @@ class FastPath:
         self.aperture_rounds = int(aperture_rounds)
         self._rows_op = None  # (row-set key, A[rows] on the device): weight_value_grad
         self._rows_csc = None  # (row-set key, A[rows] SciPy CSC): objective_rows_matrix
-        self.hot_margin = float(hot_margin)
         self.coverage_weight = float(coverage_weight)
         self.coverage_level = float(coverage_level)
-        if oar_minus_targets not in ("none", "core", "support"):
-            raise ValueError("oar_minus_targets must be none, core or support, got "
+        if oar_minus_targets not in OAR_MINUS_TARGETS:
+            raise ValueError("oar_minus_targets must be none or support, got "
                              f"{oar_minus_targets!r}")
         self.oar_minus_targets = oar_minus_targets
         if not (float(max_weight) >= 0.0 and 0.0 < float(max_level) <= 1.0):
@@ -196,7 +209,6 @@ class FastPath:
         self.max_level = float(max_level)
         self.max_limits: dict = {}
         self.resolved_goals = resolved_goals
-        self.goal_objective = None
         self.device = torch.device(device)
         self.initial_fluence_fn = initial_fluence_fn
         self.correction_fn = correction_fn
@@ -205,26 +217,14 @@ class FastPath:
         self._prepared = False
 
     # --- per-patient preparation (once) ------------------------------------------------
-    def _on_dose_grid(self, array: np.ndarray) -> torch.Tensor:
-        arr = mask_to_dose_grid(array, self.patient.grid, self.dij.dose_grid)
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
-                                ).to(self.device)
-
-    def _hinge_weights(self, p) -> dict:
+    def _hinge_weights(self) -> dict:
         """OAR voxel weights of the correction's OAR hinges (guard and sliders): the OAR,
-        minus target voxels when ``oar_minus_targets`` is 'core' (voxels at least half
-        inside a target) or 'support' (every target voxel of the coverage term) -- the
-        optimiser's "organ minus PTV" rule: inside a target coverage wins anyway, and the
-        hinge would only pull cold spots into it."""
+        minus every target voxel of the coverage term when ``oar_minus_targets`` is
+        'support' -- the optimiser's "organ minus PTV" rule: inside a target coverage wins
+        anyway, and the hinge would only pull cold spots into it."""
         if self.oar_minus_targets == "none":
             return self.oar_w
-        if self.oar_minus_targets == "support":
-            inside = (self.rx > 0).to(torch.float32)
-        else:
-            inside = torch.zeros_like(self.rx)
-            for presc in p.prescriptions:
-                f = self._on_dose_grid(p.mask(presc.target).astype(np.float32))
-                inside = torch.maximum(inside, (f >= 0.5).to(torch.float32))
+        inside = (self.rx > 0).to(torch.float32)
         return {n: w * (1.0 - inside) for n, w in self.oar_w.items()}
 
     def prepare(self) -> FastPath:
@@ -233,11 +233,10 @@ class FastPath:
         self.op = TorchDose(self.dij.matrix, self.device, csr=self.dij.csr)
         t1 = time.perf_counter()
         self.timings_s["dij_to_device"] = t1 - t0
-        g = dose_grid_arrays(p, self.dij.dose_grid, self.predicted_dose_gy, self.device,
-                             self.target_voxels, self.target_min_fraction)
+        g = dose_grid_arrays(p, self.dij.dose_grid, self.predicted_dose_gy, self.device)
         self.rx, self.target_w, self.oar_w = g.rx, g.target_w, g.oar_w
         self.pred, self.mimic_w = g.pred, g.mimic_w
-        self.oar_hinge_w = self._hinge_weights(p)
+        self.oar_hinge_w = self._hinge_weights()
         if self.max_weight > 0:
             self.max_limits = self._max_dose_limits(p)
         t2 = time.perf_counter()
@@ -255,8 +254,6 @@ class FastPath:
         self.r_target = curvature_row_sums(self.op, self._target_curvature(),
                                            self.dose_of_ones)
         self.mu = balanced_weight(self.r_target, self.smooth, self.smoothness)
-        if self.goal_weight > 0 and self.resolved_goals:
-            self._prepare_goal_objective()
         t3 = time.perf_counter()
         self.timings_s["step_size"] = t3 - t2
         if self.initial_fluence_fn is not None:
@@ -304,37 +301,16 @@ class FastPath:
             out[name] = (w.to(self.device), limit)
         return out
 
-    def _prepare_goal_objective(self) -> None:
-        """The goal-list objective (the optimiser's terms on this dij), scaled so its
-        mean curvature row sum is ``goal_weight`` x that of the hot/cold term."""
-        from atp.optimizer.fastpath.goal_objective import GoalListObjective
-        from atp.optimizer.problem import build_problem
-
-        problem = build_problem(list(self.resolved_goals), self.patient, self.dij)
-        goal = GoalListObjective(problem, self.device)
-        c, m = goal.curvature_weights(self.op.shape[0], self.dose_of_ones)
-        r_goal = self.op.transpose_apply(c * self.dose_of_ones + m)
-        seen = self.r_target > 0
-        ratio = float(self.r_target[seen].mean()) / max(float(r_goal[seen].mean()), 1e-30)
-        goal.scale = self.goal_weight * ratio
-        self.goal_objective = goal
-        self.r_target = self.r_target + goal.scale * r_goal
-
     # --- one plan per slider setting ---------------------------------------------------
     def objective(self, sparing: Mapping[str, float]):
         unknown = [n for n in sparing if n not in self.oar_w]
         if unknown:
             raise StructureError(f"sparing slider for unknown OAR(s) {unknown}; this patient "
                                  f"has {sorted(self.oar_w)}", field="--spare")
-        hotcold = HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
-                                   self.oar_hinge_w, dict(sparing), self.d0,
-                                   self.oar_guard, self.hot_margin,
-                                   self.coverage_weight, self.coverage_level,
-                                   self.max_limits, self.max_weight, self.max_level)
-        if self.goal_objective is None:
-            return hotcold
-        goal = self.goal_objective
-        return lambda dose: hotcold(dose) + goal(dose)
+        return HotColdObjective(self.rx, self.target_w, self.lam_hot, self.lam_cold,
+                                self.oar_hinge_w, dict(sparing), self.d0, self.oar_guard,
+                                self.coverage_weight, self.coverage_level, self.max_limits,
+                                self.max_weight, self.max_level)
 
     def _target_curvature(self) -> torch.Tensor:
         """Slider-independent curvature bound per voxel: PTV max(lam_hot, lam_cold +

@@ -4,9 +4,7 @@ Default J (AIRT-style, per voxel i of the dose grid, doses in Gy):
 
 * PTV homogeneity, asymmetric: ``lam_hot/2 * relu(D - Rx)^2 + lam_cold/2 * relu(Rx - D)^2``
   over target voxels, with ``lam_hot > lam_cold`` so hot spots cost more than cold spots;
-  ``Rx`` is each voxel's highest prescription. ``hot_margin`` m >= 0 (default 0) moves
-  the hot hinge to ``(1 + m) Rx``: a dead band [Rx, (1 + m) Rx] that lets the dose
-  settle just above Rx, so near-minimum coverage (D99) survives sequencing.
+  ``Rx`` is each voxel's highest prescription.
 * PTV coverage (``coverage_weight`` c >= 0, default 0): an extra cold hinge
   ``c/2 * relu(l * Rx - D)^2`` at the coverage level ``l`` (default 0.97) over the same
   target voxels -- a minimum-dose term aimed at near-minimum coverage (D99 >= 95 % Rx):
@@ -56,7 +54,6 @@ class HotColdObjective:
     sparing: Mapping[str, float] = field(default_factory=dict)
     baseline_dose: torch.Tensor | None = None
     guard_weight: float = 0.0
-    hot_margin: float = 0.0
     coverage_weight: float = 0.0
     coverage_level: float = 0.97
     max_limits: Mapping[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
@@ -68,8 +65,6 @@ class HotColdObjective:
             raise ValueError(f"max_weight must be >= 0, got {self.max_weight}")
         if not 0.0 < float(self.max_level) <= 1.0:
             raise ValueError(f"max_level must be in (0, 1], got {self.max_level}")
-        if not 0.0 <= float(self.hot_margin) < 1.0:
-            raise ValueError(f"hot_margin must be in [0, 1), got {self.hot_margin}")
         if not float(self.coverage_weight) >= 0.0:
             raise ValueError(f"coverage_weight must be >= 0, got {self.coverage_weight}")
         if not 0.0 < float(self.coverage_level) <= 1.0:
@@ -109,9 +104,8 @@ class HotColdObjective:
         return out
 
     def _terms(self):
-        """Per term (voxel indices, voxel weights / count, reference Gy, lam_hot, lam_cold,
-        hot-hinge offset above the reference Gy) on its own voxels only (gathered once: a
-        term never reads the rest of the grid)."""
+        """Per term (voxel indices, voxel weights / count, reference Gy, lam_hot, lam_cold)
+        on its own voxels only (gathered once: a term never reads the rest of the grid)."""
         if getattr(self, "_cache", None) is None:
             terms = []
             tw = self.target_weight
@@ -119,17 +113,16 @@ class HotColdObjective:
             if idx.numel():
                 rx = self.rx_gy[idx]
                 tw_norm = tw[idx] / tw.sum().clamp_min(1.0)
-                terms.append((idx, tw_norm, rx, 0.5 * self.lam_hot, 0.5 * self.lam_cold,
-                              float(self.hot_margin) * rx if self.hot_margin else 0.0))
+                terms.append((idx, tw_norm, rx, 0.5 * self.lam_hot, 0.5 * self.lam_cold))
                 if self.coverage_weight > 0:
                     terms.append((idx, tw_norm, float(self.coverage_level) * rx, 0.0,
-                                  0.5 * float(self.coverage_weight), 0.0))
+                                  0.5 * float(self.coverage_weight)))
             for name, (weight, s) in self.oar_term_weights().items():
                 w = self.oar_weights[name]
                 idx = torch.nonzero(w > 0).reshape(-1)
                 if idx.numel():
                     terms.append((idx, weight * w[idx] / w.sum().clamp_min(1.0),
-                                  (1.0 - s) * self.baseline_dose[idx], 0.5, 0.0, 0.0))
+                                  (1.0 - s) * self.baseline_dose[idx], 0.5, 0.0))
             if self.max_weight > 0:
                 for w, limit_gy in self.max_limits.values():
                     idx = torch.nonzero(w > 0).reshape(-1)
@@ -137,7 +130,7 @@ class HotColdObjective:
                         ref = torch.full((idx.numel(),), float(self.max_level) *
                                          float(limit_gy), dtype=w.dtype, device=w.device)
                         terms.append((idx, float(self.max_weight) * w[idx] /
-                                      w.sum().clamp_min(1.0), ref, 0.5, 0.0, 0.0))
+                                      w.sum().clamp_min(1.0), ref, 0.5, 0.0))
             self._cache = terms
         return self._cache
 
@@ -147,9 +140,9 @@ class HotColdObjective:
         d = dose.detach()
         j = d.new_zeros(())
         grad = torch.zeros_like(d)
-        for idx, w, ref, hot, cold, off in self._terms():
+        for idx, w, ref, hot, cold in self._terms():
             x = torch.index_select(d, 0, idx) - ref
-            over = torch.relu(x - off)
+            over = torch.relu(x)
             pen = hot * over ** 2
             g = 2.0 * hot * over
             if cold:
@@ -162,9 +155,9 @@ class HotColdObjective:
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         j = dose.new_zeros(())
-        for idx, w, ref, hot, cold, off in self._terms():
+        for idx, w, ref, hot, cold in self._terms():
             x = torch.index_select(dose, 0, idx) - ref
-            pen = hot * torch.relu(x - off) ** 2
+            pen = hot * torch.relu(x) ** 2
             if cold:
                 pen = pen + cold * torch.relu(-x) ** 2
             j = j + (w * pen).sum()
