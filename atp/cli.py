@@ -33,6 +33,8 @@ COMMAND_MODULES = [
     "atp.commands.commission",
     "atp.commands.dose",
     "atp.commands.listing",
+    "atp.commands.batch",
+    "atp.commands.scorecard",
 ]
 
 

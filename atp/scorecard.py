@@ -1,0 +1,235 @@
+"""Scorecards: a plan judged by piecewise-linear scores of DVH metrics (higher is better).
+
+A scorecard YAML (``scorecards/<name>.yaml``, installed as ``atp.scorecards``) holds::
+
+    scorecard: hn                  # its name
+    title: ...                     # one line
+    sources: {KEY: citation, ...}  # the publications the score points come from
+    items:
+      - id: cord_max               # unique
+        structure: SpinalCord      # canonical (TG-263) structure name
+        metric: D0.1cc             # the goal-list metric grammar (atp.goals.metric)
+        points: [[40, 10], [45, 8], [50, 0]]   # [metric value, score], value increasing
+        max: 10                    # the item's best score; every point's score in 0..max
+        priority: 1                # clinical importance (1 most), for display
+        source: QUANTEC-cord       # key into sources
+
+An item's score is the linear interpolation of its points at the metric's value,
+constant beyond the first and last point (``numpy.interp``). An item whose structure the
+patient lacks is not scored (value and score None) and the total's maximum leaves it
+out. Every problem in the file raises :class:`ScorecardError` naming file, line and
+field (exit 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atp.errors import InputError, quote
+
+ITEM_KEYS = {"id", "structure", "metric", "points", "max", "priority", "source", "note"}
+TOP_KEYS = {"scorecard", "title", "sources", "items"}
+
+
+class ScorecardError(InputError):
+    """A scorecard file is malformed."""
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    id: str
+    structure: str
+    metric: object  # atp.goals.model.Metric
+    points: tuple  # ((value, score), ...) value strictly increasing
+    max_score: float
+    priority: int = 2
+    source: str = ""
+
+    def score(self, value: float) -> float:
+        xs, ys = zip(*self.points)
+        return float(np.interp(value, xs, ys))
+
+
+@dataclass(frozen=True)
+class Scorecard:
+    name: str
+    title: str
+    items: tuple
+    sources: dict
+    file: str = ""
+
+    def evaluate(self, patient, dose_gy) -> dict:
+        """{"items": [{id, structure, metric, value, score, max, ...}], "total",
+        "max_total", "fraction"}; items whose structure is absent are not scored."""
+        from atp.goals.resolve import measure
+
+        rows, total, best = [], 0.0, 0.0
+        names = set(patient.structures)
+        rx = patient.prescriptions[0].dose_gy if patient.prescriptions else None
+        for it in self.items:
+            row = {"id": it.id, "structure": it.structure, "metric": it.metric.text,
+                   "unit": it.metric.result_unit, "max": it.max_score,
+                   "priority": it.priority, "value": None, "score": None}
+            if it.structure in names and patient.structure(it.structure).n_voxels > 0:
+                value = float(measure(it.metric, patient, it.structure, dose_gy,
+                                      reference_rx_gy=rx))
+                row.update(value=value, score=it.score(value))
+                total += row["score"]
+                best += it.max_score
+            else:
+                row["note"] = "structure absent: not scored"
+            rows.append(row)
+        return {"scorecard": self.name, "items": rows, "total": total, "max_total": best,
+                "fraction": total / best if best > 0 else None}
+
+
+def scorecards_dir() -> Path:
+    """Folder of the shipped scorecards (package ``atp.scorecards``)."""
+    try:
+        return Path(str(importlib.resources.files("atp.scorecards")))
+    except ModuleNotFoundError:
+        # an editable install made before the scorecards package existed maps only the
+        # packages it knew; the source tree's folder is the same files
+        here = Path(__file__).resolve().parents[1] / "scorecards"
+        if (here / "__init__.py").is_file():
+            return here
+        raise
+
+
+def list_scorecards() -> list[str]:
+    return sorted(p.stem for p in scorecards_dir().glob("*.yaml"))
+
+
+def scorecard_path(name_or_file) -> Path:
+    """A shipped scorecard name (``hn``) or a YAML file path."""
+    text = str(name_or_file)
+    if text.endswith((".yaml", ".yml")) or "/" in text or Path(text).is_file():
+        return Path(text)
+    p = scorecards_dir() / f"{text}.yaml"
+    if not p.is_file():
+        raise ScorecardError(f"unknown scorecard {quote(text)}; shipped: "
+                             f"{', '.join(list_scorecards()) or 'none'} (or give a YAML file)",
+                             field="--scorecard")
+    return p
+
+
+def _number(v, *, file, line, field) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ScorecardError(f"must be a finite number, got {quote(v)}", file=file,
+                             line=line, field=field)
+    return float(v)
+
+
+def _item(raw, i: int, file: str, line: int | None) -> ScoreItem:
+    from atp.goals.metric import parse_metric
+
+    where = f"items[{i}]"
+    if not isinstance(raw, dict):
+        raise ScorecardError(f"must be a mapping with structure, metric, points, max, got "
+                             f"{quote(raw)}", file=file, line=line, field=where)
+
+    def ln(key):
+        return raw.line_of(key) if hasattr(raw, "line_of") else line
+
+    unknown = sorted(set(map(str, raw)) - ITEM_KEYS)
+    if unknown:
+        raise ScorecardError(f"unknown key (known: {', '.join(sorted(ITEM_KEYS))})",
+                             file=file, line=ln(unknown[0]), field=f"{where}.{unknown[0]}")
+    for key in ("id", "structure", "metric", "points", "max"):
+        if key not in raw:
+            raise ScorecardError("missing", file=file, line=line, field=f"{where}.{key}")
+    for key in ("id", "structure"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise ScorecardError(f"must be a non-empty text, got {quote(raw[key])}",
+                                 file=file, line=ln(key), field=f"{where}.{key}")
+    metric = parse_metric(raw["metric"], file=file, line=ln("metric"),
+                          field=f"{where}.metric")
+    mx = _number(raw["max"], file=file, line=ln("max"), field=f"{where}.max")
+    if mx <= 0:
+        raise ScorecardError(f"must be > 0, got {mx:g}", file=file, line=ln("max"),
+                             field=f"{where}.max")
+    pts = raw["points"]
+    if not isinstance(pts, list) or len(pts) < 2:
+        raise ScorecardError("must be a list of at least two [value, score] pairs",
+                             file=file, line=ln("points"), field=f"{where}.points")
+    out = []
+    for k, p in enumerate(pts):
+        pl = pts.line_of(k) if hasattr(pts, "line_of") else ln("points")
+        f = f"{where}.points[{k}]"
+        if not isinstance(p, list) or len(p) != 2:
+            raise ScorecardError(f"must be a [value, score] pair, got {quote(p)}", file=file,
+                                 line=pl, field=f)
+        x = _number(p[0], file=file, line=pl, field=f)
+        s = _number(p[1], file=file, line=pl, field=f)
+        if not 0 <= s <= mx:
+            raise ScorecardError(f"score {s:g} outside 0..max ({mx:g})", file=file, line=pl,
+                                 field=f)
+        if out and x <= out[-1][0]:
+            raise ScorecardError(f"values must increase: {x:g} after {out[-1][0]:g}",
+                                 file=file, line=pl, field=f)
+        out.append((x, s))
+    if max(s for _, s in out) != mx:
+        raise ScorecardError(f"no point reaches the item's max ({mx:g})", file=file,
+                             line=ln("points"), field=f"{where}.points")
+    prio = raw.get("priority", 2)
+    if isinstance(prio, bool) or not isinstance(prio, int) or not 1 <= prio <= 4:
+        raise ScorecardError(f"must be an integer 1..4, got {quote(prio)}", file=file,
+                             line=ln("priority"), field=f"{where}.priority")
+    return ScoreItem(raw["id"].strip(), raw["structure"].strip(), metric, tuple(out), mx,
+                     prio, str(raw.get("source", "")))
+
+
+def load_scorecard(name_or_file) -> Scorecard:
+    """Read and check a scorecard (a shipped name or a YAML file)."""
+    from atp.yamlio import load_yaml
+
+    path = scorecard_path(name_or_file)
+    file = str(path)
+    data = load_yaml(path, error=ScorecardError, what="scorecard")
+    if not isinstance(data, dict):
+        raise ScorecardError("must be a mapping with 'scorecard' and 'items'", file=file)
+    unknown = sorted(set(map(str, data)) - TOP_KEYS)
+    if unknown:
+        raise ScorecardError(f"unknown key (known: {', '.join(sorted(TOP_KEYS))})",
+                             file=file, line=data.line_of(unknown[0]), field=unknown[0])
+    items = data.get("items")
+    if not isinstance(items, list) or not items:
+        raise ScorecardError("must be a non-empty list", file=file,
+                             line=data.line_of("items"), field="items")
+    sources = data.get("sources") or {}
+    if not isinstance(sources, dict):
+        raise ScorecardError("must be a mapping of key: citation", file=file,
+                             line=data.line_of("sources"), field="sources")
+    parsed, seen = [], set()
+    for i, raw in enumerate(items):
+        it = _item(raw, i, file, items.line_of(i))
+        if it.id in seen:
+            raise ScorecardError(f"duplicate item id {quote(it.id)}", file=file,
+                                 line=items.line_of(i), field=f"items[{i}].id")
+        if it.source and sources and it.source not in sources:
+            raise ScorecardError(f"source {quote(it.source)} is not among 'sources'",
+                                 file=file, line=items.line_of(i), field=f"items[{i}].source")
+        seen.add(it.id)
+        parsed.append(it)
+    return Scorecard(str(data.get("scorecard") or path.stem), str(data.get("title") or ""),
+                     tuple(parsed), dict(sources), file)
+
+
+def format_scores(result: dict) -> list[str]:
+    """Lines of a scorecard result for the terminal."""
+    lines = [(f"{'item':22s} {'structure':14s} {'metric':8s} {'value':>9s} {'score':>6s} "
+             f"{'max':>5s}")]
+    for r in result["items"]:
+        v = "absent" if r["value"] is None else f"{r['value']:.2f}"
+        s = "-" if r["score"] is None else f"{r['score']:.2f}"
+        lines.append(f"{r['id'][:22]:22s} {r['structure'][:14]:14s} {r['metric'][:8]:8s} "
+                     f"{v:>9s} {s:>6s} {r['max']:5.1f}")
+    frac = result["fraction"]
+    lines.append(f"total {result['total']:.2f} / {result['max_total']:.2f}"
+                 + (f" ({100 * frac:.1f} %)" if frac is not None else ""))
+    return lines

@@ -1,0 +1,1 @@
+"""Shipped scorecards (YAML): see atp.scorecard."""
