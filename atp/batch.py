@@ -691,14 +691,14 @@ def run_batch(entries: list, opts: BatchOptions) -> BatchResult:
 
     t0 = time.perf_counter()
     out = check_output_dir(opts.out, replace=False, kind="batch")
-    out.mkdir(parents=True, exist_ok=True)
-    mark_output_dir(out, kind="batch")
-    (out / STATE_DIR).mkdir(exist_ok=True)
     scorecard_file = None
     if opts.scorecard:
         from atp.scorecard import load_scorecard
 
         scorecard_file = load_scorecard(opts.scorecard).file  # a bad scorecard: exit 2 now
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, kind="batch")
+    (out / STATE_DIR).mkdir(exist_ok=True)
     records, jobs, resumed = {}, [], []
     for e in entries:
         args = patient_args(e, opts.plan_args)
