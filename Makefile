@@ -34,7 +34,7 @@ wheel-check: $(STAMP)
 	bash .ci/wheel_check.sh $(PYTHON)
 
 lint: $(STAMP)
-	$(BIN)/ruff check atp predictor optimizer sequencer tests benchmarks
+	$(BIN)/ruff check atp predictor optimizer sequencer tests benchmarks training
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q --benchmark-enable

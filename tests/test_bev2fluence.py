@@ -36,7 +36,7 @@ def arc_case(phantom):
 @pytest.fixture(scope="module")
 def record(arc_case):
     """A gen_data record whose target is the fallback initial fluence (MU)."""
-    from atp.optimizer.fastpath.gen_data import patient_record
+    from training.fastpath.gen_data import patient_record
 
     patient, dij, pred = arc_case
     target = FastPath(patient, dij, pred, init_steps=10).prepare().w_init.numpy()
@@ -78,7 +78,7 @@ def test_features_and_a_few_training_steps_lower_the_loss(record):
     assert x.shape[1] == len(FEATURE_CHANNELS) and torch.isfinite(x).all()
     assert torch.equal(x[:, FEATURE_CHANNELS.index("beamlet_mask")], m)
     torch.manual_seed(0)
-    from atp.optimizer.fastpath.train_bev2fluence import train_step
+    from training.fastpath.train_bev2fluence import train_step
 
     model = Bev2FluenceNet(base=8, depth=2)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -123,8 +123,8 @@ def test_network_initial_fluence_plugs_into_the_fast_path(arc_case, tmp_path):
 
 
 def test_saved_data_trains_and_resumes_from_the_cli(record, tmp_path):
-    from atp.optimizer.fastpath.gen_data import save_record
-    from atp.optimizer.fastpath.train_bev2fluence import main
+    from training.fastpath.gen_data import save_record
+    from training.fastpath.train_bev2fluence import main
 
     meta = {"patient_id": "phantom", "max_iter": 0, "predictor": "baseline",
             "arc_spacing_deg": 30.0, "control_points": 12, "dose_grid_factor": 3}
@@ -144,7 +144,8 @@ def test_saved_data_trains_and_resumes_from_the_cli(record, tmp_path):
 
 def test_gen_data_features_match_the_fast_path(arc_case):
     from atp.optimizer.fastpath.bev2fluence import bev_features
-    from atp.optimizer.fastpath.gen_data import dose_grid_inputs
+
+    from training.fastpath.gen_data import dose_grid_inputs
 
     patient, dij, pred = arc_case
     fp = FastPath(patient, dij, pred, init_steps=0).prepare()
@@ -152,3 +153,29 @@ def test_gen_data_features_match_the_fast_path(arc_case):
     b, layout_b = bev_features(dose_grid_inputs(patient, dij, pred))
     assert np.array_equal(layout_a.flat_index, layout_b.flat_index)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("script", ["gen_data", "gen_correction_data", "eval_bev2fluence",
+                                    "train_bev2fluence"])
+def test_offline_scripts_run_with_python_m_from_the_repository_root(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", f"training.fastpath.{script}", "--help"],
+                         check=False, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"python -m training.fastpath.{script}" in run.stdout
+
+
+def test_no_library_module_imports_the_offline_scripts():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "optimizer" / "fastpath" / "gen_data.py").exists()
+    for folder in ("atp", "optimizer", "predictor", "sequencer"):
+        for f in (root / folder).rglob("*.py"):
+            text = f.read_text(encoding="utf-8")
+            assert "import training" not in text and "from training" not in text, f

@@ -107,8 +107,8 @@ def test_plan_says_which_correction_it_used(phantom, fast, identity_weights, mon
 
 
 def test_correction_data_trains_from_the_cli(fast, tmp_path):
-    from atp.optimizer.fastpath.gen_data import save_record
-    from atp.optimizer.fastpath.train_bev2fluence import main
+    from training.fastpath.gen_data import save_record
+    from training.fastpath.train_bev2fluence import main
 
     fp = fast.fastpath
     for i, sp in enumerate(({}, {"Parotid_L": 0.2})):
@@ -131,13 +131,13 @@ def test_correction_data_trains_from_the_cli(fast, tmp_path):
     assert model.residual_channel == 0
     # a Bev2Fluence trainer refuses correction data (and the other way round)
     with pytest.raises(ValueError, match="correction data"):
-        from atp.optimizer.fastpath.train_bev2fluence import load_record
+        from training.fastpath.train_bev2fluence import load_record
 
         load_record(tmp_path / "data" / "pt_0.npz")
 
 
 def test_write_patients_skips_fails_and_writes_atomically(tmp_path, capsys):
-    from atp.optimizer.fastpath.gen_data import write_patients
+    from training.fastpath.gen_data import write_patients
 
     src = [tmp_path / f"pt_{i}.npz" for i in (1, 2, 3)]
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ the BEV maps of (:data:`CORRECTION_CHANNELS`)
 
 and predicts the corrected fluence in units of w0's mean (Softplus >= 0). Its training
 target is the exact fallback's result (K unrolled steps, :mod:`.correction`) from the
-same w0 and slider setting (``python -m atp.optimizer.fastpath.gen_correction_data``), so it
+same w0 and slider setting (``python -m training.fastpath.gen_correction_data``), so it
 learns to take the K steps at once; the fast path can follow it with a few exact steps
 (``correction_refine_steps``). The OAR sliders reach the network through the gradient
 channel (the error map includes their hinges).
@@ -82,7 +82,7 @@ def correction_features(fp, w0: torch.Tensor, sparing: Mapping[str, float], *,
 def correction_record(fp, w0: torch.Tensor, sparing: Mapping[str, float],
                       w_target) -> dict:
     """Training arrays of one (patient, slider setting): inputs, target fluence in units
-    of w0's mean, mask (see :mod:`atp.optimizer.fastpath.gen_data` for the layout)."""
+    of w0's mean, mask (see :mod:`training.fastpath.gen_data` for the layout)."""
     feats, layout, scale = correction_features(fp, w0, sparing)
     target = np.asarray(torch.as_tensor(w_target).cpu(), np.float32).reshape(-1) / scale
     return {"inputs": feats.cpu().numpy().astype(np.float32),

@@ -1,6 +1,6 @@
 """Training data for Bev2Fluence: BEV inputs + optimised fluence maps, one npz per patient.
 
-    python -m atp.optimizer.fastpath.gen_data --data ../shared/data/openkbp --split train \\
+    python -m training.fastpath.gen_data --data ../shared/data/openkbp --split train \\
         --out DIR [--limit N] [--arc-spacing 6] [--dose-grid-factor 3] [--max-iter 300]
 
 Per patient: load, predict the dose (``--predictor``; default: the registry's default, as
@@ -170,7 +170,7 @@ def _patient_key(p: Path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.gen_data",
+    ap = argparse.ArgumentParser(prog="python -m training.fastpath.gen_data",
                                  description=__doc__.split("\n")[0])
     add_common_arguments(ap, arc_spacing_deg=6.0)
     ap.add_argument("--arc-start", type=float, default=180.0, help="arc start, deg (180)")

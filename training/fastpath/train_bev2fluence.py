@@ -1,6 +1,6 @@
-"""Train the Bev2Fluence network on data from :mod:`atp.optimizer.fastpath.gen_data`.
+"""Train the Bev2Fluence network on data from :mod:`training.fastpath.gen_data`.
 
-    python -m atp.optimizer.fastpath.train_bev2fluence --data DIR \\
+    python -m training.fastpath.train_bev2fluence --data DIR \\
         --out optimizer/fastpath/weights/bev2fluence.pt [--max-minutes M] [--resume]
 
 ``DIR`` holds ``train/*.npz`` and, if generated, ``validation/*.npz`` (made from the
@@ -177,7 +177,7 @@ def write_model_card(path: Path, s: dict) -> None:
 
 ## Data
 
-- source: `{s['data']}`, made by `python -m atp.optimizer.fastpath.\
+- source: `{s['data']}`, made by `python -m training.fastpath.\
 {'gen_data' if kind == 'bev2fluence' else 'gen_correction_data'}`
 - targets: {_CARD_TARGET[kind]}
 - {f"optimiser max_iter: {meta.get('max_iter')}; " if kind == 'bev2fluence' else ''}\
@@ -213,7 +213,7 @@ control points per step, seed {s['seed']}
 - per control point only (no coupling between control points); the fast path's
   correction steps follow it;
 - fluence-map loss only (no dose loss); check the dose-mimicking error against the exact
-  fallback with `python -m atp.optimizer.fastpath.eval_bev2fluence --weights W.pt --data
+  fallback with `python -m training.fastpath.eval_bev2fluence --weights W.pt --data
   ../shared/data/openkbp`.
 """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,7 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.train_bev2fluence",
+    ap = argparse.ArgumentParser(prog="python -m training.fastpath.train_bev2fluence",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="folder made by gen_data (train/, "
                                                   "validation/)")

@@ -1,6 +1,6 @@
 """Training data for the correction network: one npz per patient, two slider settings.
 
-    python -m atp.optimizer.fastpath.gen_correction_data --data ../shared/data/openkbp \\
+    python -m training.fastpath.gen_correction_data --data ../shared/data/openkbp \\
         --split train --out DIR [--limit N] [--arc-spacing 4] [--predictor resunet]
 
 Per patient, exactly as ``atp plan --fast`` prepares it (goal list resolved with the
@@ -12,7 +12,7 @@ for the zero slider setting and for one random OAR slider (seeded per patient, f
 exact fallback's corrected fluence (``FastPath.run`` with K unrolled steps) in units of
 the initial fluence's mean. Both settings are stacked along the control-point axis (so a
 patient is never split between training and validation). Same file layout as
-:mod:`atp.optimizer.fastpath.gen_data` plus ``kind = 'correction'``; resumable, atomic.
+:mod:`training.fastpath.gen_data` plus ``kind = 'correction'``; resumable, atomic.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.gen_correction_data",
+    ap = argparse.ArgumentParser(prog="python -m training.fastpath.gen_correction_data",
                                  description=__doc__.split("\n")[0])
-    from atp.optimizer.fastpath.gen_data import add_common_arguments, common_setup, write_patients
+    from training.fastpath.gen_data import add_common_arguments, common_setup, write_patients
 
     add_common_arguments(ap, arc_spacing_deg=4.0)
     ap.add_argument("--seed", type=int, default=0, help="slider draws (0)")

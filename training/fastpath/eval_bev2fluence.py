@@ -1,6 +1,6 @@
 """Dose-domain check of Bev2Fluence weights against the exact fallback initial fluence.
 
-    python -m atp.optimizer.fastpath.eval_bev2fluence --weights W.pt --data ../shared/data/openkbp \\
+    python -m training.fastpath.eval_bev2fluence --weights W.pt --data ../shared/data/openkbp \\
         [--split validation] [--limit 2] [--arc-spacing 6] [--dose-grid-factor 3]
 
 Per patient (predictor "baseline", one full arc): the fast path's dose-mimicking objective
@@ -56,7 +56,7 @@ def evaluate_patient(path: Path, fns, args, predictor) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m atp.optimizer.fastpath.eval_bev2fluence",
+    ap = argparse.ArgumentParser(prog="python -m training.fastpath.eval_bev2fluence",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--weights", required=True)
     ap.add_argument("--data", required=True, help="OpenKBP root")
@@ -70,8 +70,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     from atp.optimizer.fastpath.bev2fluence import make_initial_fluence_fn
-    from atp.optimizer.fastpath.gen_data import _patient_key
     from atp.predictor import registry as predictors
+
+    from training.fastpath.gen_data import _patient_key
 
     torch.set_num_threads(args.threads)
     fns = (make_initial_fluence_fn(args.weights),
