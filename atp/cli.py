@@ -15,10 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 from pathlib import Path
 
 from atp.errors import AtpError, InputError
+from atp.version import __version__
 
 COMMAND_MODULES = [
     "atp.commands.demo",
@@ -64,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, one line)
         return exc.code if isinstance(exc.code, int) else 2
     if args.version:
-        from atp import __version__
-
         print(__version__)
         return 0
     if not getattr(args, "func", None):
@@ -102,9 +106,6 @@ def _terminate_cleanly():
     """SIGTERM (kill, a batch system's time limit) unwinds like Ctrl-C, so a save in
     progress removes its temporary folder; exit 143 = 128 + SIGTERM. Returns the function
     that puts the previous handler back (main() called from a host program)."""
-    import signal
-    import threading
-
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
         return lambda: None
@@ -139,10 +140,6 @@ def error_log_dir() -> Path:
 
 
 def _internal_error(command: str, exc: BaseException, argv) -> int:
-    import tempfile
-    import time
-    import traceback
-
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"atp-{command}-{stamp}-{os.getpid()}.txt"

@@ -23,8 +23,16 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
+from atp.dose import registry as engines
+from atp.dose.commission import water_phantom
+from atp.dose.geometry import Beam, resolve_beams
 from atp.dose.influence import BeamletInfo, DoseInfluence
+from atp.errors import InputError
 from atp.patient import Role, Structure
+from atp.sequencer.deliverable import deliverable_dose
+from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.machine import Machine, load_machine
+from atp.sequencer.rtplan import read_rt_plan
 
 
 def _field_points(frame, jaw_x, jaw_y, step_mm: float) -> np.ndarray:
@@ -40,9 +48,6 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                     margin_mm: float = 5.0, threshold=None, progress=None) -> DoseInfluence:
     """A dij whose beamlets cover every dose beam's jaw openings (``delivery.beams``'
     control points, ``beams`` the dose beams their ``dij_beam`` indexes)."""
-    from atp.dose import registry as engines
-    from atp.dose.geometry import resolve_beams
-
     eng = engines.get(engine)
     beams = resolve_beams(patient, beams)
     rects: list[list] = [[] for _ in beams]
@@ -69,8 +74,6 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
         mask = np.zeros(grid.shape, dtype=bool)
         mask[tuple(idx[inside].T)] = True
         if not mask.any():
-            from atp.errors import InputError
-
             raise InputError(f"dose beam {g} (gantry {beam.gantry_deg:g}): its field "
                              "misses the CT", field="IsocenterPosition")
         field = "_atp_field"
@@ -101,8 +104,6 @@ def forward_dose(patient, delivery, beams, *, engine="pencil-beam",
                  dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
                  margin_mm: float = 5.0, threshold=None, progress=None):
     """(dose_gy on the patient grid, total course; the dij) of ``delivery``."""
-    from atp.sequencer.deliverable import deliverable_dose
-
     dij = field_influence(patient, delivery, beams, engine=engine,
                           dose_grid_factor=dose_grid_factor,
                           beamlet_size_mm=beamlet_size_mm, margin_mm=margin_mm,
@@ -112,14 +113,10 @@ def forward_dose(patient, delivery, beams, *, engine="pencil-beam",
 
 def rt_plan_dose(plan_path, patient, *, machine="millennium120", **kw):
     """Read an RT Plan and compute its dose on ``patient``: (dose_gy, delivery, info)."""
-    from atp.sequencer.rtplan import read_rt_plan
-
     delivery, beams, info = read_rt_plan(plan_path, machine)
     for b in delivery.beams:
         iso = b.isocenter_mm
         if not patient.grid.contains_point(iso):
-            from atp.errors import InputError
-
             raise InputError(f"beam {b.name}: isocentre ({', '.join(f'{v:.1f}' for v in iso)})"
                              f" mm lies outside the patient's CT", file=str(plan_path),
                              field="IsocenterPosition")
@@ -139,12 +136,6 @@ def closed_field_transmission(machine="millennium120", *, depth_mm: float = 100.
     :func:`forward_dose`'s dij and delivered weights (a ``phantom_mm`` water cube of
     5 mm voxels, dose on 10 mm); their dose ratio at ``depth_mm`` (the mean over 3 x 3 cm
     about the central axis, away from the closed-gap line)."""
-    from atp.dose.commission import water_phantom
-    from atp.dose.geometry import Beam
-    from atp.sequencer.deliverable import deliverable_dose
-    from atp.sequencer.delivery import BeamDelivery, Delivery
-    from atp.sequencer.machine import Machine, load_machine
-
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     phantom = water_phantom(size_mm=(phantom_mm,) * 3, spacing_mm=(5.0, 5.0, 5.0))
     half = field_mm / 2.0

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from atp.errors import InputError, quote
 from atp.patient import Role
+from atp.yamlio import load_yaml
 
 DEFAULT_ALIAS_FILE = Path(__file__).resolve().parent / "data" / "tg263_aliases.yaml"
 
@@ -127,8 +128,6 @@ class AliasTable:
     @classmethod
     def load(cls, path: str | Path) -> AliasTable:
         """Read a YAML alias file (same layout as the shipped TG-263 table)."""
-        from atp.yamlio import load_yaml
-
         path = Path(path)
         data = load_yaml(path, what="alias table")
         return cls.from_dict(data or {}, str(path))

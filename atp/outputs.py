@@ -27,6 +27,7 @@ Rules (every command that writes goes through this module):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from atp.errors import OutputError
+from atp.version import __version__
 
 MARKER = ".atp-output.json"
 # what an atp-plan-1 folder written before the marker existed may hold
@@ -89,7 +91,7 @@ def _check_space(path: Path, ancestor: Path, min_bytes: int, field: str | None) 
             raise OutputError(f"only {_mb(free)} free on this file system; writing here "
                               f"needs at least {_mb(min_bytes)}", file=path, field=field)
     try:
-        import resource
+        import resource  # lazy: Unix-only; without it the ulimit check is skipped
 
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     except (ImportError, OSError, ValueError):
@@ -316,7 +318,6 @@ def _exchange(a: Path, b: Path) -> bool:
     fn = _renameat2()
     if fn is None:
         return False
-    import ctypes
 
     if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:
         return True
@@ -333,8 +334,6 @@ def _renameat2():
     if not _RENAMEAT2:
         fn = None
         try:
-            import ctypes
-
             fn = ctypes.CDLL(None, use_errno=True).renameat2
             fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                            ctypes.c_uint]
@@ -402,7 +401,6 @@ def atomic_output_dir(out: str | os.PathLike, *, kind: str = "plan",
         raise err from None
     try:
         yield tmp
-        from atp import __version__
 
         write_json(tmp / MARKER, {"writer": "atp", "version": __version__, "kind": kind,
                                   "entries": _entries(tmp)})
@@ -420,8 +418,6 @@ def mark_output_dir(folder, *, kind: str) -> None:
     later check recognises it as atp's."""
     folder = Path(folder)
     if not (folder / MARKER).exists():
-        from atp import __version__
-
         write_json(folder / MARKER, {"writer": "atp", "version": __version__, "kind": kind,
                                      "entries": None})
 

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 
+from tqdm import tqdm
+
 LOG_INTERVAL_S = 5.0  # non-terminal output: at most one inner-progress line per interval
 _reporter: ContextVar[Callable[[dict], None] | None] = ContextVar("atp_progress",
                                                                   default=None)
@@ -86,8 +88,6 @@ class Display:
         self._last_line = 0.0
         self._bar = None
         if self.tty:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, file=self.stream, unit="stage", leave=False,
                              bar_format="{desc:<28}{bar:20}{n_fmt}/{total_fmt} {elapsed}"
                                         "{postfix}")

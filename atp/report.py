@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from atp.errors import InputError
+from atp.io.dicom_export_geometry import slice_layout
 from atp.outputs import atomic_write_bytes
+from atp.patient import Role
 
 _CSS = """
 body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -87,8 +89,6 @@ def _fmt(v, digits: int = 2) -> str:
 
 
 def _structures_for_plots(patient) -> list[str]:
-    from atp.patient import Role
-
     return [n for n, s in patient.structures.items()
             if s.role in (Role.TARGET, Role.ORGAN) and s.n_voxels > 0]
 
@@ -139,8 +139,6 @@ def dose_wash_figure(patient, dose_gy, target: str | None = None):
     outlined in its DVH colour; one large view per row. Returns a data URI."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
-
-    from atp.io.dicom_export_geometry import slice_layout
 
     layout = slice_layout(patient.grid)  # (z, y, x) for axis-aligned grids
     ct = layout.reorient(patient.ct_hu)

@@ -11,6 +11,7 @@ import importlib.util
 from types import ModuleType
 
 import numpy as np
+import scipy.sparse
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,8 +52,6 @@ def array_module(*arrays) -> ModuleType:
 def sparse_module(xp: ModuleType) -> ModuleType:
     """scipy.sparse for numpy, cupyx.scipy.sparse for cupy."""
     if xp is np:
-        import scipy.sparse
-
         return scipy.sparse
     import cupyx.scipy.sparse
 

@@ -24,8 +24,9 @@ Two answers, both measured on the plan (nothing is guessed):
 from __future__ import annotations
 
 import numpy as np
-from atp.optimizer.objectives import term_value_grad
+from atp.optimizer.objectives import mu_value_grad, term_value_grad
 from atp.optimizer.problem import UPPER_OPS, measure_metric
+from atp.optimizer.solve import surrogate_value
 
 AUTO_NAMES = {"auto:falloff": "the automatic dose fall-off term",
               "auto:global_max": "the automatic global-maximum term",
@@ -60,8 +61,6 @@ class _Gradients:
             self.smooth = np.asarray(gs, np.float64)[self.free]
         self.mu = None
         if getattr(problem, "mu", None) is not None and problem.mu_scale > 0:
-            from atp.optimizer.objectives import mu_value_grad
-
             m = problem.mu
             _, gm = mu_value_grad(w, m.D, m.D.T.tocsr(), m.S, m.S.T.tocsr(), m.beam_rows,
                                   m.tau)
@@ -76,8 +75,6 @@ def opposing_terms(problem, fluence, goal_id: str, *, free_frac: float = 1e-3,
     share first; shares of opposing terms sum to 1. Empty when nothing opposes it on the
     free beamlets (or the goal has no term). ``cache``: a dict kept between calls on the
     same problem and fluence (the term gradients are computed once)."""
-    from atp.optimizer.solve import surrogate_value
-
     b = next((b for b in problem.bindings if b.goal.id == goal_id), None)
     if b is None or not b.term_indices:
         return []

@@ -30,6 +30,7 @@ import numpy as np
 from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
 
 from atp.progress import tick
+from atp.xp import sparse_module
 
 
 @dataclass(eq=False)
@@ -50,8 +51,6 @@ class DeviceProblem:
 
     @classmethod
     def from_problem(cls, problem, xp) -> DeviceProblem:
-        from atp.xp import sparse_module
-
         sparse = sparse_module(xp)
         A = problem.A.tocsr()
         AT = A.T.tocsr()

@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import scipy.sparse as sp
 
 from atp.xp import array_module
 
@@ -245,8 +246,6 @@ def smoothness_pairs(beam_index, bev_x_mm, bev_y_mm, beamlet_size_mm=(5.0, 5.0))
 
 def difference_matrix(pairs, n_beamlets):
     """Sparse (n_pairs, n_beamlets) matrix with +1/-1 per pair (scipy CSR, float32)."""
-    import scipy.sparse as sp
-
     n = pairs.shape[0]
     rows = np.repeat(np.arange(n), 2)
     cols = pairs.reshape(-1)
@@ -285,8 +284,6 @@ class MuSurrogate:
 
 def mu_surrogate(beam_index, bev_x_mm, bev_y_mm, beamlet_size_mm, tau: float) -> MuSurrogate:
     """Build :class:`MuSurrogate` for beamlets on per-beam BEV grids (x = leaf travel)."""
-    import scipy.sparse as sp
-
     beam_index = np.asarray(beam_index)
     bx = np.asarray(bev_x_mm, dtype=np.float64)
     by = np.asarray(bev_y_mm, dtype=np.float64)

@@ -54,18 +54,23 @@ Rules (documented once, here):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
 from atp.optimizer.objectives import (
     Term,
     difference_matrix,
+    evaluate_terms,
     make_term,
     mu_surrogate,
+    mu_value_grad,
     smoothness_pairs,
+    term_value_grad,
 )
+from scipy import ndimage
 
+from atp.dose.resample import mask_to_dose_grid
 from atp.errors import InputError
 
 LOWER_OPS = (">=", ">")
@@ -136,13 +141,8 @@ class Problem:
     mu: object = None  # optimizer.objectives.MuSurrogate, or None
     mu_scale: float = 0.0  # weight / norm of the MU term
 
-    @property
-    def n_beamlets(self) -> int:
-        return self.A.shape[1]
-
-    @property
-    def n_rows(self) -> int:
-        return self.A.shape[0]
+    n_beamlets = property(lambda self: self.A.shape[1], doc="Columns of A (beamlets).")
+    n_rows = property(lambda self: self.A.shape[0], doc="Rows of A (the voxels terms read).")
 
     def smoothness_matrix(self) -> sp.csr_matrix:
         return difference_matrix(self.smooth_pairs, self.n_beamlets)
@@ -158,8 +158,6 @@ class Problem:
         """The convex formulation: every term soft, dose-volume terms replaced by their
         convex surrogates (``dv_min`` -> ``min``, ``dv_max`` -> ``max`` at the same
         reference, same normalisation). Used to compare backends on one function."""
-        from dataclasses import replace
-
         kinds = {"dv_min": "min", "dv_max": "max"}
         return self.with_terms([replace(t, kind=kinds.get(t.kind, t.kind), hard=False)
                                 for t in self.terms])
@@ -170,8 +168,6 @@ class Problem:
 
     def objective(self, fluence) -> float:
         """Total objective (float) at ``fluence`` on the host."""
-        from atp.optimizer.objectives import evaluate_terms
-
         w = np.asarray(fluence, dtype=np.float32)
         d = self.A @ w
         arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in self.terms]
@@ -186,16 +182,12 @@ class Problem:
 
     def mu_value(self, fluence) -> float:
         """The smoothed sliding-window MU (fluence units, all beams) at ``fluence``."""
-        from atp.optimizer.objectives import mu_value_grad
-
         m = self.mu
         v, _ = mu_value_grad(np.asarray(fluence, np.float32), m.D, m.D.T.tocsr(), m.S,
                              m.S.T.tocsr(), m.beam_rows, m.tau)
         return float(v)
 
     def term_values(self, fluence) -> list[float]:
-        from atp.optimizer.objectives import term_value_grad
-
         d = self.dose_rows(fluence)
         out = []
         for t in self.terms:
@@ -297,8 +289,6 @@ def structure_fractions(patient, dij) -> dict[str, np.ndarray]:
         if same:
             out[name] = s.mask.reshape(-1).astype(np.float32)
         else:
-            from atp.dose.resample import mask_to_dose_grid
-
             out[name] = np.asarray(mask_to_dose_grid(s.mask, patient.grid, dij.dose_grid),
                                    dtype=np.float32).reshape(-1)
     return out
@@ -311,7 +301,6 @@ def _body_fraction(patient, dij, fractions) -> np.ndarray:
     body = patient.body_mask
     if dij.dose_grid.same_as(patient.grid):
         return body.reshape(-1).astype(np.float32)
-    from atp.dose.resample import mask_to_dose_grid
 
     return np.asarray(mask_to_dose_grid(body, patient.grid, dij.dose_grid),
                       dtype=np.float32).reshape(-1)
@@ -319,8 +308,6 @@ def _body_fraction(patient, dij, fractions) -> np.ndarray:
 
 def _distance_and_rx(dose_grid, target_frac: dict[str, np.ndarray], rx: dict[str, float]):
     """Distance (mm) to the nearest target voxel and that voxel's prescription (Gy)."""
-    from scipy import ndimage
-
     shape = dose_grid.shape
     rx_map = np.zeros(int(np.prod(shape)), dtype=np.float32)
     for name in sorted(target_frac, key=lambda n: rx.get(n, 0.0)):
@@ -337,8 +324,6 @@ def _distance_and_rx(dose_grid, target_frac: dict[str, np.ndarray], rx: dict[str
 
 def _distance_to(dose_grid, fracs) -> np.ndarray:
     """Distance (mm) of every dose-grid voxel to the union of the given structures."""
-    from scipy import ndimage
-
     inside = np.zeros(dose_grid.n_voxels, dtype=bool)
     for f in fracs:
         inside |= f >= 0.5

@@ -19,6 +19,8 @@ from atp.optimizer.objectives import make_term
 from atp.optimizer.problem import measure_metric
 from atp.optimizer.solve import optimize
 
+from atp.goals.model import Metric
+
 VOLUME_POINTS_PCT = (1, 10, 20, 30, 40, 60, 80)
 MARGIN_FRACTION = 0.05
 MARGIN_MIN_GY = 2.0
@@ -51,8 +53,6 @@ def goal_score(report: list[dict], bindings) -> float:
 def refinement_terms(problem, fluence, *, weight_rel: float = 0.5,
                      min_dose_gy: float = 3.0) -> list:
     """Tighter DVH-point objectives for every organ the goal list names (see module)."""
-    from atp.goals.model import Metric
-
     d = problem.dose_rows(fluence)
     organs: dict[str, tuple] = {}
     for b in problem.bindings:

@@ -1,83 +1,49 @@
 """Backend registry: a name (``--backend cpu``) -> an optimiser backend.
 
-Built-ins: ``cpu``, ``gpu``, ``qp``. Third parties add theirs through the
-``atp.backends`` entry-point group (a class or an instance with the Backend attributes).
+One :class:`atp.registry.Registry`. Built-ins: ``cpu``, ``gpu``, ``qp``. Third parties add
+theirs through the ``atp.backends`` entry-point group (a class or an instance with the
+Backend attributes ``name``, ``is_installed``, ``solve``) or ``register(obj)``.
 ``resolve(name)`` turns a request into a usable backend: ``auto`` picks ``gpu`` when a
 GPU is present, else ``cpu``; an unknown or unusable name raises
-:class:`~atp.errors.BackendUnavailableError` listing what is installed and how to fix it.
+:class:`~atp.errors.BackendUnavailableError` listing what is installed and how to fix it;
+a broken plug-in raises :class:`atp.registry.PluginError` naming its entry point.
 """
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
 from atp.errors import BackendUnavailableError
+from atp.registry import PluginError, Registry
 
+ENTRY_POINT_GROUP = "atp.backends"
 BUILTIN = {
     "cpu": "atp.optimizer.backends.cpu:CpuBackend",
     "gpu": "atp.optimizer.backends.gpu:GpuBackend",
     "qp": "atp.optimizer.backends.qp:QpBackend",
 }
-REQUIRED = ("name", "is_installed", "solve")
-_registered: dict[str, object] = {}
+BACKENDS = Registry("backend", ENTRY_POINT_GROUP, methods=("is_installed", "solve"),
+                    attributes=("name",), builtins=BUILTIN)
+
+register = BACKENDS.register
+unregister = BACKENDS.unregister
+names = BACKENDS.names
 
 
-def register(backend) -> None:
-    """Add a backend class or instance (checked for the required attributes)."""
-    missing = [a for a in REQUIRED if not hasattr(backend, a)]
-    if missing:
-        raise TypeError(f"backend {backend!r} lacks {missing}")
-    _registered[backend.name] = backend
-
-
-def _load(spec: str):
-    mod, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(mod), attr)
-
-
-def _entry_point_backends() -> dict[str, object]:
-    out = {}
-    for ep in entry_points(group="atp.backends"):
-        out[ep.name] = ep
-    return out
-
-
-def names() -> list[str]:
-    return sorted(set(BUILTIN) | set(_registered) | set(_entry_point_backends()))
-
-
-def _class_for(name: str):
-    if name in _registered:
-        return _registered[name]
-    if name in BUILTIN:
-        return _load(BUILTIN[name])
-    eps = _entry_point_backends()
-    if name in eps:
-        obj = eps[name].load()
-        register(obj)
-        return obj
-    raise BackendUnavailableError(
-        f"unknown backend '{name}'; known: {', '.join(names())} (or 'auto')")
+def is_installed(name: str) -> bool:
+    """Whether the backend's libraries are present (False for a broken plug-in, which
+    ``atp list`` shows with its reason)."""
+    try:
+        return bool(BACKENDS.load(name).is_installed())
+    except PluginError:
+        return False
 
 
 def installed() -> list[str]:
-    return [n for n in names() if _safe_installed(n)]
-
-
-def _safe_installed(name: str) -> bool:
-    try:
-        return bool(_class_for(name).is_installed())
-    except Exception:  # noqa: BLE001 - a broken third-party plugin is "not installed"
-        return False
+    return [n for n in names() if is_installed(n)]
 
 
 def get(name):
     """A backend instance for a name, class or instance (not checked for availability)."""
-    if not isinstance(name, str):
-        return name() if isinstance(name, type) else name
-    cls = _class_for(name)
-    return cls() if isinstance(cls, type) else cls
+    return BACKENDS.get(name)
 
 
 def resolve(name: str = "auto"):

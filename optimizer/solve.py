@@ -28,7 +28,7 @@ import time
 
 from atp.optimizer import registry
 from atp.optimizer.backends.base import Result
-from atp.optimizer.problem import UPPER_OPS, measure_metric
+from atp.optimizer.problem import UPPER_OPS, _rx_of, measure_metric
 
 from atp.progress import tick
 
@@ -70,7 +70,6 @@ def surrogate_value(problem, binding, dose_rows) -> float | None:
     t = problem.terms[binding.term_indices[0]]
     if not isinstance(t.ref_gy, float) or t.rows.size == 0:
         return None
-    from atp.optimizer.problem import _rx_of
 
     return measure_metric(g.metric, dose_rows[t.rows], t.voxel_weight,
                           problem.voxel_volume_cc, _rx_of(g, problem.prescriptions))

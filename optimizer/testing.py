@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from atp.optimizer.objectives import make_term
 from atp.optimizer.problem import Problem
 
+from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.grid import Grid
 
 
@@ -104,8 +105,6 @@ def toy_dij(patient, *, n_beams: int = 5, factor: int = 2, beamlet_mm: float = 1
     the beam. Returns an :class:`atp.dose.influence.DoseInfluence` on the grid
     downsampled by ``factor``.
     """
-    from atp.dose.influence import BeamletInfo, DoseInfluence
-
     pg = patient.grid
     dg = pg.downsampled(factor) if factor > 1 else pg
     pts = dg.voxel_centres_mm()

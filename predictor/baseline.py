@@ -25,13 +25,16 @@ Both store their few fitted numbers as JSON in ``predictor/weights/``.
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from atp.predictor.base import finalize_dose, reference_dose_gy, require_prescriptions
+from atp.predictor.data import iter_split
 from scipy import ndimage
 
 from atp.errors import InputError
@@ -331,10 +334,6 @@ class MeanDosePredictor:
 
 
 def _main(argv=None) -> int:  # pragma: no cover - exercised by hand / by the lead
-    import argparse
-    import time
-
-    from atp.predictor.data import iter_split
 
     ap = argparse.ArgumentParser(description="fit the baseline and mean-dose predictors")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" /

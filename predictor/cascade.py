@@ -47,17 +47,3 @@ class CascadePredictor:
     def checkpoint(self) -> dict:
         return {"format": CASCADE_FORMAT, "version": 1, "stage1": self.stage1.checkpoint(),
                 "stage2": self.stage2.checkpoint()}
-
-    @classmethod
-    def from_dict(cls, ck: dict, *, name: str | None = None, device: str | None = None,
-                  source=None) -> CascadePredictor:
-        from atp.predictor.cnn import CNNPredictor
-
-        try:
-            s1, s2 = ck["stage1"], ck["stage2"]
-        except (KeyError, TypeError):
-            raise InputError("cascade checkpoint without stage1 / stage2", file=source,
-                             field="format") from None
-        return cls(CNNPredictor.from_dict(s1, device=device, source=source),
-                   CNNPredictor.from_dict(s2, device=device, source=source),
-                   name=name or "cascade")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from atp.predictor.base import finalize_dose, require_prescriptions
+from atp.predictor.cascade import CASCADE_FORMAT, CascadePredictor
 from atp.predictor.encoding import (
     EncodingConfig,
     decode,
@@ -31,6 +32,7 @@ from atp.predictor.encoding import (
     lr_swap_permutation,
     network_inputs,
 )
+from atp.predictor.nets import build_net
 
 from atp.errors import InputError
 from atp.patient import Patient
@@ -46,7 +48,7 @@ class CNNPredictor:
                  decode: str = "linear", dose_scale_gy: float = 70.0, net_name: str = "",
                  net_kwargs: dict | None = None, meta: dict | None = None,
                  device: str | None = None, tta: bool = False) -> None:
-        import torch
+        import torch  # optional heavy dependency (atp[ml])
 
         self.name = name
         self.net = net
@@ -75,7 +77,7 @@ class CNNPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, name: str | None = None,
                         device: str | None = None) -> CNNPredictor:
-        import torch
+        import torch  # optional heavy dependency (atp[ml])
 
         path = Path(path)
         if not path.is_file():
@@ -94,18 +96,26 @@ class CNNPredictor:
             raise InputError("cannot read network weights (not a torch checkpoint): "
                              + (str(exc).splitlines() or [type(exc).__name__])[0][:200],
                              file=path, field="weights") from None
-        if isinstance(ck, dict) and ck.get("format") == "atp-dose-cascade":
-            from atp.predictor.cascade import CascadePredictor
-
-            return CascadePredictor.from_dict(ck, name=name, device=device, source=path)
+        if isinstance(ck, dict) and ck.get("format") == CASCADE_FORMAT:
+            return cls._cascade_from_dict(ck, name=name, device=device, source=path)
         return cls.from_dict(ck, name=name, device=device, source=path)
+
+    @classmethod
+    def _cascade_from_dict(cls, ck: dict, *, name: str | None, device: str | None,
+                           source) -> CascadePredictor:
+        try:
+            s1, s2 = ck["stage1"], ck["stage2"]
+        except (KeyError, TypeError):
+            raise InputError("cascade checkpoint without stage1 / stage2", file=source,
+                             field="format") from None
+        return CascadePredictor(cls.from_dict(s1, device=device, source=source),
+                                cls.from_dict(s2, device=device, source=source),
+                                name=name or "cascade")
 
     @classmethod
     def from_dict(cls, ck: dict, *, name: str | None = None, device: str | None = None,
                   source=None) -> CNNPredictor:
         """A predictor from a checkpoint's data (see the module doc)."""
-        from atp.predictor.nets import build_net
-
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             raise InputError(f"not an {CHECKPOINT_FORMAT} checkpoint", file=source,
                              field="format")
@@ -127,7 +137,7 @@ class CNNPredictor:
     # --- prediction -----------------------------------------------------------------
     def predict_network_grid(self, stack: np.ndarray) -> np.ndarray:
         """Network output (dose, Gy) for one encoded channel stack (C, *size)."""
-        import torch
+        import torch  # optional heavy dependency (atp[ml])
 
         stack = np.asarray(stack, dtype=np.float32)
         x = network_inputs(stack, self.encoding)
@@ -150,9 +160,3 @@ class CNNPredictor:
             rx = patient.prescription_map_gy()
             dose = np.where(rx > 0, rx, dose)
         return finalize_dose(dose, patient)
-
-    def fit(self, patients, **options) -> CNNPredictor:
-        """Train this network on patients with a reference dose (see predictor.train)."""
-        from atp.predictor.train import fit_predictor
-
-        return fit_predictor(self, list(patients), **options)

@@ -403,7 +403,7 @@ def network_inputs(stack, config: EncodingConfig):
     # label map: the first OAR (list order) occupying >= half of a voxel, scaled to (0, 1]
     occupied = oars >= 0.5
     try:  # torch
-        import torch
+        import torch  # optional heavy dependency (atp[ml])
 
         if isinstance(stack, torch.Tensor):
             w = torch.as_tensor(weights, device=stack.device).view(

@@ -33,51 +33,66 @@ repeated run does not re-read the data set.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from atp.predictor.base import finalize_dose, reference_dose_gy
+from atp.predictor.cnn import CNNPredictor
+from atp.predictor.data import iter_split, split_files
 from atp.predictor.encoding import (
+    FIRST_OAR_CHANNEL,
     EncodingConfig,
+    decode,
     encode_dose,
     encode_patient,
     lr_swap_permutation,
+    make_transform,
     network_inputs,
 )
+from atp.predictor.nets import build_net
+from atp.predictor.scoring import cohort_scores, score_patient
+from tqdm import tqdm
 
 from atp.errors import InputError
+from atp.io.openkbp import load_openkbp_npz
 from atp.outputs import atomic_write_bytes
 
-PRESETS = {
-    ("cadunet", "small"): {
-        "net_kwargs": {"channels": [8, 16, 32, 64], "growth": 4, "layers": 2},
-        "encoding": EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
-                                inputs="channels"),
-        "patch": (48, 48, 48), "batch_size": 1, "lr": 1e-3, "ptv_target": "prescription",
-        "ptv_override": True},
-    ("cadunet", "full"): {
-        "net_kwargs": {"channels": [16, 32, 64, 128], "growth": 8, "layers": 3},
-        "encoding": EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
-                                inputs="channels"),
-        "patch": (128, 128, 128), "batch_size": 2, "lr": 3e-4, "ptv_target": "prescription",
-        "ptv_override": True},
-    ("resunet", "small"): {
-        "net_kwargs": {"channels": [8, 16, 32, 64]},
-        "encoding": EncodingConfig(size=(64, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
-                                inputs="labels"),
-        "patch": (48, 48, 48), "batch_size": 1, "lr": 1e-3, "ptv_target": "reference",
-        "ptv_override": False},
-    ("resunet", "full"): {
-        "net_kwargs": {"channels": [16, 64, 128, 256]},
-        "encoding": EncodingConfig(size=(128, 128, 128), spacing_mm=(3.906, 3.906, 2.5),
-                                inputs="labels"),
-        "patch": (128, 128, 128), "batch_size": 2, "lr": 3e-4, "ptv_target": "reference",
-        "ptv_override": False},
+# the small / full presets of each network: (net_kwargs per size, input encoding, PTV
+# target, PTV override); the sizes share the grid, patch, batch and learning rate
+_PRESET_NETS = {
+    "cadunet": ({"small": {"channels": [8, 16, 32, 64], "growth": 4, "layers": 2},
+                 "full": {"channels": [16, 32, 64, 128], "growth": 8, "layers": 3}},
+                "channels", "prescription", True),
+    "resunet": ({"small": {"channels": [8, 16, 32, 64]},
+                 "full": {"channels": [16, 64, 128, 256]}},
+                "labels", "reference", False),
+}
+_PRESET_SIZES = {
+    "small": ((64, 64, 64), (7.8125, 7.8125, 5.0), (48, 48, 48), 1, 1e-3),
+    "full": ((128, 128, 128), (3.906, 3.906, 2.5), (128, 128, 128), 2, 3e-4),
+}
+
+
+def _size_preset(model: str, size: str) -> dict:
+    net_kwargs, inputs, ptv_target, ptv_override = _PRESET_NETS[model]
+    grid, spacing, patch, batch_size, lr = _PRESET_SIZES[size]
+    return {"net_kwargs": net_kwargs[size],
+            "encoding": EncodingConfig(size=grid, spacing_mm=spacing, inputs=inputs),
+            "patch": patch, "batch_size": batch_size, "lr": lr, "ptv_target": ptv_target,
+            "ptv_override": ptv_override}
+
+
+PRESETS = {(m, s): _size_preset(m, s) for m in _PRESET_NETS for s in _PRESET_SIZES}
+PRESETS.update({
     ("resunet", "okbp_stage1"): {
         "net_kwargs": {"channels": [16, 32, 64, 128]},
         "encoding": EncodingConfig(size=(48, 64, 64), spacing_mm=(7.8125, 7.8125, 5.0),
@@ -88,7 +103,7 @@ PRESETS = {
         "loss": "body_l1", "amp": "off", "ema_decay": 0.998, "rotate_deg": 10.0,
         "scale_frac": 0.0, "shift_vox": 3, "affine_prob": 0.8,
         "aug_geometry": "physical", "selection": 20, "tta": True},
-}
+})
 # Stage 2 (issue 23): full resolution in a 64 x 96 x 128 window around the targets (the
 # PTV bounding box + 8 voxels of 95 % of the OpenKBP train patients fits); a small
 # ResUNet corrects the dose given as its last input channel (Stage 1's, up-sampled);
@@ -200,9 +215,6 @@ def coarse_reference_gy(patient, coarse: EncodingConfig) -> np.ndarray:
     """The reference dose block-averaged on the coarse (Stage-1) grid and interpolated
     back to the patient grid (what a perfect Stage 1 would hand Stage 2), zero outside
     the body."""
-    from atp.predictor.base import finalize_dose, reference_dose_gy
-    from atp.predictor.encoding import decode, make_transform
-
     t = make_transform(patient, coarse)
     y = encode_dose(reference_dose_gy(patient), t)
     return finalize_dose(decode(y, t, interpolation="linear"), patient)
@@ -213,8 +225,6 @@ def encode_patients(patients, enc: EncodingConfig, coarse: EncodingConfig | None
 
     With ``enc.dose_input`` the last channel is :func:`coarse_reference_gy` on
     ``coarse``."""
-    from atp.predictor.base import reference_dose_gy
-
     if enc.dose_input and coarse is None:
         raise InputError("a dose-input encoding needs the coarse encoding",
                          field="coarse_encoding")
@@ -233,8 +243,6 @@ def encode_patients(patients, enc: EncodingConfig, coarse: EncodingConfig | None
 
 def cached_split(data_dir, split: str, enc: EncodingConfig, cache_dir: Path,
                  limit: int | None = None, log=print):
-    from atp.predictor.data import iter_split, split_files
-
     files = split_files(data_dir, split)[:limit] if limit else split_files(data_dir, split)
     enc_key = {k: v for k, v in enc.to_dict().items() if k != "inputs"}  # same stack
     key = hashlib.sha1(json.dumps([enc_key, [str(f) for f in files]],
@@ -267,11 +275,6 @@ def selection_split(files, n: int, seed: int) -> tuple[list, list]:
 def score_predictor(predictor, files) -> dict:
     """OpenKBP dose and DVH scores (Gy, :mod:`atp.predictor.scoring`) of ``predictor`` on the
     patients in ``files``, on each patient's own grid; selection_score = dose + DVH."""
-    from atp.predictor.base import reference_dose_gy
-    from atp.predictor.scoring import cohort_scores, score_patient
-
-    from atp.io.openkbp import load_openkbp_npz
-
     per = []
     for f in files:
         p = load_openkbp_npz(f)
@@ -284,8 +287,6 @@ def score_predictor(predictor, files) -> dict:
 def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print,
                  coarse: EncodingConfig | None = None):
     """Encoded (stacks, doses, ids) of OpenKBP .npz files, cached under ``cache_dir``."""
-    from atp.io.openkbp import load_openkbp_npz
-
     files = [Path(f) for f in files]
     ek = enc.to_dict()
     if not ek["dose_input"]:
@@ -351,7 +352,7 @@ def affine_theta(rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
 
 def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[int]):
     """Jointly flip / rotate / scale / shift one sample: stack (C,...) and dose (1,...)."""
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
     import torch.nn.functional as F
 
     if rng.random() < cfg.flip_prob:  # canonical axis 1 is patient left-right
@@ -383,7 +384,7 @@ def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[
 def smooth_noise(rng: np.random.Generator, cfg: TrainConfig, shape):
     """Smooth random field (normalised dose units) of standard deviation drawn in
     [dose_noise_lo_gy, dose_noise_hi_gy]: white noise on a coarser grid, up-sampled."""
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
     import torch.nn.functional as F
 
     k = max(1, int(cfg.dose_noise_smooth_vox))
@@ -436,7 +437,7 @@ def _resume_key(d: dict) -> dict:
 
 
 def _save_torch(obj, path: Path) -> None:
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
 
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -450,7 +451,7 @@ _RESUME_KEYS = ("config", "model", "optimizer", "state")
 def _load_resume_checkpoint(last: Path) -> dict:
     """``last.pt`` read for a resume (plain data, ``weights_only=True``); a truncated,
     foreign or code-bearing file is an :class:`InputError` naming it (CLI exit 2)."""
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
 
     try:
         ck = torch.load(last, map_location="cpu", weights_only=True)
@@ -466,6 +467,7 @@ def _load_resume_checkpoint(last: Path) -> dict:
 
 def training_loss(y, s, d, cfg: TrainConfig):
     """The configured loss of network output y for stacks s and reference doses d."""
+    # lazy: losses imports torch (optional, atp[ml])
     from atp.predictor.losses import body_l1, roi_weights, training_target, volume_weighted_mse
 
     tgt = training_target(s, d, cfg.ptv_target)
@@ -481,8 +483,7 @@ def training_loss(y, s, d, cfg: TrainConfig):
 def _dvh_loss(y, tgt, s, cfg: TrainConfig):
     """DVH-point loss per sample: targets from the distance channels (< 0 inside), organs
     from the OAR channels (occupancy >= 0.5)."""
-    from atp.predictor.encoding import FIRST_OAR_CHANNEL
-    from atp.predictor.losses import dvh_point_loss
+    from atp.predictor.losses import dvh_point_loss  # lazy: imports torch (optional)
 
     enc = cfg.encoding
     first = enc.first_distance_channel
@@ -497,7 +498,7 @@ def _dvh_loss(y, tgt, s, cfg: TrainConfig):
 
 def evaluate(net, stacks, doses, cfg: TrainConfig, device) -> dict:
     """Validation loss (the training loss) and coarse-grid body MAE in Gy."""
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
 
     was_training = net.training
     net.eval()
@@ -516,9 +517,7 @@ def evaluate(net, stacks, doses, cfg: TrainConfig, device) -> dict:
 
 
 def _autocast(device, amp: str = "auto"):
-    import contextlib
-
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
 
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -528,7 +527,7 @@ def _autocast(device, amp: str = "auto"):
 
 
 def _ema_update(ema, net, decay: float) -> None:
-    import torch
+    import torch  # optional heavy dependency (atp[ml])
 
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), net.parameters()):
@@ -545,11 +544,7 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
     selector: optional ``f(predictor) -> dict`` run after every epoch on the predictor
     being trained (EMA weights when ``ema_decay``); its ``selection_score`` (lower is
     better) then picks ``best.pt`` instead of the validation loss."""
-    import copy
-
-    import torch
-    from atp.predictor.cnn import CNNPredictor
-    from atp.predictor.nets import build_net
+    import torch  # optional heavy dependency (atp[ml])
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -628,8 +623,6 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=total_steps, initial=state["global_step"], unit="step",
                    mininterval=10, desc=cfg.model)
     net.train()
@@ -735,8 +728,6 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
 
 def fit_predictor(predictor, patients, *, val_patients=(), out_dir=None, **overrides):
     """Train ``predictor`` (a CNNPredictor) in memory on patients with reference doses."""
-    import tempfile
-
     cfg = make_config(predictor.net_name or "cadunet", overrides.pop("preset", "small"),
                       **overrides)
     cfg = replace(cfg, encoding=predictor.encoding, net_kwargs=predictor.net_kwargs or

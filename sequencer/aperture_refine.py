@@ -39,6 +39,7 @@ from atp.sequencer.delivery import BeamDelivery, Delivery
 from atp.sequencer.machine import Machine
 from atp.sequencer.reweight import _mu_map
 from atp.sequencer.vmat import control_point_cover_deg
+from scipy.optimize import minimize
 
 from atp.dose.aperture import beamlet_pair_slots, delivered_fraction
 from atp.dose.influence import BeamletInfo
@@ -221,8 +222,6 @@ def refine_apertures(delivery: Delivery, beamlets: BeamletInfo, weight_value_gra
     before each) and iterations per round. Returns (delivery, info); the input delivery
     when J does not decrease. Every result passes :func:`atp.sequencer.check_delivery`.
     """
-    from scipy.optimize import minimize
-
     if delivery.technique != "vmat":
         raise ValueError(f"aperture refinement handles VMAT deliveries, got "
                          f"{delivery.technique!r}")

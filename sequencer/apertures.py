@@ -7,6 +7,8 @@ and parked behind the X1 jaw where the bank span allows.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from atp.sequencer.machine import Machine
 
@@ -123,8 +125,6 @@ def track_jaws(delivery):
     instead of the leaf transmission: tracking lowers the leakage of modulated fields.
     Jaw speed is assumed to keep up with the leaves (a C-arm's jaws travel >= 20 mm/s).
     """
-    from dataclasses import replace
-
     m = delivery.machine
     half = m.dosimetric_leaf_gap_mm / 2.0
     beams = []

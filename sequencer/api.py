@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+from atp.sequencer.apertures import track_jaws
 from atp.sequencer.delivery import Delivery
 from atp.sequencer.fluence import fluence_set
 from atp.sequencer.machine import Machine, load_machine
 from atp.sequencer.registry import get
+from atp.sequencer.reweight import reweight_mu
 
 from atp.dose.influence import DoseInfluence
 
@@ -13,8 +16,6 @@ from atp.dose.influence import DoseInfluence
 def default_technique(dij: DoseInfluence) -> str:
     """'vmat' when the beams form arcs (>= 10 beams, neighbouring angles <= 10 degrees
     apart), else 'imrt-sliding'."""
-    import numpy as np
-
     g = np.asarray(dij.beamlets.gantry_deg)
     if g.size >= 10:
         steps = np.abs((np.diff(g) + 180.0) % 360.0 - 180.0)
@@ -43,11 +44,7 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
     delivery = get(technique or default_technique(dij), **params).sequence(fs, m)
     if m.jaw_tracking if jaw_tracking is None else jaw_tracking:
-        from atp.sequencer.apertures import track_jaws
-
         delivery = track_jaws(delivery)
     if reweight and delivery.technique in ("imrt-sns", "vmat", "vmat-sliding"):
-        from atp.sequencer.reweight import reweight_mu
-
         delivery = reweight_mu(delivery, dij, dij.dose(fluence_mu))
     return delivery

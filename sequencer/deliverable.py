@@ -37,17 +37,7 @@ def beamlet_pair_overlap(bev_y_mm, beamlet_size_y_mm: float, leaf_edges_mm, jaw_
     oy (n_apertures, n_beamlets, K) overlap in mm across the pairs (clipped to the Y jaws
     when ``jaw_y_mm`` (n_apertures, 2) is given; 0 for unused slots). Depends on the
     geometry and jaws only, not on the leaf positions."""
-    by = np.asarray(bev_y_mm, dtype=np.float64)
-    sy = float(beamlet_size_y_mm)
-    edges = np.asarray(leaf_edges_mm, dtype=np.float64)
-    y_lo, y_hi = by - sy / 2, by + sy / 2
-    first = np.clip(np.searchsorted(edges, y_lo, side="right") - 1, 0, len(edges) - 2)
-    last = np.clip(np.searchsorted(edges, y_hi, side="left") - 1, 0, len(edges) - 2)
-    k_max = int((last - first).max()) + 1 if by.size else 1
-    pairs = np.minimum(first[:, None] + np.arange(k_max)[None, :], len(edges) - 2)
-    valid = (first[:, None] + np.arange(k_max)[None, :]) <= last[:, None]
-    lo = np.maximum(edges[pairs], y_lo[:, None])  # (n_b, K)
-    hi = np.minimum(edges[pairs + 1], y_hi[:, None])
+    pairs, lo, hi, valid = beamlet_pair_slots(bev_y_mm, beamlet_size_y_mm, leaf_edges_mm)
     if jaw_y_mm is not None:
         jy = np.asarray(jaw_y_mm, dtype=np.float64).reshape(n_apertures, 2)
         oy = np.clip(np.minimum(hi[None], jy[:, 1, None, None])

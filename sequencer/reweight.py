@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from atp.sequencer.deliverable import aperture_open_fraction, beam_apertures
+from atp.sequencer.deliverable import aperture_open_fraction, beam_apertures, deliverable_dose
 from atp.sequencer.delivery import BeamDelivery, Delivery
 from atp.sequencer.vmat import _wrap, control_point_cover_deg
-from scipy.optimize import lsq_linear
+from scipy.optimize import lsq_linear, minimize
 
 from atp.dose.influence import DoseInfluence
 
@@ -206,11 +206,8 @@ def optimise_mu(delivery: Delivery, dij: DoseInfluence, value_grad, *,
     dose and no threshold. ``row_matrix``: ``dij.matrix[rows]`` (rows sorted and
     unique), when the caller keeps it (:func:`mu_basis`).
     """
-    from scipy.optimize import minimize
-
     if delivery.technique == "imrt-sliding":
         return delivery, {"iterations": 0, "kept": False, "reason": "sliding window"}
-    from atp.sequencer.deliverable import deliverable_dose
 
     if rows is None:
         if row_matrix is not None:

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from atp.sequencer.delivery import BeamDelivery, Delivery
 from atp.sequencer.machine import Machine, load_machine
 
@@ -77,8 +78,6 @@ def read_rt_plan(path, machine: str | Machine = "millennium120"):
     """Read an RT Plan file. Returns ``(delivery, beams, info)``: the Delivery (its
     ``dij_beam`` indexes ``beams``), the list of :class:`atp.dose.geometry.Beam` (one per
     distinct gantry / collimator / couch / isocentre) and plain facts about the plan."""
-    import pydicom
-
     path = Path(path)
     ctx = _Ctx(path)
     try:

@@ -65,20 +65,32 @@ def test_factory_returning_non_predictor_is_refused():
         registry.unregister("bad-factory-test")
 
 
-def test_entry_point_factory_is_loaded_lazily():
-    class FakeEP:
-        name, value = "fake", "fake_pkg:make"
+def test_entry_point_factory_is_loaded_lazily(monkeypatch, tmp_path):
+    from importlib.metadata import EntryPoint
 
-        def load(self):
-            return _Constant
+    import atp.registry
 
-    class BrokenEP(FakeEP):
-        def load(self):
-            raise ImportError("vendor package missing")
-
-    assert registry._lazy_entry_point(FakeEP())().name == "constant-test"
-    with pytest.raises(BackendUnavailableError, match="fake_pkg:make"):
-        registry._lazy_entry_point(BrokenEP())()
+    (tmp_path / "fake_vendor_pred.py").write_text(
+        "import numpy as np\n"
+        "class Constant:\n"
+        "    name = 'constant-test'\n"
+        "    def predict(self, patient):\n"
+        "        return np.ones(patient.grid.shape, dtype=np.float32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [EntryPoint("fake", "fake_vendor_pred:Constant", registry.ENTRY_POINT_GROUP),
+           EntryPoint("broken", "no_such_vendor_pkg:make", registry.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(atp.registry, "entry_points", lambda group: [
+        e for e in eps if e.group == group])
+    registry.PREDICTORS.refresh()
+    try:
+        assert {"fake", "broken"} <= set(registry.available())
+        assert registry.get("fake").name == "constant-test"
+        with pytest.raises(BackendUnavailableError, match="no_such_vendor_pkg:make"):
+            registry.get("broken")
+    finally:
+        monkeypatch.undo()
+        registry.PREDICTORS.refresh()
+    assert "fake" not in registry.available()
 
 
 def test_default_is_a_runnable_registered_predictor(phantom):

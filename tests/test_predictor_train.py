@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from atp.predictor.cnn import CNNPredictor
 from atp.predictor.encoding import EncodingConfig
-from atp.predictor.train import augment, lr_swap_permutation, make_config, train
+from atp.predictor.train import augment, fit_predictor, lr_swap_permutation, make_config, train
 
 from atp.cli import main
 
@@ -121,7 +121,7 @@ def test_cnn_predictor_fit_in_memory(phantom):
     pred = CNNPredictor(build_net("cadunet", 3, TINY.in_channels, 1, **kwargs), TINY,
                         net_name="cadunet", net_kwargs=kwargs, device="cpu")
     before = {k: v.clone() for k, v in pred.net.state_dict().items()}
-    pred.fit([pat], epochs=1, steps_per_epoch=2, patch=(16, 16, 16), threads=1)
+    fit_predictor(pred, [pat], epochs=1, steps_per_epoch=2, patch=(16, 16, 16), threads=1)
     after = pred.net.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert pred.predict(pat).shape == phantom.grid.shape

@@ -248,7 +248,7 @@ def test_check_delivery_reports_violations(m120):
 def test_registry_names_and_errors():
     assert {"imrt-sns", "imrt-sliding", "vmat"} <= set(sequencer_names())
     assert get_sequencer("imrt-sns", levels=5).levels == 5
-    with pytest.raises(BackendUnavailableError, match="installed: .*vmat"):
+    with pytest.raises(BackendUnavailableError, match="known: .*vmat"):
         get_sequencer("tomotherapy")
 
 

@@ -3,12 +3,28 @@
 KIND is one of predictors, engines, backends, sequencers, machines, templates, sites,
 institutions (default: all). Each entry is the value an option takes (``--predictor``,
 ``--dose-engine``, ``--backend``, ``--sequencer``, ``--machine``, ``--beam-template``,
-``--site``, ``--institution``) with whether it can run here and where it comes from.
+``--site``, ``--institution``) with whether it can run here and where it comes from. The
+plug-in kinds (predictors, engines, backends, sequencers) come from one listing,
+:meth:`atp.registry.Registry.listing`: a plug-in that fails to load is shown as broken
+with its one-line reason, never left out.
 """
 
 from __future__ import annotations
 
-from atp.commands.common import print_json
+from atp.commands.common import DEFAULT_SITE, print_json
+from atp.dose import registry as engines
+from atp.dose.geometry import BEAM_TEMPLATES
+from atp.goals.loader import (
+    CONFIG_PATH_ENV,
+    find_institutions,
+    institution_search_path,
+    list_sites,
+    site_path,
+)
+from atp.optimizer import registry as backends
+from atp.predictor import registry as predictors
+from atp.sequencer import registry as sequencers
+from atp.sequencer.machine import MACHINE_DIR, available_machines
 
 KINDS = ("predictors", "engines", "backends", "sequencers", "machines", "templates",
          "sites", "institutions")
@@ -27,82 +43,77 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _predictors() -> list[dict]:
-    from atp.predictor import registry
-
-    index = registry.shipped_index()
-    default = registry.default_predictor_name()
+def _plugins(reg, default: str, row=None) -> list[dict]:
+    """One row per name of a plug-in registry (:meth:`atp.registry.Registry.listing`):
+    a broken plug-in is listed, unavailable, with its one-line reason; ``row(name)`` gives
+    the others' ``available`` and ``detail``."""
     out = []
-    for name in registry.available():
+    for info in reg.listing():
+        entry = {"name": info.name, "default": info.name == default and not info.broken,
+                 "available": not info.broken, "source": info.origin, "detail": ""}
+        if info.broken:
+            entry["detail"] = f"broken ({info.target}): {info.error}"
+        elif row is not None:
+            entry.update(row(info.name))
+        if info.origin != "built-in" and not info.broken:
+            entry["detail"] = ", ".join(filter(None, (info.origin, entry["detail"])))
+        out.append(entry)
+    return out
+
+
+def _predictors() -> list[dict]:
+    index = predictors.shipped_index()
+
+    def row(name: str) -> dict:
         entry = index.get(name, {})
         needs = entry.get("needs", [])
-        runnable = registry._runnable(entry) if entry else True
+        runnable = predictors._runnable(entry) if entry else True
         score = entry.get("validation", {}).get("dose_score_gy")
-        detail = entry.get("kind", "entry point")
+        detail = entry.get("kind", "")
         if score is not None:
             detail += f", validation dose score {score:g} Gy"
         if needs and not runnable:
             detail += f" (needs {', '.join(needs)}: not installed)"
-        out.append({"name": name, "default": name == default, "available": runnable,
-                    "detail": detail})
-    return out
+        return {"available": runnable, "detail": detail}
+
+    return _plugins(predictors.PREDICTORS, predictors.default_predictor_name(), row)
 
 
 def _engines() -> list[dict]:
-    from atp.dose import registry
-
-    return [{"name": n, "default": n == "pencil-beam", "available": True,
-             "detail": "devices cpu, cuda" if n == "pencil-beam" else ""}
-            for n in registry.available()]
+    return _plugins(engines.ENGINES, engines.DEFAULT, lambda n: {
+        "detail": "devices cpu, cuda" if n == "pencil-beam" else ""})
 
 
 def _backends() -> list[dict]:
-    from atp.optimizer import registry
-
-    installed = set(registry.installed())
-    out = [{"name": "auto", "default": True, "available": True,
-            "detail": "gpu when a GPU is present, else cpu"}]
-    for n in registry.names():
-        out.append({"name": n, "default": False, "available": n in installed,
-                    "detail": ""})
-    return out
+    auto = {"name": "auto", "default": True, "available": True, "source": "built-in",
+            "detail": "gpu when a GPU is present, else cpu"}
+    return [auto] + _plugins(backends.BACKENDS, "auto", lambda n: {
+        "available": backends.is_installed(n)})
 
 
 def _sequencers() -> list[dict]:
-    from atp.sequencer import registry
-
-    out = [{"name": "auto", "default": True, "available": True,
-            "detail": "sliding window for static beams, vmat for arcs"}]
-    return out + [{"name": n, "default": False, "available": True, "detail": ""}
-                  for n in registry.names()]
+    auto = {"name": "auto", "default": True, "available": True, "source": "built-in",
+            "detail": "sliding window for static beams, vmat for arcs"}
+    return [auto] + _plugins(sequencers.SEQUENCERS, "auto")
 
 
 def _machines() -> list[dict]:
-    from atp.sequencer.machine import MACHINE_DIR, available_machines
-
     return [{"name": n, "default": n == "millennium120", "available": True,
              "detail": str(MACHINE_DIR / f"{n}.yaml")} for n in available_machines()]
 
 
 def _templates() -> list[dict]:
-    from atp.dose.geometry import BEAM_TEMPLATES
-
     return [{"name": n, "default": False, "available": True,
              "detail": f"{k} equispaced coplanar beams from gantry {a:g} deg"}
             for n, (k, a) in sorted(BEAM_TEMPLATES.items())]
 
 
 def _sites() -> list[dict]:
-    from atp.commands.common import DEFAULT_SITE
-    from atp.goals.loader import list_sites, site_path
-
     return [{"name": s, "default": s == DEFAULT_SITE, "available": True,
              "detail": str(site_path(s))} for s in list_sites()]
 
 
 def _institutions() -> list[dict]:
-    from atp.goals.loader import find_institutions
-
     return [{"name": n, "default": False, "available": True, "detail": str(p)}
             for n, p in sorted(find_institutions().items())]
 
@@ -122,11 +133,10 @@ def run(args) -> int:
         print(f"{k} ({OPTION[k]}):")
         for e in data[k]:
             flags = " (default)" if e["default"] else ""
-            flags += "" if e["available"] else " [unavailable]"
+            flags += "" if e["available"] else \
+                (" [broken]" if e["detail"].startswith("broken") else " [unavailable]")
             print(f"  {e['name']:<24}{flags:<16}{e['detail']}".rstrip())
         if k == "institutions":
-            from atp.goals.loader import CONFIG_PATH_ENV, institution_search_path
-
             print(f"  (searched: {', '.join(map(str, institution_search_path()))}; add "
                   f"folders with {CONFIG_PATH_ENV})")
     return 0

@@ -18,6 +18,7 @@ both overridable. BENCHMARKS.md lists the measured size and peak memory of a
 
 from __future__ import annotations
 
+from atp.dose import registry
 from atp.dose.geometry import arc_control_points
 from atp.dose.influence import DoseInfluence
 
@@ -32,8 +33,6 @@ def arc_influence(patient, control_points=None, *, engine=None,
     """Per-control-point dose-influence matrix of an arc (default: full 360 deg arc at
     2 deg, starting at 180 deg clockwise). ``engine``: anything the dose-engine
     registry accepts (default ``"pencil-beam"``)."""
-    from atp.dose import registry
-
     if control_points is None:
         control_points = arc_control_points(180.0, 180.0, 2.0)
     eng = registry.get(engine)

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import special
 
 from atp.errors import InputError
 
@@ -77,9 +78,7 @@ _SQRT2 = math.sqrt(2.0)
 def erf_for(xp):
     """The erf function of an array module (scipy for numpy, cupyx for cupy)."""
     if xp is np:
-        from scipy.special import erf
-
-        return erf
+        return special.erf
     from cupyx.scipy.special import erf  # pragma: no cover - GPU only
 
     return erf

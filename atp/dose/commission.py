@@ -20,6 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from atp.dose.beam_model import PhotonBeamModel
+from atp.dose.measurements import DEFAULT_REFERENCE, read_measurements
+from atp.grid import Grid
+from atp.patient import Patient, Prescription, Role, Structure
 
 PDD_DEPTHS_CM = (1.5, 5.0, 10.0, 20.0)
 FIELD_PDD_DEPTHS_CM = (5.0, 10.0, 20.0)
@@ -129,8 +132,6 @@ def commission(model: PhotonBeamModel | None = None, data=None) -> dict:
     """Computed vs reference numbers: the 10 x 10 cm^2 summary (``pdd``, ``dmax_cm``,
     penumbra) and ``fields``: one dict per square field and per held-back field.
     ``data``: measurement rows or a CSV path (default: the shipped reference table)."""
-    from atp.dose.fit import DEFAULT_REFERENCE, read_measurements
-
     model = model or PhotonBeamModel.load()
     source = str(data) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") \
         else ("given rows" if data is not None else str(DEFAULT_REFERENCE))
@@ -200,9 +201,6 @@ def water_phantom(size_mm=(300.0, 300.0, 300.0), spacing_mm=(5.0, 5.0, 5.0),
     with a cubic target of half-size ``target_half_mm`` centred 100 mm deep, and the
     isocentre convention of an SSD 100 cm set-up for gantry 0: iso at (0, 0, 0) on the
     surface. Returns a :class:`~atp.patient.Patient`."""
-    from atp.grid import Grid
-    from atp.patient import Patient, Prescription, Role, Structure
-
     sp_mm = np.asarray(spacing_mm, dtype=float)
     shape = tuple(round(s / d) for s, d in zip(size_mm, sp_mm))
     origin = np.array([-(shape[0] - 1) / 2 * sp_mm[0], sp_mm[1] / 2,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.io import loadmat
 
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.errors import InputError
@@ -68,8 +69,6 @@ def _matrad_grid(g, path, where) -> Grid:
 
 def import_matrad(path: str | os.PathLike) -> DoseInfluence:
     """Read a matRad ``dij`` (and optional ``stf``) from a ``.mat`` file."""
-    from scipy.io import loadmat
-
     path = Path(path)
     try:
         mat = loadmat(path, struct_as_record=False, squeeze_me=True)

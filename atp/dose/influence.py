@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from atp.dose.resample import dose_to_patient_grid
 from atp.errors import InputError
 from atp.grid import Grid
+from atp.outputs import atomic_write_file
 
 FORMAT_TAG = "atp-dij-1"
 
@@ -141,8 +143,6 @@ class DoseInfluence:
         """A dose on this dij's dose grid (Gy, 3-D or flattened) on the patient grid
         (float32, 3-D): trilinear interpolation
         (:func:`atp.dose.resample.dose_to_patient_grid`; as is when the grids agree)."""
-        from atp.dose.resample import dose_to_patient_grid
-
         d = np.asarray(dose).reshape(self.dose_grid.shape)
         return dose_to_patient_grid(d, self.dose_grid, self.patient_grid)
 
@@ -170,7 +170,6 @@ class DoseInfluence:
             arrays[f"{prefix}_spacing_mm"] = g.spacing_mm
             arrays[f"{prefix}_origin_mm"] = g.origin_mm
             arrays[f"{prefix}_direction"] = g.direction
-        from atp.outputs import atomic_write_file
 
         atomic_write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
 

@@ -41,7 +41,9 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
+from scipy import ndimage
 
+from atp.dose.aperture import aperture_dose
 from atp.dose.beam_model import PhotonBeamModel, erf_for
 from atp.dose.beamlets import select_beamlets
 from atp.dose.density import hu_to_density
@@ -216,8 +218,6 @@ class PencilBeamEngine:
 
     def aperture_dose(self, dij: DoseInfluence, apertures):
         """Dose (Gy, dose grid) of MLC apertures; see :func:`atp.dose.aperture.aperture_dose`."""
-        from atp.dose.aperture import aperture_dose
-
         return aperture_dose(dij, apertures)
 
     # --- one beam ----------------------------------------------------------------------
@@ -391,7 +391,7 @@ class PencilBeamEngine:
         table = sample_cumulative(traced, t_query).reshape(nu, nv, ns)
         coords = xp.asarray(np.stack([(u - u0) / h, (v - v0) / h, (s - s0) / ray_ds]))
         if xp is np:
-            from scipy.ndimage import map_coordinates
+            map_coordinates = ndimage.map_coordinates
         else:  # pragma: no cover - GPU only
             from cupyx.scipy.ndimage import map_coordinates
         depth = map_coordinates(table, coords, order=1, mode="nearest")

@@ -1,4 +1,5 @@
-"""Metric text -> :class:`~atp.goals.model.Metric` (the grammar of the goal-list language).
+"""Metric text -> :class:`Metric` (the grammar of the goal-list language; ``Metric`` is
+re-exported by :mod:`atp.goals.model` with the other types).
 
 =====================  ===================================================  ===========
 text                   meaning                                              result unit
@@ -25,9 +26,48 @@ spelling above.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from atp.errors import GoalListError, quote
-from atp.goals.model import Metric
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A parsed DVH / plan-quality metric.
+
+    kind: 'Dmean' | 'Dmax' | 'Dmin' | 'D' (dose at volume) | 'V' (volume at dose)
+          | 'CI' | 'CIpaddick' | 'HI' | 'GI'
+    volume: for 'D': the volume (value in ``volume_unit``: '%' or 'cc').
+    dose: for 'V': the dose threshold (value in ``dose_unit``: 'Gy' or '%' of Rx).
+    result_unit: unit of the metric's value: 'Gy' (D*), '%' or 'cc' (V*), '' (indices).
+    text: the metric as written, e.g. 'D95%'.
+    """
+
+    kind: str
+    text: str
+    result_unit: str
+    volume: float | None = None
+    volume_unit: str | None = None
+    dose: float | None = None
+    dose_unit: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Metric:
+        """Parse metric text such as 'D95%', 'D0.1cc', 'V20Gy%', 'Dmean', 'CI'.
+
+        Raises :class:`~atp.errors.GoalListError` (field 'metric') for unknown text.
+        """
+        return parse_metric(text)
+
+    @property
+    def is_index(self) -> bool:
+        """True for the plan-quality indices (CI, CIpaddick, HI, GI)."""
+        return self.kind in ("CI", "CIpaddick", "HI", "GI")
+
+    def __str__(self) -> str:
+        return self.text
+
+
 
 _NUM = r"(\d+(?:\.\d+)?|\.\d+)"
 _D_VOL = re.compile(rf"^D{_NUM}\s*(%|cc)$", re.IGNORECASE)

@@ -20,44 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from atp.goals.metric import Metric
 
-@dataclass(frozen=True)
-class Metric:
-    """A parsed DVH / plan-quality metric.
-
-    kind: 'Dmean' | 'Dmax' | 'Dmin' | 'D' (dose at volume) | 'V' (volume at dose)
-          | 'CI' | 'CIpaddick' | 'HI' | 'GI'
-    volume: for 'D': the volume (value in ``volume_unit``: '%' or 'cc').
-    dose: for 'V': the dose threshold (value in ``dose_unit``: 'Gy' or '%' of Rx).
-    result_unit: unit of the metric's value: 'Gy' (D*), '%' or 'cc' (V*), '' (indices).
-    text: the metric as written, e.g. 'D95%'.
-    """
-
-    kind: str
-    text: str
-    result_unit: str
-    volume: float | None = None
-    volume_unit: str | None = None
-    dose: float | None = None
-    dose_unit: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Metric:
-        """Parse metric text such as 'D95%', 'D0.1cc', 'V20Gy%', 'Dmean', 'CI'.
-
-        Raises :class:`~atp.errors.GoalListError` (field 'metric') for unknown text.
-        """
-        from atp.goals.metric import parse_metric
-
-        return parse_metric(text)
-
-    @property
-    def is_index(self) -> bool:
-        """True for the plan-quality indices (CI, CIpaddick, HI, GI)."""
-        return self.kind in ("CI", "CIpaddick", "HI", "GI")
-
-    def __str__(self) -> str:
-        return self.text
+__all__ = ["Goal", "GoalResult", "Metric", "ResolvedGoal"]
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from atp.goals.schema import (
     Field,
     GoalList,
     canonical_structure,
+    check_document,
     check_unique_ids,
     parse_beams,
     parse_goal,
@@ -59,21 +60,9 @@ def _line(m, k, default=None):
 
 def overlay_sites(data, file) -> dict:
     """Validate the top of an overlay document; return its ``sites`` mapping."""
-    if not isinstance(data, dict):
-        raise GoalListError("an overlay must be a mapping with 'institution' and 'sites'",
-                            file=file, line=getattr(data, "line", 1))
-    for k in data:
-        if k not in OVERLAY_KEYS:
-            raise GoalListError(f"unknown key {quote(k)}; allowed: {', '.join(OVERLAY_KEYS)}",
-                                file=file, line=_line(data, k), field=quote(k, repr_=False))
-    inst = data.get("institution")
-    if not isinstance(inst, str) or not inst.strip():
-        raise GoalListError("'institution' must name the institution", file=file,
-                            line=_line(data, "institution", 1), field="institution")
-    desc = data.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise GoalListError(f"description must be text, got {quote(desc)}", file=file,
-                            line=_line(data, "description", 1), field="description")
+    check_document(data, file, OVERLAY_KEYS,
+                   "an overlay must be a mapping with 'institution' and 'sites'",
+                   "institution", "name the institution")
     sites = data.get("sites")
     if not isinstance(sites, dict) or not sites:
         raise GoalListError("'sites' must map site names to their changes", file=file,

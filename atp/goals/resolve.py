@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from atp import dvh, metrics
 from atp.errors import GoalListError, GridMismatchError, InputError, StructureError
 from atp.goals.controls import body_name, goal_mask, ring_name
 from atp.goals.model import Goal, Metric, ResolvedGoal
 from atp.goals.schema import EACH_TARGET, TARGET_PLACEHOLDERS, GoalList
+from atp.names import canonical_name
 
 
 class ResolvedGoals(list):
@@ -45,8 +47,6 @@ def measure(metric: Metric, patient, structure: str, dose_gy, *, mask=None,
             reference_rx_gy: float | None = None) -> float:
     """Value of ``metric`` for ``structure`` on ``dose_gy`` (definitions: atp.dvh,
     atp.metrics). ``mask`` overrides the patient's mask (rings, body)."""
-    from atp import dvh, metrics
-
     m = patient.mask(structure) if mask is None else mask
     vcc = patient.grid.voxel_volume_cc
     k = metric.kind
@@ -99,8 +99,6 @@ def find_structure(name: str, patient) -> str | None:
     if name in patient.structures:
         hit = name
     else:
-        from atp.names import canonical_name
-
         for n in patient.structures:
             if canonical_name(n) == name:
                 hit = n

@@ -57,6 +57,7 @@ from atp.dose.geometry import BEAM_TEMPLATES
 from atp.errors import GoalListError, quote
 from atp.goals.metric import parse_metric
 from atp.goals.model import Goal, Metric
+from atp.names import canonical_name, role_for
 
 GOAL_KEYS = ("id", "structure", "control", "metric", "operator", "value", "tolerance",
              "priority", "weight", "required", "note", "kind", "around", "inner_mm",
@@ -231,8 +232,31 @@ def goal_to_dict(goal: Goal, weight: float | None = None) -> dict:
 
 
 # --- helpers -------------------------------------------------------------------------------
-def _line(mapping, key, default):
+def _line(mapping, key, default=None):
     return mapping.line_of(key) if hasattr(mapping, "line_of") else default
+
+
+def check_document(data, file, allowed: tuple[str, ...], shape: str, name_key: str,
+                   name_rule: str) -> tuple[str, str | None]:
+    """The top of a YAML document: a mapping (``shape`` says of what) whose keys are all
+    ``allowed``, naming itself by a non-empty ``name_key`` (``name_rule`` says what it
+    holds), with an optional text ``description``; else GoalListError naming the file and
+    line. Returns (name, description or None)."""
+    if not isinstance(data, dict):
+        raise GoalListError(shape, file=file, line=getattr(data, "line", 1))
+    for k in data:
+        if k not in allowed:
+            raise GoalListError(f"unknown key {quote(k)}; allowed: {', '.join(allowed)}",
+                                file=file, line=_line(data, k), field=quote(k, repr_=False))
+    name = data.get(name_key)
+    if not isinstance(name, str) or not name.strip():
+        raise GoalListError(f"'{name_key}' must {name_rule}", file=file,
+                            line=_line(data, name_key, 1), field=name_key)
+    desc = data.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise GoalListError(f"description must be text, got {quote(desc)}", file=file,
+                            line=_line(data, "description", 1), field="description")
+    return name, desc
 
 
 def _is_number(v) -> bool:
@@ -245,8 +269,6 @@ def _is_int(v) -> bool:
 
 def structure_kind(name: str) -> str:
     """'target' | 'organ' | 'control' from a TG-263 name (atp.names.role_for)."""
-    from atp.names import role_for
-
     if name in TARGET_PLACEHOLDERS:
         return "target"
     role = role_for(name).value
@@ -255,8 +277,6 @@ def structure_kind(name: str) -> str:
 
 def canonical_structure(name: str) -> tuple[str, bool]:
     """(canonical TG-263 name, known). Unknown names are kept as written."""
-    from atp.names import canonical_name
-
     if name in TARGET_PLACEHOLDERS:
         return name, True
     c = canonical_name(name)
@@ -477,24 +497,10 @@ def reparse_goal(goal: Goal, raw: Mapping[str, Field]) -> Goal:
 def parse_goal_list(data, file: str | None) -> tuple[GoalList, list[dict[str, Field]]]:
     """Validate a whole goal-list document. Returns the list and each goal's raw fields
     (the overlay merge re-validates goals from those)."""
-    if not isinstance(data, dict):
-        raise GoalListError("a goal list must be a mapping with 'site' and 'goals'",
-                            file=file, line=getattr(data, "line", 1))
-    for k in data:
-        if k not in TOP_KEYS:
-            raise GoalListError(f"unknown key {quote(k)}; allowed: {', '.join(TOP_KEYS)}",
-                                file=file, line=_line(data, k, None),
-                                field=quote(k, repr_=False))
-    site = data.get("site")
-    if not isinstance(site, str) or not site.strip():
-        raise GoalListError("'site' must name the site (e.g. hn)", file=file,
-                            line=_line(data, "site", 1), field="site")
-    desc = data.get("description", "")
-    if desc is None:
-        desc = ""
-    if not isinstance(desc, str):
-        raise GoalListError(f"description must be text, got {quote(desc)}", file=file,
-                            line=_line(data, "description", None), field="description")
+    site, desc = check_document(data, file, TOP_KEYS,
+                                "a goal list must be a mapping with 'site' and 'goals'",
+                                "site", "name the site (e.g. hn)")
+    desc = desc or ""
     pw = PriorityWeights()
     if "priority_weights" in data:
         pw = parse_priority_weights(data["priority_weights"], file,

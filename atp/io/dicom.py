@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from atp.errors import DicomError, InputError, quote
 from atp.grid import Grid
@@ -61,9 +63,6 @@ _PATIENT_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
 
 def _read_all(folder: Path):
     """(path, dataset) for every candidate file; InputError for corrupt ones."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     out = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder)

@@ -26,12 +26,15 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -46,6 +49,7 @@ from atp.grid import Grid
 from atp.io.dicom_export_contours import mask_contours
 from atp.io.dicom_export_geometry import SliceLayout, slice_layout
 from atp.outputs import atomic_write_bytes
+from atp.version import __version__
 
 MANUFACTURER = "atp"
 _ROLE_TYPE = {"target": "PTV", "organ": "ORGAN", "control": "CONTROL", "external": "EXTERNAL"}
@@ -65,9 +69,6 @@ def _ds(v: float) -> str:
 def _set_raw_ds(ds: Dataset, tag: int, values) -> None:
     """Store a long DS list as raw bytes (pydicom converts lazily; converting thousands
     of contour coordinates one by one is slow). Values written with 3 decimals (um)."""
-    from pydicom.dataelem import RawDataElement
-    from pydicom.tag import Tag
-
     text = "\\".join(f"{v:.3f}" for v in np.asarray(values, dtype=np.float64))
     raw = text.encode("ascii")
     if len(raw) % 2:
@@ -173,17 +174,10 @@ def _base(ctx: ExportContext, sop_class: str, sop_uid: str, modality: str,
 
 
 def _version() -> str:
-    try:
-        from atp import __version__
-
-        return str(__version__)
-    except Exception:  # noqa: BLE001
-        return "0"
+    return str(__version__)
 
 
 def _save(ds: Dataset, path: Path) -> Path:
-    from io import BytesIO
-
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(path, buf.getvalue())

@@ -10,6 +10,7 @@ closing point.
 
 from __future__ import annotations
 
+import contourpy
 import numpy as np
 
 from atp.io.dicom_export_geometry import SliceLayout
@@ -17,8 +18,6 @@ from atp.io.dicom_export_geometry import SliceLayout
 
 def plane_contours(mask_plane: np.ndarray) -> list[np.ndarray]:
     """Closed contours of one 2-D boolean plane, as (n, 2) arrays of (row, column) index."""
-    import contourpy
-
     m = np.pad(np.asarray(mask_plane, dtype=np.float64), 1)
     if not m.any():
         return []

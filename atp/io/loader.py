@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from atp.errors import InputError
+from atp.io.dicom import load_dicom
+from atp.io.openkbp import load_openkbp_csv, load_openkbp_npz
 from atp.patient import Patient
+from atp.phantom import head_neck_phantom
 
 PHANTOM_NAMES = ("phantom", "demo", "default")
 
@@ -37,22 +40,14 @@ def load_patient(path: str | Path, *, prescription_file: str | Path | None = Non
             raise InputError(f"{given[0]} applies to DICOM input only; this patient carries "
                              "its own prescription", file=text, field=given[0])
     if text in PHANTOM_NAMES:
-        from atp.phantom import head_neck_phantom
-
         return head_neck_phantom()
     if not p.exists():
         raise InputError("no such file or folder", file=p)
     if p.is_file() and p.suffix == ".npz":
-        from atp.io.openkbp import load_openkbp_npz
-
         return load_openkbp_npz(p)
     if p.is_dir() and (p / "ct.csv").is_file():
-        from atp.io.openkbp import load_openkbp_csv
-
         return load_openkbp_csv(p)
     if p.is_dir():
-        from atp.io.dicom import load_dicom
-
         return load_dicom(p, prescription_file=prescription_file,
                           prescriptions=prescriptions, fractions=fractions,
                           require_prescription=require_prescription)

@@ -28,6 +28,7 @@ from pathlib import Path
 from atp.errors import InputError, StructureError, quote
 from atp.names import AliasTable, canonical_name, target_dose_from_name
 from atp.patient import Prescription, Role, Structure
+from atp.yamlio import load_yaml
 
 SIDECAR_NAMES = ("prescription.yaml", "prescription.yml")
 HOW_TO = ("give it with --rx TARGET=GY and --fractions N, or a prescription.yaml "
@@ -86,8 +87,6 @@ def _dose(value, *, file=None, field_name=None, line=None) -> float:
 
 def load_prescription_file(path: str | Path) -> PrescriptionSpec:
     """Read and validate a sidecar YAML (errors name the file, field and line)."""
-    from atp.yamlio import load_yaml
-
     path = Path(path)
     data = load_yaml(path, what="prescription file")
     lines = _key_lines(data)

@@ -15,6 +15,7 @@ from atp.optimizer import firstorder
 from atp.optimizer.backends.base import Backend, Result
 
 from atp.errors import BackendUnavailableError
+from atp.xp import cupy_or_none, gpu_available
 
 
 class GpuBackend(Backend):
@@ -30,14 +31,10 @@ class GpuBackend(Backend):
 
     @classmethod
     def available(cls) -> bool:
-        from atp.xp import gpu_available
-
         return cls.is_installed() and gpu_available()
 
     def solve(self, problem, x0=None, *, method: str = "lbfgs", max_iter: int = 300,
               tol: float = 1e-4, check_every: int = 20, **_) -> Result:
-        from atp.xp import cupy_or_none
-
         cp = cupy_or_none()
         if cp is None:
             why = "CuPy is not installed" if not self.is_installed() else \

@@ -37,9 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from atp.optimizer.fastpath.bev import BEVProjection
+from atp.optimizer.fastpath.correction import unrolled_correction
+from atp.optimizer.fastpath.initial_fluence import DoseMimicking
 from torch import nn
 
 from atp.errors import InputError
+from atp.outputs import atomic_write_bytes, atomic_write_file
 
 FEATURE_VERSION = 2  # 2: rx_dose from the interpolation-support target rule
 FEATURE_CHANNELS = ("pred_dose", "rx_dose", "oar", "backprojection", "beamlet_mask",
@@ -244,8 +247,6 @@ BEV2FLUENCE = NetKind("bev2fluence", FEATURE_CHANNELS, FEATURE_VERSION, WEIGHTS_
 def save_weights(model: Bev2FluenceNet, path, extra: dict | None = None,
                  kind: NetKind = BEV2FLUENCE) -> None:
     """float32 state dict + config (``.pt``) and the config as JSON next to it, atomically."""
-    from atp.outputs import atomic_write_bytes, atomic_write_file
-
     path = Path(path)
     config = {"format": kind.weights_format, "model": model.config,
               "feature_version": kind.feature_version, "channels": list(kind.channels),
@@ -324,9 +325,6 @@ def make_initial_fluence_fn(weights_path, device="cpu",
             alpha = least_squares_scale(fp.op, w_rel, fp.pred, fp.mimic_w)
         w = (alpha * w_rel).contiguous()
         if refine_steps > 0:
-            from atp.optimizer.fastpath.correction import unrolled_correction
-            from atp.optimizer.fastpath.initial_fluence import DoseMimicking
-
             objective = DoseMimicking(fp.pred, fp.mimic_w)
             step = getattr(fp, "step_mimic", None)
             if step is None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from atp.optimizer.fastpath.bev2fluence import WEIGHTS_DIR, BEVLayout, NetKind, load_weights
+from atp.optimizer.fastpath.correction import unrolled_correction
 from atp.optimizer.fastpath.error_map import error_map
 
 from atp.errors import InputError
@@ -111,8 +112,6 @@ def make_correction_fn(weights_path, device="cpu",
             w = (scale * layout.gather(net(feats)).clamp_min(0.0)).to(torch.float32)
             w = w.contiguous()
         if refine_steps > 0:
-            from atp.optimizer.fastpath.correction import unrolled_correction
-
             w = unrolled_correction(w, fp.operator_for(obj), obj, refine_steps, step,
                                     regulariser=fp.smooth, reg_weight=fp.mu)
         return w.detach()
