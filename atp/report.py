@@ -41,7 +41,7 @@ code{font-size:12px}
 def _figure(width_in: float, height_in: float):
     """A matplotlib Figure drawn by the Agg canvas directly: no pyplot, and the host
     application's backend (``matplotlib.use``) is never switched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional (atp[report])
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width_in, height_in))
@@ -137,7 +137,7 @@ def dose_wash_figure(patient, dose_gy, target: str | None = None):
     main target's centre of mass, cropped to the body: isodose lines (:data:`ISODOSE_PCT`
     of the highest prescription, else of the maximum dose) and every target and organ
     outlined in its DVH colour; one large view per row. Returns a data URI."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # optional (atp[report])
     from matplotlib.lines import Line2D
 
     layout = slice_layout(patient.grid)  # (z, y, x) for axis-aligned grids

@@ -20,7 +20,7 @@ def cupy_or_none() -> ModuleType | None:
     if importlib.util.find_spec("cupy") is None:
         return None
     try:
-        import cupy
+        import cupy  # optional heavy dependency (atp[gpu])
 
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return None
@@ -39,11 +39,11 @@ def array_module(*arrays) -> ModuleType:
     for a in arrays:
         mod = type(a).__module__
         if mod.startswith("cupy"):
-            import cupy
+            import cupy  # optional heavy dependency (atp[gpu])
 
             return cupy
         if mod.startswith("cupyx"):
-            import cupy
+            import cupy  # optional heavy dependency (atp[gpu])
 
             return cupy
     return np
@@ -53,7 +53,7 @@ def sparse_module(xp: ModuleType) -> ModuleType:
     """scipy.sparse for numpy, cupyx.scipy.sparse for cupy."""
     if xp is np:
         return scipy.sparse
-    import cupyx.scipy.sparse
+    import cupyx.scipy.sparse  # optional (atp[gpu])
 
     return cupyx.scipy.sparse
 

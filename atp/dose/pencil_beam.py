@@ -393,7 +393,7 @@ class PencilBeamEngine:
         if xp is np:
             map_coordinates = ndimage.map_coordinates
         else:  # pragma: no cover - GPU only
-            from cupyx.scipy.ndimage import map_coordinates
+            from cupyx.scipy.ndimage import map_coordinates  # optional (atp[gpu])
         depth = map_coordinates(table, coords, order=1, mode="nearest")
         rhos = []
         for L in lengths_mm:

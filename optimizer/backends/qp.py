@@ -62,7 +62,7 @@ class QpBackend(Backend):
         if not self.is_installed():
             raise BackendUnavailableError(
                 f"backend 'qp' is not installed; {self.install_hint}")
-        import cvxpy as cp
+        import cvxpy as cp  # optional heavy dependency (atp[qp])
 
         has_mu = getattr(problem, "mu", None) is not None and problem.mu_scale > 0
         if solver is None and has_mu:  # the MU term's log-sum-exp needs exponential cones
