@@ -561,13 +561,18 @@ def run_ray(jobs: list, address: str, threads: int, max_retries: int, on_done) -
         import ray
     except ImportError:
         raise AtpError("--ray needs Ray: pip install 'atp[cluster]'") from None
-    started = not ray.is_initialized()
+    started = not ray.is_initialized()  # a host program may have called ray.init itself
     if started:
-        if address == "local":
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
+        try:
+            if address == "local":
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                         log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception / ConnectionError
+            ray.shutdown()
+            raise AtpError(f"cannot {'start' if address == 'local' else 'connect to'} Ray "
+                           f"({address}): {_one_line(exc)[:300]}") from None
     try:
         task = ray.remote(num_cpus=threads, max_calls=1, max_retries=max_retries,
                           retry_exceptions=False,
