@@ -5,21 +5,24 @@ planning pipeline and the CLI. Stages live in the sibling packages ``predictor``
 ``optimizer`` and ``sequencer``.
 """
 
-__version__ = "0.1.0"
-
 from atp.errors import InputError
 from atp.grid import Grid
 from atp.patient import Patient, Prescription, Role, Structure
+from atp.version import __version__
 
 __all__ = ["Grid", "InputError", "Patient", "Plan", "Prescription", "Role", "Structure",
-           "__version__", "load_plan", "plan"]
+           "__version__", "load_plan", "plan", "replan", "respare"]
 
-_PIPELINE_NAMES = ("plan", "load_plan", "Plan")
+#: the top floor's entry points, by the module that holds each
+_LAZY = {"plan": "atp.pipeline", "replan": "atp.pipeline", "Plan": "atp.plans",
+         "load_plan": "atp.plans", "respare": "atp.fastplan"}
 
 
-def __getattr__(name):  # lazy: `import atp` stays light; the pipeline loads on first use
-    if name in _PIPELINE_NAMES:
-        from atp import pipeline
+def __getattr__(name):
+    if name in _LAZY:
+        # lazy: `import atp` stays light (no stage is imported); the top floor loads on
+        # first use
+        import importlib
 
-        return getattr(pipeline, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'atp' has no attribute {name!r}")

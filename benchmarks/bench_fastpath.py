@@ -68,6 +68,8 @@ def fast_timings(plan, tmp: Path) -> dict:
 
 
 def sliders(plan, patient) -> dict:
+    from atp.fastplan import respare
+
     out = {}
     for name in PAROTIDS:
         if name not in patient.organs or not patient.mask(name).any():
@@ -76,7 +78,7 @@ def sliders(plan, patient) -> dict:
         ideal, deliv, secs = [], [], []
         for s in SLIDERS:
             t0 = time.perf_counter()
-            p = plan.respare({name: s})
+            p = respare(plan, {name: s})
             secs.append(time.perf_counter() - t0)
             ideal.append(float(p.ideal_dose_gy[m].mean()))
             deliv.append(float(p.dose_gy[m].mean()))

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         tweak = next((g for g in ("Parotid_L.Dmean", "Parotid_R.Dmean")
                       if g in ids or f"{g}.pred" in ids), None)
         t1 = time.perf_counter()
-        re = plan.replan(set={f"{tweak}.tolerance": -20}, warm=True) if tweak else plan
+        re = atp.replan(plan, set={f"{tweak}.tolerance": -20}, warm=True) if tweak else plan
         warm_s = time.perf_counter() - t1 if tweak else float("nan")
         ours = criteria_met(patient, plan.dose_gy)
         ref = criteria_met(patient, np.asarray(patient.metadata["reference_dose_gy"]))

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             plan.settings["optimizer_options"] = dict(base_opts, attain_rounds=rounds,
                                                       hard_rounds=max(rounds, 1))
             t0 = time.perf_counter()
-            new = plan.replan(set={"Parotid_L.Dmean.tolerance": -20}, warm=True)
+            new = atp.replan(plan, set={"Parotid_L.Dmean.tolerance": -20}, warm=True)
             dt = time.perf_counter() - t0
             met = criteria_met(patient, new.dose_gy)
             print(f"| {pid} | {rounds} | {dt:.2f} | {parotid(plan):.2f} -> {parotid(new):.2f} "

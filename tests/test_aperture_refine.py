@@ -112,7 +112,7 @@ def test_every_point_inside_the_leaf_boxes_is_deliverable(raw):
 
 
 def test_refinement_lowers_the_objective_within_machine_limits(fast, raw):
-    fp, dij = fast.fastpath, fast.dij
+    fp, dij = fast.attachments["fastpath"], fast.dij
     before = fp.objective_value(sequencer.deliverable_dose(raw, dij))
     out, info = refine_apertures(raw, dij.beamlets, fp.weight_value_grad({}), rounds=2,
                                  iterations=8)
@@ -144,7 +144,7 @@ def test_fast_path_option_runs_and_records_the_refinement(phantom, fast):
     assert len(info) == 1 and info[0]["iterations"] <= 5
     assert plan.timings_s["aperture refinement"] > 0
     assert check_delivery(plan.delivery) == []
-    j = plan.fastpath.objective_value
+    j = plan.attachments["fastpath"].objective_value
     assert j(sequencer.deliverable_dose(plan.delivery, plan.dij)) <= \
         j(sequencer.deliverable_dose(fast.delivery, fast.dij)) + 1e-6
 
@@ -155,7 +155,7 @@ def test_weight_objective_on_the_objective_rows_equals_the_whole_matrix(fast, sp
     those of the whole dose-influence matrix."""
     from atp.optimizer.fastpath.error_map import value_and_error_map
 
-    fp = fast.fastpath
+    fp = fast.attachments["fastpath"]
     obj = fp.objective(spare)
     rows = obj.voxel_support()
     assert 0 < rows.numel() < fp.op.shape[0]  # a real restriction

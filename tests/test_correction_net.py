@@ -49,7 +49,7 @@ def identity_weights(tmp_path_factory):
 
 
 def test_correction_features_are_the_exact_first_step(fast):
-    fp = fast.fastpath
+    fp = fast.attachments["fastpath"]
     w0 = fp.w_init
     feats, layout, scale = correction_features(fp, w0, {"Parotid_L": 0.2})
     assert feats.shape == (layout.n_cp, len(CORRECTION_CHANNELS), *layout.shape[1:])
@@ -68,7 +68,7 @@ def test_correction_features_are_the_exact_first_step(fast):
 
 
 def test_identity_network_plus_steps_is_the_exact_correction(fast, identity_weights):
-    fp = fast.fastpath
+    fp = fast.attachments["fastpath"]
     w0 = fp.w_init
     alone = make_correction_fn(identity_weights, refine_steps=0)(fp, w0, {})
     torch.testing.assert_close(alone, w0, rtol=1e-6, atol=1e-6 * float(w0.max()))
@@ -94,7 +94,7 @@ def test_plan_says_which_correction_it_used(phantom, fast, identity_weights, mon
     assert any("trained correction network" in n for n in net.notes)
     assert np.all(net.fluence >= 0) and net.dose_gy[phantom.mask("PTV_70")].mean() > 50
     # sliders go through the network too, and zero sliders are the baseline exactly
-    np.testing.assert_array_equal(net.respare({}).fluence, net.fluence)
+    np.testing.assert_array_equal(atp.respare(net, {}).fluence, net.fluence)
     from atp.optimizer.fastpath import correction_net
 
     monkeypatch.setattr(correction_net, "default_correction_weights_path", lambda: None)
@@ -110,7 +110,7 @@ def test_correction_data_trains_from_the_cli(fast, tmp_path):
     from training.fastpath.gen_data import save_record
     from training.fastpath.train_bev2fluence import main
 
-    fp = fast.fastpath
+    fp = fast.attachments["fastpath"]
     for i, sp in enumerate(({}, {"Parotid_L": 0.2})):
         rec = correction_record(fp, fp.w_init, sp, fp.run(sp).fluence_mu)
         rec.update({"channels": np.array(CORRECTION_CHANNELS),

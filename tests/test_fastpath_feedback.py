@@ -48,7 +48,7 @@ def test_interpolation_support_covers_the_mask_after_interpolation(phantom, fast
 def test_fast_path_targets_the_interpolation_support(fast):
     from atp.optimizer.fastpath.chain import target_prescription_map
 
-    fp = fast.fastpath
+    fp = fast.attachments["fastpath"]
     grid, dgrid = fp.patient.grid, fp.dij.dose_grid
     rx = target_prescription_map(fp.patient, dgrid)
     np.testing.assert_array_equal(fp.rx.numpy(), rx)
@@ -65,7 +65,7 @@ def test_fast_path_targets_the_interpolation_support(fast):
 
 
 def test_correction_with_zero_offset_is_the_plain_correction(fast):
-    fp = fast.fastpath
+    fp = fast.attachments["fastpath"]
     # a start or an offset always takes the exact steps (the correction network, when
     # shipped, only corrects the initial fluence without offset)
     a = fp.run({}, start=fp.w_init.numpy())
@@ -105,7 +105,7 @@ def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
 
     from atp import sequencer
 
-    fp, dij = fast.fastpath, fast.dij
+    fp, dij = fast.attachments["fastpath"], fast.dij
     raw = sequencer.sequence(fast.fluence, dij, "vmat", fractions=fp.patient.fractions)
     out, info = optimise_mu(raw, dij, fp.objective_value_grad({}), max_iter=30)
     j = fp.objective_value
@@ -145,7 +145,7 @@ def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
 def test_oar_minus_targets_drops_target_voxels_from_the_oar_hinges(fast):
     from atp.optimizer.fastpath.chain import FastPath
 
-    fp0 = fast.fastpath
+    fp0 = fast.attachments["fastpath"]
     args = (fp0.patient, fast.dij, fast.predicted_dose_gy)
     support = FastPath(*args, device="cpu", oar_minus_targets="support").prepare()
     for name, w in fp0.oar_w.items():
@@ -177,7 +177,7 @@ def test_old_plans_with_removed_options_load_and_respare_at_their_off_values(
            "target_voxels": "support"}
     data["settings"]["fastpath_options"] = {**recorded, **off}
     pj.write_text(json.dumps(data))
-    again = atp.load_plan(out, patient=phantom).respare({})
+    again = atp.respare(atp.load_plan(out, patient=phantom), {})
     np.testing.assert_allclose(again.fluence, fast.fluence, rtol=1e-5,
                                atol=1e-6 * float(fast.fluence.max()))
     # one that used them cannot be re-spared: one line naming the option
@@ -188,7 +188,7 @@ def test_old_plans_with_removed_options_load_and_respare_at_their_off_values(
         pj.write_text(json.dumps(data))
         loaded = atp.load_plan(out, patient=phantom)  # the plan itself still loads
         with pytest.raises(InputError, match=f"fastpath_options.{key}") as err:
-            loaded.respare({})
+            atp.respare(loaded, {})
         assert "removed" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -203,7 +203,7 @@ def test_vmat_passes_sets_the_arcs_of_the_delivery(phantom, fast):
                      fast_options={"device": "cpu", "vmat_passes": 3})
     assert three.settings["vmat_passes"] == 3
     assert len(fast.delivery.beams) < len(three.delivery.beams) <= 3
-    assert three.respare({"Parotid_L": 0.1}).settings["vmat_passes"] == 3
+    assert atp.respare(three, {"Parotid_L": 0.1}).settings["vmat_passes"] == 3
     with pytest.raises(InputError, match="vmat_passes"):
         atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
                  progress=False, fast_options={"device": "cpu", "vmat_passes": 0})
@@ -225,7 +225,7 @@ def test_sliding_window_vmat_in_the_fast_path(phantom, fast):
     (mu,) = sw.optimizer["control_point_mu"]
     assert mu["objective_after"] <= mu["objective_before"]
     # a respared plan keeps the sequencer
-    assert sw.respare({"Parotid_L": 0.1}).delivery.technique == "vmat-sliding"
+    assert atp.respare(sw, {"Parotid_L": 0.1}).delivery.technique == "vmat-sliding"
     with pytest.raises(InputError, match="vmat_sequencer"):
         atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
                  progress=False, fast_options={"device": "cpu", "vmat_sequencer": "imrt"})
@@ -238,7 +238,7 @@ def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
     import atp
 
     mx = fast  # on by default (max_weight 4)
-    limits = mx.fastpath.max_limits
+    limits = mx.attachments["fastpath"].max_limits
     # the hn goal list: cord D0.1cc <= 45 (P1); brainstem <= 54 (P1) and <= 50 (P3); not
     # the mandible D2% <= 73.5 Gy, above Rx
     assert {n: lim for n, (_, lim) in limits.items()} == {"SpinalCord": 45.0,
@@ -252,16 +252,16 @@ def test_organ_maximum_term_takes_the_goal_lists_near_max_limits(phantom, fast):
     assert np.all(w[block > 0] > 0) and (w > 0).sum() > (block > 0).sum()
     assert w.max() <= 1.0 and w.min() >= 0.0
     assert mx.settings["fastpath_options"]["max_weight"] == 4.0
-    rows = set(mx.fastpath.objective_rows({}).tolist())
+    rows = set(mx.attachments["fastpath"].objective_rows({}).tolist())
     assert set(np.flatnonzero(w).tolist()) <= rows
     # max_weight 0 leaves the term out: no limits, J's rows without the organs' support
     off = atp.plan(phantom, predicted_dose=fast.predicted_dose_gy, dij=fast.dij, fast=True,
                    progress=False,
                    fast_options={"device": "cpu", "fastpath_options": {"max_weight": 0.0}})
-    assert not off.fastpath.max_limits
+    assert not off.attachments["fastpath"].max_limits
     assert off.settings["fastpath_options"]["max_weight"] == 0.0
 
 
 def test_fast_path_operator_reuses_the_dijs_csr(fast):
     # the plan's own operator holds the dij's CSR: no second CSC -> CSR conversion
-    assert fast.fastpath.op.host_csr is fast.dij.csr
+    assert fast.attachments["fastpath"].op.host_csr is fast.dij.csr

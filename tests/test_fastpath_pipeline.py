@@ -6,6 +6,7 @@ predictor."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 import atp
 from atp.cli import main
 from atp.errors import BackendUnavailableError, InputError, StructureError
-from atp.fastplan import STAGES
+from atp.fastplan import STAGES, FastPlanOptions
 
 torch = pytest.importorskip("torch")
 
@@ -83,8 +84,8 @@ def test_fast_plan_is_a_sequenced_vmat_plan_with_deliverable_dose(base, phantom,
     # a plan read back has no prepared fast path: respare prepares one from the stored
     # dij and predicted dose (no predictor, no dose engine) and gives the same plan
     loaded = atp.load_plan(out, patient=phantom)
-    assert loaded.fastpath is None and loaded.settings["fast"] is True
-    again = loaded.respare({})
+    assert loaded.attachments.get("fastpath") is None and loaded.settings["fast"] is True
+    again = atp.respare(loaded, {})
     np.testing.assert_allclose(again.fluence, base.fluence, rtol=1e-5,
                                atol=1e-6 * float(base.fluence.max()))
     assert any("prepared again" in n for n in again.notes)
@@ -97,13 +98,13 @@ def test_zero_sparing_equals_the_baseline_run_exactly(base, phantom):
     assert again.settings["spare"] == {"Parotid_L": 0.0}
     np.testing.assert_array_equal(again.fluence, base.fluence)
     np.testing.assert_array_equal(again.dose_gy, base.dose_gy)
-    slid = base.respare({"Parotid_L": 0.0, "Parotid_R": 0.0})
+    slid = atp.respare(base, {"Parotid_L": 0.0, "Parotid_R": 0.0})
     np.testing.assert_array_equal(slid.fluence, base.fluence)
     np.testing.assert_array_equal(slid.dose_gy, base.dose_gy)
 
 
 def test_raising_a_sparing_factor_lowers_that_oars_mean_dose(base, phantom):
-    spared = base.respare({"Parotid_L": 0.2})
+    spared = atp.respare(base, {"Parotid_L": 0.2})
     for attr in ("ideal_dose_gy", "dose_gy"):  # fluence dose and deliverable dose
         before = _mean(getattr(base, attr), phantom, "Parotid_L")
         after = _mean(getattr(spared, attr), phantom, "Parotid_L")
@@ -124,20 +125,20 @@ def test_respare_reuses_prediction_and_matrices(base, counter, monkeypatch):
 
     monkeypatch.setattr(arc, "arc_influence", forbidden)
     monkeypatch.setattr(FastPath, "prepare", forbidden)
-    new = base.respare(spare={"Parotid_R": 0.1})
+    new = atp.respare(base, spare={"Parotid_R": 0.1})
     assert counter.calls == 1
-    assert new.dij is base.dij and new.fastpath is base.fastpath
+    assert new.dij is base.dij and new.attachments["fastpath"] is base.attachments["fastpath"]
     assert new.predicted_dose_gy is base.predicted_dose_gy
     assert "dose prediction" not in new.timings_s and "dose influence" not in new.timings_s
 
 
 def test_bad_sliders_are_input_errors(base, phantom):
     with pytest.raises(InputError, match="--spare.*\\[0, 1\\)"):
-        base.respare({"Parotid_L": 1.0})
+        atp.respare(base, {"Parotid_L": 1.0})
     with pytest.raises(InputError, match="\\[0, 1\\)"):
-        base.respare({"Parotid_L": -0.1})
+        atp.respare(base, {"Parotid_L": -0.1})
     with pytest.raises(StructureError, match="--spare.*Nonexistent"):
-        base.respare({"Nonexistent": 0.1})
+        atp.respare(base, {"Nonexistent": 0.1})
     with pytest.raises(StructureError, match="PTV_70"):  # a target is not an OAR
         atp.plan(phantom, predictor="baseline", fast=True, spare={"PTV_70": 0.1},
                  progress=False)
@@ -180,7 +181,7 @@ def test_shipped_bev2fluence_weights_are_the_default_and_said(phantom, tmp_path)
     assert net.dose_gy[phantom.mask("PTV_70")].mean() > 0.85 * 70
     # a plan read back from disk respares with the same weights (no silent fallback)
     out = net.save(tmp_path / "net", report=False)
-    again = atp.load_plan(out, patient=phantom).respare({})
+    again = atp.respare(atp.load_plan(out, patient=phantom), {})
     assert again.settings["initial_fluence_path"] == "network"
     np.testing.assert_allclose(again.fluence, net.fluence, rtol=1e-4,
                                atol=1e-5 * float(net.fluence.max()))
@@ -253,8 +254,10 @@ def test_cli_coverage_preset_sets_sequencer_and_objective(tmp_path):
     assert rc in (0, 3)
     s = json.loads((out / "plan.json").read_text())["settings"]
     assert s["preset"] == "coverage" and s["sequence"] == "vmat-sliding"
-    assert s["sector_deg"] == PRESETS["coverage"]["sector_deg"]
-    for key, value in PRESETS["coverage"]["fastpath_options"].items():
+    cov = PRESETS["coverage"]
+    assert s["sector_deg"] == cov.sector_deg
+    assert s["fastpath_options"]["sequencing_passes"] == cov.sequencing_passes == 2
+    for key, value in asdict(cov.fastpath).items():
         assert s["fastpath_options"][key] == value
     assert s["fastpath_options"]["aperture_iterations"] == 0
 
@@ -275,6 +278,20 @@ def test_explicit_options_win_over_the_preset(base, phantom):
     with pytest.raises(InputError, match="preset"):
         atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij, fast=True,
                  progress=False, fast_options={"device": "cpu", "preset": "fastest"})
+    # the same settings as one options object: the same plan
+    options = FastPlanOptions.from_preset("coverage", device="cpu", vmat_sequencer="vmat",
+                                          initial_fluence="fallback", sequencing_passes=0)
+    assert options.fastpath.coverage_weight == 4.0 and options.preset == "coverage"
+    same = atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij, fast=True,
+                    progress=False, options=options)
+    np.testing.assert_array_equal(same.fluence, plan.fluence)
+    assert same.settings["fastpath_options"] == s["fastpath_options"]
+    with pytest.raises(InputError, match="fastpath_options.lam_hotter"):
+        atp.plan(phantom, predicted_dose=base.predicted_dose_gy, dij=base.dij, fast=True,
+                 progress=False, fast_options={"fastpath_options": {"lam_hotter": 2}})
+    with pytest.raises(InputError, match="options= or fast_options="):
+        atp.plan(phantom, fast=True, progress=False, options=options,
+                 fast_options={"device": "cpu"})
 
 
 @pytest.mark.parametrize("args, message", [

@@ -80,8 +80,9 @@ def make_plans(tmp: Path) -> dict:
     plans["optimiser_9_fields_sequenced"] = atp.plan(
         phantom, site="hn", predictor="baseline", backend="cpu", progress=False,
         optimizer_options=dict(OPT))
-    plans["optimiser_warm_replan"] = plans["optimiser_9_fields_sequenced"].replan(
-        set={"Parotid_L.Dmean.tolerance": -20}, warm=True)
+    plans["optimiser_warm_replan"] = atp.replan(
+        plans["optimiser_9_fields_sequenced"], set={"Parotid_L.Dmean.tolerance": -20},
+        warm=True)
     toy = toy_dij(phantom, n_beams=9, factor=2)
     plans["optimiser_toy_not_sequenced"] = atp.plan(
         phantom, site="hn", predictor="baseline", dij=toy, backend="cpu", progress=False,
@@ -89,10 +90,10 @@ def make_plans(tmp: Path) -> dict:
     fast = atp.plan(phantom, predictor="baseline", fast=True, spare={}, progress=False,
                     fast_options=dict(ARC))
     plans["fast_airt"] = fast
-    plans["fast_respare"] = fast.respare({"Parotid_L": 0.2})
+    plans["fast_respare"] = atp.respare(fast, {"Parotid_L": 0.2})
     out = fast.save(tmp / "fast", report=False)
-    plans["fast_loaded_respare"] = atp.load_plan(out, patient=phantom).respare(
-        {"Parotid_R": 0.1})
+    plans["fast_loaded_respare"] = atp.respare(atp.load_plan(out, patient=phantom),
+                                               {"Parotid_R": 0.1})
     plans["fast_coverage"] = atp.plan(
         phantom, predictor="baseline", fast=True, spare={"Parotid_L": 0.1},
         progress=False, fast_options=dict(ARC, preset="coverage"))

@@ -65,10 +65,10 @@ def test_tick_without_a_display_does_nothing_and_disabled_is_silent():
 
 
 def test_pipeline_stages_on_a_pipe_are_lines(capsys, monkeypatch):
-    from atp.pipeline import _Stages
+    from atp.plans import StageTimer
 
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
-    stages = _Stages(True, total=2)  # stderr is captured: not a terminal
+    stages = StageTimer(True, total=2)  # stderr is captured: not a terminal
     stages.run("build problem", lambda: None)
     stages.run("optimise (cpu)", lambda: progress.tick(round=3))
     stages.close()

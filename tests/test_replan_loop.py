@@ -35,7 +35,7 @@ def base_plan(phantom, toy):
 
 @pytest.fixture(scope="module")
 def tighter(base_plan):
-    return base_plan.replan(set={"Parotid_L.Dmean.tolerance": -40}, warm=True)
+    return atp.replan(base_plan, set={"Parotid_L.Dmean.tolerance": -40}, warm=True)
 
 
 def _result(plan, gid):
@@ -80,7 +80,7 @@ def test_tighter_tolerance_moves_the_reported_value_or_names_the_blocker(base_pl
 
 
 def test_an_impossible_tolerance_names_the_higher_priority_goals_that_hold_it(base_plan):
-    new = base_plan.replan(set={"Parotid_L.Dmean.tolerance": -95}, warm=True)
+    new = atp.replan(base_plan, set={"Parotid_L.Dmean.tolerance": -95}, warm=True)
     row = next(c for c in new.changes if c["id"] == "Parotid_L.Dmean.pred")
     assert row["passed"][1] is False
     assert "held by PTV_" in row["why"]

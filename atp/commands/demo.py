@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atp.outputs import write_json
+from atp import phantom, pipeline
+from atp.commands.plan import EXIT_HARD_UNMET
+from atp.outputs import check_output_dir, write_json
 
 
 def register(sub) -> None:
@@ -29,15 +31,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from atp.commands.plan import EXIT_HARD_UNMET
-    from atp.outputs import check_output_dir
-    from atp.phantom import head_neck_phantom
-    from atp.pipeline import plan as run_plan
-
     check_output_dir(args.out)  # before any work
-    patient = head_neck_phantom()
-    plan = run_plan(patient, site="hn", predictor=args.predictor, backend=args.backend,
-                    progress=not args.quiet, sequence=not args.no_sequence)
+    patient = phantom.head_neck_phantom()
+    plan = pipeline.plan(patient, site="hn", predictor=args.predictor, backend=args.backend,
+                         progress=not args.quiet, sequence=not args.no_sequence)
     out = Path(args.out)
 
     def extra(tmp, p):

@@ -14,25 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.commands.common import (
-    add_hidden_alias,
-    add_patient_arguments,
-    load_patient_from_args,
-    print_json,
-)
+from atp.commands import common
 from atp.commands.goals import add_goal_list_arguments, goal_list_from_args
 from atp.errors import GridMismatchError, InputError
+from atp.goals.evaluate import evaluate_goals, summarize
+from atp.goals.resolve import resolve_goals
+from atp.metrics import structure_metrics
 
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a dose against a goal list and DVH metrics")
-    add_patient_arguments(p)
+    common.add_patient_arguments(p)
     p.add_argument("--dose", required=True, metavar="DOSE.npy",
                    help="dose in Gy on the patient grid (.npy)")
     add_goal_list_arguments(p)
     p.add_argument("--predicted-dose", metavar="PRED.npy",
                    help="predicted dose (Gy, .npy) for goals with value 'predicted'")
-    add_hidden_alias(p, "--predicted", "--predicted-dose")
+    common.add_hidden_alias(p, "--predicted", "--predicted-dose")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -59,10 +57,6 @@ def load_dose_npy(path, patient, what: str = "dose") -> np.ndarray:
 
 def evaluate_report(patient, dose, goal_list, predicted=None, *, dose_file=None) -> dict:
     """Plain-data report: goals (achieved, pass), skipped goals, metrics, summary."""
-    from atp.goals.evaluate import evaluate_goals, summarize
-    from atp.goals.resolve import resolve_goals
-    from atp.metrics import structure_metrics
-
     resolved = resolve_goals(goal_list, patient, predicted, missing_predicted="keep")
     results = evaluate_goals(resolved, patient, dose, dose_file=dose_file)
     return {
@@ -83,14 +77,14 @@ def _fmt(x, unit="") -> str:
 
 
 def run(args) -> int:
-    patient = load_patient_from_args(args)
+    patient = common.load_patient_from_args(args)
     goal_list = goal_list_from_args(args)
     dose = load_dose_npy(args.dose, patient)
     predicted = load_dose_npy(args.predicted_dose, patient, "predicted dose") \
         if args.predicted_dose else None
     report = evaluate_report(patient, dose, goal_list, predicted, dose_file=args.dose)
     if args.json:
-        print_json(report)
+        common.print_json(report)
         return 0
     print(f"patient {report['patient_id']}  dose {args.dose}  goals: {goal_list.site}"
           + (f" + {goal_list.institution}" if goal_list.institution else ""))

@@ -1,21 +1,37 @@
 """``atp plan PATIENT --fast [--spare OAR=FACTOR ...] [--arc-spacing DEG] [--preset
 airt|coverage] [--device auto|cpu|cuda] --out DIR``: the AIRT-style fast path (see :mod:`atp.fastplan`).
 
-Helpers of ``atp plan`` (not a subcommand of its own): the fast-path flags, their checks
-(bad ``--spare`` -> exit 2 with one line, before any work) and the run.
+The fast-path flags of ``atp plan`` (not a subcommand of its own) and their checks (bad
+``--spare`` -> exit 2 with one line, before any work): :func:`add_fast_arguments`,
+:func:`reject_fast_only`, :func:`fast_options` (the flags -> sliders and
+:class:`~atp.fastplan.FastPlanOptions`). ``atp plan`` (:mod:`atp.commands.plan`) runs it.
 """
 
 from __future__ import annotations
 
-import sys
-
+from atp import fastplan
 from atp.commands import argtypes
 from atp.errors import InputError
+from atp.sequencer.machine import load_machine
 
 # optimiser-only flags of `atp plan` (dest, flag, value when not given)
-_NOT_FAST = (("beams", "--beams", None), ("beam_template", "--beam-template", None),
-             ("refine", "--refine", None), ("max_iter", "--max-iter", None),
-             ("backend", "--backend", "auto"))
+NOT_FAST = (("beams", "--beams", None), ("beam_template", "--beam-template", None),
+            ("refine", "--refine", None), ("max_iter", "--max-iter", None),
+            ("backend", "--backend", "auto"))
+
+# the two network choices: (flag, its weights flag, network, the exact choice, what that is)
+NETWORK_FLAGS = (("--initial-fluence", "--weights", "Bev2Fluence", "fallback",
+                  ("initial fluence from the trained Bev2Fluence network or the exact "
+                   "fallback")),
+                 ("--correction", "--correction-weights", "correction-network", "exact",
+                  ("fluence correction by the trained correction network or exact "
+                   "unrolled gradient steps")))
+
+# flag dest -> FastPlanOptions field, for the flags that are copied when given
+COPIED = (("arc_spacing", "arc_spacing_deg"), ("dose_grid_factor", "dose_grid_factor"),
+          ("device", "device"), ("initial_fluence", "initial_fluence"),
+          ("weights", "weights"), ("correction", "correction"),
+          ("correction_weights", "correction_weights"), ("preset", "preset"))
 
 
 def add_fast_arguments(p) -> None:
@@ -28,19 +44,12 @@ def add_fast_arguments(p) -> None:
                         "below (1 - FACTOR) x the initial fluence's (repeatable)")
     p.add_argument("--arc-spacing", type=argtypes.ARC_SPACING_DEG, default=None, metavar="DEG",
                    help="--fast: degrees between arc control points (default 4)")
-    p.add_argument("--initial-fluence", default=None, metavar="auto|network|fallback",
-                   help="--fast: initial fluence from the trained Bev2Fluence network or "
-                        "the exact fallback (default auto: the network when its weights "
-                        "exist)")
-    p.add_argument("--weights", default=None, metavar="PT",
-                   help="--fast: Bev2Fluence weights file (default: the shipped one)")
-    p.add_argument("--correction", default=None, metavar="auto|network|exact",
-                   help="--fast: fluence correction by the trained correction network or "
-                        "exact unrolled gradient steps (default auto: the network when "
-                        "its weights exist)")
-    p.add_argument("--correction-weights", default=None, metavar="PT",
-                   help="--fast: correction-network weights file (default: the shipped "
-                        "one)")
+    for flag, weights_flag, what, exact, text in NETWORK_FLAGS:
+        p.add_argument(flag, default=None, metavar=f"auto|network|{exact}",
+                       help=f"--fast: {text} (default auto: the network when its weights "
+                            "exist)")
+        p.add_argument(weights_flag, default=None, metavar="PT",
+                       help=f"--fast: {what} weights file (default: the shipped one)")
     p.add_argument("--aperture-iterations", type=argtypes.ITERATIONS, default=None, metavar="N",
                    help="--fast: L-BFGS-B iterations per round of direct aperture "
                         "refinement after sequencing (leaf tips and control-point MU "
@@ -71,6 +80,7 @@ def reject_fast_only(args) -> None:
 def check_weights_file(path, flag: str) -> None:
     """Before any work: ``path`` must load as the network weights ``flag`` names (a
     torch file of plain data, weights_only=True); else InputError naming the file."""
+    # the network modules import torch (an optional dependency: only --weights needs it)
     from atp.optimizer.fastpath.bev2fluence import BEV2FLUENCE, load_weights
     from atp.optimizer.fastpath.correction_net import CORRECTION
 
@@ -80,11 +90,9 @@ def check_weights_file(path, flag: str) -> None:
         raise InputError(exc.message, file=exc.file or path, field=flag) from None
 
 
-def fast_options(args) -> tuple[dict, dict]:
-    """(spare, fast_options) from the CLI flags; raises InputError on bad input."""
-    from atp.fastplan import parse_spare_args
-
-    for dest, flag, unset in _NOT_FAST:
+def fast_options(args) -> tuple[dict, fastplan.FastPlanOptions]:
+    """(spare, FastPlanOptions) from the CLI flags; raises InputError on bad input."""
+    for dest, flag, unset in NOT_FAST:
         if getattr(args, dest, unset) != unset:
             raise InputError(f"{flag} does not apply to --fast (one arc; see "
                              "--arc-spacing)", field=flag)
@@ -92,70 +100,30 @@ def fast_options(args) -> tuple[dict, dict]:
     if seq not in ("auto", "vmat", "vmat-sliding"):
         raise InputError("--fast always sequences a VMAT arc (--sequencer vmat or "
                          "vmat-sliding)", field="--sequencer")
-    spare = parse_spare_args(args.spare)
-    from atp.sequencer.machine import load_machine
-
+    spare = fastplan.parse_spare_args(args.spare)
     load_machine(args.machine)  # a bad machine file fails before any work
-    for dest, flag, exact in (("initial_fluence", "--initial-fluence", "fallback"),
-                              ("correction", "--correction", "exact")):
-        choice = getattr(args, dest, None)
+    for flag, weights_flag, _, exact, _ in NETWORK_FLAGS:
+        choice = getattr(args, _dest(flag), None)
         if choice is not None and choice not in ("auto", "network", exact):
-            raise InputError(f"{dest} must be auto, network or {exact}, got "
+            raise InputError(f"{_dest(flag)} must be auto, network or {exact}, got "
                              f"'{str(choice)[:40]}'", field=flag)
+    for _, weights_flag, _, _, _ in NETWORK_FLAGS:
+        if getattr(args, _dest(weights_flag), None) is not None:
+            check_weights_file(getattr(args, _dest(weights_flag)), weights_flag)
     opts = {"machine": args.machine}
     if seq != "auto":
         opts["vmat_sequencer"] = seq
-    for dest, key in (("arc_spacing", "arc_spacing_deg"),
-                      ("dose_grid_factor", "dose_grid_factor"), ("device", "device"),
-                      ("initial_fluence", "initial_fluence"), ("weights", "weights"),
-                      ("correction", "correction"),
-                      ("correction_weights", "correction_weights"),
-                      ("preset", "preset")):
+    for dest, key in COPIED:
         if getattr(args, dest) is not None:
             opts[key] = getattr(args, dest)
-    for dest, flag in (("weights", "--weights"),
-                       ("correction_weights", "--correction-weights")):
-        if getattr(args, dest, None) is not None:
-            check_weights_file(getattr(args, dest), flag)
     n = getattr(args, "aperture_iterations", None)
     if n is not None:
         if n < 0:
             raise InputError(f"--aperture-iterations must be >= 0, got {n}",
                              field="--aperture-iterations")
-        opts["fastpath_options"] = {"aperture_iterations": n}
-    return spare, opts
+        opts["aperture_iterations"] = n
+    return spare, fastplan.fast_plan_options(opts)
 
 
-def run_fast(args) -> int:
-    from pathlib import Path
-
-    from atp.commands.common import load_patient_from_args
-    from atp.commands.plan import progress_arg, report
-    from atp.fastplan import check_spare, correction_message, path_message
-    from atp.pipeline import plan as run_plan
-
-    spare, opts = fast_options(args)
-    patient = load_patient_from_args(args)
-    check_spare(spare, patient)
-    predicted = dij = None
-    if args.predicted_dose:
-        from atp.commands.evaluate import load_dose_npy
-
-        predicted = load_dose_npy(args.predicted_dose, patient, what="predicted dose")
-    if args.dij:
-        from atp.dose.influence import DoseInfluence
-
-        dij = DoseInfluence.load(args.dij)
-    site = args.site if args.site or args.goal_list else "hn"
-    plan = run_plan(patient, site=site, institution=args.institution,
-                    goal_list=args.goal_list, predictor=args.predictor,
-                    predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
-                    progress=progress_arg(args), fast=True, spare=spare,
-                    fast_options=opts)
-    stream = sys.stderr if args.json else sys.stdout
-    print(f"fast path: {path_message(plan.settings['initial_fluence_path'])}; "
-          f"{correction_message(plan.settings['correction_path'])}; device "
-          f"{plan.settings['device']}", file=stream)
-    out = Path(args.out)
-    plan.save(out, report=not args.no_report, dicom=args.dicom, progress=progress_arg(args))
-    return report(plan, out, args)
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")

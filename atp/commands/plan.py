@@ -18,11 +18,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from atp import fastplan, pipeline
 from atp.commands import argtypes
 from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
-from atp.commands.fast import add_fast_arguments, reject_fast_only, run_fast
+from atp.commands.evaluate import load_dose_npy
+from atp.commands.fast import add_fast_arguments, fast_options, reject_fast_only
+from atp.dose import registry as dose_engines
+from atp.dose.geometry import BEAM_TEMPLATES
+from atp.dose.influence import DoseInfluence
 from atp.errors import InputError
+from atp.outputs import check_output_dir
+from atp.sequencer.machine import load_machine
+from atp.sequencer.registry import names as sequencer_names
 
 EXIT_HARD_UNMET = 3
 
@@ -141,61 +150,72 @@ def sequence_arg(name):
         return False
     if name == "auto":
         return True
-    from atp.sequencer.registry import names
-
-    if name not in names():
+    if name not in sequencer_names():
         raise InputError(f"unknown sequencer '{name}'; installed: "
-                         f"{', '.join(sorted(names()))}, auto", field="--sequencer")
+                         f"{', '.join(sorted(sequencer_names()))}, auto", field="--sequencer")
     return name
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from atp.outputs import check_output_dir
-    from atp.pipeline import plan as run_plan
-
     check_output_dir(args.out)  # before any work: never replace what atp did not write
     if args.fast:
         return run_fast(args)
     reject_fast_only(args)
     if args.sequencer is not None:
-        from atp.sequencer.machine import load_machine
-
         load_machine(args.machine)  # a bad machine file fails before any work
-    if args.beam_template is not None:
-        from atp.dose.geometry import BEAM_TEMPLATES
-
-        if args.beam_template not in BEAM_TEMPLATES:
-            raise InputError(f"unknown beam template '{args.beam_template[:40]}'; known: "
-                             f"{', '.join(sorted(BEAM_TEMPLATES))}", field="--beam-template")
+    if args.beam_template is not None and args.beam_template not in BEAM_TEMPLATES:
+        raise InputError(f"unknown beam template '{args.beam_template[:40]}'; known: "
+                         f"{', '.join(sorted(BEAM_TEMPLATES))}", field="--beam-template")
     if not args.dij:
-        from atp.dose.registry import get as dose_engine
-
-        dose_engine(args.dose_engine)  # an unknown engine fails before any work
-    patient = load_patient_from_args(args)
-    predicted = None
-    if args.predicted_dose:
-        from atp.commands.evaluate import load_dose_npy
-
-        predicted = load_dose_npy(args.predicted_dose, patient, what="predicted dose")
-    dij = None
-    if args.dij:
-        from atp.dose.influence import DoseInfluence
-
-        dij = DoseInfluence.load(args.dij)
+        dose_engines.get(args.dose_engine)  # an unknown engine fails before any work
+    patient, predicted, dij = plan_inputs(args)
     opts = {}
     if args.max_iter:
         opts["max_iter"] = args.max_iter
-    site = args.site if args.site or args.goal_list else "hn"
-    plan = run_plan(patient, site=site, institution=args.institution,
-                    goal_list=args.goal_list, predictor=args.predictor,
-                    predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
-                    backend=args.backend, beams=args.beams, beam_template=args.beam_template,
-                    refine=args.refine or 0, progress=progress_arg(args),
-                    dose_grid_factor=args.dose_grid_factor,
-                    sequence=sequence_arg(args.sequencer),
-                    machine=args.machine, optimizer_options=opts)
+    plan = pipeline.plan(patient, site=site_arg(args), institution=args.institution,
+                         goal_list=args.goal_list, predictor=args.predictor,
+                         predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
+                         backend=args.backend, beams=args.beams,
+                         beam_template=args.beam_template, refine=args.refine or 0,
+                         progress=progress_arg(args),
+                         dose_grid_factor=args.dose_grid_factor,
+                         sequence=sequence_arg(args.sequencer),
+                         machine=args.machine, optimizer_options=opts)
+    return save_and_report(plan, args)
+
+
+def run_fast(args) -> int:
+    """``atp plan --fast``: the fast path (:func:`atp.fastplan.fast_plan`)."""
+    spare, options = fast_options(args)
+    patient, predicted, dij = plan_inputs(args)
+    fastplan.check_spare(spare, patient)
+    plan = pipeline.plan(patient, site=site_arg(args), institution=args.institution,
+                         goal_list=args.goal_list, predictor=args.predictor,
+                         predicted_dose=predicted, dose_engine=args.dose_engine, dij=dij,
+                         progress=progress_arg(args), fast=True, spare=spare,
+                         options=options)
+    stream = sys.stderr if args.json else sys.stdout
+    print(f"fast path: {fastplan.path_message(plan.settings['initial_fluence_path'])}; "
+          f"{fastplan.correction_message(plan.settings['correction_path'])}; device "
+          f"{plan.settings['device']}", file=stream)
+    return save_and_report(plan, args)
+
+
+def site_arg(args) -> str | None:
+    return args.site if args.site or args.goal_list else "hn"
+
+
+def plan_inputs(args):
+    """(patient, predicted dose or None, dij or None) from the CLI arguments."""
+    patient = load_patient_from_args(args)
+    predicted = None
+    if args.predicted_dose:
+        predicted = load_dose_npy(args.predicted_dose, patient, what="predicted dose")
+    dij = DoseInfluence.load(args.dij) if args.dij else None
+    return patient, predicted, dij
+
+
+def save_and_report(plan, args) -> int:
     out = Path(args.out)
     plan.save(out, report=not args.no_report, dicom=args.dicom, progress=progress_arg(args))
     return report(plan, out, args)

@@ -14,33 +14,28 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.commands.common import (
-    add_hidden_alias,
-    add_patient_arguments,
-    load_patient_from_args,
-    print_json,
-)
+from atp.commands import common
+from atp.commands.common import load_patient_from_args
+from atp.errors import BackendUnavailableError
+from atp.outputs import atomic_write_bytes, check_output_file, is_npy_dose
+from atp.predictor import registry
 
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="predict the dose distribution of a patient")
-    add_patient_arguments(p)
+    common.add_patient_arguments(p)
     p.add_argument("--predictor", metavar="NAME|PT",
                    help="predictor name or .pt checkpoint (default: best shipped; "
                         "`atp list predictors`)")
-    add_hidden_alias(p, "--model", "--predictor")
+    common.add_hidden_alias(p, "--model", "--predictor")
     p.add_argument("--out", required=True, help="output .npy (Gy on the patient grid)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.set_defaults(func=run)
 
 
 def resolve_predictor(model: str | None):
-    from atp.predictor import registry
-
     if model and (model.endswith(".pt") or Path(model).is_file()):
-        from atp.errors import BackendUnavailableError
-
-        try:
+        try:  # the network predictors import torch (an optional dependency)
             from atp.predictor.cnn import CNNPredictor
         except ImportError:
             raise BackendUnavailableError("network checkpoints need PyTorch: "
@@ -50,8 +45,6 @@ def resolve_predictor(model: str | None):
 
 
 def run(args) -> int:
-    from atp.outputs import atomic_write_bytes, check_output_file, is_npy_dose
-
     check_output_file(args.out, recognise=is_npy_dose,
                       what="a dose .npy (float32, 3-D)")  # before any work
     patient = load_patient_from_args(args)
@@ -68,7 +61,7 @@ def run(args) -> int:
             "max_dose_gy": float(dose.max()), "mean_body_dose_gy": float(dose[body].mean()),
             "seconds": round(seconds, 3)}
     if args.json:
-        print_json(info)
+        common.print_json(info)
     else:
         print(f"{info['predictor']}: predicted dose for {info['patient_id']} "
               f"(max {info['max_dose_gy']:.1f} Gy, mean in body "

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
-from atp.commands.plan import (
-    add_optimiser_arguments,
-    add_output_arguments,
-    progress_arg,
-    report,
-)
+from atp import pipeline
+from atp.commands import plan as plan_cmd
 from atp.errors import InputError, quote
+from atp.goals.changes import format_changes
 from atp.goals.schema import check_setting
+from atp.io import load_patient
+from atp.outputs import check_output_dir
 
 
 def register(sub) -> None:
@@ -45,8 +45,8 @@ def register(sub) -> None:
                    help="output plan directory (default: PLAN_DIR-replan-N, the next free N)")
     o.add_argument("--in-place", action="store_true",
                    help="replace PLAN_DIR itself instead of writing a new folder")
-    add_output_arguments(p)
-    add_optimiser_arguments(p)
+    plan_cmd.add_output_arguments(p)
+    plan_cmd.add_optimiser_arguments(p)
     p.set_defaults(func=run, backend=None)
 
 
@@ -83,25 +83,19 @@ def default_out(plan_dir) -> Path:
 
 
 def run(args) -> int:
-    from atp.outputs import check_output_dir
-    from atp.pipeline import load_plan
-
     if args.in_place:
         out = Path(args.plan_dir)
     else:
         out = Path(args.out) if args.out else default_out(args.plan_dir)
     check_output_dir(out)  # before any work
     changes = parse_sets(args.set)
-    patient = None
-    if args.patient:
-        from atp.io import load_patient
-
-        patient = load_patient(args.patient)
-    old = load_plan(args.plan_dir, patient=patient)
-    new = old.replan(set=changes, warm=args.warm, backend=args.backend, refine=args.refine,
-                     progress=progress_arg(args))
-    new.save(out, report=not args.no_report, dicom=args.dicom, progress=progress_arg(args))
-    rc = report(new, out, args)
+    patient = load_patient(args.patient) if args.patient else None
+    old = pipeline.load_plan(args.plan_dir, patient=patient)
+    progress = plan_cmd.progress_arg(args)
+    new = pipeline.replan(old, set=changes, warm=args.warm, backend=args.backend,
+                          refine=args.refine, progress=progress)
+    new.save(out, report=not args.no_report, dicom=args.dicom, progress=progress)
+    rc = plan_cmd.report(new, out, args)
     print_changes(new, args)
     return rc
 
@@ -109,10 +103,6 @@ def run(args) -> int:
 def print_changes(plan, args) -> None:
     """The re-plan's before -> after table (also in plan.json 'changes' and report.html);
     to stderr with --json so stdout stays one JSON document."""
-    import sys
-
-    from atp.goals.changes import format_changes
-
     stream = sys.stderr if args.json else sys.stdout
     for line in format_changes(plan.changes or []):
         print(line, file=stream)

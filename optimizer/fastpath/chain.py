@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -40,6 +40,7 @@ from atp.optimizer.fastpath.correction import (
 )
 from atp.optimizer.fastpath.error_map import HotColdObjective, value_and_error_map
 from atp.optimizer.fastpath.initial_fluence import DoseMimicking, initial_fluence
+from atp.optimizer.fastpath.options import FastPathOptions
 from atp.optimizer.fastpath.smoothness import FluenceSmoothness
 from atp.optimizer.fastpath.torch_dose import RowDose, TorchDose
 
@@ -166,47 +167,38 @@ class FastPath:
     device: 'cpu' or 'cuda' (torch); everything stays on it inside the loops.
     """
 
-    def __init__(self, patient: Patient, dij: DoseInfluence, predicted_dose_gy: np.ndarray, *,
-                 lam_hot: float = 4.0, lam_cold: float = 1.0, init_steps: int = 20,
-                 correction_steps: int = 30, smoothness: float = 0.3,
-                 init_smoothness: float = 0.3, smooth_weight_cp: float = 0.5,
-                 oar_guard: float = 0.5, resolved_goals=None,
-                 sequencing_passes: int = 0, pass_steps: int | None = None,
-                 mu_iterations: int = 30, aperture_iterations: int = 0,
-                 aperture_rounds: int = 3, coverage_weight: float = 0.0, coverage_level: float = 0.97,
-                 oar_minus_targets: str = "none", max_weight: float = 4.0,
-                 max_level: float = 0.95,
+    def __init__(self, patient: Patient, dij: DoseInfluence, predicted_dose_gy: np.ndarray,
+                 options: FastPathOptions | None = None, *, resolved_goals=None,
                  device: str = "cpu", initial_fluence_fn: Callable | None = None,
-                 correction_fn: Callable | None = None) -> None:
+                 correction_fn: Callable | None = None, **changes) -> None:
+        """options: the numeric options (default :class:`FastPathOptions`); ``changes``:
+        some of its fields by keyword (``FastPath(p, dij, pred, init_steps=10)``)."""
+        o = replace(options or FastPathOptions(), **changes)
+        self.options = o
         self.patient = patient
         self.dij = dij
         self.predicted_dose_gy = predicted_dose_gy
-        self.lam_hot = lam_hot
-        self.lam_cold = lam_cold
-        self.init_steps = init_steps
-        self.correction_steps = correction_steps
-        self.smoothness = float(smoothness)
-        self.init_smoothness = float(init_smoothness)
-        self.smooth_weight_cp = float(smooth_weight_cp)
-        self.oar_guard = float(oar_guard)
-        self.sequencing_passes = int(sequencing_passes)
-        self.pass_steps = pass_steps
-        self.mu_iterations = int(mu_iterations)
-        self.aperture_iterations = int(aperture_iterations)
-        self.aperture_rounds = int(aperture_rounds)
+        self.lam_hot = o.lam_hot
+        self.lam_cold = o.lam_cold
+        self.init_steps = o.init_steps
+        self.correction_steps = o.correction_steps
+        self.smoothness = float(o.smoothness)
+        self.init_smoothness = float(o.init_smoothness)
+        self.smooth_weight_cp = float(o.smooth_weight_cp)
+        self.oar_guard = float(o.oar_guard)
         self._rows_op = None  # (row-set key, A[rows] on the device): weight_value_grad
         self._rows_csc = None  # (row-set key, A[rows] SciPy CSC): objective_rows_matrix
-        self.coverage_weight = float(coverage_weight)
-        self.coverage_level = float(coverage_level)
-        if oar_minus_targets not in OAR_MINUS_TARGETS:
+        self.coverage_weight = float(o.coverage_weight)
+        self.coverage_level = float(o.coverage_level)
+        if o.oar_minus_targets not in OAR_MINUS_TARGETS:
             raise ValueError("oar_minus_targets must be none or support, got "
-                             f"{oar_minus_targets!r}")
-        self.oar_minus_targets = oar_minus_targets
-        if not (float(max_weight) >= 0.0 and 0.0 < float(max_level) <= 1.0):
+                             f"{o.oar_minus_targets!r}")
+        self.oar_minus_targets = o.oar_minus_targets
+        if not (float(o.max_weight) >= 0.0 and 0.0 < float(o.max_level) <= 1.0):
             raise ValueError(f"need max_weight >= 0 and max_level in (0, 1], got "
-                             f"{max_weight}, {max_level}")
-        self.max_weight = float(max_weight)
-        self.max_level = float(max_level)
+                             f"{o.max_weight}, {o.max_level}")
+        self.max_weight = float(o.max_weight)
+        self.max_level = float(o.max_level)
         self.max_limits: dict = {}
         self.resolved_goals = resolved_goals
         self.device = torch.device(device)
