@@ -23,22 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
+from atp.dose.arc import ARC_THRESHOLD, arc_influence
+from atp.dose.geometry import arc_control_points
+from atp.goals import resolve_goals, with_control_structures
+from atp.io import load_patient
+from atp.plans import StageTimer, patient_and_goal_list
+
 
 def generate_one(path: Path, args, predictor) -> tuple[dict, dict]:
+    # torch (heavy, optional): the fast path's modules are imported when a patient is made
     from atp.optimizer.fastpath.bev2fluence import default_weights_path, make_initial_fluence_fn
     from atp.optimizer.fastpath.chain import FastPath
     from atp.optimizer.fastpath.correction_net import CORRECTION, correction_record
 
-    from atp.dose.arc import ARC_THRESHOLD, arc_influence
-    from atp.dose.geometry import arc_control_points
-    from atp.goals import resolve_goals, with_control_structures
-    from atp.io import load_patient
-    from atp.pipeline import _Stages, patient_and_goal_list
-
     t0 = time.perf_counter()
     patient = load_patient(path)
     pred = np.asarray(predictor.predict(patient), np.float32)
-    patient, gl = patient_and_goal_list(patient, "hn", None, None, _Stages(False, total=1))
+    patient, gl = patient_and_goal_list(patient, "hn", None, None, StageTimer(False, total=1))
     resolved = resolve_goals(gl, patient, pred)
     patient_c = with_control_structures(patient, resolved)
     cps = arc_control_points(180.0, 180.0, args.arc_spacing)
