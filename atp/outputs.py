@@ -318,7 +318,6 @@ def _exchange(a: Path, b: Path) -> bool:
     fn = _renameat2()
     if fn is None:
         return False
-
     if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:
         return True
     err = ctypes.get_errno()
@@ -401,7 +400,6 @@ def atomic_output_dir(out: str | os.PathLike, *, kind: str = "plan",
         raise err from None
     try:
         yield tmp
-
         write_json(tmp / MARKER, {"writer": "atp", "version": __version__, "kind": kind,
                                   "entries": _entries(tmp)})
         _install_dir(tmp, out, field)
