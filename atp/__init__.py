@@ -5,6 +5,8 @@ planning pipeline and the CLI. Stages live in the sibling packages ``predictor``
 ``optimizer`` and ``sequencer``.
 """
 
+import importlib
+
 from atp.errors import InputError
 from atp.grid import Grid
 from atp.patient import Patient, Prescription, Role, Structure
@@ -22,7 +24,5 @@ def __getattr__(name):
     if name in _LAZY:
         # lazy: `import atp` stays light (no stage is imported); the top floor loads on
         # first use
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'atp' has no attribute {name!r}")

@@ -319,7 +319,7 @@ def resolve_device(device: str | None = "auto") -> tuple[str, str | None]:
     """(torch device, note or None). 'auto': cuda when available, else cpu (with a note);
     'cuda' / 'cuda:N' without CUDA raises BackendUnavailableError; 'cpu' forces CPU."""
     try:
-        import torch  # an optional dependency (pip install 'atp[ml]')
+        import torch  # lazy: an optional dependency (pip install 'atp[ml]')
     except ImportError:
         raise BackendUnavailableError("the fast path needs PyTorch (pip install "
                                       "'atp[ml]')") from None
@@ -369,7 +369,7 @@ def network_choice(option: str, choice, weights, device: str):
             raise InputError(f"{what} weights given with {option}='{exact}'",
                              field=weights_flag)
         return None, None
-    # the network modules import torch (an optional dependency)
+    # lazy: the network modules import torch (an optional dependency)
     mod = importlib.import_module(module)
     path = Path(weights) if weights is not None else getattr(mod, default)()
     if weights is not None and not path.is_file():
@@ -404,8 +404,6 @@ def path_message(initial_path: str) -> str:
     return NETWORK_MESSAGE if initial_path == "network" else FALLBACK_MESSAGE
 
 
-
-
 # --- the pipeline ------------------------------------------------------------------------
 def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
               predictor=None, predicted_dose=None, dij=None,
@@ -424,7 +422,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
     o = fast_plan_options(options, **changes)
     dev, device_note = resolve_device(o.device)  # fail before any work
     check_options(o)
-    # torch (an optional dependency) comes with the chain
+    # lazy: torch (an optional dependency) comes with the chain
     from atp.optimizer.fastpath.chain import FastPath
 
     stages = StageTimer(progress, total=9, labels=_STAGE_LABELS)
@@ -435,7 +433,7 @@ def fast_plan(patient, *, site: str = "hn", institution=None, goal_list=None,
                              predicted_dose=predicted_dose, stages=stages,
                              check_patient=lambda p: checked.update(
                                  spare=check_spare(spare, p)))
-        dij, arc, engine_name = _arc_dij(prep.patient, dij, o, dose_engine, stages)
+        dij, arc, engine_name = _arc_dij(prep.loaded, dij, o, dose_engine, stages)
         nets = _networks(o, dev)
         fp = FastPath(prep.patient, dij, prep.predicted_dose, o.fastpath, device=dev,
                       resolved_goals=list(prep.resolved),
@@ -569,7 +567,7 @@ def respare(plan: Plan, spare=None, *, progress=False) -> Plan:
 
 
 def _respare_options(settings: dict) -> FastPlanOptions:
-    # the chain module imports torch (an optional dependency; respare needs it anyway)
+    # lazy: the chain imports torch (an optional dependency; respare needs it anyway)
     from atp.optimizer.fastpath.chain import drop_retired_options
 
     recorded = drop_retired_options(settings.get("fastpath_options") or {},
@@ -580,7 +578,7 @@ def _respare_options(settings: dict) -> FastPlanOptions:
 def _prepare_again(plan: Plan, o: FastPlanOptions):
     """A prepared FastPath from a loaded plan's stored dij and predicted dose, with the
     network weights it was made with (no silent fallback when they are gone)."""
-    # torch (an optional dependency) comes with the chain
+    # lazy: torch (an optional dependency) comes with the chain
     from atp.optimizer.fastpath.chain import FastPath
 
     if plan.predicted_dose_gy is None:

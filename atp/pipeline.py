@@ -118,7 +118,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
         engine_name = "given" if dij is not None else dose_engine
         if dij is None:
             beams, beam_template = _beams_of(prep.goal_list, beams, beam_template)
-            dij = stages.run("dose influence", _influence, dose_engine, prep.patient,
+            dij = stages.run("dose influence", _influence, dose_engine, prep.loaded,
                              make_beams(beams, beam_template), beamlet_size_mm,
                              dose_grid_factor)
         settings = {

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from atp import __version__
 from atp.dose.influence import DoseInfluence
 from atp.errors import InputError, quote
 from atp.goals import evaluate_goals, load_goal_list, resolve_goals, with_control_structures
@@ -46,7 +45,9 @@ from atp.outputs import atomic_output_dir, write_json
 from atp.patient import Patient
 from atp.predictor import registry as predictors
 from atp.progress import Display, saving, tick
+from atp.report import write_report
 from atp.sequencer.registry import names as sequencer_names
+from atp.version import __version__
 
 PLAN_FORMAT = "atp-plan-1"
 
@@ -106,11 +107,12 @@ def versions(backend_name: str = "") -> dict:
 @dataclass(eq=False)
 class PreparedGoals:
     """What :func:`prepare_goals` returns. patient: with the control structures the
-    goals built; goal_list: the GoalList; predicted_dose: Gy, patient grid, float32;
+    goals built; loaded: the patient as loaded (what the dose engine sees); goal_list: the GoalList; predicted_dose: Gy, patient grid, float32;
     predictor: its name ('given' when passed in); resolved: the resolved goals (their
     ``skipped`` list too); resolve_notes: one line per skipped goal."""
 
     patient: object
+    loaded: object
     goal_list: object
     predicted_dose: np.ndarray
     predictor: str
@@ -156,9 +158,9 @@ def prepare_goals(patient, *, site: str = "hn", institution=None, goal_list=None
     patient.grid.check_array(predicted_dose, field="predicted_dose")
     resolved = stages.run("resolve goals", resolve_goals, gl, patient, predicted_dose)
     notes = [f"skipped {s['id']}: {s['reason']}" for s in getattr(resolved, "skipped", [])]
-    return PreparedGoals(patient=with_control_structures(patient, resolved), goal_list=gl,
-                         predicted_dose=predicted_dose, predictor=predictor_name,
-                         resolved=resolved, resolve_notes=notes)
+    return PreparedGoals(patient=with_control_structures(patient, resolved), loaded=patient,
+                         goal_list=gl, predicted_dose=predicted_dose,
+                         predictor=predictor_name, resolved=resolved, resolve_notes=notes)
 
 
 def goal_list_settings(gl, site, institution) -> dict:
@@ -309,7 +311,7 @@ class Plan:
             if report and self._write_report(tmp):
                 written["report"] = "report.html"
             if dicom:
-                # pydicom takes seconds to import: only plans exported to DICOM pay it
+                # lazy: pydicom takes seconds to import; only a DICOM export pays it
                 from atp.io.dicom_export import export_plan_set
 
                 tick(step="DICOM export")
@@ -344,9 +346,6 @@ class Plan:
             self.notes.append("report.html not written: matplotlib is not "
                               "installed (pip install 'atp[report]')")
             return False
-        # atp.report imports matplotlib (an optional dependency) when it draws
-        from atp.report import write_report
-
         tick(step="report.html")
         write_report(tmp, self.patient, self.dose_gy, self.predicted_dose_gy,
                      goal_results=self.results, timings=self.timings_s,

@@ -77,9 +77,9 @@ def test_site_defaults_to_hn_everywhere(capsys):
 
 
 def test_replan_warm_default_matches_the_api():
-    from atp.pipeline import Plan
+    from atp.pipeline import replan
 
-    api = inspect.signature(Plan.replan).parameters["warm"].default
+    api = inspect.signature(replan).parameters["warm"].default
     parser = build_parser()
     assert parser.parse_args(["replan", "p"]).warm is api
     assert parser.parse_args(["replan", "p", "--cold"]).warm is False

@@ -48,8 +48,7 @@ PENDING: frozenset[tuple[str, str, str]] = frozenset({
 PENDING_LAZY: frozenset[str] = frozenset({
     # issue 21, the top floor (helper A: pipeline / plans / fast path / commands)
     "atp.commands.commission", "atp.commands.common", "atp.commands.dij",
-    "atp.commands.dose", "atp.commands.fast", "atp.commands.goals", "atp.commands.predict",
-    "atp.commands.train", "atp.fastplan", "atp.plans",
+    "atp.commands.dose", "atp.commands.goals", "atp.commands.train",
     # issue 22 (atp batch / scorecards, another session's work in progress)
     "atp.batch", "atp.cohort_report", "atp.commands.batch", "atp.commands.scorecard",
     "atp.scorecard",

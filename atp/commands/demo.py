@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atp import phantom, pipeline
 from atp.commands.plan import EXIT_HARD_UNMET
 from atp.outputs import check_output_dir, write_json
 
@@ -30,7 +29,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args) -> int:  # lazy: CLI start-up (the pipeline imports every stage)
+    from atp import phantom, pipeline
+
     check_output_dir(args.out)  # before any work
     patient = phantom.head_neck_phantom()
     plan = pipeline.plan(patient, site="hn", predictor=args.predictor, backend=args.backend,

@@ -17,9 +17,6 @@ import numpy as np
 from atp.commands import common
 from atp.commands.goals import add_goal_list_arguments, goal_list_from_args
 from atp.errors import GridMismatchError, InputError
-from atp.goals.evaluate import evaluate_goals, summarize
-from atp.goals.resolve import resolve_goals
-from atp.metrics import structure_metrics
 
 
 def register(sub) -> None:
@@ -55,8 +52,13 @@ def load_dose_npy(path, patient, what: str = "dose") -> np.ndarray:
     return arr
 
 
-def evaluate_report(patient, dose, goal_list, predicted=None, *, dose_file=None) -> dict:
+def evaluate_report(patient, dose, goal_list, predicted=None, *,  # lazy: CLI start-up
+                    dose_file=None) -> dict:
     """Plain-data report: goals (achieved, pass), skipped goals, metrics, summary."""
+    from atp.goals.evaluate import evaluate_goals, summarize
+    from atp.goals.resolve import resolve_goals
+    from atp.metrics import structure_metrics
+
     resolved = resolve_goals(goal_list, patient, predicted, missing_predicted="keep")
     results = evaluate_goals(resolved, patient, dose, dose_file=dose_file)
     return {

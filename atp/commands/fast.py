@@ -9,10 +9,8 @@ The fast-path flags of ``atp plan`` (not a subcommand of its own) and their chec
 
 from __future__ import annotations
 
-from atp import fastplan
 from atp.commands import argtypes
 from atp.errors import InputError
-from atp.sequencer.machine import load_machine
 
 # optimiser-only flags of `atp plan` (dest, flag, value when not given)
 NOT_FAST = (("beams", "--beams", None), ("beam_template", "--beam-template", None),
@@ -77,10 +75,9 @@ def reject_fast_only(args) -> None:
             raise InputError(f"{flag} needs --fast", field=flag)
 
 
-def check_weights_file(path, flag: str) -> None:
+def check_weights_file(path, flag: str) -> None:  # lazy: torch, only --weights needs it
     """Before any work: ``path`` must load as the network weights ``flag`` names (a
     torch file of plain data, weights_only=True); else InputError naming the file."""
-    # the network modules import torch (an optional dependency: only --weights needs it)
     from atp.optimizer.fastpath.bev2fluence import BEV2FLUENCE, load_weights
     from atp.optimizer.fastpath.correction_net import CORRECTION
 
@@ -90,8 +87,12 @@ def check_weights_file(path, flag: str) -> None:
         raise InputError(exc.message, file=exc.file or path, field=flag) from None
 
 
-def fast_options(args) -> tuple[dict, fastplan.FastPlanOptions]:
-    """(spare, FastPlanOptions) from the CLI flags; raises InputError on bad input."""
+def fast_options(args):  # lazy: CLI start-up (the fast path imports every stage)
+    """(spare, :class:`~atp.fastplan.FastPlanOptions`) from the CLI flags; raises
+    InputError on bad input."""
+    from atp import fastplan
+    from atp.sequencer.machine import load_machine
+
     for dest, flag, unset in NOT_FAST:
         if getattr(args, dest, unset) != unset:
             raise InputError(f"{flag} does not apply to --fast (one arc; see "

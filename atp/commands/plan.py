@@ -20,18 +20,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from atp import fastplan, pipeline
 from atp.commands import argtypes
 from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
 from atp.commands.evaluate import load_dose_npy
 from atp.commands.fast import add_fast_arguments, fast_options, reject_fast_only
-from atp.dose import registry as dose_engines
-from atp.dose.geometry import BEAM_TEMPLATES
-from atp.dose.influence import DoseInfluence
 from atp.errors import InputError
 from atp.outputs import check_output_dir
-from atp.sequencer.machine import load_machine
-from atp.sequencer.registry import names as sequencer_names
+
+# CLI start-up: the CLI imports every command to build its parser, so the pipeline, the
+# dose engines and the sequencer (every stage) load inside the functions that plan
+# (marked "lazy: CLI start-up")
 
 EXIT_HARD_UNMET = 3
 
@@ -144,8 +142,10 @@ def report(plan, out, args) -> int:
     return EXIT_HARD_UNMET if unmet else 0
 
 
-def sequence_arg(name):
+def sequence_arg(name):  # lazy: CLI start-up
     """CLI --sequencer value -> pipeline ``sequence=`` (None: no sequencing)."""
+    from atp.sequencer.registry import names as sequencer_names
+
     if name is None:
         return False
     if name == "auto":
@@ -156,7 +156,12 @@ def sequence_arg(name):
     return name
 
 
-def run(args) -> int:
+def run(args) -> int:  # lazy: CLI start-up
+    from atp import pipeline
+    from atp.dose import registry as dose_engines
+    from atp.dose.geometry import BEAM_TEMPLATES
+    from atp.sequencer.machine import load_machine
+
     check_output_dir(args.out)  # before any work: never replace what atp did not write
     if args.fast:
         return run_fast(args)
@@ -184,8 +189,10 @@ def run(args) -> int:
     return save_and_report(plan, args)
 
 
-def run_fast(args) -> int:
+def run_fast(args) -> int:  # lazy: CLI start-up
     """``atp plan --fast``: the fast path (:func:`atp.fastplan.fast_plan`)."""
+    from atp import fastplan, pipeline
+
     spare, options = fast_options(args)
     patient, predicted, dij = plan_inputs(args)
     fastplan.check_spare(spare, patient)
@@ -205,8 +212,10 @@ def site_arg(args) -> str | None:
     return args.site if args.site or args.goal_list else "hn"
 
 
-def plan_inputs(args):
+def plan_inputs(args):  # lazy: CLI start-up
     """(patient, predicted dose or None, dij or None) from the CLI arguments."""
+    from atp.dose.influence import DoseInfluence
+
     patient = load_patient_from_args(args)
     predicted = None
     if args.predicted_dose:

@@ -18,7 +18,6 @@ from atp.commands import common
 from atp.commands.common import load_patient_from_args
 from atp.errors import BackendUnavailableError
 from atp.outputs import atomic_write_bytes, check_output_file, is_npy_dose
-from atp.predictor import registry
 
 
 def register(sub) -> None:
@@ -33,9 +32,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_predictor(model: str | None):
+def resolve_predictor(model: str | None):  # lazy: CLI start-up (a stage)
+    from atp.predictor import registry
+
     if model and (model.endswith(".pt") or Path(model).is_file()):
-        try:  # the network predictors import torch (an optional dependency)
+        try:  # lazy: the network predictors import torch (an optional dependency)
             from atp.predictor.cnn import CNNPredictor
         except ImportError:
             raise BackendUnavailableError("network checkpoints need PyTorch: "

@@ -3,7 +3,7 @@
 Re-optimises a saved plan after goal changes, reusing its stored dose-influence matrix
 and predicted dose. ``--set GOAL.FIELD=VALUE`` (repeatable) with FIELD one of tolerance
 (% on a predicted goal), value, weight, priority; GOAL is a goal id (the ``.pred``
-suffix may be left off) or STRUCTURE.METRIC. Warm by default, like ``Plan.replan``: it
+suffix may be left off) or STRUCTURE.METRIC. Warm by default, like ``atp.replan``: it
 starts from the saved fluence and hard-goal state; ``--cold`` starts afresh.
 
 Writes a new plan folder and leaves PLAN_DIR as it was: ``--out DIR``, or by default the
@@ -19,12 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-from atp import pipeline
 from atp.commands import plan as plan_cmd
 from atp.errors import InputError, quote
 from atp.goals.changes import format_changes
 from atp.goals.schema import check_setting
-from atp.io import load_patient
 from atp.outputs import check_output_dir
 
 
@@ -35,7 +33,7 @@ def register(sub) -> None:
                    help="change a goal (repeatable), e.g. Parotid_L.Dmean.tolerance=-20")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--warm", dest="warm", action="store_true", default=True,
-                   help="warm start from the saved fluence (the default, as Plan.replan)")
+                   help="warm start from the saved fluence (the default, as atp.replan)")
     w.add_argument("--cold", dest="warm", action="store_false",
                    help="cold start from the uniform initial fluence")
     p.add_argument("--patient", default=None,
@@ -82,7 +80,10 @@ def default_out(plan_dir) -> Path:
         n += 1
 
 
-def run(args) -> int:
+def run(args) -> int:  # lazy: CLI start-up (the pipeline imports every stage)
+    from atp import pipeline
+    from atp.io import load_patient
+
     if args.in_place:
         out = Path(args.plan_dir)
     else:
