@@ -52,6 +52,7 @@ from atp.gamma import gamma_index
 from atp.patient import Patient
 
 SPACING = 3.0  # mm, phantoms
+BIG_FIELD_SPACING = 5.0  # mm, fields over 10 cm: atp's 3 mm dij of a 20 x 20 field needs ~9 GB
 DEPTH_MM = 300.0
 SLAB_MM = (51.0, 81.0)  # on the 3 mm voxel boundaries
 SLABS = (("air", -1000.0), ("lung", -740.0))  # atp HU table: 0.001 and 0.25
@@ -73,14 +74,20 @@ def phantom(side_cm: float, slab_hu: float | None = None) -> Patient:
     """Water box, SSD 100 cm for gantry 0 (iso on the surface), wide enough for the
     diverging field at 30 cm depth plus 2 cm, odd voxel counts so a voxel sits on the
     central axis; optionally a slab of ``slab_hu`` across SLAB_MM of depth."""
-    lat = _odd((13.0 * side_cm + 40.0) / SPACING) * SPACING
-    p = water_phantom((lat, DEPTH_MM, lat), (SPACING,) * 3, target_half_mm=5.0)
+    sp = SPACING if side_cm <= 10.0 else BIG_FIELD_SPACING
+    lat = _odd((13.0 * side_cm + 40.0) / sp) * sp
+    p = water_phantom((lat, DEPTH_MM, lat), (sp,) * 3, target_half_mm=5.0)
     if slab_hu is None:
         return p
     ct = p.ct_hu.copy()
-    y = p.grid.axis_coords_mm(1)
+    y = depth_mm(p.grid)
     ct[:, (y > SLAB_MM[0]) & (y < SLAB_MM[1]), :] = slab_hu
     return Patient(ct, p.grid, p.structures, p.prescriptions, p.patient_id, {}, p.source)
+
+
+def depth_mm(g) -> np.ndarray:
+    """Depth (mm) of the voxel centres along the phantom's y axis (surface at y = 0)."""
+    return g.origin_mm[1] + g.axis_coords_mm(1)
 
 
 def open_field(iso, gantry_deg: float, side_mm: float):
@@ -167,6 +174,15 @@ def _cax(dose, g):
     return dose[..., i, :, k]
 
 
+def _peak(y, d) -> float:
+    """The curve's maximum from a cubic spline through the voxel centres (a coarse grid
+    would otherwise miss the top of the build-up)."""
+    from scipy.interpolate import CubicSpline
+
+    fine = np.arange(y[0], y[-1], 0.01)
+    return float(CubicSpline(y, d)(fine).max())
+
+
 def reference_pdd(side_cm: float):
     with open(REF_CSV) as fh:
         rows = list(csv.reader(line for line in fh if not line.startswith("#")))
@@ -182,7 +198,7 @@ def water(args, work):
         p = phantom(f)
         atp, ccc, res = case(work, f"water_{f:g}", p, [(0.0, 10.0 * f, (0, 0, 0))],
                              args.opentps_python, args.jobs)
-        y = p.grid.axis_coords_mm(1) / 10.0
+        y = depth_mm(p.grid) / 10.0
         cache[f] = (y, _cax(atp[0], p.grid), _cax(ccc[0], p.grid))
         a, c = cache[f][1], cache[f][2]
         cal[f] = float(np.interp(10.0, y, a) / np.interp(10.0, y, c))
@@ -191,8 +207,8 @@ def water(args, work):
         ref = reference_pdd(f)
         rows = []
         for dcm in PDD_DEPTHS_CM:
-            pa = 100 * np.interp(dcm, y, a) / a.max()
-            pc = 100 * np.interp(dcm, y, c) / c.max()
+            pa = 100 * np.interp(dcm, y, a) / _peak(y, a)
+            pc = 100 * np.interp(dcm, y, c) / _peak(y, c)
             pr = float(np.interp(dcm, ref[:, 0], ref[:, 1])) if ref.size else None
             rows.append({"depth_cm": dcm, "atp": round(pa, 1), "ccc": round(pc, 1),
                          "reference": pr, "atp_minus_ccc": round(pa - pc, 1),
@@ -231,9 +247,13 @@ def head_neck(args, work, cal):
     p = load_openkbp_npz(args.patient)
     iso = tuple(float(v) for v in default_isocenter(p))
     body = p.body_mask
+    # the CCC grid: the body's bounding box + 3 cm in plane, + 5 cm along the slices
+    # (scatter from tissue further away is not computed: terma is zero outside the grid)
     idx = np.argwhere(body)
-    lo = np.maximum(idx.min(0) - 4, 0)
-    hi = np.minimum(idx.max(0) + 5, np.array(p.grid.shape))
+    margin = np.ceil(np.where(np.arange(3) == np.argmax(np.abs(p.grid.direction[2])),
+                              50.0, 30.0) / p.grid.spacing_mm).astype(int)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, np.array(p.grid.shape))
     fields = [(g, 10.0 * s, iso) for g, s in HN_FIELDS]
     atp, ccc, res = case(work, f"hn_{Path(args.patient).stem}", p, fields,
                          args.opentps_python, args.jobs, crop=(lo, hi))
