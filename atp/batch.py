@@ -459,8 +459,7 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(job: dict, parent_pid: int) -> None:
-    """Entry of a local worker process (spawned: the thread variables are already in
-    its environment before numpy / torch load)."""
+    """Plan ``job`` in this worker process; it dies with the batch process."""
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
@@ -490,18 +489,31 @@ def _describe_exit(code) -> str:
     return f"exit code {code}"
 
 
-def run_local(jobs: list, workers: int, threads: int, max_retries: int, on_done) -> None:
-    """Run ``jobs`` in at most ``workers`` local processes at a time, one fresh spawned
-    process per patient; a worker that dies is re-run up to ``max_retries`` times."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
+WORKER_CODE = "import sys; from atp.batch import worker_cli; sys.exit(worker_cli(sys.argv[1:]))"
 
-    ctx = mp.get_context("spawn")
+
+def worker_cli(argv) -> int:
+    """``python -c WORKER_CODE JOB.json PARENT_PID``: a local worker process. A fresh
+    interpreter (not multiprocessing): the caller's main module is never imported again,
+    and the thread variables are in its environment before numpy / torch load."""
+    job_file, parent = argv
+    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    _worker_main(job, int(parent))
+    return 0
+
+
+def run_local(jobs: list, workers: int, threads: int, max_retries: int, on_done) -> None:
+    """Run ``jobs`` in at most ``workers`` local processes at a time, one fresh process
+    per patient (its stderr in DIR/.atp-batch/<name>.log); a worker that dies is re-run
+    up to ``max_retries`` times."""
+    import subprocess
+
+    from atp.outputs import write_json
+
     pending = deque(jobs)
-    running: dict = {}
+    running: list = []
     attempts: dict = {}
-    saved = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update(thread_env(threads))  # inherited by the spawned workers
+    env = dict(os.environ, **thread_env(threads))
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -511,16 +523,22 @@ def run_local(jobs: list, workers: int, threads: int, max_retries: int, on_done)
                 rp = record_path(job["out"], job["name"])
                 if rp.exists():
                     rp.unlink()
-                proc = ctx.Process(target=_worker_main, args=(job, os.getpid()),
-                                   name=f"atp-batch-{job['name']}")
-                proc.start()
-                running[proc.sentinel] = (proc, job)
-            for s in wait(list(running), timeout=1.0):
-                proc, job = running.pop(s)
-                proc.join()
-                rec = _read_record(job) if proc.exitcode == 0 else None
+                job_file = rp.with_name(f"{job['name']}.job.json")
+                write_json(job_file, job)
+                with open(rp.with_name(f"{job['name']}.log"), "wb") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-c", WORKER_CODE, str(job_file), str(os.getpid())],
+                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=log)
+                running.append((proc, job, job_file))
+            time.sleep(0.2)
+            for item in [r for r in running if r[0].poll() is not None]:
+                running.remove(item)
+                proc, job, job_file = item
+                job_file.unlink(missing_ok=True)
+                rec = _read_record(job) if proc.returncode == 0 else None
                 if rec is None:
-                    why = _describe_exit(proc.exitcode)
+                    why = _describe_exit(proc.returncode)
                     if attempts[job["name"]] <= max_retries:
                         on_done(None, note=f"{job['name']}: worker {why}; re-running "
                                            f"(attempt {attempts[job['name']] + 1})")
@@ -530,14 +548,9 @@ def run_local(jobs: list, workers: int, threads: int, max_retries: int, on_done)
                                         "attempts", attempts[job["name"]])
                 on_done(rec)
     finally:
-        for proc, _ in running.values():
+        for proc, _, _ in running:
             proc.kill()
-            proc.join()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            proc.wait()
 
 
 def _read_record(job: dict) -> dict | None:

@@ -84,6 +84,16 @@ def test_two_workers_plan_the_cohort_and_record_the_bad_file(two_workers):
 
 
 @pytest.mark.slow
+def test_parquet_summary_when_pyarrow_is_installed(two_workers):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed")
+    out, _ = two_workers
+    t = pq.read_table(out / "summary.parquet")
+    assert t.column("patient").to_pylist() == ["a", "b", "c"]
+    assert t.column("status").to_pylist()[2] == "failed"
+    assert t.schema.field("goal:PTV_70.D95%").type == "double"
+
+
+@pytest.mark.slow
 def test_scorecard_command_scores_a_batch_plan(two_workers, capsys):
     out, _ = two_workers
     assert main(["scorecard", str(out / "a"), "--scorecard", "hn", "--json"]) == 0
@@ -133,6 +143,33 @@ def test_kill_9_then_rerun_finishes_only_what_is_missing(cohort, tmp_path):
     assert (out / "b" / "plan.json").is_file()
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") and "tmp" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried(cohort, tmp_path):
+    out = tmp_path / "out"
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"patient,name\nphantom,a\n{cohort / 'bad.npz'},c\n")
+    cmd = [sys.executable, "-m", "atp.cli", "batch", str(manifest), "--out", str(out),
+           "--dij", str(cohort / "toy.npz"), *FAST[:-1], "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = out / ".atp-batch" / "a.job.json"
+    deadline = time.monotonic() + 120
+    while not job.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the worker is importing or planning
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    with open(children) as fh:
+        pids = [int(p) for p in fh.read().split()]
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 4, stderr  # c is a bad file; a is planned on its second try
+    assert "a: worker killed by SIGKILL; re-running (attempt 2)" in stderr
+    rows = _summary(out)
+    assert rows["a"]["status"] in ("ok", "p1_unmet") and rows["a"]["attempts"] == "2"
+    assert rows["c"]["attempts"] == "1"
 
 
 def test_changed_options_replan_a_finished_patient(cohort, tmp_path):
