@@ -311,7 +311,7 @@ def parse_value(v, metric: Metric, fail):
 
 def check_setting(field_name: str, value, *, unit: str | None = None,
                   where: str = "--set") -> float:
-    """One re-plan change (``atp replan --set GOAL.FIELD=VALUE``, ``Plan.replan(set=)``)
+    """One re-plan change (``atp replan --set GOAL.FIELD=VALUE``, ``atp.replan(plan, set=)``)
     validated with the rules of the goal-list field it overrides: tolerance a percentage
     in (-100, 1000], value a number >= 0 (<= 100 for % metrics), weight in
     (0, MAX_WEIGHT], priority an integer 1..MAX_PRIORITY; all finite. Returns the number;
