@@ -263,6 +263,13 @@ def head_neck(args, work, cal):
     out = {"patient": str(args.patient), "isocentre_mm": [round(v, 1) for v in iso],
            "grid": list(p.grid.shape), "spacing_mm": [float(v) for v in p.grid.spacing_mm],
            "ccc_seconds": [round(float(s)) for s in res["seconds"]], "fields": []}
+    # where gamma fails: within 15 mm of the skin, within 10 mm of air inside the body
+    # (< -400 HU: airway, oral cavity, sinuses), elsewhere
+    from scipy.ndimage import distance_transform_edt
+
+    sp_mm = p.grid.spacing_mm
+    skin = distance_transform_edt(body, sampling=sp_mm) <= 15.0
+    cavity = distance_transform_edt(~(body & (p.ct_hu < -400)), sampling=sp_mm) <= 10.0
     sets = [(f"G{g:g} {s:g}x{s:g}", [n]) for n, (g, s) in enumerate(HN_FIELDS)]
     sets.append(("all fields summed", list(range(len(HN_FIELDS)))))
     for label, ns in sets:
@@ -273,6 +280,21 @@ def head_neck(args, work, cal):
                             threshold_pct=10.0)
             row[f"gamma_{dd:g}_{dta:g}"] = round(g.pass_rate_pct, 1)
             row["n_scored"] = g.n_scored
+            # the same gamma, scored in tissue only (dose in air voxels, < -400 HU, is
+            # defined differently by the two engines)
+            tissue = p.ct_hu[g.mask] >= -400
+            row[f"gamma_{dd:g}_{dta:g}_tissue"] = round(
+                100.0 * float(np.mean(g.gamma[tissue] <= 1.0)), 1)
+            if dd == 3.0:
+                fail = np.zeros(ref.shape, bool)
+                fail[g.mask] = g.gamma > 1.0
+                near_air = fail & cavity
+                at_skin = fail & skin & ~cavity
+                row["fail_3_3"] = {
+                    "near_air_cavity": int(near_air.sum()), "skin_15mm": int(at_skin.sum()),
+                    "elsewhere": int((fail & ~cavity & ~skin).sum()),
+                    "atp_higher": int((fail & (ev > ref)).sum()),
+                    "atp_lower": int((fail & (ev <= ref)).sum())}
         hi_dose = ref >= 0.5 * ref.max()
         row["mean_diff_pct_above_50"] = round(float(100 * np.mean(ev[hi_dose] - ref[hi_dose])
                                                     / ref.max()), 2)
@@ -307,10 +329,20 @@ def markdown(res: dict) -> str:
         h = res["hn"]
         out += [(f"H&N {h['patient']}, isocentre {h['isocentre_mm']} mm, CT grid {h['grid']} "
                 f"x {h['spacing_mm']} mm:"), "",
-                ("| fields | gamma 3 %/3 mm | gamma 2 %/2 mm | voxels scored | "
-                "mean atp - CCC above 50 % (% of max) |"), "| --- | --- | --- | --- | --- |"]
-        out += [f"| {r['fields']} | {r['gamma_3_3']} % | {r['gamma_2_2']} % | {r['n_scored']} "
+                ("| fields | gamma 3 %/3 mm | gamma 2 %/2 mm | the same, tissue only (>= -400 "
+                 "HU) | voxels scored | mean atp - CCC above 50 % (% of max) |"),
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['fields']} | {r['gamma_3_3']} % | {r['gamma_2_2']} % | "
+                f"{r['gamma_3_3_tissue']} / {r['gamma_2_2_tissue']} % | {r['n_scored']} "
                 f"| {r['mean_diff_pct_above_50']:+.2f} |" for r in h["fields"]]
+        out += ["", ("Voxels failing 3 %/3 mm, by place (within 10 mm of air inside the body, "
+                     "i.e. airway / oral cavity; else within 15 mm of the skin; else "
+                     "elsewhere) and by sign (atp higher / lower than CCC):"), "",
+                "| fields | near air cavity | skin | elsewhere | atp higher | atp lower |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['fields']} | " + " | ".join(str(r["fail_3_3"][k]) for k in (
+            "near_air_cavity", "skin_15mm", "elsewhere", "atp_higher", "atp_lower")) + " |"
+            for r in h["fields"]]
     return "\n".join(out) + "\n"
 
 
