@@ -96,8 +96,11 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
     meta.update({"beamlets": "jaw field of every control point + margin",
                  "seconds": round(time.perf_counter() - t0, 3)})
     meta.pop("targets", None)
+    from atp.dose.far_scatter import FarScatter
+
+    far = FarScatter.hstack([(d.far, d.n_beamlets) for _, d in parts], first.n_voxels)
     return DoseInfluence(sp.hstack(mats, format="csc"), info, first.dose_grid,
-                         first.patient_grid, meta)
+                         first.patient_grid, meta, far=far)
 
 
 def forward_dose(patient, delivery, beams, *, engine="pencil-beam",

@@ -41,4 +41,5 @@ def arc_influence(patient, control_points=None, *, engine=None,
                         threshold=threshold, progress=progress)
     meta = dict(dij.meta)
     meta.update({"arc": True, "control_points": len(control_points)})
-    return DoseInfluence(dij.matrix, dij.beamlets, dij.dose_grid, dij.patient_grid, meta)
+    return DoseInfluence(dij.matrix, dij.beamlets, dij.dose_grid, dij.patient_grid, meta,
+                         far=dij.far)

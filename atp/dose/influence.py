@@ -19,6 +19,15 @@ File format (``save``/``load``, a plain ``.npz``, documented so other tools can 
   dose_grid_*       shape, spacing_mm, origin_mm, direction of the dose grid
   patient_grid_*    same for the patient grid (absent when equal to the dose grid)
   meta_json         str, JSON of free metadata (engine, version, threshold, ...)
+  far_*             optional: the far-scatter operator (:mod:`atp.dose.far_scatter`):
+                    far_R_* / far_V_* (CSR data, indices, indptr, shape), far_groups
+                    (int64 (n_groups, 7): node offset, nx, ny, table offset, levels,
+                    table u, table v) and far_gu / far_gv / far_hu / far_hv (float32,
+                    the groups' separable factors, concatenated)
+
+Dose = ``matrix @ w`` plus, when ``far`` is present, ``far.apply(w)`` (the far tail of
+the wide scatter Gaussian, low rank): :meth:`DoseInfluence.dose` adds both; code that
+multiplies ``matrix`` itself (the optimiser) sees the sparse part only.
 """
 
 from __future__ import annotations
@@ -89,6 +98,7 @@ class DoseInfluence:
     dose_grid: Grid
     patient_grid: Grid | None = None
     meta: dict = field(default_factory=dict)
+    far: object | None = None  # atp.dose.far_scatter.FarScatter
 
     def __post_init__(self) -> None:
         m = self.matrix
@@ -104,6 +114,9 @@ class DoseInfluence:
         if m.nnz and not np.all(np.isfinite(m.data)):
             raise InputError("dij contains NaN/inf", field="matrix.data")
         object.__setattr__(self, "matrix", m)
+        if self.far is not None and tuple(self.far.shape) != m.shape:
+            raise InputError(f"far-scatter operator has shape {self.far.shape}, the matrix "
+                             f"{m.shape}", field="far")
         if self.patient_grid is None:
             object.__setattr__(self, "patient_grid", self.dose_grid)
 
@@ -132,7 +145,10 @@ class DoseInfluence:
         if w.shape[0] != self.n_beamlets:
             raise InputError(f"{w.shape[0]} weights for {self.n_beamlets} beamlets",
                              field="weights")
-        return (self.matrix @ w).reshape(self.dose_grid.shape)
+        d = self.matrix @ w
+        if self.far is not None:
+            d = d + self.far.apply(w)
+        return d.reshape(self.dose_grid.shape)
 
     def patient_dose(self, weights) -> np.ndarray:
         """Dose on the patient (CT) grid (Gy, float32, 3-D): :meth:`dose` mapped back by
@@ -165,6 +181,8 @@ class DoseInfluence:
             "beamlet_size_mm": np.array(self.beamlets.beamlet_size_mm, dtype=np.float64),
             "meta_json": np.array(json.dumps(self.meta, default=str)),
         }
+        if self.far is not None:
+            arrays.update(self.far.to_arrays())
         for prefix, g in (("dose_grid", self.dose_grid), ("patient_grid", self.patient_grid)):
             arrays[f"{prefix}_shape"] = np.array(g.shape, dtype=np.int64)
             arrays[f"{prefix}_spacing_mm"] = g.spacing_mm
@@ -202,7 +220,12 @@ class DoseInfluence:
                             d[f"{prefix}_direction"])
 
             meta = json.loads(str(d["meta_json"])) if "meta_json" in files else {}
-            return cls(m, info, grid("dose_grid"), grid("patient_grid"), meta)
+            far = None
+            if "far_groups" in files:
+                from atp.dose.far_scatter import FarScatter
+
+                far = FarScatter.from_arrays(d)
+            return cls(m, info, grid("dose_grid"), grid("patient_grid"), meta, far=far)
         except InputError as exc:
             raise InputError(exc.message, file=path, field=exc.field) from None
         except KeyError as exc:

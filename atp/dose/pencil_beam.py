@@ -47,6 +47,13 @@ from atp.dose.aperture import aperture_dose
 from atp.dose.beam_model import PhotonBeamModel, erf_for
 from atp.dose.beamlets import select_beamlets
 from atp.dose.density import hu_to_density
+from atp.dose.far_scatter import (
+    OFF_AXIS_DEPTH_MM,
+    FarScatterOptions,
+    assemble,
+    build_group,
+    taper,
+)
 from atp.dose.geometry import Beam, BeamFrame, resolve_beams
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.dose.raytrace import sample_cumulative, trace_cumulative
@@ -57,7 +64,8 @@ from atp.xp import cupy_or_none, to_numpy
 
 _SQRT2 = math.sqrt(2.0)
 DEFAULT_THRESHOLD = 1e-4
-ENGINE_VERSION = "2"
+ENGINE_VERSION = "3"
+DEFAULT_FAR_SCATTER = FarScatterOptions()
 
 
 def _pair(size) -> tuple[float, float]:
@@ -98,13 +106,18 @@ class PencilBeamEngine:
     None = half the dose grid's smallest voxel size, at least 2 mm.
     lateral_cutoff_mm: kernel radius (mm at depth) beyond which nothing is computed.
     device: "cpu" or "gpu" (CuPy; BackendUnavailableError when absent).
+    far_scatter: FarScatterOptions (default) to split the wide scatter Gaussian into a
+    tapered near part in the sparse matrix and the far tail in a low-rank operator
+    (:mod:`atp.dose.far_scatter`, ``DoseInfluence.far``); None keeps the whole wide
+    Gaussian in the sparse matrix, cut by the window and threshold (engine version 2).
     """
 
     name = "pencil-beam"
 
     def __init__(self, model=None, *, hu_table=None, ray_spacing_mm: float | None = None,
                  lateral_cutoff_mm: float = 60.0, device: str = "cpu",
-                 depth_method: str = "voxel", chunk_entries: int = 4_000_000) -> None:
+                 depth_method: str = "voxel", chunk_entries: int = 4_000_000,
+                 far_scatter: FarScatterOptions | None = DEFAULT_FAR_SCATTER) -> None:
         if depth_method not in ("voxel", "fan"):
             raise InputError(f"depth_method must be 'voxel' or 'fan', got {depth_method!r}",
                              field="depth_method")
@@ -115,6 +128,10 @@ class PencilBeamEngine:
         self.lateral_cutoff_mm = lateral_cutoff_mm
         self.device = device
         self.chunk_entries = chunk_entries
+        if far_scatter is not None and not isinstance(far_scatter, FarScatterOptions):
+            raise InputError("far_scatter must be FarScatterOptions or None",
+                             field="far_scatter")
+        self.far_scatter = far_scatter
 
     # --- helpers -----------------------------------------------------------------------
     def _model(self) -> PhotonBeamModel:
@@ -181,20 +198,40 @@ class PencilBeamEngine:
         ray_h = (float(self.ray_spacing_mm) if self.ray_spacing_mm is not None
                  else max(2.0, 0.5 * float(np.min(dose_grid.spacing_mm))))
 
-        mats, beam_index, bev_x, bev_y = [], [], [], []
-        for b, beam in enumerate(beams):
-            frame = beam.frame()
-            ix, iy = select_beamlets(frame, tpts, (bx, by), margin_mm, half_diag)
-            mat = self._beam_matrix(xp, model, frame, ix, iy, (bx, by), centres, rows_all,
-                                    density_x, dgrid, ray_ds, ray_h, float(threshold),
-                                    dose_grid.n_voxels)
+        frames = [beam.frame() for beam in beams]
+        sels = [select_beamlets(f, tpts, (bx, by), margin_mm, half_diag) for f in frames]
+        col0 = np.cumsum([0] + [ix.size for ix, _ in sels])
+        n_all = int(col0[-1])
+        far_opts = self.far_scatter
+        groups = _far_groups(beams, far_opts.group_deg) if far_opts is not None else []
+        middle = {g[len(g) // 2]: g for g in groups}
+        mats, beam_index, bev_x, bev_y, far_parts = [], [], [], [], []
+        for b, (frame, (ix, iy)) in enumerate(zip(frames, sels)):
+            mat, far = self._beam_matrix(xp, model, frame, ix, iy, (bx, by), centres,
+                                         rows_all, density_x, dgrid, ray_ds, ray_h,
+                                         float(threshold), dose_grid.n_voxels,
+                                         far_data=b in middle)
             mats.append(mat)
+            if far is not None:
+                members = [m for m in middle[b] if sels[m][0].size]
+                if members:
+                    off_c = (float(model.off_axis_exponent(
+                        np.float64(OFF_AXIS_DEPTH_MM)))
+                        if (model.horn_per_mm2 or model.softening_per_mm3) else 0.0)
+                    far_parts.append(build_group(
+                        far_opts, *far,
+                        np.concatenate([(sels[m][0] + 0.5) * bx for m in members]),
+                        np.concatenate([(sels[m][1] + 0.5) * by for m in members]),
+                        off_c, np.concatenate([np.arange(col0[m], col0[m + 1])
+                                               for m in members]),
+                        bx * by, dose_grid.n_voxels, n_all))
             beam_index.append(np.full(ix.size, b, dtype=np.int32))
             bev_x.append((ix + 0.5) * bx)
             bev_y.append((iy + 0.5) * by)
             if progress is not None:
                 progress(b + 1, len(beams))
         matrix = _stack_csc(mats, dose_grid.n_voxels)
+        far_op = assemble(far_parts, dose_grid.n_voxels, n_all)
         info = BeamletInfo(np.concatenate(beam_index),
                            [bm.gantry_deg for bm in beams],
                            [bm.collimator_deg for bm in beams],
@@ -212,9 +249,16 @@ class PencilBeamEngine:
             "ray_spacing_mm": ray_h if self.depth_method == "fan" else None,
             "dose_grid_factor": int(dose_grid_factor), "margin_mm": float(margin_mm),
             "targets": names, "patient_id": patient.patient_id, "device": self.device,
+            "far_scatter": None if far_opts is None else {
+                "node_mm": far_opts.node_mm, "table_mm": far_opts.table_mm,
+                "level_step": far_opts.level_step, "taper_mm": [far_opts.inner_mm,
+                                                                far_opts.outer_mm],
+                "group_deg": far_opts.group_deg,
+                "groups": 0 if far_op is None else len(far_op.groups),
+                "nnz": 0 if far_op is None else far_op.nnz},
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        return DoseInfluence(matrix, info, dose_grid, grid, meta)
+        return DoseInfluence(matrix, info, dose_grid, grid, meta, far=far_op)
 
     def aperture_dose(self, dij: DoseInfluence, apertures):
         """Dose (Gy, dose grid) of MLC apertures; see :func:`atp.dose.aperture.aperture_dose`."""
@@ -223,11 +267,15 @@ class PencilBeamEngine:
     # --- one beam ----------------------------------------------------------------------
     def _beam_matrix(self, xp, model: PhotonBeamModel, frame: BeamFrame, ix, iy, size,
                      centres, rows_all, density, dgrid: Grid, ray_ds: float,
-                     ray_h: float, threshold: float, n_rows: int) -> sp.csc_matrix:
+                     ray_h: float, threshold: float, n_rows: int, far_data: bool = False):
+        """(sparse matrix of the beam, far-scatter voxel data or None): with
+        ``far_data`` and far scatter on, (rows, u, v, amplitude, sigma) of the wide
+        component at every voxel in the window (:func:`atp.dose.far_scatter.build_group`).
+        """
         bx, by = size
         n_cols = ix.size
         if n_cols == 0:
-            return sp.csc_matrix((n_rows, 0), dtype=np.float32)
+            return sp.csc_matrix((n_rows, 0), dtype=np.float32), None
         sad = frame.sad_mm
         u, v, s = frame.project(centres)
         cut = float(self.lateral_cutoff_mm)
@@ -236,7 +284,7 @@ class PencilBeamEngine:
                & (v >= iy.min() * by - r_iso) & (v <= (iy.max() + 1) * by + r_iso)
                & (s > 1.0))
         if not sel.any():
-            return sp.csc_matrix((n_rows, n_cols), dtype=np.float32)
+            return sp.csc_matrix((n_rows, n_cols), dtype=np.float32), None
         u, v, s, rows = u[sel], v[sel], s[sel], rows_all[sel]
         lengths = (float(model.density_length_mm), float(model.scatter_density_length_mm))
         if self.depth_method == "voxel":
@@ -253,6 +301,9 @@ class PencilBeamEngine:
         scale = sad / s
         base = model.gy_per_mu_scale * scale * scale
         comps = [(base * a, sig * scale) for a, sig in model.components(depth, xp, lat)]
+        far = self.far_scatter if len(comps) > 1 else None
+        far_out = (rows, u, v, comps[-1][0], comps[-1][1]) if far is not None and far_data \
+            else None
         off_c = model.off_axis_exponent(depth, xp)  # exp(c (uc^2 + vc^2)) per beamlet
         use_off = bool(model.horn_per_mm2 or model.softening_per_mm3)
         erf = erf_for(xp)
@@ -297,6 +348,9 @@ class PencilBeamEngine:
             # erf arguments in float32 (the matrix is float32): distance to each edge
             dxe = (uu[:, None] - ex).astype(xp.float32)
             dye = (vv[:, None] - ey).astype(xp.float32)
+            if far is not None:  # the wide Gaussian's near part (far_scatter.py)
+                tx = taper(dxe[:, :-1] - 0.5 * bx, far.inner_mm, far.outer_mm, xp)
+                ty = taper(dye[:, :-1] - 0.5 * by, far.inner_mm, far.outer_mm, xp)
             fxs, fys = [], []
             for c, sg in comps:
                 k = (1.0 / (_SQRT2 * sg[sl])).astype(xp.float32)[:, None]
@@ -322,6 +376,18 @@ class PencilBeamEngine:
             # adding K broadcast products)
             val = xp.matmul(xp.stack([fx[:, x_lo:x_hi] for fx in fxs], axis=2),
                             xp.stack([fy[:, y_lo:y_hi] for fy in fys], axis=1))
+            if far is not None:
+                # which entries to keep is decided on the whole kernel (as without far
+                # scatter); the matrix stores the wide Gaussian times the taper, the far
+                # operator the rest: val -= fx_w fy_w^T - (fx_w tx)(fy_w ty)^T
+                fw = fxs[-1][:, x_lo:x_hi]
+                gw = fys[-1][:, y_lo:y_hi]
+                tw = tx[:, x_lo:x_hi].astype(xp.float32)
+                val_s = val - xp.matmul(xp.stack([fw, -fw * tw], axis=2),
+                                        xp.stack([gw, gw * ty[:, y_lo:y_hi].astype(
+                                            xp.float32)], axis=1))
+            else:
+                val_s = val
             wy = y_hi - y_lo
             per_w = (x_hi - x_lo) * wy
             hit = xp.flatnonzero((val > lim).reshape(-1))
@@ -333,13 +399,14 @@ class PencilBeamEngine:
             good = col >= 0
             out_r.append(rows[a + to_numpy(vi[good])])
             out_c.append(to_numpy(col[good]))
-            out_v.append(to_numpy(val.reshape(-1)[hit[good]]))
+            out_v.append(to_numpy(val_s.reshape(-1)[hit[good]]))
         if not out_r:
-            return sp.csc_matrix((n_rows, n_cols), dtype=np.float32)
+            return sp.csc_matrix((n_rows, n_cols), dtype=np.float32), far_out
         r = np.concatenate(out_r)
         c = np.concatenate(out_c)
         vals = np.concatenate(out_v).astype(np.float32)
-        return sp.csc_matrix((vals, (r, c)), shape=(n_rows, n_cols), dtype=np.float32)
+        return (sp.csc_matrix((vals, (r, c)), shape=(n_rows, n_cols), dtype=np.float32),
+                far_out)
 
     def _voxel_depth(self, xp, frame: BeamFrame, points_mm, density, dgrid: Grid,
                      lengths_mm):
@@ -431,6 +498,24 @@ def _mean_density(depth, upstream, length_mm: float, xp):
     surface it is 1."""
     span = xp.minimum(length_mm, xp.maximum(depth, 1e-3))
     return xp.where(depth > 1e-3, (depth - upstream) / span, 1.0)
+
+
+def _far_groups(beams, group_deg: float) -> list[list[int]]:
+    """Runs of consecutive beams with one isocentre, couch and collimator whose gantry
+    angles lie within ``group_deg`` of the run's first (an arc's neighbouring control
+    points); every other beam is its own group."""
+    groups: list[list[int]] = []
+    for b, beam in enumerate(beams):
+        if groups:
+            first = beams[groups[-1][0]]
+            dg = abs((beam.gantry_deg - first.gantry_deg + 180.0) % 360.0 - 180.0)
+            if (dg < group_deg - 1e-9 and beam.couch_deg == first.couch_deg
+                    and beam.collimator_deg == first.collimator_deg
+                    and np.allclose(beam.isocenter_mm, first.isocenter_mm)):
+                groups[-1].append(b)
+                continue
+        groups.append([b])
+    return groups
 
 
 def _stack_csc(mats, n_rows: int) -> sp.csc_matrix:
