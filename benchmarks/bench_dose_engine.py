@@ -86,6 +86,8 @@ def run_case(case: str, patient_path: str, repeat: int) -> dict:
         return out
     out.update(wall_s=round(best[0], 2), cpu_s=round(best[1], 2), beamlets=dij.n_beamlets,
                nnz=int(dij.matrix.nnz), matrix_mb=_matrix_mb(dij.matrix),
+               far_nnz=0 if dij.far is None else dij.far.nnz,
+               far_mb=0 if dij.far is None else round(dij.far.nbytes / 2**20, 1),
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     return out
 

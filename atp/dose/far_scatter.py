@@ -39,8 +39,9 @@ depth is taken at 10 cm for this component.
 
 Everything that turns a dij into dose (``DoseInfluence.dose``: the deliverable,
 aperture and forward doses, ``atp dose``) adds it. The optimiser's own dose products
-use the sparse matrix alone, i.e. the kernel up to the taper (as before this operator,
-when the threshold and window cut the tail at about the same place).
+use the sparse matrix alone, i.e. the kernel up to the taper (40-60 mm: about where
+the 60 mm window and the 1e-4 threshold cut it before this operator, so the optimiser
+sees what it saw; which entries the matrix keeps is decided on the whole kernel).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ from atp.xp import to_numpy
 NODE_MM = 10.0
 TABLE_MM = 10.0
 LEVEL_STEP = 1.03
-INNER_MM = 20.0
-OUTER_MM = 40.0
+INNER_MM = 40.0
+OUTER_MM = 60.0
 OFF_AXIS_DEPTH_MM = 100.0
 
 
