@@ -61,6 +61,7 @@ LEVEL_STEP = 1.03
 INNER_MM = 40.0
 OUTER_MM = 60.0
 OFF_AXIS_DEPTH_MM = 100.0
+FAR_CUTOFF_MM = 150.0
 
 
 def taper(x, inner_mm: float, outer_mm: float, xp=np):
@@ -229,12 +230,31 @@ class FarScatterOptions:
     inner_mm: float = INNER_MM
     outer_mm: float = OUTER_MM
     group_deg: float = 10.0
+    far_cutoff_mm: float = FAR_CUTOFF_MM
+    # with a sparsification threshold above this, the taper moves in to
+    # (inner, outer) x ``high_threshold_taper``: the matrix keeps fewer tail entries
+    high_threshold: float = 2e-4
+    high_threshold_taper: tuple = (20.0, 40.0)
 
     def __post_init__(self) -> None:
+        lo, hi = self.high_threshold_taper
         if not (self.node_mm > 0 and self.table_mm > 0 and self.level_step > 1.0
-                and 0.0 <= self.inner_mm < self.outer_mm and self.group_deg >= 0):
+                and 0.0 <= self.inner_mm < self.outer_mm and 0.0 <= lo < hi
+                and self.group_deg >= 0 and self.far_cutoff_mm >= 0):
             raise InputError("far-scatter options: pitches > 0, level_step > 1, "
-                             "0 <= inner < outer, group_deg >= 0", field="far_scatter")
+                             "0 <= inner < outer, group_deg >= 0, far cutoff >= 0",
+                             field="far_scatter")
+
+    def for_threshold(self, threshold: float) -> FarScatterOptions:
+        """These options with the taper the sparse matrix's threshold allows: the
+        tapered part must be kept by the threshold, so above ``high_threshold`` (the
+        arc's 3e-4) the taper moves in to ``high_threshold_taper``."""
+        if threshold <= self.high_threshold:
+            return self
+        from dataclasses import replace
+
+        return replace(self, inner_mm=self.high_threshold_taper[0],
+                       outer_mm=self.high_threshold_taper[1])
 
 
 def _gauss(d, sig):

@@ -6,8 +6,9 @@ The measurements (:mod:`atp.dose.measurements`, re-exported here: ``read_measure
 :func:`fit_model` adjusts every model parameter (build-up, attenuation, primary and two
 phantom-scatter Gaussians, head-scatter fraction, electron contamination, horns and
 softening) by
-bounded least squares on the ``fit`` rows: PDD points in % (build-up points at half
-weight), output factors in % (weight 1.5), off-axis ratios in %, penumbrae in mm. The
+bounded least squares on the ``fit`` rows: PDD points in % (build-up points above 1 cm at
+half weight, 1-1.5 cm at 1, deeper than 1.5 cm (beyond d_max, where the 1-point goal
+holds) at 2), output factors in % (weight 1.5), off-axis ratios in %, penumbrae in mm. The
 ``holdout`` rows are never seen by the fit; :mod:`atp.dose.commission` reports them.
 """
 
@@ -67,7 +68,7 @@ def residuals(model: PhotonBeamModel, rows) -> np.ndarray:
     for key, rs in pdd_rows.items():
         depth = np.array([r.depth_cm * 10.0 for r in rs])
         calc = cm.pdd_percent(model, depth, (key[0] * 10.0, key[1] * 10.0))
-        w = np.where(depth < 10.0, 0.5, 1.0)
+        w = np.where(depth < 10.0, 0.5, np.where(depth > 15.0, 2.0, 1.0))
         res.append(w * (calc - np.array([r.value for r in rs])))
     ofs = [r for r in rows if r.quantity == "output_factor"]
     if ofs:

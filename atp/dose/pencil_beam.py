@@ -202,7 +202,8 @@ class PencilBeamEngine:
         sels = [select_beamlets(f, tpts, (bx, by), margin_mm, half_diag) for f in frames]
         col0 = np.cumsum([0] + [ix.size for ix, _ in sels])
         n_all = int(col0[-1])
-        far_opts = self.far_scatter
+        far_opts = (self.far_scatter.for_threshold(float(threshold))
+                    if self.far_scatter is not None else None)
         groups = _far_groups(beams, far_opts.group_deg) if far_opts is not None else []
         middle = {g[len(g) // 2]: g for g in groups}
         mats, beam_index, bev_x, bev_y, far_parts = [], [], [], [], []
@@ -210,7 +211,7 @@ class PencilBeamEngine:
             mat, far = self._beam_matrix(xp, model, frame, ix, iy, (bx, by), centres,
                                          rows_all, density_x, dgrid, ray_ds, ray_h,
                                          float(threshold), dose_grid.n_voxels,
-                                         far_data=b in middle)
+                                         far_opts=far_opts, far_data=b in middle)
             mats.append(mat)
             if far is not None:
                 members = [m for m in middle[b] if sels[m][0].size]
@@ -253,7 +254,7 @@ class PencilBeamEngine:
                 "node_mm": far_opts.node_mm, "table_mm": far_opts.table_mm,
                 "level_step": far_opts.level_step, "taper_mm": [far_opts.inner_mm,
                                                                 far_opts.outer_mm],
-                "group_deg": far_opts.group_deg,
+                "group_deg": far_opts.group_deg, "far_cutoff_mm": far_opts.far_cutoff_mm,
                 "groups": 0 if far_op is None else len(far_op.groups),
                 "nnz": 0 if far_op is None else far_op.nnz},
             "seconds": round(time.perf_counter() - t0, 3),
@@ -267,7 +268,8 @@ class PencilBeamEngine:
     # --- one beam ----------------------------------------------------------------------
     def _beam_matrix(self, xp, model: PhotonBeamModel, frame: BeamFrame, ix, iy, size,
                      centres, rows_all, density, dgrid: Grid, ray_ds: float,
-                     ray_h: float, threshold: float, n_rows: int, far_data: bool = False):
+                     ray_h: float, threshold: float, n_rows: int, far_opts=None,
+                     far_data: bool = False):
         """(sparse matrix of the beam, far-scatter voxel data or None): with
         ``far_data`` and far scatter on, (rows, u, v, amplitude, sigma) of the wide
         component at every voxel in the window (:func:`atp.dose.far_scatter.build_group`).
@@ -279,7 +281,10 @@ class PencilBeamEngine:
         sad = frame.sad_mm
         u, v, s = frame.project(centres)
         cut = float(self.lateral_cutoff_mm)
-        r_iso = cut * sad / s
+        far = far_opts if model.scatter else None
+        # the group's middle beam traces the voxels its far scatter reaches
+        cut_sel = max(cut, far.far_cutoff_mm) if far is not None and far_data else cut
+        r_iso = cut_sel * sad / s
         sel = ((u >= ix.min() * bx - r_iso) & (u <= (ix.max() + 1) * bx + r_iso)
                & (v >= iy.min() * by - r_iso) & (v <= (iy.max() + 1) * by + r_iso)
                & (s > 1.0))
@@ -301,9 +306,18 @@ class PencilBeamEngine:
         scale = sad / s
         base = model.gy_per_mu_scale * scale * scale
         comps = [(base * a, sig * scale) for a, sig in model.components(depth, xp, lat)]
-        far = self.far_scatter if len(comps) > 1 else None
         far_out = (rows, u, v, comps[-1][0], comps[-1][1]) if far is not None and far_data \
             else None
+        if cut_sel > cut:  # the sparse matrix: voxels within the kernel window only
+            r_n = cut * sad / s
+            near = ((u >= ix.min() * bx - r_n) & (u <= (ix.max() + 1) * bx + r_n)
+                    & (v >= iy.min() * by - r_n) & (v <= (iy.max() + 1) * by + r_n))
+            keep = xp.flatnonzero(near)
+            if keep.size == 0:
+                return sp.csc_matrix((n_rows, n_cols), dtype=np.float32), far_out
+            u, v, s, depth = u[keep], v[keep], s[keep], depth[keep]
+            rows = rows[to_numpy(keep)]
+            comps = [(c[keep], sg[keep]) for c, sg in comps]
         off_c = model.off_axis_exponent(depth, xp)  # exp(c (uc^2 + vc^2)) per beamlet
         use_off = bool(model.horn_per_mm2 or model.softening_per_mm3)
         erf = erf_for(xp)
