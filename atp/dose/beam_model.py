@@ -54,7 +54,9 @@ table ``atp/data/photon_6mv_reference.csv`` (sources and caveats written there);
 Limits: a pencil-beam superposition (no lateral scatter from inhomogeneities beyond the
 path-density scaling, no backscatter changes at interfaces), flattened beams only, the
 off-axis factor is the beamlet centre's, and the engine's sparse matrix drops kernel
-tails beyond its lateral cutoff and threshold (see BENCHMARKS.md).
+tails beyond its lateral cutoff and threshold; the widest Gaussian's tail is restored by
+the far-scatter operator (:mod:`atp.dose.far_scatter`), the narrower ones' are not
+(see BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -22,7 +22,11 @@ For each beam:
 5. sparsification: entries below ``threshold`` x the beam's peak (the largest dose per MU
    any beamlet of the beam gives any voxel, taken analytically as the kernel with a
    beamlet centred on the voxel) are dropped; the default 1e-4 keeps the scatter
-   component out to about 2 sigma (see BENCHMARKS.md for the dose it discards).
+   component out to about 2 sigma (see BENCHMARKS.md for the dose it discards);
+6. far scatter: the widest Gaussian beyond a 40-60 mm taper (20-40 mm above threshold
+   2e-4) is not in the sparse matrix but in a low-rank operator on a coarse grid,
+   ``DoseInfluence.far`` (:mod:`atp.dose.far_scatter`); which entries the matrix keeps
+   is still decided on the whole kernel.
 
 Units: matrix entries are Gy per MU of one beamlet (calibration: 0.01 Gy/MU for a
 10 x 10 cm^2 field at SSD 100 cm, d_max, in water), so the optimiser's fluence is MU per
