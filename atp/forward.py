@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from atp.dose import registry as engines
 from atp.dose.commission import water_phantom
+from atp.dose.far_scatter import FarScatter
 from atp.dose.geometry import Beam, resolve_beams
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.errors import InputError
@@ -96,8 +97,6 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
     meta.update({"beamlets": "jaw field of every control point + margin",
                  "seconds": round(time.perf_counter() - t0, 3)})
     meta.pop("targets", None)
-    from atp.dose.far_scatter import FarScatter
-
     far = FarScatter.hstack([(d.far, d.n_beamlets) for _, d in parts], first.n_voxels)
     return DoseInfluence(sp.hstack(mats, format="csc"), info, first.dose_grid,
                          first.patient_grid, meta, far=far)

@@ -47,7 +47,7 @@ sees what it saw; which entries the matrix keeps is decided on the whole kernel)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -251,8 +251,6 @@ class FarScatterOptions:
         arc's 3e-4) the taper moves in to ``high_threshold_taper``."""
         if threshold <= self.high_threshold:
             return self
-        from dataclasses import replace
-
         return replace(self, inner_mm=self.high_threshold_taper[0],
                        outer_mm=self.high_threshold_taper[1])
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from atp.dose.far_scatter import FarScatter
 from atp.dose.resample import dose_to_patient_grid
 from atp.errors import InputError
 from atp.grid import Grid
@@ -222,8 +223,6 @@ class DoseInfluence:
             meta = json.loads(str(d["meta_json"])) if "meta_json" in files else {}
             far = None
             if "far_groups" in files:
-                from atp.dose.far_scatter import FarScatter
-
                 far = FarScatter.from_arrays(d)
             return cls(m, info, grid("dose_grid"), grid("patient_grid"), meta, far=far)
         except InputError as exc:
