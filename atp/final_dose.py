@@ -26,9 +26,10 @@ piecewise linear in ``s`` (order statistics of a linear map), so the objective i
 minimised by L-BFGS-B on its exact (almost everywhere) gradient; while a priority-1 goal
 still misses its aim, its weight is raised (``hard_growth``) and the solve restarts warm
 (``hard_rounds``). The result is kept only
-when the goal list on the new dose is no worse: no priority-1 goal it met is broken, the
-total priority-1 shortfall does not grow, the objective falls, and (unless priority-1
-shortfall was removed) the weight of the goals met does not fall.
+when the goal list on the new dose is better: no priority-1 goal it met is broken, the
+total priority-1 shortfall does not grow, the objective falls, and either priority-1
+shortfall was removed or the weight of the goals met rose (a re-weighting that only
+moves margins leaves the plan as sequenced).
 
 Then :func:`normalise` (optional, ``normalise=True`` by default): if the primary target
 (highest prescription) misses a coverage goal, all MU are scaled up uniformly to meet it
@@ -256,8 +257,9 @@ def reweight_beams(goals, patient, beam_doses, options: FinalDoseOptions | None 
                           + (f" ({', '.join(broke)})" if broke else ""))
     w0, w1 = _weighted_met(before), _weighted_met(after)
     info["weighted_met"] = [w0, w1]
-    if hv1 >= hv0 - 1e-9 and w1 < w0 - 1e-9:
-        return ones, dict(info, kept=False, why="fewer goals met (by weight)")
+    if hv1 >= hv0 - 1e-9 and w1 <= w0 + 1e-9:
+        return ones, dict(info, kept=False, why="no more goals met (by weight) and no "
+                          "priority-1 shortfall removed")
     return s, dict(info, kept=True)
 
 
