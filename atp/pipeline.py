@@ -739,14 +739,14 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
 
 def _beam_doses(delivery, dij) -> np.ndarray:
     """(n_beams, *patient grid) Gy: each delivery beam's dose on the patient grid from
-    ``dij`` (the jaw-field dij of :func:`atp.forward.forward_dose`, or the planning dij; for :mod:`atp.final_dose`),
-    the machine's transmission included; their sum is the delivery's dose."""
-    w = delivered_weights(delivery, dij.beamlets)
-    bi = np.asarray(dij.beamlets.beam_index)
+    ``dij`` (the jaw-field dij of :func:`atp.forward.forward_dose`, or the planning dij; for
+    :mod:`atp.final_dose`), the machine's transmission included; their sum is the
+    delivery's dose. Each beam's own delivered weights: the split fields of one gantry
+    angle share its dij columns."""
     out = []
     for b in delivery.beams:
-        sel = np.isin(bi, np.unique(b.dij_beam))
-        out.append(dij.to_patient_grid(dij.matrix @ np.where(sel, w, 0.0).astype(np.float32)))
+        w = delivered_weights(replace(delivery, beams=(b,)), dij.beamlets)
+        out.append(dij.to_patient_grid(dij.matrix @ w.astype(np.float32)))
     return np.stack(out).astype(np.float32)
 
 
@@ -765,6 +765,10 @@ def _final_mu_scaling(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     """:func:`_final_dose_goals` within the machine's MU limits: (delivery, dose, fid,
     info)."""
     per_beam = _beam_doses(delivery, dij)
+    gap = float(np.max(np.abs(per_beam.sum(axis=0) - dose)))
+    if gap > 1e-3 * max(float(np.max(dose)), 1e-6):  # not the reported dose's model
+        return delivery, dose, fid, {"kept": False, "why": f"the beams' doses differ from "
+                                     f"the reported dose by up to {gap:.3g} Gy"}
     bounds = fd.scale_bounds(delivery, opts)
     s, info = fd.reweight_beams(resolved, patient, per_beam, opts,
                                 wref=reference_weight(resolved), bounds=bounds)

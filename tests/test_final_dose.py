@@ -55,6 +55,19 @@ def test_beam_doses_sum_to_the_reported_dose(sns_plan, toy):
     np.testing.assert_allclose(per.sum(axis=0), sns_plan.dose_gy, atol=1e-3)
 
 
+def test_beam_doses_of_split_fields_are_their_own(sns_plan, toy):
+    """Two deliveries of one gantry angle (split fields share the dij beam's columns):
+    each gets its own dose, and the doses still sum to the delivery's."""
+    d = sns_plan.delivery
+    b0 = d.beams[0]
+    half = replace(b0, cumulative_mu=b0.cumulative_mu * 0.25)
+    rest = replace(b0, name=b0.name + "_2", cumulative_mu=b0.cumulative_mu * 0.75)
+    split = replace(d, beams=(half, rest, *d.beams[1:]))
+    per = beam_doses(split, toy)
+    np.testing.assert_allclose(per.sum(axis=0), sns_plan.dose_gy, atol=1e-3)
+    np.testing.assert_allclose(per[1], 3.0 * per[0], rtol=1e-4, atol=1e-5)
+
+
 def test_a_broken_hard_goal_is_restored_on_the_final_dose(sns_plan, toy):
     """Tighten the cord's priority-1 limit below what the sequenced plan delivers: the
     final dose breaks it; the final-dose stage re-weights the beams' MU until it holds,
