@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from atp import final_dose as fd
 from atp import sequencer
 from atp.dose import registry as engines
 from atp.dose.geometry import BEAM_TEMPLATES, Beam, equispaced_beams
@@ -37,7 +38,7 @@ from atp.goals.changes import goal_changes
 from atp.goals.schema import MAX_WEIGHT, check_setting
 from atp.optimizer import registry as backends
 from atp.optimizer.explain import explain_goal
-from atp.optimizer.problem import build_problem, structure_fractions
+from atp.optimizer.problem import build_problem, reference_weight, structure_fractions
 from atp.optimizer.refine import refine as run_refine
 from atp.optimizer.solve import apply_state, measure_offsets, optimize, surrogate_value
 from atp.patient import Patient
@@ -50,6 +51,7 @@ from atp.plans import (  # noqa: F401 - Plan and load_plan: also importable from
     versions,
 )
 from atp.progress import tick
+from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.fidelity import fidelity
 
 ATTAIN_ROUNDS = 3  # goal-attainment rounds of the optimiser (optimizer.solve.optimize)
@@ -305,6 +307,7 @@ class Solve:
     opts: dict
     goal_check: GoalCheck
     deliverable_rounds: int
+    final: object = None  # atp.final_dose.FinalDoseOptions (sequenced plans)
 
 
 def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) -> Solve:
@@ -317,6 +320,7 @@ def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) ->
     if start.steer:
         opts.setdefault("attain_ids", tuple(start.steer))
     deliverable_rounds = int(opts.pop("deliverable_rounds", DELIVERABLE_ROUNDS))
+    final = _final_dose_options(opts.pop("final_dose", None))
     goal_check = GoalCheck(patient, dij, resolved, opts)
     offset = start.sequencing_offset
     if offset is not None and settings.get("sequence", False) and opts.get("attain_rounds"):
@@ -326,7 +330,7 @@ def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) ->
     if start.hard_state:
         opts["hard_state"] = start.hard_state
     return Solve(problem, be, patient, dij, resolved, settings, opts, goal_check,
-                 deliverable_rounds)
+                 deliverable_rounds, final)
 
 
 @dataclass(eq=False)
@@ -341,6 +345,7 @@ class Finished:
     dose: np.ndarray
     fidelity: dict | None
     correction: dict = field(default_factory=dict)
+    final: dict | None = None  # the final-dose stage's record (_final_dose_goals)
 
 
 def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refine,
@@ -427,8 +432,9 @@ def _finish_sequenced(stages, s: Solve, res) -> Finished:
     # the reported dose (whole jaw field, leakage included) before any correction
     # round, so the rounds correct against what is reported (#19)
     beamlet_dose = dose
+    field: dict = {}  # _field_dose keeps its jaw-field dij here (the final-dose stage)
     delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij, delivery,
-                                     ideal, dose, fid)
+                                     ideal, dose, fid, keep=field)
     correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
     if (s.deliverable_rounds and s.opts.get("attain_rounds")
             and s.opts.get("goal_check") is s.goal_check):
@@ -439,8 +445,21 @@ def _finish_sequenced(stages, s: Solve, res) -> Finished:
             res, delivery, ideal, dose, fid = kept
             stages.add(1)
             delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij,
-                                             delivery, ideal, dose, fid)
-    return Finished(res, delivery, ideal, dose, fid, correction)
+                                             delivery, ideal, dose, fid, keep=field)
+    final = None
+    if s.final is not None and s.final.enabled:
+        def resequence(w):  # the plan's fluence re-sequenced, its reported dose
+            out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine)
+            kept: dict = {}
+            dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
+            return dl, out[1], dd, ff, kept.get("dij", dij)
+
+        delivery, dose, fid, final, ideal, fluence = stages.run(
+            "final-dose goals", _final_dose_goals, patient, s.resolved,
+            field.get("dij", dij), delivery, ideal, dose, fid, s.final,
+            fluence=res.fluence, beam_index=dij.beamlets.beam_index, resequence=resequence)
+        res.fluence = fluence
+    return Finished(res, delivery, ideal, dose, fid, correction, final)
 
 
 #: how an optimised plan is finished: 'ideal' (not sequenced) or 'sequenced' (static
@@ -470,6 +489,7 @@ def _optimizer_info(problem, out: Finished, refine_info, blockers, optimised,
         "refine": refine_info, "hard_state": res.hard_state,
         "surrogates": _surrogates(optimised, res), "blockers": blockers,
         "correction_rejected": out.correction.get("rejected"),
+        "final_dose": out.final,
     }
 
 
@@ -625,7 +645,7 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
     return delivery, ideal_dose, dose, fid
 
 
-def _field_dose(patient, dij, delivery, ideal_dose, dose, fid):
+def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
     """The reported deliverable dose: the final delivery recomputed over each beam's whole
     jaw field (:func:`atp.forward.forward_dose`, what ``atp dose`` computes from the
     exported RT Plan), so the leakage through closed leaves and jaws outside the planning
@@ -646,15 +666,131 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid):
         b = dij.beamlets
         beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
                  zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
-        dose, _ = forward_dose(patient, delivery, beams,
+        dose, fdij = forward_dose(patient, delivery, beams,
                                dose_grid_factor=int(dm.get("dose_grid_factor", 2)),
                                beamlet_size_mm=float(b.beamlet_size_mm[0]),
                                margin_mm=float(dm.get("margin_mm", 5.0)),
                                threshold=dm.get("threshold"))
         meta["dose_beamlets"] = "jaw field"
+        if keep is not None:  # the final-dose stage splits the dose by beam on it
+            keep["dij"] = fdij
         masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
         fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return replace(delivery, meta=meta), dose, fid
+
+
+def _final_dose_options(value):
+    """optimizer_options['final_dose']: None (defaults), False (off), or a dict of
+    :class:`atp.final_dose.FinalDoseOptions` fields."""
+    if value is None or value is True:
+        return fd.FinalDoseOptions()
+    if value is False:
+        return fd.FinalDoseOptions(enabled=False)
+    if not isinstance(value, dict):
+        raise InputError("must be true, false or an object of final-dose options",
+                         field="optimizer_options.final_dose")
+    known = set(fd.FinalDoseOptions.__dataclass_fields__)
+    bad = sorted(set(value) - known)
+    if bad:
+        raise InputError(f"unknown final-dose option {quote(bad[0])}; known: "
+                         f"{', '.join(sorted(known))}", field="optimizer_options.final_dose")
+    return fd.FinalDoseOptions(**value)
+
+
+def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts, *,
+                      fluence=None, beam_index=None, resequence=None):
+    """Goals held on the final deliverable dose on the CT grid (:mod:`atp.final_dose`):
+    per-beam MU re-weighting against the goal list (priority-1 goals first), then the
+    normalisation of the primary target's coverage where the priority-1 limits allow.
+    ``dij`` is the one the reported dose was computed on (the jaw-field dij). Returns
+    (delivery, dose, fidelity, info, ideal dose, fluence) with the MU of the delivery
+    scaled.
+
+    A priority-1 goal broken on the final dose may need a beam's MU lowered below what its
+    sequence allows (a sliding-window sweep is timed at the maximum dose rate): then the
+    plan's ``fluence`` is scaled per beam (``beam_index``: the dij beam of each beamlet) by
+    the unbounded re-weighting and ``resequence(fluence)`` -> (delivery, ideal, dose,
+    fidelity, dij) sequences it again; that plan is kept when it lowers the priority-1
+    shortfall, and its MU are then re-weighted within their bounds."""
+    info = {}
+    if resequence is not None and fluence is not None and opts.resequence:
+        hv0, _ = fd._hard_violation(evaluate_goals(resolved, patient, dose))
+        if hv0 > 0:
+            per_beam = _beam_doses(delivery, dij)
+            s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
+                                         wref=reference_weight(resolved))
+            bounds = fd.scale_bounds(delivery, opts)
+            if rinfo.get("kept") and any(x < lo for x, (lo, _) in zip(s, bounds)):
+                per_dij = _per_dij_beam(delivery, s, int(np.max(beam_index)) + 1)
+                w = np.asarray(fluence, np.float32) * per_dij[beam_index].astype(np.float32)
+                d2, i2, dose2, f2, dij2 = resequence(w)
+                hv2, _ = fd._hard_violation(evaluate_goals(resolved, patient, dose2))
+                info["resequenced"] = {"dij_beam_scales": [round(float(x), 4)
+                                                           for x in per_dij],
+                                       "hard_shortfall": [round(hv0, 5), round(hv2, 5)],
+                                       "kept": hv2 < hv0}
+                if hv2 < hv0:
+                    delivery, ideal_dose, dose, fid, dij, fluence = d2, i2, dose2, f2, dij2, w
+    delivery, dose, fid, more = _final_mu_scaling(patient, resolved, dij, delivery,
+                                                  ideal_dose, dose, fid, opts)
+    info.update(more)
+    return delivery, dose, fid, info, ideal_dose, fluence
+
+
+def _beam_doses(delivery, dij) -> np.ndarray:
+    """(n_beams, *patient grid) Gy: each delivery beam's dose on the patient grid from
+    ``dij`` (the jaw-field dij of :func:`atp.forward.forward_dose`, or the planning dij; for
+    :mod:`atp.final_dose`), the machine's transmission included; their sum is the
+    delivery's dose. Each beam's own delivered weights: the split fields of one gantry
+    angle share its dij columns."""
+    out = []
+    for b in delivery.beams:
+        w = delivered_weights(replace(delivery, beams=(b,)), dij.beamlets)
+        out.append(dij.to_patient_grid(dij.matrix @ w.astype(np.float32)))
+    return np.stack(out).astype(np.float32)
+
+
+def _per_dij_beam(delivery, scales, n_dij_beams: int) -> np.ndarray:
+    """Per dij beam: the smallest scale of the delivery beams it feeds (split fields)."""
+    out = np.ones(n_dij_beams)
+    seen = np.zeros(n_dij_beams, bool)
+    for b, x in zip(delivery.beams, scales):
+        for d in np.unique(b.dij_beam):
+            out[d] = min(out[d], x) if seen[d] else x
+            seen[d] = True
+    return out
+
+
+def _final_mu_scaling(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts):
+    """:func:`_final_dose_goals` within the machine's MU limits: (delivery, dose, fid,
+    info)."""
+    per_beam = _beam_doses(delivery, dij)
+    gap = float(np.max(np.abs(per_beam.sum(axis=0) - dose)))
+    if gap > 1e-3 * max(float(np.max(dose)), 1e-6):  # not the reported dose's model
+        return delivery, dose, fid, {"kept": False, "why": f"the beams' doses differ from "
+                                     f"the reported dose by up to {gap:.3g} Gy"}
+    bounds = fd.scale_bounds(delivery, opts)
+    s, info = fd.reweight_beams(resolved, patient, per_beam, opts,
+                                wref=reference_weight(resolved), bounds=bounds)
+    new = np.tensordot(s.astype(np.float32), per_beam, 1)
+    c, ninfo = fd.normalise(resolved, patient, new, opts,
+                            max_scale=min(hi / x for (_, hi), x in zip(bounds, s)))
+    info.update(ninfo)
+    s = s * c
+    if np.all(s == 1.0):
+        return delivery, dose, fid, info
+    new = np.asarray(new * np.float32(c), dtype=np.float32)
+    delivery = fd.scale_beams(delivery, s)
+    meta = dict(delivery.meta)
+    if "mu_per_cgy" in meta and delivery.beams:
+        meta["mu_per_cgy"] = round(float(meta["mu_per_cgy"]) * delivery.total_mu
+                                   / max(sum(b.mu / x for b, x in zip(delivery.beams, s)),
+                                         1e-12), 3)
+    delivery = replace(delivery, meta=meta)
+    masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
+    fid = fidelity(ideal_dose, new, patient.grid.spacing_mm, masks)
+    info["mu_scales"] = [round(float(x), 4) for x in s]
+    return delivery, new, fid, info
 
 
 # --- goal settings (re-plans) ------------------------------------------------------------

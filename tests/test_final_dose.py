@@ -1,0 +1,199 @@
+"""Goals held on the final deliverable dose (atp.final_dose, pipeline._final_dose_goals).
+
+On the phantom with the toy dij (``atp.optimizer.testing.toy_dij``): a priority-1 goal the
+sequenced dose breaks is restored by the beams' MU on the CT grid, the scaled delivery's
+own deliverable dose is the reported one, and it stays within the machine limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from atp.sequencer import deliverable_dose
+from atp.sequencer.delivery import check_delivery
+
+import atp
+from atp.final_dose import (
+    FinalDoseOptions,
+    _Model,
+    normalise,
+    reweight_beams,
+    scale_beams,
+    scale_bounds,
+)
+from atp.goals import evaluate_goals
+from atp.pipeline import _beam_doses as beam_doses
+from atp.pipeline import _final_dose_goals, _sequence, patient_dose
+
+FAST = {"max_iter": 120}
+
+
+@pytest.fixture(scope="module")
+def toy(phantom):
+    from atp.optimizer.testing import toy_dij
+
+    return toy_dij(phantom, n_beams=5, factor=2)
+
+
+@pytest.fixture(scope="module")
+def sns_plan(phantom, toy):
+    """Step-and-shoot plan without the final-dose stage (the sequenced dose as it was)."""
+    return atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
+                    progress=False, sequence="imrt-sns",
+                    optimizer_options=dict(FAST, final_dose=False))
+
+
+def _goal(plan, gid):
+    return next(r for r in plan.results if r.goal.id == gid)
+
+
+def test_beam_doses_sum_to_the_reported_dose(sns_plan, toy):
+    per = beam_doses(sns_plan.delivery, toy)
+    assert per.shape == (len(sns_plan.delivery.beams), *sns_plan.dose_gy.shape)
+    np.testing.assert_allclose(per.sum(axis=0), sns_plan.dose_gy, atol=1e-3)
+
+
+def test_beam_doses_of_split_fields_are_their_own(sns_plan, toy):
+    """Two deliveries of one gantry angle (split fields share the dij beam's columns):
+    each gets its own dose, and the doses still sum to the delivery's."""
+    d = sns_plan.delivery
+    b0 = d.beams[0]
+    half = replace(b0, cumulative_mu=b0.cumulative_mu * 0.25)
+    rest = replace(b0, name=b0.name + "_2", cumulative_mu=b0.cumulative_mu * 0.75)
+    split = replace(d, beams=(half, rest, *d.beams[1:]))
+    per = beam_doses(split, toy)
+    np.testing.assert_allclose(per.sum(axis=0), sns_plan.dose_gy, atol=1e-3)
+    np.testing.assert_allclose(per[1], 3.0 * per[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_broken_hard_goal_is_restored_on_the_final_dose(sns_plan, toy):
+    """Tighten the cord's priority-1 limit below what the sequenced plan delivers: the
+    final dose breaks it; the final-dose stage re-weights the beams' MU until it holds,
+    and the reported dose is exactly the scaled delivery's deliverable dose."""
+    p = sns_plan
+    cord = _goal(p, "SpinalCord.D0.1cc")
+    assert cord.goal.is_hard and cord.achieved > 5.0
+    limit = 0.93 * cord.achieved
+    goals = [replace(g, value=limit) if g.id == cord.goal.id else g for g in p.resolved_goals]
+    before = next(r for r in evaluate_goals(goals, p.patient, p.dose_gy)
+                  if r.goal.id == cord.goal.id)
+    assert before.passed is False
+    cov0 = _goal(p, "PTV_70.D95%").achieved
+    delivery, dose, _, info, ideal, fluence = _final_dose_goals(
+        p.patient, goals, toy, p.delivery, p.ideal_dose_gy, p.dose_gy, p.fidelity,
+        FinalDoseOptions())
+    assert ideal is p.ideal_dose_gy and fluence is None  # MU scaled, not re-sequenced
+    after = {r.goal.id: r for r in evaluate_goals(goals, p.patient, dose)}
+    assert info["kept"] is True
+    assert after[cord.goal.id].passed is True
+    # the beams are re-weighted: coverage stays above what scaling every beam down to
+    # the new limit would leave
+    uniform = cov0 * limit * (1 - FinalDoseOptions().margin) / cord.achieved
+    assert after["PTV_70.D95%"].achieved > uniform
+    assert len(set(info["mu_scales"])) > 1
+    # what is reported is what the scaled apertures deliver, within the machine limits
+    own = toy.to_patient_grid(deliverable_dose(delivery, toy))
+    np.testing.assert_allclose(own, dose, atol=1e-3 * float(dose.max()))
+    assert check_delivery(delivery) == []
+    ratio = [b.mu / a.mu for a, b in zip(p.delivery.beams, delivery.beams)]
+    np.testing.assert_allclose(ratio, info["mu_scales"], rtol=1e-4)
+
+
+def test_the_stage_leaves_a_plan_alone_when_it_cannot_improve(sns_plan, toy):
+    """Every dose goal already met with room (values moved far away): scales stay 1."""
+    p = sns_plan
+    goals = [replace(g, value=(1e3 if g.operator == "<=" else 0.0))
+             if g.value is not None else g for g in p.resolved_goals]
+    s, info = reweight_beams(goals, p.patient, beam_doses(p.delivery, toy))
+    assert info["kept"] is False and np.all(s == 1.0)
+
+
+def test_normalise_meets_coverage_only_as_far_as_hard_limits_allow(sns_plan):
+    p = sns_plan
+    cold = p.dose_gy * np.float32(0.9)
+    res = {r.goal.id: r for r in evaluate_goals(p.resolved_goals, p.patient, cold)}
+    assert res["PTV_70.D95%"].passed is False
+    c, info = normalise(p.resolved_goals, p.patient, cold, FinalDoseOptions(max_normalise=1.5))
+    assert info["normalised"] and c > 1.0
+    assert _goal_on(p, cold * np.float32(c), "PTV_70.D95%").passed is True
+    # a cord limit just above the cold plan's cord dose caps the scale below it (the
+    # partial normalisation is kept only if it meets more goals; the cord stays met)
+    cord = res["SpinalCord.D0.1cc"].achieved
+    goals = [replace(g, value=1.02 * cord) if g.id == "SpinalCord.D0.1cc" else g
+             for g in p.resolved_goals]
+    c2, info2 = normalise(goals, p.patient, cold, FinalDoseOptions(max_normalise=1.5))
+    cap = 1.02 * (1 - FinalDoseOptions().margin)
+    assert 1.0 <= c2 <= cap + 1e-9
+    assert info2.get("scale", info2.get("scale_tried")) == pytest.approx(cap, rel=1e-3)
+    cord2 = next(r for r in evaluate_goals(goals, p.patient, cold * np.float32(c2))
+                 if r.goal.id == "SpinalCord.D0.1cc")
+    assert cord2.passed is True
+
+
+def _goal_on(plan, dose, gid):
+    return next(r for r in evaluate_goals(plan.resolved_goals, plan.patient, dose)
+                if r.goal.id == gid)
+
+
+def test_sliding_window_beams_are_never_scaled_below_their_leaf_speed(phantom, toy):
+    """A sliding-window sweep is timed at the maximum dose rate: fewer MU would need faster
+    leaves. The bounds keep check_delivery clean; a scale below them breaks it."""
+    p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
+                 progress=False, sequence="imrt-sliding",
+                 optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+    bounds = scale_bounds(p.delivery)
+    assert all(lo >= 1.0 - 1e-9 for lo, _ in bounds)  # swept at the speed limit
+    for pick in (0, 1):
+        ok = scale_beams(p.delivery, [b[pick] for b in bounds])
+        assert check_delivery(ok) == []
+    slow = scale_beams(p.delivery, [0.9] * len(bounds))
+    assert any("faster" in m for m in check_delivery(slow))
+
+
+def test_sliding_window_hard_goal_is_restored_by_resequencing(phantom, toy):
+    """A sliding-window beam cannot take fewer MU (its leaves are timed at the maximum
+    dose rate): a priority-1 goal broken on the final dose is restored by re-sequencing
+    the fluence scaled per beam; the result is deliverable and is what is reported."""
+    p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
+                 progress=False, sequence="imrt-sliding",
+                 optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+    cord = _goal(p, "SpinalCord.D0.1cc")
+    limit = 0.95 * cord.achieved
+    goals = [replace(g, value=limit) if g.id == cord.goal.id else g for g in p.resolved_goals]
+
+    calls = []
+
+    def resequence(w):
+        calls.append(w)
+        out = _sequence(p.patient, toy, w, patient_dose(toy, w), "imrt-sliding",
+                        "millennium120")
+        return out[0], out[1], out[2], out[3], toy
+
+    delivery, dose, _, info, _ideal, fluence = _final_dose_goals(
+        p.patient, goals, toy, p.delivery, p.ideal_dose_gy, p.dose_gy, p.fidelity,
+        FinalDoseOptions(), fluence=p.fluence, beam_index=toy.beamlets.beam_index,
+        resequence=resequence)
+    assert len(calls) == 1 and info["resequenced"]["kept"] is True
+    after = {r.goal.id: r for r in evaluate_goals(goals, p.patient, dose)}
+    assert after[cord.goal.id].achieved < cord.achieved
+    assert after[cord.goal.id].passed is True
+    assert fluence is calls[0] and not np.allclose(fluence, p.fluence)
+    own = toy.to_patient_grid(deliverable_dose(delivery, toy))
+    np.testing.assert_allclose(own, dose, atol=1e-3 * float(dose.max()))
+    assert check_delivery(delivery) == []
+
+
+def test_objective_gradient_matches_finite_differences(sns_plan, toy):
+    p = sns_plan
+    per = beam_doses(p.delivery, toy)
+    model = _Model(p.resolved_goals, p.patient, per, FinalDoseOptions(), 10.0)
+    rng = np.random.default_rng(0)
+    s = 1.0 + 0.05 * rng.standard_normal(per.shape[0])
+    f, g = model.objective(s)
+    for b in range(per.shape[0]):
+        e = np.zeros_like(s)
+        e[b] = 1e-6
+        fd = (model.objective(s + e)[0] - model.objective(s - e)[0]) / 2e-6
+        assert fd == pytest.approx(g[b], rel=1e-3, abs=1e-6 * max(1.0, abs(f)))
