@@ -90,15 +90,7 @@ class Scorecard:
 
 def scorecards_dir() -> Path:
     """Folder of the shipped scorecards (package ``atp.scorecards``)."""
-    try:
-        return Path(str(importlib.resources.files("atp.scorecards")))
-    except ModuleNotFoundError:
-        # an editable install made before the scorecards package existed maps only the
-        # packages it knew; the source tree's folder is the same files
-        here = Path(__file__).resolve().parents[1] / "scorecards"
-        if (here / "__init__.py").is_file():
-            return here
-        raise
+    return Path(str(importlib.resources.files("atp.scorecards")))
 
 
 def list_scorecards() -> list[str]:
