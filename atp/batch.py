@@ -38,19 +38,46 @@ The parent process never loads a dose-influence matrix or a dose: it reads recor
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
+import ctypes
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
+from atp.cohort_report import dvh_curves, write_cohort_report
+from atp.commands import plan as plan_cmd
+from atp.commands.common import load_patient_from_args
 from atp.errors import AtpError, InputError, quote
+from atp.goals.loader import list_sites
+from atp.goals.metric import parse_metric
+from atp.goals.resolve import measure
+from atp.io.loader import PHANTOM_NAMES
+from atp.outputs import (
+    atomic_write_bytes,
+    atomic_write_file,
+    check_output_dir,
+    mark_output_dir,
+    write_json,
+)
+from atp.progress import is_terminal
+from atp.scorecard import load_scorecard
+from atp.version import __version__
 
 BATCH_FORMAT = "atp-batch-1"
 STATE_DIR = ".atp-batch"
@@ -64,8 +91,6 @@ BATCH_ONLY = frozenset({"input", "patient", "out", "workers", "threads", "ray", 
 FILE_OPTIONS = ("goal_list", "institution", "prescription_file", "predicted_dose", "dij",
                 "machine")
 GOOD = ("ok", "p1_unmet")  # statuses of a written plan
-DVH_STEP_GY = 0.5
-DVH_MAX_GY = 90.0
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 FIRST_COLUMNS = ("patient", "status", "exit_code", "error", "input", "site", "institution",
                  "attempts", "resumed", "seconds", "goals_passed", "goals_total", "p1_unmet",
@@ -167,8 +192,6 @@ def _parse_rx(text: str, *, file, line) -> tuple:
 def read_manifest(path) -> list[Entry]:
     """Read a CSV manifest (see the module docstring); every problem is one line naming
     the file, the line and the column."""
-    from atp.goals.loader import list_sites
-
     path = Path(path).absolute()
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -204,8 +227,6 @@ def read_manifest(path) -> list[Entry]:
             pat = row.get("patient", "")
             if not pat:
                 raise InputError("empty", file=path, line=line, field="patient")
-            from atp.io.loader import PHANTOM_NAMES
-
             full = pat if pat in PHANTOM_NAMES else str(path.parent / pat)
             if pat not in PHANTOM_NAMES and not Path(full).exists():
                 raise InputError(f"no such file or folder {quote(full, 120)}", file=path,
@@ -255,8 +276,6 @@ def _file_sha(path: Path) -> str:
 def input_hash(path: str) -> str:
     """SHA-256 of the patient's content: the file, or every file of the folder (relative
     path and content); the embedded phantom: its name (its code is atp's version)."""
-    from atp.io.loader import PHANTOM_NAMES
-
     if path in PHANTOM_NAMES:
         return hashlib.sha256(f"embedded:{path}".encode()).hexdigest()
     p = Path(path)
@@ -286,8 +305,6 @@ def patient_args(entry: Entry, plan_args: dict) -> dict:
 
 def options_hash(args: dict, scorecard_file: str | None) -> str:
     """SHA-256 of every plan option (files by content), the scorecard and atp's version."""
-    from atp import __version__
-
     d = {k: v for k, v in sorted(args.items()) if k not in BATCH_ONLY}
     for k in FILE_OPTIONS:
         v = d.get(k)
@@ -312,9 +329,6 @@ def standard_criteria(patient, dose_gy) -> list[dict]:
     """OpenKBP's standard H&N criteria on ``dose_gy`` for the structures the patient has:
     each target's D99% >= 95 % of its prescription, cord / brainstem / mandible D0.1cc and
     parotid / larynx / oesophagus means (limits in :data:`OAR_CRITERIA`)."""
-    from atp.goals.metric import parse_metric
-    from atp.goals.resolve import measure
-
     todo = [(p.target, TARGET_COVERAGE[0], ">=", TARGET_COVERAGE[1] * p.dose_gy)
             for p in patient.prescriptions]
     todo += list(OAR_CRITERIA)
@@ -329,23 +343,7 @@ def standard_criteria(patient, dose_gy) -> list[dict]:
     return out
 
 
-def dvh_curves(patient, dose_gy) -> dict:
-    """Cumulative DVH (fraction of the structure) at 0, 0.5, ... 90 Gy per target and
-    organ: the cohort's DVH bands are drawn from these (a few kB per patient)."""
-    from atp.dvh import cumulative_dvh
-    from atp.report import _structures_for_plots
-
-    out = {}
-    for name in _structures_for_plots(patient):
-        d = cumulative_dvh(dose_gy, patient.mask(name), patient.grid.voxel_volume_cc,
-                           bin_width_gy=DVH_STEP_GY, max_dose_gy=DVH_MAX_GY)
-        out[name] = [round(float(x), 4) for x in d.volume_fraction]
-    return out
-
-
 def _namespace(job: dict):
-    import argparse
-
     a = dict(job["args"])
     a.update(patient=job["path"], out=str(Path(job["out"]) / job["name"]), quiet=True,
              json=False)
@@ -355,10 +353,6 @@ def _namespace(job: dict):
 def _measure(job: dict, args, rec: dict) -> None:
     """The summary of a written plan: plan.json's goals, MU and timings; criteria, DVH
     curves and scorecard from the plan's dose on the patient (loaded again)."""
-    import numpy as np
-
-    from atp.commands.common import load_patient_from_args
-
     plan_dir = Path(args.out)
     data = json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
     row = rec["row"]
@@ -392,8 +386,6 @@ def _measure(job: dict, args, rec: dict) -> None:
     row["criteria_total"] = len(crit)
     rec["dvh"] = dvh_curves(patient, dose)
     if job.get("scorecard"):
-        from atp.scorecard import load_scorecard
-
         sc = load_scorecard(job["scorecard"]).evaluate(patient, dose)
         rec["scorecard"] = sc
         row["score_total"] = round(sc["total"], 4)
@@ -406,11 +398,6 @@ def plan_one(job: dict) -> dict:
     """Plan one patient (``job``: name, path, out, args, hashes, scorecard) with atp
     plan's code, write its record into DIR/.atp-batch and return it. A problem of the
     patient (bad input, an internal error) is recorded, not raised."""
-    import contextlib
-
-    from atp.commands import plan as plan_cmd
-    from atp.outputs import write_json
-
     t0 = time.perf_counter()
     rec = {"format": BATCH_FORMAT, "name": job["name"], "input": job["path"],
            "input_hash": job["input_hash"], "options_hash": job["options_hash"],
@@ -431,8 +418,6 @@ def plan_one(job: dict) -> dict:
     except AtpError as exc:
         rec.update(exit_code=2, status="failed", error=" ".join(str(exc).split()))
     except Exception as exc:  # noqa: BLE001 - one patient's bug never stops the cohort
-        import traceback
-
         rec.update(exit_code=1, status="failed", error=_one_line(exc),
                    traceback=traceback.format_exc())
     rec["seconds"] = round(time.perf_counter() - t0, 3)
@@ -448,9 +433,6 @@ def record_path(out, name: str) -> Path:
 def _die_with_parent() -> None:
     """Linux: this worker gets SIGKILL when the batch process dies (kill -9 of the batch
     leaves no orphan writing into DIR)."""
-    import ctypes
-    import signal
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -468,8 +450,6 @@ def _worker_main(job: dict, parent_pid: int) -> None:
 
 # --- executors -----------------------------------------------------------------------------
 def _failure(job: dict, error: str, attempts: int) -> dict:
-    from atp.outputs import write_json
-
     rec = {"format": BATCH_FORMAT, "name": job["name"], "input": job["path"],
            "input_hash": job["input_hash"], "options_hash": job["options_hash"],
            "status": "failed", "exit_code": 1, "error": error, "attempt": attempts,
@@ -480,8 +460,6 @@ def _failure(job: dict, error: str, attempts: int) -> dict:
 
 def _describe_exit(code) -> str:
     if code is not None and code < 0:
-        import signal
-
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
@@ -506,10 +484,6 @@ def run_local(jobs: list, workers: int, threads: int, max_retries: int, on_done)
     """Run ``jobs`` in at most ``workers`` local processes at a time, one fresh process
     per patient (its stderr in DIR/.atp-batch/<name>.log); a worker that dies is re-run
     up to ``max_retries`` times."""
-    import subprocess
-
-    from atp.outputs import write_json
-
     pending = deque(jobs)
     running: list = []
     attempts: dict = {}
@@ -571,7 +545,7 @@ def run_ray(jobs: list, address: str, threads: int, max_retries: int, on_done) -
     INPUT and DIR at the same paths (a shared file system) and have atp installed. A
     task whose worker or node dies is re-run by Ray up to ``max_retries`` times."""
     try:
-        import ray
+        import ray  # lazy: optional dependency (atp[cluster]), only for --ray
     except ImportError:
         raise AtpError("--ray needs Ray: pip install 'atp[cluster]'") from None
     started = not ray.is_initialized()  # a host program may have called ray.init itself
@@ -612,8 +586,6 @@ class Progress:
     stderr; silent when disabled."""
 
     def __init__(self, enabled: bool, total: int, todo: int, skipped: int, stream=None):
-        from atp.progress import is_terminal
-
         self.stream = stream if stream is not None else sys.stderr
         self.enabled, self.total, self.todo = enabled, total, todo
         self.done = skipped
@@ -621,8 +593,6 @@ class Progress:
         self.t0 = time.monotonic()
         self.bar = None
         if enabled and is_terminal(self.stream):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=skipped, file=self.stream, unit="patient",
                             desc="atp batch", leave=True)
 
@@ -705,14 +675,10 @@ EXIT_SOME_FAILED = 4
 
 def run_batch(entries: list, opts: BatchOptions) -> BatchResult:
     """Plan every patient of ``entries`` into ``opts.out`` (see the module docstring)."""
-    from atp.outputs import check_output_dir, mark_output_dir, write_json
-
     t0 = time.perf_counter()
     out = check_output_dir(opts.out, replace=False, kind="batch")
     scorecard_file = None
     if opts.scorecard:
-        from atp.scorecard import load_scorecard
-
         scorecard_file = load_scorecard(opts.scorecard).file  # a bad scorecard: exit 2 now
     out.mkdir(parents=True, exist_ok=True)
     mark_output_dir(out, kind="batch")
@@ -825,10 +791,6 @@ def _cell(v) -> str:
 def write_summary(out: Path, order, records, meta, resumed, *, final: bool) -> dict:
     """summary.csv (always), summary.parquet (pyarrow installed) and, when ``final``,
     cohort.html. Returns {kind: file name or the reason it was not written}."""
-    import importlib.util
-
-    from atp.outputs import atomic_write_bytes, atomic_write_file
-
     rows = summary_rows(order, records, meta, resumed)
     cols = _columns(rows)
     # pass columns keep the goal's name: crit_pass:<id> / pass:<id>
@@ -846,6 +808,7 @@ def write_summary(out: Path, order, records, meta, resumed, *, final: bool) -> d
     if not final:
         return files
     if importlib.util.find_spec("pyarrow") is not None:
+        # lazy: optional dependency (pyarrow), only for summary.parquet
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -855,7 +818,5 @@ def write_summary(out: Path, order, records, meta, resumed, *, final: bool) -> d
         files["summary_parquet"] = "summary.parquet"
     else:
         files["summary_parquet"] = "not written: pyarrow is not installed"
-    from atp.cohort_report import write_cohort_report
-
     files["cohort_html"] = write_cohort_report(out, order, records, rows)
     return files

@@ -14,13 +14,44 @@ import importlib.util
 
 import numpy as np
 
-from atp.report import _CSS, _esc, _figure, _fmt, _png, plain_label, structure_colours
+from atp.dvh import cumulative_dvh
+from atp.outputs import atomic_write_bytes
+from atp.report import (
+    _CSS,
+    _esc,
+    _figure,
+    _fmt,
+    _png,
+    _structures_for_plots,
+    plain_label,
+    structure_colours,
+)
 
 WORST_PER_GOAL = 3
+# the cumulative DVH each patient's record keeps for the DVH bands (a few kB a patient)
+DVH_STEP_GY = 0.5
+DVH_MAX_GY = 90.0
+
+
+def dvh_curves(patient, dose_gy) -> dict:
+    """Cumulative DVH (fraction of the structure) at 0, 0.5, ... 90 Gy per target and
+    organ: the cohort's DVH bands are drawn from these (a few kB per patient)."""
+    out = {}
+    for name in _structures_for_plots(patient):
+        d = cumulative_dvh(dose_gy, patient.mask(name), patient.grid.voxel_volume_cc,
+                           bin_width_gy=DVH_STEP_GY, max_dose_gy=DVH_MAX_GY)
+        out[name] = [round(float(x), 4) for x in d.volume_fraction]
+    return out
 
 
 def _pct(k: int, n: int) -> str:
     return f"{100.0 * k / n:.0f} %" if n else "–"
+
+
+def _table(headers: tuple, rows: list) -> str:
+    """An HTML table: one header row of ``headers``, then ``rows`` (``<tr>`` strings)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _goal_section(good: list) -> str:
@@ -36,8 +67,7 @@ def _goal_section(good: list) -> str:
                 s["rows"].append((g["margin"], rec["name"], g.get("achieved")))
     if not stats:
         return "<p>No plan was written.</p>"
-    out = [("<table><tr><th>P</th><th>goal</th><th>limit</th><th>pass rate</th>"
-           "<th>worst patients (achieved)</th></tr>")]
+    out = []
     for gid, s in sorted(stats.items(), key=lambda kv: (kv[1]["g"].get("priority") or 9,
                                                         kv[0])):
         g = s["g"]
@@ -50,8 +80,7 @@ def _goal_section(good: list) -> str:
                    f"{_esc(g.get('unit') or '')}</td><td class='num {cls}'>"
                    f"{_pct(s['passed'], s['n'])} ({s['passed']}/{s['n']})</td>"
                    f"<td>{w}</td></tr>")
-    out.append("</table>")
-    return "".join(out)
+    return _table(("P", "goal", "limit", "pass rate", "worst patients (achieved)"), out)
 
 
 def _criteria_section(good: list) -> str:
@@ -63,8 +92,7 @@ def _criteria_section(good: list) -> str:
             s["passed"] += bool(c["passed"])
     if not stats:
         return "<p>–</p>"
-    out = [("<table><tr><th>criterion</th><th>limit (Gy)</th><th>pass rate</th>"
-           "<th>median (Gy)</th><th>10-90 % (Gy)</th></tr>")]
+    out = []
     for cid, s in stats.items():
         v = np.asarray(s["vals"], float)
         out.append(f"<tr><td>{_esc(cid)}</td><td>{_esc(s['c']['op'])} "
@@ -72,8 +100,8 @@ def _criteria_section(good: list) -> str:
                    f"{_pct(s['passed'], v.size)}</td><td class='num'>"
                    f"{_fmt(np.median(v))}</td><td class='num'>{_fmt(np.percentile(v, 10))}"
                    f" – {_fmt(np.percentile(v, 90))}</td></tr>")
-    out.append("</table>")
-    return "".join(out)
+    return _table(("criterion", "limit (Gy)", "pass rate", "median (Gy)", "10-90 % (Gy)"),
+                  out)
 
 
 def _scorecard_section(good: list) -> str:
@@ -81,23 +109,22 @@ def _scorecard_section(good: list) -> str:
     if not cards:
         return "<p>No scorecard (pass <code>--scorecard NAME</code>).</p>"
     totals = np.asarray([c["total"] for c in cards], float)
-    out = [(f"<p>Scorecard <code>{_esc(cards[0]['scorecard'])}</code>: median total "
-           f"{_fmt(np.median(totals))} (10-90 %: {_fmt(np.percentile(totals, 10))} – "
-           f"{_fmt(np.percentile(totals, 90))}) over {len(cards)} patients.</p>"),
-           "<table><tr><th>item</th><th>max</th><th>mean score</th><th>scored</th></tr>"]
+    intro = (f"<p>Scorecard <code>{_esc(cards[0]['scorecard'])}</code>: median total "
+             f"{_fmt(np.median(totals))} (10-90 %: {_fmt(np.percentile(totals, 10))} – "
+             f"{_fmt(np.percentile(totals, 90))}) over {len(cards)} patients.</p>")
     items: dict = {}
     for c in cards:
         for it in c["items"]:
             s = items.setdefault(it["id"], {"max": it["max"], "scores": []})
             if it["score"] is not None:
                 s["scores"].append(it["score"])
+    out = []
     for iid, s in items.items():
         m = np.mean(s["scores"]) if s["scores"] else None
         out.append(f"<tr><td>{_esc(iid)}</td><td class='num'>{_fmt(s['max'])}</td>"
                    f"<td class='num'>{_fmt(m)}</td><td class='num'>{len(s['scores'])}"
                    f"</td></tr>")
-    out.append("</table>")
-    return "".join(out)
+    return intro + _table(("item", "max", "mean score", "scored"), out)
 
 
 def _dvh_section(good: list) -> str:
@@ -110,8 +137,6 @@ def _dvh_section(good: list) -> str:
     if importlib.util.find_spec("matplotlib") is None:
         return ("<p class='small'>DVH bands not drawn: matplotlib is not installed "
                 "(pip install 'atp[report]').</p>")
-    from atp.batch import DVH_STEP_GY
-
     names = list(curves)
     colours = structure_colours(names)
     fig = _figure(9.0, 5.5)
@@ -142,15 +167,13 @@ def _timing_section(good: list) -> str:
         stages["worker wall time (plan + summary)"] = wall
     if not stages:
         return "<p>–</p>"
-    out = [("<table><tr><th>stage</th><th>median (s)</th><th>90 % (s)</th><th>max (s)</th>"
-           "<th>n</th></tr>")]
+    out = []
     for k, v in stages.items():
         a = np.asarray(v, float)
         out.append(f"<tr><td>{_esc(k)}</td><td class='num'>{_fmt(np.median(a))}</td>"
                    f"<td class='num'>{_fmt(np.percentile(a, 90))}</td><td class='num'>"
                    f"{_fmt(a.max())}</td><td class='num'>{a.size}</td></tr>")
-    out.append("</table>")
-    return "".join(out)
+    return _table(("stage", "median (s)", "90 % (s)", "max (s)", "n"), out)
 
 
 def _failures(order, records) -> str:
@@ -158,13 +181,10 @@ def _failures(order, records) -> str:
            if records.get(n) is None or records[n]["status"] == "failed"]
     if not bad:
         return "<p>None.</p>"
-    out = ["<table><tr><th>patient</th><th>exit</th><th>error</th></tr>"]
-    for n, r in bad:
-        out.append(f"<tr><td>{_esc(n)}</td><td class='num'>"
-                   f"{_fmt(r['exit_code'] if r else None)}</td><td>"
-                   f"{_esc(r.get('error', '') if r else 'not finished')}</td></tr>")
-    out.append("</table>")
-    return "".join(out)
+    out = [f"<tr><td>{_esc(n)}</td><td class='num'>{_fmt(r['exit_code'] if r else None)}"
+           f"</td><td>{_esc(r.get('error', '') if r else 'not finished')}</td></tr>"
+           for n, r in bad]
+    return _table(("patient", "exit", "error"), out)
 
 
 def render_cohort_report(order, records, rows) -> str:
@@ -190,8 +210,6 @@ def render_cohort_report(order, records, rows) -> str:
 
 
 def write_cohort_report(out, order, records, rows) -> str:
-    from atp.outputs import atomic_write_bytes
-
     atomic_write_bytes(out / "cohort.html",
                        render_cohort_report(order, records, rows).encode("utf-8"))
     return "cohort.html"

@@ -18,6 +18,8 @@ import os
 from atp.commands import argtypes
 from atp.commands.common import add_patient_arguments, print_json
 from atp.commands.plan import add_plan_arguments
+from atp.outputs import check_output_dir
+from atp.scorecard import list_scorecards
 
 WORKERS = argtypes.int_range(1, 1024)
 THREADS = argtypes.int_range(1, 1024)
@@ -64,8 +66,6 @@ def _cores() -> int:
 
 
 def default_scorecard(args) -> str | None:
-    from atp.scorecard import list_scorecards
-
     if args.scorecard is not None:
         return None if args.scorecard.lower() == "none" else args.scorecard
     site = args.site if args.site or args.goal_list else "hn"
@@ -73,8 +73,9 @@ def default_scorecard(args) -> str | None:
 
 
 def run(args) -> int:
-    from atp.batch import BatchOptions, discover, run_batch
-    from atp.outputs import check_output_dir
+    # lazy: CLI start-up (atp.batch loads the cohort report, the goal metrics and
+    # atp plan's code; every command is imported to build the parser)
+    from atp.batch import FILE_OPTIONS, BatchOptions, discover, run_batch
 
     check_output_dir(args.out, replace=False, kind="batch")
     entries = discover(args.patient)
@@ -84,8 +85,6 @@ def run(args) -> int:
     plan_args = {k: v for k, v in vars(args).items()}
     plan_args.pop("patient", None)
     plan_args.pop("func", None)
-    from atp.batch import FILE_OPTIONS
-
     for k in FILE_OPTIONS:  # workers (and Ray nodes) may run elsewhere: absolute paths
         v = plan_args.get(k)
         if isinstance(v, str) and os.path.isfile(v):
