@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from atp.errors import InputError, quote
+from atp.goals.metric import parse_metric
+from atp.goals.resolve import measure
+from atp.yamlio import load_yaml
 
 ITEM_KEYS = {"id", "structure", "metric", "points", "max", "priority", "source", "note"}
 TOP_KEYS = {"scorecard", "title", "sources", "items"}
@@ -66,8 +69,6 @@ class Scorecard:
     def evaluate(self, patient, dose_gy) -> dict:
         """{"items": [{id, structure, metric, value, score, max, ...}], "total",
         "max_total", "fraction"}; items whose structure is absent are not scored."""
-        from atp.goals.resolve import measure
-
         rows, total, best = [], 0.0, 0.0
         names = set(patient.structures)
         rx = patient.prescriptions[0].dose_gy if patient.prescriptions else None
@@ -118,8 +119,6 @@ def _number(v, *, file, line, field) -> float:
 
 
 def _item(raw, i: int, file: str, line: int | None) -> ScoreItem:
-    from atp.goals.metric import parse_metric
-
     where = f"items[{i}]"
     if not isinstance(raw, dict):
         raise ScorecardError(f"must be a mapping with structure, metric, points, max, got "
@@ -178,8 +177,6 @@ def _item(raw, i: int, file: str, line: int | None) -> ScoreItem:
 
 def load_scorecard(name_or_file) -> Scorecard:
     """Read and check a scorecard (a shipped name or a YAML file)."""
-    from atp.yamlio import load_yaml
-
     path = scorecard_path(name_or_file)
     file = str(path)
     data = load_yaml(path, error=ScorecardError, what="scorecard")

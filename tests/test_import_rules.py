@@ -35,20 +35,6 @@ STAGES = ("atp.optimizer", "atp.predictor", "atp.sequencer")
 TOP_FLOOR = ("atp", "atp.cli", "atp.commands", "atp.pipeline", "atp.plans", "atp.fastplan",
              "atp.forward", "atp.report", "atp.batch", "atp.cohort_report")
 
-# Known violations being removed by other work in progress (issue 21), each with who
-# removes it. The test fails on any violation not listed here, and on a listed one that
-# no longer occurs (then delete its line).
-# (importer, imported or "function-level ...", rule)
-PENDING: frozenset[tuple[str, str, str]] = frozenset()
-# modules whose unmarked function-level imports are being converted
-PENDING_LAZY: frozenset[str] = frozenset({
-    # issue 21, the top floor (helper A: pipeline / plans / fast path / commands)
-    "atp.commands.commission", "atp.commands.common", "atp.commands.dij",
-    "atp.commands.dose", "atp.commands.goals", "atp.commands.train",
-    # issue 22 (atp batch / scorecards, another session's work in progress)
-    "atp.commands.scorecard", "atp.scorecard",
-})
-
 _LAZY_MARK = re.compile(r"#\s*lazy:\s*\S")
 
 
@@ -254,17 +240,11 @@ def _report(found, modules) -> str:
 
 # --- the library -------------------------------------------------------------------------
 def test_library_follows_the_import_rules():
+    """Every rule, over the whole library: no allow-list, no known exceptions."""
     modules = find_modules(LIBRARY)
     found = violations(LIBRARY, ATP_RULES)
-    new = {v for v in found if v not in PENDING
-           and not (v[2] == "unmarked function-level import" and v[0] in PENDING_LAZY)}
-    assert not new, "import rules broken (ARCHITECTURE.md, Import rules):\n" + \
-        _report(new, modules)
-    stale = PENDING - found
-    assert not stale, "fixed: delete these PENDING entries:\n" + _report(stale, modules)
-    stale_lazy = {m for m in PENDING_LAZY
-                  if not any(v[0] == m and v[2].startswith("unmarked") for v in found)}
-    assert not stale_lazy, f"fixed: delete these PENDING_LAZY entries: {sorted(stale_lazy)}"
+    assert not found, "import rules broken (ARCHITECTURE.md, Import rules):\n" + \
+        _report(found, modules)
 
 
 def test_library_graph_is_read():

@@ -19,7 +19,6 @@ from atp.commands import argtypes
 from atp.commands.common import add_patient_arguments, print_json
 from atp.commands.plan import add_plan_arguments
 from atp.outputs import check_output_dir
-from atp.scorecard import list_scorecards
 
 WORKERS = argtypes.int_range(1, 1024)
 THREADS = argtypes.int_range(1, 1024)
@@ -66,6 +65,8 @@ def _cores() -> int:
 
 
 def default_scorecard(args) -> str | None:
+    from atp.scorecard import list_scorecards  # lazy: CLI start-up (the goal metrics)
+
     if args.scorecard is not None:
         return None if args.scorecard.lower() == "none" else args.scorecard
     site = args.site if args.site or args.goal_list else "hn"

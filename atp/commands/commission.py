@@ -10,7 +10,16 @@ the model to a clinic's data first (format: the header of
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from atp.commands.common import add_hidden_alias, print_json
+from atp.errors import InputError
+from atp.outputs import check_output_file, write_json
+
+# CLI start-up: the CLI imports every command to build its parser, so the beam model,
+# the water-phantom commissioning and the forward dose load inside the functions that
+# use them (marked "lazy: CLI start-up")
 
 
 def register(sub) -> None:
@@ -34,14 +43,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _fit(args) -> int:
-    import json
-    from pathlib import Path
-
+def _fit(args) -> int:  # lazy: CLI start-up
     from atp.dose.beam_model import PhotonBeamModel
     from atp.dose.fit import fit_model, model_json, read_measurements
-    from atp.errors import InputError
-    from atp.outputs import check_output_file, write_json
 
     if not args.out:
         raise InputError("--fit needs --out FILE (the beam-model JSON to write)",
@@ -64,19 +68,16 @@ def _fit(args) -> int:
     return 0
 
 
-def run(args) -> int:
+def run(args) -> int:  # lazy: CLI start-up
     from atp.dose.beam_model import PhotonBeamModel
     from atp.dose.commission import commission
+    from atp.forward import closed_field_transmission
 
     if args.fit:
         _fit(args)
     elif args.out:
-        from atp.errors import InputError
-
         raise InputError("--out is written only with --fit CSV", field="--out")
     res = commission(PhotonBeamModel.load(args.beam_model), args.data)
-    from atp.forward import closed_field_transmission
-
     res["mlc"] = closed_field_transmission(
         args.machine, engine={"name": "pencil-beam", "model": args.beam_model})
     if args.json:

@@ -7,6 +7,8 @@ import json
 import sys
 
 from atp.commands import argtypes
+from atp.errors import InputError
+from atp.io import load_patient
 from atp.outputs import to_jsonable
 
 DEFAULT_SITE = "hn"  # --site when neither --site nor --goal-list is given (every command)
@@ -42,9 +44,6 @@ def add_hidden_alias(p: argparse.ArgumentParser, old: str, new: str, **kw) -> No
 
 
 def load_patient_from_args(args, *, require_prescription: bool = True):
-    from atp.errors import InputError
-    from atp.io import load_patient
-
     rx = {}
     for item in args.rx:
         name, _, value = item.partition("=")

@@ -8,9 +8,19 @@ The ``.npz`` layout is documented in :mod:`atp.dose.influence`.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import numpy as np
+
 from atp.commands import argtypes
-from atp.commands.common import add_hidden_alias, print_json
+from atp.commands.common import add_hidden_alias, load_patient_from_args, print_json
 from atp.errors import InputError
+from atp.outputs import check_output_file
+from atp.progress import is_terminal
+
+# CLI start-up: the CLI imports every command to build its parser, so the dose engines
+# (atp.dose.*) load inside the functions that use them (marked "lazy: CLI start-up")
 
 
 def register(sub) -> None:
@@ -71,7 +81,7 @@ def _floats(text: str, field: str, n: int | None = None) -> list[float]:
     return vals
 
 
-def _beams(args):
+def _beams(args):  # lazy: CLI start-up
     from atp.dose.geometry import Beam, arc_control_points, equispaced_beams
 
     iso = tuple(_floats(args.isocenter, "--isocenter", 3)) if args.isocenter else None
@@ -94,21 +104,15 @@ def summary(dij) -> dict:
             "meta": dij.meta}
 
 
-def is_dij_file(path) -> bool:
+def is_dij_file(path) -> bool:  # lazy: CLI start-up
     """An ``.npz`` of the format ``atp dij`` writes (reads only its format tag)."""
-    import numpy as np
-
     from atp.dose.influence import FORMAT_TAG
 
     with np.load(path, allow_pickle=False) as d:
         return "format" in d.files and str(d["format"]) == FORMAT_TAG
 
 
-def run(args) -> int:
-    from pathlib import Path
-
-    from atp.outputs import check_output_file
-
+def run(args) -> int:  # lazy: CLI start-up
     out = Path(args.out)
     if out.suffix != ".npz":
         raise InputError("output must end in .npz", field="--out")
@@ -122,7 +126,6 @@ def run(args) -> int:
     else:
         if not args.patient:
             raise InputError("give a PATIENT (or --import FORMAT FILE)", field="PATIENT")
-        from atp.commands.common import load_patient_from_args
         from atp.dose import registry
 
         patient = load_patient_from_args(args)
@@ -142,10 +145,6 @@ def run(args) -> int:
             kw["threshold"] = ARC_THRESHOLD
         progress = None
         if not (args.quiet or args.json):
-            import sys
-
-            from atp.progress import is_terminal
-
             tty = is_terminal(sys.stderr)
 
             def progress(i, n):  # no carriage-return frames in a log: every 10 %

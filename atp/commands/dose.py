@@ -10,8 +10,18 @@ total course, patient grid), ``RD.atp.dcm`` (RT Dose referencing the plan) and
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import numpy as np
+
 from atp.commands import argtypes
-from atp.commands.common import print_json
+from atp.commands.common import load_patient_from_args, print_json
+from atp.errors import InputError
+from atp.outputs import atomic_output_dir, check_output_dir, write_json
+
+# CLI start-up: the CLI imports every command to build its parser, so the forward dose
+# (dose engines, sequencer) and the DICOM export load inside run() ("lazy: CLI start-up")
 
 
 def register(sub) -> None:
@@ -35,22 +45,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    import time
-    from pathlib import Path
-
-    import numpy as np
-
-    from atp.commands.common import load_patient_from_args
+def run(args) -> int:  # lazy: CLI start-up
     from atp.forward import rt_plan_dose
-    from atp.outputs import atomic_output_dir, check_output_dir, write_json
+    from atp.io.dicom_export import export_context, export_rt_dose
 
     t0 = time.perf_counter()
     out = Path(args.out)
     check_output_dir(out, min_bytes=2**20)
     if not Path(args.rtplan).is_file():
-        from atp.errors import InputError
-
         raise InputError("no such file", file=args.rtplan, field="RTPLAN")
     patient_arg = args.patient
     patient = load_patient_from_args(args, require_prescription=False)
@@ -70,8 +72,6 @@ def run(args) -> int:
     info["beam_mu_per_fraction"] = {b.name: round(b.mu / fx, 3) for b in delivery.beams}
     with atomic_output_dir(out, kind="dose", field="--out") as tmp:
         np.save(tmp / "dose.npy", np.asarray(dose, dtype=np.float32))
-        from atp.io.dicom_export import export_context, export_rt_dose
-
         ctx = export_context(patient)
         if info.get("sop_instance_uid"):
             ctx.rtplan_uid = info["sop_instance_uid"]

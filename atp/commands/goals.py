@@ -14,6 +14,13 @@
 from __future__ import annotations
 
 from atp.commands.common import DEFAULT_SITE, print_json
+from atp.goals.loader import (
+    list_institutions,
+    list_sites,
+    load_goal_list,
+    read_goal_list,
+    site_path,
+)
 
 
 def register(sub) -> None:
@@ -39,8 +46,6 @@ def add_goal_list_arguments(p) -> None:
 
 
 def goal_list_from_args(args):
-    from atp.goals.loader import load_goal_list
-
     site = args.site if args.site or args.goal_list else DEFAULT_SITE
     return load_goal_list(site=site, path=args.goal_list, institution=args.institution)
 
@@ -107,8 +112,6 @@ def run_show(args) -> int:
 
 
 def run_list(args) -> int:
-    from atp.goals.loader import list_institutions, list_sites, read_goal_list, site_path
-
     sites = []
     for s in list_sites():
         gl, _ = read_goal_list(site_path(s))

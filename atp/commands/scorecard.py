@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 
 from atp.commands.common import print_json
+from atp.commands.evaluate import load_dose_npy
 from atp.errors import InputError
+from atp.io import load_patient
+from atp.outputs import MARKER, write_json
 
 
 def register(sub) -> None:
@@ -27,8 +30,6 @@ def register(sub) -> None:
 def _add_to_marker(plan_dir: Path, name: str) -> None:
     """The plan folder's marker lists the files atp wrote; add ``name`` so the folder
     stays atp's (a later atp plan --out may replace it)."""
-    from atp.outputs import MARKER, write_json
-
     marker = plan_dir / MARKER
     try:
         data = json.loads(marker.read_text())
@@ -41,9 +42,8 @@ def _add_to_marker(plan_dir: Path, name: str) -> None:
 
 
 def run(args) -> int:
-
-    from atp.io import load_patient
-    from atp.outputs import write_json
+    # lazy: CLI start-up (atp.scorecard loads the goal metrics, ~40 ms; every command is
+    # imported to build the parser)
     from atp.scorecard import format_scores, load_scorecard
 
     card = load_scorecard(args.scorecard)
@@ -58,8 +58,6 @@ def run(args) -> int:
         raise InputError("malformed plan.json: no patient source", file=pj,
                          field="patient.source") from None
     patient = load_patient("phantom" if str(src).startswith("<embedded") else src)
-    from atp.commands.evaluate import load_dose_npy
-
     dose = load_dose_npy(plan_dir / "dose.npy", patient)
     result = card.evaluate(patient, dose)
     result["plan"] = str(plan_dir)

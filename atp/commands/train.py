@@ -12,10 +12,19 @@ SHA-1s, held-out patients) and ``chunks.jsonl`` (code version of every invocatio
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import time
 from pathlib import Path
 
 from atp.commands import argtypes
+from atp.errors import BackendUnavailableError, InputError
+from atp.outputs import atomic_write_bytes, check_output_dir, mark_output_dir, write_json
+
+# CLI start-up: the CLI imports every command to build its parser, so the predictor's
+# training code (and through it torch) loads inside the functions that train (marked
+# "lazy: CLI start-up"); torch itself is optional (atp[ml])
 
 
 def register(sub) -> None:
@@ -49,9 +58,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from atp.errors import BackendUnavailableError, InputError
-    from atp.outputs import check_output_dir, mark_output_dir
+def run(args) -> int:  # lazy: CLI start-up
     from atp.predictor.train import RECIPE_MODELS
 
     if args.model is None and args.config not in RECIPE_MODELS:  # before writing anything
@@ -71,7 +78,7 @@ def run(args) -> int:
         return _run(args, out, logf)
 
 
-def _run(args, out: Path, logf) -> int:
+def _run(args, out: Path, logf) -> int:  # lazy: CLI start-up
     from atp.predictor.train import cached_split, make_config, train
 
     def log(msg: str) -> None:
@@ -101,8 +108,6 @@ def _run(args, out: Path, logf) -> int:
 
 
 def _git_version() -> dict:
-    import subprocess
-
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
@@ -115,13 +120,9 @@ def _git_version() -> dict:
     return {"commit": head, "dirty": dirty.splitlines() if dirty else []}
 
 
-def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
+def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:  # lazy: CLI start-up
     """A recipe run: train on the train split minus ``cfg.selection`` held-out patients,
     which pick best.pt by their OpenKBP scores (validation/ is not read)."""
-    import time
-
-    from atp.errors import InputError
-    from atp.outputs import atomic_write_bytes, write_json
     from atp.predictor.data import split_files
     from atp.predictor.train import (
         data_list,
@@ -174,9 +175,7 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:
                       "n_train": len(tr[2]), "selection_patients": va[2]},
                 selector=selector)
     if stage1 is not None and res["best"]:
-        import io
-
-        import torch
+        import torch  # lazy: optional dependency (atp[ml])
 
         best = CNNPredictor.from_checkpoint(res["best"])
         buf = io.BytesIO()
