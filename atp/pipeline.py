@@ -28,6 +28,7 @@ import numpy as np
 from atp import final_dose as fd
 from atp import sequencer
 from atp.dose import registry as engines
+from atp.dose.arc import ARC_THRESHOLD
 from atp.dose.geometry import BEAM_TEMPLATES, Beam, equispaced_beams
 from atp.dose.resample import dose_to_patient_grid
 from atp.errors import InputError, quote
@@ -53,6 +54,7 @@ from atp.plans import (  # noqa: F401 - Plan and load_plan: also importable from
 from atp.progress import tick
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.fidelity import fidelity
+from atp.vmatplan import VmatOptions, dmpo_step, vmat_arcs
 
 ATTAIN_ROUNDS = 3  # goal-attainment rounds of the optimiser (optimizer.solve.optimize)
 ATTAIN_MAX_PRIORITY = 3  # protocol goals (targets P2, organ limits P3), not P4 predicted
@@ -69,7 +71,8 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
          sequence: bool | str = True, machine: str = "millennium120",
          optimizer_options: dict | None = None, fast: bool = False,
          spare: dict | None = None, options: FastPlanOptions | str | None = None,
-         fast_options: dict | None = None) -> Plan:
+         fast_options: dict | None = None, technique: str | None = None,
+         vmat_options: dict | None = None) -> Plan:
     """Plan one patient (see the module docstring).
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts (path, 'phantom').
@@ -93,7 +96,25 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     options: its :class:`atp.fastplan.FastPlanOptions` (or a preset name);
     fast_options: the same as a mapping (:func:`atp.fastplan.fast_plan_options`:
     ``arc_spacing_deg``, ``device``, ``preset``, ``fastpath_options`` ...).
+    technique: None (the beams and ``sequence`` above) or a :data:`TECHNIQUES` name:
+    'vmat', the optimiser's VMAT (:mod:`atp.vmatplan`: two full arcs, fluence optimisation
+    on the arc dij, arc sequencing, direct machine-parameter optimisation of leaves and MU
+    on the goal list); vmat_options: :class:`atp.vmatplan.VmatOptions` fields.
     """
+    vmat = None
+    if technique is not None:
+        if technique not in TECHNIQUES:
+            raise InputError(f"unknown technique {quote(technique)}; known: "
+                             f"{', '.join(TECHNIQUES)}", field="technique")
+        if fast or beam_template is not None or sequence not in (True, "vmat"):
+            raise InputError("technique 'vmat' sets the beams and the sequencer; drop "
+                             "fast / beam_template / sequence", field="technique")
+        vmat = VmatOptions.from_dict(vmat_options)
+        beams, sequence = vmat_arcs(vmat), "vmat"
+        # DMPO optimises the deliverable dose itself: no re-optimisation rounds
+        optimizer_options = {"deliverable_rounds": 0, **(optimizer_options or {})}
+    elif vmat_options:
+        raise InputError("vmat_options need technique='vmat'", field="vmat_options")
     if fast:
         return _fast(patient, site=site, institution=institution, goal_list=goal_list,
                      predictor=predictor, predicted_dose=predicted_dose,
@@ -111,7 +132,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     dose_grid_factor = 2 if dose_grid_factor is None else dose_grid_factor
     stages = StageTimer(progress, total=(  # the bar's stages; +1: explain
         6 + (predicted_dose is None) + (dij is None) + (not isinstance(patient, Patient))
-        + (1 if refine else 0) + (3 if sequence else 0) + 1))
+        + (1 if refine else 0) + (3 if sequence else 0) + 1 + (vmat is not None)))
     t_start = time.perf_counter()
     try:
         prep = prepare_goals(patient, site=site, institution=institution,
@@ -122,7 +143,8 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
             beams, beam_template = _beams_of(prep.goal_list, beams, beam_template)
             dij = stages.run("dose influence", _influence, dose_engine, prep.loaded,
                              make_beams(beams, beam_template), beamlet_size_mm,
-                             dose_grid_factor)
+                             dose_grid_factor,
+                             **({} if vmat is None else {"threshold": ARC_THRESHOLD}))
         settings = {
             **goal_list_settings(prep.goal_list, site, institution),
             "predictor": prep.predictor, "dose_engine": engine_name,
@@ -134,6 +156,8 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
             "resolve_notes": prep.resolve_notes, "sequence": sequence, "machine": machine,
             "optimizer_options": dict(optimizer_options or {}),
         }
+        if vmat is not None:
+            settings.update({"technique": "vmat", "vmat": vmat.to_dict(), "beams": None})
         out = optimise_and_finish(prep.patient, list(prep.resolved), dij,
                                   prep.predicted_dose, backend=backend, refine=refine,
                                   settings=settings, notes=prep.resolve_notes,
@@ -144,10 +168,11 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     return out
 
 
-def _influence(engine: str, patient, beams, beamlet_size_mm, dose_grid_factor):
-    """The dose engine ``engine``'s dose-influence matrix for ``beams``."""
+def _influence(engine: str, patient, beams, beamlet_size_mm, dose_grid_factor, **kw):
+    """The dose engine ``engine``'s dose-influence matrix for ``beams`` (``kw``: more
+    engine keywords, e.g. the arcs' ``threshold``)."""
     return engines.get(engine).influence(patient, beams, beamlet_size_mm=beamlet_size_mm,
-                                         dose_grid_factor=dose_grid_factor)
+                                         dose_grid_factor=dose_grid_factor, **kw)
 
 
 def _beams_of(gl, beams, beam_template):
@@ -366,7 +391,8 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
     s = _solve_setup(problem, be, patient, dij, resolved, settings, start)
     res = stages.run(f"optimise ({be.name})", optimize, problem, be, start.fluence, **s.opts)
     res, refine_info = _refine(stages, s, res, refine)
-    finish = FINISHING["sequenced" if settings.get("sequence", False) else "ideal"]
+    finish = FINISHING[TECHNIQUES.get(settings.get("technique"))
+                       or ("sequenced" if settings.get("sequence", False) else "ideal")]
     out = finish(stages, s, res)
     results = stages.run("evaluate", evaluate_goals, resolved, patient, out.dose)
     if (out.ideal is not None and s.opts.get("surrogate_offsets", True)
@@ -417,18 +443,23 @@ def _finish_ideal(stages, s: Solve, res) -> Finished:
     return Finished(res, None, None, dose, None)
 
 
-def _finish_sequenced(stages, s: Solve, res) -> Finished:
+def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
+                      ) -> Finished:
     """Sequence into MLC apertures (the ``sequence`` setting: True for the default
     technique of the beams, or a technique name) on the ``machine`` setting; the reported
     dose over each beam's whole jaw field; deliverable-correction rounds (kept only when
-    they score better) with their own field dose."""
+    they score better) with their own field dose. dmpo: VMAT options; the sequenced arcs'
+    leaves and MU are then optimised on the goal list (:func:`_dmpo`) before the field
+    dose."""
     dose = stages.run("final dose", patient_dose, s.dij, res.fluence)
     sequence = s.settings.get("sequence", False)
     technique = None if sequence is True else str(sequence)
     machine = s.settings.get("machine", "millennium120")
     patient, dij = s.patient, s.dij
     delivery, ideal, dose, fid = stages.run(
-        "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine)
+        "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, dmpo)
+    if dmpo is not None:
+        delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo)
     # the reported dose (whole jaw field, leakage included) before any correction
     # round, so the rounds correct against what is reported (#19)
     beamlet_dose = dose
@@ -462,10 +493,33 @@ def _finish_sequenced(stages, s: Solve, res) -> Finished:
     return Finished(res, delivery, ideal, dose, fid, correction, final)
 
 
+def _finish_vmat(stages, s: Solve, res) -> Finished:
+    """VMAT (:mod:`atp.vmatplan`): one rule-based sequencing pass per arc, then direct
+    machine-parameter optimisation of every control point's leaves and MU on the goal
+    list, then the reported field dose."""
+    return _finish_sequenced(stages, s, res,
+                             dmpo=VmatOptions.from_dict(s.settings.get("vmat")))
+
+
+def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions):
+    """The arcs' leaves and MU optimised on the goal list as ``res`` left it
+    (:func:`atp.vmatplan.dmpo_step`); the deliverable dose on the patient grid."""
+    delivery, info = dmpo_step(s.problem, res, s.dij, delivery, options)
+    meta = dict(delivery.meta)
+    meta["dmpo"] = {k: v for k, v in info.items() if k not in ("history", "limits")}
+    delivery = replace(delivery, meta=meta)
+    dose = s.dij.to_patient_grid(sequencer.deliverable_dose(delivery, s.dij))
+    p = s.patient
+    masks = {n: p.mask(n) for n in p.targets + p.organs}
+    return delivery, dose, fidelity(ideal_dose, dose, p.grid.spacing_mm, masks)
+
+
 #: how an optimised plan is finished: 'ideal' (not sequenced) or 'sequenced' (static
 #: fields or arcs through the sequencer registry); a technique that needs its own
 #: finishing adds an entry (stages, Solve, result) -> Finished
-FINISHING = {"ideal": _finish_ideal, "sequenced": _finish_sequenced}
+FINISHING = {"ideal": _finish_ideal, "sequenced": _finish_sequenced, "vmat": _finish_vmat}
+#: plan(technique=...) -> its FINISHING entry
+TECHNIQUES = {"vmat": "vmat"}
 
 
 def _term_values(problem, vals) -> dict:
@@ -634,11 +688,12 @@ def _score_results(results) -> float:
     return float(sum(_goal_score(r) for r in results))
 
 
-def _sequence(patient, dij, fluence, ideal_dose, technique, machine):
-    """Sequence the fluence into MLC apertures; deliverable dose on the patient grid."""
-
+def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
+    """Sequence the fluence into MLC apertures; deliverable dose on the patient grid.
+    vmat: VmatOptions (one pass per arc, jaw tracking as asked)."""
+    params = {} if vmat is None else {"passes": 1, "jaw_tracking": vmat.jaw_tracking}
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
-                                  fractions=patient.fractions)
+                                  fractions=patient.fractions, **params)
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
     masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
     fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)

@@ -89,6 +89,13 @@ def add_plan_arguments(p) -> None:
                     help="skip sequencing: report the ideal fluence dose (not deliverable)")
     p.add_argument("--machine", default="millennium120",
                    help="linac/MLC model for sequencing (millennium120 | hd120 | a YAML)")
+    p.add_argument("--technique", choices=("vmat",), default=None,
+                   help="vmat: two full arcs (collimator +-15 deg), fluence optimisation on "
+                        "the arcs, arc sequencing, then direct machine-parameter "
+                        "optimisation of leaves and MU on the goal list (atp.vmatplan)")
+    p.add_argument("--vmat", action="append", default=[], metavar="KEY=VALUE",
+                   help="VMAT option (arcs, spacing_deg, collimator_deg, jaw_tracking, "
+                        "dmpo.iterations, dmpo.mu_weight, ...); repeatable")
     add_output_arguments(p)
     add_optimiser_arguments(p)
     add_fast_arguments(p)
@@ -163,6 +170,9 @@ def run(args) -> int:  # lazy: CLI start-up
     from atp.sequencer.machine import load_machine
 
     check_output_dir(args.out)  # before any work: never replace what atp did not write
+    if args.fast and (args.technique or args.vmat):
+        raise InputError("--technique / --vmat plan with the optimiser, not --fast",
+                         field="--technique")
     if args.fast:
         return run_fast(args)
     reject_fast_only(args)
@@ -173,6 +183,13 @@ def run(args) -> int:  # lazy: CLI start-up
                          f"{', '.join(sorted(BEAM_TEMPLATES))}", field="--beam-template")
     if not args.dij:
         dose_engines.get(args.dose_engine)  # an unknown engine fails before any work
+    vmat_options = vmat_args(args.vmat) if args.vmat else None
+    if vmat_options and args.technique != "vmat":
+        raise InputError("--vmat needs --technique vmat", field="--vmat")
+    if args.technique == "vmat":
+        from atp.vmatplan import VmatOptions
+
+        VmatOptions.from_dict(vmat_options)  # bad options fail before any work
     patient, predicted, dij = plan_inputs(args)
     opts = {}
     if args.max_iter:
@@ -185,8 +202,31 @@ def run(args) -> int:  # lazy: CLI start-up
                          progress=progress_arg(args),
                          dose_grid_factor=args.dose_grid_factor,
                          sequence=sequence_arg(args.sequencer),
-                         machine=args.machine, optimizer_options=opts)
+                         machine=args.machine, optimizer_options=opts,
+                         technique=args.technique, vmat_options=vmat_options)
     return save_and_report(plan, args)
+
+
+def vmat_args(items) -> dict:
+    """``--vmat KEY=VALUE`` items -> VmatOptions keywords (``dmpo.KEY`` -> the dmpo dict);
+    values are YAML scalars."""
+    import yaml  # lazy: CLI start-up
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--vmat expects KEY=VALUE, got {item[:40]!r}", field="--vmat")
+        try:
+            val = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"--vmat {key}: not a value: {value[:40]!r}",
+                             field="--vmat") from None
+        if key.startswith("dmpo."):
+            out.setdefault("dmpo", {})[key[5:]] = val
+        else:
+            out[key] = val
+    return out
 
 
 def run_fast(args) -> int:  # lazy: CLI start-up

@@ -1,0 +1,131 @@
+"""VMAT in the optimiser (``atp plan --technique vmat``): arcs, fluence optimisation on
+the arc dij, rule-based arc sequencing, then direct machine-parameter optimisation.
+
+The planning floor's part of the technique (the stages stay independent):
+
+1. the beams are :func:`vmat_arcs`: ``arcs`` full coplanar arcs (default two, clockwise
+   then counter-clockwise), collimator alternately +``collimator_deg`` / -``collimator_deg``
+   (default 15 deg, so the tongue-and-groove strips of the two arcs do not coincide),
+   a control point every ``spacing_deg`` (default 6 deg); their dose-influence matrix on
+   the CT/2 dose grid with the arc sparsification threshold (``atp.dose.arc``);
+2. the goal-list optimisation of :func:`atp.pipeline.plan` on that dij (every term, the
+   hard-goal loop and goal attainment as for static fields);
+3. :func:`atp.sequencer.vmat.sequence_vmat` with one pass per arc (two arcs already give
+   two apertures per gantry sector), the MU fitted to the ideal dose;
+4. :func:`atp.sequencer.dmpo.optimise_machine_parameters`: leaf tips and MU of every
+   control point on :func:`goal_objective` -- the goal-list objective exactly as the
+   optimiser left it (its terms with the hard-goal weights and the attainment references in
+   force), on the deliverable dose (leaf/jaw transmission, tongue and groove) -- under the
+   machine limits;
+5. the reported dose: the final delivery recomputed over each beam's whole jaw field
+   (``atp.pipeline._field_dose``, what ``atp dose`` computes from the RT Plan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from atp.dose.geometry import arc_control_points
+from atp.errors import InputError
+from atp.optimizer.objectives import evaluate_terms
+from atp.optimizer.solve import apply_state
+from atp.sequencer.dmpo import DmpoOptions, machine_limit_report, optimise_machine_parameters
+
+VMAT_SPACING_DEG = 6.0
+VMAT_COLLIMATOR_DEG = 15.0
+VMAT_ARCS = 2
+
+
+@dataclass(frozen=True)
+class VmatOptions:
+    """The VMAT technique's knobs (``--vmat KEY=VALUE``; ``dmpo``: a dict of
+    :class:`atp.sequencer.dmpo.DmpoOptions` fields)."""
+
+    arcs: int = VMAT_ARCS
+    spacing_deg: float = VMAT_SPACING_DEG
+    collimator_deg: float = VMAT_COLLIMATOR_DEG
+    jaw_tracking: bool = False
+    dmpo: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if int(self.arcs) != self.arcs or not 1 <= self.arcs <= 4:
+            raise InputError(f"vmat arcs must be 1..4, got {self.arcs!r}", field="vmat.arcs")
+        if not (np.isfinite(self.spacing_deg) and 1.0 <= self.spacing_deg <= 20.0):
+            raise InputError(f"vmat spacing_deg must be in [1, 20], got {self.spacing_deg!r}",
+                             field="vmat.spacing_deg")
+        if not (np.isfinite(self.collimator_deg) and 0.0 <= self.collimator_deg <= 45.0):
+            raise InputError(f"vmat collimator_deg must be in [0, 45], got "
+                             f"{self.collimator_deg!r}", field="vmat.collimator_deg")
+        self.dmpo_options()  # fails early on a bad DMPO field
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> VmatOptions:
+        """Options from a dict; an unknown key is an InputError naming it."""
+        d = dict(d or {})
+        known = cls.__dataclass_fields__
+        bad = [k for k in d if k not in known]
+        if bad:
+            raise InputError(f"unknown VMAT option '{bad[0]}'; known: {', '.join(known)}",
+                             field=f"vmat.{bad[0]}")
+        if not isinstance(d.get("dmpo", {}), dict):
+            raise InputError("vmat dmpo must be a mapping of DMPO options", field="vmat.dmpo")
+        return cls(**d)
+
+    def dmpo_options(self) -> DmpoOptions:
+        known = DmpoOptions.__dataclass_fields__
+        bad = [k for k in self.dmpo if k not in known]
+        if bad:
+            raise InputError(f"unknown DMPO option '{bad[0]}'; known: {', '.join(known)}",
+                             field=f"vmat.dmpo.{bad[0]}")
+        try:
+            return DmpoOptions(**self.dmpo)
+        except TypeError as e:  # a value of the wrong type
+            raise InputError(f"bad DMPO option: {e}", field="vmat.dmpo") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def vmat_arcs(options: VmatOptions | None = None):
+    """The control points (``atp.dose.geometry.Beam``) of the technique's arcs."""
+    o = options or VmatOptions()
+    beams = []
+    for k in range(int(o.arcs)):
+        cw = k % 2 == 0
+        col = (o.collimator_deg if cw else -o.collimator_deg) % 360.0
+        beams += arc_control_points(180.0, 180.0, float(o.spacing_deg),
+                                    "cw" if cw else "ccw", collimator_deg=col)
+    return beams
+
+
+def goal_objective(problem, hard_state=None):
+    """``w -> (J, dJ/dw)``: the goal-list objective of ``problem`` on the dose ``A w``
+    (every dose term: the goals', hard ones with the weights and references of
+    ``hard_state``, and the automatic fall-off and global-maximum terms). The fluence
+    regularisers (smoothness, the sliding-window MU surrogate) are left out: DMPO's
+    variables are leaves and MU, and it has its own MU term."""
+    p = apply_state(problem, hard_state) if hard_state else problem
+    A = p.A.tocsr().astype(np.float32)
+    AT = A.T.tocsr()
+    arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
+
+    def value_grad(w):
+        d = A @ np.asarray(w, np.float32)
+        total, g_rows, _ = evaluate_terms(p.terms, arrays, d)
+        return float(total), np.asarray(AT @ g_rows, np.float64)
+
+    return value_grad
+
+
+def dmpo_step(problem, res, dij, delivery, options: VmatOptions):
+    """DMPO of ``delivery`` on the goal list of ``problem`` as ``res`` (the optimiser's
+    result) left it. Returns (delivery, info)."""
+    opts = options.dmpo_options()
+    out, info = optimise_machine_parameters(delivery, dij.beamlets,
+                                            goal_objective(problem, res.hard_state), opts)
+    info = {k: v for k, v in info.items() if k != "history"} | {
+        "history": [round(float(v), 6) for v in info.get("history", [])],
+        "limits": machine_limit_report(out, opts.travel_per_deg_mm)}
+    return out, info

@@ -1,0 +1,275 @@
+"""VMAT by direct machine-parameter optimisation (sequencer.dmpo, atp.vmatplan): every
+optimised control point is deliverable (leaf travel per degree at full gantry speed, MU
+per degree, minimum gap, leaf range, bank span), the projection onto the machine's leaf
+polytope is feasible and a projection, the leaf/MU gradient of the goal-list objective
+matches finite differences, DMPO lowers the objective, and the VMAT plan of
+``atp.plan(technique='vmat')`` exports an RT Plan that ``atp dose`` recomputes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from atp.sequencer.aperture_refine import _ArcModel
+from atp.sequencer.delivery import check_delivery
+from atp.sequencer.dmpo import (
+    DmpoOptions,
+    LeafLimits,
+    machine_limit_report,
+    optimise_machine_parameters,
+    project_leaves,
+    repair,
+)
+from atp.sequencer.machine import load_machine
+
+from atp import sequencer
+from atp.errors import InputError
+
+
+# --- the machine polytope (no dose) ---------------------------------------------------
+def _limits(n_cp=30, spacing=4.0, machine="millennium120"):
+    m = load_machine(machine)
+    g = (180.0 + spacing * (np.arange(n_cp) + 0.5)) % 360.0
+    return m, LeafLimits.of(g, m)
+
+
+def test_projection_is_feasible_idempotent_and_no_farther_than_the_repair():
+    m, lim = _limits()
+    rng = np.random.default_rng(1)
+    n_cp, n_pairs = 30, m.n_pairs
+    for trial in range(5):
+        a = rng.normal(-20, 25, size=(n_cp, n_pairs))
+        b = a + rng.normal(5, 20, size=(n_cp, n_pairs))  # some crossed, some far apart
+        pa, pb = project_leaves(a, b, lim, sweeps=40)
+        assert lim.violation(pa, pb) <= 1e-9
+        assert (pb - pa).min() >= m.min_leaf_gap_mm - 1e-9
+        steps = np.abs(np.diff(pa, axis=0)).max(axis=1)
+        assert np.all(steps <= lim.step + 1e-9)
+        # a projection: a feasible point stays where it is
+        qa, qb = project_leaves(pa, pb, lim)
+        np.testing.assert_allclose(qa, pa, atol=1e-9)
+        np.testing.assert_allclose(qb, pb, atol=1e-9)
+        # and it moves the point no farther than the (feasible, not nearest) repair
+        ra, rb = repair(a, b, lim)
+        d_proj = np.sum((pa - a) ** 2 + (pb - b) ** 2)
+        d_rep = np.sum((ra - a) ** 2 + (rb - b) ** 2)
+        assert d_proj <= d_rep * (1 + 1e-6)
+
+
+def test_limits_use_the_full_gantry_speed_travel():
+    m, lim = _limits(spacing=4.0)
+    np.testing.assert_allclose(lim.step, 4.0 * m.max_leaf_travel_per_deg_mm)
+    assert m.max_leaf_travel_per_deg_mm < m.leaf_travel_limit_per_deg_mm
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(InputError):
+        DmpoOptions(iterations=-1)
+    with pytest.raises(InputError):
+        DmpoOptions(mu_weight=-0.1)
+    from atp.vmatplan import VmatOptions
+
+    with pytest.raises(InputError, match="unknown DMPO option"):
+        VmatOptions(dmpo={"iters": 3})
+    with pytest.raises(InputError):
+        VmatOptions(collimator_deg=90.0)
+
+
+# --- stage level: a small dual-arc problem on the phantom --------------------------------
+@pytest.fixture(scope="module")
+def arc_case(phantom):
+    """Two 12-degree arcs (collimator +-15 deg) on the phantom, CT/3 dose grid, the
+    goal-list problem optimised, rule-based sequencing with the MU fitted."""
+    from atp.optimizer.problem import build_problem, structure_fractions
+    from atp.optimizer.solve import optimize
+    from atp.predictor import registry as predictors
+
+    from atp.dose.arc import ARC_THRESHOLD
+    from atp.dose.pencil_beam import PencilBeamEngine
+    from atp.goals import load_goal_list, resolve_goals, with_control_structures
+    from atp.vmatplan import VmatOptions, goal_objective, vmat_arcs
+
+    opts = VmatOptions(spacing_deg=12.0)
+    pred = predictors.get("baseline").predict(phantom)
+    resolved = list(resolve_goals(load_goal_list(site="hn"), phantom, pred))
+    patient = with_control_structures(phantom, resolved)
+    dij = PencilBeamEngine().influence(patient, vmat_arcs(opts), dose_grid_factor=3,
+                                       threshold=ARC_THRESHOLD)
+    problem = build_problem(resolved, patient, dij,
+                            fractions=structure_fractions(patient, dij))
+    res = optimize(problem, "cpu", None, max_iter=60, hard_rounds=1)
+    delivery = sequencer.sequence(res.fluence, dij, "vmat", fractions=patient.fractions,
+                                  passes=1)
+    return {"dij": dij, "problem": problem, "res": res, "delivery": delivery,
+            "J": goal_objective(problem, res.hard_state), "patient": patient}
+
+
+@pytest.fixture(scope="module")
+def optimised(arc_case):
+    out, info = optimise_machine_parameters(arc_case["delivery"], arc_case["dij"].beamlets,
+                                            arc_case["J"], DmpoOptions(iterations=15))
+    return out, info
+
+
+def test_two_arcs_with_opposed_collimators(arc_case):
+    d = arc_case["delivery"]
+    assert [b.rotation_direction for b in d.beams] == ["CW", "CC"]
+    assert sorted(round(float(b.collimator_deg)) for b in d.beams) == [15, 345]
+
+
+def test_every_optimised_control_point_is_deliverable(arc_case, optimised):
+    d, info = optimised
+    assert info["kept"]
+    m = d.machine
+    assert check_delivery(d) == []
+    for b in d.beams:
+        dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
+        travel = np.maximum(np.abs(np.diff(b.leaf_a_mm, axis=0)),
+                            np.abs(np.diff(b.leaf_b_mm, axis=0))).max(axis=1)
+        # leaf travel: what the leaves do while the gantry turns at full speed
+        assert np.all(travel <= m.max_leaf_travel_per_deg_mm * dg + 1e-6)
+        assert (b.leaf_b_mm - b.leaf_a_mm).min() >= m.min_leaf_gap_mm - 1e-9
+        lo, hi = m.leaf_position_range_mm
+        assert b.leaf_a_mm.min() >= lo - 1e-9 and b.leaf_b_mm.max() <= hi + 1e-9
+        for x in (b.leaf_a_mm, b.leaf_b_mm):
+            assert (x.max(axis=1) - x.min(axis=1)).max() <= m.max_leaf_span_mm + 1e-9
+        dmu = np.diff(b.cumulative_mu) / d.fractions
+        assert dmu.min() >= 0
+        mu_deg = dmu / dg
+        assert mu_deg.max() <= m.max_mu_per_deg * (1 + 1e-9)
+        assert mu_deg.min() >= m.min_mu_per_deg * (1 - 1e-9)
+        # dose rate: at the maximum dose rate the gantry need not slow below its minimum
+        gantry_speed = dg / np.maximum(dmu / (m.max_dose_rate_mu_min / 60.0), 1e-12)
+        assert np.all(np.minimum(gantry_speed, m.max_gantry_speed_deg_s)
+                      >= m.slowest_gantry_speed_deg_s * (1 - 1e-9))
+    rep = machine_limit_report(d)
+    assert all(r["max_travel_per_deg_mm"] <= r["travel_limit_per_deg_mm"] + 1e-6
+               for r in rep.values())
+
+
+def test_the_leaves_and_mu_moved_and_the_objective_fell(arc_case, optimised):
+    d0 = arc_case["delivery"]
+    d, info = optimised
+    h = info["history"]
+    assert h[-1] < h[0]
+    assert all(b <= a for a, b in itertools.pairwise(h))  # monotone: Armijo steps only
+    moved = max(float(np.abs(b1.leaf_a_mm - b0.leaf_a_mm).max()) for b0, b1 in
+                zip(d0.beams, d.beams))
+    assert moved > 1.0
+    # the reported objective is the objective of the returned delivery's dose
+    w = sequencer.delivered_weights(d, arc_case["dij"].beamlets)
+    assert arc_case["J"](w)[0] == pytest.approx(info["plan_objective_after"], rel=1e-4)
+
+
+def test_goal_objective_gradient_matches_finite_differences(arc_case):
+    """The full chain: leaf tips and MU -> delivered weights -> dose -> goal-list J.
+    Tongue and groove off: the tip gradient leaves its strips out (aperture_refine)."""
+    dij, J = arc_case["dij"], arc_case["J"]
+    d = arc_case["delivery"]
+    m = replace(d.machine, tongue_groove_mm=0.0)
+    md = _ArcModel(d.beams[0], dij.beamlets, m, d.fractions, 4)
+
+    def j_of(a, b, v):
+        w = np.zeros(dij.n_beamlets)
+        md.weights(a, b, v, w)
+        return J(w)
+
+    a, b, v = md.a0.copy(), md.b0.copy(), md.v0.copy()
+    _, g_w = j_of(a, b, v)
+    ga, gb, gv = md.grad(a, b, v, g_w)
+    # the pairs whose tips matter most, away from kinks (beamlet edges, jaws)
+    cand = np.argwhere((b - a > 6.0) & (np.abs(ga) > 0.05 * np.abs(ga).max()))
+    assert cand.shape[0] >= 5
+    checked = 0
+    for k, p in cand[:: max(1, cand.shape[0] // 8)]:
+        for arr, g in ((a, ga), (b, gb)):
+            eps = 1e-3
+            arr[k, p] += eps
+            jp = j_of(a, b, v)[0]
+            arr[k, p] -= 2 * eps
+            jm = j_of(a, b, v)[0]
+            arr[k, p] += eps
+            fd = (jp - jm) / (2 * eps)
+            assert fd == pytest.approx(g[k, p], rel=0.05, abs=1e-3 * np.abs(g).max())
+            checked += 1
+    assert checked >= 10
+    for k in np.argsort(-np.abs(gv))[:5]:
+        eps = 1e-3 * max(v[k], 1.0)
+        v[k] += eps
+        jp = j_of(a, b, v)[0]
+        v[k] -= 2 * eps
+        jm = j_of(a, b, v)[0]
+        v[k] += eps
+        assert (jp - jm) / (2 * eps) == pytest.approx(gv[k], rel=1e-3)
+
+
+def test_a_start_outside_the_travel_limit_is_refused(arc_case):
+    d = arc_case["delivery"]
+    b0 = d.beams[0]
+    a = b0.leaf_a_mm.copy()
+    a[3] -= 60.0  # one control point's bank A jumps 60 mm
+    bad = replace(d, beams=(replace(b0, leaf_a_mm=a),) + d.beams[1:])
+    with pytest.raises(ValueError, match="breaks the DMPO leaf limits"):
+        optimise_machine_parameters(bad, arc_case["dij"].beamlets, arc_case["J"],
+                                    DmpoOptions(iterations=1))
+
+
+# --- planning floor: atp.plan(technique='vmat'), RT Plan export, `atp dose` ---------------
+@pytest.fixture(scope="module")
+def vmat_plan(phantom, tmp_path_factory):
+    import atp
+
+    p = atp.plan(phantom, predictor="baseline", technique="vmat", progress=False,
+                 dose_grid_factor=3, optimizer_options={"max_iter": 60},
+                 vmat_options={"spacing_deg": 12.0, "dmpo": {"iterations": 10}})
+    out = tmp_path_factory.mktemp("vmat") / "plan"
+    p.save(out, report=False, dicom=True)
+    return p, out
+
+
+def test_vmat_plan_is_dmpo_optimised_and_deliverable(vmat_plan):
+    p, _ = vmat_plan
+    d = p.delivery
+    assert d.technique == "vmat" and len(d.beams) == 2
+    assert d.meta["dmpo"]["kept"]
+    assert d.meta["dmpo"]["objective_after"] < d.meta["dmpo"]["objective_before"]
+    assert check_delivery(d) == []
+    assert p.settings["technique"] == "vmat"
+    assert 0 < d.meta["mu_per_cgy"] < 10
+
+
+@pytest.mark.slow
+def test_vmat_rt_plan_recomputes_to_the_plan_dose(vmat_plan, tmp_path, capsys):
+    from atp.cli import main
+
+    p, out = vmat_plan
+    rtplan = sorted((out / "dicom").glob("RP*.dcm"))
+    assert rtplan, f"no RT Plan under {out}"
+    fwd_dir = tmp_path / "fwd"
+    assert main(["dose", str(rtplan[0]), "--patient", "phantom", "--out", str(fwd_dir),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    fwd = np.load(fwd_dir / "dose.npy")
+    assert np.abs(fwd - p.dose_gy).max() <= 0.005 * p.dose_gy.max()
+    assert info["mu_per_fraction"] == pytest.approx(p.delivery.total_mu / p.delivery.fractions,
+                                                    rel=1e-4)
+
+
+@pytest.mark.slow
+def test_vmat_rt_plan_passes_dciodvfy(vmat_plan):
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) not installed")
+    _, out = vmat_plan
+    files = sorted((out / "dicom").glob("R[PD]*.dcm"))
+    assert len(files) == 2
+    for f in files:
+        res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True,
+                             check=False)
+        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
+        assert errors == [], (f.name, errors[:5])
