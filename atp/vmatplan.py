@@ -52,8 +52,9 @@ class VmatOptions:
     def __post_init__(self) -> None:
         if int(self.arcs) != self.arcs or not 1 <= self.arcs <= 4:
             raise InputError(f"vmat arcs must be 1..4, got {self.arcs!r}", field="vmat.arcs")
-        if not (np.isfinite(self.spacing_deg) and 1.0 <= self.spacing_deg <= 20.0):
-            raise InputError(f"vmat spacing_deg must be in [1, 20], got {self.spacing_deg!r}",
+        if not (np.isfinite(self.spacing_deg) and 1.0 <= self.spacing_deg <= 10.0):
+            raise InputError(f"vmat spacing_deg must be in [1, 10] (an arc's control "
+                             f"points are <= 10 deg apart), got {self.spacing_deg!r}",
                              field="vmat.spacing_deg")
         if not (np.isfinite(self.collimator_deg) and 0.0 <= self.collimator_deg <= 45.0):
             raise InputError(f"vmat collimator_deg must be in [0, 45], got "
@@ -100,19 +101,20 @@ def vmat_arcs(options: VmatOptions | None = None):
     return beams
 
 
-def goal_objective(problem, hard_state=None):
+def goal_objective(problem, hard_state=None, dtype=np.float32):
     """``w -> (J, dJ/dw)``: the goal-list objective of ``problem`` on the dose ``A w``
     (every dose term: the goals', hard ones with the weights and references of
     ``hard_state``, and the automatic fall-off and global-maximum terms). The fluence
     regularisers (smoothness, the sliding-window MU surrogate) are left out: DMPO's
-    variables are leaves and MU, and it has its own MU term."""
+    variables are leaves and MU, and it has its own MU term. dtype: of the dose and the
+    sums (float64 for finite-difference checks)."""
     p = apply_state(problem, hard_state) if hard_state else problem
-    A = p.A.tocsr().astype(np.float32)
+    A = p.A.tocsr().astype(dtype)
     AT = A.T.tocsr()
     arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
 
     def value_grad(w):
-        d = A @ np.asarray(w, np.float32)
+        d = A @ np.asarray(w, dtype)
         total, g_rows, _ = evaluate_terms(p.terms, arrays, d)
         return float(total), np.asarray(AT @ g_rows, np.float64)
 
