@@ -54,7 +54,7 @@ from atp.plans import (  # noqa: F401 - Plan and load_plan: also importable from
 from atp.progress import tick
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.fidelity import fidelity
-from atp.vmatplan import VmatOptions, dmpo_step, vmat_arcs
+from atp.vmatplan import VmatOptions, control_point_beams, dmpo_step, vmat_arcs
 
 ATTAIN_ROUNDS = 3  # goal-attainment rounds of the optimiser (optimizer.solve.optimize)
 ATTAIN_MAX_PRIORITY = 3  # protocol goals (targets P2, organ limits P3), not P4 predicted
@@ -111,8 +111,10 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
                              "fast / beam_template / sequence", field="technique")
         vmat = VmatOptions.from_dict(vmat_options)
         beams, sequence = vmat_arcs(vmat), "vmat"
-        # DMPO optimises the deliverable dose itself: no re-optimisation rounds
-        optimizer_options = {"deliverable_rounds": 0, **(optimizer_options or {})}
+        # DMPO optimises the deliverable dose itself: no re-optimisation rounds; the
+        # final-dose stage re-sequences without DMPO, so it is off for VMAT (for now)
+        optimizer_options = {"deliverable_rounds": 0, "final_dose": False,
+                             **(optimizer_options or {})}
     elif vmat_options:
         raise InputError("vmat_options need technique='vmat'", field="vmat_options")
     if fast:
@@ -465,7 +467,8 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     beamlet_dose = dose
     field: dict = {}  # _field_dose keeps its jaw-field dij here (the final-dose stage)
     delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij, delivery,
-                                     ideal, dose, fid, keep=field)
+                                     ideal, dose, fid, keep=field,
+                                     per_control_point=dmpo is not None)
     correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
     if (s.deliverable_rounds and s.opts.get("attain_rounds")
             and s.opts.get("goal_check") is s.goal_check):
@@ -700,12 +703,15 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
     return delivery, ideal_dose, dose, fid
 
 
-def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
+def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
+                per_control_point=False):
     """The reported deliverable dose: the final delivery recomputed over each beam's whole
     jaw field (:func:`atp.forward.forward_dose`, what ``atp dose`` computes from the
     exported RT Plan), so the leakage through closed leaves and jaws outside the planning
     beamlets is in it too; plus MU per cGy in the delivery's summary. A dij not made by
-    the pencil-beam engine (imported) keeps its own deliverable dose."""
+    the pencil-beam engine (imported) keeps its own deliverable dose. per_control_point
+    (VMAT): every control point its own dose beam at the engine's default threshold, as
+    ``atp dose`` reads the exported RT Plan (:func:`atp.vmatplan.control_point_beams`)."""
 
 
     meta = dict(delivery.meta)
@@ -719,16 +725,21 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
     dm = dij.meta or {}
     if dm.get("engine") == "pencil-beam":
         b = dij.beamlets
-        beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
-                 zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
-        dose, fdij = forward_dose(patient, delivery, beams,
+        if per_control_point:
+            fwd, beams = control_point_beams(delivery)
+            threshold = None
+        else:
+            fwd, threshold = delivery, dm.get("threshold")
+            beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
+                     zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
+        dose, fdij = forward_dose(patient, fwd, beams,
                                dose_grid_factor=int(dm.get("dose_grid_factor", 2)),
                                beamlet_size_mm=float(b.beamlet_size_mm[0]),
                                margin_mm=float(dm.get("margin_mm", 5.0)),
-                               threshold=dm.get("threshold"))
+                               threshold=threshold)
         meta["dose_beamlets"] = "jaw field"
-        if keep is not None:  # the final-dose stage splits the dose by beam on it
-            keep["dij"] = fdij
+        if keep is not None and not per_control_point:  # the final-dose stage splits
+            keep["dij"] = fdij  # the dose by beam on it (its beams: the delivery's)
         masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
         fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return replace(delivery, meta=meta), dose, fid

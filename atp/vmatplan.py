@@ -23,11 +23,11 @@ The planning floor's part of the technique (the stages stay independent):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from atp.dose.geometry import arc_control_points
+from atp.dose.geometry import Beam, arc_control_points
 from atp.errors import InputError
 from atp.optimizer.objectives import evaluate_terms
 from atp.optimizer.solve import apply_state
@@ -131,3 +131,27 @@ def dmpo_step(problem, res, dij, delivery, options: VmatOptions):
         "history": [round(float(v), 6) for v in info.get("history", [])],
         "limits": machine_limit_report(out, opts.travel_per_deg_mm)}
     return out, info
+
+
+def control_point_beams(delivery):
+    """(delivery, beams): the delivery with every control point its own dose beam (at the
+    control point's gantry angle, one per distinct geometry), as
+    :func:`atp.sequencer.rtplan.read_rt_plan` reads the exported RT Plan -- so the
+    reported dose is what ``atp dose`` recomputes. (The planning dij has one beam per
+    arc sector; the arcs' half-step end control points use the first / last sector's.)"""
+    keys: dict = {}
+    geometry: list = []
+    out = []
+    for b in delivery.beams:
+        iso = np.asarray(b.isocenter_mm, np.float64)
+        idx = np.zeros(b.n_control_points, dtype=np.int64)
+        for k, g in enumerate(np.asarray(b.gantry_deg, np.float64) % 360.0):
+            key = (round(float(g), 4), round(float(b.collimator_deg), 4),
+                   round(float(b.couch_deg), 4), *np.round(iso, 3))
+            if key not in keys:
+                keys[key] = len(geometry)
+                geometry.append(Beam(float(g), float(b.collimator_deg), float(b.couch_deg),
+                                     tuple(float(v) for v in iso)))
+            idx[k] = keys[key]
+        out.append(replace(b, dij_beam=idx))
+    return replace(delivery, beams=tuple(out)), geometry
