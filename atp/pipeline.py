@@ -508,8 +508,10 @@ def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions):
     """The arcs' leaves and MU optimised on the goal list as ``res`` left it
     (:func:`atp.vmatplan.dmpo_step`); the deliverable dose on the patient grid."""
     delivery, info = dmpo_step(s.problem, res, s.dij, delivery, options)
-    meta = dict(delivery.meta)
-    meta["dmpo"] = {k: v for k, v in info.items() if k not in ("history", "limits")}
+    meta = {k: v for k, v in delivery.meta.items() if k != "dmpo"}
+    # flat scalars: the delivery summary (plan.json, --json) carries them
+    meta.update({f"dmpo_{k}": (round(v, 6) if isinstance(v, float) else v)
+                 for k, v in info.items() if isinstance(v, (bool, int, float, str))})
     delivery = replace(delivery, meta=meta)
     dose = s.dij.to_patient_grid(sequencer.deliverable_dose(delivery, s.dij))
     p = s.patient

@@ -237,8 +237,9 @@ def test_vmat_plan_is_dmpo_optimised_and_deliverable(vmat_plan):
     p, _ = vmat_plan
     d = p.delivery
     assert d.technique == "vmat" and len(d.beams) == 2
-    assert d.meta["dmpo"]["kept"]
-    assert d.meta["dmpo"]["objective_after"] < d.meta["dmpo"]["objective_before"]
+    assert d.meta["dmpo_kept"]
+    assert d.meta["dmpo_objective_after"] < d.meta["dmpo_objective_before"]
+    assert d.summary()["dmpo_iterations"] >= 1
     assert check_delivery(d) == []
     assert p.settings["technique"] == "vmat"
     assert 0 < d.meta["mu_per_cgy"] < 10
