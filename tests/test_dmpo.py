@@ -277,3 +277,17 @@ def test_vmat_rt_plan_passes_dciodvfy(vmat_plan):
                              check=False)
         errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
         assert errors == [], (f.name, errors[:5])
+
+
+def test_cli_bad_vmat_options_are_one_line_exit_2(tmp_path, capsys):
+    from atp.cli import main
+
+    for argv, needle in ((["--technique", "vmat", "--vmat", "spacing=6"], "spacing"),
+                         (["--technique", "vmat", "--vmat", "dmpo.iters=3"], "iters"),
+                         (["--technique", "vmat", "--vmat", "spacing_deg=30"], "spacing_deg"),
+                         (["--vmat", "spacing_deg=6"], "--technique vmat"),
+                         (["--fast", "--technique", "vmat"], "--fast")):
+        out = tmp_path / f"p{len(needle)}{argv[-1][:4]}"
+        assert main(["plan", "phantom", "--out", str(out), *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)
