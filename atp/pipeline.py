@@ -96,27 +96,12 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     options: its :class:`atp.fastplan.FastPlanOptions` (or a preset name);
     fast_options: the same as a mapping (:func:`atp.fastplan.fast_plan_options`:
     ``arc_spacing_deg``, ``device``, ``preset``, ``fastpath_options`` ...).
-    technique: None (the beams and ``sequence`` above) or a :data:`TECHNIQUES` name:
-    'vmat', the optimiser's VMAT (:mod:`atp.vmatplan`: two full arcs, fluence optimisation
-    on the arc dij, arc sequencing, direct machine-parameter optimisation of leaves and MU
-    on the goal list); vmat_options: :class:`atp.vmatplan.VmatOptions` fields.
+    technique: None or 'vmat' (:mod:`atp.vmatplan`: two arcs, arc sequencing, DMPO of
+    leaves and MU on the goal list); vmat_options: :class:`atp.vmatplan.VmatOptions` fields.
     """
-    vmat = None
-    if technique is not None:
-        if technique not in TECHNIQUES:
-            raise InputError(f"unknown technique {quote(technique)}; known: "
-                             f"{', '.join(TECHNIQUES)}", field="technique")
-        if fast or beam_template is not None or sequence not in (True, "vmat"):
-            raise InputError("technique 'vmat' sets the beams and the sequencer; drop "
-                             "fast / beam_template / sequence", field="technique")
-        vmat = VmatOptions.from_dict(vmat_options)
-        beams, sequence = vmat_arcs(vmat), "vmat"
-        # DMPO optimises the deliverable dose itself: no re-optimisation rounds; the
-        # final-dose stage re-sequences without DMPO, so it is off for VMAT (for now)
-        optimizer_options = {"deliverable_rounds": 0, "final_dose": False,
-                             **(optimizer_options or {})}
-    elif vmat_options:
-        raise InputError("vmat_options need technique='vmat'", field="vmat_options")
+    vmat, beams, sequence, optimizer_options = _technique(
+        technique, vmat_options, fast=fast, beam_template=beam_template, beams=beams,
+        sequence=sequence, optimizer_options=optimizer_options)
     if fast:
         return _fast(patient, site=site, institution=institution, goal_list=goal_list,
                      predictor=predictor, predicted_dose=predicted_dose,
@@ -145,21 +130,12 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
             beams, beam_template = _beams_of(prep.goal_list, beams, beam_template)
             dij = stages.run("dose influence", _influence, dose_engine, prep.loaded,
                              make_beams(beams, beam_template), beamlet_size_mm,
-                             dose_grid_factor,
-                             **({} if vmat is None else {"threshold": ARC_THRESHOLD}))
-        settings = {
-            **goal_list_settings(prep.goal_list, site, institution),
-            "predictor": prep.predictor, "dose_engine": engine_name,
-            "backend_requested": backend if isinstance(backend, str) else
-            getattr(backend, "name", "custom"),
-            "beams": beams if isinstance(beams, int) else None,
-            "beam_template": beam_template, "refine": int(refine),
-            "dose_grid_factor": dose_grid_factor, "beamlet_size_mm": beamlet_size_mm,
-            "resolve_notes": prep.resolve_notes, "sequence": sequence, "machine": machine,
-            "optimizer_options": dict(optimizer_options or {}),
-        }
-        if vmat is not None:
-            settings.update({"technique": "vmat", "vmat": vmat.to_dict(), "beams": None})
+                             dose_grid_factor, arcs=vmat is not None)
+        settings = _plan_settings(
+            prep, site, institution, engine_name, backend, vmat, beams=beams,
+            beam_template=beam_template, refine=refine, dose_grid_factor=dose_grid_factor,
+            beamlet_size_mm=beamlet_size_mm, sequence=sequence, machine=machine,
+            optimizer_options=optimizer_options)
         out = optimise_and_finish(prep.patient, list(prep.resolved), dij,
                                   prep.predicted_dose, backend=backend, refine=refine,
                                   settings=settings, notes=prep.resolve_notes,
@@ -170,11 +146,51 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     return out
 
 
-def _influence(engine: str, patient, beams, beamlet_size_mm, dose_grid_factor, **kw):
-    """The dose engine ``engine``'s dose-influence matrix for ``beams`` (``kw``: more
-    engine keywords, e.g. the arcs' ``threshold``)."""
+def _technique(technique, vmat_options, *, fast, beam_template, beams, sequence,
+               optimizer_options):
+    """plan(technique=...): (VmatOptions or None, beams, sequence, optimizer_options)."""
+    if technique is None:
+        if vmat_options:
+            raise InputError("vmat_options need technique='vmat'", field="vmat_options")
+        return None, beams, sequence, optimizer_options
+    if technique not in TECHNIQUES:
+        raise InputError(f"unknown technique {quote(technique)}; known: "
+                         f"{', '.join(TECHNIQUES)}", field="technique")
+    if fast or beam_template is not None or sequence not in (True, "vmat"):
+        raise InputError("technique 'vmat' sets the beams and the sequencer; drop "
+                         "fast / beam_template / sequence", field="technique")
+    vmat = VmatOptions.from_dict(vmat_options)
+    # DMPO optimises the deliverable dose itself: no re-optimisation rounds; the
+    # final-dose stage re-sequences without DMPO, so it is off for VMAT (for now)
+    return vmat, vmat_arcs(vmat), "vmat", {"deliverable_rounds": 0, "final_dose": False,
+                                           **(optimizer_options or {})}
+
+
+def _influence(engine: str, patient, beams, beamlet_size_mm, dose_grid_factor,
+               arcs: bool = False):
+    """The dose engine ``engine``'s dose-influence matrix for ``beams`` (``arcs``: at the
+    arc sparsification threshold, :data:`atp.dose.arc.ARC_THRESHOLD`)."""
+    kw = {"threshold": ARC_THRESHOLD} if arcs else {}
     return engines.get(engine).influence(patient, beams, beamlet_size_mm=beamlet_size_mm,
                                          dose_grid_factor=dose_grid_factor, **kw)
+
+
+def _plan_settings(prep, site, institution, engine_name, backend, vmat, *, beams,
+                   beam_template, refine, dose_grid_factor, beamlet_size_mm, sequence,
+                   machine, optimizer_options) -> dict:
+    """The plan.json settings of :func:`plan` (``vmat``: VmatOptions or None)."""
+    return {
+        **goal_list_settings(prep.goal_list, site, institution),
+        "predictor": prep.predictor, "dose_engine": engine_name,
+        "backend_requested": backend if isinstance(backend, str) else
+        getattr(backend, "name", "custom"),
+        "beams": beams if isinstance(beams, int) else None,
+        "beam_template": beam_template, "refine": int(refine),
+        "dose_grid_factor": dose_grid_factor, "beamlet_size_mm": beamlet_size_mm,
+        "resolve_notes": prep.resolve_notes, "sequence": sequence, "machine": machine,
+        "optimizer_options": dict(optimizer_options or {}),
+        **({} if vmat is None else {"technique": "vmat", "vmat": vmat.to_dict()}),
+    }
 
 
 def _beams_of(gl, beams, beam_template):
