@@ -61,8 +61,8 @@ import numpy as np
 from tqdm import tqdm
 
 from atp.cohort_report import dvh_curves, write_cohort_report
+from atp.commands import common
 from atp.commands import plan as plan_cmd
-from atp.commands.common import load_patient_from_args
 from atp.errors import AtpError, InputError, quote
 from atp.goals.loader import list_sites
 from atp.goals.metric import parse_metric
@@ -375,7 +375,7 @@ def _measure(job: dict, args, rec: dict) -> None:
     rec["timings_s"] = {k: float(v) for k, v in (data.get("timings_s") or {}).items()}
     for k, v in rec["timings_s"].items():
         row[f"time:{k}"] = round(v, 3)
-    patient = load_patient_from_args(args)
+    patient = common.load_patient_from_args(args)
     dose = np.load(plan_dir / "dose.npy", allow_pickle=False)
     crit = standard_criteria(patient, dose)
     rec["criteria"] = crit

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.commands import argtypes
-from atp.commands.common import add_hidden_alias, load_patient_from_args, print_json
+from atp.commands import argtypes, common
+from atp.commands.common import add_hidden_alias, print_json
 from atp.errors import InputError
 from atp.outputs import check_output_file
 from atp.progress import is_terminal
@@ -128,7 +128,7 @@ def run(args) -> int:  # lazy: CLI start-up
             raise InputError("give a PATIENT (or --import FORMAT FILE)", field="PATIENT")
         from atp.dose import registry
 
-        patient = load_patient_from_args(args)
+        patient = common.load_patient_from_args(args)
         beams = _beams(args)
         device = "gpu" if args.device in ("cuda", "gpu") else "cpu"  # gpu: the old name
         engine = registry.get({"name": args.dose_engine, "device": device,

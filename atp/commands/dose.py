@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from atp.commands import argtypes
-from atp.commands.common import load_patient_from_args, print_json
+from atp.commands import argtypes, common
+from atp.commands.common import print_json
 from atp.errors import InputError
 from atp.outputs import atomic_output_dir, check_output_dir, write_json
 
@@ -55,7 +55,7 @@ def run(args) -> int:  # lazy: CLI start-up
     if not Path(args.rtplan).is_file():
         raise InputError("no such file", file=args.rtplan, field="RTPLAN")
     patient_arg = args.patient
-    patient = load_patient_from_args(args, require_prescription=False)
+    patient = common.load_patient_from_args(args, require_prescription=False)
     dose, delivery, info = rt_plan_dose(args.rtplan, patient, machine=args.machine,
                                         engine=args.dose_engine,
                                         dose_grid_factor=args.dose_grid_factor)
