@@ -212,6 +212,21 @@ def leaf_boxes(a, b, gantry_deg, machine: Machine):
             b + np.maximum(hb, 0))
 
 
+
+def arc_value_grad(models, parts, n_w: int, weight_value_grad):
+    """Objective value and its gradient w.r.t. every arc's leaf tips and control-point MU.
+
+    models: the arcs' :class:`_ArcModel`; parts: one ``(a, b, v)`` (leaf tips mm, MU) per
+    arc; weight_value_grad: beamlet weights -> (J, dJ/dw). Returns ``(J, [(dJ/da, dJ/db,
+    dJ/dv) per arc])``; shared by aperture refinement and :mod:`atp.sequencer.dmpo`.
+    """
+    w = np.zeros(n_w)
+    for md, (a, b, v) in zip(models, parts):
+        md.weights(a, b, v, w)
+    j, g_w = weight_value_grad(w)
+    g_w = np.asarray(g_w, np.float64).reshape(-1)
+    return float(j), [md.grad(a, b, v, g_w) for md, (a, b, v) in zip(models, parts)]
+
 def refine_apertures(delivery: Delivery, beamlets: BeamletInfo, weight_value_grad, *,
                      rounds: int = 3, iterations: int = 10, n_sub: int = 4,
                      leaf_scale_mm: float = 5.0) -> tuple[Delivery, dict]:
@@ -250,18 +265,10 @@ def refine_apertures(delivery: Delivery, beamlets: BeamletInfo, weight_value_gra
                                for a, b, v in parts])
 
     def fun(z):
-        parts = split(z)
-        w = np.zeros(n_w)
-        for md, (a, b, v) in zip(models, parts):
-            md.weights(a, b, v, w)
-        j, g_w = weight_value_grad(w)
-        g_w = np.asarray(g_w, np.float64).reshape(-1)
-        grads = []
-        for md, (a, b, v) in zip(models, parts):
-            ga, gb, gv = md.grad(a, b, v, g_w)
-            grads.append((ga * leaf_scale_mm, gb * leaf_scale_mm, gv * mu_scale))
-        return float(j), np.concatenate([np.concatenate([ga.ravel(), gb.ravel(), gv])
-                                         for ga, gb, gv in grads])
+        j, raw = arc_value_grad(models, split(z), n_w, weight_value_grad)
+        grads = [(ga * leaf_scale_mm, gb * leaf_scale_mm, gv * mu_scale) for ga, gb, gv in raw]
+        return j, np.concatenate([np.concatenate([ga.ravel(), gb.ravel(), gv])
+                                  for ga, gb, gv in grads])
 
     parts = [(md.a0, md.b0, np.clip(md.v0, md.mu_lo, md.mu_hi)) for md in models]
     z = pack(parts)

@@ -47,9 +47,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from atp.sequencer.aperture_refine import _ArcModel
+from atp.sequencer.aperture_refine import _ArcModel, arc_value_grad
 from atp.sequencer.delivery import Delivery, check_delivery
 from atp.sequencer.machine import Machine
+from atp.sequencer.vmat import limit_travel
 
 from atp.dose.influence import BeamletInfo
 from atp.errors import InputError
@@ -150,22 +151,13 @@ def _gap_project(a, b, g):
     return a - short, b + short
 
 
-def _clamp_travel(x, step):
-    x = x.copy()
-    for k in range(1, x.shape[0]):
-        x[k] = np.clip(x[k], x[k - 1] - step[k - 1], x[k - 1] + step[k - 1])
-    for k in range(x.shape[0] - 2, -1, -1):
-        x[k] = np.clip(x[k], x[k + 1] - step[k], x[k + 1] + step[k])
-    return x
-
-
 def repair(a, b, lim: LeafLimits):
     """A feasible (a, b) near the given one (not the projection): range, gap, then the
     forward and backward travel clamp (monotone and shift-equivariant, so it keeps the gap
     and the range: both banks use the same steps)."""
     a = np.clip(a, lim.lo, lim.hi - lim.min_gap)
     b = np.clip(np.maximum(b, a + lim.min_gap), lim.lo + lim.min_gap, lim.hi)
-    return _clamp_travel(a, lim.step), _clamp_travel(b, lim.step)
+    return limit_travel(a, lim.step), limit_travel(b, lim.step)
 
 
 def project_leaves(a, b, lim: LeafLimits, sweeps: int = 20):
@@ -271,18 +263,10 @@ def optimise_machine_parameters(delivery: Delivery, beamlets: BeamletInfo,
     def fun(z):
         n_eval[0] += 1
         parts = var.split(z)
-        w = np.zeros(n_w)
-        for md, (a, b, v) in zip(models, parts):
-            md.weights(a, b, v, w)
-        j, g_w = weight_value_grad(w)
-        g_w = np.asarray(g_w, np.float64).reshape(-1)
-        grads = []
-        mu_total = 0.0
-        for md, (a, b, v) in zip(models, parts):
-            ga, gb, gv = md.grad(a, b, v, g_w)
-            grads.append((ga, gb, gv + mu_coef[0]))
-            mu_total += float(v.sum())
-        return float(j) + mu_coef[0] * mu_total, var.pack(grads, grad=True), float(j)
+        j, raw = arc_value_grad(models, parts, n_w, weight_value_grad)
+        grads = [(ga, gb, gv + mu_coef[0]) for ga, gb, gv in raw]
+        mu_total = sum(float(v.sum()) for _, _, v in parts)
+        return j + mu_coef[0] * mu_total, var.pack(grads, grad=True), j
 
     z = var.project(var.pack([(md.a0, md.b0, md.v0) for md in models]))
     f, g, j_plan = fun(z)

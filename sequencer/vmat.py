@@ -106,7 +106,7 @@ def largest_runs(f: np.ndarray, threshold: float):
     return start.reshape(n_cp, n_pairs), stop.reshape(n_cp, n_pairs)
 
 
-def _limit_travel(x: np.ndarray, step_mm: np.ndarray) -> np.ndarray:
+def limit_travel(x: np.ndarray, step_mm: np.ndarray) -> np.ndarray:
     """Clamp (n_cp, n_pairs) so |x[k+1] - x[k]| <= step_mm[k]: forward then backward."""
     x = x.copy()
     for k in range(1, x.shape[0]):
@@ -189,8 +189,8 @@ def sequence_arc(maps: np.ndarray, x_edges_mm: np.ndarray, gantry_deg: np.ndarra
 
     dg = np.abs(_wrap(np.diff(gantry_deg)))
     step = m.max_leaf_travel_per_deg_mm * dg
-    a = _limit_travel(a, step)
-    b = _limit_travel(b, step)
+    a = limit_travel(a, step)
+    b = limit_travel(b, step)
 
     cover = control_point_cover_deg(gantry_deg)
     mu = np.clip(mu, m.min_mu_per_deg * cover * fractions, m.max_mu_per_deg * cover * fractions)

@@ -54,7 +54,7 @@ from atp.sequencer.apertures import jaws_around
 from atp.sequencer.delivery import BeamDelivery, Delivery
 from atp.sequencer.fluence import FluenceSet
 from atp.sequencer.machine import Machine
-from atp.sequencer.vmat import _limit_travel, _wrap, arc_inputs, control_point_cover_deg, group_arcs
+from atp.sequencer.vmat import _wrap, arc_inputs, control_point_cover_deg, group_arcs, limit_travel
 
 from atp.errors import InputError
 
@@ -352,8 +352,8 @@ def sequence_arc_sliding(maps, x_edges_mm, gantry_deg, beam_index, machine: Mach
     a = np.clip(a, lo_r, hi_r - m.min_leaf_gap_mm)
     b = np.clip(b, lo_r + m.min_leaf_gap_mm, hi_r)
     step_mm = travel_per_deg_mm * np.abs(_wrap(np.diff(phi_all)))
-    a = _limit_travel(a, step_mm)
-    b = _limit_travel(b, step_mm)
+    a = limit_travel(a, step_mm)
+    b = limit_travel(b, step_mm)
     b = np.maximum(b, a + m.min_leaf_gap_mm)
     return {"gantry": (gantry[0] + sign * phi_all) % 360.0, "a": a, "b": b,
             "jaw_x": jx, "jaw_y": jy, "cumulative_mu": np.concatenate(mu_out),

@@ -112,7 +112,11 @@ def test_every_point_inside_the_leaf_boxes_is_deliverable(raw):
 
 
 def test_refinement_lowers_the_objective_within_machine_limits(fast, raw):
-    fp, dij = fast.attachments["fastpath"], fast.dij
+    from dataclasses import replace
+
+    # the fast path's objective sees the sparse matrix only (not the far-scatter tail the
+    # reported dose adds: docs/dose-model.md), so compare on that matrix
+    fp, dij = fast.attachments["fastpath"], replace(fast.dij, far=None)
     before = fp.objective_value(sequencer.deliverable_dose(raw, dij))
     out, info = refine_apertures(raw, dij.beamlets, fp.weight_value_grad({}), rounds=2,
                                  iterations=8)

@@ -36,6 +36,12 @@ class _HiddenAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def add_repeatable(p, flag: str, metavar: str, help: str) -> None:
+    """A repeatable ``--flag KEY=VALUE`` option collected into a list (``--spare``, ``--vmat``,
+    ``--set``); the command parses the pairs."""
+    p.add_argument(flag, action="append", default=[], metavar=metavar, help=help)
+
+
 def add_hidden_alias(p: argparse.ArgumentParser, old: str, new: str, **kw) -> None:
     """Keep ``old`` as a hidden alias of the already-added option ``new``."""
     dest = next(a.dest for a in p._actions if new in a.option_strings)

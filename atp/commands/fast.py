@@ -10,6 +10,7 @@ The fast-path flags of ``atp plan`` (not a subcommand of its own) and their chec
 from __future__ import annotations
 
 from atp.commands import argtypes
+from atp.commands.common import add_repeatable
 from atp.errors import InputError
 
 # optimiser-only flags of `atp plan` (dest, flag, value when not given)
@@ -37,7 +38,7 @@ def add_fast_arguments(p) -> None:
                    help="AIRT-style fast path instead of the optimiser: one full arc, "
                         "predicted dose -> fluence by differentiable dose feedback, VMAT "
                         "sequencing (see --spare, --arc-spacing, --device)")
-    p.add_argument("--spare", action="append", default=[], metavar="OAR=FACTOR",
+    add_repeatable(p, "--spare", "OAR=FACTOR",
                    help="--fast: OAR sparing slider, factor in [0, 1): aim the OAR's dose "
                         "below (1 - FACTOR) x the initial fluence's (repeatable)")
     p.add_argument("--arc-spacing", type=argtypes.ARC_SPACING_DEG, default=None, metavar="DEG",

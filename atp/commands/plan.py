@@ -21,7 +21,12 @@ import sys
 from pathlib import Path
 
 from atp.commands import argtypes
-from atp.commands.common import add_patient_arguments, load_patient_from_args, print_json
+from atp.commands.common import (
+    add_patient_arguments,
+    add_repeatable,
+    load_patient_from_args,
+    print_json,
+)
 from atp.commands.evaluate import load_dose_npy
 from atp.commands.fast import add_fast_arguments, fast_options, reject_fast_only
 from atp.errors import InputError
@@ -93,7 +98,7 @@ def add_plan_arguments(p) -> None:
                    help="vmat: two full arcs (collimator +-15 deg), fluence optimisation on "
                         "the arcs, arc sequencing, then direct machine-parameter "
                         "optimisation of leaves and MU on the goal list (atp.vmatplan)")
-    p.add_argument("--vmat", action="append", default=[], metavar="KEY=VALUE",
+    add_repeatable(p, "--vmat", "KEY=VALUE",
                    help="VMAT option (arcs, spacing_deg, collimator_deg, jaw_tracking, "
                         "dmpo.iterations, dmpo.mu_weight, ...); repeatable")
     add_output_arguments(p)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from atp.commands import plan as plan_cmd
+from atp.commands.common import add_repeatable
 from atp.errors import InputError, quote
 from atp.goals.changes import format_changes
 from atp.goals.schema import check_setting
@@ -29,7 +30,7 @@ from atp.outputs import check_output_dir
 def register(sub) -> None:
     p = sub.add_parser("replan", help="re-optimise a saved plan after changing goals")
     p.add_argument("plan_dir", help="a plan directory written by `atp plan`")
-    p.add_argument("--set", action="append", default=[], metavar="GOAL.FIELD=VALUE",
+    add_repeatable(p, "--set", "GOAL.FIELD=VALUE",
                    help="change a goal (repeatable), e.g. Parotid_L.Dmean.tolerance=-20")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--warm", dest="warm", action="store_true", default=True,
