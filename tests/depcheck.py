@@ -26,10 +26,11 @@ DISTRIBUTION = {
     "tqdm": "tqdm", "contourpy": "contourpy", "matplotlib": "matplotlib",
     "torch": "torch", "cupy": "cupy-cuda12x", "cupyx": "cupy-cuda12x",
     "cvxpy": "cvxpy", "osqp": "osqp", "clarabel": "clarabel",
+    "ray": "ray", "pyarrow": "pyarrow",
 }
 # optional stacks: imported only behind an availability check; distribution -> extra
 OPTIONAL = {"torch": "ml", "cupy-cuda12x": "gpu", "cvxpy": "qp", "osqp": "qp",
-            "clarabel": "qp", "matplotlib": "report"}
+            "clarabel": "qp", "matplotlib": "report", "ray": "cluster", "pyarrow": "cluster"}
 
 
 def _norm(name: str) -> str:

@@ -80,11 +80,15 @@ def test_correction_with_zero_offset_is_the_plain_correction(fast):
 
 
 def test_mu_basis_is_the_deliverable_dose_and_with_mu_round_trips(fast):
+    from dataclasses import replace
+
     from atp.sequencer.reweight import mu_basis, with_mu
 
     from atp import sequencer
 
-    delivery, dij = fast.delivery, fast.dij
+    # the MU basis is built on the sparse matrix (the far-scatter tail the reported dose
+    # adds is not in it: a known gap, docs/dose-model.md), so compare on that matrix
+    delivery, dij = fast.delivery, replace(fast.dij, far=None)
     now = np.asarray(sequencer.deliverable_dose(delivery, dij)).reshape(-1)
     rows = np.flatnonzero(now > 0.1 * now.max())
     B, v0, lo, hi = mu_basis(delivery, dij, rows)
@@ -101,11 +105,14 @@ def test_mu_basis_is_the_deliverable_dose_and_with_mu_round_trips(fast):
 
 
 def test_control_point_mu_lower_the_objective_within_machine_limits(fast):
+    from dataclasses import replace
+
     from atp.sequencer.reweight import mu_basis, optimise_mu
 
     from atp import sequencer
 
-    fp, dij = fast.attachments["fastpath"], fast.dij
+    # compared on the sparse matrix the MU fit optimises (no far-scatter tail: a known gap)
+    fp, dij = fast.attachments["fastpath"], replace(fast.dij, far=None)
     raw = sequencer.sequence(fast.fluence, dij, "vmat", fractions=fp.patient.fractions)
     out, info = optimise_mu(raw, dij, fp.objective_value_grad({}), max_iter=30)
     j = fp.objective_value
