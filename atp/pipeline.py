@@ -52,6 +52,9 @@ from atp.plans import (  # noqa: F401 - Plan and load_plan: also importable from
     versions,
 )
 from atp.progress import tick
+from atp.refine_spec import parse_refine
+from atp.score_refine import refine_plan
+from atp.scorecard import list_scorecards, load_scorecard
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.fidelity import fidelity
 from atp.vmatplan import VmatOptions, control_point_beams, dmpo_step, vmat_arcs
@@ -66,13 +69,13 @@ SETTABLE = ("tolerance", "value", "weight", "priority")
 # --- the optimiser path -------------------------------------------------------------------
 def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=None,
          predicted_dose=None, dose_engine: str = "pencil-beam", dij=None,
-         backend="auto", beams=9, beam_template: str | None = None, refine: int = 0,
+         backend="auto", beams=9, beam_template: str | None = None, refine=0,
          progress=True, dose_grid_factor: int | None = None, beamlet_size_mm: float = 5.0,
          sequence: bool | str = True, machine: str = "millennium120",
          optimizer_options: dict | None = None, fast: bool = False,
          spare: dict | None = None, options: FastPlanOptions | str | None = None,
          fast_options: dict | None = None, technique: str | None = None,
-         vmat_options: dict | None = None) -> Plan:
+         vmat_options: dict | None = None, scorecard: str | None = None) -> Plan:
     """Plan one patient (see the module docstring).
 
     patient: a Patient or anything ``atp.io.load_patient`` accepts (path, 'phantom').
@@ -81,7 +84,9 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     ``predict(patient)`` (default: the registry's default); predicted_dose: Gy on the
     patient grid (skips prediction). dij: a DoseInfluence (skips the dose engine).
     backend: 'auto' | 'cpu' | 'gpu' | 'qp' or a backend object. beams: a count or a list
-    of Beams; beam_template: a name from BEAM_TEMPLATES. refine: AIRTP refinement rounds.
+    of Beams; beam_template: a name from BEAM_TEMPLATES. refine: AIRTP refinement, N
+    (= 'dvh:N') or 'scorecard[:N]' (:mod:`atp.refine_spec`; ``scorecard``: its card,
+    default the site's).
     progress: True (tqdm on stderr), False, or a callable(stage_name).
     sequence: True (default: the sequencer's default technique for the beams, sliding
     window for static fields, VMAT for arcs), a technique name ('imrt-sns',
@@ -102,6 +107,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     vmat, beams, sequence, optimizer_options = _technique(
         technique, vmat_options, fast=fast, beam_template=beam_template, beams=beams,
         sequence=sequence, optimizer_options=optimizer_options)
+    refine, scorecard = _refine_of(refine, scorecard, site)
     if fast:
         return _fast(patient, site=site, institution=institution, goal_list=goal_list,
                      predictor=predictor, predicted_dose=predicted_dose,
@@ -119,7 +125,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     dose_grid_factor = 2 if dose_grid_factor is None else dose_grid_factor
     stages = StageTimer(progress, total=(  # the bar's stages; +1: explain
         6 + (predicted_dose is None) + (dij is None) + (not isinstance(patient, Patient))
-        + (1 if refine else 0) + (3 if sequence else 0) + 1 + (vmat is not None)))
+        + bool(refine) + (3 if sequence else 0) + 1 + (vmat is not None)))
     t_start = time.perf_counter()
     try:
         prep = prepare_goals(patient, site=site, institution=institution,
@@ -135,11 +141,11 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
             prep, site, institution, engine_name, backend, vmat, beams=beams,
             beam_template=beam_template, refine=refine, dose_grid_factor=dose_grid_factor,
             beamlet_size_mm=beamlet_size_mm, sequence=sequence, machine=machine,
-            optimizer_options=optimizer_options)
-        out = optimise_and_finish(prep.patient, list(prep.resolved), dij,
-                                  prep.predicted_dose, backend=backend, refine=refine,
-                                  settings=settings, notes=prep.resolve_notes,
-                                  stages=stages)
+            optimizer_options=optimizer_options, scorecard=scorecard)
+        out = _scorecard_rounds(stages, optimise_and_finish(
+            prep.patient, list(prep.resolved), dij, prep.predicted_dose, backend=backend,
+            refine=_dvh_rounds(refine), settings=settings, notes=prep.resolve_notes,
+            stages=stages), refine, scorecard)
     finally:
         stages.close()
     out.timings_s["total"] = time.perf_counter() - t_start
@@ -177,7 +183,7 @@ def _influence(engine: str, patient, beams, beamlet_size_mm, dose_grid_factor,
 
 def _plan_settings(prep, site, institution, engine_name, backend, vmat, *, beams,
                    beam_template, refine, dose_grid_factor, beamlet_size_mm, sequence,
-                   machine, optimizer_options) -> dict:
+                   machine, optimizer_options, scorecard=None) -> dict:
     """The plan.json settings of :func:`plan` (``vmat``: VmatOptions or None)."""
     return {
         **goal_list_settings(prep.goal_list, site, institution),
@@ -185,12 +191,44 @@ def _plan_settings(prep, site, institution, engine_name, backend, vmat, *, beams
         "backend_requested": backend if isinstance(backend, str) else
         getattr(backend, "name", "custom"),
         "beams": beams if isinstance(beams, int) else None,
-        "beam_template": beam_template, "refine": int(refine),
+        "beam_template": beam_template, "refine": refine.setting,
         "dose_grid_factor": dose_grid_factor, "beamlet_size_mm": beamlet_size_mm,
         "resolve_notes": prep.resolve_notes, "sequence": sequence, "machine": machine,
         "optimizer_options": dict(optimizer_options or {}),
         **({} if vmat is None else {"technique": "vmat", "vmat": vmat.to_dict()}),
+        **({} if scorecard is None else {"scorecard": scorecard}),
     }
+
+
+# --- refinement: DVH-point rounds (in the optimisation) or scorecard rounds (whole plans) -
+def _refine_of(refine, scorecard, site):
+    """(RefineSpec, scorecard or None) of plan()'s ``refine`` and ``scorecard``: the
+    scorecard mode's card is ``scorecard`` (a shipped name or a file) or the site's
+    shipped one; a bad card fails here, before any work."""
+    spec = parse_refine(refine, field="refine")
+    if spec.mode != "scorecard" or not spec:
+        return spec, None
+    if scorecard is None or str(scorecard).lower() == "none":
+        if site not in list_scorecards():
+            raise InputError(f"--refine scorecard needs a scorecard: none is shipped for "
+                             f"site {quote(site)}; give --scorecard NAME|FILE",
+                             field="--scorecard")
+        scorecard = site
+    card = load_scorecard(scorecard)
+    return spec, str(scorecard) if str(scorecard) in list_scorecards() else card.file
+
+
+def _dvh_rounds(refine) -> int:
+    """The DVH-point rounds optimise_and_finish runs (0 in the scorecard mode)."""
+    return refine.rounds if refine.mode == "dvh" else 0
+
+
+def _scorecard_rounds(stages, plan_out: Plan, refine, scorecard) -> Plan:
+    """The scorecard mode's rounds on a finished plan (:mod:`atp.score_refine`)."""
+    if refine.mode != "scorecard" or not refine:
+        return plan_out
+    return stages.run("refine (scorecard)", refine_plan, plan_out, refine.rounds, scorecard,
+                      replan=replan)
 
 
 def _beams_of(gl, beams, beam_template):
@@ -246,20 +284,23 @@ class Start:
     plus it, and no further correction rounds are run. attain_rounds: goal-attainment
     rounds unless ``optimizer_options`` says otherwise (warm re-plans: 1, as the stored
     state is applied first). steer: ids of goals a re-plan changed: the attainment
-    rounds pursue them whatever their priority (``optimize(attain_ids=)``).
+    rounds pursue them whatever their priority (``optimize(attain_ids=)``). objectives:
+    callable(problem, fluence) -> objective terms added to the goal list's (the scorecard
+    refinement's tighter objectives, :mod:`atp.score_refine`).
     """
     fluence: np.ndarray | None = None
     hard_state: dict | None = None
     sequencing_offset: np.ndarray | None = None
     attain_rounds: int = ATTAIN_ROUNDS
     steer: tuple = ()
+    objectives: object = None  # callable(problem, fluence) -> extra terms (refinement)
 
 
 COLD = Start()
 
 
 def replan(plan: Plan, set: dict | None = None, *, warm: bool = True, backend=None,
-           refine: int | None = None, progress=False) -> Plan:
+           refine=None, progress=False, objectives=None) -> Plan:
     """A new plan after changing goals; reuses ``plan``'s dij and prediction.
 
     set: ``{"<goal>.<field>": number}`` with field one of tolerance (%: predicted
@@ -270,6 +311,10 @@ def replan(plan: Plan, set: dict | None = None, *, warm: bool = True, backend=No
     sequenced plan also reuses the plan's sequencing loss (deliverable minus ideal
     dose) as the deliverable-dose correction of its one optimisation, instead of
     running the correction rounds again (one sequencing instead of up to three).
+    refine: as plan()'s (None: the plan's own setting; its scorecard mode uses the
+    plan's ``scorecard`` setting). objectives: callable(problem, start fluence) ->
+    extra objective terms added to the goal list's for this optimisation (the
+    scorecard refinement's; :class:`Start`).
     """
     goals = apply_settings(plan.resolved_goals, set or {},
                            plan.settings.get("priority_weights"))
@@ -286,16 +331,20 @@ def replan(plan: Plan, set: dict | None = None, *, warm: bool = True, backend=No
                   hard_state=plan.optimizer.get("hard_state") if warm else None,
                   sequencing_offset=offset,
                   attain_rounds=WARM_ATTAIN_ROUNDS if warm else ATTAIN_ROUNDS,
-                  steer=touched)
-    refine = plan.settings.get("refine", 0) if refine is None else refine
-    stages = StageTimer(progress, total=6 + (1 if refine else 0))
+                  steer=touched, objectives=objectives)
+    refine, card = _refine_of(plan.settings.get("refine", 0) if refine is None else refine,
+                              plan.settings.get("scorecard"), plan.settings.get("site"))
+    settings["refine"] = refine.setting
+    settings.pop("scorecard", None)
+    settings.update({} if card is None else {"scorecard": card})
+    stages = StageTimer(progress, total=6 + bool(refine))
     try:
-        new = optimise_and_finish(
+        new = _scorecard_rounds(stages, optimise_and_finish(
             plan.patient, goals, plan.dij, plan.predicted_dose_gy,
             backend=backend or plan.settings.get("backend_requested", "auto"),
-            refine=refine, settings=settings,
+            refine=_dvh_rounds(refine), settings=settings,
             notes=list(plan.settings.get("resolve_notes", [])), stages=stages,
-            fractions=plan.fractions, start=start, total_key="replan")
+            fractions=plan.fractions, start=start, total_key="replan"), refine, card)
     finally:
         stages.close()
     why = {k: v["line"] for k, v in (new.optimizer.get("blockers") or {}).items()}
@@ -406,6 +455,9 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
         fractions = stages.run("structure fractions", structure_fractions, patient, dij)
     problem = stages.run("build problem", build_problem, resolved, patient, dij,
                          fractions=fractions)
+    if start.objectives is not None:
+        problem = problem.with_terms(list(problem.terms) + list(start.objectives(
+            problem, problem.x0 if start.fluence is None else start.fluence)))
     s = _solve_setup(problem, be, patient, dij, resolved, settings, start)
     res = stages.run(f"optimise ({be.name})", optimize, problem, be, start.fluence, **s.opts)
     res, refine_info = _refine(stages, s, res, refine)

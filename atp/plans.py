@@ -45,6 +45,7 @@ from atp.outputs import atomic_output_dir, write_json
 from atp.patient import Patient
 from atp.predictor import registry as predictors
 from atp.progress import Display, saving, tick
+from atp.refine_spec import parse_refine
 from atp.report import write_report
 from atp.sequencer.registry import names as sequencer_names
 from atp.version import __version__
@@ -391,13 +392,26 @@ _PLAN_JSON_TYPES = {"patient": dict, "goals": list, "settings": dict, "optimizer
 
 _SETTINGS_CHECKS = (  # plan.json settings a re-plan reads: key, check, what it must be
     ("backend_requested", lambda v: v in ("auto", "cpu", "gpu", "qp"), "auto, cpu, gpu or qp"),
-    ("refine", lambda v: _num(v, lo=0, hi=20, integer=True), "an integer 0..20"),
+    ("refine", lambda v: _num(v, lo=0, hi=20, integer=True) or _refine_text(v),
+     "an integer 0..20 or dvh:N / scorecard:N"),
     ("sequence", lambda v: isinstance(v, (bool, str)), "true, false or a sequencer name"),
     ("resolve_notes", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
      "a list of text"),
     ("optimizer_options", lambda v: v is None or isinstance(v, dict), "a JSON object"),
     ("machine", lambda v: isinstance(v, str), "a machine name or file"),
 )
+
+
+def _refine_text(v) -> bool:
+    """A ``settings.refine`` text (``scorecard:3``) :func:`atp.refine_spec.parse_refine`
+    reads."""
+    if not isinstance(v, str):
+        return False
+    try:
+        parse_refine(v)
+    except InputError:
+        return False
+    return True
 
 
 def _check_plan_json(data, pj) -> None:

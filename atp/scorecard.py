@@ -222,3 +222,64 @@ def format_scores(result: dict) -> list[str]:
     lines.append(f"total {result['total']:.2f} / {result['max_total']:.2f}"
                  + (f" ({100 * frac:.1f} %)" if frac is not None else ""))
     return lines
+
+
+# --- AIRTP's scorecard-to-objective mapping (the scorecard refinement, atp.score_refine) --
+#: an upper objective aims this far (Gy) beyond the next better score point
+POINT_MARGIN_GY = 1.0
+#: but never tightens the current value by more than AIRTP's margin: max(85 %, -7 Gy)
+MAX_TIGHTEN_FRACTION, MAX_TIGHTEN_GY = 0.15, 7.0
+
+
+def _objective_kind(metric, upper: bool):
+    """(objective kind, volume fraction) for a metric, or None (not a dose metric)."""
+    if metric.kind == "Dmean":
+        return ("mean_max" if upper else "mean_min"), 1.0
+    if metric.kind in ("Dmax", "Dmin") or (metric.kind == "D" and metric.volume_unit == "cc"):
+        return ("max" if upper else "min"), 1.0
+    if metric.kind == "D" and metric.volume_unit == "%":
+        return ("dv_max" if upper else "dv_min"), float(metric.volume) / 100.0
+    return None
+
+
+def item_objective(item: ScoreItem, value: float) -> dict | None:
+    """The dose objective that moves ``item`` (at ``value``) to its next better score
+    point, after AIRTP's scorecard-to-dose mapping; None when the item has its full
+    score or its metric is not a dose.
+
+    Better scores lie at lower values (an organ's dose, a hot spot: an upper objective
+    aimed :data:`POINT_MARGIN_GY` below the next better point) or at higher values (a
+    target's coverage: a lower objective at the next better point). The objective never
+    asks more than AIRTP's margin of the current value (15 %, at most 7 Gy). Its
+    priority is AIRTP's, ``60 + min(|slope|, 7) * 20 / (1 + exp(score / 3))`` with the
+    slope (score per Gy) of the segment the value lies on (clamped to the points):
+    steep, poorly scored items first."""
+    score = item.score(value)
+    xs, ys = (np.asarray(a, float) for a in zip(*item.points))
+    if score >= item.max_score - 1e-9:
+        return None
+    upper = xs[int(np.argmax(ys))] < value
+    kind = _objective_kind(item.metric, upper)
+    if kind is None:
+        return None
+    better = [(x, s) for x, s in item.points if s > score + 1e-9 and (x < value if upper
+                                                                      else x > value)]
+    if not better:
+        return None
+    if upper:
+        nxt = max(x for x, _ in better)
+        floor = max(value * (1 - MAX_TIGHTEN_FRACTION), value - MAX_TIGHTEN_GY)
+        ref = max(nxt - POINT_MARGIN_GY, floor)
+    else:
+        nxt = min(x for x, _ in better)
+        ref = min(nxt, value / (1 - MAX_TIGHTEN_FRACTION), value + MAX_TIGHTEN_GY)
+    if ref <= 0:
+        return None
+    xc = float(np.clip(value, xs[0], xs[-1]))
+    k = int(np.clip(np.searchsorted(xs, xc, side="right") - 1, 0, len(xs) - 2))
+    slope = (ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k])
+    priority = 60.0 + min(abs(slope), 7.0) * 20.0 / (1.0 + math.exp(score / 3.0))
+    return {"structure": item.structure, "kind": kind[0], "volume": kind[1],
+            "dose_gy": round(float(ref), 3), "priority": round(priority, 2),
+            "source": f"scorecard:{item.id}", "value": round(float(value), 3),
+            "next_point": [float(nxt), float(dict(item.points)[nxt])]}

@@ -1,4 +1,6 @@
-"""AIRTP-style iterative refinement (``--refine N``; Algorithm 1 of the AIRTP paper).
+"""AIRTP-style iterative refinement (``--refine N`` / ``dvh:N``; Algorithm 1 of the AIRTP
+paper). The scorecard mode (``--refine scorecard:N``, :mod:`atp.score_refine`) runs the
+same loop (:func:`iterate`) over whole plans, with :func:`scorecard_terms`.
 
 After an optimisation, read the plan's DVH of every organ at risk that the goal list
 names, at the volume points {1, 10, 20, 30, 40, 60, 80} %; each point with dose ``d``
@@ -84,9 +86,34 @@ class RefineOutcome:
     accepted: list = field(default_factory=list)  # whether each round was kept
 
 
+def iterate(start, *, rounds: int, step, score, accept=None):
+    """The refinement loop both modes share: from ``start``, up to ``rounds`` times
+    ``step(best)`` proposes a new state (None: nothing left to tighten, stop); a state is
+    kept when ``score`` rises and ``accept(state)`` (default: always) allows it, and the
+    loop stops at the first state not kept. Returns (best, scores, accepted): the score
+    of the start and of every round run, and whether each round was kept."""
+    best = start
+    best_score = score(best)
+    scores, accepted = [best_score], []
+    for _ in range(rounds):
+        new = step(best)
+        if new is None:
+            break
+        s = score(new)
+        scores.append(s)
+        kept = s > best_score + 1e-9 * max(1.0, abs(best_score)) and (
+            accept is None or bool(accept(new)))
+        accepted.append(kept)
+        if not kept:
+            break
+        best, best_score = new, s
+    return best, scores, accepted
+
+
 def refine(problem, backend, start, *, rounds: int, score=None, weight_rel: float = 0.5,
            **options) -> RefineOutcome:
-    """Run up to ``rounds`` refinement rounds from ``start`` (a Result); keep the best.
+    """Run up to ``rounds`` DVH-point refinement rounds from ``start`` (a Result); keep
+    the best (:func:`iterate`).
 
     score: callable(fluence) -> float (higher better); default: :func:`goal_score` of the
     problem's dose-grid goal report.
@@ -94,25 +121,104 @@ def refine(problem, backend, start, *, rounds: int, score=None, weight_rel: floa
     if score is None:
         def score(w):
             return goal_score(problem.goal_report(w), problem.bindings)
-    best = start
-    best_score = score(best.fluence)
-    out = RefineOutcome(best, 0, [best_score], [])
-    for _ in range(rounds):
+    options.pop("hard_state", None)
+
+    def step(best):
         extra = refinement_terms(problem, best.fluence, weight_rel=weight_rel)
         if not extra:
-            break
-        options.pop("hard_state", None)
+            return None
         res = optimize(problem.with_terms(list(problem.terms) + extra), backend,
                        best.fluence, hard_state=getattr(best, "hard_state", None), **options)
         res.objective = problem.objective(res.fluence)
         res.goal_report = problem.goal_report(res.fluence)
-        s = score(res.fluence)
-        out.rounds_run += 1
-        out.scores.append(s)
-        improved = s > best_score + 1e-9 * max(1.0, abs(best_score))
-        out.accepted.append(improved)
-        if not improved:
-            break
-        best, best_score = res, s
-    out.result = best
+        return res
+
+    best, scores, accepted = iterate(start, rounds=rounds, step=step,
+                                     score=lambda r: score(r.fluence))
+    return RefineOutcome(best, len(accepted), scores, accepted)
+
+
+# --- the scorecard mode's objectives (atp.score_refine builds the specs) ----------------
+def airtp_dvh_objective(dose_gy: float, volume_cc: float) -> tuple[float, float]:
+    """(objective dose, priority) of an organ's DVH point after AIRTP's rule: tighten by
+    5 %, at most 2 Gy (1 Gy above 63 Gy, where the organ meets the high-dose target);
+    priority 80 for points above 63 Gy, below 10 Gy, or below 20 Gy on a small organ
+    (< 50 cc), else 120."""
+    if dose_gy > 63.0:
+        return dose_gy - 1.0, 80.0
+    ref = max(0.95 * dose_gy, dose_gy - 2.0)
+    low = dose_gy < 10.0 or (dose_gy < 20.0 and volume_cc < 50.0)
+    return ref, 80.0 if low else 120.0
+
+
+def _structure_rows(problem) -> dict:
+    """{structure: (rows, vw, optimised rows, optimised vw, largest soft goal weight,
+    is organ)} over the problem's goals; an organ's optimised rows are its first goal
+    term's (the organ less the targets it overlaps, for soft limits)."""
+    out: dict = {}
+    for b in problem.bindings:
+        g = b.goal
+        if g.kind not in ("organ", "target") or b.structure_rows.size == 0:
+            continue
+        rows, vw = b.structure_rows, b.structure_vw
+        o_rows, o_vw = rows, vw
+        if g.kind == "organ" and b.term_indices:
+            t = problem.terms[b.term_indices[0]]
+            o_rows, o_vw = t.rows, t.voxel_weight
+        w = 0.0 if g.is_hard else g.weight
+        prev = out.get(g.structure)
+        if prev is not None:
+            out[g.structure] = (*prev[:4], max(prev[4], w), prev[5])
+        else:
+            out[g.structure] = (rows, vw, o_rows, o_vw, w, g.kind == "organ")
     return out
+
+
+def scorecard_terms(problem, fluence, organs, items, *, weight_rel: float = 0.5,
+                    min_dose_gy: float = 3.0):
+    """(terms, records) of one scorecard round on ``problem`` at ``fluence``.
+
+    organs: structures whose DVH points {1, 10, ..., 80} % (on the organ's optimised
+    rows, dose grid) become upper dose-volume objectives after
+    :func:`airtp_dvh_objective`; items: objective specs of scorecard items (dicts of
+    :func:`atp.scorecard.item_objective`: structure, kind, volume, dose_gy, priority,
+    source) on the structure's rows. Each term weighs ``weight_rel x priority / 100`` x
+    the structure's largest soft (not priority-1) goal weight. A structure no goal of the problem names has
+    no rows: its record says it was skipped. Records are plain dicts for plan.json."""
+    rows_of = _structure_rows(problem)
+    d = problem.dose_rows(fluence)
+    terms, recs = [], []
+    for name in organs:
+        if name not in rows_of or not rows_of[name][5]:
+            recs.append({"source": "dvh", "structure": name, "skipped": "no organ goal"})
+            continue
+        _, _, rows, vw, w, _ = rows_of[name]
+        if w <= 0:
+            recs.append({"source": "dvh", "structure": name, "skipped": "no soft goal"})
+            continue
+        vol_cc = float(np.sum(vw)) * problem.voxel_volume_cc
+        for v in VOLUME_POINTS_PCT:
+            m = Metric("D", f"D{v}%", "Gy", float(v), "%")
+            dv = measure_metric(m, d[rows], vw, problem.voxel_volume_cc, 1.0)
+            if dv is None or dv < min_dose_gy:
+                continue
+            ref, prio = airtp_dvh_objective(float(dv), vol_cc)
+            terms.append(make_term("dv_max", rows, vw, ref, weight_rel * prio / 100 * w,
+                                   volume=v / 100.0, name=f"refine:{name}.D{v}%"))
+            recs.append({"source": "dvh", "structure": name, "kind": "dv_max",
+                         "volume": v / 100.0, "dose_gy": round(ref, 3), "priority": prio,
+                         "value": round(float(dv), 3)})
+    for spec in items:
+        name = spec["structure"]
+        if name not in rows_of:
+            recs.append({**spec, "skipped": "no goal on the structure"})
+            continue
+        rows, vw, _, _, w, _ = rows_of[name]
+        if w <= 0:
+            recs.append({**spec, "skipped": "no soft goal on the structure"})
+            continue
+        terms.append(make_term(spec["kind"], rows, vw, spec["dose_gy"],
+                               weight_rel * spec["priority"] / 100 * w,
+                               volume=spec["volume"], name=f"refine:{spec['source']}"))
+        recs.append(dict(spec))
+    return terms, recs

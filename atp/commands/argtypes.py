@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 
+from atp.errors import InputError
+from atp.refine_spec import parse_refine
+
 
 def int_range(lo: int, hi: int):
     """An argparse ``type``: an integer in [lo, hi]."""
@@ -51,3 +54,14 @@ MAX_ITER = int_range(1, 100_000)
 ARC_SPACING_DEG = float_range(0.5, 30.0)
 ANGLE_DEG = float_range(-360.0, 360.0)
 ITERATIONS = int_range(0, 10_000)
+
+
+def refine_spec(text: str):
+    """``--refine``: N, dvh:N or scorecard[:N] (:func:`atp.refine_spec.parse_refine`)."""
+    try:
+        return parse_refine(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+refine_spec.__name__ = "N, dvh:N or scorecard[:N]"

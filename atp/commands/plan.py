@@ -1,5 +1,6 @@
 """``atp plan PATIENT --site hn [--institution X] [--predictor NAME]
-[--backend auto|cpu|gpu|qp] [--beams 9 | --beam-template NAME] [--refine N] --out DIR``
+[--backend auto|cpu|gpu|qp] [--beams 9 | --beam-template NAME]
+[--refine N|dvh:N|scorecard[:N] [--scorecard NAME|FILE]] --out DIR``
 
 Runs the whole pipeline (predict -> resolve goals -> dose influence -> optimise ->
 evaluate) and writes the plan directory atomically (see :mod:`atp.pipeline`). Progress
@@ -42,8 +43,11 @@ EXIT_HARD_UNMET = 3
 def add_optimiser_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu", "qp"],
                    help="optimiser backend (auto: gpu when a GPU is present, else cpu)")
-    p.add_argument("--refine", type=argtypes.REFINE_ROUNDS, default=None, metavar="N",
-                   help="AIRTP-style refinement rounds (0: none)")
+    p.add_argument("--refine", type=argtypes.refine_spec, default=None,
+                   metavar="N|dvh:N|scorecard[:N]",
+                   help="AIRTP-style refinement: N (= dvh:N) DVH-point rounds, or "
+                        "scorecard[:N] (default 3) rounds of DVH points and scorecard items "
+                        "kept while the scorecard total improves (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print the plan summary as JSON")
 
@@ -55,6 +59,9 @@ def register(sub) -> None:
     add_plan_arguments(p)
     p.add_argument("--out", required=True,
                    help="plan directory to write (new, empty, or a plan folder atp wrote)")
+    p.add_argument("--scorecard", default=None, metavar="NAME|FILE",
+                   help="the scorecard --refine scorecard raises (default: the site's "
+                        "shipped scorecard)")
     p.set_defaults(func=run)
 
 
@@ -208,7 +215,8 @@ def run(args) -> int:  # lazy: CLI start-up
                          dose_grid_factor=args.dose_grid_factor,
                          sequence=sequence_arg(args.sequencer),
                          machine=args.machine, optimizer_options=opts,
-                         technique=args.technique, vmat_options=vmat_options)
+                         technique=args.technique, vmat_options=vmat_options,
+                         scorecard=getattr(args, "scorecard", None))
     return save_and_report(plan, args)
 
 
