@@ -76,6 +76,7 @@ from atp.outputs import (
     write_json,
 )
 from atp.progress import is_terminal
+from atp.refine_spec import parse_refine
 from atp.scorecard import load_scorecard
 from atp.version import __version__
 
@@ -304,7 +305,9 @@ def patient_args(entry: Entry, plan_args: dict) -> dict:
 
 
 def options_hash(args: dict, scorecard_file: str | None) -> str:
-    """SHA-256 of every plan option (files by content), the scorecard and atp's version."""
+    """SHA-256 of every plan option (files by content), the scorecard (give it only when
+    it shapes the plan: ``--refine scorecard``, :func:`plan_scorecard`) and atp's
+    version."""
     d = {k: v for k, v in sorted(args.items()) if k not in BATCH_ONLY}
     for k in FILE_OPTIONS:
         v = d.get(k)
@@ -313,6 +316,22 @@ def options_hash(args: dict, scorecard_file: str | None) -> str:
     d["_scorecard"] = _file_sha(Path(scorecard_file)) if scorecard_file else None
     d["_atp"] = __version__
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan_scorecard(args: dict, scorecard_file: str | None) -> str | None:
+    """The scorecard that shapes the plans (``--refine scorecard``: it is in the options
+    hash), else None: a scorecard that only scores plans is not, so changing it re-scores
+    the finished plans instead of planning them again."""
+    spec = args.get("refine")
+    try:
+        mode = parse_refine(spec).mode
+    except InputError:
+        return None
+    return scorecard_file if mode == "scorecard" else None
+
+
+def scorecard_hash(scorecard_file: str | None) -> str | None:
+    return _file_sha(Path(scorecard_file)) if scorecard_file else None
 
 
 # --- one patient (runs in a worker) --------------------------------------------------------
@@ -385,13 +404,36 @@ def _measure(job: dict, args, rec: dict) -> None:
     row["criteria_passed"] = sum(c["passed"] for c in crit)
     row["criteria_total"] = len(crit)
     rec["dvh"] = dvh_curves(patient, dose)
-    if job.get("scorecard"):
-        sc = load_scorecard(job["scorecard"]).evaluate(patient, dose)
+    score_into(rec, job.get("scorecard"), patient, dose)
+
+
+def score_into(rec: dict, scorecard_file: str | None, patient, dose) -> None:
+    """The scorecard's scores of ``dose`` into a patient's record (replacing any earlier
+    scorecard's)."""
+    row = rec["row"]
+    for k in [k for k in row if k.startswith("score:") or k in ("score_total",
+                                                                  "score_max")]:
+        del row[k]
+    rec.pop("scorecard", None)
+    if scorecard_file:
+        sc = load_scorecard(scorecard_file).evaluate(patient, dose)
         rec["scorecard"] = sc
         row["score_total"] = round(sc["total"], 4)
         row["score_max"] = sc["max_total"]
         for it in sc["items"]:
             row[f"score:{it['id']}"] = it["score"]
+
+
+def rescore(job: dict, rec: dict) -> dict:
+    """A finished patient's record scored again with the job's scorecard (its plan is
+    kept: the scorecard did not shape it); written back into DIR/.atp-batch."""
+    args = _namespace(job)
+    patient = common.load_patient_from_args(args)
+    dose = np.load(Path(args.out) / "dose.npy", allow_pickle=False)
+    score_into(rec, job.get("scorecard"), patient, dose)
+    rec["scorecard_hash"] = job["scorecard_hash"]
+    write_json(record_path(job["out"], job["name"]), rec)
+    return rec
 
 
 def plan_one(job: dict) -> dict:
@@ -401,6 +443,7 @@ def plan_one(job: dict) -> dict:
     t0 = time.perf_counter()
     rec = {"format": BATCH_FORMAT, "name": job["name"], "input": job["path"],
            "input_hash": job["input_hash"], "options_hash": job["options_hash"],
+           "scorecard_hash": job.get("scorecard_hash"),
            "status": "failed", "exit_code": 1, "error": "", "attempt": job.get("attempt", 1),
            "row": {}}
     try:
@@ -685,22 +728,12 @@ def run_batch(entries: list, opts: BatchOptions) -> BatchResult:
     (out / STATE_DIR).mkdir(exist_ok=True)
     records, jobs, resumed = {}, [], []
     for e in entries:
-        args = patient_args(e, opts.plan_args)
-        job = {"name": e.name, "path": e.path, "out": str(out), "args": args,
-               "input_hash": input_hash(e.path),
-               "options_hash": options_hash(args, scorecard_file),
-               "scorecard": scorecard_file, "site": args.get("site"),
-               "institution": args.get("institution")}
-        old = _read_record(job)
-        if (old is not None and old.get("status") in GOOD
-                and old.get("input_hash") == job["input_hash"]
-                and old.get("options_hash") == job["options_hash"]
-                and (out / e.name / "plan.json").is_file()):
-            records[e.name] = old
-            resumed.append(e.name)
-        else:
-            records[e.name] = None
+        job, old = _job(e, opts, out, scorecard_file)
+        records[e.name] = old
+        if old is None:
             jobs.append(job)
+        else:
+            resumed.append(e.name)
     order = [e.name for e in entries]
     meta = {e.name: e for e in entries}
     prog = Progress(opts.progress, len(entries), len(jobs), len(resumed))
@@ -739,6 +772,32 @@ def run_batch(entries: list, opts: BatchOptions) -> BatchResult:
                                                      if k not in BATCH_ONLY},
         "files": files})
     return result
+
+
+def _job(e: Entry, opts: BatchOptions, out: Path, scorecard_file):
+    """(job, the finished record to keep or None). A patient is kept when its plan exists
+    with the same input and options hashes (a record of a batch written before the
+    scorecard left the options hash carries the scorecard in its options hash: that
+    matches too); when only the scorecard differs, its plan is re-scored, not re-planned."""
+    args = patient_args(e, opts.plan_args)
+    job = {"name": e.name, "path": e.path, "out": str(out), "args": args,
+           "input_hash": input_hash(e.path),
+           "options_hash": options_hash(args, plan_scorecard(args, scorecard_file)),
+           "scorecard": scorecard_file, "scorecard_hash": scorecard_hash(scorecard_file),
+           "site": args.get("site"), "institution": args.get("institution")}
+    old = _read_record(job)
+    if not (old is not None and old.get("status") in GOOD
+            and old.get("input_hash") == job["input_hash"]
+            and old.get("options_hash") in (job["options_hash"],
+                                            options_hash(args, scorecard_file))
+            and (out / e.name / "plan.json").is_file()):
+        return job, None
+    if old.get("scorecard_hash", "legacy") != job["scorecard_hash"]:
+        try:
+            old = rescore(job, old)
+        except Exception:  # noqa: BLE001 - the plan cannot be re-scored: plan it again
+            return job, None
+    return job, old
 
 
 def summary_rows(order, records, meta, resumed) -> list[dict]:

@@ -84,18 +84,15 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     ``predict(patient)`` (default: the registry's default); predicted_dose: Gy on the
     patient grid (skips prediction). dij: a DoseInfluence (skips the dose engine).
     backend: 'auto' | 'cpu' | 'gpu' | 'qp' or a backend object. beams: a count or a list
-    of Beams; beam_template: a name from BEAM_TEMPLATES. refine: AIRTP refinement, N
-    (= 'dvh:N') or 'scorecard[:N]' (:mod:`atp.refine_spec`; ``scorecard``: its card,
-    default the site's).
-    progress: True (tqdm on stderr), False, or a callable(stage_name).
-    sequence: True (default: the sequencer's default technique for the beams, sliding
-    window for static fields, VMAT for arcs), a technique name ('imrt-sns',
-    'imrt-sliding', 'vmat') or False (no sequencing: the reported dose is the ideal
-    fluence dose, and the plan notes say so). When sequenced, the final dose, DVH and
-    goal results are the deliverable dose of the MLC apertures on ``machine``, and
-    ``Plan.fidelity`` compares it with the ideal.
-    optimizer_options: passed to the backend (e.g. ``max_iter``, ``method``).
-    dose_grid_factor: default 2 (fast path: 3).
+    of Beams; beam_template: a name from BEAM_TEMPLATES. refine: N, 'dvh:N' or
+    'scorecard[:N]' (:mod:`atp.refine_spec`; scorecard: its card, default the site's).
+    progress: True (tqdm on stderr), False, or a callable(stage_name). sequence: True
+    (default: the sequencer's default technique for the beams, sliding window for static
+    fields, VMAT for arcs), a technique name ('imrt-sns', 'imrt-sliding', 'vmat') or
+    False (no sequencing: the reported dose is the ideal fluence dose, and the plan notes
+    say so). When sequenced, the final dose, DVH and goal results are the deliverable
+    dose of the MLC apertures on ``machine``, and ``Plan.fidelity`` compares it with the
+    ideal. optimizer_options: to the backend. dose_grid_factor: default 2 (fast path: 3).
     fast: run the AIRT-style fast path (:func:`atp.fastplan.fast_plan`: one arc, VMAT)
     instead of the optimiser; spare: its OAR sparing sliders {OAR: factor in [0, 1)};
     options: its :class:`atp.fastplan.FastPlanOptions` (or a preset name);

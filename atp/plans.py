@@ -354,7 +354,8 @@ class Plan:
                      plan_info=self.report_info(),
                      delivery_summary=self.delivery.summary()
                      if self.delivery is not None else None,
-                     fidelity=self.fidelity, notes=self.notes, changes=self.changes)
+                     fidelity=self.fidelity, notes=self.notes, changes=self.changes,
+                     refinement=self.optimizer.get("refine"))
         return True
 
 

@@ -252,6 +252,34 @@ def _kv_table(d: dict, digits: int = 3) -> str:
     return f"<table>{rows}</table>"
 
 
+def refinement_section(rec: dict) -> str:
+    """The refinement rounds (plan.json ``optimizer.refine``): the scorecard mode's
+    rounds (total, objectives added, kept, priority-1 goals broken, seconds) with the
+    per-item scores of each, or the DVH-point mode's scores."""
+    if rec.get("mode") != "scorecard":
+        scores = ", ".join(f"{x:.4g}" for x in rec.get("scores") or [])
+        return (f"<h2>Refinement (DVH points)</h2><p class='small'>{rec.get('rounds_run', 0)}"
+                f" round(s); goal-list score per round (start first): {_esc(scores)}; kept: "
+                f"{_esc(rec.get('accepted'))}</p>")
+    rounds = rec.get("rounds") or []
+    ids = list(rounds[0]["scores"]) if rounds else []
+    head = ("<tr><th>round</th><th>total</th><th>objectives</th><th>kept</th>"
+            "<th>P1 broken</th><th>s</th>" + "".join(f"<th>{_esc(i)}</th>" for i in ids)
+            + "</tr>")
+    body = "".join(
+        f"<tr><td>{r['round']}</td><td class='num'>{_fmt(r['total'], 2)}</td>"
+        f"<td class='num'>{r.get('n_objectives', 0)}</td><td>{'yes' if r['kept'] else 'no'}"
+        f"</td><td>{_esc(', '.join(r['broke_p1']) or '-')}</td>"
+        f"<td class='num'>{_fmt(r['seconds'], 1)}</td>"
+        + "".join(f"<td class='num'>{_fmt(r['scores'].get(i), 2)}</td>" for i in ids)
+        + "</tr>" for r in rounds)
+    return (f"<h2>Scorecard refinement</h2><p class='small'>scorecard {_esc(rec['scorecard'])}"
+            f": total {_fmt(rec['total'], 2)} of {_fmt(rec['max_total'], 2)} after "
+            f"{rec['rounds_run']} round(s) (round 0: the goal-list plan); stopped: "
+            f"{_esc(rec['stopped'])}. The plan is the best round kept.</p>"
+            f"<table>{head}{body}</table>")
+
+
 def _delivery_table(delivery_summary: dict) -> str:
     top = {k: v for k, v in delivery_summary.items() if not isinstance(v, (list, dict))}
     out = _kv_table(top)
@@ -316,7 +344,8 @@ def replan_changes_section(changes) -> str:
 def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, timings=None,
                   *, title: str | None = None, plan_info: dict | None = None,
                   delivery_summary: dict | None = None,
-                  fidelity: dict | None = None, notes=None, changes=None) -> str:
+                  fidelity: dict | None = None, notes=None, changes=None,
+                  refinement: dict | None = None) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     dose = np.asarray(dose_gy, dtype=np.float64)
     patient.grid.check_array(dose, field="dose_gy")
@@ -348,6 +377,8 @@ def render_report(patient, dose_gy, predicted_dose_gy=None, goal_results=None, t
     if changes is not None:
         parts.append(replan_changes_section(changes))
     parts.append("<h2>Clinical goals</h2>" + _goal_table(goal_results))
+    if refinement:
+        parts.append(refinement_section(refinement))
     parts.append("<h2>Dose distribution</h2>")
     parts.append("<p class='small'>colour-wash with isodose lines (dashed) and structure "
                  "outlines in their DVH colours</p>")

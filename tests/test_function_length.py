@@ -22,7 +22,8 @@ LIMIT = 80
 # atp/commands/
 TOP_FLOOR = ("atp/__init__.py", "atp/pipeline.py", "atp/fastplan.py", "atp/plans.py",
              "atp/vmatplan.py", "atp/forward.py", "atp/batch.py", "atp/cohort_report.py",
-             "atp/final_dose.py", "atp/scorecard.py", "atp/report.py", "atp/cli.py")
+             "atp/final_dose.py", "atp/scorecard.py", "atp/report.py", "atp/cli.py",
+             "atp/score_refine.py")
 TOP_FLOOR_DIRS = ("atp/commands",)
 
 

@@ -33,7 +33,8 @@ STAGES = ("atp.optimizer", "atp.predictor", "atp.sequencer")
 # the top floor composes the stages; "atp" itself is the package facade (its lazy
 # __getattr__ exposes atp.plan / atp.load_plan / atp.Plan)
 TOP_FLOOR = ("atp", "atp.cli", "atp.commands", "atp.pipeline", "atp.plans", "atp.fastplan",
-             "atp.forward", "atp.report", "atp.batch", "atp.cohort_report", "atp.vmatplan")
+             "atp.forward", "atp.report", "atp.batch", "atp.cohort_report", "atp.vmatplan",
+             "atp.score_refine")
 
 _LAZY_MARK = re.compile(r"#\s*lazy:\s*\S")
 

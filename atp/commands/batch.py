@@ -86,6 +86,8 @@ def run(args) -> int:
     plan_args = {k: v for k, v in vars(args).items()}
     plan_args.pop("patient", None)
     plan_args.pop("func", None)
+    if plan_args.get("refine") is not None:  # JSON for the workers: N or 'scorecard:N'
+        plan_args["refine"] = plan_args["refine"].setting
     for k in FILE_OPTIONS:  # workers (and Ray nodes) may run elsewhere: absolute paths
         v = plan_args.get(k)
         if isinstance(v, str) and os.path.isfile(v):
