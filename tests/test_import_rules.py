@@ -4,7 +4,8 @@ The library is ``atp/`` plus the stages ``optimizer/``, ``predictor/``, ``sequen
 installed as ``atp.optimizer``, ``atp.predictor``, ``atp.sequencer``. Every ``import`` of
 every module is read with ``ast``, at module level and inside functions:
 
-- the core (``atp.*`` below the top floor) never imports a stage or the top floor;
+- the core (``atp.*`` below the top floor: every module neither in ``TOP_FLOOR``, nor the
+  ``atp`` facade itself, nor in a stage) never imports a stage or the top floor;
 - a stage never imports another stage or the top floor;
 - no cycles among library modules (function-level imports included);
 - a function-level import is of an optional heavy dependency (``HEAVY``) or carries a
@@ -12,7 +13,8 @@ every module is read with ``ast``, at module level and inside functions:
   its function's ``def`` line).
 
 ``test_checker_finds_planted_violations`` runs the same checker on a tiny package written
-to ``tmp_path`` with one violation of each rule.
+to ``tmp_path`` with one violation of each rule; ``test_architecture_names_the_same_top_floor``
+checks that ARCHITECTURE.md lists the same top floor as ``TOP_FLOOR`` and ``FACADE``.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ LIBRARY = {"atp": ROOT / "atp", "atp.optimizer": ROOT / "optimizer",
            "atp.predictor": ROOT / "predictor", "atp.sequencer": ROOT / "sequencer"}
 HEAVY = frozenset({"torch", "cupy", "cupyx", "cvxpy", "matplotlib", "ray", "pyarrow"})
 STAGES = ("atp.optimizer", "atp.predictor", "atp.sequencer")
-# the top floor composes the stages; "atp" itself is the package facade (its lazy
-# __getattr__ exposes atp.plan / atp.load_plan / atp.Plan)
-TOP_FLOOR = ("atp", "atp.cli", "atp.commands", "atp.pipeline", "atp.plans", "atp.fastplan",
+# the top floor composes the stages: these modules and packages (with their submodules),
+# and the package facade "atp" itself (its lazy __getattr__ exposes atp.plan /
+# atp.load_plan / atp.Plan), matched by its exact name only: every library module is
+# below "atp", and as a prefix it would put the whole library on the top floor.
+# atp.final_dose and atp.scorecard are core: they work on doses, goals and YAML and
+# import no stage.
+FACADE = ("atp",)
+TOP_FLOOR = ("atp.cli", "atp.commands", "atp.pipeline", "atp.plans", "atp.fastplan",
              "atp.forward", "atp.report", "atp.batch", "atp.cohort_report", "atp.vmatplan",
              "atp.score_refine")
 
@@ -52,11 +59,12 @@ class Import:
 @dataclass(frozen=True)
 class Rules:
     stages: tuple[str, ...]
-    top_floor: tuple[str, ...]
+    top_floor: tuple[str, ...]  # modules and packages, with their submodules
     heavy: frozenset[str]
+    facade: tuple[str, ...] = ()  # top-floor modules by their exact name only
 
 
-ATP_RULES = Rules(STAGES, TOP_FLOOR, HEAVY)
+ATP_RULES = Rules(STAGES, TOP_FLOOR, HEAVY, FACADE)
 
 
 def _within(module: str, prefixes) -> str | None:
@@ -139,7 +147,7 @@ def import_graph(packages: dict[str, Path]) -> tuple[dict[str, Path], list[Impor
 
 
 def _floor(module: str, rules: Rules) -> str:
-    if _within(module, rules.top_floor):
+    if module in rules.facade or _within(module, rules.top_floor):
         return "top floor"
     stage = _within(module, rules.stages)
     return f"stage {stage}" if stage else "core"
@@ -258,9 +266,44 @@ def test_library_graph_is_read():
     assert any(i.in_function and i.target == "torch" for i in imports)
 
 
+def test_library_floors():
+    """Each module is on the floor ARCHITECTURE.md gives it; the facade is the package
+    ``atp`` alone, not everything below it."""
+    floors = {"atp": "top floor", "atp.cli": "top floor", "atp.commands.plan": "top floor",
+              "atp.pipeline": "top floor", "atp.vmatplan": "top floor",
+              "atp.final_dose": "core", "atp.scorecard": "core", "atp.dvh": "core",
+              "atp.dose.influence": "core", "atp.io.dicom_export": "core",
+              "atp.optimizer.problem": "stage atp.optimizer",
+              "atp.sequencer.dmpo": "stage atp.sequencer",
+              "atp.predictor.registry": "stage atp.predictor"}
+    assert set(floors) <= set(find_modules(LIBRARY))
+    assert {m: _floor(m, ATP_RULES) for m in floors} == floors
+
+
+def _architecture_top_floor() -> tuple[set[str], set[str]]:
+    """The top floor as ARCHITECTURE.md names it, as module names: (the Import rules' Top
+    floor bullet, the Rooms table's top floor row)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    bullet = re.search(r"- \*\*Top floor\*\* \((.*?)\): may import", text, re.DOTALL)
+    assert bullet, "ARCHITECTURE.md: no Top floor bullet under Import rules"
+    rule = {n.removesuffix(".*") for n in re.findall(r"`(atp[\w.*]*)`", bullet.group(1))}
+    row = next((line for line in text.splitlines() if line.startswith("| top floor |")), "")
+    assert row, "ARCHITECTURE.md: no top floor row in the Rooms table"
+    files = re.findall(r"`(atp/[\w/]*(?:\.py)?)`", row.split("|")[2])
+    table = {f.removesuffix(".py").removesuffix("/__init__").rstrip("/").replace("/", ".")
+             for f in files}
+    return rule, table
+
+
+def test_architecture_names_the_same_top_floor():
+    rule, table = _architecture_top_floor()
+    assert rule == set(TOP_FLOOR) | set(FACADE), "ARCHITECTURE.md, Import rules: Top floor"
+    assert table == set(TOP_FLOOR) | set(FACADE), "ARCHITECTURE.md, Rooms: top floor"
+
+
 # --- the checker, on a planted package -----------------------------------------------------
 PLANTED = {
-    "__init__.py": "",
+    "__init__.py": "import pkg.stage_a\n",  # the facade: may import a stage
     "core.py": "import json\n",
     "core_bad.py": "from pkg.stage_a import thing\n",  # core -> stage
     "loop_a.py": "import pkg.loop_b\n",
@@ -288,7 +331,7 @@ def test_checker_finds_planted_violations(tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     rules = Rules(stages=("pkg.stage_a", "pkg.stage_b"), top_floor=("pkg.top",),
-                  heavy=frozenset({"torch", "cupy"}))
+                  heavy=frozenset({"torch", "cupy"}), facade=("pkg",))
     found = violations({"pkg": root}, rules)
     assert found == {
         ("pkg.core_bad", "pkg.stage_a", "core imports stage pkg.stage_a"),
