@@ -8,7 +8,6 @@ import sys
 
 from atp.commands import argtypes
 from atp.errors import InputError
-from atp.io import load_patient
 from atp.outputs import to_jsonable
 
 DEFAULT_SITE = "hn"  # --site when neither --site nor --goal-list is given (every command)
@@ -61,6 +60,10 @@ def load_patient_from_args(args, *, require_prescription: bool = True):
             raise InputError(f"expected TARGET=GY with a dose in (0, 1000) Gy, got "
                              f"'{item[:60]}'", field="--rx")
         rx[name.strip()] = gy
+    # lazy: CLI start-up (atp.io imports pydicom, ~1-2 s; every command is imported to
+    # build the parser, so a top-level import would slow `atp --help` and `atp list`)
+    from atp.io import load_patient
+
     return load_patient(args.patient, prescription_file=args.prescription_file,
                         prescriptions=rx or None, fractions=args.fractions,
                         require_prescription=require_prescription)

@@ -12,8 +12,6 @@ with its one-line reason, never left out.
 from __future__ import annotations
 
 from atp.commands.common import DEFAULT_SITE, print_json
-from atp.dose import registry as engines
-from atp.dose.geometry import BEAM_TEMPLATES
 from atp.goals.loader import (
     CONFIG_PATH_ENV,
     find_institutions,
@@ -21,10 +19,11 @@ from atp.goals.loader import (
     list_sites,
     site_path,
 )
-from atp.optimizer import registry as backends
-from atp.predictor import registry as predictors
-from atp.sequencer import registry as sequencers
-from atp.sequencer.machine import MACHINE_DIR, available_machines
+
+# The registries, machines and beam templates load inside the functions that list them
+# (marked "lazy: CLI start-up"): every command module is imported to build the parser,
+# and the stages' packages import scipy (and the predictors' pydicom), seconds on a
+# loaded machine, which `atp --help` should not pay.
 
 KINDS = ("predictors", "engines", "backends", "sequencers", "machines", "templates",
          "sites", "institutions")
@@ -61,7 +60,9 @@ def _plugins(reg, default: str, row=None) -> list[dict]:
     return out
 
 
-def _predictors() -> list[dict]:
+def _predictors() -> list[dict]:  # lazy: CLI start-up
+    from atp.predictor import registry as predictors
+
     index = predictors.shipped_index()
 
     def row(name: str) -> dict:
@@ -79,30 +80,40 @@ def _predictors() -> list[dict]:
     return _plugins(predictors.PREDICTORS, predictors.default_predictor_name(), row)
 
 
-def _engines() -> list[dict]:
+def _engines() -> list[dict]:  # lazy: CLI start-up
+    from atp.dose import registry as engines
+
     return _plugins(engines.ENGINES, engines.DEFAULT, lambda n: {
         "detail": "devices cpu, cuda" if n == "pencil-beam" else ""})
 
 
-def _backends() -> list[dict]:
+def _backends() -> list[dict]:  # lazy: CLI start-up
+    from atp.optimizer import registry as backends
+
     auto = {"name": "auto", "default": True, "available": True, "source": "built-in",
             "detail": "gpu when a GPU is present, else cpu"}
     return [auto] + _plugins(backends.BACKENDS, "auto", lambda n: {
         "available": backends.is_installed(n)})
 
 
-def _sequencers() -> list[dict]:
+def _sequencers() -> list[dict]:  # lazy: CLI start-up
+    from atp.sequencer import registry as sequencers
+
     auto = {"name": "auto", "default": True, "available": True, "source": "built-in",
             "detail": "sliding window for static beams, vmat for arcs"}
     return [auto] + _plugins(sequencers.SEQUENCERS, "auto")
 
 
-def _machines() -> list[dict]:
+def _machines() -> list[dict]:  # lazy: CLI start-up
+    from atp.sequencer.machine import MACHINE_DIR, available_machines
+
     return [{"name": n, "default": n == "millennium120", "available": True,
              "detail": str(MACHINE_DIR / f"{n}.yaml")} for n in available_machines()]
 
 
-def _templates() -> list[dict]:
+def _templates() -> list[dict]:  # lazy: CLI start-up
+    from atp.dose.geometry import BEAM_TEMPLATES
+
     return [{"name": n, "default": False, "available": True,
              "detail": f"{k} equispaced coplanar beams from gantry {a:g} deg"}
             for n, (k, a) in sorted(BEAM_TEMPLATES.items())]

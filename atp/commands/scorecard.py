@@ -13,7 +13,6 @@ from pathlib import Path
 from atp.commands.common import print_json
 from atp.commands.evaluate import load_dose_npy
 from atp.errors import InputError
-from atp.io import load_patient
 from atp.outputs import MARKER, write_json
 
 
@@ -41,9 +40,10 @@ def _add_to_marker(plan_dir: Path, name: str) -> None:
         write_json(marker, data)
 
 
-def run(args) -> int:
-    # lazy: CLI start-up (atp.scorecard loads the goal metrics, ~40 ms; every command is
-    # imported to build the parser)
+def run(args) -> int:  # lazy: CLI start-up
+    # (atp.scorecard loads the goal metrics, ~40 ms; atp.io imports pydicom, ~1-2 s;
+    # every command is imported to build the parser)
+    from atp.io import load_patient
     from atp.scorecard import format_scores, load_scorecard
 
     card = load_scorecard(args.scorecard)
