@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "atp.commands.listing",
     "atp.commands.batch",
     "atp.commands.scorecard",
+    "atp.commands.phantom",
 ]
 
 

@@ -17,6 +17,8 @@ Arrays are (slice, row, column) = (+z, +y, +x); default 40 x 64 x 64 voxels of
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from atp.grid import Grid
@@ -92,3 +94,93 @@ def head_neck_phantom(shape=(40, 64, 64), spacing_mm=(3.0, 4.0, 4.0)) -> Patient
     return Patient(ct, grid, structures, rx, patient_id="atp-phantom-hn",
                    metadata={"format": "phantom", "description": "embedded default case"},
                    source="<embedded phantom>")
+
+
+# --- AAPM TG-119 C-shape ------------------------------------------------------------------
+# Ezzell et al. 2009 (Med Phys 36:5359), test "C-shape": a C-shaped target (OuterTarget)
+# wrapped around a central cylindrical avoidance structure (Core) in a water-equivalent
+# slab phantom. Dimensions follow pyRadPlan 0.5.0's TG119 phantom (matRad's TG119.mat,
+# measured from its masks): slab 300 mm (left-right) x 150 mm (AP) x 300 mm (long), Core a
+# cylinder of 10 mm radius and 100 mm length, OuterTarget the shell 15-37 mm from the
+# Core's axis (a 5 mm gap between Core and target), 80 mm long, covering the anterior
+# side and both lateral sides down to 8 mm posterior of the axis (the C opens
+# posteriorly). 50 Gy in 25 fractions to the OuterTarget.
+TG119_NAME = "tg119"
+TG119_TARGET, TG119_CORE, TG119_BODY = "OuterTarget", "Core", "BODY"
+TG119_RX_GY, TG119_FRACTIONS = 50.0, 25
+TG119_SPACING_MM = (2.5, 3.0, 3.0)  # (z, y, x), pyRadPlan's TG119 CT
+TG119_GEOMETRY_MM = {"body_x": 300.0, "body_y": 150.0, "body_z": 300.0,
+                     "core_radius": 10.0, "core_length": 100.0, "target_inner": 15.0,
+                     "target_outer": 37.0, "target_length": 80.0, "target_y_max": 8.0}
+
+
+def tg119_grid(spacing_mm=TG119_SPACING_MM) -> Grid:
+    """A grid holding the slab with 15 mm of air around it (10 mm beyond its ends),
+    an odd number of voxels per axis so the Core's axis passes through voxel centres."""
+    g = TG119_GEOMETRY_MM
+    spacing = np.asarray(spacing_mm, dtype=float)
+    extent = np.array([g["body_z"] + 20.0, g["body_y"] + 30.0, g["body_x"] + 30.0])
+    shape = 2 * np.ceil(extent / spacing / 2.0).astype(int) + 1
+    return phantom_grid(tuple(int(n) for n in shape), tuple(spacing))
+
+
+def tg119_phantom(spacing_mm=TG119_SPACING_MM) -> Patient:
+    """The TG-119 C-shape phantom (module comment above) on a grid of ``spacing_mm``
+    (z, y, x); deterministic."""
+    g = TG119_GEOMETRY_MM
+    grid = tg119_grid(spacing_mm)
+    pts = grid.voxel_centres_mm().reshape(*grid.shape, 3)
+    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
+    eps = 1e-6  # voxel centres on a boundary count as inside
+    body = ((np.abs(x) <= g["body_x"] / 2 + eps) & (np.abs(y) <= g["body_y"] / 2 + eps)
+            & (np.abs(z) <= g["body_z"] / 2 + eps))
+    r = np.hypot(x, y)
+    core = (r <= g["core_radius"] + eps) & (np.abs(z) <= g["core_length"] / 2 + eps)
+    target = ((r >= g["target_inner"] - eps) & (r <= g["target_outer"] + eps)
+              & (y <= g["target_y_max"] + eps) & (np.abs(z) <= g["target_length"] / 2 + eps))
+    ct = np.where(body, 0.0, -1000.0).astype(np.float32)  # water; air outside
+    structures = {n: Structure(n, m, role) for n, m, role in (
+        (TG119_BODY, body, Role.EXTERNAL), (TG119_TARGET, target, Role.TARGET),
+        (TG119_CORE, core, Role.ORGAN))}
+    rx = (Prescription(TG119_TARGET, TG119_RX_GY, TG119_FRACTIONS),)
+    return Patient(ct, grid, structures, rx, patient_id="TG119",
+                   metadata={"format": "phantom",
+                             "description": "AAPM TG-119 C-shape phantom"},
+                   source="<TG-119 phantom>")
+
+
+def prescription_yaml(patient: Patient) -> str:
+    """The ``prescription.yaml`` sidecar text for ``patient``'s prescriptions."""
+    lines = [f"# prescription of {patient.patient_id} (atp.io.prescription sidecar)",
+             f"fractions: {patient.fractions}", "targets:"]
+    lines += [f"  {p.target}: {p.dose_gy:g}" for p in patient.prescriptions]
+    return "\n".join(lines) + "\n"
+
+
+def write_dicom_case(patient: Patient, folder) -> dict:
+    """Write ``patient`` as a DICOM CT series (``CT/``), an RT Structure Set
+    (``RS.<id>.dcm``: RTROIInterpretedType PTV for targets, ORGAN, EXTERNAL) and a
+    ``prescription.yaml`` sidecar into ``folder`` (which must exist): a case that
+    ``atp plan FOLDER`` reads like any DICOM export. Returns {kind: path(s)}."""
+    from atp.io.dicom_export import (  # lazy: pydicom only for this writer
+        export_context,
+        export_ct_series,
+        export_rt_struct,
+    )
+    from atp.outputs import atomic_write_bytes  # lazy: as above, writers only
+
+    out = Path(folder)
+    ctx = export_context(patient)
+    ct = export_ct_series(_mkdir(out / "CT"), patient, ctx)
+    rs = export_rt_struct(out / f"RS.{patient.patient_id}.dcm", patient, ctx)
+    rx = out / "prescription.yaml"
+    atomic_write_bytes(rx, prescription_yaml(patient).encode())
+    return {"CT": [str(p) for p in ct], "RTSTRUCT": str(rs), "prescription": str(rx)}
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+PHANTOMS = {TG119_NAME: tg119_phantom}

@@ -139,7 +139,9 @@ def test_shipped_lists_and_overlays_load():
     for s in list_sites():
         gl = load_goal_list(site=s)
         assert all(g.note for g in gl.goals), s  # every goal cites its source
-        assert not any(g.params.get("unknown_name") for g in gl.goals), s
+        # TG-263 names only, but for the TG-119 phantom's own structure names
+        unknown = {g.structure for g in gl.goals if g.params.get("unknown_name")}
+        assert unknown <= ({"OuterTarget", "Core"} if s.startswith("tg119") else set()), s
     assert {"example_parotid_sparing", "example_conservative"} <= set(list_institutions())
     for inst in list_institutions():
         load_goal_list(site="hn", institution=inst)

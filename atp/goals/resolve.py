@@ -24,6 +24,8 @@ Rules, in order, for each goal of the list:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from atp import dvh, metrics
@@ -32,6 +34,7 @@ from atp.goals.controls import body_name, goal_mask, ring_name
 from atp.goals.model import Goal, Metric, ResolvedGoal
 from atp.goals.schema import EACH_TARGET, TARGET_PLACEHOLDERS, GoalList
 from atp.names import canonical_name
+from atp.patient import Role
 
 
 class ResolvedGoals(list):
@@ -137,6 +140,30 @@ def _resolved(goal: Goal, gl: GoalList, *, gid=None, structure, value, source,
         reference_rx_gy=ref_rx, source_file=goal.source_file, line=goal.line)
 
 
+def kind_on_patient(goal: Goal, patient, name: str) -> Goal:
+    """A goal whose structure name is not TG-263 and that writes no ``kind`` takes its
+    kind from the patient's structure ``name``: a target (DICOM RTROIInterpretedType
+    PTV/CTV/GTV/ITV, or a target by name) makes it a target goal, with the target
+    default priority 2 when it gives none; otherwise it is an organ goal, which must
+    give its priority and may not use a target index."""
+    if not goal.params.get("kind_from_patient"):
+        return goal
+    if patient.structures[name].role == Role.TARGET:
+        return replace(goal, kind="target")
+    field, why = None, ""
+    if goal.params.get("priority_from_kind"):
+        field, why = "priority", "organ goals need 'priority' (1 = hard, 2 = target level, ...)"
+    elif goal.metric.is_index:
+        field = "metric"
+        why = f"{goal.metric.text} is a target index; use it on a target or a conformity control"
+    if field is not None:
+        role = patient.structures[name].role.value
+        raise GoalListError(f"goal '{goal.id}': '{name}' is not a target on this patient "
+                            f"(its structure set marks it {role}); {why}",
+                            file=goal.source_file, line=goal.line, field=f"{goal.id}.{field}")
+    return replace(goal, kind="organ")
+
+
 def _control_targets(goal: Goal, patient) -> list[str]:
     around = goal.params.get("around", EACH_TARGET)
     if around == EACH_TARGET:
@@ -192,6 +219,7 @@ def resolve_goals(goal_list: GoalList, patient, predicted_dose_gy=None, *,
             out.skipped.append({"id": goal.id, "structure": goal.structure,
                                 "reason": why + " (optional goal)"})
             continue
+        goal = kind_on_patient(goal, patient, name)
         ref = reference_rx(patient, name)
         if goal.metric.is_index and patient.prescription_for(name) is None \
                 and goal.metric.kind != "HI":

@@ -275,6 +275,14 @@ def structure_kind(name: str) -> str:
     return {"target": "target", "control": "control"}.get(role, "organ")
 
 
+def _kind_from_patient(raw, known: bool, value) -> bool:
+    """Whether a goal's kind is left to the patient's structure set: its name is not a
+    TG-263 name or alias, it writes no ``kind`` and its value is not ``predicted``
+    (predicted values are for organs only)."""
+    predicted = isinstance(value, str) and value.strip().lower() == "predicted"
+    return not known and "kind" not in raw and not predicted
+
+
 def canonical_structure(name: str) -> tuple[str, bool]:
     """(canonical TG-263 name, known). Unknown names are kept as written."""
     if name in TARGET_PLACEHOLDERS:
@@ -422,10 +430,18 @@ def parse_goal(raw: Mapping[str, Field], *, file: str | None, line: int | None,
         default_op = None
         default_priority = 2 if kind == "target" else None
         default_value = None
+        if _kind_from_patient(raw, known, get("value")):
+            # a name outside TG-263 (OuterTarget): the patient's structure set says
+            # whether it is a target (RTROIInterpretedType PTV/CTV/GTV/ITV); the
+            # target default priority is checked against that when the goal is resolved
+            params["kind_from_patient"] = True
+            if "priority" not in raw:
+                params["priority_from_kind"] = True
+                default_priority = 2
     mf = raw.get("metric")
     metric = parse_metric(metric_text, file=mf.file if mf else file,
                           line=mf.line if mf else line, field=f"{label}.metric")
-    if metric.is_index and kind == "organ":
+    if metric.is_index and kind == "organ" and not params.get("kind_from_patient"):
         raise fail("metric", f"{metric.text} is a target index; use it on a target or a "
                              "conformity control")
     if control in ("ring", "global_max") and metric.is_index:
