@@ -244,35 +244,37 @@ def _objective_kind(metric, upper: bool):
 
 def item_objective(item: ScoreItem, value: float) -> dict | None:
     """The dose objective that moves ``item`` (at ``value``) to its next better score
-    point, after AIRTP's scorecard-to-dose mapping; None when the item has its full
-    score or its metric is not a dose.
+    point, after AIRTP's scorecard-to-dose mapping; None when the metric is not a dose.
 
     Better scores lie at lower values (an organ's dose, a hot spot: an upper objective
     aimed :data:`POINT_MARGIN_GY` below the next better point) or at higher values (a
     target's coverage: a lower objective at the next better point). The objective never
-    asks more than AIRTP's margin of the current value (15 %, at most 7 Gy). Its
-    priority is AIRTP's, ``60 + min(|slope|, 7) * 20 / (1 + exp(score / 3))`` with the
-    slope (score per Gy) of the segment the value lies on (clamped to the points):
-    steep, poorly scored items first."""
+    asks more than AIRTP's margin of the current value (15 %, at most 7 Gy). An item at
+    its full score gets a holding objective at the edge of its full score (``hold``:
+    inactive while the item keeps it; a re-plan that trades it away pays). Its priority
+    is AIRTP's, ``60 + min(|slope|, 7) * 20 / (1 + exp(score / 3))`` with the slope
+    (score per Gy) of the segment the value lies on (clamped to the points): steep,
+    poorly scored items first."""
     score = item.score(value)
     xs, ys = (np.asarray(a, float) for a in zip(*item.points))
-    if score >= item.max_score - 1e-9:
-        return None
-    upper = xs[int(np.argmax(ys))] < value
+    upper = bool(ys[0] > ys[-1]) if ys[0] != ys[-1] else bool(xs[int(np.argmax(ys))] < value)
     kind = _objective_kind(item.metric, upper)
     if kind is None:
         return None
-    better = [(x, s) for x, s in item.points if s > score + 1e-9 and (x < value if upper
-                                                                      else x > value)]
-    if not better:
-        return None
-    if upper:
-        nxt = max(x for x, _ in better)
-        floor = max(value * (1 - MAX_TIGHTEN_FRACTION), value - MAX_TIGHTEN_GY)
-        ref = max(nxt - POINT_MARGIN_GY, floor)
+    hold = score >= item.max_score - 1e-9
+    if hold:
+        edge = [x for x, s in item.points if s >= item.max_score - 1e-9]
+        nxt = max(edge) if upper else min(edge)
+        ref = nxt
     else:
-        nxt = min(x for x, _ in better)
-        ref = min(nxt, value / (1 - MAX_TIGHTEN_FRACTION), value + MAX_TIGHTEN_GY)
+        better = [x for x, s in item.points if s > score + 1e-9 and (x < value if upper
+                                                                     else x > value)]
+        if not better:
+            return None
+        nxt = max(better) if upper else min(better)
+        ref = (max(nxt - POINT_MARGIN_GY, value * (1 - MAX_TIGHTEN_FRACTION),
+                   value - MAX_TIGHTEN_GY) if upper else
+               min(nxt, value / (1 - MAX_TIGHTEN_FRACTION), value + MAX_TIGHTEN_GY))
     if ref <= 0:
         return None
     xc = float(np.clip(value, xs[0], xs[-1]))
@@ -282,4 +284,4 @@ def item_objective(item: ScoreItem, value: float) -> dict | None:
     return {"structure": item.structure, "kind": kind[0], "volume": kind[1],
             "dose_gy": round(float(ref), 3), "priority": round(priority, 2),
             "source": f"scorecard:{item.id}", "value": round(float(value), 3),
-            "next_point": [float(nxt), float(dict(item.points)[nxt])]}
+            "next_point": [float(nxt), float(dict(item.points)[nxt])], "hold": hold}

@@ -120,7 +120,11 @@ def test_item_objective_aims_at_the_next_better_score_point():
     # coverage D95% 64 Gy of PTV_70: next better point 65.1, a lower dose-volume objective
     o = item_objective(items["PTV70_D95"], 64.0)
     assert (o["kind"], o["volume"], o["dose_gy"]) == ("dv_min", 0.95, 65.1)
-    assert item_objective(items["cord_max"], 39.0) is None  # full score
+    # full score: a holding objective at the edge of the full score (cord 40 Gy)
+    o = item_objective(items["cord_max"], 39.0)
+    assert (o["kind"], o["dose_gy"], o["hold"]) == ("max", 40.0, True)
+    o = item_objective(items["PTV70_D95"], 70.5)
+    assert (o["kind"], o["dose_gy"], o["hold"]) == ("dv_min", 70.0, True)
 
 
 @pytest.mark.parametrize("value, spec", [
