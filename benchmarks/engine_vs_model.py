@@ -13,14 +13,18 @@ and beyond the 60 mm lateral window.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from atp.dose.aperture import aperture_beamlet_weights
 from atp.dose.beam_model import PhotonBeamModel
 from atp.dose.commission import output_factor, water_phantom
 from atp.dose.geometry import Beam
 from atp.dose.pencil_beam import PencilBeamEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from square_field import square_field_cax  # tests/square_field.py
 
 
 def cax(model, side, threshold, iso_depth_mm):
@@ -29,14 +33,8 @@ def cax(model, side, threshold, iso_depth_mm):
     dij = PencilBeamEngine(model=model).influence(
         p, [Beam(0, isocenter_mm=(0.0, iso_depth_mm, 0.0))], dose_grid_factor=1,
         margin_mm=half, beamlet_size_mm=5.0, threshold=threshold)
-    edges = np.arange(-250.0, 250.1, 5.0)
-    inside = (edges[:-1] >= -half - 1e-6) & (edges[1:] <= half + 1e-6)
-    w = aperture_beamlet_weights(dij.beamlets, 0, edges, np.where(inside, -half, 0.0),
-                                 np.where(inside, half, 0.0), 1.0)
-    d, g = dij.dose(w), dij.dose_grid
-    y = g.origin_mm[1] + g.spacing_mm[1] * np.arange(g.shape[1])
-    i, k = g.shape[0] // 2, g.shape[2] // 2
-    return y, 0.25 * (d[i - 1, :, k - 1] + d[i, :, k - 1] + d[i - 1, :, k] + d[i, :, k])
+    y, cax_gy, _ = square_field_cax(dij, half)
+    return y, cax_gy
 
 
 def main() -> int:

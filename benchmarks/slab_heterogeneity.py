@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from atp.dose.aperture import aperture_beamlet_weights
 from atp.dose.beam_model import PhotonBeamModel
 from atp.dose.commission import water_phantom
 from atp.dose.geometry import Beam
 from atp.dose.pencil_beam import PencilBeamEngine
 from atp.patient import Patient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from square_field import square_field_cax  # tests/square_field.py
 
 SLAB_MM = (30.0, 60.0)
 SPACING = (2.5, 2.5, 2.5)
@@ -46,15 +50,7 @@ def cax_dose(patient, half_mm: float, model):
     dij = eng.influence(patient, [Beam(0, isocenter_mm=(0.0, 0.0, 0.0))], dose_grid_factor=1,
                         margin_mm=half_mm + 5.0,
                         beamlet_size_mm=5.0)
-    edges = np.arange(-250.0, 250.1, 2.5)
-    inside = (edges[:-1] >= -half_mm - 1e-6) & (edges[1:] <= half_mm + 1e-6)
-    w = aperture_beamlet_weights(dij.beamlets, 0, edges, np.where(inside, -half_mm, 0.0),
-                                 np.where(inside, half_mm, 0.0), 100.0)
-    d = dij.dose(w)
-    g = dij.dose_grid
-    y = g.origin_mm[1] + g.spacing_mm[1] * np.arange(g.shape[1])
-    i, k = g.shape[0] // 2, g.shape[2] // 2
-    cax = 0.25 * (d[i - 1, :, k - 1] + d[i, :, k - 1] + d[i - 1, :, k] + d[i, :, k])
+    y, cax, _ = square_field_cax(dij, half_mm, leaf_mm=2.5, mu=100.0)
     return y, cax
 
 

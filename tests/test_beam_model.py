@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from square_field import square_field_cax
 
 from atp.cli import main
 from atp.dose import commission as cm
-from atp.dose.aperture import aperture_beamlet_weights
 from atp.dose.beam_model import PhotonBeamModel
 from atp.dose.fit import fit_model, read_measurements
 from atp.dose.geometry import Beam
@@ -86,15 +86,8 @@ def _cax(patient, model, half=10.0):
     dij = PencilBeamEngine(model=model, lateral_cutoff_mm=40.0).influence(
         patient, [Beam(0, isocenter_mm=(0.0, 0.0, 0.0))], dose_grid_factor=1,
         margin_mm=half, beamlet_size_mm=5.0)
-    edges = np.arange(-100.0, 100.1, 2.5)
-    inside = (edges[:-1] >= -half) & (edges[1:] <= half)
-    w = aperture_beamlet_weights(dij.beamlets, 0, edges, np.where(inside, -half, 0.0),
-                                 np.where(inside, half, 0.0), 100.0)
-    d = dij.dose(w)
-    g = dij.dose_grid
-    y = g.origin_mm[1] + g.spacing_mm[1] * np.arange(g.shape[1])
-    i, k = g.shape[0] // 2, g.shape[2] // 2
-    return y, 0.25 * (d[i - 1, :, k - 1] + d[i, :, k - 1] + d[i - 1, :, k] + d[i, :, k])
+    y, cax, _ = square_field_cax(dij, half, leaf_mm=2.5, mu=100.0)
+    return y, cax
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from square_field import square_field_cax
 
-from atp.dose.aperture import aperture_beamlet_weights
 from atp.dose.beam_model import PhotonBeamModel
 from atp.dose.commission import commission, water_phantom
 from atp.dose.geometry import Beam
@@ -35,17 +35,7 @@ def _field_dose(patient, iso=(0.0, 0.0, 0.0), half=50.0, engine=None):
     engine = engine or PencilBeamEngine()
     dij = engine.influence(patient, [Beam(0, isocenter_mm=iso)], dose_grid_factor=1,
                            margin_mm=half)
-    edges = np.arange(-200.0, 201.0, 5.0)
-    edges.size - 1
-    inside = (edges[:-1] >= -half) & (edges[1:] <= half)
-    left = np.where(inside, -half, 0.0)
-    right = np.where(inside, half, 0.0)
-    w = aperture_beamlet_weights(dij.beamlets, 0, edges, left, right, 100.0)
-    d = dij.dose(w)
-    g = dij.dose_grid
-    y = g.origin_mm[1] + g.spacing_mm[1] * np.arange(g.shape[1])
-    i, k = g.shape[0] // 2, g.shape[2] // 2  # voxels touching the axis
-    cax = 0.25 * (d[i - 1, :, k - 1] + d[i, :, k - 1] + d[i - 1, :, k] + d[i, :, k])
+    y, cax, w = square_field_cax(dij, half, mu=100.0)
     return y, cax, dij, w
 
 

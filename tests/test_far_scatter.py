@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 from scipy.special import erf
+from square_field import square_field_cax
 
-from atp.dose.aperture import aperture_beamlet_weights
 from atp.dose.beam_model import PhotonBeamModel
 from atp.dose.commission import output_factor, water_phantom
 from atp.dose.far_scatter import FarScatter, FarScatterOptions, assemble, build_group, taper
@@ -71,14 +71,7 @@ def _iso_dose(patient, side, far_scatter):
     dij = PencilBeamEngine(far_scatter=far_scatter).influence(
         patient, [Beam(0, isocenter_mm=(0.0, 100.0, 0.0))], dose_grid_factor=1,
         margin_mm=half, beamlet_size_mm=5.0)
-    edges = np.arange(-250.0, 250.1, 5.0)
-    inside = (edges[:-1] >= -half - 1e-6) & (edges[1:] <= half + 1e-6)
-    w = aperture_beamlet_weights(dij.beamlets, 0, edges, np.where(inside, -half, 0.0),
-                                 np.where(inside, half, 0.0), 1.0)
-    d, g = dij.dose(w), dij.dose_grid
-    y = g.origin_mm[1] + g.spacing_mm[1] * np.arange(g.shape[1])
-    i, k = g.shape[0] // 2, g.shape[2] // 2
-    cax = 0.25 * (d[i - 1, :, k - 1] + d[i, :, k - 1] + d[i - 1, :, k] + d[i, :, k])
+    y, cax, _ = square_field_cax(dij, half)
     return float(np.interp(100.0, y, cax)), dij
 
 

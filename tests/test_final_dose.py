@@ -1,8 +1,9 @@
 """Goals held on the final deliverable dose (atp.final_dose, pipeline._final_dose_goals).
 
-On the phantom with the toy dij (``atp.optimizer.testing.toy_dij``): a priority-1 goal the
-sequenced dose breaks is restored by the beams' MU on the CT grid, the scaled delivery's
-own deliverable dose is the reported one, and it stays within the machine limits.
+On the phantom with the toy dij (``atp.optimizer.testing.toy_dij``, conftest.py's ``toy``):
+a priority-1 goal the sequenced dose breaks is restored by the beams' MU on the CT grid, the
+scaled delivery's own deliverable dose is the reported one, and it stays within the machine
+limits.
 """
 
 from __future__ import annotations
@@ -28,13 +29,6 @@ from atp.pipeline import _beam_doses as beam_doses
 from atp.pipeline import _final_dose_goals, _sequence, patient_dose
 
 FAST = {"max_iter": 120}
-
-
-@pytest.fixture(scope="module")
-def toy(phantom):
-    from atp.optimizer.testing import toy_dij
-
-    return toy_dij(phantom, n_beams=5, factor=2)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from atp.outputs import MARKER, atomic_output_dir, check_output_dir, clean_stale
 REPO = Path(__file__).resolve().parents[1]
 CHEAP = ["--predictor", "baseline", "--backend", "cpu", "--max-iter", "30", "--no-sequence",
          "--no-report", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def toy(phantom):
-    from atp.optimizer.testing import toy_dij
-
-    return toy_dij(phantom, n_beams=3, factor=2)
+TOY_BEAMS = 3  # conftest.py's toy dij, with 3 beams
 
 
 @pytest.fixture(scope="module")

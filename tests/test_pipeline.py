@@ -1,7 +1,8 @@
 """The planning pipeline, plan directory, re-plans and the plan/replan CLI on the phantom.
 
-Most tests use a toy dose-influence matrix (``atp.optimizer.testing.toy_dij``) so they do not
-depend on the dose engine's speed; one slow test runs the real pencil-beam engine.
+Most tests use a toy dose-influence matrix (``atp.optimizer.testing.toy_dij``; the ``toy``
+and ``base_plan`` fixtures of conftest.py) so they do not depend on the dose engine's
+speed; one slow test runs the real pencil-beam engine.
 """
 
 from __future__ import annotations
@@ -15,21 +16,6 @@ import pytest
 import atp
 from atp.cli import main
 from atp.pipeline import apply_settings, load_plan
-
-FAST = {"max_iter": 150}
-
-
-@pytest.fixture(scope="module")
-def toy(phantom):
-    from atp.optimizer.testing import toy_dij
-
-    return toy_dij(phantom, n_beams=5, factor=2)
-
-
-@pytest.fixture(scope="module")
-def base_plan(phantom, toy):
-    return atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
-                    progress=False, optimizer_options=FAST)
 
 
 def _result(plan, gid):
@@ -101,8 +87,8 @@ def test_import_atp_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, atp; heavy = [m for m in ('optimizer', 'predictor', 'sequencer', "
-            "'cvxpy', 'torch') if m in sys.modules]; print(heavy)")
+    code = ("import sys, atp; heavy = [m for m in ('atp.optimizer', 'atp.predictor', "
+            "'atp.sequencer', 'cvxpy', 'torch') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"

@@ -25,18 +25,6 @@ ENC = EncodingConfig(size=(16, 16, 16), spacing_mm=(16.0, 16.0, 12.0), crop="bod
                      ptv_distance=3)
 
 
-def _patient(phantom):
-    from scipy import ndimage
-
-    from atp.patient import Patient
-
-    rx = phantom.prescription_map_gy()
-    dose = np.where(phantom.body_mask, np.maximum(ndimage.gaussian_filter(rx, 2.0), rx), 0)
-    meta = dict(phantom.metadata, reference_dose_gy=dose.astype(np.float32))
-    return Patient(phantom.ct_hu, phantom.grid, phantom.structures, phantom.prescriptions,
-                   "p", meta)
-
-
 def _cfg(**kw):
     cfg = make_config(None, "okbp_stage1", epochs=2, steps_per_epoch=2, threads=1,
                       checkpoint_every_s=0.0)
@@ -102,10 +90,10 @@ def test_selection_split_is_fixed_and_disjoint():
 
 
 @pytest.mark.slow
-def test_resume_at_every_step_is_bitwise(phantom, tmp_path):
+def test_resume_at_every_step_is_bitwise(reference_dose_phantom, tmp_path):
     """Run N steps at once == stop after every single step and resume (CPU, EMA, AdamW,
     one-cycle, augmentation, per-epoch selection)."""
-    pat = _patient(phantom)
+    pat = reference_dose_phantom
     data = encode_patients([pat, pat], ENC)
     calls: list[int] = []
 
@@ -143,8 +131,8 @@ def test_resume_at_every_step_is_bitwise(phantom, tmp_path):
         train(_cfg(epochs=3), data, data, tmp_path / "b", resume=True, **quiet)
 
 
-def test_best_is_the_ema_predictor_with_tta(phantom, tmp_path):
-    pat = _patient(phantom)
+def test_best_is_the_ema_predictor_with_tta(phantom, reference_dose_phantom, tmp_path):
+    pat = reference_dose_phantom
     data = encode_patients([pat], ENC)
     cfg = _cfg(epochs=1)
     res = train(cfg, data, data, tmp_path, progress=False, log=lambda *_: None,

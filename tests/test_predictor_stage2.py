@@ -30,18 +30,6 @@ FINE = EncodingConfig(size=(16, 32, 32), spacing_mm=None, factor=(1, 1, 1),
                       crop="targets", ptv_distance=3, dose_input=True)
 
 
-def _patient(phantom):
-    from scipy import ndimage
-
-    from atp.patient import Patient
-
-    rx = phantom.prescription_map_gy()
-    dose = np.where(phantom.body_mask, np.maximum(ndimage.gaussian_filter(rx, 2.0), rx), 0)
-    meta = dict(phantom.metadata, reference_dose_gy=dose.astype(np.float32))
-    return Patient(phantom.ct_hu, phantom.grid, phantom.structures, phantom.prescriptions,
-                   "p", meta)
-
-
 def _cfg(**kw):
     cfg = make_config(None, "okbp_stage2", epochs=1, steps_per_epoch=2, threads=1,
                       checkpoint_every_s=0.0)
@@ -76,8 +64,8 @@ def test_dvh_point_loss():
     assert float(dvh_point_loss(pred, ref, [empty], []).detach()) == 0.0
 
 
-def test_input_noise_is_smooth_in_the_body_and_reproducible(phantom):
-    pat = _patient(phantom)
+def test_input_noise_is_smooth_in_the_body_and_reproducible(reference_dose_phantom):
+    pat = reference_dose_phantom
     stack, _ = encode_patient(pat, FINE, coarse_reference_gy(pat, COARSE))
     s, d = torch.from_numpy(stack), torch.zeros(1, *FINE.size)
     cfg = replace(_cfg(), flip_prob=0.0)
@@ -95,8 +83,9 @@ def test_input_noise_is_smooth_in_the_body_and_reproducible(phantom):
 
 
 @pytest.mark.slow
-def test_stage2_trains_and_cascade_keeps_stage1_outside_the_window(phantom, tmp_path):
-    pat = _patient(phantom)
+def test_stage2_trains_and_cascade_keeps_stage1_outside_the_window(reference_dose_phantom,
+                                                                 tmp_path):
+    pat = reference_dose_phantom
     data = encode_patients([pat], FINE, COARSE)
     assert data[0].shape == (1, 14, 16, 32, 32)
     res = train(_cfg(), data, data, tmp_path, progress=False, log=lambda *_: None)

@@ -2,8 +2,8 @@
 tolerance moves the reported value or the plan names what holds it, every re-plan says
 what changed, and ``atp plan --fast`` exits 3 with a headline when priority-1 goals fail.
 
-Phantom + toy dose-influence matrix (``atp.optimizer.testing.toy_dij``), as in
-test_pipeline.py.
+Phantom + toy dose-influence matrix (``atp.optimizer.testing.toy_dij``) and the plan on it:
+conftest.py's ``toy`` and ``base_plan``, as in test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -18,19 +18,6 @@ from atp.cli import main
 
 FAST = {"max_iter": 150}
 DOSE_METRICS = ("Dmean", "Dmax", "Dmin", "D")
-
-
-@pytest.fixture(scope="module")
-def toy(phantom):
-    from atp.optimizer.testing import toy_dij
-
-    return toy_dij(phantom, n_beams=5, factor=2)
-
-
-@pytest.fixture(scope="module")
-def base_plan(phantom, toy):
-    return atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
-                    progress=False, optimizer_options=FAST)
 
 
 @pytest.fixture(scope="module")
