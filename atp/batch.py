@@ -392,6 +392,10 @@ def _measure(job: dict, args, rec: dict) -> None:
     row["mu_per_cgy"] = deliv.get("mu_per_cgy")
     row["beam_on_s_per_fraction"] = deliv.get("delivery_time_s_per_fraction")
     rec["timings_s"] = {k: float(v) for k, v in (data.get("timings_s") or {}).items()}
+    refined = (data.get("optimizer") or {}).get("refine") or {}
+    if refined.get("mode") == "scorecard":  # the goal-list plan's total, rounds kept
+        row["refine_score_start"] = refined["scores"][0]
+        row["refine_rounds_kept"] = sum(bool(k) for k in refined["accepted"])
     for k, v in rec["timings_s"].items():
         row[f"time:{k}"] = round(v, 3)
     patient = common.load_patient_from_args(args)
