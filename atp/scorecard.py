@@ -283,5 +283,6 @@ def item_objective(item: ScoreItem, value: float) -> dict | None:
     priority = 60.0 + min(abs(slope), 7.0) * 20.0 / (1.0 + math.exp(score / 3.0))
     return {"structure": item.structure, "kind": kind[0], "volume": kind[1],
             "dose_gy": round(float(ref), 3), "priority": round(priority, 2),
-            "source": f"scorecard:{item.id}", "value": round(float(value), 3),
+            "source": f"scorecard:{item.id}", "metric": item.metric.text,
+            "value": round(float(value), 3),
             "next_point": [float(nxt), float(dict(item.points)[nxt])], "hold": hold}

@@ -21,6 +21,7 @@ from atp.optimizer.objectives import make_term
 from atp.optimizer.problem import measure_metric
 from atp.optimizer.solve import optimize
 
+from atp.goals.metric import parse_metric
 from atp.goals.model import Metric
 
 VOLUME_POINTS_PCT = (1, 10, 20, 30, 40, 60, 80)
@@ -217,8 +218,25 @@ def scorecard_terms(problem, fluence, organs, items, *, weight_rel: float = 0.5,
         if w <= 0:
             recs.append({**spec, "skipped": "no soft goal on the structure"})
             continue
-        terms.append(make_term(spec["kind"], rows, vw, spec["dose_gy"],
+        ref = spec["dose_gy"] + _surrogate_offset(problem, spec, d[rows], vw)
+        if ref <= 0:
+            recs.append({**spec, "skipped": "no dose left to aim at on the dose grid"})
+            continue
+        terms.append(make_term(spec["kind"], rows, vw, ref,
                                weight_rel * spec["priority"] / 100 * w,
                                volume=spec["volume"], name=f"refine:{spec['source']}"))
-        recs.append(dict(spec))
+        recs.append({**spec, "optimised_gy": round(ref, 3)})
     return terms, recs
+
+
+def _surrogate_offset(problem, spec, d, vw) -> float:
+    """What the optimiser sees minus what the plan reports for a scorecard item: its
+    metric on the structure's dose-grid rows at the start fluence (the ideal dose) less
+    the item's value on the reported dose (patient grid, deliverable); the objective's
+    dose is moved by it, as the goal terms' surrogate offsets are. 0 when the metric
+    cannot be measured on the rows."""
+    metric = spec.get("metric")
+    if not metric or spec.get("value") is None:
+        return 0.0
+    seen = measure_metric(parse_metric(metric), d, vw, problem.voxel_volume_cc, 1.0)
+    return 0.0 if seen is None else float(seen) - float(spec["value"])
