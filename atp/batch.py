@@ -394,8 +394,8 @@ def _measure(job: dict, args, rec: dict) -> None:
     rec["timings_s"] = {k: float(v) for k, v in (data.get("timings_s") or {}).items()}
     refined = (data.get("optimizer") or {}).get("refine") or {}
     if refined.get("mode") == "scorecard":  # the goal-list plan's total, rounds kept
-        row["refine_score_start"] = refined["scores"][0]
-        row["refine_rounds_kept"] = sum(bool(k) for k in refined["accepted"])
+        row["refine:score_start"] = refined["scores"][0]
+        row["refine:rounds_kept"] = sum(bool(k) for k in refined["accepted"])
     for k, v in rec["timings_s"].items():
         row[f"time:{k}"] = round(v, 3)
     patient = common.load_patient_from_args(args)
@@ -824,11 +824,11 @@ def summary_rows(order, records, meta, resumed) -> list[dict]:
 
 
 def _columns(rows) -> list[str]:
-    """FIRST_COLUMNS, then the criteria, goals (value, pass), scores and timings in the
-    order the patients' rows first name them."""
+    """FIRST_COLUMNS, then the criteria, goals (value, pass), scores, scorecard
+    refinement and timings in the order the patients' rows first name them."""
     cols = list(FIRST_COLUMNS)
     extra: dict = {}
-    for prefix in ("crit", "goal:", "pass:", "score:", "time:"):
+    for prefix in ("crit", "goal:", "pass:", "score:", "refine:", "time:"):
         for r in rows:
             for k in r:
                 if k.startswith(prefix) and k not in extra:
@@ -837,7 +837,7 @@ def _columns(rows) -> list[str]:
     crit = [k for k in extra if k.startswith("crit:")]
     ordered = [c for k in crit for c in (k, "crit_pass:" + k[5:])]
     ordered += [c for g in goal_ids for c in (f"goal:{g}", f"pass:{g}")]
-    ordered += [k for k in extra if k.startswith(("score:", "time:"))]
+    ordered += [k for k in extra if k.startswith(("score:", "refine:", "time:"))]
     return cols + [k for k in ordered if k in extra]
 
 

@@ -202,3 +202,19 @@ def test_batch_options_hash_holds_the_scorecard_only_when_it_shapes_the_plan(tmp
         options_hash(plain, plan_scorecard(plain, str(b)))
     assert options_hash(scored, plan_scorecard(scored, str(a))) != \
         options_hash(scored, plan_scorecard(scored, str(b)))
+
+
+def test_batch_with_refine_scorecard_records_the_start_and_final_totals(tmp_path, toy):
+    toy.save(tmp_path / "toy.npz")
+    (tmp_path / "cohort.csv").write_text("patient,name\nphantom,a\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "cohort.csv"), "--out", str(out), "--dij",
+                 str(tmp_path / "toy.npz"), "--predictor", "baseline", "--backend", "cpu",
+                 "--max-iter", "100", "--no-sequence", "--no-report", "--quiet",
+                 "--workers", "1", "--refine", "scorecard:1"]) in (0, 3)
+    with open(out / "summary.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["score_total"]) >= float(row["refine:score_start"])
+    assert row["refine:rounds_kept"] in ("0", "1")
+    assert json.loads((out / "a" / "plan.json").read_text())["settings"]["refine"] == \
+        "scorecard:1"
