@@ -39,12 +39,17 @@ the isocentre plane, centre ``(uc, vc)``) is
 * Heterogeneity: lateral transport lengths scale with the inverse of the density along
   the path (O'Connor's scaling): every phantom width is multiplied by
   ``S = min(1 / rho_bar, max_lateral_scale)``, ``rho_bar`` the mean relative density over
-  the last ``density_length_mm`` (primary: secondary-electron transport, 20 mm) or
-  ``scatter_density_length_mm`` (phantom scatter: photon transport, 60 mm) of the ray
-  before the point. Beyond air or lung a small
-  field therefore loses lateral equilibrium (its central dose drops) and regains it
-  within about that length in water (re-build-up). Depth attenuation uses the
-  radiological depth.
+  the last ``density_length_mm`` (primary: secondary-electron transport, 20 mm) of the
+  ray before the point. The phantom-scatter widths use a transport-weighted density
+  when ``scatter_transport_length_mm`` (lambda, 20 mm) is set: the scatter reaching the
+  point comes from radiological distance tau upstream with weight exp(-tau / lambda),
+  each part stretched by its geometric / radiological path t / tau, and
+  ``S = 1 / sqrt(E[(tau / t)^2])`` is the width whose central dose in a narrow field
+  matches that mixture (``atp.dose.pencil_beam._transport_density``); without it, the
+  mean over the last ``scatter_density_length_mm`` (60 mm box, the first model). Beyond
+  air or lung a small field therefore loses lateral equilibrium (its central dose drops)
+  and regains it within about those lengths of water (re-build-up). Depth attenuation
+  uses the radiological depth.
 * ``k_cal`` (Gy/MU): a 10 x 10 cm^2 field at SSD 100 cm in water gives 0.01 Gy/MU at the
   depth of maximum dose.
 
@@ -112,6 +117,7 @@ class PhotonBeamModel:
     density_length_mm: float = 20.0  # primary (electron transport)
     max_lateral_scale: float = 20.0
     scatter_density_length_mm: float = 60.0  # phantom scatter (photon transport)
+    scatter_transport_length_mm: float = 0.0  # > 0: transport weighting instead of the box
 
     # --- loading -----------------------------------------------------------------------
     @classmethod
@@ -143,7 +149,8 @@ class PhotonBeamModel:
                     float(off.get("softening_per_mm3", 0.0)),
                     float(het.get("density_length_mm", 20.0)),
                     float(het.get("max_lateral_scale", 20.0)),
-                    float(het.get("scatter_density_length_mm", 60.0)))
+                    float(het.get("scatter_density_length_mm", 60.0)),
+                    float(het.get("scatter_transport_length_mm", 0.0)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"malformed beam model: {exc!r}", file=source,
                              field="parameters") from None
@@ -170,6 +177,8 @@ class PhotonBeamModel:
                          "softening_per_mm3": self.softening_per_mm3},
             "heterogeneity": {"density_length_mm": self.density_length_mm,
                               "scatter_density_length_mm": self.scatter_density_length_mm,
+                              "scatter_transport_length_mm":
+                                  self.scatter_transport_length_mm,
                               "max_lateral_scale": self.max_lateral_scale},
         }
 

@@ -15,8 +15,9 @@ For each beam:
 4. dose per MU of each (voxel, beamlet) pair from the kernel
    (:mod:`atp.dose.beam_model`: primary, two phantom-scatter Gaussians, head scatter and
    electron contamination, the off-axis fluence at the beamlet centre, lateral widths
-   scaled by 1 / the mean density over the last 20 mm (primary) or 60 mm (phantom
-   scatter) of the voxel's ray, read from the same ray trace): the separable erf form lets one voxel's contribution
+   scaled by 1 / the mean density over the last 20 mm of the voxel's ray (primary) and
+   by the transport-weighted density of :func:`_transport_density` (phantom scatter),
+   read from the same ray trace): the separable erf form lets one voxel's contribution
    to a ``(2K+1) x (2K+1)`` window of neighbouring beamlets come from 2(2K+2) erf calls
    per Gaussian component;
 5. sparsification: entries below ``threshold`` x the beam's peak (the largest dose per MU
@@ -295,7 +296,7 @@ class PencilBeamEngine:
         if not sel.any():
             return sp.csc_matrix((n_rows, n_cols), dtype=np.float32), None
         u, v, s, rows = u[sel], v[sel], s[sel], rows_all[sel]
-        lengths = (float(model.density_length_mm), float(model.scatter_density_length_mm))
+        lengths = (float(model.density_length_mm), _scatter_window(model))
         if self.depth_method == "voxel":
             depth, rhos = self._voxel_depth(xp, frame, centres[sel], density, dgrid,
                                             lengths)
@@ -440,15 +441,20 @@ class PencilBeamEngine:
         ls = length[order]
         traced = trace_cumulative(density, dgrid, frame.source_mm,
                                   vec[order] / ls[:, None], t_stop=ls, chunk=1024)
-        q = np.stack([ls] + [np.maximum(ls - L, 0.0) for L in lengths_mm], axis=1)
+        offs = [np.asarray(_window_offsets(L), float) for L in lengths_mm]
+        q = np.concatenate([ls[:, None]] + [np.maximum(ls[:, None] - o[None, :], 0.0)
+                                            for o in offs], axis=1)
         both = sample_cumulative(traced, xp.asarray(q))
         order_x = xp.asarray(order)
         depth = xp.empty_like(both[:, 0])
         depth[order_x] = both[:, 0]
-        rhos = []
-        for j, L in enumerate(lengths_mm):
+        rhos, j = [], 1
+        for L, o in zip(lengths_mm, offs):
+            up = both[:, j:j + o.size]
+            j += o.size
             rho = xp.empty_like(depth)
-            rho[order_x] = _mean_density(both[:, 0], both[:, j + 1], L, xp)
+            rho[order_x] = (_mean_density(both[:, 0], up[:, 0], L, xp) if o.size == 1
+                            else _transport_density(both[:, 0], up, o, -L, xp))
             rhos.append(rho)
         return depth, rhos
 
@@ -482,11 +488,15 @@ class PencilBeamEngine:
         depth = map_coordinates(table, coords, order=1, mode="nearest")
         rhos = []
         for L in lengths_mm:
-            m = max(1, round(L / ray_ds))
-            up = xp.zeros_like(table)
-            if m < table.shape[2]:
-                up[:, :, m:] = table[:, :, :-m]
-            rho = _mean_density(table, up, m * ray_ds, xp)
+            if L < 0:  # transport weighting: the same offsets, read along the fan ray
+                o = np.asarray(_window_offsets(L), float)
+                m = np.maximum(np.round(o / ray_ds).astype(int), 0)
+                up = xp.stack([_shift(table, int(k), xp) for k in m], axis=-1)
+                rho = _transport_density(table.reshape(-1), up.reshape(-1, m.size),
+                                         m * ray_ds, -L, xp).reshape(table.shape)
+            else:
+                m = max(1, round(L / ray_ds))
+                rho = _mean_density(table, _shift(table, m, xp), m * ray_ds, xp)
             rhos.append(map_coordinates(rho, coords, order=1, mode="nearest"))
         return depth, rhos
 
@@ -516,6 +526,74 @@ def _mean_density(depth, upstream, length_mm: float, xp):
     surface it is 1."""
     span = xp.minimum(length_mm, xp.maximum(depth, 1e-3))
     return xp.where(depth > 1e-3, (depth - upstream) / span, 1.0)
+
+
+# upstream offsets (mm along the ray) at which the radiological path is sampled for the
+# transport-weighted density: fine near the point, coarser further up (x 1/lambda)
+_TRANSPORT_OFFSETS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.7, 2.2, 2.8,
+                      3.6, 4.6, 6.0)
+
+
+def _scatter_window(model: PhotonBeamModel) -> float:
+    """The phantom-scatter density window: ``-lambda`` (transport weighting, see
+    :func:`_transport_density`) when the model sets ``scatter_transport_length_mm``, else
+    the box length ``scatter_density_length_mm``."""
+    lam = float(model.scatter_transport_length_mm)
+    return -lam if lam > 0 else float(model.scatter_density_length_mm)
+
+
+def _window_offsets(length_mm: float) -> tuple[float, ...]:
+    """Upstream offsets (mm) sampled for a window: ``(L,)`` for a box of length L > 0,
+    the transport offsets scaled by lambda for ``-lambda``."""
+    if length_mm > 0:
+        return (float(length_mm),)
+    return tuple(-length_mm * f for f in _TRANSPORT_OFFSETS)
+
+
+def _shift(table, m: int, xp):
+    """``table`` moved ``m`` steps down its last axis (zeros before the ray's start)."""
+    if m <= 0:
+        return table
+    up = xp.zeros_like(table)
+    if m < table.shape[-1]:
+        up[..., m:] = table[..., :-m]
+    return up
+
+
+def _transport_density(depth, upstream, offsets_mm, lam_mm: float, xp):
+    """Effective density for lateral transport from the upstream path: ``sqrt(E[r^2])``,
+    the lateral width factor ``S = 1 / sqrt(E[r^2])``.
+
+    The energy reaching a point comes from radiological distance tau upstream with
+    probability ``exp(-tau / lambda) / lambda`` (stopped at the body's entry). A
+    contribution that crossed geometric length t for its tau is spread laterally by
+    ``t / tau = 1 / r`` (O'Connor), so its central dose in a field narrower than the
+    spread falls as ``r^2``; ``S`` is the single width whose central dose matches that
+    mixture. Uniform density rho gives 1 / rho; past an air gap only the contributions
+    from beyond the gap are stretched, and they fade with the water crossed since.
+
+    depth: (n,) radiological depth of the points; upstream: (n, K) radiological depth
+    at ``offsets_mm`` (K,) upstream along each ray (0 outside the body): the ray is
+    taken as linear between samples."""
+    d = depth[:, None]
+    tau = xp.minimum(d - upstream, d)  # radiological distance upstream, (n, K)
+    x = xp.asarray(np.asarray(offsets_mm, float))[None, :]
+    e = xp.exp(-tau / lam_mm)
+    w = xp.maximum(e[:, :-1] - e[:, 1:], 0.0)  # probability of each segment (0 in air)
+    # a segment that reaches the body's entry: matter of the mean density so far (1 in
+    # the first segment) up to the entry
+    rho0 = xp.where(x[:, :-1] > 0, tau[:, :-1] / xp.maximum(x[:, :-1], 1e-6), 1.0)
+    x1 = xp.where(tau[:, 1:] >= d - 1e-3,
+                  xp.minimum(x[:, 1:], x[:, :-1] + (tau[:, 1:] - tau[:, :-1])
+                             / xp.maximum(rho0, 1e-3)), x[:, 1:])
+    r = (tau[:, :-1] + tau[:, 1:]) / xp.maximum(x[:, :-1] + x1, 1e-6)
+    m = xp.sum(w * r * r, axis=1)
+    # beyond the last sample: the mean density of the sampled path goes on
+    r_tail = tau[:, -1] / float(offsets_mm[-1])
+    m = m + xp.maximum(e[:, -1] - xp.exp(-depth / lam_mm), 0.0) * r_tail * r_tail
+    norm = -xp.expm1(-depth / lam_mm)
+    ok = depth > 1e-3
+    return xp.where(ok, xp.sqrt(m / xp.where(ok, norm, 1.0)), 1.0)
 
 
 def _far_groups(beams, group_deg: float) -> list[list[int]]:
