@@ -13,9 +13,10 @@ w(a, b, v): beamlet weights (MU) of the delivery, exactly as
 control points split into ``n_sub`` equal-MU sub-apertures at linearly interpolated tips,
 the delivered fraction of each beamlet rectangle with the machine's transmission, jaws
 fixed). That map is piecewise linear in the tips, so its vector-Jacobian product is
-written out here in closed form (NumPy); J and dJ/dw come from the caller
-(``weight_value_grad``: e.g. D = A w and A^T dJ/dD on a GPU), so any objective can drive
-it. The weights and the MU derivative are exact, transmission included; the tip
+written out in closed form (:class:`atp.sequencer.arc_model.ArcModel`); J and dJ/dw
+come from the caller (``weight_value_grad``), so any objective can drive it --
+:func:`atp.sequencer.far_tail.dose_objective` makes one of a dose objective on the
+reported dose (D = A w + far(w), dJ/dw = A^T g + far^T g). The weights and the MU derivative are exact, transmission included; the tip
 derivative is that of the opening inside the jaws times (1 - leaf transmission): it
 leaves out the tongue-and-groove strips and tips moving outside the jaws (a fraction of
 a percent of the dose; L-BFGS-B still descends and a round is kept only when the exact J

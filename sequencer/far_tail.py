@@ -63,27 +63,37 @@ def far_columns(far, weights, rows=None) -> np.ndarray:
     return np.asarray(R @ table, np.float64)
 
 
-def dose_objective(dij: DoseInfluence, dose_value_grad, rows=None, row_matrix=None):
+def dose_objective(dij: DoseInfluence, dose_value_grad, rows=None, row_matrix=None, *,
+                   embed: bool = False):
     """``w -> (J, dJ/dw)`` (NumPy float64 gradient) of ``dose_value_grad`` on the reported
     dose ``dij.matrix @ w + dij.far.apply(w)``.
 
     dose_value_grad(D) -> (J, dJ/dD) on the flattened dose grid, or, with ``rows``, on
     those dose-grid rows only (D and dJ/dD of length ``len(rows)``; ``row_matrix``:
-    ``dij.matrix[rows]`` when the caller keeps it)."""
+    ``dij.matrix[rows]`` when the caller keeps it). embed: with ``rows``, the objective
+    takes the whole grid but reads only ``rows`` (the fast path's, whose
+    ``objective_rows`` names them): D is 0 elsewhere and only the rows' dose is computed."""
     if rows is None:
         A = dij.matrix.tocsr()
     else:
-        A = (row_matrix if row_matrix is not None else dij.matrix[np.asarray(rows)]).tocsr()
+        rows = np.asarray(rows, dtype=np.int64)
+        A = (row_matrix if row_matrix is not None else dij.matrix[rows]).tocsr()
     AT = A.T.tocsr()
     far = far_rows(dij.far, rows)
+    full = np.zeros(dij.matrix.shape[0], np.float32) if embed and rows is not None else None
 
     def value_grad(w):
         w32 = np.asarray(w, np.float32).reshape(-1)
         d = A @ w32
         if far is not None:
             d = d + far.apply(w32)
-        j, g = dose_value_grad(d)
-        g = np.asarray(g, np.float32).reshape(-1)
+        if full is not None:
+            full[rows] = d
+            j, g = dose_value_grad(full)
+            g = np.asarray(g, np.float32).reshape(-1)[rows]
+        else:
+            j, g = dose_value_grad(d)
+            g = np.asarray(g, np.float32).reshape(-1)
         grad = np.asarray(AT @ g, np.float64)
         if far is not None:
             grad += far.rmatvec(g)

@@ -119,9 +119,16 @@ def test_refinement_lowers_the_objective_within_machine_limits(fast, raw):
     fp, dij = fast.attachments["fastpath"], fast.dij
     assert dij.far is not None
     before = fp.objective_value(sequencer.deliverable_dose(raw, dij))
-    out, info = refine_apertures(raw, dij.beamlets,
-                                 dose_objective(dij, fp.objective_value_grad({})),
-                                 rounds=2, iterations=8)
+    # on the objective's own rows (as the fast path runs it): the same J
+    rows, row_matrix = fp.objective_rows_matrix({})
+    objective = dose_objective(dij, fp.objective_value_grad({}), rows, row_matrix,
+                               embed=True)
+    w0 = sequencer.delivered_weights(raw, dij.beamlets)
+    assert objective(w0)[0] == pytest.approx(before, rel=1e-4)
+    np.testing.assert_allclose(objective(w0)[1],
+                               dose_objective(dij, fp.objective_value_grad({}))(w0)[1],
+                               rtol=1e-3, atol=1e-5 * np.abs(objective(w0)[1]).max())
+    out, info = refine_apertures(raw, dij.beamlets, objective, rounds=2, iterations=8)
     after = fp.objective_value(sequencer.deliverable_dose(out, dij))
     assert check_delivery(out) == []
     assert info["kept"] and out.meta["apertures_refined"]
