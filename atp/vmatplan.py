@@ -113,8 +113,9 @@ def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     variables are leaves and MU, and it has its own MU term. dtype: of the dose and the
     sums (float64 for finite-difference checks)."""
     p = apply_state(problem, hard_state) if hard_state else problem
-    A = p.A.tocsr().astype(dtype)
-    AT = A.T.tocsr()
+    # no copies of the problem's matrix (an arc dij's rows run to GB): A^T as A's CSC view
+    A = p.A.tocsr().astype(dtype, copy=False)
+    AT = A.T
     arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
     far_p = far_rows(far, p.rows)
 

@@ -78,7 +78,7 @@ def dose_objective(dij: DoseInfluence, dose_value_grad, rows=None, row_matrix=No
     else:
         rows = np.asarray(rows, dtype=np.int64)
         A = (row_matrix if row_matrix is not None else dij.matrix[rows]).tocsr()
-    AT = A.T.tocsr()
+    AT = A.T  # CSC view: no copy of the matrix
     far = far_rows(dij.far, rows)
     full = np.zeros(dij.matrix.shape[0], np.float32) if embed and rows is not None else None
 
