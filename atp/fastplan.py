@@ -64,6 +64,7 @@ from atp.goals import evaluate_goals
 from atp.optimizer.fastpath.options import FastPathOptions
 from atp.plans import Plan, StageTimer, goal_list_settings, prepare_goals, versions
 from atp.sequencer.aperture_refine import refine_apertures
+from atp.sequencer.far_tail import dose_objective
 from atp.sequencer.fidelity import fidelity
 from atp.sequencer.reweight import optimise_mu
 
@@ -651,8 +652,11 @@ def _sequenced(fp, o: FastPlanOptions, sparing, stages, info: dict, r):
         delivery, mu = stages.run("control-point MU", _fit_mu, fp, o, sparing, delivery)
         info["control_point_mu"].append(mu)
     if o.aperture_iterations > 0:
+        rows, row_matrix = fp.objective_rows_matrix(sparing)
+        objective = dose_objective(dij, fp.objective_value_grad(sparing), rows, row_matrix,
+                                   embed=True)  # the reported dose: far tail included
         delivery, ap = stages.run("aperture refinement", refine_apertures, delivery,
-                                  dij.beamlets, fp.weight_value_grad(sparing),
+                                  dij.beamlets, objective,
                                   rounds=int(o.aperture_rounds),
                                   iterations=int(o.aperture_iterations))
         info["aperture_refinement"].append(ap)

@@ -873,13 +873,13 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
 def _beam_doses(delivery, dij) -> np.ndarray:
     """(n_beams, *patient grid) Gy: each delivery beam's dose on the patient grid from
     ``dij`` (the jaw-field dij of :func:`atp.forward.forward_dose`, or the planning dij; for
-    :mod:`atp.final_dose`), the machine's transmission included; their sum is the
-    delivery's dose. Each beam's own delivered weights: the split fields of one gantry
-    angle share its dij columns."""
+    :mod:`atp.final_dose`), the machine's transmission and the dij's far-scatter tail
+    included (``dij.dose``); their sum is the delivery's reported dose. Each beam's own
+    delivered weights: the split fields of one gantry angle share its dij columns."""
     out = []
     for b in delivery.beams:
         w = delivered_weights(replace(delivery, beams=(b,)), dij.beamlets)
-        out.append(dij.to_patient_grid(dij.matrix @ w.astype(np.float32)))
+        out.append(dij.to_patient_grid(dij.dose(w.astype(np.float32))))
     return np.stack(out).astype(np.float32)
 
 

@@ -15,8 +15,8 @@ The planning floor's part of the technique (the stages stay independent):
 4. :func:`atp.sequencer.dmpo.optimise_machine_parameters`: leaf tips and MU of every
    control point on :func:`goal_objective` -- the goal-list objective exactly as the
    optimiser left it (its terms with the hard-goal weights and the attainment references in
-   force), on the deliverable dose (leaf/jaw transmission, tongue and groove) -- under the
-   machine limits;
+   force), on the deliverable dose (leaf/jaw transmission, tongue and groove, and the
+   far-scatter tail the reported dose adds) -- under the machine limits;
 5. the reported dose: the final delivery recomputed over each beam's whole jaw field
    (``atp.pipeline._field_dose``, what ``atp dose`` computes from the RT Plan).
 """
@@ -32,6 +32,7 @@ from atp.errors import InputError
 from atp.optimizer.objectives import evaluate_terms
 from atp.optimizer.solve import apply_state
 from atp.sequencer.dmpo import DmpoOptions, machine_limit_report, optimise_machine_parameters
+from atp.sequencer.far_tail import far_rows
 
 VMAT_SPACING_DEG = 6.0
 VMAT_COLLIMATOR_DEG = 15.0
@@ -101,22 +102,32 @@ def vmat_arcs(options: VmatOptions | None = None):
     return beams
 
 
-def goal_objective(problem, hard_state=None, dtype=np.float32):
+def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     """``w -> (J, dJ/dw)``: the goal-list objective of ``problem`` on the dose ``A w``
     (every dose term: the goals', hard ones with the weights and references of
-    ``hard_state``, and the automatic fall-off and global-maximum terms). The fluence
+    ``hard_state``, and the automatic fall-off and global-maximum terms). far: the dij's
+    far-scatter operator (``dij.far``), so the dose is the reported one, ``A w +
+    far(w)`` on the problem's rows, and the gradient ``A^T g + far^T g``
+    (:mod:`atp.sequencer.far_tail`); None: the sparse matrix alone. The fluence
     regularisers (smoothness, the sliding-window MU surrogate) are left out: DMPO's
     variables are leaves and MU, and it has its own MU term. dtype: of the dose and the
     sums (float64 for finite-difference checks)."""
     p = apply_state(problem, hard_state) if hard_state else problem
-    A = p.A.tocsr().astype(dtype)
-    AT = A.T.tocsr()
+    # no copies of the problem's matrix (an arc dij's rows run to GB): A^T as A's CSC view
+    A = p.A.tocsr().astype(dtype, copy=False)
+    AT = A.T
     arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
+    far_p = far_rows(far, p.rows)
 
     def value_grad(w):
         d = A @ np.asarray(w, dtype)
+        if far_p is not None:
+            d = d + far_p.apply(w).astype(dtype)
         total, g_rows, _ = evaluate_terms(p.terms, arrays, d)
-        return float(total), np.asarray(AT @ g_rows, np.float64)
+        g = np.asarray(AT @ g_rows, np.float64)
+        if far_p is not None:
+            g += far_p.rmatvec(g_rows)
+        return float(total), g
 
     return value_grad
 
@@ -126,7 +137,8 @@ def dmpo_step(problem, res, dij, delivery, options: VmatOptions):
     result) left it. Returns (delivery, info)."""
     opts = options.dmpo_options()
     out, info = optimise_machine_parameters(delivery, dij.beamlets,
-                                            goal_objective(problem, res.hard_state), opts)
+                                            goal_objective(problem, res.hard_state,
+                                                           far=dij.far), opts)
     info = {k: v for k, v in info.items() if k != "history"} | {
         "history": [round(float(v), 6) for v in info.get("history", [])],
         "limits": machine_limit_report(out, opts.travel_per_deg_mm)}

@@ -14,7 +14,7 @@ control points split into ``n_sub`` equal-MU sub-apertures at linearly interpola
 the delivered fraction of :func:`atp.dose.aperture.delivered_fraction` with the machine's
 leaf/jaw transmission and tongue and groove (the same code path as the deliverable dose);
 its vector-Jacobian product in closed form is
-:class:`atp.sequencer.aperture_refine._ArcModel`'s. J and dJ/dw come from the caller as a
+:class:`atp.sequencer.arc_model.ArcModel`'s. J and dJ/dw come from the caller as a
 plain callable (``weight_value_grad``), so this stage knows nothing of goals: the planning
 floor passes the full goal-list objective (every term, the hard goals with the weights and
 references the hard-goal loop left them at) as ``w -> (J(A w), A^T dJ/dD)``.
@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from atp.sequencer.aperture_refine import _ArcModel, arc_value_grad
+from atp.sequencer.arc_model import ArcModel, arc_value_grad
 from atp.sequencer.delivery import Delivery, check_delivery
 from atp.sequencer.machine import Machine
 from atp.sequencer.vmat import limit_travel
@@ -242,7 +242,7 @@ def optimise_machine_parameters(delivery: Delivery, beamlets: BeamletInfo,
     if delivery.technique != "vmat":
         raise ValueError(f"DMPO handles VMAT deliveries, got {delivery.technique!r}")
     m = delivery.machine
-    models = [_ArcModel(b, beamlets, m, delivery.fractions, opt.n_sub)
+    models = [ArcModel(b, beamlets, m, delivery.fractions, opt.n_sub)
               for b in delivery.beams]
     if not models:
         return delivery, {"iterations": 0, "kept": False}

@@ -9,7 +9,9 @@ leaves do not move, so every leaf constraint still holds.
 
 The dose is linear in the MU: each delivery interval (between two control points) gives a
 per-MU dose (its sub-apertures, as in :mod:`atp.sequencer.deliverable`, the machine's leaf /
-jaw transmission and tongue-and-groove included, so the MU pay for their leakage), and each interval's MU
+jaw transmission and tongue-and-groove included, so the MU pay for their leakage; the
+sparse matrix plus the dij's far-scatter tail, :mod:`atp.sequencer.far_tail`, so the basis
+is the dose the plan reports), and each interval's MU
 is a fixed linear combination of the free MU (arcs: control point k's MU is delivered
 half on each side of it).
 """
@@ -21,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 from atp.sequencer.deliverable import aperture_open_fraction, beam_apertures, deliverable_dose
 from atp.sequencer.delivery import BeamDelivery, Delivery
+from atp.sequencer.far_tail import far_columns, far_rows
 from atp.sequencer.vmat import _wrap, control_point_cover_deg
 from scipy.optimize import lsq_linear, minimize
 
@@ -99,10 +102,11 @@ def mu_basis(delivery: Delivery, dij: DoseInfluence, rows, *, n_sub: int = 4,
         mat = row_matrix.tocsc()
     else:
         mat = (dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix).tocsc()
+    far = far_rows(dij.far, rows if rows.size < dij.matrix.shape[0] else None)
     blocks, v0, lo, hi = [], [], [], []
     for b in delivery.beams:
         M, v = _mu_map(b)
-        blocks.append(_interval_doses(b, mat, dij.beamlets, m, n_sub, M))
+        blocks.append(_interval_doses(b, mat, dij.beamlets, m, n_sub, M, far))
         v0.append(v)
         if b.mu_group is not None:
             theta = sector_degrees(b)
@@ -154,12 +158,14 @@ def reweight_mu(delivery: Delivery, dij: DoseInfluence, reference_dose, *,
     return replace(out, meta=meta)
 
 
-def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M=None):
-    """(n_rows, n_intervals) dose per MU of each interval; ``mat``: the dij's selected
-    rows (CSC), ``info``: its BeamletInfo. With ``M`` (n_intervals, n_free) the product
-    (dose per interval MU) @ M, accumulated without the per-interval array."""
+def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M, far=None):
+    """(n_rows, n_free) dose per free MU: (dose per interval MU) @ M for ``M``
+    (n_intervals, n_free), accumulated without the per-interval array; ``mat``: the
+    dij's selected rows (CSC), ``info``: its BeamletInfo, ``far``: the far-scatter
+    operator on the same rows (:func:`atp.sequencer.far_tail.far_rows`) or None."""
     n_int = beam.n_control_points - 1
-    out = np.zeros((mat.shape[0], n_int if M is None else M.shape[1]))
+    out = np.zeros((mat.shape[0], M.shape[1]))
+    per_free = None if far is None else np.zeros((info.n_beamlets, M.shape[1]), np.float32)
     unit = replace(beam, cumulative_mu=np.arange(beam.n_control_points, dtype=np.float64))
     ap = beam_apertures(unit, machine.dosimetric_leaf_gap_mm, n_sub)
     moving = (np.abs(np.diff(beam.leaf_a_mm, axis=0)).max(axis=1) > 1e-9) | \
@@ -174,11 +180,11 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M=None):
                                       ap["left"][sel], ap["right"][sel], ap["jaw_x"][sel],
                                       ap["jaw_y"][sel], machine.transmission)
         w = frac * ap["mu"][sel, None]
-        dose = np.asarray(mat[:, cols] @ w.T)
-        if M is None:
-            np.add.at(out.T, owner[sel], dose.T)
-        else:
-            out += dose @ M[owner[sel]]
+        out += np.asarray(mat[:, cols] @ w.T) @ M[owner[sel]]
+        if per_free is not None:
+            per_free[cols] += w.T @ M[owner[sel]]
+    if per_free is not None:
+        out += far_columns(far, per_free)
     return out
 
 

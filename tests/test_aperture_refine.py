@@ -10,7 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from atp.sequencer.aperture_refine import _ArcModel, leaf_boxes, refine_apertures
+from atp.sequencer.aperture_refine import leaf_boxes, refine_apertures
+from atp.sequencer.arc_model import ArcModel
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.delivery import check_delivery
 
@@ -34,7 +35,7 @@ def raw(fast):
 
 
 def _models(delivery, dij):
-    return [_ArcModel(b, dij.beamlets, delivery.machine, delivery.fractions, 4)
+    return [ArcModel(b, dij.beamlets, delivery.machine, delivery.fractions, 4)
             for b in delivery.beams]
 
 
@@ -112,18 +113,27 @@ def test_every_point_inside_the_leaf_boxes_is_deliverable(raw):
 
 
 def test_refinement_lowers_the_objective_within_machine_limits(fast, raw):
-    from dataclasses import replace
+    from atp.sequencer.far_tail import dose_objective
 
-    # the fast path's objective sees the sparse matrix only (not the far-scatter tail the
-    # reported dose adds: docs/dose-model.md), so compare on that matrix
-    fp, dij = fast.attachments["fastpath"], replace(fast.dij, far=None)
+    # the objective of the reported dose (sparse matrix + far-scatter tail)
+    fp, dij = fast.attachments["fastpath"], fast.dij
+    assert dij.far is not None
     before = fp.objective_value(sequencer.deliverable_dose(raw, dij))
-    out, info = refine_apertures(raw, dij.beamlets, fp.weight_value_grad({}), rounds=2,
-                                 iterations=8)
+    # on the objective's own rows (as the fast path runs it): the same J
+    rows, row_matrix = fp.objective_rows_matrix({})
+    objective = dose_objective(dij, fp.objective_value_grad({}), rows, row_matrix,
+                               embed=True)
+    w0 = sequencer.delivered_weights(raw, dij.beamlets)
+    assert objective(w0)[0] == pytest.approx(before, rel=1e-4)
+    np.testing.assert_allclose(objective(w0)[1],
+                               dose_objective(dij, fp.objective_value_grad({}))(w0)[1],
+                               rtol=1e-3, atol=1e-5 * np.abs(objective(w0)[1]).max())
+    out, info = refine_apertures(raw, dij.beamlets, objective, rounds=2, iterations=8)
     after = fp.objective_value(sequencer.deliverable_dose(out, dij))
     assert check_delivery(out) == []
     assert info["kept"] and out.meta["apertures_refined"]
     assert after < 0.9 * before
+    assert info["objective_before"] == pytest.approx(before, rel=1e-3)
     assert info["objective_after"] == pytest.approx(after, rel=1e-3)
     moved = max(np.abs(o.leaf_a_mm - r.leaf_a_mm).max() for o, r in zip(out.beams, raw.beams))
     assert moved > 0.5  # the leaves moved, not only the MU

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from atp.sequencer.aperture_refine import _ArcModel
+from atp.sequencer.arc_model import ArcModel
 from atp.sequencer.delivery import check_delivery
 from atp.sequencer.dmpo import (
     DmpoOptions,
@@ -104,7 +104,7 @@ def arc_case(phantom):
     delivery = sequencer.sequence(res.fluence, dij, "vmat", fractions=patient.fractions,
                                   passes=1)
     return {"dij": dij, "problem": problem, "res": res, "delivery": delivery,
-            "J": goal_objective(problem, res.hard_state), "patient": patient}
+            "J": goal_objective(problem, res.hard_state, far=dij.far), "patient": patient}
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +120,15 @@ def test_two_arcs_with_opposed_collimators(arc_case):
     assert sorted(round(float(b.collimator_deg)) for b in d.beams) == [15, 345]
 
 
-def test_every_optimised_control_point_is_deliverable(arc_case, optimised):
-    d, info = optimised
-    assert info["kept"]
+def assert_machine_feasible(d, start=None):
+    """Every control point of the VMAT delivery ``d`` within the machine's limits: leaf
+    travel per degree at full gantry speed, minimum gap, leaf range, bank span, MU per
+    degree, the dose rate (the gantry never has to slow below its slowest speed), and
+    jaws inside their ranges (and, given the sequenced ``start``, where it put them:
+    DMPO keeps the jaws)."""
     m = d.machine
     assert check_delivery(d) == []
-    for b in d.beams:
+    for k, b in enumerate(d.beams):
         dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
         travel = np.maximum(np.abs(np.diff(b.leaf_a_mm, axis=0)),
                             np.abs(np.diff(b.leaf_b_mm, axis=0))).max(axis=1)
@@ -145,9 +148,38 @@ def test_every_optimised_control_point_is_deliverable(arc_case, optimised):
         gantry_speed = dg / np.maximum(dmu / (m.max_dose_rate_mu_min / 60.0), 1e-12)
         assert np.all(np.minimum(gantry_speed, m.max_gantry_speed_deg_s)
                       >= m.slowest_gantry_speed_deg_s * (1 - 1e-9))
+        for jaws, rngs in ((b.jaw_x_mm, (m.jaw_x1_range_mm, m.jaw_x2_range_mm)),
+                           (b.jaw_y_mm, (m.jaw_y1_range_mm, m.jaw_y2_range_mm))):
+            for i, (j_lo, j_hi) in enumerate(rngs):
+                assert j_lo - 1e-9 <= jaws[:, i].min() and jaws[:, i].max() <= j_hi + 1e-9
+        if start is not None:
+            np.testing.assert_array_equal(b.jaw_x_mm, start.beams[k].jaw_x_mm)
+            np.testing.assert_array_equal(b.jaw_y_mm, start.beams[k].jaw_y_mm)
     rep = machine_limit_report(d)
     assert all(r["max_travel_per_deg_mm"] <= r["travel_limit_per_deg_mm"] + 1e-6
                for r in rep.values())
+
+
+def test_every_optimised_control_point_is_deliverable(arc_case, optimised):
+    d, info = optimised
+    assert info["kept"]
+    assert_machine_feasible(d, arc_case["delivery"])
+
+
+def test_a_bad_control_point_fails_the_feasibility_check(arc_case):
+    """The check above can fail: one control point's leaves jump, or its MU exceed the
+    MU per degree."""
+    d = arc_case["delivery"]
+    b0 = d.beams[0]
+    a = b0.leaf_a_mm.copy()
+    a[3] -= 60.0
+    with pytest.raises(AssertionError):
+        assert_machine_feasible(replace(d, beams=(replace(b0, leaf_a_mm=a),) + d.beams[1:]))
+    cum = b0.cumulative_mu.copy()
+    cum[4:] += 10.0 * d.machine.max_mu_per_deg * d.fractions * 10.0
+    with pytest.raises(AssertionError):
+        assert_machine_feasible(replace(d, beams=(replace(b0, cumulative_mu=cum),)
+                                        + d.beams[1:]))
 
 
 def test_the_leaves_and_mu_moved_and_the_objective_fell(arc_case, optimised):
@@ -164,16 +196,45 @@ def test_the_leaves_and_mu_moved_and_the_objective_fell(arc_case, optimised):
     assert arc_case["J"](w)[0] == pytest.approx(info["plan_objective_after"], rel=1e-4)
 
 
+def test_dmpo_objective_is_the_reported_dose(arc_case, optimised):
+    """The goal-list objective DMPO drives reads the dose the plan reports (sparse matrix
+    plus the far-scatter tail): on the optimised delivery it equals the goal terms
+    evaluated on ``deliverable_dose``; the sparse matrix alone falls short of it."""
+    from atp.optimizer.objectives import evaluate_terms
+    from atp.optimizer.solve import apply_state
+
+    from atp.vmatplan import goal_objective
+
+    dij, problem, res = arc_case["dij"], arc_case["problem"], arc_case["res"]
+    assert dij.far is not None
+    d, _ = optimised
+    w = sequencer.delivered_weights(d, dij.beamlets)
+    reported = np.asarray(sequencer.deliverable_dose(d, dij), np.float64).reshape(-1)
+    rows = reported[problem.rows]
+    model = goal_objective(problem, res.hard_state, dtype=np.float64, far=dij.far)
+    near = goal_objective(problem, res.hard_state, dtype=np.float64)
+    p = apply_state(problem, res.hard_state)
+    arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
+    j_rep = float(evaluate_terms(p.terms, arrays, rows)[0])
+    assert model(w)[0] == pytest.approx(j_rep, rel=1e-4)
+    assert abs(near(w)[0] - j_rep) > 1e-3 * j_rep  # the gap the tail closes
+    # the dose itself: the tail is a visible part of it above 10 % of the maximum
+    sparse = np.asarray(dij.matrix @ w.astype(np.float32), np.float64)
+    hi = reported > 0.1 * reported.max()
+    assert (reported[hi] - sparse[hi]).max() > 0.01 * reported.max()
+
+
 def test_goal_objective_gradient_matches_finite_differences(arc_case):
     """The full chain: leaf tips and MU -> delivered weights -> dose -> goal-list J.
     Tongue and groove off: the tip gradient leaves its strips out (aperture_refine)."""
     from atp.vmatplan import goal_objective
 
     dij = arc_case["dij"]
-    J = goal_objective(arc_case["problem"], arc_case["res"].hard_state, dtype=np.float64)
+    J = goal_objective(arc_case["problem"], arc_case["res"].hard_state, dtype=np.float64,
+                       far=dij.far)
     d = arc_case["delivery"]
     m = replace(d.machine, tongue_groove_mm=0.0)
-    md = _ArcModel(d.beams[0], dij.beamlets, m, d.fractions, 4)
+    md = ArcModel(d.beams[0], dij.beamlets, m, d.fractions, 4)
 
     def j_of(a, b, v):
         w = np.zeros(dij.n_beamlets)
@@ -240,7 +301,7 @@ def test_vmat_plan_is_dmpo_optimised_and_deliverable(vmat_plan):
     assert d.meta["dmpo_kept"]
     assert d.meta["dmpo_objective_after"] < d.meta["dmpo_objective_before"]
     assert d.summary()["dmpo_iterations"] >= 1
-    assert check_delivery(d) == []
+    assert_machine_feasible(d)
     assert p.settings["technique"] == "vmat"
     assert 0 < d.meta["mu_per_cgy"] < 10
 

@@ -49,6 +49,30 @@ def test_beam_doses_sum_to_the_reported_dose(sns_plan, toy):
     np.testing.assert_allclose(per.sum(axis=0), sns_plan.dose_gy, atol=1e-3)
 
 
+def test_beam_doses_carry_the_far_scatter_tail(sns_plan, toy):
+    """With a far-scatter operator on the dij (every pencil-beam dij has one) the beams'
+    doses still sum to the reported deliverable dose: the final-dose stage compares them
+    with it and stands down when they differ (it did on every 9-field plan when the
+    beams' doses were the sparse matrix's alone)."""
+    import scipy.sparse as sp
+
+    from atp.dose.far_scatter import FarGroup, FarScatter
+
+    rng = np.random.default_rng(0)
+    gu, gv = rng.random((2, 3, 2), np.float32), rng.random((2, 2, 2), np.float32)
+    grp = FarGroup(0, 2, 2, 0, gu, gv, 0.3 * gu, 0.3 * gv)
+    V = sp.random(4, toy.n_beamlets, density=0.5, random_state=1, format="csr",
+                  dtype=np.float32)
+    R = sp.random(toy.n_voxels, 12, density=0.3, random_state=2, format="csr",
+                  dtype=np.float32) * 1e-3
+    dij = replace(toy, far=FarScatter(R.tocsr(), V, (grp,)))
+    reported = dij.to_patient_grid(deliverable_dose(sns_plan.delivery, dij))
+    near = dij.to_patient_grid(deliverable_dose(sns_plan.delivery, replace(dij, far=None)))
+    assert np.abs(reported - near).max() > 0.01 * reported.max()
+    per = beam_doses(sns_plan.delivery, dij)
+    np.testing.assert_allclose(per.sum(axis=0), reported, atol=1e-3)
+
+
 def test_beam_doses_of_split_fields_are_their_own(sns_plan, toy):
     """Two deliveries of one gantry angle (split fields share the dij beam's columns):
     each gets its own dose, and the doses still sum to the delivery's."""
