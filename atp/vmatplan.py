@@ -32,7 +32,6 @@ from atp.errors import InputError
 from atp.optimizer.objectives import evaluate_terms
 from atp.optimizer.solve import apply_state
 from atp.sequencer.dmpo import DmpoOptions, machine_limit_report, optimise_machine_parameters
-from atp.sequencer.far_tail import far_rows
 
 VMAT_SPACING_DEG = 6.0
 VMAT_COLLIMATOR_DEG = 15.0
@@ -107,17 +106,17 @@ def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     (every dose term: the goals', hard ones with the weights and references of
     ``hard_state``, and the automatic fall-off and global-maximum terms). far: the dij's
     far-scatter operator (``dij.far``), so the dose is the reported one, ``A w +
-    far(w)`` on the problem's rows, and the gradient ``A^T g + far^T g``
-    (:mod:`atp.sequencer.far_tail`); None: the sparse matrix alone. The fluence
-    regularisers (smoothness, the sliding-window MU surrogate) are left out: DMPO's
-    variables are leaves and MU, and it has its own MU term. dtype: of the dose and the
-    sums (float64 for finite-difference checks)."""
+    far(w)`` on the problem's rows (``far.restrict_rows``), and the gradient ``A^T g +
+    far^T g``; None: the sparse matrix alone. The fluence regularisers (smoothness, the
+    sliding-window MU surrogate) are left out: DMPO's variables are leaves and MU, and it
+    has its own MU term. dtype: of the dose and the sums (float64 for finite-difference
+    checks)."""
     p = apply_state(problem, hard_state) if hard_state else problem
     # no copies of the problem's matrix (an arc dij's rows run to GB): A^T as A's CSC view
     A = p.A.tocsr().astype(dtype, copy=False)
     AT = A.T
     arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
-    far_p = far_rows(far, p.rows)
+    far_p = None if far is None else far.restrict_rows(p.rows)
 
     def value_grad(w):
         d = A @ np.asarray(w, dtype)

@@ -10,7 +10,7 @@ leaves do not move, so every leaf constraint still holds.
 The dose is linear in the MU: each delivery interval (between two control points) gives a
 per-MU dose (its sub-apertures, as in :mod:`atp.sequencer.deliverable`, the machine's leaf /
 jaw transmission and tongue-and-groove included, so the MU pay for their leakage; the
-sparse matrix plus the dij's far-scatter tail, :mod:`atp.sequencer.far_tail`, so the basis
+sparse matrix plus the dij's far-scatter tail, :mod:`atp.dose.far_scatter`, so the basis
 is the dose the plan reports), and each interval's MU
 is a fixed linear combination of the free MU (arcs: control point k's MU is delivered
 half on each side of it).
@@ -23,7 +23,6 @@ from dataclasses import replace
 import numpy as np
 from atp.sequencer.deliverable import aperture_open_fraction, beam_apertures, deliverable_dose
 from atp.sequencer.delivery import BeamDelivery, Delivery
-from atp.sequencer.far_tail import far_columns, far_rows
 from atp.sequencer.vmat import _wrap, control_point_cover_deg
 from scipy.optimize import lsq_linear, minimize
 
@@ -102,7 +101,8 @@ def mu_basis(delivery: Delivery, dij: DoseInfluence, rows, *, n_sub: int = 4,
         mat = row_matrix.tocsc()
     else:
         mat = (dij.matrix[rows] if rows.size < dij.matrix.shape[0] else dij.matrix).tocsc()
-    far = far_rows(dij.far, rows if rows.size < dij.matrix.shape[0] else None)
+    far = None if dij.far is None else \
+        dij.far.restrict_rows(rows if rows.size < dij.matrix.shape[0] else None)
     blocks, v0, lo, hi = [], [], [], []
     for b in delivery.beams:
         M, v = _mu_map(b)
@@ -162,7 +162,7 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M, far=None):
     """(n_rows, n_free) dose per free MU: (dose per interval MU) @ M for ``M``
     (n_intervals, n_free), accumulated without the per-interval array; ``mat``: the
     dij's selected rows (CSC), ``info``: its BeamletInfo, ``far``: the far-scatter
-    operator on the same rows (:func:`atp.sequencer.far_tail.far_rows`) or None."""
+    operator on the same rows (``FarScatter.restrict_rows``) or None."""
     n_int = beam.n_control_points - 1
     out = np.zeros((mat.shape[0], M.shape[1]))
     per_free = None if far is None else np.zeros((info.n_beamlets, M.shape[1]), np.float32)
@@ -184,7 +184,7 @@ def _interval_doses(beam: BeamDelivery, mat, info, machine, n_sub, M, far=None):
         if per_free is not None:
             per_free[cols] += w.T @ M[owner[sel]]
     if per_free is not None:
-        out += far_columns(far, per_free)
+        out += far.apply_many(per_free)
     return out
 
 

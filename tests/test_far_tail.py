@@ -1,14 +1,16 @@
-"""The far-scatter tail in the sequencer's optimisers (sequencer.far_tail): the far dose of
-many weight vectors at once equals ``far.apply`` of each, the operator restricted to rows
-gives those rows of the dose, and ``dose_objective``'s gradient is that of the reported
-dose ``A w + far(w)`` (finite differences), on a synthetic low-rank operator."""
+"""The far-scatter tail in the sequencer's optimisers (sequencer.far_tail and the
+FarScatter API they use): the far dose of many weight vectors at once
+(``FarScatter.apply_many``) equals ``far.apply`` of each, the operator restricted to rows
+(``FarScatter.restrict_rows``) gives those rows of the dose, and ``dose_objective``'s
+gradient is that of the reported dose ``A w + far(w)`` (finite differences), on a
+synthetic low-rank operator."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from atp.sequencer.far_tail import dose_objective, far_columns, far_rows
+from atp.sequencer.far_tail import dose_objective
 
 from atp.dose.far_scatter import FarGroup, FarScatter
 
@@ -32,21 +34,27 @@ def synthetic_far(n_voxels: int, n_beamlets: int, seed: int = 0) -> FarScatter:
     return FarScatter(R, V, tuple(groups))
 
 
-def test_far_columns_equal_apply_of_each_column():
+def test_apply_many_equals_apply_of_each_column_and_rows_restrict():
     far = synthetic_far(200, 30)
     W = np.random.default_rng(2).random((30, 5)).astype(np.float32)
     W[:, 3] = 0.0  # a column reaching no node
-    cols = far_columns(far, W)
-    assert cols.shape == (200, 5) and np.abs(cols).max() > 0
+    cols = far.apply_many(W)
+    assert cols.shape == (200, 5) and cols.dtype == np.float32 and np.abs(cols).max() > 0
     for j in range(5):
         np.testing.assert_allclose(cols[:, j], far.apply(W[:, j]), rtol=1e-4,
                                    atol=1e-5 * np.abs(cols).max())
+    assert not cols[:, 3].any()
     rows = np.array([3, 7, 50, 199])
-    np.testing.assert_allclose(far_columns(far, sp.csr_matrix(W), rows), cols[rows],
+    np.testing.assert_allclose(far.apply_many(sp.csr_matrix(W), rows), cols[rows],
                                rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(far_rows(far, rows).apply(W[:, 0]), far.apply(W[:, 0])[rows],
-                               rtol=1e-5)
-    assert far_rows(None, rows) is None and far_rows(far, None) is far
+    part = far.restrict_rows(rows)
+    assert part.shape == (rows.size, 30) and far.restrict_rows(None) is far
+    np.testing.assert_allclose(part.apply(W[:, 0]), far.apply(W[:, 0])[rows], rtol=1e-5)
+    np.testing.assert_allclose(part.apply_many(W), cols[rows], rtol=1e-5, atol=1e-6)
+    # a NaN weight is not skipped as "no mass": it reaches the dose
+    w = W[:, 0].copy()
+    w[int(np.argmax(np.diff(far.V.tocsc().indptr)))] = np.nan  # a beamlet with nodes
+    assert np.isnan(far.apply(w)).any()
 
 
 class _Dij:

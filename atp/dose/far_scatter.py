@@ -38,7 +38,10 @@ beamlets' extent + ``lateral_cutoff_mm``) get far scatter; the off-axis softenin
 depth is taken at 10 cm for this component.
 
 Everything that turns a dij into dose (``DoseInfluence.dose``: the deliverable,
-aperture and forward doses, ``atp dose``) adds it. The optimiser's own dose products
+aperture and forward doses, ``atp dose``) adds it, and so do the sequencer's optimisers
+(MU fits, DMPO, aperture refinement) through :meth:`FarScatter.restrict_rows` (their
+voxels), :meth:`FarScatter.apply_many` (many weight vectors at once, e.g. an MU basis)
+and :meth:`FarScatter.rmatvec` (the gradient). The fluence optimiser's own dose products
 use the sparse matrix alone, i.e. the kernel up to the taper (40-60 mm: about where
 the 60 mm window and the 1e-4 threshold cut it before this operator, so the optimiser
 sees what it saw; which entries the matrix keeps is decided on the whole kernel).
@@ -128,19 +131,47 @@ class FarScatter:
         b = sum(a.nbytes for m in (self.R, self.V) for a in (m.data, m.indices, m.indptr))
         return int(b + sum(2 * (g.gu.nbytes + g.gv.nbytes) for g in self.groups))
 
-    def _table(self, m: np.ndarray) -> np.ndarray:
-        out = np.empty(self.R.shape[1], dtype=np.float32)
+    def restrict_rows(self, rows) -> FarScatter:
+        """This operator with its dose on dose-grid ``rows`` only (None: all rows, self):
+        ``R`` is row-separable, so the rows' dose is that of the whole operator. What
+        an optimiser on a subset of voxels (a problem's or an objective's rows) uses."""
+        if rows is None:
+            return self
+        return replace(self, R=self.R[np.asarray(rows, dtype=np.int64)].tocsr())
+
+    def _tables(self, nodes: np.ndarray) -> np.ndarray:
+        """T of each column of node masses ``nodes`` (n_nodes, k) float32: the table
+        values (n_table, k) float32; a group's table is computed only for the columns
+        with a node mass on its grid (the others stay 0)."""
+        table = np.zeros((self.R.shape[1], nodes.shape[1]), dtype=np.float32)
         for g in self.groups:
-            mm = m[g.node_offset:g.node_offset + g.n_nodes].reshape(g.nx, g.ny)
-            s = (np.matmul(np.matmul(g.gu, mm), g.gv.transpose(0, 2, 1))
-                 - np.matmul(np.matmul(g.hu, mm), g.hv.transpose(0, 2, 1)))
-            out[g.table_offset:g.table_offset + g.n_table] = s.reshape(-1)
-        return out
+            mm = nodes[g.node_offset:g.node_offset + g.n_nodes]
+            live = np.flatnonzero(np.any(mm != 0, axis=0))
+            if live.size == 0:
+                continue
+            x = mm[:, live].T.reshape(live.size, 1, g.nx, g.ny)  # against (L, n_tu, nx)
+            s = (np.matmul(np.matmul(g.gu[None], x), g.gv.transpose(0, 2, 1)[None])
+                 - np.matmul(np.matmul(g.hu[None], x), g.hv.transpose(0, 2, 1)[None]))
+            table[g.table_offset:g.table_offset + g.n_table, live] = \
+                s.reshape(live.size, -1).T
+        return table
+
+    def apply_many(self, weights, rows=None) -> np.ndarray:
+        """Far-scatter dose (Gy) of every column of beamlet weights ``weights``
+        (n_beamlets, k; dense or sparse) on dose-grid ``rows`` (None: all): (n_rows, k)
+        float32. Column j is ``apply(weights[:, j])[rows]``."""
+        if sp.issparse(weights):
+            nodes = (self.V @ weights).toarray()
+        else:
+            nodes = self.V @ np.asarray(weights, dtype=np.float32)
+        table = self._tables(np.asarray(nodes, dtype=np.float32))
+        R = self.R if rows is None else self.R[np.asarray(rows, dtype=np.int64)]
+        return np.asarray(R @ table, dtype=np.float32)
 
     def apply(self, weights) -> np.ndarray:
         """Far-scatter dose (Gy, flattened dose grid) of beamlet weights."""
-        w = np.asarray(weights, dtype=np.float32).reshape(-1)
-        return np.asarray(self.R @ self._table(self.V @ w), dtype=np.float32)
+        w = np.asarray(weights, dtype=np.float32).reshape(-1, 1)
+        return self.apply_many(w)[:, 0]
 
     def rmatvec(self, g) -> np.ndarray:
         """Adjoint: ``d(g . apply(w)) / dw`` for a per-voxel vector ``g``."""
