@@ -24,8 +24,6 @@ import json
 from pathlib import Path
 
 from atp.predictor.base import Predictor
-from atp.predictor.baseline import DistanceBaseline, MeanDosePredictor
-from atp.predictor.cnn import CNNPredictor
 
 from atp.errors import BackendUnavailableError, InputError
 from atp.registry import Registry
@@ -36,11 +34,18 @@ SHIPPED_INDEX = WEIGHTS_DIR / "shipped.json"
 FALLBACK_DEFAULT = "baseline"
 
 
+# The predictors' modules load inside their factories (marked "lazy: CLI start-up"): the
+# baseline's and the CNN's import scipy.ndimage and the OpenKBP reader (pydicom), which
+# listing the names (`atp list`) does not need.
+
+
 def _baseline() -> Predictor:
+    from atp.predictor.baseline import DistanceBaseline  # lazy: CLI start-up
     return DistanceBaseline().load()
 
 
 def _mean_dose() -> Predictor:
+    from atp.predictor.baseline import MeanDosePredictor  # lazy: CLI start-up
     return MeanDosePredictor().load()
 
 
@@ -101,5 +106,6 @@ def _cnn_factory(name: str, path: Path):
         if importlib.util.find_spec("torch") is None:
             raise BackendUnavailableError(
                 f"predictor '{name}' needs PyTorch: pip install 'atp[ml]'")
+        from atp.predictor.cnn import CNNPredictor  # lazy: CLI start-up
         return CNNPredictor.from_checkpoint(path, name=name)
     return factory

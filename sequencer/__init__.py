@@ -11,7 +11,6 @@ which also re-fits the MU, see ``atp.sequencer.reweight``)::
     dose_gy = deliverable_dose(delivery, dij)
 """
 
-from atp.sequencer.api import default_technique, sequence
 from atp.sequencer.deliverable import deliverable_dose, delivered_weights
 from atp.sequencer.delivery import BeamDelivery, Delivery, check_delivery
 from atp.sequencer.fluence import BeamFluence, FluenceSet, fluence_set
@@ -36,3 +35,13 @@ __all__ = [
            "sequence",
            "sequencer_names",
 ]
+
+
+def __getattr__(name):
+    if name in ("default_technique", "sequence"):
+        # lazy: CLI start-up -- atp.sequencer.api re-fits the MU (atp.sequencer.reweight:
+        # scipy.optimize, ~0.2 s), which the registry and the machines (`atp list`) do
+        # not need
+        from atp.sequencer.api import default_technique, sequence
+        return {"default_technique": default_technique, "sequence": sequence}[name]
+    raise AttributeError(f"module 'atp.sequencer' has no attribute {name!r}")

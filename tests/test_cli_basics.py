@@ -30,3 +30,21 @@ def test_help_loads_no_stage_scipy_or_pydicom():
                          check=True)
     assert "usage: atp" in out.stdout
     assert out.stderr.strip() == "0 []", out.stderr
+
+
+def test_list_loads_no_pydicom_predictor_or_mu_fit():
+    """``atp list`` names the plug-ins (loading each built-in's class or factory, so a
+    broken one shows) without the patient readers (pydicom), the predictors' modules
+    (scipy.ndimage, the OpenKBP reader) or the sequencer's MU fit (scipy.optimize): the
+    registries and package ``__init__``s import those lazily."""
+    import subprocess
+    import sys
+
+    heavy = ("pydicom", "scipy.optimize", "atp.io.loader", "atp.predictor.baseline",
+             "atp.predictor.cnn", "atp.sequencer.api", "atp.sequencer.reweight", "torch")
+    code = ("import sys; from atp.cli import main; rc = main(['list', '--json']); "
+            f"print(rc, [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert '"predictors"' in out.stdout
+    assert out.stderr.strip() == "0 []", out.stderr
