@@ -16,20 +16,29 @@ def test_missing_patient_exits_2(capsys, tmp_path):
     assert "nope.npz" in err and err.count("\n") == 1
 
 
+def _run_cli(argv: list[str], modules: tuple) -> tuple[int, str, list]:
+    """``atp.cli.main(argv)`` in a fresh interpreter: (exit code, stdout, which of
+    ``modules`` it loaded); its stderr must hold nothing else."""
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; from atp.cli import main; rc = main({argv!r}); "
+            f"print(json.dumps([rc, [m for m in {modules!r} if m in sys.modules]]), "
+            "file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    rc, loaded = json.loads(out.stderr)
+    return rc, out.stdout, loaded
+
+
 def test_help_loads_no_stage_scipy_or_pydicom():
     """``atp --help`` (and so every command's start-up) builds every command's parser;
     the stages, scipy and pydicom (seconds together on a loaded machine) load only when a
     command runs: the command modules import them lazily (ARCHITECTURE.md, import rules)."""
-    import subprocess
-    import sys
-
     heavy = ("atp.optimizer", "atp.predictor", "atp.sequencer", "scipy", "pydicom", "torch")
-    code = ("import sys; from atp.cli import main; rc = main(['--help']); "
-            f"print(rc, [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert "usage: atp" in out.stdout
-    assert out.stderr.strip() == "0 []", out.stderr
+    rc, out, loaded = _run_cli(["--help"], heavy)
+    assert "usage: atp" in out
+    assert (rc, loaded) == (0, [])
 
 
 def test_list_loads_no_pydicom_predictor_or_mu_fit():
@@ -37,14 +46,8 @@ def test_list_loads_no_pydicom_predictor_or_mu_fit():
     broken one shows) without the patient readers (pydicom), the predictors' modules
     (scipy.ndimage, the OpenKBP reader) or the sequencer's MU fit (scipy.optimize): the
     registries and package ``__init__``s import those lazily."""
-    import subprocess
-    import sys
-
     heavy = ("pydicom", "scipy.optimize", "atp.io.loader", "atp.predictor.baseline",
              "atp.predictor.cnn", "atp.sequencer.api", "atp.sequencer.reweight", "torch")
-    code = ("import sys; from atp.cli import main; rc = main(['list', '--json']); "
-            f"print(rc, [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert '"predictors"' in out.stdout
-    assert out.stderr.strip() == "0 []", out.stderr
+    rc, out, loaded = _run_cli(["list", "--json"], heavy)
+    assert '"predictors"' in out
+    assert (rc, loaded) == (0, [])
