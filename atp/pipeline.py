@@ -122,7 +122,7 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
     dose_grid_factor = 2 if dose_grid_factor is None else dose_grid_factor
     stages = StageTimer(progress, total=(  # the bar's stages; +1: explain
         6 + (predicted_dose is None) + (dij is None) + (not isinstance(patient, Patient))
-        + bool(refine) + (3 if sequence else 0) + 1 + (vmat is not None)))
+        + bool(refine) + (2 if sequence else 0) + 1 + (vmat is not None)))
     t_start = time.perf_counter()
     try:
         prep = prepare_goals(patient, site=site, institution=institution,
@@ -334,7 +334,9 @@ def replan(plan: Plan, set: dict | None = None, *, warm: bool = True, backend=No
     settings["refine"] = refine.setting
     settings.pop("scorecard", None)
     settings.update({} if card is None else {"scorecard": card})
-    stages = StageTimer(progress, total=6 + bool(refine))
+    stages = StageTimer(progress, total=(  # as plan(): +2 sequence, field dose
+        5 + (plan.fractions is None) + (2 if plan.settings.get("sequence") else 0)
+        + bool(refine)))
     try:
         new = _scorecard_rounds(stages, optimise_and_finish(
             plan.patient, goals, plan.dij, plan.predicted_dose_gy,
@@ -537,6 +539,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
     if (s.deliverable_rounds and s.opts.get("attain_rounds")
             and s.opts.get("goal_check") is s.goal_check):
+        stages.add(1)  # counted here: the stage runs only when it applies
         kept = stages.run("deliverable correction", _deliverable_correction, s, res,
                           technique, machine, (delivery, ideal, dose, fid),
                           info=correction, field_extra=dose - beamlet_dose)
@@ -553,6 +556,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
             return dl, out[1], dd, ff, kept.get("dij", dij)
 
+        stages.add(1)  # counted here: the stage runs only when enabled
         delivery, dose, fid, final, ideal, fluence = stages.run(
             "final-dose goals", _final_dose_goals, patient, s.resolved,
             field.get("dij", dij), delivery, ideal, dose, fid, s.final,

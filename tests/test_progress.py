@@ -101,3 +101,21 @@ def test_a_stage_found_needed_later_grows_the_count():
         pass
     d.close()
     assert out.getvalue().splitlines()[-1] == "atp: [3/3] field dose"
+
+
+def test_replan_of_a_sequenced_plan_counts_its_stages(phantom, toy, capsys, monkeypatch):
+    """`atp replan` of a sequenced plan showed [8/7] ... [10/7]: its count left out the
+    sequencing stages."""
+    import re
+
+    import atp
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    base = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
+                    progress=False, sequence="imrt-sns", optimizer_options={"max_iter": 60})
+    capsys.readouterr()
+    atp.replan(base, set={"Parotid_L.Dmean.tolerance": -40}, warm=True, progress=True)
+    counts = [tuple(map(int, m)) for m in
+              re.findall(r"atp: \[(\d+)/(\d+)\]", capsys.readouterr().err)]
+    assert counts and all(k <= n for k, n in counts), counts
+    assert any(k == n for k, n in counts[-3:]), str(counts)
