@@ -233,6 +233,34 @@ def analyse(p, iso, ref, ev, gantry, side_mm) -> dict:
             "central_axis": axis}
 
 
+def _variant_doses(p, iso, atp, spec: str, fields: str) -> np.ndarray:
+    """atp's doses of ``fields`` recomputed with the model's heterogeneity parameters
+    changed as in ``spec``; the water calibration is unchanged (uniform media do not see
+    these parameters)."""
+    import tempfile
+
+    import atp.dose.beam_model as bm
+
+    model = json.loads(bm.DEFAULT_MODEL.read_text())
+    for item in spec.split(","):
+        k, v = item.split("=")
+        if k not in model["parameters"]["heterogeneity"]:
+            sys.exit(f"--heterogeneity: {k!r} is not a heterogeneity parameter")
+        model["parameters"]["heterogeneity"][k] = float(v)
+    out = atp.copy()
+    shipped = bm.DEFAULT_MODEL
+    with tempfile.TemporaryDirectory() as tmp:
+        bm.DEFAULT_MODEL = Path(tmp) / "model.json"
+        bm.DEFAULT_MODEL.write_text(json.dumps(model))
+        try:
+            for n in (int(x) for x in fields.split(",")):
+                g, s = ie.HN_FIELDS[n]
+                out[n] = ie.atp_dose(p, [(g, 10.0 * s, iso)])[0]
+        finally:
+            bm.DEFAULT_MODEL = shipped
+    return out
+
+
 def water_penumbra(work: Path, side_cm: float = 10.0, depth_cm: float = 10.0) -> dict:
     """80-20 % penumbra (mm) of the cached water field at ``depth_cm``, atp and CCC, both
     edges of the in-plane profile through the central axis (each profile normalised to
@@ -265,10 +293,18 @@ def main() -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--patient", default="/work/shared/data/openkbp/train/pt_1.npz")
     ap.add_argument("--fields", default="1,2")
+    ap.add_argument("--heterogeneity", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="experiment: recompute atp's doses of --fields with the default "
+                         "model's heterogeneity parameters changed (e.g. "
+                         "max_lateral_scale=3); written to a temporary model file, the "
+                         "shipped model and WORK are left alone")
     ap.add_argument("--json")
     args = ap.parse_args()
     p, iso, atp, ccc, cal = _doses(Path(args.work), args.patient)
+    if args.heterogeneity:
+        atp = _variant_doses(p, iso, atp, args.heterogeneity, args.fields)
     out = {"patient": args.patient, "calibration": {f"{k:g}": v for k, v in cal.items()},
+           "heterogeneity": args.heterogeneity,
            "water_10x10_penumbra_80_20_mm_at_10cm": water_penumbra(Path(args.work)),
            "fields": {}}
     print("water 10 x 10 penumbra 80-20 % at 10 cm (mm, both edges):",
