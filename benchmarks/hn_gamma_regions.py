@@ -4,7 +4,8 @@ place -- depth below the entrance skin, behind air cavities, field edge, low dos
 with the pass rate per place and the pass rate under the usual exclusions.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hn_gamma_regions.py --work WORK \\
-        [--patient PATH.npz] [--fields 1,2] [--json OUT.json]
+        [--patient PATH.npz] [--fields 1,2] [--heterogeneity KEY=VALUE]
+        [--slab-work FULL_WORK] [--json OUT.json]
 
 WORK is the work folder of an ``independent_engine.py --cases hn`` run (atp's and the
 CCC's doses of the water fields and the H&N fields are read from it, nothing is
@@ -261,6 +262,45 @@ def _variant_doses(p, iso, atp, spec: str, fields: str) -> np.ndarray:
     return out
 
 
+def slab_check(slab_work: Path, spec: str | None) -> list:
+    """Central-axis slab / water ratios of atp (model changed as in ``spec``, or shipped)
+    and the CCC at the slab depths of independent_engine.py, for a few slab cases whose
+    CCC and water doses are cached in ``slab_work`` (a full independent_engine.py run)."""
+    import tempfile
+
+    import atp.dose.beam_model as bm
+
+    shipped = bm.DEFAULT_MODEL
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if spec:
+            model = json.loads(shipped.read_text())
+            for item in spec.split(","):
+                k, v = item.split("=")
+                model["parameters"]["heterogeneity"][k] = float(v)
+            bm.DEFAULT_MODEL = Path(tmp) / "model.json"
+            bm.DEFAULT_MODEL.write_text(json.dumps(model))
+        try:
+            for mat, hu, side in (("air", -1000.0, 10.0), ("air", -1000.0, 3.0),
+                                  ("lung", -740.0, 2.0), ("lung", -740.0, 5.0)):
+                p = ie.phantom(side, hu)
+                a = ie.atp_dose(p, [(0.0, 10.0 * side, (0, 0, 0))])[0]
+                ld = {k: np.load(slab_work / f"{k}.npz")["dose"][0] for k in (
+                    f"atp_water_{side:g}", f"ccc_{mat}_{side:g}", f"ccc_water_{side:g}")}
+                y = ie.depth_mm(p.grid) / 10.0
+                cax = {k: ie._cax(v, p.grid) for k, v in ld.items()}
+                ax = ie._cax(a, p.grid)
+                for d in (7.35, 8.25, 8.55, 9.75, 11.85):
+                    j = int(np.argmin(np.abs(y - d)))
+                    rows.append({"case": f"{mat}_{side:g}x{side:g}", "depth_cm": round(float(y[j]), 2),
+                                 "atp": round(float(ax[j] / cax[f"atp_water_{side:g}"][j]), 3),
+                                 "ccc": round(float(cax[f"ccc_{mat}_{side:g}"][j]
+                                                    / cax[f"ccc_water_{side:g}"][j]), 3)})
+        finally:
+            bm.DEFAULT_MODEL = shipped
+    return rows
+
+
 def water_penumbra(work: Path, side_cm: float = 10.0, depth_cm: float = 10.0) -> dict:
     """80-20 % penumbra (mm) of the cached water field at ``depth_cm``, atp and CCC, both
     edges of the in-plane profile through the central axis (each profile normalised to
@@ -298,6 +338,9 @@ def main() -> int:
                          "model's heterogeneity parameters changed (e.g. "
                          "max_lateral_scale=3); written to a temporary model file, the "
                          "shipped model and WORK are left alone")
+    ap.add_argument("--slab-work", help="also: slab / water ratios of a few slab cases "
+                    "(atp with --heterogeneity's model, CCC) from this full "
+                    "independent_engine.py work folder")
     ap.add_argument("--json")
     args = ap.parse_args()
     p, iso, atp, ccc, cal = _doses(Path(args.work), args.patient)
@@ -314,6 +357,10 @@ def main() -> int:
         label = f"G{gantry:g} {side:g}x{side:g}"
         out["fields"][label] = analyse(p, iso, ccc[n], atp[n], gantry, 10.0 * side)
         print(label, json.dumps(out["fields"][label], indent=1), flush=True)
+    if args.slab_work:
+        out["slabs"] = slab_check(Path(args.slab_work), args.heterogeneity)
+        for r in out["slabs"]:
+            print(r, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
