@@ -111,3 +111,21 @@ def test_stage2_trains_and_cascade_keeps_stage1_outside_the_window(reference_dos
     again = CNNPredictor.from_checkpoint(path)
     assert isinstance(again, CascadePredictor)
     assert np.array_equal(again.predict(pat), d)
+
+
+def test_stage2s_recipe_is_stage2_on_bf16_sub_crops(reference_dose_phantom, tmp_path):
+    """okbp_stage2s: Stage 2's data, network and loss on random sub-crops of the window
+    with bfloat16 autocast; a sub-crop step trains and the network still predicts the
+    whole window."""
+    full = make_config(None, "okbp_stage2")
+    cfg = make_config(None, "okbp_stage2s")
+    assert cfg.encoding == full.encoding and cfg.net_kwargs == full.net_kwargs
+    assert cfg.amp == "bf16" and cfg.loss == full.loss
+    assert all(p < s for p, s in zip(cfg.patch, cfg.encoding.size))
+    data = encode_patients([reference_dose_phantom], FINE, COARSE)
+    small = replace(_cfg(), patch=(8, 16, 16), amp="bf16")
+    res = train(small, data, data, tmp_path, progress=False, log=lambda *_: None)
+    net = CNNPredictor.from_checkpoint(res["best"]).net
+    with torch.no_grad():
+        out = net(torch.from_numpy(np.asarray(data[0], np.float32)))
+    assert out.shape == (1, 1, *FINE.size) and torch.isfinite(out).all()

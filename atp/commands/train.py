@@ -34,10 +34,11 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="OpenKBP folder with train/ and validation/")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--config", default="small",
-                   choices=["small", "full", "okbp_stage1", "okbp_stage2"],
+                   choices=["small", "full", "okbp_stage1", "okbp_stage2", "okbp_stage2s"],
                    help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1 / "
-                        "okbp_stage2: the issue-23 cascade recipes (see predictor/train.py)")
-    p.add_argument("--stage1", help="okbp_stage2: the Stage-1 best.pt (selection runs the "
+                        "okbp_stage2 (okbp_stage2s: on sub-crops, bf16, for a CPU): the "
+                        "issue-23 cascade recipes (see predictor/train.py)")
+    p.add_argument("--stage1", help="okbp_stage2(s): the Stage-1 best.pt (selection runs the "
                                     "cascade; OUT/cascade.pt combines both)")
     p.add_argument("--selection", type=int,
                    help="training patients held out for selection (recipe default)")
@@ -63,8 +64,9 @@ def run(args) -> int:  # lazy: CLI start-up
 
     if args.model is None and args.config not in RECIPE_MODELS:  # before writing anything
         raise InputError(f"--model is needed with --config {args.config}", field="--model")
-    if args.config == "okbp_stage2" and not (args.stage1 and Path(args.stage1).is_file()):
-        raise InputError("okbp_stage2 needs --stage1 with a Stage-1 best.pt",
+    if args.config.startswith("okbp_stage2") and not (args.stage1
+                                                      and Path(args.stage1).is_file()):
+        raise InputError(f"{args.config} needs --stage1 with a Stage-1 best.pt",
                          file=args.stage1, field="--stage1")
 
     out = check_output_dir(args.out, replace=False)  # new, empty or an atp run folder
