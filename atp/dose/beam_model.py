@@ -36,11 +36,17 @@ the isocentre plane, centre ``(uc, vc)``) is
 * ``H(uc, vc, d) = exp((alpha - kappa d) (uc^2 + vc^2))``: off-axis primary fluence of a
   flattened beam (horns, ``alpha``) softening off axis (horns vanish with depth,
   ``kappa``); evaluated at each beamlet's centre (separable in u and v).
-* Heterogeneity: lateral transport lengths scale with the inverse of the density along
-  the path (O'Connor's scaling): every phantom width is multiplied by
-  ``S = min(1 / rho_bar, max_lateral_scale)``, ``rho_bar`` the mean relative density over
-  the last ``density_length_mm`` (primary: secondary-electron transport, 20 mm) of the
-  ray before the point. The phantom-scatter widths use a transport-weighted density
+* Heterogeneity: lateral transport lengths grow in low density along the path. The
+  primary (secondary-electron) width with ``primary_path_spread`` k > 0 (shipped: 0.5):
+  ``sigma_p^2 = sigma_water(d)^2 + (k t_low)^2``, ``t_low = L (1 - rho_bar)`` the
+  geometric path the last L = ``density_length_mm`` (20 mm) of the ray lacks matter for,
+  ``rho_bar`` its mean relative density (:meth:`PhotonBeamModel.lateral_scales`): the
+  electrons leaving the last tissue spread sideways by about k x the distance they fly
+  through a cavity, so a 3 x 3 cm field loses lateral equilibrium in and right past a
+  3 cm air gap while a 10 x 10 does not (with k = 0 the older O'Connor scaling
+  ``S = min(1 / rho_bar, max_lateral_scale)``, up to 20x in air, starved broad fields
+  there too). k was chosen against a collapsed-cone engine on air and lung slabs
+  (BENCHMARKS.md), not fitted to water (water does not see it). The phantom-scatter widths use a transport-weighted density
   when ``scatter_transport_length_mm`` (lambda, 20 mm) is set: the scatter reaching the
   point comes from radiological distance tau upstream with weight exp(-tau / lambda),
   each part stretched by its geometric / radiological path t / tau, and
@@ -118,6 +124,7 @@ class PhotonBeamModel:
     max_lateral_scale: float = 20.0
     scatter_density_length_mm: float = 60.0  # phantom scatter (photon transport)
     scatter_transport_length_mm: float = 0.0  # > 0: transport weighting instead of the box
+    primary_path_spread: float = 0.0  # > 0: path-bounded primary widening (k, mm per mm)
 
     # --- loading -----------------------------------------------------------------------
     @classmethod
@@ -150,7 +157,8 @@ class PhotonBeamModel:
                     float(het.get("density_length_mm", 20.0)),
                     float(het.get("max_lateral_scale", 20.0)),
                     float(het.get("scatter_density_length_mm", 60.0)),
-                    float(het.get("scatter_transport_length_mm", 0.0)))
+                    float(het.get("scatter_transport_length_mm", 0.0)),
+                    float(het.get("primary_path_spread", 0.0)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"malformed beam model: {exc!r}", file=source,
                              field="parameters") from None
@@ -179,7 +187,8 @@ class PhotonBeamModel:
                               "scatter_density_length_mm": self.scatter_density_length_mm,
                               "scatter_transport_length_mm":
                                   self.scatter_transport_length_mm,
-                              "max_lateral_scale": self.max_lateral_scale},
+                              "max_lateral_scale": self.max_lateral_scale,
+                              "primary_path_spread": self.primary_path_spread},
         }
 
     @classmethod
@@ -246,6 +255,29 @@ class PhotonBeamModel:
         """Width factor 1 / rho_bar, clipped to [1 / 3, max_lateral_scale]."""
         rho = xp.maximum(mean_density, 1.0 / self.max_lateral_scale)
         return xp.clip(1.0 / rho, 1.0 / 3.0, self.max_lateral_scale)
+
+    def lateral_scales(self, mean_densities, depth_mm, xp=np):
+        """(primary, phantom scatter) width factors from the engine's path densities
+        (primary box mean, scatter density) at radiological depth ``depth_mm``.
+
+        With ``primary_path_spread`` k > 0 the primary width is bounded by the path
+        crossed in low density instead of scaled by 1 / rho_bar:
+        ``sigma^2 = sigma_water(d)^2 + (k t_low)^2``, ``t_low = L (1 - rho_bar)`` the
+        geometric length of the last L = ``density_length_mm`` the ray lacks matter for
+        (L: only the path in the body near its entry). Electrons leaving the last
+        tissue spread sideways by about k x the distance they fly through the cavity,
+        not without bound: a 3 cm air cavity widens the 2 mm primary kernel by about a
+        centimetre (a 3 x 3 field still loses equilibrium there, a 10 x 10 does not),
+        while in lung (rho 0.25) it is close to O'Connor's 1 / rho."""
+        rho_p, rho_s = mean_densities
+        ss = self.lateral_scale(rho_s, xp)
+        if self.primary_path_spread <= 0:
+            return self.lateral_scale(rho_p, xp), ss
+        d = xp.maximum(depth_mm, 0.0)
+        t_low = xp.minimum(self.density_length_mm, d) * xp.clip(1.0 - rho_p, 0.0, 1.0)
+        sig = self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d
+        sp = xp.sqrt(1.0 + (self.primary_path_spread * t_low / sig) ** 2)
+        return xp.clip(sp, 1.0, self.max_lateral_scale), ss
 
     def max_sigma_mm(self, d_max_mm: float) -> float:
         """Largest lateral sigma (mm, at depth, unit density) for depths up to d_max_mm."""

@@ -303,8 +303,8 @@ class PencilBeamEngine:
         else:
             depth, rhos = self._radiological_depth(xp, frame, u, v, s, density, dgrid,
                                                    ray_ds, ray_h, lengths)
-        # lateral width factors 1 / rho_bar (primary, phantom scatter)
-        lat = tuple(model.lateral_scale(r, xp) for r in rhos)
+        # lateral width factors (primary, phantom scatter)
+        lat = model.lateral_scales(rhos, depth, xp)
         u, v, s = xp.asarray(u), xp.asarray(v), xp.asarray(s)
 
         # per-voxel kernel coefficients
