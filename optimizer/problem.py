@@ -74,7 +74,7 @@ from atp.dose.resample import mask_to_dose_grid
 from atp.errors import InputError
 
 LOWER_OPS = (">=", ">")
-MU_WEIGHT_REL = 0.004  # train pt_1 / pt_10 / pt_100: docs/experiments/sequencing.md "MU term"
+MU_WEIGHT_REL = 0.004  # train pt_1/2/3/10/100: docs/experiments/dose-physics.md (last section)
 UPPER_OPS = ("<=", "<")
 
 
