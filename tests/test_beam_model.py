@@ -139,7 +139,8 @@ def test_broad_field_keeps_equilibrium_inside_an_air_gap(model):
     def ratio(m):
         y, water = _cax(_slab_box(None, 160.0), m, half=50.0)
         _, air = _cax(_slab_box(-1000.0, 160.0), m, half=50.0)
-        rad = np.where(y > 60.0, y - 30.0 * 0.999, np.where(y > 30.0, 30.0 + 0.001 * (y - 30.0), y))
+        rad = np.where(y > 60.0, y - 30.0 * 0.999,
+                       np.where(y > 30.0, 30.0 + 0.001 * (y - 30.0), y))
         isq = ((1000.0 + y) / (1000.0 + rad)) ** 2
         r = air / np.interp(rad, y, water) * isq
         return r[(y > 50.0) & (y < 58.0)].mean()

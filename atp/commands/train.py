@@ -60,12 +60,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:  # lazy: CLI start-up
-    from atp.predictor.train import RECIPE_MODELS
+    from atp.predictor.train import PRESETS, RECIPE_MODELS
 
     if args.model is None and args.config not in RECIPE_MODELS:  # before writing anything
         raise InputError(f"--model is needed with --config {args.config}", field="--model")
-    if args.config.startswith("okbp_stage2") and not (args.stage1
-                                                      and Path(args.stage1).is_file()):
+    recipe = PRESETS.get((RECIPE_MODELS.get(args.config), args.config), {})
+    refines = getattr(recipe.get("encoding"), "dose_input", False)  # a Stage-2 recipe
+    if refines and not (args.stage1 and Path(args.stage1).is_file()):
         raise InputError(f"{args.config} needs --stage1 with a Stage-1 best.pt",
                          file=args.stage1, field="--stage1")
 

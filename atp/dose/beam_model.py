@@ -46,8 +46,8 @@ the isocentre plane, centre ``(uc, vc)``) is
   3 cm air gap while a 10 x 10 does not (with k = 0 the older O'Connor scaling
   ``S = min(1 / rho_bar, max_lateral_scale)``, up to 20x in air, starved broad fields
   there too). k was chosen against a collapsed-cone engine on air and lung slabs
-  (BENCHMARKS.md), not fitted to water (water does not see it). The phantom-scatter widths use a transport-weighted density
-  when ``scatter_transport_length_mm`` (lambda, 20 mm) is set: the scatter reaching the
+  (BENCHMARKS.md), not fitted to water (water does not see it). The phantom-scatter
+  widths use a transport-weighted density when ``scatter_transport_length_mm`` (lambda, 20 mm) is set: the scatter reaching the
   point comes from radiological distance tau upstream with weight exp(-tau / lambda),
   each part stretched by its geometric / radiological path t / tau, and
   ``S = 1 / sqrt(E[(tau / t)^2])`` is the width whose central dose in a narrow field
@@ -235,7 +235,7 @@ class PhotonBeamModel:
             se, ss = lateral_scale
         else:
             se = ss = lateral_scale
-        sp = (self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d) * se
+        sp = self.primary_sigma_mm(d) * se
         keep = (1.0 - self.head_fraction) * t
         out = [(keep * wp, sp)]
         for w, (_, (a, b)) in zip(ws, self.scatter):
@@ -256,6 +256,10 @@ class PhotonBeamModel:
         rho = xp.maximum(mean_density, 1.0 / self.max_lateral_scale)
         return xp.clip(1.0 / rho, 1.0 / 3.0, self.max_lateral_scale)
 
+    def primary_sigma_mm(self, d_mm):
+        """sigma_p(d) = a_p + b_p d (mm, in water) at radiological depth d >= 0."""
+        return self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d_mm
+
     def lateral_scales(self, mean_densities, depth_mm, xp=np):
         """(primary, phantom scatter) width factors from the engine's path densities
         (primary box mean, scatter density) at radiological depth ``depth_mm``.
@@ -275,8 +279,7 @@ class PhotonBeamModel:
             return self.lateral_scale(rho_p, xp), ss
         d = xp.maximum(depth_mm, 0.0)
         t_low = xp.minimum(self.density_length_mm, d) * xp.clip(1.0 - rho_p, 0.0, 1.0)
-        sig = self.sigma_primary_mm[0] + self.sigma_primary_mm[1] * d
-        sp = xp.sqrt(1.0 + (self.primary_path_spread * t_low / sig) ** 2)
+        sp = xp.sqrt(1.0 + (self.primary_path_spread * t_low / self.primary_sigma_mm(d)) ** 2)
         return xp.clip(sp, 1.0, self.max_lateral_scale), ss
 
     def max_sigma_mm(self, d_max_mm: float) -> float:
