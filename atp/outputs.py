@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,19 +172,49 @@ def _identity(path: Path):
         st = os.lstat(path)
     except OSError:  # gone, or a parent is not a folder
         return None
-    return st.st_dev, st.st_ino
+    return _stat_identity(st)
+
+
+def _stat_identity(st):
+    # the change time too: a rename changes it, so a folder moved away and back differs
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _pin(path: Path):
+    """An open descriptor of the folder at ``path`` (None if there is none): while it is
+    open the folder's inode cannot be freed and reused by another writer's new folder."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags)
+    except OSError:
+        return None
 
 
 def _check_replaceable(out: Path, field: str | None) -> None:
     """Raise :class:`OutputError` unless the existing ``out`` may be replaced. Looks
-    again when another atp writer swapped ``out`` while it was being read."""
-    for _ in range(20):
-        before = _identity(out)
-        problem = _replace_problem(out)
-        if _identity(out) == before:
-            break
-    if problem:
-        raise OutputError(problem, file=out, field=field)
+    again when another atp writer swapped ``out`` while it was being read (a read during a
+    swap can find the folder gone or half-moved, which says nothing about its owner): the
+    folder is pinned by a descriptor, and the look counts only when that folder is still
+    the one at ``out`` afterwards. Backs off a little each time; a folder that never holds
+    still is reported as such."""
+    for k in range(200):
+        fd = _pin(out)
+        try:
+            before = _identity(out) if fd is None else _stat_identity(os.fstat(fd))
+            problem = _replace_problem(out)
+            # absent before and after but a problem seen: a folder came and went
+            stable = _identity(out) == before and (before is not None or not problem)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if stable:
+            if problem:
+                raise OutputError(problem, file=out, field=field)
+            return
+        if k >= 10:
+            time.sleep(min(0.0005 * (k - 9), 0.02))
+    raise OutputError("could not read the folder: other processes keep replacing it",
+                      file=out, field=field)
 
 
 def _marker_kind(folder: Path) -> str | None:
