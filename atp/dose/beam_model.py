@@ -47,9 +47,10 @@ the isocentre plane, centre ``(uc, vc)``) is
   ``S = min(1 / rho_bar, max_lateral_scale)``, up to 20x in air, starved broad fields
   there too). k was chosen against a collapsed-cone engine on air and lung slabs
   (BENCHMARKS.md), not fitted to water (water does not see it). The phantom-scatter
-  widths use a transport-weighted density when ``scatter_transport_length_mm`` (lambda, 20 mm) is set: the scatter reaching the
-  point comes from radiological distance tau upstream with weight exp(-tau / lambda),
-  each part stretched by its geometric / radiological path t / tau, and
+  widths use a transport-weighted density when ``scatter_transport_length_mm`` (lambda,
+  20 mm) is set: the scatter reaching the point comes from radiological distance tau
+  upstream with weight exp(-tau / lambda), each part stretched by its geometric /
+  radiological path t / tau, and
   ``S = 1 / sqrt(E[(tau / t)^2])`` is the width whose central dose in a narrow field
   matches that mixture (``atp.dose.pencil_beam._transport_density``); without it, the
   mean over the last ``scatter_density_length_mm`` (60 mm box, the first model). Beyond
