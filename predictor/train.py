@@ -129,9 +129,18 @@ PRESETS[("resunet", "okbp_stage2")] = {
 # windows cost ~14 s a step on this 2-core CPU under load (30 epochs ~ 20 h).
 PRESETS[("resunet", "okbp_stage2s")] = dict(
     PRESETS[("resunet", "okbp_stage2")], patch=(32, 64, 64), amp="bf16", epochs=40)
+# The same two recipes for a GPU (bfloat16 autocast there, fp32 on a CPU): Stage 1's
+# network and augmentation, Stage 2 on its whole windows (okbp_stage2), with longer
+# one-cycle schedules (``--epochs`` sets the length; the run records it) and the held-out
+# selection scored every 10 epochs and after the last.
+PRESETS[("resunet", "okbp_stage1g")] = dict(
+    PRESETS[("resunet", "okbp_stage1")], amp="auto", epochs=120, select_every=10)
+PRESETS[("resunet", "okbp_stage2g")] = dict(
+    PRESETS[("resunet", "okbp_stage2")], amp="auto", epochs=120, select_every=10)
 # named recipes -> their network (``atp train --config NAME`` needs no --model)
 RECIPE_MODELS = {"okbp_stage1": "resunet", "okbp_stage2": "resunet",
-                 "okbp_stage2s": "resunet"}
+                 "okbp_stage2s": "resunet", "okbp_stage1g": "resunet",
+                 "okbp_stage2g": "resunet"}
 
 
 @dataclass
@@ -169,6 +178,7 @@ class TrainConfig:
     shift_vox: int = 0               # augmentation: integer shifts up to +-shift_vox
     aug_geometry: str = "normalized"  # normalized | physical (mm-true rotations, pads)
     selection: int = 0               # training patients held out for selection (CLI)
+    select_every: int = 1            # the selector runs every N epochs and after the last
     tta: bool = False                # shipped predictor averages a left-right flip
     # Stage 2 (refiner; encoding.dose_input): its input dose is the reference dose
     # block-averaged on ``coarse_encoding`` and interpolated back, plus smooth noise of a
@@ -291,9 +301,26 @@ def score_predictor(predictor, files) -> dict:
             "selection_score": c["dose_score_gy"] + c["dvh_score_gy"]}
 
 
+def _encode_file(args):
+    f, enc, coarse = args
+    return encode_patients([load_openkbp_npz(f)], enc, coarse)
+
+
+def _encode_files_parallel(files, enc, coarse, workers: int):
+    """encode_patients over files in ``workers`` processes (same arrays, same order)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        parts = list(ex.map(_encode_file, [(f, enc, coarse) for f in files]))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [i for p in parts for i in p[2]])
+
+
 def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print,
-                 coarse: EncodingConfig | None = None):
-    """Encoded (stacks, doses, ids) of OpenKBP .npz files, cached under ``cache_dir``."""
+                 coarse: EncodingConfig | None = None, workers: int = 1):
+    """Encoded (stacks, doses, ids) of OpenKBP .npz files, cached under ``cache_dir``;
+    ``workers`` > 1 encodes in that many processes (the same arrays)."""
     files = [Path(f) for f in files]
     ek = enc.to_dict()
     if not ek["dose_input"]:
@@ -305,7 +332,11 @@ def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print,
         with np.load(path) as z:
             return z["stacks"], z["doses"], [str(i) for i in z["ids"]]
     t0 = time.perf_counter()
-    stacks, doses, ids = encode_patients((load_openkbp_npz(f) for f in files), enc, coarse)
+    if workers > 1 and len(files) > 1:
+        stacks, doses, ids = _encode_files_parallel(files, enc, coarse, workers)
+    else:
+        stacks, doses, ids = encode_patients((load_openkbp_npz(f) for f in files), enc,
+                                             coarse)
     buf = io.BytesIO()
     np.savez(buf, stacks=stacks, doses=doses, ids=np.array(ids))
     atomic_write_bytes(path, buf.getvalue())
@@ -370,10 +401,11 @@ def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[
         both = torch.cat([stack, dose], 0)[None].float()
         pad = None
         if cfg.aug_geometry == "physical":  # pad each channel with its outside value
-            pad = torch.tensor(pad_values(cfg.encoding) + [0.0]).view(1, -1, 1, 1, 1)
+            pad = torch.tensor(pad_values(cfg.encoding) + [0.0],
+                               device=both.device).view(1, -1, 1, 1, 1)
             both = both - pad
-        grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32), both.shape,
-                             align_corners=False)
+        grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32, device=both.device),
+                             both.shape, align_corners=False)
         both = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros",
                              align_corners=False)
         if pad is not None:
@@ -383,8 +415,8 @@ def augment(stack, dose, rng: np.random.Generator, cfg: TrainConfig, swap: list[
     if cfg.encoding.dose_input and cfg.dose_noise_hi_gy > 0:
         stack = stack.clone()
         c = cfg.encoding.n_stack_channels - 1
-        stack[c] = torch.clamp(stack[c] + smooth_noise(rng, cfg, tuple(stack.shape[1:]))
-                               * (stack[1] >= 0.5), min=0.0)
+        noise = smooth_noise(rng, cfg, tuple(stack.shape[1:])).to(stack.device)
+        stack[c] = torch.clamp(stack[c] + noise * (stack[1] >= 0.5), min=0.0)
     return stack, dose
 
 
@@ -647,15 +679,16 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
             xs, ys = [], []
             for b in range(cfg.batch_size):
                 i = int(order[(step * cfg.batch_size + b) % n])
-                s = torch.from_numpy(stacks[i].astype(np.float32))
-                d = torch.from_numpy(doses[i].astype(np.float32))
+                # to the device first: augmentation runs where the network does
+                s = torch.from_numpy(stacks[i]).to(device).float()
+                d = torch.from_numpy(doses[i]).to(device).float()
                 if cfg.augment:
                     s, d = augment(s, d, rng, cfg, swap)
                 s, d = random_patch(s, d, rng, cfg.patch)
                 xs.append(s)
                 ys.append(d)
-            s = torch.stack(xs).to(device)
-            d = torch.stack(ys).to(device)
+            s = torch.stack(xs)
+            d = torch.stack(ys)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, state["global_step"], total_steps)
             with _autocast(device, cfg.amp):
@@ -691,7 +724,9 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
             break
         metrics = evaluate(shipped, vstacks, vdoses, cfg, device) if len(vstacks) else {
             "val_loss": state["epoch_loss_sum"] / steps_per_epoch, "val_mae_gy": float("nan")}
-        if selector is not None:
+        select = selector is not None and (
+            (epoch + 1) % max(1, cfg.select_every) == 0 or epoch + 1 == cfg.epochs)
+        if select:
             t_sel = time.perf_counter()
             metrics.update(selector(make_predictor()))
             metrics["selection_s"] = round(time.perf_counter() - t_sel, 1)
@@ -704,7 +739,9 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         state["epoch_loss_sum"] = 0.0
-        if metrics[metric] < state["best_val_loss"]:
+        if metric not in metrics:
+            pass  # not scored this epoch (select_every): it cannot become best
+        elif metrics[metric] < state["best_val_loss"]:
             state["best_val_loss"], state["best_epoch"], state["bad_epochs"] = (
                 metrics[metric], epoch, 0)
             _save_torch(make_predictor().checkpoint(), out / "best.pt")

@@ -185,3 +185,38 @@ def test_resume_checkpoint_that_is_not_ours_is_input_error(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"config": {"a": 1}, "model": {}, "optimizer": {}, "state": {"epoch": 0}}, good)
     assert _load_resume_checkpoint(good)["state"] == {"epoch": 0}
+
+
+def test_select_every_scores_every_nth_epoch_and_the_last(reference_dose_phantom, tmp_path):
+    """select_every=2 over 3 epochs: the selector runs after epochs 2 and 3 only, and an
+    unscored epoch never becomes best.pt."""
+    data = encode_patients([reference_dose_phantom], ENC)
+    calls: list[int] = []
+
+    def selector(pred):
+        calls.append(1)
+        return {"selection_score": 10.0 - len(calls)}
+
+    res = train(_cfg(epochs=3, steps_per_epoch=1, select_every=2), data, data, tmp_path,
+                progress=False, log=lambda *_: None, selector=selector)
+    assert len(calls) == 2 and res["best_epoch"] == 2
+    assert ["selection_score" in h for h in res["history"]] == [False, True, True]
+
+
+def test_parallel_encoding_gives_the_same_arrays(openkbp_dir, tmp_path):
+    from atp.predictor.data import split_files
+    from atp.predictor.train import encode_files
+
+    files = split_files(openkbp_dir, "train")[:3]
+    a = encode_files(files, ENC, tmp_path / "a")
+    b = encode_files(files, ENC, tmp_path / "b", workers=2)
+    assert a[2] == b[2]
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_gpu_recipes_are_the_cpu_recipes_with_longer_schedules():
+    for g, c in (("okbp_stage1g", "okbp_stage1"), ("okbp_stage2g", "okbp_stage2")):
+        gc, cc = make_config(None, g), make_config(None, c)
+        assert gc.model == cc.model == "resunet" and gc.encoding == cc.encoding
+        assert gc.net_kwargs == cc.net_kwargs and gc.patch == cc.patch
+        assert gc.amp == "auto" and gc.select_every == 10 and gc.epochs > cc.epochs

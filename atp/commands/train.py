@@ -34,12 +34,15 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="OpenKBP folder with train/ and validation/")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     p.add_argument("--config", default="small",
-                   choices=["small", "full", "okbp_stage1", "okbp_stage2", "okbp_stage2s"],
+                   choices=["small", "full", "okbp_stage1", "okbp_stage2", "okbp_stage2s",
+                            "okbp_stage1g", "okbp_stage2g"],
                    help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1 / "
-                        "okbp_stage2 (okbp_stage2s: on sub-crops, bf16, for a CPU): the "
+                        "okbp_stage2 (okbp_stage2s: on sub-crops, bf16, for a CPU; "
+                        "okbp_stage1g / okbp_stage2g: longer, for a GPU): the "
                         "issue-23 cascade recipes (see predictor/train.py)")
-    p.add_argument("--stage1", help="okbp_stage2(s): the Stage-1 best.pt (selection runs the "
-                                    "cascade; OUT/cascade.pt combines both)")
+    p.add_argument("--stage1", help="okbp_stage2(s|g): the Stage-1 best.pt, or a cascade.pt "
+                                    "(its Stage 1); selection runs the cascade and "
+                                    "OUT/cascade.pt combines both")
     p.add_argument("--selection", type=int,
                    help="training patients held out for selection (recipe default)")
     p.add_argument("--epochs", type=argtypes.int_range(1, 100_000), help="maximum epochs (default 20)")
@@ -54,6 +57,8 @@ def register(sub) -> None:
                    help="minutes between checkpoints (default 3)")
     p.add_argument("--threads", type=argtypes.int_range(1, 1024), help="torch CPU threads")
     p.add_argument("--cache", help="folder for the encoded-data cache (default OUT/cache)")
+    p.add_argument("--encode-workers", type=argtypes.int_range(1, 1024), default=1,
+                   help="processes that encode the patients (default 1; same arrays)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -159,14 +164,18 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:  # lazy: CLI 
     chunks = out / "chunks.jsonl"
     prev = chunks.read_bytes() if chunks.is_file() else b""
     atomic_write_bytes(chunks, prev + (json.dumps(chunk) + "\n").encode())
-    tr = encode_files(fit_files, cfg.encoding, cache, log, cfg.coarse_encoding)
-    va = encode_files(sel_files, cfg.encoding, cache, log, cfg.coarse_encoding)
+    tr = encode_files(fit_files, cfg.encoding, cache, log, cfg.coarse_encoding,
+                      args.encode_workers)
+    va = encode_files(sel_files, cfg.encoding, cache, log, cfg.coarse_encoding,
+                      args.encode_workers)
     stage1 = None
     if cfg.encoding.dose_input:  # Stage 2: selection scores the cascade
         from atp.predictor.cascade import CascadePredictor
         from atp.predictor.cnn import CNNPredictor
 
         stage1 = CNNPredictor.from_checkpoint(args.stage1)
+        if isinstance(stage1, CascadePredictor):  # a cascade.pt: its Stage 1
+            stage1 = stage1.stage1
 
         def selector(predictor):
             return score_predictor(CascadePredictor(stage1, predictor), sel_files)
