@@ -150,7 +150,8 @@ def prepare_goals(patient, *, site: str = "hn", institution=None, goal_list=None
     if check_patient is not None:
         check_patient(patient)
     if predicted_dose is None:
-        pred = predictors.get(predictor or predictors.default_predictor_name())
+        pred = predictors.get(predictor or predictors.default_predictor_name(
+            getattr(gl, "site", None) or site))
         predictor_name = getattr(pred, "name", str(predictor))
         predicted_dose = stages.run("predict dose", pred.predict, patient)
     else:

@@ -51,6 +51,18 @@ def require_prescriptions(patient: Patient, who: str) -> None:
                          file=patient.source, field="prescriptions")
 
 
+def require_trained_organs(patient: Patient, who: str, organs) -> None:
+    """A network trained on one disease site refuses a patient with none of its organs
+    (its training data are head-and-neck patients: a prostate or lung patient would get
+    a head-and-neck dose pattern)."""
+    organs = list(organs)
+    if organs and not any(o in patient.structures for o in organs):
+        raise InputError(f"the {who} predictor is trained on head-and-neck patients only "
+                         f"(OpenKBP), and this patient has none of its organs "
+                         f"({', '.join(organs)}); use --predictor baseline",
+                         file=patient.source, field="structures")
+
+
 def finalize_dose(dose_gy: np.ndarray, patient: Patient) -> np.ndarray:
     """Contract of every prediction: float32 Gy, >= 0, finite, zero outside the body."""
     out = np.asarray(dose_gy, dtype=np.float32)

@@ -5,14 +5,16 @@ Checkpoint file (``torch.save`` of plain data, loaded with ``weights_only=True``
     {"format": "atp-dose-cnn", "version": 1, "net": "cadunet", "net_kwargs": {...},
      "encoding": EncodingConfig.to_dict(), "ptv_target": "prescription",
      "ptv_override": True, "decode": "linear", "dose_scale_gy": 70.0,
-     "tta": False, "state_dict": {...}, "meta": {...}}
+     "tta": False, "amp": "off", "state_dict": {...}, "meta": {...}}
 
 ``ptv_override``: after decoding, every PTV voxel is set to its highest prescription
 (the hybrid ATP paper predicts dose only outside the PTV). ``decode``: how the coarse
 network output returns to the patient grid (``linear``: trilinear between coarse voxel
 centres; ``nearest``: the exact inverse of the encoder's block averaging). ``tta``: the
 network output is averaged with that of the left-right mirrored input (paired OAR
-channels swapped), mirrored back.
+channels swapped), mirrored back. ``amp``: ``"bf16"`` runs the network under bfloat16
+autocast (about 1.8x faster on a CPU with AVX-512 BF16; the output stays float32),
+``"off"`` (the default, and what older checkpoints get) in float32.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from atp.predictor.base import finalize_dose, require_prescriptions
+from atp.predictor.base import finalize_dose, require_prescriptions, require_trained_organs
 from atp.predictor.cascade import CASCADE_FORMAT, CascadePredictor
 from atp.predictor.encoding import (
     EncodingConfig,
@@ -47,7 +49,7 @@ class CNNPredictor:
                  ptv_target: str = "prescription", ptv_override: bool = True,
                  decode: str = "linear", dose_scale_gy: float = 70.0, net_name: str = "",
                  net_kwargs: dict | None = None, meta: dict | None = None,
-                 device: str | None = None, tta: bool = False) -> None:
+                 device: str | None = None, tta: bool = False, amp: str = "off") -> None:
         import torch  # optional heavy dependency (atp[ml])
 
         self.name = name
@@ -61,6 +63,9 @@ class CNNPredictor:
         self.net_kwargs = dict(net_kwargs or {})
         self.meta = dict(meta or {})
         self.tta = bool(tta)
+        if amp not in ("off", "bf16"):
+            raise InputError(f"amp must be 'off' or 'bf16', not {amp!r}", field="amp")
+        self.amp = amp
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net.to(self.device).eval()
 
@@ -70,7 +75,7 @@ class CNNPredictor:
                 "net_kwargs": self.net_kwargs, "encoding": self.encoding.to_dict(),
                 "ptv_target": self.ptv_target, "ptv_override": self.ptv_override,
                 "decode": self.decode, "dose_scale_gy": self.dose_scale_gy,
-                "tta": self.tta,
+                "tta": self.tta, "amp": self.amp,
                 "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
                 "meta": self.meta}
 
@@ -127,32 +132,48 @@ class CNNPredictor:
             net.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()})
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise InputError(f"inconsistent checkpoint: {exc}", file=source) from None
+        amp = ck.get("amp", "off")
+        if amp not in ("off", "bf16"):
+            raise InputError(f"amp must be 'off' or 'bf16', not {amp!r}", file=source,
+                             field="amp")
         return cls(net, enc, name=name or ck["net"], ptv_target=ck.get("ptv_target",
                    "reference"), ptv_override=ck.get("ptv_override", False),
                    decode=ck.get("decode", "linear"),
                    dose_scale_gy=ck.get("dose_scale_gy", enc.rx_norm_gy), net_name=ck["net"],
                    net_kwargs=ck["net_kwargs"], meta=ck.get("meta", {}), device=device,
-                   tta=bool(ck.get("tta", False)))
+                   tta=bool(ck.get("tta", False)), amp=amp)
 
     # --- prediction -----------------------------------------------------------------
     def predict_network_grid(self, stack: np.ndarray) -> np.ndarray:
-        """Network output (dose, Gy) for one encoded channel stack (C, *size)."""
+        """Network output (dose, Gy) for one encoded channel stack (C, *size).
+
+        With ``tta`` the stack and its left-right mirror go through the network as one
+        batch of two; with ``amp == "bf16"`` the network runs under bfloat16 autocast (its
+        output in float32)."""
         import torch  # optional heavy dependency (atp[ml])
 
         stack = np.asarray(stack, dtype=np.float32)
-        x = network_inputs(stack, self.encoding)
+        xs = [network_inputs(stack, self.encoding)]
+        if self.tta:  # canonical axis 1 is patient left-right
+            flipped = np.flip(stack[lr_swap_permutation(self.encoding)], axis=2)
+            xs.append(network_inputs(np.ascontiguousarray(flipped), self.encoding))
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(self.device)
         with torch.inference_mode():
-            y = self.net(torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device))
-            y = y[0, 0].float().cpu().numpy()
-            if self.tta:  # canonical axis 1 is patient left-right
-                flipped = np.flip(stack[lr_swap_permutation(self.encoding)], axis=2)
-                xf = network_inputs(np.ascontiguousarray(flipped), self.encoding)
-                yf = self.net(torch.from_numpy(np.ascontiguousarray(xf))[None].to(self.device))
-                y = 0.5 * (y + np.flip(yf[0, 0].float().cpu().numpy(), axis=1))
+            if self.amp == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    y = self.net(x)
+            else:
+                y = self.net(x)
+            y = y[:, 0].float().cpu().numpy()
+        if self.tta:
+            y = 0.5 * (y[0] + np.flip(y[1], axis=1))
+        else:
+            y = y[0]
         return np.ascontiguousarray(y) * self.dose_scale_gy
 
     def predict(self, patient: Patient) -> np.ndarray:
         require_prescriptions(patient, self.name)
+        require_trained_organs(patient, self.name, self.encoding.oars)
         stack, t = encode_patient(patient, self.encoding)
         y = self.predict_network_grid(stack)
         dose = decode(y, t, interpolation=self.decode)

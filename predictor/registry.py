@@ -12,9 +12,10 @@ or at run time with ``register(name, factory)`` (one :class:`atp.registry.Regist
 raises :class:`atp.registry.PluginError` naming its entry point (``atp list`` shows it as
 broken).
 
-The default predictor (``default_predictor_name()``) is the shipped predictor with the
+The default predictor (``default_predictor_name(site)``) is the shipped predictor with the
 best validation dose score recorded in ``predictor/weights/shipped.json`` among those
-that can run here (the CNNs need torch).
+that can run here (the CNNs need torch) and were trained for the plan's site (an entry's
+``sites``: the shipped networks are head-and-neck only, so other sites get the baseline).
 """
 
 from __future__ import annotations
@@ -89,12 +90,16 @@ def _runnable(entry: dict) -> bool:
     return all(importlib.util.find_spec(mod) is not None for mod in entry.get("needs", []))
 
 
-def default_predictor_name() -> str:
-    """The shipped predictor with the lowest validation dose score that can run here."""
+def default_predictor_name(site: str | None = None) -> str:
+    """The shipped predictor with the lowest validation dose score that can run here and,
+    when ``site`` is given, was trained for that disease site (an entry's ``sites``; none
+    listed: any site). The baseline (any site) when no shipped network qualifies."""
     best, best_score = FALLBACK_DEFAULT, float("inf")
     for name, entry in shipped_index().items():
         score = entry.get("validation", {}).get("dose_score_gy")
         if score is None or not _runnable(entry):
+            continue
+        if site is not None and entry.get("sites") and site not in entry["sites"]:
             continue
         if score < best_score and (WEIGHTS_DIR / entry.get("file", "")).is_file():
             best, best_score = name, float(score)

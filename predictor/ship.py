@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scores", required=True, help="bench_predictors.py --json output")
     ap.add_argument("--checkpoint", action="append", default=[],
                     help="NAME=PATH of a best.pt to ship (repeatable)")
+    ap.add_argument("--sites", default="hn",
+                    help="comma-separated disease sites the checkpoints were trained for "
+                         "(default hn: the OpenKBP head-and-neck data)")
     args = ap.parse_args(argv)
     bench = json.loads(Path(args.scores).read_text())
     results = bench["results"]
@@ -47,6 +50,7 @@ def main(argv=None) -> int:
         dst = WEIGHTS_DIR / f"{name}.pt"
         shutil.copyfile(src, dst)
         preds[name] = {"kind": "cnn", "file": dst.name, "needs": ["torch"],
+                       "sites": [x.strip() for x in args.sites.split(",") if x.strip()],
                        "validation": _scores(results[key], bench)}
     index["note"] = ("validation = OpenKBP validation split scores (predictor.scoring); "
                      "the default predictor is the runnable one with the lowest dose score")

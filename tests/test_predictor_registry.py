@@ -122,3 +122,26 @@ def test_default_follows_shipped_scores(tmp_path, monkeypatch):
     (tmp_path / "shipped.json").write_text("{not json")
     with pytest.raises(InputError):
         registry.default_predictor_name()
+
+
+def test_default_predictor_is_per_site():
+    """The shipped networks are head-and-neck only: other sites get the baseline."""
+    from atp.predictor.registry import default_predictor_name, shipped_index
+
+    cnn = [n for n, e in shipped_index().items() if e.get("kind") == "cnn"]
+    assert all(shipped_index()[n].get("sites") == ["hn"] for n in cnn)
+    assert default_predictor_name("prostate") == "baseline"
+    assert default_predictor_name("hn") == default_predictor_name()
+
+
+def test_network_refuses_a_patient_with_none_of_its_organs(tmp_path):
+    pytest.importorskip("torch")
+    from atp.phantom import tg119_phantom
+    from atp.predictor.cnn import CNNPredictor
+    from atp.predictor.registry import WEIGHTS_DIR
+
+    from atp.errors import InputError
+
+    pred = CNNPredictor.from_checkpoint(WEIGHTS_DIR / "resunet.pt")
+    with pytest.raises(InputError, match="head-and-neck patients only.*baseline"):
+        pred.predict(tg119_phantom())

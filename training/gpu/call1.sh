@@ -21,5 +21,5 @@ atp train --config okbp_stage2g --stage1 /root/stage1_e39.pt --data $DATA --out 
     > /root/probe2.log 2>&1 &
 wait
 tail -n 3 /root/probe1.log /root/probe2.log
-$PY -m pytest -q -m gpu -p no:cacheprovider tests/test_dose_gpu.py tests/test_optimizer.py \
+$PY -P -m pytest -q -m gpu -p no:cacheprovider --import-mode=append tests/test_dose_gpu.py tests/test_optimizer.py \
     tests/test_fastpath_pipeline.py 2>&1 | tail -n 5

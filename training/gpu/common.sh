@@ -11,5 +11,5 @@ if [ ! -d /tmp/src/atp/predictor ]; then
         --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/src:/tmp/site
-atp() { $PY -c 'import sys; from atp.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+atp() { $PY -P -c 'import sys; from atp.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 DATA=/root/okbp

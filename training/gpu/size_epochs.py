@@ -9,12 +9,13 @@ included: conservative); a selection of N_SEL patients costs the probe's per pat
 """
 
 import json
+from pathlib import Path
 import sys
 
 
 def probe(log: str) -> tuple[float, float]:
     rec = cfg = None
-    for line in open(log):
+    for line in Path(log).read_text().splitlines():
         try:
             d = json.loads(line)
         except ValueError:
