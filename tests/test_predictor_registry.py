@@ -136,11 +136,11 @@ def test_default_predictor_is_per_site():
 
 def test_network_refuses_a_patient_with_none_of_its_organs(tmp_path):
     pytest.importorskip("torch")
-    from atp.phantom import tg119_phantom
     from atp.predictor.cnn import CNNPredictor
     from atp.predictor.registry import WEIGHTS_DIR
 
     from atp.errors import InputError
+    from atp.phantom import tg119_phantom
 
     pred = CNNPredictor.from_checkpoint(WEIGHTS_DIR / "resunet.pt")
     with pytest.raises(InputError, match="head-and-neck patients only.*baseline"):

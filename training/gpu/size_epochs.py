@@ -9,8 +9,8 @@ included: conservative); a selection of N_SEL patients costs the probe's per pat
 """
 
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
 
 def probe(log: str) -> tuple[float, float]:
