@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scores", required=True, help="bench_predictors.py --json output")
     ap.add_argument("--checkpoint", action="append", default=[],
                     help="NAME=PATH of a best.pt to ship (repeatable)")
-    ap.add_argument("--sites", default="hn",
-                    help="comma-separated disease sites the checkpoints were trained for "
-                         "(default hn: the OpenKBP head-and-neck data)")
+    ap.add_argument("--sites", default="hn,nasopharynx",
+                    help="comma-separated disease sites the checkpoints apply to (default "
+                         "hn,nasopharynx: the OpenKBP head-and-neck data)")
     args = ap.parse_args(argv)
     bench = json.loads(Path(args.scores).read_text())
     results = bench["results"]

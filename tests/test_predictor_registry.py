@@ -129,7 +129,7 @@ def test_default_predictor_is_per_site():
     from atp.predictor.registry import default_predictor_name, shipped_index
 
     cnn = [n for n, e in shipped_index().items() if e.get("kind") == "cnn"]
-    assert all(shipped_index()[n].get("sites") == ["hn"] for n in cnn)
+    assert all(shipped_index()[n].get("sites") == ["hn", "nasopharynx"] for n in cnn)
     assert default_predictor_name("prostate") == "baseline"
     assert default_predictor_name("hn") == default_predictor_name()
 
