@@ -110,9 +110,12 @@ PRESETS.update({
 # trained on the Stage-1-grid-averaged reference dose + smooth 2-3 Gy noise; L1 +
 # 0.3 x DVH-point loss; flips only (rotations / shifts would pad the window's edges).
 STAGE1_ENCODING = PRESETS[("resunet", "okbp_stage1")]["encoding"]
+# (min_spacing_mm: the finest OpenKBP voxels are 2.73 mm in-plane and 1.5 mm between
+# slices; a finer CT, e.g. a 1.2 mm DICOM one, is block-averaged to about that scale)
+OPENKBP_MIN_SPACING_MM = (2.7, 2.7, 1.5)
 _STAGE2_ENCODING = EncodingConfig(size=(64, 96, 128), spacing_mm=None, factor=(1, 1, 1),
                                   inputs="channels", crop="targets", ptv_distance=3,
-                                  dose_input=True)
+                                  dose_input=True, min_spacing_mm=OPENKBP_MIN_SPACING_MM)
 PRESETS[("resunet", "okbp_stage2")] = {
     "net_kwargs": {"channels": [8, 8, 16, 32],  # 8 at full resolution: a step costs
                    # about what a Stage-1 step does (8-16-32-64: 2.2x that)

@@ -129,3 +129,24 @@ def test_stage2s_recipe_is_stage2_on_bf16_sub_crops(reference_dose_phantom, tmp_
     with torch.no_grad():
         out = net(torch.from_numpy(np.asarray(data[0], np.float32)))
     assert out.shape == (1, 1, *FINE.size) and torch.isfinite(out).all()
+
+
+def test_stage2_window_keeps_its_scale_on_a_fine_ct():
+    """A CT finer than the OpenKBP voxels is block-averaged to about their scale in the
+    Stage-2 window (the network was trained on 2.7-5.1 mm x 1.5-3.3 mm voxels); OpenKBP
+    and phantom grids keep factor 1."""
+    from atp.phantom import head_neck_phantom
+    from atp.predictor.encoding import make_transform
+    from atp.predictor.train import make_config
+
+    enc = make_config(None, "okbp_stage2s").encoding
+    assert enc.min_spacing_mm == (2.7, 2.7, 1.5)
+    assert EncodingConfig.from_dict(enc.to_dict()) == enc
+    assert "min_spacing_mm" not in FINE.to_dict()  # older configs' dicts are unchanged
+    coarse = head_neck_phantom()
+    assert make_transform(coarse, enc).factor == (1, 1, 1)
+    fine = head_neck_phantom(shape=(60, 160, 160), spacing_mm=(2.0, 1.2, 1.2))
+    t = make_transform(fine, enc)
+    spacing = np.asarray(fine.grid.spacing_mm)[list(t.perm)] * np.asarray(t.factor)
+    assert (spacing >= np.asarray(enc.min_spacing_mm) - 1e-9).all()
+    assert (spacing < 2 * np.asarray(enc.min_spacing_mm)).all()
