@@ -37,7 +37,6 @@ all channels (CAD-UNet) or CT, body, PTV and one OAR label channel (ResUNet).
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 
 import numpy as np

@@ -39,8 +39,10 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing as mp
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -311,9 +313,6 @@ def _encode_file(args):
 
 def _encode_files_parallel(files, enc, coarse, workers: int):
     """encode_patients over files in ``workers`` processes (same arrays, same order)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         parts = list(ex.map(_encode_file, [(f, enc, coarse) for f in files]))
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),

@@ -135,9 +135,10 @@ def test_stage2_window_keeps_its_scale_on_a_fine_ct():
     """A CT finer than the OpenKBP voxels is block-averaged to about their scale in the
     Stage-2 window (the network was trained on 2.7-5.1 mm x 1.5-3.3 mm voxels); OpenKBP
     and phantom grids keep factor 1."""
-    from atp.phantom import head_neck_phantom
     from atp.predictor.encoding import make_transform
     from atp.predictor.train import make_config
+
+    from atp.phantom import head_neck_phantom
 
     enc = make_config(None, "okbp_stage2s").encoding
     assert enc.min_spacing_mm == (2.7, 2.7, 1.5)
