@@ -400,8 +400,23 @@ def signed_distance(occupancy: np.ndarray, spacing_mm, clip_mm: float) -> np.nda
         inside = occupancy > 0
     if not inside.any():
         return np.ones(occupancy.shape, dtype=np.float32)
-    d = (ndimage.distance_transform_edt(~inside, sampling=spacing_mm)
-         - ndimage.distance_transform_edt(inside, sampling=spacing_mm))
+    # the same values as the two whole-array transforms, on two boxes: every inside voxel
+    # lies in the mask's bounding box, so a voxel farther than clip_mm from the box is
+    # clipped anyway (outside distances: box + clip_mm), and an inside voxel's nearest
+    # outside voxel is at most the box's one-voxel rim away (inside distances: box + 1)
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (inside.ndim,))
+    idx = np.argwhere(inside)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+
+    def box(margin):
+        return tuple(slice(max(0, int(a) - m), min(n, int(b) + m))
+                     for a, b, m, n in zip(lo, hi, margin, inside.shape))
+
+    far = box([math.ceil(clip_mm / s) + 1 for s in spacing])
+    rim = box([1] * inside.ndim)
+    d = np.full(inside.shape, float(clip_mm))
+    d[far] = ndimage.distance_transform_edt(~inside[far], sampling=spacing_mm)
+    d[rim] -= ndimage.distance_transform_edt(inside[rim], sampling=spacing_mm)
     return (np.clip(d, -clip_mm, clip_mm) / clip_mm).astype(np.float32)
 
 
