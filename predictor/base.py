@@ -51,15 +51,20 @@ def require_prescriptions(patient: Patient, who: str) -> None:
                          file=patient.source, field="prescriptions")
 
 
+# organs found in head-and-neck patients and not in other sites' (a lung patient has a
+# spinal cord and an oesophagus too)
+HEAD_NECK_ORGANS = ("Brainstem", "Parotid_L", "Parotid_R", "Larynx", "Bone_Mandible")
+
+
 def require_trained_organs(patient: Patient, who: str, organs) -> None:
-    """A network trained on one disease site refuses a patient with none of its organs
-    (its training data are head-and-neck patients: a prostate or lung patient would get
-    a head-and-neck dose pattern)."""
-    organs = list(organs)
-    if organs and not any(o in patient.structures for o in organs):
+    """A network trained on head-and-neck patients refuses a patient with none of the
+    head-and-neck organs among its inputs ``organs`` (a prostate or lung patient would get a
+    head-and-neck dose pattern)."""
+    hn = [o for o in organs if o in HEAD_NECK_ORGANS]
+    if hn and not any(o in patient.structures for o in hn):
         raise InputError(f"the {who} predictor is trained on head-and-neck patients only "
-                         f"(OpenKBP), and this patient has none of its organs "
-                         f"({', '.join(organs)}); use --predictor baseline",
+                         f"(OpenKBP), and this patient has none of its head-and-neck organs "
+                         f"({', '.join(hn)}); use --predictor baseline",
                          file=patient.source, field="structures")
 
 

@@ -13,8 +13,9 @@ network output returns to the patient grid (``linear``: trilinear between coarse
 centres; ``nearest``: the exact inverse of the encoder's block averaging). ``tta``: the
 network output is averaged with that of the left-right mirrored input (paired OAR
 channels swapped), mirrored back. ``amp``: ``"bf16"`` runs the network under bfloat16
-autocast (about 1.8x faster on a CPU with AVX-512 BF16; the output stays float32),
-``"off"`` (the default, and what older checkpoints get) in float32.
+autocast where the hardware has bf16 (about 1.8x faster on a CPU with AVX-512 BF16; the
+output stays float32) and in float32 elsewhere (:func:`bf16_is_fast`); ``"off"`` (the
+default, and what older checkpoints get) always in float32.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ from atp.errors import InputError
 from atp.patient import Patient
 
 CHECKPOINT_FORMAT = "atp-dose-cnn"
+
+
+def bf16_is_fast(device) -> bool:
+    """Whether bfloat16 autocast runs natively here: a CUDA device that supports it, or a
+    CPU with bf16 instructions (AVX-512 BF16 / AMX, oneDNN). Elsewhere bf16 is emulated and
+    tens of times slower than float32, so ``amp="bf16"`` networks run in float32 there (the
+    scores agree within 0.001 Gy: BENCHMARKS.md, "Dose prediction")."""
+    import torch  # optional heavy dependency (atp[ml])
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN's probe
+        return False
 
 
 class CNNPredictor:
@@ -159,7 +176,7 @@ class CNNPredictor:
             xs.append(network_inputs(np.ascontiguousarray(flipped), self.encoding))
         x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).to(self.device)
         with torch.inference_mode():
-            if self.amp == "bf16":
+            if self.amp == "bf16" and bf16_is_fast(self.device):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     y = self.net(x)
             else:

@@ -40,6 +40,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -334,7 +335,8 @@ def encode_files(files, enc: EncodingConfig, cache_dir: Path, log=print,
         with np.load(path) as z:
             return z["stacks"], z["doses"], [str(i) for i in z["ids"]]
     t0 = time.perf_counter()
-    if workers > 1 and len(files) > 1:
+    workers = min(int(workers), len(files), os.cpu_count() or 1)
+    if workers > 1:
         stacks, doses, ids = _encode_files_parallel(files, enc, coarse, workers)
     else:
         stacks, doses, ids = encode_patients((load_openkbp_npz(f) for f in files), enc,

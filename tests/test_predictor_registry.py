@@ -145,3 +145,42 @@ def test_network_refuses_a_patient_with_none_of_its_organs(tmp_path):
     pred = CNNPredictor.from_checkpoint(WEIGHTS_DIR / "resunet.pt")
     with pytest.raises(InputError, match="head-and-neck patients only.*baseline"):
         pred.predict(tg119_phantom())
+
+
+def test_network_refuses_a_lung_like_patient(phantom):
+    """A spinal cord and an oesophagus are not enough: the head-and-neck organs decide."""
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from atp.predictor.cnn import CNNPredictor
+    from atp.predictor.registry import WEIGHTS_DIR
+
+    keep = {"External", "PTV_70", "PTV_56", "SpinalCord", "Esophagus"}
+    lung_like = replace(phantom, structures={k: v for k, v in phantom.structures.items()
+                                             if k in keep})
+    pred = CNNPredictor.from_checkpoint(WEIGHTS_DIR / "cascade.pt")
+    with pytest.raises(InputError, match="none of its head-and-neck organs"):
+        pred.predict(lung_like)
+
+
+def test_cli_predict_default_follows_the_site(tmp_path, capsys):
+    from atp.cli import main
+
+    out = tmp_path / "d.npy"
+    assert main(["predict", "phantom", "--site", "prostate", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("baseline:") and out.is_file()
+
+
+def test_bf16_network_runs_in_float32_where_bf16_is_emulated(phantom, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from atp.predictor import cnn
+    from atp.predictor.encoding import encode_patient
+    from atp.predictor.registry import WEIGHTS_DIR
+
+    pred = cnn.CNNPredictor.from_checkpoint(WEIGHTS_DIR / "cascade.pt").stage1
+    assert pred.amp == "bf16" and isinstance(cnn.bf16_is_fast(torch.device("cpu")), bool)
+    stack, _ = encode_patient(phantom, pred.encoding)
+    monkeypatch.setattr(cnn, "bf16_is_fast", lambda device: False)
+    emulated = pred.predict_network_grid(stack)
+    pred.amp = "off"
+    assert np.array_equal(emulated, pred.predict_network_grid(stack))

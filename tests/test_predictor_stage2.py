@@ -151,3 +151,18 @@ def test_stage2_window_keeps_its_scale_on_a_fine_ct():
     spacing = np.asarray(fine.grid.spacing_mm)[list(t.perm)] * np.asarray(t.factor)
     assert (spacing >= np.asarray(enc.min_spacing_mm) - 1e-9).all()
     assert (spacing < 2 * np.asarray(enc.min_spacing_mm)).all()
+
+
+def test_cli_refuses_a_stage2_network_as_stage1(tmp_path, capsys):
+    from pathlib import Path
+
+    from atp.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    stage2 = repo / "training" / "runs" / "okbp_stage2s" / "best.pt"
+    out = tmp_path / "run"
+    assert main(["train", "--config", "okbp_stage2s", "--stage1", str(stage2), "--data",
+                 str(tmp_path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Stage-2 network" in err and "--stage1" in err and str(stage2) in err
+    assert not out.exists()

@@ -3,7 +3,8 @@
 The output is a float32 ``.npy`` on the patient grid (same axes as the patient's CT),
 zero outside the body. ``--predictor`` (as in ``atp plan``; ``--model`` is its old,
 hidden name) takes a registered predictor name (``atp list predictors``) or a ``.pt``
-network checkpoint written by ``atp train``; the default is the best shipped predictor.
+network checkpoint written by ``atp train``; the default is the best shipped predictor for
+``--site`` (default hn; the shipped networks are head-and-neck only).
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ def register(sub) -> None:
                    help="predictor name or .pt checkpoint (default: best shipped; "
                         "`atp list predictors`)")
     common.add_hidden_alias(p, "--model", "--predictor")
+    p.add_argument("--site", default=common.DEFAULT_SITE,
+                   help="disease site: picks the default predictor (the shipped networks are "
+                        "head-and-neck only; other sites get the baseline; default "
+                        f"{common.DEFAULT_SITE})")
     p.add_argument("--out", required=True, help="output .npy (Gy on the patient grid)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.set_defaults(func=run)
 
 
-def resolve_predictor(model: str | None):  # lazy: CLI start-up (a stage)
+def resolve_predictor(model: str | None, site: str | None = None):  # lazy: CLI start-up
     from atp.predictor import registry
 
     if model and (model.endswith(".pt") or Path(model).is_file()):
@@ -42,14 +47,14 @@ def resolve_predictor(model: str | None):  # lazy: CLI start-up (a stage)
             raise BackendUnavailableError("network checkpoints need PyTorch: "
                                           "pip install 'atp[ml]'") from None
         return CNNPredictor.from_checkpoint(model, name=Path(model).stem)
-    return registry.get(model or registry.default_predictor_name())
+    return registry.get(model or registry.default_predictor_name(site))
 
 
 def run(args) -> int:
     check_output_file(args.out, recognise=is_npy_dose,
                       what="a dose .npy (float32, 3-D)")  # before any work
     patient = load_patient_from_args(args)
-    predictor = resolve_predictor(args.predictor)
+    predictor = resolve_predictor(args.predictor, args.site)
     t0 = time.perf_counter()
     dose = predictor.predict(patient)
     seconds = time.perf_counter() - t0

@@ -80,6 +80,16 @@ def run(args) -> int:  # lazy: CLI start-up
         import torch  # noqa: F401
     except ImportError:
         raise BackendUnavailableError("training needs PyTorch: pip install 'atp[ml]'") from None
+    if refines:  # a usable Stage 1, before anything is written
+        from atp.predictor.cascade import CascadePredictor
+        from atp.predictor.cnn import CNNPredictor
+
+        stage1 = CNNPredictor.from_checkpoint(args.stage1)
+        stage1 = stage1.stage1 if isinstance(stage1, CascadePredictor) else stage1
+        if stage1.encoding.dose_input:
+            raise InputError("this is a Stage-2 network (it takes a dose input); give a "
+                             "Stage-1 best.pt or a cascade.pt", file=args.stage1,
+                             field="--stage1")
     out.mkdir(parents=True, exist_ok=True)
     mark_output_dir(out, kind="train")
     with open(out / "train.log", "a") as logf:
