@@ -73,6 +73,8 @@ def _predictors() -> list[dict]:  # lazy: CLI start-up
         detail = entry.get("kind", "")
         if score is not None:
             detail += f", validation dose score {score:g} Gy"
+        if entry.get("sites"):  # the default serves these sites; others get the baseline
+            detail += f", sites {', '.join(entry['sites'])}"
         if needs and not runnable:
             detail += f" (needs {', '.join(needs)}: not installed)"
         return {"available": runnable, "detail": detail}
