@@ -59,6 +59,15 @@ def bf16_is_fast(device) -> bool:
         return False
 
 
+AMP_MODES = ("off", "bf16")
+
+
+def _check_amp(amp: str, source=None) -> str:
+    if amp not in AMP_MODES:
+        raise InputError(f"amp must be 'off' or 'bf16', not {amp!r}", file=source, field="amp")
+    return amp
+
+
 class CNNPredictor:
     """A dose network with its encoding; ``predict(patient)`` -> Gy on the patient grid."""
 
@@ -80,9 +89,7 @@ class CNNPredictor:
         self.net_kwargs = dict(net_kwargs or {})
         self.meta = dict(meta or {})
         self.tta = bool(tta)
-        if amp not in ("off", "bf16"):
-            raise InputError(f"amp must be 'off' or 'bf16', not {amp!r}", field="amp")
-        self.amp = amp
+        self.amp = _check_amp(amp)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.net.to(self.device).eval()
 
@@ -149,10 +156,7 @@ class CNNPredictor:
             net.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()})
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise InputError(f"inconsistent checkpoint: {exc}", file=source) from None
-        amp = ck.get("amp", "off")
-        if amp not in ("off", "bf16"):
-            raise InputError(f"amp must be 'off' or 'bf16', not {amp!r}", file=source,
-                             field="amp")
+        amp = _check_amp(ck.get("amp", "off"), source)
         return cls(net, enc, name=name or ck["net"], ptv_target=ck.get("ptv_target",
                    "reference"), ptv_override=ck.get("ptv_override", False),
                    decode=ck.get("decode", "linear"),

@@ -80,7 +80,8 @@ def run(args) -> int:  # lazy: CLI start-up
         import torch  # noqa: F401
     except ImportError:
         raise BackendUnavailableError("training needs PyTorch: pip install 'atp[ml]'") from None
-    if refines:  # a usable Stage 1, before anything is written
+    stage1 = None
+    if refines:  # a usable Stage 1, loaded once, before anything is written
         from atp.predictor.cascade import CascadePredictor
         from atp.predictor.cnn import CNNPredictor
 
@@ -93,10 +94,10 @@ def run(args) -> int:  # lazy: CLI start-up
     out.mkdir(parents=True, exist_ok=True)
     mark_output_dir(out, kind="train")
     with open(out / "train.log", "a") as logf:
-        return _run(args, out, logf)
+        return _run(args, out, logf, stage1)
 
 
-def _run(args, out: Path, logf) -> int:  # lazy: CLI start-up
+def _run(args, out: Path, logf, stage1=None) -> int:  # lazy: CLI start-up
     from atp.predictor.train import cached_split, make_config, train
 
     def log(msg: str) -> None:
@@ -114,7 +115,7 @@ def _run(args, out: Path, logf) -> int:  # lazy: CLI start-up
     log(json.dumps({"config": cfg.to_dict(), "data": str(args.data), "limit": args.limit}))
     cache = Path(args.cache) if args.cache else out / "cache"
     if cfg.selection:
-        return _run_selection(args, cfg, out, cache, log)
+        return _run_selection(args, cfg, out, cache, log, stage1)
     tr = cached_split(args.data, "train", cfg.encoding, cache, args.limit, log)
     va = cached_split(args.data, "validation", cfg.encoding, cache, args.val_limit, log)
     res = train(cfg, tr, va, out, resume=args.resume, progress=not args.quiet, log=log,
@@ -138,9 +139,11 @@ def _git_version() -> dict:
     return {"commit": head, "dirty": dirty.splitlines() if dirty else []}
 
 
-def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:  # lazy: CLI start-up
+def _run_selection(args, cfg, out: Path, cache: Path, log,  # lazy: CLI start-up
+                   stage1=None) -> int:
     """A recipe run: train on the train split minus ``cfg.selection`` held-out patients,
-    which pick best.pt by their OpenKBP scores (validation/ is not read)."""
+    which pick best.pt by their OpenKBP scores (validation/ is not read). stage1: the
+    Stage-1 predictor a Stage-2 recipe's selection cascades with (loaded by :func:`run`)."""
     from atp.predictor.data import split_files
     from atp.predictor.train import (
         data_list,
@@ -178,14 +181,9 @@ def _run_selection(args, cfg, out: Path, cache: Path, log) -> int:  # lazy: CLI 
                       args.encode_workers)
     va = encode_files(sel_files, cfg.encoding, cache, log, cfg.coarse_encoding,
                       args.encode_workers)
-    stage1 = None
-    if cfg.encoding.dose_input:  # Stage 2: selection scores the cascade
+    if cfg.encoding.dose_input:  # Stage 2: selection scores the cascade with ``stage1``
         from atp.predictor.cascade import CascadePredictor
         from atp.predictor.cnn import CNNPredictor
-
-        stage1 = CNNPredictor.from_checkpoint(args.stage1)
-        if isinstance(stage1, CascadePredictor):  # a cascade.pt: its Stage 1
-            stage1 = stage1.stage1
 
         def selector(predictor):
             return score_predictor(CascadePredictor(stage1, predictor), sel_files)
