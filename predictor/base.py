@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from atp.errors import InputError
-from atp.patient import Patient
+from atp.patient import Patient, Role
 
 
 @runtime_checkable
@@ -57,14 +57,21 @@ HEAD_NECK_ORGANS = ("Brainstem", "Parotid_L", "Parotid_R", "Larynx", "Bone_Mandi
 
 
 def require_trained_organs(patient: Patient, who: str, organs) -> None:
-    """A network trained on head-and-neck patients refuses a patient with none of the
-    head-and-neck organs among its inputs ``organs`` (a prostate or lung patient would get a
-    head-and-neck dose pattern)."""
+    """A network trained on head-and-neck patients refuses a patient from another site (a
+    prostate or lung patient would get a head-and-neck dose pattern): one with none of the
+    head-and-neck organs among its inputs ``organs`` and an organ at risk the network was
+    not trained on (lungs, heart, rectum...). A head-and-neck patient whose only contoured
+    organ is the spinal cord (OpenKBP has two) is predicted."""
     hn = [o for o in organs if o in HEAD_NECK_ORGANS]
-    if hn and not any(o in patient.structures for o in hn):
+    if not hn or any(o in patient.structures for o in hn):
+        return
+    foreign = sorted(n for n, s in patient.structures.items()
+                     if s.role == Role.ORGAN and n not in organs)
+    if foreign:
         raise InputError(f"the {who} predictor is trained on head-and-neck patients only "
                          f"(OpenKBP), and this patient has none of its head-and-neck organs "
-                         f"({', '.join(hn)}); use --predictor baseline",
+                         f"({', '.join(hn)}) but organs it was not trained on "
+                         f"({', '.join(foreign[:4])}); use --predictor baseline",
                          file=patient.source, field="structures")
 
 

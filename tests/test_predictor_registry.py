@@ -148,19 +148,41 @@ def test_network_refuses_a_patient_with_none_of_its_organs(tmp_path):
 
 
 def test_network_refuses_a_lung_like_patient(phantom):
-    """A spinal cord and an oesophagus are not enough: the head-and-neck organs decide."""
+    """A spinal cord and an oesophagus are not enough: with no head-and-neck organ, an organ
+    the network never saw (a lung) marks another site."""
     pytest.importorskip("torch")
     from dataclasses import replace
 
     from atp.predictor.cnn import CNNPredictor
     from atp.predictor.registry import WEIGHTS_DIR
 
+    from atp.errors import InputError
+    from atp.patient import Role, Structure
+
     keep = {"External", "PTV_70", "PTV_56", "SpinalCord", "Esophagus"}
-    lung_like = replace(phantom, structures={k: v for k, v in phantom.structures.items()
-                                             if k in keep})
+    structures = {k: v for k, v in phantom.structures.items() if k in keep}
+    lung = phantom.structures["Parotid_L"].mask
+    structures["Lung_L"] = Structure("Lung_L", lung, Role.ORGAN)
+    lung_like = replace(phantom, structures=structures)
     pred = CNNPredictor.from_checkpoint(WEIGHTS_DIR / "cascade.pt")
-    with pytest.raises(InputError, match="none of its head-and-neck organs"):
+    with pytest.raises(InputError, match="none of its head-and-neck organs.*Lung_L"):
         pred.predict(lung_like)
+
+
+def test_network_predicts_a_head_neck_patient_with_only_a_cord(phantom):
+    """OpenKBP train pt_131 and pt_143 have the spinal cord as their only organ: still
+    head-and-neck patients, predicted (they used to exit 2)."""
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from atp.predictor.cnn import CNNPredictor
+    from atp.predictor.registry import WEIGHTS_DIR
+
+    keep = {"External", "PTV_70", "PTV_56", "SpinalCord"}
+    cord_only = replace(phantom, structures={k: v for k, v in phantom.structures.items()
+                                             if k in keep})
+    dose = CNNPredictor.from_checkpoint(WEIGHTS_DIR / "cascade.pt").predict(cord_only)
+    assert dose.shape == phantom.grid.shape and float(dose.max()) > 30.0
 
 
 def test_cli_predict_default_follows_the_site(tmp_path, capsys):
