@@ -13,3 +13,5 @@ fi
 export PYTHONPATH=/tmp/src:/tmp/site
 atp() { $PY -P -c 'import sys; from atp.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 DATA=/root/okbp
+STAGE2=${STAGE2:-okbp_stage2g}
+STAGE1=${STAGE1:-predictor/weights/cascade.pt}
