@@ -30,7 +30,7 @@ import numpy as np
 from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
 
 from atp.progress import tick
-from atp.xp import sparse_module
+from atp.xp import ThreadedCSR, csr_transpose, sparse_module
 
 
 @dataclass(eq=False)
@@ -52,10 +52,10 @@ class DeviceProblem:
     @classmethod
     def from_problem(cls, problem, xp) -> DeviceProblem:
         sparse = sparse_module(xp)
-        A = problem.A.tocsr()
-        AT = A.T.tocsr()
-        if xp is np:
-            A_d, AT_d = A, AT
+        A = problem.A if problem.A.format == "csr" else problem.A.tocsr()
+        AT = csr_transpose(A)
+        if xp is np:  # products in threads (bitwise the same): the hot loop on a CPU
+            A_d, AT_d = ThreadedCSR(A), ThreadedCSR(AT)
         else:
             A_d, AT_d = sparse.csr_matrix(A), sparse.csr_matrix(AT)
 
