@@ -46,9 +46,13 @@ def _field_points(frame, jaw_x, jaw_y, step_mm: float) -> np.ndarray:
 
 def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                     dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
-                    margin_mm: float = 5.0, threshold=None, progress=None) -> DoseInfluence:
+                    margin_mm: float = 5.0, threshold=None, progress=None,
+                    cache: dict | None = None) -> DoseInfluence:
     """A dij whose beamlets cover every dose beam's jaw openings (``delivery.beams``'
-    control points, ``beams`` the dose beams their ``dij_beam`` indexes)."""
+    control points, ``beams`` the dose beams their ``dij_beam`` indexes). cache: a dict
+    kept by the caller for one patient; a dose beam whose jaw openings and settings are
+    those of an earlier call reuses that call's beamlets (the planning pipeline computes
+    the field dose again after a correction round, mostly with the same jaws)."""
     eng = engines.get(engine)
     beams = resolve_beams(patient, beams)
     rects: list[list] = [[] for _ in beams]
@@ -67,6 +71,16 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
             continue
         jx = np.array([r[0] for r in rects[g]])
         jy = np.array([r[1] for r in rects[g]])
+        key = (g, engine, dose_grid_factor, beamlet_size_mm, margin_mm, threshold,
+               beam.gantry_deg, beam.collimator_deg, beam.couch_deg,
+               tuple(np.asarray(beam.isocenter_mm, float).tolist()),
+               tuple(sorted({(tuple(np.asarray(x, float).tolist()),
+                              tuple(np.asarray(y, float).tolist())) for x, y in zip(jx, jy)})))
+        if cache is not None and key in cache:
+            parts.append((g, cache[key]))
+            if progress is not None:
+                progress(g + 1, len(beams))
+            continue
         frame = beam.frame()
         pts = np.concatenate([_field_points(frame, x, y, step) for x, y in
                               {(tuple(x), tuple(y)) for x, y in zip(jx, jy)}])
@@ -83,6 +97,8 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
         parts.append((g, eng.influence(p, [beam], beamlet_size_mm=beamlet_size_mm,
                                        dose_grid_factor=dose_grid_factor,
                                        margin_mm=margin_mm, targets=[field], **kw)))
+        if cache is not None:
+            cache[key] = parts[-1][1]
         if progress is not None:
             progress(g + 1, len(beams))
     first = parts[0][1]
@@ -104,12 +120,14 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
 
 def forward_dose(patient, delivery, beams, *, engine="pencil-beam",
                  dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
-                 margin_mm: float = 5.0, threshold=None, progress=None):
-    """(dose_gy on the patient grid, total course; the dij) of ``delivery``."""
+                 margin_mm: float = 5.0, threshold=None, progress=None,
+                 cache: dict | None = None):
+    """(dose_gy on the patient grid, total course; the dij) of ``delivery``; cache: see
+    :func:`field_influence`."""
     dij = field_influence(patient, delivery, beams, engine=engine,
                           dose_grid_factor=dose_grid_factor,
                           beamlet_size_mm=beamlet_size_mm, margin_mm=margin_mm,
-                          threshold=threshold, progress=progress)
+                          threshold=threshold, progress=progress, cache=cache)
     return dij.to_patient_grid(deliverable_dose(delivery, dij)), dij
 
 

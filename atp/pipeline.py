@@ -552,7 +552,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     if s.final is not None and s.final.enabled:
         def resequence(w):  # the plan's fluence re-sequenced, its reported dose
             out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine)
-            kept: dict = {}
+            kept: dict = {"beams": field.setdefault("beams", {})}  # unchanged jaws: reused
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
             return dl, out[1], dd, ff, kept.get("dij", dij)
 
@@ -807,7 +807,9 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
                                dose_grid_factor=int(dm.get("dose_grid_factor", 2)),
                                beamlet_size_mm=float(b.beamlet_size_mm[0]),
                                margin_mm=float(dm.get("margin_mm", 5.0)),
-                               threshold=threshold)
+                               threshold=threshold,
+                               cache=(None if keep is None or per_control_point
+                                      else keep.setdefault("beams", {})))
         meta["dose_beamlets"] = "jaw field"
         if keep is not None and not per_control_point:  # the final-dose stage splits
             keep["dij"] = fdij  # the dose by beam on it (its beams: the delivery's)

@@ -30,7 +30,7 @@ import numpy as np
 from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
 
 from atp.progress import tick
-from atp.xp import ThreadedCSR, csr_transpose, sparse_module
+from atp.xp import csr_transpose, sparse_module, threaded_csr
 
 
 @dataclass(eq=False)
@@ -55,7 +55,7 @@ class DeviceProblem:
         A = problem.A if problem.A.format == "csr" else problem.A.tocsr()
         AT = csr_transpose(A)
         if xp is np:  # products in threads (bitwise the same): the hot loop on a CPU
-            A_d, AT_d = ThreadedCSR(A), ThreadedCSR(AT)
+            A_d, AT_d = threaded_csr(A), threaded_csr(AT)
         else:
             A_d, AT_d = sparse.csr_matrix(A), sparse.csr_matrix(AT)
 
