@@ -764,14 +764,23 @@ def _score_results(results) -> float:
 
 def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
     """Sequence the fluence into MLC apertures; deliverable dose on the patient grid.
-    vmat: VmatOptions (one pass per arc, jaw tracking as asked)."""
+    vmat: VmatOptions (one pass per arc, jaw tracking as asked). The fidelity record
+    (gamma, DVH deltas: ~0.5 s) is None when :func:`_field_dose` computes the reported
+    one anyway (a pencil-beam dij; VMAT's DMPO records its own)."""
     params = {} if vmat is None else {"passes": 1, "jaw_tracking": vmat.jaw_tracking}
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions, **params)
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
-    masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
-    fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
+    fid = None
+    if vmat is None and not _field_dose_recomputes(dij):
+        masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
+        fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return delivery, ideal_dose, dose, fid
+
+
+def _field_dose_recomputes(dij) -> bool:
+    """Whether :func:`_field_dose` recomputes the reported dose (and its fidelity)."""
+    return (dij.meta or {}).get("engine") == "pencil-beam"
 
 
 def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
@@ -794,7 +803,7 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
     meta["leaf_transmission_percent"] = round(100.0 * m.leaf_transmission, 3)
     meta["jaw_transmission_percent"] = round(100.0 * m.jaw_transmission, 3)
     dm = dij.meta or {}
-    if dm.get("engine") == "pencil-beam":
+    if _field_dose_recomputes(dij):
         b = dij.beamlets
         if per_control_point:
             fwd, beams = control_point_beams(delivery)
