@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import threading
 import weakref
@@ -92,6 +93,17 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOL[n]
 
 
+def host_map(fn, items) -> list:
+    """``[fn(x) for x in items]``, in :func:`host_threads` threads when there are more than
+    one (for NumPy work that releases the GIL); the results keep the items' order, so a
+    caller that adds them up in that order gets the serial sum bit for bit."""
+    items = list(items)
+    n = min(host_threads(), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    return list(_pool(n).map(fn, items))
+
+
 class ThreadedCSR:
     """A SciPy CSR matrix whose product with a vector runs row blocks of about equal
     non-zeros in threads. SciPy's ``csr_matvec`` releases the GIL but uses one core, and
@@ -111,7 +123,7 @@ class ThreadedCSR:
             ip = self.A.indptr
             cuts = np.searchsorted(ip, np.linspace(0, ip[-1], n + 1)[1:-1])
             edges = np.unique(np.concatenate([[0], cuts, [self.A.shape[0]]]))
-            self.bounds = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+            self.bounds = [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
             self.blocks = [_row_block(self.A, a, b) for a, b in self.bounds]
         self.threads = n
 

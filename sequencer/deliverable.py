@@ -27,6 +27,7 @@ from atp.sequencer.delivery import BeamDelivery, Delivery
 
 from atp.dose.aperture import Transmission, beamlet_pair_slots, delivered_fraction
 from atp.dose.influence import BeamletInfo, DoseInfluence
+from atp.xp import host_map
 
 
 def beamlet_pair_overlap(bev_y_mm, beamlet_size_y_mm: float, leaf_edges_mm, jaw_y_mm=None,
@@ -126,13 +127,17 @@ def delivered_weights(delivery: Delivery, beamlets: BeamletInfo, n_sub: int = 4,
             sel = np.flatnonzero(ap["dij_beam"] == d)
             slots = beamlet_pair_slots(beamlets.bev_y_mm[cols], beamlets.beamlet_size_mm[1],
                                        edges)
-            for s in range(0, sel.size, chunk):
-                i = sel[s:s + chunk]
+
+            def part(i, cols=cols, slots=slots, ap=ap):
                 frac = delivered_fraction(
                     beamlets.bev_x_mm[cols], beamlets.bev_y_mm[cols],
                     beamlets.beamlet_size_mm, edges, ap["left"][i], ap["right"][i],
                     ap["jaw_x"][i], ap["jaw_y"][i], trans, slots=slots)
-                w[cols] += ap["mu"][i] @ frac
+                return ap["mu"][i] @ frac
+
+            # chunks in threads, summed in their order (the serial sum, bit for bit)
+            for c in host_map(part, [sel[s:s + chunk] for s in range(0, sel.size, chunk)]):
+                w[cols] += c
     return w
 
 
