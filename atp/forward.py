@@ -34,6 +34,7 @@ from atp.sequencer.deliverable import deliverable_dose
 from atp.sequencer.delivery import BeamDelivery, Delivery
 from atp.sequencer.machine import Machine, load_machine
 from atp.sequencer.rtplan import read_rt_plan
+from atp.xp import host_map
 
 
 def _field_points(frame, jaw_x, jaw_y, step_mm: float) -> np.ndarray:
@@ -64,11 +65,11 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                 rects[int(b.dij_beam[k])].append((b.jaw_x_mm[k], b.jaw_y_mm[k]))
     grid = patient.grid
     step = 0.5 * float(np.min(grid.spacing_mm))
-    parts = []
     t0 = time.perf_counter()
-    for g, beam in enumerate(beams):
-        if not rects[g]:
-            continue
+    kw = {} if threshold is None else {"threshold": float(threshold)}
+
+    def one(g):
+        beam = beams[g]
         jx = np.array([r[0] for r in rects[g]])
         jy = np.array([r[1] for r in rects[g]])
         key = (g, engine, dose_grid_factor, beamlet_size_mm, margin_mm, threshold,
@@ -77,10 +78,7 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                tuple(sorted({(tuple(np.asarray(x, float).tolist()),
                               tuple(np.asarray(y, float).tolist())) for x, y in zip(jx, jy)})))
         if cache is not None and key in cache:
-            parts.append((g, cache[key]))
-            if progress is not None:
-                progress(g + 1, len(beams))
-            continue
+            return cache[key]
         frame = beam.frame()
         pts = np.concatenate([_field_points(frame, x, y, step) for x, y in
                               {(tuple(x), tuple(y)) for x, y in zip(jx, jy)}])
@@ -93,13 +91,19 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                              "misses the CT", field="IsocenterPosition")
         field = "_atp_field"
         p = patient.with_structures({field: Structure(field, mask, Role.CONTROL)})
-        kw = {} if threshold is None else {"threshold": float(threshold)}
-        parts.append((g, eng.influence(p, [beam], beamlet_size_mm=beamlet_size_mm,
-                                       dose_grid_factor=dose_grid_factor,
-                                       margin_mm=margin_mm, targets=[field], **kw)))
+        d = eng.influence(p, [beam], beamlet_size_mm=beamlet_size_mm,
+                          dose_grid_factor=dose_grid_factor, margin_mm=margin_mm,
+                          targets=[field], **kw)
         if cache is not None:
-            cache[key] = parts[-1][1]
-        if progress is not None:
+            cache[key] = d
+        return d
+
+    todo = [g for g in range(len(beams)) if rects[g]]
+    # the dose beams are independent: on the CPU in threads, in order
+    on_cpu = getattr(eng, "device", "cpu") == "cpu"
+    parts = list(zip(todo, host_map(one, todo) if on_cpu else [one(g) for g in todo]))
+    if progress is not None:
+        for g in todo:
             progress(g + 1, len(beams))
     first = parts[0][1]
     mats = [d.matrix for _, d in parts]

@@ -84,12 +84,13 @@ def host_threads() -> int:
 
 _POOL: dict = {}
 _POOL_LOCK = threading.Lock()
+_POOL_PREFIX = "atp-host"
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
     with _POOL_LOCK:
         if n not in _POOL:
-            _POOL[n] = ThreadPoolExecutor(n, thread_name_prefix="atp-spmv")
+            _POOL[n] = ThreadPoolExecutor(n, thread_name_prefix=_POOL_PREFIX)
         return _POOL[n]
 
 
@@ -99,7 +100,8 @@ def host_map(fn, items) -> list:
     caller that adds them up in that order gets the serial sum bit for bit."""
     items = list(items)
     n = min(host_threads(), len(items))
-    if n <= 1:
+    if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
+        # (inside a pool thread: serially, since waiting on the same pool can deadlock)
         return [fn(x) for x in items]
     return list(_pool(n).map(fn, items))
 

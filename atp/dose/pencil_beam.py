@@ -65,7 +65,7 @@ from atp.dose.raytrace import sample_cumulative, trace_cumulative
 from atp.dose.resample import mask_to_dose_grid
 from atp.errors import BackendUnavailableError, InputError, StructureError
 from atp.grid import Grid
-from atp.xp import cupy_or_none, to_numpy
+from atp.xp import cupy_or_none, host_map, to_numpy
 
 _SQRT2 = math.sqrt(2.0)
 DEFAULT_THRESHOLD = 1e-4
@@ -212,11 +212,19 @@ class PencilBeamEngine:
         groups = _far_groups(beams, far_opts.group_deg) if far_opts is not None else []
         middle = {g[len(g) // 2]: g for g in groups}
         mats, beam_index, bev_x, bev_y, far_parts = [], [], [], [], []
-        for b, (frame, (ix, iy)) in enumerate(zip(frames, sels)):
-            mat, far = self._beam_matrix(xp, model, frame, ix, iy, (bx, by), centres,
-                                         rows_all, density_x, dgrid, ray_ds, ray_h,
-                                         float(threshold), dose_grid.n_voxels,
-                                         far_opts=far_opts, far_data=b in middle)
+
+        def one(b):
+            (ix, iy) = sels[b]
+            return self._beam_matrix(xp, model, frames[b], ix, iy, (bx, by), centres,
+                                     rows_all, density_x, dgrid, ray_ds, ray_h,
+                                     float(threshold), dose_grid.n_voxels,
+                                     far_opts=far_opts, far_data=b in middle)
+
+        # beams are independent: on the CPU in threads (NumPy releases the GIL), in order
+        per_beam = (host_map(one, range(len(beams))) if xp is np
+                    else [one(b) for b in range(len(beams))])
+        for b, (ix, iy) in enumerate(sels):
+            mat, far = per_beam[b]
             mats.append(mat)
             if far is not None:
                 members = [m for m in middle[b] if sels[m][0].size]
