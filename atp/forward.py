@@ -67,6 +67,7 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
     step = 0.5 * float(np.min(grid.spacing_mm))
     t0 = time.perf_counter()
     kw = {} if threshold is None else {"threshold": float(threshold)}
+    used: set = set()  # the cache keeps the latest call's beams only (bounded memory)
 
     def one(g):
         beam = beams[g]
@@ -77,6 +78,7 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                tuple(np.asarray(beam.isocenter_mm, float).tolist()),
                tuple(sorted({(tuple(np.asarray(x, float).tolist()),
                               tuple(np.asarray(y, float).tolist())) for x, y in zip(jx, jy)})))
+        used.add(key)
         if cache is not None and key in cache:
             return cache[key]
         frame = beam.frame()
@@ -102,6 +104,9 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
     # the dose beams are independent: on the CPU in threads, in order
     on_cpu = getattr(eng, "device", "cpu") == "cpu"
     parts = list(zip(todo, host_map(one, todo) if on_cpu else [one(g) for g in todo]))
+    if cache is not None:
+        for k in [k for k in cache if k not in used]:
+            del cache[k]
     if progress is not None:
         for g in todo:
             progress(g + 1, len(beams))

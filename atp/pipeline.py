@@ -283,7 +283,9 @@ class Start:
     state is applied first). steer: ids of goals a re-plan changed: the attainment
     rounds pursue them whatever their priority (``optimize(attain_ids=)``). objectives:
     callable(problem, fluence) -> objective terms added to the goal list's (the scorecard
-    refinement's tighter objectives, :mod:`atp.score_refine`).
+    refinement's tighter objectives, :mod:`atp.score_refine`). field_beams: the plan's
+    jaw-field beamlets per dose beam (``Plan.attachments["field_beams"]``): the field dose
+    of a dose beam whose jaws did not change is not computed again.
     """
     fluence: np.ndarray | None = None
     hard_state: dict | None = None
@@ -291,6 +293,7 @@ class Start:
     attain_rounds: int = ATTAIN_ROUNDS
     steer: tuple = ()
     objectives: object = None  # callable(problem, fluence) -> extra terms (refinement)
+    field_beams: dict | None = None  # jaw-field beamlets per dose beam (re-plans reuse them)
 
 
 COLD = Start()
@@ -328,7 +331,8 @@ def replan(plan: Plan, set: dict | None = None, *, warm: bool = True, backend=No
                   hard_state=plan.optimizer.get("hard_state") if warm else None,
                   sequencing_offset=offset,
                   attain_rounds=WARM_ATTAIN_ROUNDS if warm else ATTAIN_ROUNDS,
-                  steer=touched, objectives=objectives)
+                  steer=touched, objectives=objectives,
+                  field_beams=plan.attachments.get("field_beams"))
     refine, card = _refine_of(plan.settings.get("refine", 0) if refine is None else refine,
                               plan.settings.get("scorecard"), plan.settings.get("site"))
     settings["refine"] = refine.setting
@@ -399,6 +403,7 @@ class Solve:
     goal_check: GoalCheck
     deliverable_rounds: int
     final: object = None  # atp.final_dose.FinalDoseOptions (sequenced plans)
+    field_beams: dict = field(default_factory=dict)  # forward.field_influence's cache
 
 
 def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) -> Solve:
@@ -421,7 +426,8 @@ def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) ->
     if start.hard_state:
         opts["hard_state"] = start.hard_state
     return Solve(problem, be, patient, dij, resolved, settings, opts, goal_check,
-                 deliverable_rounds, final)
+                 deliverable_rounds, final,
+                 {} if start.field_beams is None else start.field_beams)
 
 
 @dataclass(eq=False)
@@ -489,7 +495,8 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
                 term_values=_term_values(problem, vals),
                 settings=settings, notes=notes, versions=versions(out.res.backend),
                 delivery=out.delivery, fractions=fractions, ideal_dose_gy=out.ideal,
-                fidelity=out.fidelity)
+                fidelity=out.fidelity,
+                attachments={"field_beams": s.field_beams} if s.field_beams else {})
 
 
 def _refine(stages, s: Solve, res, refine):
@@ -532,7 +539,9 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     # the reported dose (whole jaw field, leakage included) before any correction
     # round, so the rounds correct against what is reported (#19)
     beamlet_dose = dose
-    field: dict = {}  # _field_dose keeps its jaw-field dij here (the final-dose stage)
+    # _field_dose keeps its jaw-field dij here (the final-dose stage), and the per-beam
+    # beamlets it reuses when a beam's jaws did not change (kept with the plan for re-plans)
+    field: dict = {"beams": s.field_beams}
     delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij, delivery,
                                      ideal, dose, fid, keep=field,
                                      per_control_point=dmpo is not None)

@@ -220,3 +220,34 @@ def test_forward_dose_uses_the_beams_given(phantom):
             zip(dij.beamlets.bev_x_mm, dij.beamlets.bev_y_mm)]
     diff = abs(f.matrix[:, cols] - dij.matrix).max()
     assert diff <= 1e-6 * abs(dij.matrix).max()
+
+
+def test_field_influence_cache_reuses_unchanged_beams_and_keeps_only_the_latest(phantom):
+    """A dose beam whose jaws did not change takes the cached beamlets (the same object,
+    the same dose); a changed field is computed again and the cache keeps the latest
+    call's beams only."""
+    from dataclasses import replace as _replace
+
+    from atp import sequencer
+    from atp.forward import field_influence
+
+    eng = PencilBeamEngine()
+    beams = [Beam(90.0), Beam(270.0)]
+    dij = eng.influence(phantom, beams, dose_grid_factor=3)
+    w = np.ones(dij.n_beamlets) * 10.0
+    d = sequencer.sequence(w, dij, "imrt-sns", fractions=phantom.fractions)
+    fb = [Beam(g, 0.0, 0.0, tuple(iso)) for g, iso in
+          zip(dij.beamlets.gantry_deg, dij.beamlets.isocenter_mm)]
+    cache: dict = {}
+    f1 = field_influence(phantom, d, fb, engine=eng, dose_grid_factor=3, cache=cache)
+    first = dict(cache)
+    assert len(first) == 2
+    f2 = field_influence(phantom, d, fb, engine=eng, dose_grid_factor=3, cache=cache)
+    assert cache.keys() == first.keys()
+    assert all(cache[k] is first[k] for k in first)
+    assert (f1.matrix != f2.matrix).nnz == 0
+    b0 = d.beams[0]  # narrow the first beam's jaws: that beam is computed again
+    jx = np.asarray(b0.jaw_x_mm, float) * 0.5
+    d2 = _replace(d, beams=[_replace(b0, jaw_x_mm=jx)] + list(d.beams[1:]))
+    field_influence(phantom, d2, fb, engine=eng, dose_grid_factor=3, cache=cache)
+    assert len(cache) == 2 and len(set(cache) & set(first)) == 1
