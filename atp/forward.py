@@ -73,14 +73,18 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
         beam = beams[g]
         jx = np.array([r[0] for r in rects[g]])
         jy = np.array([r[1] for r in rects[g]])
-        key = (g, engine, dose_grid_factor, beamlet_size_mm, margin_mm, threshold,
-               beam.gantry_deg, beam.collimator_deg, beam.couch_deg,
-               tuple(np.asarray(beam.isocenter_mm, float).tolist()),
-               tuple(sorted({(tuple(np.asarray(x, float).tolist()),
-                              tuple(np.asarray(y, float).tolist())) for x, y in zip(jx, jy)})))
-        used.add(key)
-        if cache is not None and key in cache:
-            return cache[key]
+        key = None
+        if cache is not None:  # (an engine given as a spec or object: by its repr)
+            key = (g, engine if isinstance(engine, str) else repr(engine), dose_grid_factor,
+                   beamlet_size_mm, margin_mm, threshold,
+                   beam.gantry_deg, beam.collimator_deg, beam.couch_deg,
+                   tuple(np.asarray(beam.isocenter_mm, float).tolist()),
+                   tuple(sorted({(tuple(np.asarray(x, float).tolist()),
+                                  tuple(np.asarray(y, float).tolist()))
+                                 for x, y in zip(jx, jy)})))
+            used.add(key)
+            if key in cache:
+                return cache[key]
         frame = beam.frame()
         pts = np.concatenate([_field_points(frame, x, y, step) for x, y in
                               {(tuple(x), tuple(y)) for x, y in zip(jx, jy)}])
@@ -96,7 +100,7 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
         d = eng.influence(p, [beam], beamlet_size_mm=beamlet_size_mm,
                           dose_grid_factor=dose_grid_factor, margin_mm=margin_mm,
                           targets=[field], **kw)
-        if cache is not None:
+        if key is not None:
             cache[key] = d
         return d
 
