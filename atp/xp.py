@@ -87,6 +87,18 @@ _POOL_LOCK = threading.Lock()
 _POOL_PREFIX = "atp-host"
 
 
+def _forget_pools_after_fork() -> None:
+    """A forked child has none of the parent's pool threads, while the executors would
+    believe theirs still run (and queue work for them forever): start afresh."""
+    global _POOL_LOCK
+    _POOL.clear()
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def _pool(n: int) -> ThreadPoolExecutor:
     with _POOL_LOCK:
         if n not in _POOL:
