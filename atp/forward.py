@@ -45,6 +45,28 @@ def _field_points(frame, jaw_x, jaw_y, step_mm: float) -> np.ndarray:
     return frame.iso_plane_point(uu.ravel(), vv.ravel())
 
 
+def _jaw_rects(delivery, n_beams: int) -> list[list]:
+    """Per dose beam, the jaw rectangles (x, y) of the control points that deliver MU."""
+    rects: list[list] = [[] for _ in range(n_beams)]
+    for b in delivery.beams:
+        dmu = np.diff(b.cumulative_mu)
+        for k in range(b.n_control_points):
+            near = (k > 0 and dmu[k - 1] > 0) or (k < dmu.size and dmu[k] > 0)
+            if near:
+                rects[int(b.dij_beam[k])].append((b.jaw_x_mm[k], b.jaw_y_mm[k]))
+    return rects
+
+
+def _field_key(g, beam, jx, jy, engine, *settings) -> tuple:
+    """What a dose beam's jaw-field beamlets depend on (:func:`field_influence`'s cache;
+    an engine given as a spec or an object by its repr)."""
+    return (g, engine if isinstance(engine, str) else repr(engine), *settings,
+            beam.gantry_deg, beam.collimator_deg, beam.couch_deg,
+            tuple(np.asarray(beam.isocenter_mm, float).tolist()),
+            tuple(sorted({(tuple(np.asarray(x, float).tolist()),
+                           tuple(np.asarray(y, float).tolist())) for x, y in zip(jx, jy)})))
+
+
 def field_influence(patient, delivery, beams, *, engine="pencil-beam",
                     dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
                     margin_mm: float = 5.0, threshold=None, progress=None,
@@ -56,13 +78,7 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
     the field dose again after a correction round, mostly with the same jaws)."""
     eng = engines.get(engine)
     beams = resolve_beams(patient, beams)
-    rects: list[list] = [[] for _ in beams]
-    for b in delivery.beams:
-        dmu = np.diff(b.cumulative_mu)
-        for k in range(b.n_control_points):
-            near = (k > 0 and dmu[k - 1] > 0) or (k < dmu.size and dmu[k] > 0)
-            if near:
-                rects[int(b.dij_beam[k])].append((b.jaw_x_mm[k], b.jaw_y_mm[k]))
+    rects = _jaw_rects(delivery, len(beams))
     grid = patient.grid
     step = 0.5 * float(np.min(grid.spacing_mm))
     t0 = time.perf_counter()
@@ -74,14 +90,9 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
         jx = np.array([r[0] for r in rects[g]])
         jy = np.array([r[1] for r in rects[g]])
         key = None
-        if cache is not None:  # (an engine given as a spec or object: by its repr)
-            key = (g, engine if isinstance(engine, str) else repr(engine), dose_grid_factor,
-                   beamlet_size_mm, margin_mm, threshold,
-                   beam.gantry_deg, beam.collimator_deg, beam.couch_deg,
-                   tuple(np.asarray(beam.isocenter_mm, float).tolist()),
-                   tuple(sorted({(tuple(np.asarray(x, float).tolist()),
-                                  tuple(np.asarray(y, float).tolist()))
-                                 for x, y in zip(jx, jy)})))
+        if cache is not None:
+            key = _field_key(g, beam, jx, jy, engine, dose_grid_factor, beamlet_size_mm,
+                             margin_mm, threshold)
             used.add(key)
             if key in cache:
                 return cache[key]
