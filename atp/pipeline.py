@@ -561,7 +561,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     if s.final is not None and s.final.enabled:
         def resequence(w):  # the plan's fluence re-sequenced, its reported dose
             out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine)
-            kept: dict = {"beams": field.setdefault("beams", {})}  # unchanged jaws: reused
+            kept: dict = {"beams": field["beams"]}  # unchanged jaws: reused
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
             return dl, out[1], dd, ff, kept.get("dij", dij)
 

@@ -129,9 +129,8 @@ class ThreadedCSR:
 
     def __init__(self, A, threads: int | None = None) -> None:
         self.A = A.tocsr()
-        self.shape, self.dtype, self.nnz = self.A.shape, self.A.dtype, self.A.nnz
-        n = host_threads() if threads is None else max(1, int(threads))
-        n = min(n, max(1, self.A.shape[0]))
+        self.shape, self.dtype = self.A.shape, self.A.dtype
+        n = self.threads = _threads_for(self.A, threads)
         self.bounds = None
         if n > 1 and self.A.nnz >= self.MIN_NNZ:
             ip = self.A.indptr
@@ -139,7 +138,6 @@ class ThreadedCSR:
             edges = np.unique(np.concatenate([[0], cuts, [self.A.shape[0]]]))
             self.bounds = [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
             self.blocks = [_row_block(self.A, a, b) for a, b in self.bounds]
-        self.threads = n
 
     def __matmul__(self, x):
         if self.bounds is None or np.ndim(x) != 1:
@@ -153,9 +151,12 @@ class ThreadedCSR:
         list(_pool(self.threads).map(part, range(len(self.bounds))))
         return out
 
-    @property
-    def T(self):
-        return self.A.T
+
+def _threads_for(A, threads: int | None = None) -> int:
+    """Row-block threads for ``A``: ``threads`` (default :func:`host_threads`), at most
+    one a row."""
+    n = host_threads() if threads is None else max(1, int(threads))
+    return min(n, max(1, A.shape[0]))
 
 
 def _row_block(A, a: int, b: int):
@@ -193,7 +194,7 @@ def threaded_csr(A) -> ThreadedCSR:
     """:class:`ThreadedCSR` of CSR ``A`` at :func:`host_threads`, cached while ``A``
     lives and the thread count is unchanged."""
     t = _cached(_THREADED, A, ThreadedCSR)
-    if t.threads != min(host_threads(), max(1, A.shape[0])):
+    if t.threads != _threads_for(A):
         t = ThreadedCSR(A)
         _THREADED[id(A)] = (weakref.ref(A), t)
     return t
