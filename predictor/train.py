@@ -151,10 +151,17 @@ PRESETS[("resunet", "okbp_stage2w")] = dict(
     PRESETS[("resunet", "okbp_stage2g")],
     net_kwargs={"channels": [8, 16, 32, 64, 128],
                 "residual_channel": _STAGE2_ENCODING.n_stack_channels - 1})
+# The deeper, wider Stage 2 at a CPU's cost: okbp_stage2w's network on okbp_stage2s's
+# sub-crops (bfloat16), 60 epochs (~1.6 s a step on this CPU: about 4 h, in resumed
+# chunks), the held-out selection every 10 epochs and after the last.
+PRESETS[("resunet", "okbp_stage2sw")] = dict(
+    PRESETS[("resunet", "okbp_stage2s")], net_kwargs=PRESETS[("resunet", "okbp_stage2w")][
+        "net_kwargs"], epochs=60, select_every=10)
 # named recipes -> their network (``atp train --config NAME`` needs no --model)
 RECIPE_MODELS = {"okbp_stage1": "resunet", "okbp_stage2": "resunet",
                  "okbp_stage2s": "resunet", "okbp_stage1g": "resunet",
-                 "okbp_stage2g": "resunet", "okbp_stage2w": "resunet"}
+                 "okbp_stage2g": "resunet", "okbp_stage2w": "resunet",
+                 "okbp_stage2sw": "resunet"}
 
 
 @dataclass
