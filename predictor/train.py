@@ -153,10 +153,11 @@ PRESETS[("resunet", "okbp_stage2w")] = dict(
                 "residual_channel": _STAGE2_ENCODING.n_stack_channels - 1})
 # The deeper, wider Stage 2 at a CPU's cost: okbp_stage2w's network on okbp_stage2s's
 # sub-crops (bfloat16), 60 epochs (~1.6 s a step on this CPU: about 4 h, in resumed
-# chunks), the held-out selection every 10 epochs and after the last.
+# chunks), the held-out selection every 10 epochs and after the last; gradient norm
+# clipped at 1 (its first run went NaN in the second epoch without it).
 PRESETS[("resunet", "okbp_stage2sw")] = dict(
     PRESETS[("resunet", "okbp_stage2s")], net_kwargs=PRESETS[("resunet", "okbp_stage2w")][
-        "net_kwargs"], epochs=60, select_every=10)
+        "net_kwargs"], epochs=60, select_every=10, grad_clip=1.0)
 # named recipes -> their network (``atp train --config NAME`` needs no --model)
 RECIPE_MODELS = {"okbp_stage1": "resunet", "okbp_stage2": "resunet",
                  "okbp_stage2s": "resunet", "okbp_stage1g": "resunet",
@@ -211,6 +212,7 @@ class TrainConfig:
     dose_noise_smooth_vox: int = 8
     dvh_weight: float = 0.0          # loss l1_dvh: body L1 + dvh_weight * DVH-point loss
     hot_voxels: int = 3              # organs' hottest voxels in the DVH-point loss
+    grad_clip: float = 0.0           # > 0: clip the gradient's global norm to this
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
     threads: int | None = None
@@ -574,6 +576,22 @@ def evaluate(net, stacks, doses, cfg: TrainConfig, device) -> dict:
     return {"val_loss": float(np.mean(losses)), "val_mae_gy": float(np.mean(maes))}
 
 
+def _finite_step(net, loss, grad_clip: float) -> bool:
+    """Whether the step may be taken: the loss and the gradient's global norm are finite
+    (clipping the norm to ``grad_clip`` when > 0)."""
+    import torch  # optional heavy dependency (atp[ml])
+
+    if not bool(torch.isfinite(loss.detach())):
+        return False
+    params = [p for p in net.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+    return bool(torch.isfinite(norm))
+
+
 def _autocast(device, amp: str = "auto"):
     import torch  # optional heavy dependency (atp[ml])
 
@@ -715,7 +733,13 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
             loss = training_loss(y, s, d, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            if not _finite_step(net, loss, cfg.grad_clip):
+                # one non-finite loss or gradient would make every weight NaN: the step
+                # is skipped (counted in the epoch's record); the schedule goes on
+                state["skipped"] = state.get("skipped", 0) + 1
+                loss = torch.zeros(())
+            else:
+                opt.step()
             if ema is not None:
                 k = state["global_step"]
                 _ema_update(ema, net, min(cfg.ema_decay, (1.0 + k) / (10.0 + k)))
@@ -753,6 +777,8 @@ def train(cfg: TrainConfig, train_data, val_data, out_dir: str | Path, *, resume
                "train_loss": state["epoch_loss_sum"] / steps_per_epoch,
                **metrics, "lr": opt.param_groups[0]["lr"],
                "elapsed_s": round(state["train_seconds"], 1)}
+        if state.get("skipped"):
+            rec["skipped_steps"] = state.pop("skipped")
         state["history"].append(rec)
         log(json.dumps(rec))
         state["epoch"] += 1
