@@ -39,7 +39,12 @@ from atp.goals.changes import goal_changes
 from atp.goals.schema import MAX_WEIGHT, check_setting
 from atp.optimizer import registry as backends
 from atp.optimizer.explain import explain_goal
-from atp.optimizer.problem import build_problem, reference_weight, structure_fractions
+from atp.optimizer.problem import (
+    ProblemOptions,
+    build_problem,
+    reference_weight,
+    structure_fractions,
+)
 from atp.optimizer.refine import refine as run_refine
 from atp.optimizer.solve import apply_state, measure_offsets, optimize, surrogate_value
 from atp.patient import Patient
@@ -406,6 +411,19 @@ class Solve:
     field_beams: dict = field(default_factory=dict)  # forward.field_influence's cache
 
 
+def attain_limits(resolved, patient) -> dict:
+    """Bounds on shifted references (``optimize(attain_limits=...)``): the global maximum's
+    reference is pulled down at most to the highest prescription. Below it, a max-dose
+    term on every body voxel acts on the whole target against its coverage goals (the
+    two then end shifted to their caps, a tug of war that sets the target's dose instead
+    of the goals); at it, the term still presses on the hot spots."""
+    rx = [float(r.dose_gy) for r in patient.prescriptions]
+    if not rx:
+        return {}
+    return {g.id: (max(rx), None) for g in resolved
+            if g.params.get("control") == "global_max" and g.value is not None}
+
+
 def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) -> Solve:
     """The solver options: goal attainment (optimizer.solve.optimize: protocol goals,
     priority <= 3, still violated after a solve get their reference shifted and are
@@ -413,6 +431,8 @@ def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) ->
     opts = dict(settings.get("optimizer_options") or {})
     opts.setdefault("attain_rounds", start.attain_rounds)
     opts.setdefault("attain_max_priority", ATTAIN_MAX_PRIORITY)
+    opts.setdefault("attain_release", True)
+    opts.setdefault("attain_limits", attain_limits(resolved, patient))
     if start.steer:
         opts.setdefault("attain_ids", tuple(start.steer))
     deliverable_rounds = int(opts.pop("deliverable_rounds", DELIVERABLE_ROUNDS))
@@ -459,7 +479,7 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
     if fractions is None:
         fractions = stages.run("structure fractions", structure_fractions, patient, dij)
     problem = stages.run("build problem", build_problem, resolved, patient, dij,
-                         fractions=fractions)
+                         fractions=fractions, options=_problem_options(settings, dij, be))
     if start.objectives is not None:
         problem = problem.with_terms(list(problem.terms) + list(start.objectives(
             problem, problem.x0 if start.fluence is None else start.fluence)))
@@ -497,6 +517,20 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
                 delivery=out.delivery, fractions=fractions, ideal_dose_gy=out.ideal,
                 fidelity=out.fidelity,
                 attachments={"field_beams": s.field_beams} if s.field_beams else {})
+
+
+def _problem_options(settings, dij, be) -> ProblemOptions:
+    """The optimisation problem's options: a sliding-window plan optimised by a
+    first-order backend models the leaf leakage of its MU in the optimised dose (the
+    machine's leaf transmission; ``ProblemOptions.leaf_transmission``)."""
+    seq = settings.get("sequence", False)
+    if not seq or settings.get("technique") or getattr(be, "hard_constraints", False):
+        return ProblemOptions()
+    technique = seq if isinstance(seq, str) else sequencer.default_technique(dij)
+    if technique != "imrt-sliding":
+        return ProblemOptions()
+    machine = sequencer.load_machine(settings.get("machine") or "millennium120")
+    return ProblemOptions(leaf_transmission=machine.leaf_transmission)
 
 
 def _refine(stages, s: Solve, res, refine):

@@ -101,6 +101,38 @@ def vmat_arcs(options: VmatOptions | None = None):
     return beams
 
 
+class _FineFar:
+    """A far-scatter operator on a problem's rows when some are patient-grid rows
+    (``Problem.fine``): the dose-grid rows' own, then the interpolation of the far dose
+    on the dose voxels those rows read."""
+
+    def __init__(self, far, problem):
+        fine = problem.fine
+        self.first = fine.first
+        interp = fine.interp.tocsc()
+        cols = np.flatnonzero(np.diff(interp.indptr))
+        self.interp = interp[:, cols].tocsr()
+        self.real = far.restrict_rows(problem.rows[:fine.first])
+        self.stencil = far.restrict_rows(cols)
+
+    def apply(self, w):
+        return np.concatenate([self.real.apply(w),
+                               self.interp @ self.stencil.apply(w).astype(np.float32)])
+
+    def rmatvec(self, g):
+        g = np.asarray(g)
+        return self.real.rmatvec(g[:self.first]) + self.stencil.rmatvec(
+            self.interp.T @ g[self.first:].astype(np.float32))
+
+
+def problem_far(far, problem):
+    """``far`` (a dij's far-scatter operator) on ``problem``'s rows: ``apply(w)`` the
+    far dose of each row, ``rmatvec(g)`` its adjoint."""
+    if getattr(problem, "fine", None) is None:
+        return far.restrict_rows(problem.rows)
+    return _FineFar(far, problem)
+
+
 def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     """``w -> (J, dJ/dw)``: the goal-list objective of ``problem`` on the dose ``A w``
     (every dose term: the goals', hard ones with the weights and references of
@@ -116,7 +148,7 @@ def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     A = p.A.tocsr().astype(dtype, copy=False)
     AT = A.T
     arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
-    far_p = None if far is None else far.restrict_rows(p.rows)
+    far_p = None if far is None else problem_far(far, p)
 
     def value_grad(w):
         d = A @ np.asarray(w, dtype)

@@ -47,7 +47,7 @@ class _Gradients:
     def __init__(self, problem, fluence, free_frac: float):
         w = np.asarray(fluence, dtype=np.float32)
         self.w = w
-        self.d = problem.A @ w
+        self.d = problem.dose_rows(w)  # the optimised dose (leakage included)
         top = float(w.max()) if w.size else 0.0
         self.free = w > free_frac * top if top > 0 else np.zeros(w.size, bool)
         cols = np.zeros((problem.n_rows, len(problem.terms)), dtype=np.float32)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_value_grad
+from atp.optimizer.objectives import RANK_ONE, beam_mu, evaluate_terms, mu_value_grad
 
 from atp.progress import tick
 from atp.xp import csr_transpose, sparse_module, threaded_csr
@@ -48,6 +48,7 @@ class DeviceProblem:
     n_beamlets: int
     mu: tuple | None = None  # (D, DT, S, ST, beam_rows, tau) of the MU term
     mu_scale: float = 0.0
+    leak: tuple | None = None  # (T, L, LT, mu mats) of Problem.leak, on the device
 
     @classmethod
     def from_problem(cls, problem, xp) -> DeviceProblem:
@@ -73,21 +74,39 @@ class DeviceProblem:
             DTm = Dm.T.tocsr()
             D, DT = (Dm, DTm) if xp is np else (sparse.csr_matrix(Dm), sparse.csr_matrix(DTm))
             scale = problem.smooth_weight / problem.smooth_norm
-        mu = None
-        if getattr(problem, "mu", None) is not None and problem.mu_scale > 0:
+        mu = mu_mats = None
+        if getattr(problem, "mu", None) is not None:
             m = problem.mu
             mats = [m.D, m.D.T.tocsr(), m.S, m.S.T.tocsr()]
             if xp is not np:
                 mats = [sparse.csr_matrix(a) for a in mats]
-            mu = (*mats, m.beam_rows, m.tau)
+            mu_mats = (*mats, m.beam_rows, m.tau)
+            mu = mu_mats if problem.mu_scale > 0 else None
+        leak = None
+        if getattr(problem, "leak", None) is not None:
+            t, L = problem.leak
+            leak = (float(t), arr(L, np.float32), arr(np.ascontiguousarray(L.T), np.float32),
+                    mu_mats)
         return cls(xp, A_d, AT_d, list(problem.terms), term_arrays, D, DT, scale,
-                   problem.n_beamlets, mu, problem.mu_scale if mu else 0.0)
+                   problem.n_beamlets, mu, problem.mu_scale if mu else 0.0, leak)
+
+    def dose(self, w):
+        """The optimised dose on the problem's rows (``Problem.dose_rows``)."""
+        d = self.A @ w
+        if self.leak is not None:
+            t, L, _, (D, _, S, _, beam_rows, tau) = self.leak
+            d = (1.0 - t) * d + t * (L @ beam_mu(w, D, S, beam_rows, tau))
+        return d
 
     def value_grad(self, w):
         """Objective (0-d array) and gradient w.r.t. fluence at ``w`` (no host transfer)."""
-        d = self.A @ w
+        d = self.dose(w)
         total, g_d, _ = evaluate_terms(self.terms, self.term_arrays, d)
         g = self.AT @ g_d
+        if self.leak is not None:  # d = (1 - T) A w + T L MU(w)
+            t, _, LT, mats = self.leak
+            _, gl = mu_value_grad(w, *mats, coef=t * (LT @ g_d))
+            g = (1.0 - t) * g + gl
         if self.D is not None:
             Dw = self.D @ w
             total = total + self.smooth_scale * self.xp.sum(Dw * Dw)

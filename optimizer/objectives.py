@@ -320,21 +320,38 @@ def mu_surrogate(beam_index, bev_x_mm, bev_y_mm, beamlet_size_mm, tau: float) ->
     return MuSurrogate(D, S, tuple(beam_rows), float(tau))
 
 
-def mu_value_grad(w, D, DT, S, ST, beam_rows, tau):
+def mu_value_grad(w, D, DT, S, ST, beam_rows, tau, coef=None):
     """Sum over beams of the smoothed sliding-window MU at fluence ``w`` and its gradient
-    (``D``, ``S`` and their transposes in ``w``'s array module)."""
+    (``D``, ``S`` and their transposes in ``w``'s array module); ``coef`` (one number
+    per beam, ``w``'s array module): the sum of ``coef[b] * MU_b`` instead."""
     xp = array_module(w)
     steps = D @ w
     rise = xp.maximum(steps, 0.0)
     row_mu = S @ rise
     total = xp.zeros((), dtype=xp.float32)
     g_row = xp.zeros_like(row_mu)
-    for a, b in beam_rows:
+    for k, (a, b) in enumerate(beam_rows):
         r = row_mu[a:b]
         m = xp.max(r)
         e = xp.exp((r - m) / tau)
         s = xp.sum(e)
-        total = total + m + tau * xp.log(s)
-        g_row[a:b] = e / s
+        if coef is None:
+            total = total + m + tau * xp.log(s)
+            g_row[a:b] = e / s
+        else:
+            total = total + coef[k] * (m + tau * xp.log(s))
+            g_row[a:b] = coef[k] * e / s
     g_steps = (ST @ g_row) * (steps > 0)
     return total, DT @ g_steps.astype(w.dtype)
+
+
+def beam_mu(w, D, S, beam_rows, tau):
+    """Each beam's smoothed sliding-window MU at fluence ``w`` (``w``'s array module)."""
+    xp = array_module(w)
+    row_mu = S @ xp.maximum(D @ w, 0.0)
+    out = xp.zeros(len(beam_rows), dtype=xp.float32)
+    for k, (a, b) in enumerate(beam_rows):
+        r = row_mu[a:b]
+        m = xp.max(r)
+        out[k] = m + tau * xp.log(xp.sum(xp.exp((r - m) / tau)))
+    return out

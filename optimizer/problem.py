@@ -34,14 +34,33 @@ Rules (documented once, here):
   offsets), so the term is active whenever the reported value fails. Hard (priority-1)
   goals keep every voxel.
 * **Nested targets.** Upper-bound terms of a target ignore voxels of targets with a
-  higher prescription. Lower-bound (coverage) terms of a target weight every dose-grid
-  voxel touching it fully (not by its partial-volume fraction), so that coverage holds
-  on the finer patient grid after interpolation.
+  higher prescription.
+* **Target edges at the patient grid's resolution** (``fine_target_edges``). The plan is
+  judged on the dose interpolated to the patient (CT) grid, whose edge voxels a coarser
+  dose grid cannot see: a dose voxel straddling the edge is half outside the target. So
+  lower-bound (coverage) terms of a target, and their measurement, read the dose-grid
+  voxels that lie wholly inside it with all 26 neighbours (each standing for its block
+  of patient voxels), plus every other patient voxel of the target as a row of its own:
+  the trilinear interpolation of the dij's rows (:func:`atp.dose.resample.
+  interpolation_rows`), weighted by its volume. Those rows sit after the dose-grid rows
+  (``Problem.fine``). Without it (or on a dose grid that is the patient grid), every
+  dose-grid voxel touching the target counts fully (not by its partial-volume fraction).
 * **Normalisation** (:mod:`atp.optimizer.objectives`): voxel weight x reference dose^2,
   with the voxel weight of point-dose terms (``max`` / ``min``: Dmax, near-max, Dmin,
   global max) capped at ``max_norm_voxels`` so hot spots in large structures count.
 * Automatic-term weights are ``*_weight_rel`` times the reference weight (the largest
   weight of a target goal, else of any goal).
+* **Leakage** (``leaf_transmission`` T > 0; the pipeline sets the machine's for sliding
+  window). A sliding-window beam delivering beamlet weight ``w_i`` in ``MU_b`` monitor
+  units keeps a leaf over that beamlet for ``MU_b - w_i`` of them, so it delivers ``(1 -
+  T) w_i + T MU_b``: the optimised dose is ``(1 - T) A w + T sum_b MU_b(w) L_b`` with
+  ``L_b`` the beam's dose per unit weight on all its beamlets (``Problem.leak``) and
+  ``MU_b`` the smooth sliding-window MU below (:func:`atp.optimizer.objectives.beam_mu`).
+  Every goal then pays for the leakage its MU put where it is measured (the hot target
+  bulk, the mandible inside it, the parotids). Its limits: leakage outside the planning
+  beamlets (the rest of the jaw field), the sequencer's extra MU (leaf speed, minimum gap)
+  and tongue and groove are not in it; the deliverable-dose correction rounds see those.
+  The QP backend refuses such a problem.
 * **MU.** Every MU delivers leaf leakage (about 1.5 % of the open-field dose per MU) over
   the whole jaw field, so the objective pays for them: ``mu_weight_rel * wref * sum_b
   MU_b / (n_beams * mean x0)``, MU_b the beam's sliding-window MU as a smooth function of
@@ -60,6 +79,7 @@ import numpy as np
 import scipy.sparse as sp
 from atp.optimizer.objectives import (
     Term,
+    beam_mu,
     difference_matrix,
     evaluate_terms,
     make_term,
@@ -70,8 +90,8 @@ from atp.optimizer.objectives import (
 )
 from scipy import ndimage
 
-from atp.dose.resample import mask_to_dose_grid
-from atp.errors import InputError
+from atp.dose.resample import downsample_factor, interpolation_rows, mask_to_dose_grid
+from atp.errors import GridMismatchError, InputError
 
 LOWER_OPS = (">=", ">")
 MU_WEIGHT_REL = 0.004  # train pt_1/2/3/10/100: docs/experiments/dose-physics.md (last section)
@@ -100,6 +120,13 @@ class ProblemOptions:
     min_voxel_fraction: float = 0.05  # ignore voxels with less of the structure than this
     max_norm_voxels: float = 500.0  # cap on W in the normalisation of max/min goal terms
     organ_minus_targets: bool = True  # soft organ limits below a target's Rx skip its voxels
+    fine_target_edges: bool = True  # coverage terms read the patient-grid dose at edges
+    # a patient-grid edge row's weight in a coverage *term* (its measurement weighs it by
+    # its volume, 1 / factor^3 of a dose voxel): 1 counts it as a dose voxel
+    fine_edge_term_weight: float = 1.0
+    # sliding-window leaf leakage in the optimised dose (module docstring, "Leakage"): the
+    # machine's leaf transmission (0: none, the fluence's dose alone)
+    leaf_transmission: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,6 +140,17 @@ class GoalBinding:
     measurable: bool = True
 
 
+@dataclass(frozen=True, eq=False)
+class FineRows:
+    """Patient-grid voxels among a problem's rows (``fine_target_edges``): the rows from
+    ``first`` on of ``Problem.A`` are the dij interpolated (``interp``: CSR, one row per
+    voxel over the dose-grid voxels) to the patient voxels ``voxels`` (flat, C order)."""
+
+    first: int
+    voxels: np.ndarray
+    interp: sp.csr_matrix
+
+
 MAX_TERM_WEIGHT = 1e12  # a term weight beyond this lets the objective's sums overflow
 
 
@@ -121,7 +159,8 @@ class Problem:
     """The optimisation problem (host arrays; backends move them to their device).
 
     A: CSR (n_rows, n_beamlets) float32, Gy per unit fluence, the dij rows of ``rows``.
-    rows: dose-grid voxel index (C order) of each row of A.
+    rows: dose-grid voxel index (C order) of each row of A; rows >= the dose grid's
+    voxel count are patient-grid voxels (``fine``: which, and their interpolation).
     terms: objective terms on rows of A. smooth_pairs / smooth_weight / smooth_norm: the
     fluence smoothness term. x0: initial fluence. bindings: goal -> terms.
     """
@@ -140,6 +179,11 @@ class Problem:
     prescriptions: dict = field(default_factory=dict)
     mu: object = None  # optimizer.objectives.MuSurrogate, or None
     mu_scale: float = 0.0  # weight / norm of the MU term
+    # patient-grid rows (fine_target_edges): FineRows, or None
+    fine: object = None
+    # leaf leakage (leaf_transmission): (T, L (n_rows, n_beams) float32: each beam's
+    # dose per unit fluence of all its beamlets), with ``mu`` the beams' MU; or None
+    leak: tuple | None = None
 
     n_beamlets = property(lambda self: self.A.shape[1], doc="Columns of A (beamlets).")
     n_rows = property(lambda self: self.A.shape[0], doc="Rows of A (the voxels terms read).")
@@ -152,7 +196,8 @@ class Problem:
         return Problem(self.A, self.rows, list(terms), self.x0, self.dose_grid,
                        self.smooth_pairs, self.smooth_weight, self.smooth_norm,
                        list(self.bindings), list(self.notes), self.voxel_volume_cc,
-                       dict(self.prescriptions), self.mu, self.mu_scale)
+                       dict(self.prescriptions), self.mu, self.mu_scale, self.fine,
+                       self.leak)
 
     def convex_surrogate(self) -> Problem:
         """The convex formulation: every term soft, dose-volume terms replaced by their
@@ -164,12 +209,28 @@ class Problem:
 
     # --- evaluation on the host (reference implementation; backends do the same on xp) --
     def dose_rows(self, fluence) -> np.ndarray:
-        return self.A @ np.asarray(fluence, dtype=np.float32)
+        """The optimised dose on the rows: ``A w``, with leakage ``(1 - T) A w + T L
+        MU(w)`` (``leak``)."""
+        w = np.asarray(fluence, dtype=np.float32)
+        d = self.A @ w
+        if self.leak is not None:
+            t, L = self.leak
+            m = self.mu
+            d = (1.0 - t) * d + t * (L @ beam_mu(w, m.D, m.S, m.beam_rows, m.tau))
+        return d
+
+    def on_rows(self, dose) -> np.ndarray:
+        """A dose on the dose grid (any shape, C order) at the problem's rows: the
+        dose-grid rows' values, then the patient-grid rows' interpolation (``fine``)."""
+        dose = np.asarray(dose).reshape(-1)
+        if self.fine is None:
+            return dose[self.rows]
+        return np.concatenate([dose[self.rows[:self.fine.first]], self.fine.interp @ dose])
 
     def objective(self, fluence) -> float:
         """Total objective (float) at ``fluence`` on the host."""
         w = np.asarray(fluence, dtype=np.float32)
-        d = self.A @ w
+        d = self.dose_rows(w)
         arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in self.terms]
         total, _, _ = evaluate_terms(self.terms, arrays, d)
         total = float(total)
@@ -374,6 +435,30 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
 
     body_f = _body_fraction(patient, dij, fractions)
     dist_cache: dict = {}
+    n_vox = dij.n_voxels
+    factor = _fine_factor(patient, dij) if opt.fine_target_edges else None
+    fine_ids: dict[int, int] = {}  # patient voxel -> its row after the dose-grid rows
+    coverage_cache: dict = {}
+
+    def coverage_vox(name):
+        """A target's coverage voxels (module docstring, "Target edges"): dose voxels
+        wholly inside with their 26 neighbours, weight 1; its other patient voxels as
+        their own rows (index n_vox + id), weight 1 / factor^3."""
+        if name not in coverage_cache:
+            full = fractions[name].reshape(dij.dose_grid.shape) >= 1.0 - 1e-6
+            inner = ndimage.binary_erosion(full, structure=np.ones((3, 3, 3), bool))
+            ct = np.argwhere(patient.structures[name].mask)
+            b = ct // factor
+            edge = ct[~inner[b[:, 0], b[:, 1], b[:, 2]]]
+            flat = np.ravel_multi_index(tuple(edge.T), patient.grid.shape)
+            ids = np.array([fine_ids.setdefault(int(v), len(fine_ids)) for v in flat],
+                           dtype=np.int64)
+            inner_idx = np.flatnonzero(inner.reshape(-1))
+            coverage_cache[name] = (
+                np.concatenate([inner_idx, n_vox + ids]),
+                np.concatenate([np.ones(inner_idx.size, np.float32),
+                                np.full(ids.size, 1.0 / factor ** 3, np.float32)]))
+        return coverage_cache[name]
 
     def control_vox(g):
         """Voxels of a control goal's structure: the body, or a ring around a target."""
@@ -493,7 +578,11 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
                          "evaluated only")
             binding_specs.append((g, [], None, None, False))
             continue
-        if not upper and g.kind == "target":
+        if not upper and g.kind == "target" and factor and g.structure in fractions:
+            vox, meas_vw = meas_vox, _ = coverage_vox(g.structure)
+            vw = np.where(vox >= n_vox, np.float32(opt.fine_edge_term_weight),
+                          meas_vw).astype(np.float32)
+        elif not upper and g.kind == "target":
             # partial-volume edge voxels count fully for target coverage, so the dose
             # interpolated back to the finer patient grid covers the target edge
             vw = np.ones_like(vw)
@@ -507,7 +596,10 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     if opt.default_target_coverage:
         for t in targets:
             if t in rx and t not in has_lower:
-                vox, vw = struct_vox(t)
+                vox, vw = coverage_vox(t) if factor else struct_vox(t)
+                if factor:
+                    vw = np.where(vox >= n_vox, np.float32(opt.fine_edge_term_weight),
+                                  vw).astype(np.float32)
                 specs.append(("dv_min", vox, vw, rx[t], wref, 0.95, f"auto:{t}.D95", None,
                               False))
                 notes.append(f"auto: {t} has no lower-bound goal; added D95 >= {rx[t]:g} Gy")
@@ -533,9 +625,9 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     # 2. restrict the dij to the rows some term uses
     used = np.unique(np.concatenate([s[1] for s in specs] + [
         b[2] for b in binding_specs if b[2] is not None]))
-    lookup = np.full(dij.n_voxels, -1, dtype=np.int64)
+    lookup = np.full(n_vox + len(fine_ids), -1, dtype=np.int64)
     lookup[used] = np.arange(used.size)
-    A = sp.csr_matrix(dij.matrix.tocsr()[used, :], dtype=np.float32)
+    A, fine = _rows_matrix(dij, used, fine_ids, patient.grid)
 
     terms = [make_term(k, lookup[v], vw, ref, w, volume=vol, name=name, goal_id=gid,
                        hard=hard, norm_voxels_cap=None if name == "auto:falloff"
@@ -554,17 +646,58 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     smooth_norm = max(len(pairs), 1) * float(np.mean(x0)) ** 2
     mu = None
     mu_scale = 0.0
+    leak = None
     x0_mean = float(np.mean(x0)) if x0.size else 0.0
-    if opt.mu_weight_rel > 0 and x0_mean > 0:
+    if (opt.mu_weight_rel > 0 or opt.leaf_transmission > 0) and x0_mean > 0:
         bl = dij.beamlets
         mu = mu_surrogate(bl.beam_index, bl.bev_x_mm, bl.bev_y_mm, bl.beamlet_size_mm,
                           opt.mu_tau_rel * x0_mean)
         mu_scale = opt.mu_weight_rel * wref / (len(mu.beam_rows) * x0_mean)
+        if opt.leaf_transmission > 0:
+            leak = (float(opt.leaf_transmission), _beam_columns(A, bl.beam_index))
     problem = Problem(A, used, terms, x0, dij.dose_grid, pairs,
                       opt.smoothness_weight_rel * wref, max(smooth_norm, 1e-12), bindings,
-                      notes, dvox_cc, rx, mu, mu_scale)
+                      notes, dvox_cc, rx, mu, mu_scale, fine, leak)
     problem.check_finite(x0)
     return problem
+
+
+def _beam_columns(A, beam_index) -> np.ndarray:
+    """(n_rows, n_beams) float32: each beam's dose per unit fluence on all its beamlets,
+    beams in the order of :func:`mu_surrogate` (sorted beam indices)."""
+    beams, col = np.unique(np.asarray(beam_index), return_inverse=True)
+    ind = sp.csr_matrix((np.ones(col.size, np.float32), (np.arange(col.size), col)),
+                        shape=(col.size, beams.size))
+    return np.asarray((A @ ind).toarray(), dtype=np.float32)
+
+
+def _fine_factor(patient, dij) -> int | None:
+    """The patient-to-dose-grid down-sampling factor where target edges get patient-grid
+    rows (``fine_target_edges``); None when the dose grid is the patient grid, or not an
+    integer down-sampling of it."""
+    if dij.dose_grid.same_as(patient.grid):
+        return None
+    try:
+        return downsample_factor(patient.grid, dij.dose_grid)
+    except GridMismatchError:
+        return None
+
+
+def _rows_matrix(dij, used, fine_ids: dict, patient_grid):
+    """A's rows: the dij's rows ``used`` (< its voxel count), then the patient-grid rows
+    (``used`` beyond it, ids of ``fine_ids``) interpolated from the dij; and their
+    :class:`FineRows` (None without them)."""
+    n_vox = dij.n_voxels
+    m = dij.matrix.tocsr()
+    real = used[used < n_vox]
+    A = sp.csr_matrix(m[real, :], dtype=np.float32)
+    virt = used[used >= n_vox] - n_vox
+    if not virt.size:
+        return A, None
+    voxels = np.fromiter(fine_ids.keys(), dtype=np.int64, count=len(fine_ids))[virt]
+    interp = interpolation_rows(voxels, patient_grid, dij.dose_grid)
+    A = sp.vstack([A, sp.csr_matrix(interp @ m, dtype=np.float32)], format="csr")
+    return A, FineRows(int(real.size), voxels, interp)
 
 
 def initial_fluence(A, terms, rx, targets, fractions, lookup) -> np.ndarray:

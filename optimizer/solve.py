@@ -98,12 +98,27 @@ def measure_offsets(problem, fluence, report, *, loosen: bool = False) -> dict:
     return out
 
 
+def _limit_shift(value, shift: float, limits) -> float:
+    """``shift`` reduced so that ``value + shift`` stays within ``limits`` (lo, hi; None
+    open); never reversed (a value already past a limit keeps no shift)."""
+    if not limits:
+        return shift
+    lo, hi = limits
+    ref = float(value) + shift
+    if hi is not None and shift > 0.0:
+        ref = min(ref, max(float(value), hi))
+    if lo is not None and shift < 0.0:
+        ref = max(ref, min(float(value), lo))
+    return ref - float(value)
+
+
 def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              hard_growth: float = 2.0, goal_check=None, hard_state: dict | None = None,
              attain_rounds: int = 0, attain_max_priority: int = 3,
              attain_max_shift: float = 0.25, attain_margin: float = 0.01,
              hard_max_factor: float = 64.0, hard_max_shift: float = 0.5,
-             surrogate_offsets: bool = True, attain_ids=(), **options) -> Result:
+             surrogate_offsets: bool = True, attain_ids=(), attain_release: bool = False,
+             attain_limits=None, **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
     goal_check: optional callable(fluence) -> list of per-goal dicts (id, achieved, met,
@@ -135,6 +150,12 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     attain_ids: goal ids the attainment rounds steer whatever their priority (a re-plan
     passes the goals the user changed, so a tightened priority-4 goal is pursued like a
     protocol goal; priorities still arbitrate through the weights).
+    attain_release: two-sided attainment: a goal met by more than twice
+    ``attain_margin`` gives back that much of its shift (never past its own value), so
+    a reference pushed while the goal was short (before the deliverable-dose correction,
+    say) does not keep over-driving it once met (the pipeline turns it on).
+    attain_limits: {goal id: (lo, hi)} bounds (Gy, None: open) on a soft goal's shifted
+    reference (value + shift); see :func:`atp.pipeline.attain_limits`.
     """
     be = registry.resolve(backend)
     t0 = time.perf_counter()
@@ -162,6 +183,20 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 return max(0.0, a - (v - attain_margin * abs(v)))
             return max(0.0, (v + attain_margin * abs(v)) - a)
 
+        def over_attained(r):
+            """How far a soft goal with an attainment shift in force is past its value
+            tightened by twice ``attain_margin`` (0: not past it, or no shift)."""
+            b = by_id.get(r["id"])
+            st = state.get(r["id"])
+            if (not attain_release or st is None or not st.get("ref_shift")
+                    or r.get("hard") or r.get("achieved") is None or b is None
+                    or b.goal.value is None or b.goal.metric.kind == "V"):
+                return 0.0
+            v, a = float(b.goal.value), float(r["achieved"])
+            m = 2.0 * attain_margin * abs(v)
+            return max(0.0, (v - m) - a) if b.goal.operator in UPPER_OPS \
+                else max(0.0, a - (v + m))
+
         def update_offsets(fluence, rep) -> list:
             """Re-measure the surrogate offsets; ids of failing goals whose offset moved."""
             if not surrogate_offsets:
@@ -186,8 +221,11 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             soft = [dict(r, violation=soft_shortfall(r)) for r in report] \
                 if rounds <= attain_rounds else []
             soft = [r for r in soft if r["violation"] > 0.0]
+            released = [(r["id"], over_attained(r)) for r in report] \
+                if rounds <= attain_rounds else []
+            released = [(gid, x) for gid, x in released if x > 0.0]
             moved = update_offsets(res.fluence, report)
-            if not violated and not soft and not moved:
+            if not violated and not soft and not moved and not released:
                 rounds -= 1
                 break
             escalated = False
@@ -201,7 +239,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                     cap = hard_max_shift * abs(float(b.goal.value))
                     st["ref_shift"] = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
                 escalated |= (st["weight_factor"], st["ref_shift"]) != before
-            if violated and not escalated and not soft and not moved:
+            if violated and not escalated and not soft and not moved and not released:
                 rounds -= 1  # every violated hard goal is at its caps: nothing to try
                 break
             for r in soft:
@@ -209,7 +247,12 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
                 cap = attain_max_shift * abs(float(g.value))
                 sign = -1.0 if g.operator in UPPER_OPS else 1.0
-                st["ref_shift"] = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
+                shift = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
+                st["ref_shift"] = _limit_shift(g.value, shift, (attain_limits or {}).get(g.id))
+            for gid, x in released:  # an over-met goal gives back the shift it needs not
+                st = state[gid]
+                sign = 1.0 if st["ref_shift"] > 0 else -1.0
+                st["ref_shift"] = sign * max(0.0, abs(st["ref_shift"]) - x)
             current = _apply_hard_state(problem, state)
             warm_opts = dict(options)
             # warm re-solves need fewer iterations

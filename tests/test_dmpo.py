@@ -210,7 +210,7 @@ def test_dmpo_objective_is_the_reported_dose(arc_case, optimised):
     d, _ = optimised
     w = sequencer.delivered_weights(d, dij.beamlets)
     reported = np.asarray(sequencer.deliverable_dose(d, dij), np.float64).reshape(-1)
-    rows = reported[problem.rows]
+    rows = problem.on_rows(reported)
     model = goal_objective(problem, res.hard_state, dtype=np.float64, far=dij.far)
     near = goal_objective(problem, res.hard_state, dtype=np.float64)
     p = apply_state(problem, res.hard_state)

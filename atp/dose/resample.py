@@ -8,6 +8,7 @@
   voxel centre (separable: linear along each array axis in turn, which is exactly
   trilinear). Patient voxel centres beyond the outermost dose-voxel centres take the
   edge value (nearest), so nothing outside the dose grid is invented.
+  :func:`interpolation_rows` is the same map at chosen patient voxels, as a matrix.
 
 Both work on NumPy or CuPy arrays (``array_module``).
 """
@@ -87,6 +88,39 @@ def dose_to_patient_grid(dose, dose_grid: Grid, patient_grid: Grid):
         hi = xp.take(out, xp.asarray(j1), axis=axis)
         out = lo * (1.0 - wx) + hi * wx
     return out.astype(xp.float32)
+
+
+def interpolation_rows(flat_index, patient_grid: Grid, dose_grid: Grid):
+    """The rows of :func:`dose_to_patient_grid` at the patient voxels ``flat_index`` (C
+    order): a CSR matrix (n, dose voxels) of trilinear weights, so that ``M @ d`` (d the
+    dose grid's dose, flattened) is the interpolated dose at those voxels, exactly."""
+    import scipy.sparse as sp
+
+    flat = np.asarray(flat_index, dtype=np.int64).reshape(-1)
+    ijk = np.unravel_index(flat, patient_grid.shape)
+    lo, hi, wt = [], [], []
+    for axis in range(3):
+        j0, w = _axis_weights(patient_grid, dose_grid, axis)
+        j1 = np.minimum(j0 + 1, dose_grid.shape[axis] - 1)
+        lo.append(j0[ijk[axis]])
+        hi.append(j1[ijk[axis]])
+        wt.append(w[ijk[axis]])
+    cols, vals = [], []
+    for corner in range(8):
+        pick = [(corner >> a) & 1 for a in range(3)]
+        idx = tuple(hi[a] if pick[a] else lo[a] for a in range(3))
+        cols.append(np.ravel_multi_index(idx, dose_grid.shape))
+        v = np.ones(flat.size)
+        for a in range(3):
+            v = v * (wt[a] if pick[a] else 1.0 - wt[a])
+        vals.append(v)
+    rows = np.tile(np.arange(flat.size), 8)
+    m = sp.coo_matrix((np.concatenate(vals), (rows, np.concatenate(cols))),
+                      shape=(flat.size, dose_grid.n_voxels))
+    m = m.tocsr()
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    return m.astype(np.float32)
 
 
 def interpolation_support(mask, patient_grid: Grid, dose_grid: Grid):

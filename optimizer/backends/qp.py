@@ -20,7 +20,7 @@ import numpy as np
 from atp.optimizer.backends.base import Backend, Result
 from atp.optimizer.objectives import dose_at_volume
 
-from atp.errors import BackendUnavailableError
+from atp.errors import BackendUnavailableError, InputError
 
 _STATUS = {
     "optimal": "optimal",
@@ -64,6 +64,11 @@ class QpBackend(Backend):
                 f"backend 'qp' is not installed; {self.install_hint}")
         import cvxpy as cp  # optional heavy dependency (atp[qp])
 
+        if getattr(problem, "leak", None) is not None:
+            raise InputError("the QP backend does not model leaf leakage in the dose "
+                             "(ProblemOptions.leaf_transmission); use the cpu or gpu "
+                             "backend, or build the problem without it",
+                             field="leaf_transmission")
         has_mu = getattr(problem, "mu", None) is not None and problem.mu_scale > 0
         if solver is None and has_mu:  # the MU term's log-sum-exp needs exponential cones
             solver = next((s for s in self.solvers() if s in EXP_CONE), None)
