@@ -16,6 +16,7 @@ Both work on NumPy or CuPy arrays (``array_module``).
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from atp.errors import GridMismatchError
 from atp.grid import Grid
@@ -94,8 +95,6 @@ def interpolation_rows(flat_index, patient_grid: Grid, dose_grid: Grid):
     """The rows of :func:`dose_to_patient_grid` at the patient voxels ``flat_index`` (C
     order): a CSR matrix (n, dose voxels) of trilinear weights, so that ``M @ d`` (d the
     dose grid's dose, flattened) is the interpolated dose at those voxels, exactly."""
-    import scipy.sparse as sp
-
     flat = np.asarray(flat_index, dtype=np.int64).reshape(-1)
     ijk = np.unravel_index(flat, patient_grid.shape)
     lo, hi, wt = [], [], []
