@@ -54,7 +54,10 @@ def main(argv=None) -> int:
         if n.endswith(".pt"):
             from atp.predictor.cnn import CNNPredictor
 
-            preds[Path(n).stem] = CNNPredictor.from_checkpoint(n, name=Path(n).stem)
+            key = Path(n).stem if Path(n).stem not in preds else f"{Path(n).parent.name}/{Path(n).stem}"
+            if key in preds:
+                ap.error(f"--models: two checkpoints named '{key}'")
+            preds[key] = CNNPredictor.from_checkpoint(n, name=key)
         else:
             preds[n] = registry.get(n)
     files = split_files(args.data, args.split)

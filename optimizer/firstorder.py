@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from atp.optimizer.objectives import RANK_ONE, beam_mu, evaluate_terms, mu_value_grad
+from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_backward, mu_forward
 
 from atp.progress import tick
 from atp.xp import csr_transpose, sparse_module, threaded_csr
@@ -90,31 +90,45 @@ class DeviceProblem:
         return cls(xp, A_d, AT_d, list(problem.terms), term_arrays, D, DT, scale,
                    problem.n_beamlets, mu, problem.mu_scale if mu else 0.0, leak)
 
+    def _dose_mu(self, w):
+        """The optimised dose on the rows and, when leakage or the MU term needs it, the
+        beams' MU forward pass (:func:`mu_forward`), computed once per evaluation."""
+        d = self.A @ w
+        mats = self.leak[3] if self.leak is not None else self.mu
+        if mats is None:
+            return d, None
+        D, _, S, _, beam_rows, tau = mats
+        fwd = mu_forward(w, D, S, beam_rows, tau)
+        if self.leak is not None:
+            t, L = self.leak[0], self.leak[1]
+            d = (1.0 - t) * d + t * (L @ fwd[0])
+        return d, fwd
+
     def dose(self, w):
         """The optimised dose on the problem's rows (``Problem.dose_rows``)."""
-        d = self.A @ w
-        if self.leak is not None:
-            t, L, _, (D, _, S, _, beam_rows, tau) = self.leak
-            d = (1.0 - t) * d + t * (L @ beam_mu(w, D, S, beam_rows, tau))
-        return d
+        return self._dose_mu(w)[0]
 
     def value_grad(self, w):
         """Objective (0-d array) and gradient w.r.t. fluence at ``w`` (no host transfer)."""
-        d = self.dose(w)
+        d, fwd = self._dose_mu(w)
         total, g_d, _ = evaluate_terms(self.terms, self.term_arrays, d)
         g = self.AT @ g_d
-        if self.leak is not None:  # d = (1 - T) A w + T L MU(w)
-            t, _, LT, mats = self.leak
-            _, gl = mu_value_grad(w, *mats, coef=t * (LT @ g_d))
-            g = (1.0 - t) * g + gl
+        coef = None  # d(objective)/d(MU_b): leakage (d = (1 - T) A w + T L MU(w)), MU term
+        if self.leak is not None:
+            t, _, LT, _ = self.leak
+            g = (1.0 - t) * g
+            coef = t * (LT @ g_d)
+        if self.mu is not None:
+            total = total + self.mu_scale * self.xp.sum(fwd[0])
+            coef = self.mu_scale + (0.0 if coef is None else coef)
+        if coef is not None:
+            _, DT, _, ST, beam_rows, _ = self.leak[3] if self.leak is not None else self.mu
+            coef = coef * self.xp.ones(len(beam_rows), self.xp.float32)
+            g = g + mu_backward(coef, fwd[1], fwd[2], DT, ST, beam_rows, w.dtype)
         if self.D is not None:
             Dw = self.D @ w
             total = total + self.smooth_scale * self.xp.sum(Dw * Dw)
             g = g + (2.0 * self.smooth_scale) * (self.DT @ Dw)
-        if self.mu is not None:
-            v, gm = mu_value_grad(w, *self.mu)
-            total = total + self.mu_scale * v
-            g = g + self.mu_scale * gm
         return total, g
 
     def curvature_operator(self):

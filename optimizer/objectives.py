@@ -320,38 +320,46 @@ def mu_surrogate(beam_index, bev_x_mm, bev_y_mm, beamlet_size_mm, tau: float) ->
     return MuSurrogate(D, S, tuple(beam_rows), float(tau))
 
 
-def mu_value_grad(w, D, DT, S, ST, beam_rows, tau, coef=None):
-    """Sum over beams of the smoothed sliding-window MU at fluence ``w`` and its gradient
-    (``D``, ``S`` and their transposes in ``w``'s array module); ``coef`` (one number
-    per beam, ``w``'s array module): the sum of ``coef[b] * MU_b`` instead."""
+def mu_forward(w, D, S, beam_rows, tau):
+    """The smoothed sliding-window MU of each beam at fluence ``w`` and what its gradient
+    needs: ``(mu, p, active)`` with ``mu`` one value per beam, ``p`` each leaf row's
+    soft-max weight in its beam's MU and ``active`` the rising steps (``w``'s array
+    module). :func:`mu_backward` turns per-beam coefficients into the gradient."""
     xp = array_module(w)
     steps = D @ w
-    rise = xp.maximum(steps, 0.0)
-    row_mu = S @ rise
-    total = xp.zeros((), dtype=xp.float32)
-    g_row = xp.zeros_like(row_mu)
+    row_mu = S @ xp.maximum(steps, 0.0)
+    mu = xp.zeros(len(beam_rows), dtype=row_mu.dtype)
+    p = xp.zeros_like(row_mu)
     for k, (a, b) in enumerate(beam_rows):
         r = row_mu[a:b]
         m = xp.max(r)
         e = xp.exp((r - m) / tau)
         s = xp.sum(e)
-        if coef is None:
-            total = total + m + tau * xp.log(s)
-            g_row[a:b] = e / s
-        else:
-            total = total + coef[k] * (m + tau * xp.log(s))
-            g_row[a:b] = coef[k] * e / s
-    g_steps = (ST @ g_row) * (steps > 0)
-    return total, DT @ g_steps.astype(w.dtype)
+        mu[k] = m + tau * xp.log(s)
+        p[a:b] = e / s
+    return mu, p, steps > 0
+
+
+def mu_backward(coef, p, active, DT, ST, beam_rows, dtype):
+    """The gradient w.r.t. fluence of ``sum_b coef[b] * MU_b`` from :func:`mu_forward`'s
+    ``p`` and ``active`` (``coef``: one number per beam, or one for every beam)."""
+    g_row = p.copy()
+    for k, (a, b) in enumerate(beam_rows):
+        g_row[a:b] *= coef[k]
+    g_steps = (ST @ g_row) * active
+    return DT @ g_steps.astype(dtype)
+
+
+def mu_value_grad(w, D, DT, S, ST, beam_rows, tau, coef=None):
+    """Sum over beams of the smoothed sliding-window MU at fluence ``w`` and its gradient
+    (``D``, ``S`` and their transposes in ``w``'s array module); ``coef`` (one number
+    per beam, ``w``'s array module): the sum of ``coef[b] * MU_b`` instead."""
+    xp = array_module(w)
+    mu, p, active = mu_forward(w, D, S, beam_rows, tau)
+    c = xp.ones(len(beam_rows), mu.dtype) if coef is None else coef
+    return xp.sum(c * mu), mu_backward(c, p, active, DT, ST, beam_rows, w.dtype)
 
 
 def beam_mu(w, D, S, beam_rows, tau):
     """Each beam's smoothed sliding-window MU at fluence ``w`` (``w``'s array module)."""
-    xp = array_module(w)
-    row_mu = S @ xp.maximum(D @ w, 0.0)
-    out = xp.zeros(len(beam_rows), dtype=xp.float32)
-    for k, (a, b) in enumerate(beam_rows):
-        r = row_mu[a:b]
-        m = xp.max(r)
-        out[k] = m + tau * xp.log(xp.sum(xp.exp((r - m) / tau)))
-    return out
+    return mu_forward(w, D, S, beam_rows, tau)[0]

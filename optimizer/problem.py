@@ -460,6 +460,12 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
                                 np.full(ids.size, 1.0 / factor ** 3, np.float32)]))
         return coverage_cache[name]
 
+    def edge_term_weight(vox, vw):
+        """A coverage term's voxel weights: its CT-grid edge rows weigh
+        ``fine_edge_term_weight`` in the term (their volume in the measurement)."""
+        return np.where(vox >= n_vox, np.float32(opt.fine_edge_term_weight),
+                        vw).astype(np.float32)
+
     def control_vox(g):
         """Voxels of a control goal's structure: the body, or a ring around a target."""
         ctl = g.params.get("control")
@@ -580,8 +586,7 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
             continue
         if not upper and g.kind == "target" and factor and g.structure in fractions:
             vox, meas_vw = meas_vox, _ = coverage_vox(g.structure)
-            vw = np.where(vox >= n_vox, np.float32(opt.fine_edge_term_weight),
-                          meas_vw).astype(np.float32)
+            vw = edge_term_weight(vox, meas_vw)
         elif not upper and g.kind == "target":
             # partial-volume edge voxels count fully for target coverage, so the dose
             # interpolated back to the finer patient grid covers the target edge
@@ -598,8 +603,7 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
             if t in rx and t not in has_lower:
                 vox, vw = coverage_vox(t) if factor else struct_vox(t)
                 if factor:
-                    vw = np.where(vox >= n_vox, np.float32(opt.fine_edge_term_weight),
-                                  vw).astype(np.float32)
+                    vw = edge_term_weight(vox, vw)
                 specs.append(("dv_min", vox, vw, rx[t], wref, 0.95, f"auto:{t}.D95", None,
                               False))
                 notes.append(f"auto: {t} has no lower-bound goal; added D95 >= {rx[t]:g} Gy")

@@ -118,7 +118,8 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              attain_max_shift: float = 0.25, attain_margin: float = 0.01,
              hard_max_factor: float = 64.0, hard_max_shift: float = 0.5,
              surrogate_offsets: bool = True, attain_ids=(), attain_release: bool = False,
-             attain_limits=None, **options) -> Result:
+             attain_limits=None, attain_weight_ids=(), attain_growth: float = 2.0,
+             attain_max_factor: float = 16.0, **options) -> Result:
     """Solve ``problem`` with ``backend`` (name or object), warm from ``x0`` if given.
 
     goal_check: optional callable(fluence) -> list of per-goal dicts (id, achieved, met,
@@ -156,6 +157,15 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     say) does not keep over-driving it once met (the pipeline turns it on).
     attain_limits: {goal id: (lo, hi)} bounds (Gy, None: open) on a soft goal's shifted
     reference (value + shift); see :func:`atp.pipeline.attain_limits`.
+    attain_weight_ids: goal ids the attainment rounds pursue by weight instead of by
+    reference shift (see :func:`atp.pipeline.attain_weight_ids`): the reference moves once by
+    the margin (the goal's value tightened by ``attain_margin``) and each round a goal
+    is still short multiplies its weight by ``attain_growth``, up to
+    ``attain_max_factor``; with ``attain_release`` an over-met goal divides it back. A
+    min- or max-dose term penalises only the voxels on the wrong side of its reference:
+    a shifted reference widens that set (a D99 coverage reference pushed to 1.2 Rx
+    presses on the whole target, against an organ's max term shifted below the Rx in
+    the overlap), a heavier weight does not.
     """
     be = registry.resolve(backend)
     t0 = time.perf_counter()
@@ -168,6 +178,10 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     rounds = 0
     if first_order:
         by_id = {b.goal.id: b for b in problem.bindings}
+
+        def by_weight(gid) -> bool:
+            """Whether the attainment rounds pursue goal ``gid`` by its weight."""
+            return gid in attain_weight_ids
 
         def soft_shortfall(r):
             """How far a soft goal is from its value tightened by ``attain_margin``
@@ -188,8 +202,9 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             tightened by twice ``attain_margin`` (0: not past it, or no shift)."""
             b = by_id.get(r["id"])
             st = state.get(r["id"])
-            if (not attain_release or st is None or not st.get("ref_shift")
-                    or r.get("hard") or r.get("achieved") is None or b is None
+            pushed = st is not None and (st.get("weight_factor", 1.0) > 1.0
+                                         if by_weight(r["id"]) else st.get("ref_shift"))
+            if (not attain_release or not pushed or r.get("hard") or r.get("achieved") is None or b is None
                     or b.goal.value is None or b.goal.metric.kind == "V"):
                 return 0.0
             v, a = float(b.goal.value), float(r["achieved"])
@@ -247,10 +262,18 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
                 cap = attain_max_shift * abs(float(g.value))
                 sign = -1.0 if g.operator in UPPER_OPS else 1.0
+                if by_weight(r["id"]):
+                    st["ref_shift"] = sign * attain_margin * abs(float(g.value))
+                    st["weight_factor"] = min(st["weight_factor"] * attain_growth,
+                                              attain_max_factor)
+                    continue
                 shift = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
                 st["ref_shift"] = _limit_shift(g.value, shift, (attain_limits or {}).get(g.id))
             for gid, x in released:  # an over-met goal gives back the shift it needs not
                 st = state[gid]
+                if by_weight(gid):
+                    st["weight_factor"] = max(1.0, st["weight_factor"] / attain_growth)
+                    continue
                 sign = 1.0 if st["ref_shift"] > 0 else -1.0
                 st["ref_shift"] = sign * max(0.0, abs(st["ref_shift"]) - x)
             current = _apply_hard_state(problem, state)

@@ -190,6 +190,28 @@ def test_infeasible_p1_goal_is_reported_not_silent():
         assert any("cannot all be met" in m for m in qp.messages)
 
 
+def test_attainment_by_weight_keeps_the_reference_at_the_goal():
+    """``attain_weight_ids``: a min-dose coverage goal short after a solve is pursued by
+    its weight (the reference moves only by the margin), and it ends nearer its value
+    than without attainment."""
+    patient, dij, goals = small_case()
+    goals = [ResolvedGoal(g.id, g.structure, g.metric, g.operator, g.value, g.priority,
+                          g.weight, g.kind, g.source) for g in goals]
+    goals.append(ResolvedGoal("OAR.Dmax", "OAR", Metric("Dmax", "Dmax", "Gy"), "<=", 20.0, 2,
+                              10.0, "organ", "user"))
+    prob = build_problem(goals, patient, dij)
+    plain = optimize(prob, "cpu", max_iter=300, attain_rounds=0)
+    short = {r["id"]: r["achieved"] for r in plain.goal_report}
+    assert short["PTV.Dmin"] < 57.0 * 0.99  # the organ's limit holds coverage back
+    res = optimize(prob, "cpu", max_iter=300, attain_rounds=3,
+                   attain_weight_ids={"PTV.Dmin"}, attain_margin=0.01)
+    st = res.hard_state["PTV.Dmin"]
+    assert st["weight_factor"] > 1.0
+    assert st["ref_shift"] == pytest.approx(0.01 * 57.0)
+    got = {r["id"]: r["achieved"] for r in res.goal_report}
+    assert got["PTV.Dmin"] > short["PTV.Dmin"]
+
+
 def test_goal_on_missing_structure_is_an_input_error():
     patient, dij, goals = small_case()
     goals.append(ResolvedGoal("X.Dmean", "Nope", Metric("Dmean", "Dmean", "Gy"), "<=", 1.0,
