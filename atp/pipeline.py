@@ -441,7 +441,8 @@ def attain_weight_ids(resolved) -> tuple:
 
 def _solve_setup(problem, be, patient, dij, resolved, settings, start: Start) -> Solve:
     """The solver options: goal attainment (optimizer.solve.optimize: protocol goals,
-    priority <= 3, still violated after a solve get their reference shifted and are
+    priority <= 3, still violated after a solve get their reference shifted, or target
+    and control goals their weight raised (:func:`attain_weight_ids`), and are
     re-solved), the goal check, the re-plan's start state."""
     opts = dict(settings.get("optimizer_options") or {})
     opts.setdefault("attain_rounds", start.attain_rounds)

@@ -123,7 +123,6 @@ class DeviceProblem:
             coef = self.mu_scale + (0.0 if coef is None else coef)
         if coef is not None:
             _, DT, _, ST, beam_rows, _ = self.leak[3] if self.leak is not None else self.mu
-            coef = coef * self.xp.ones(len(beam_rows), self.xp.float32)
             g = g + mu_backward(coef, fwd[1], fwd[2], DT, ST, beam_rows, w.dtype)
         if self.D is not None:
             Dw = self.D @ w

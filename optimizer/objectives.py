@@ -343,6 +343,8 @@ def mu_forward(w, D, S, beam_rows, tau):
 def mu_backward(coef, p, active, DT, ST, beam_rows, dtype):
     """The gradient w.r.t. fluence of ``sum_b coef[b] * MU_b`` from :func:`mu_forward`'s
     ``p`` and ``active`` (``coef``: one number per beam, or one for every beam)."""
+    xp = array_module(p)
+    coef = xp.broadcast_to(xp.asarray(coef, dtype=p.dtype), (len(beam_rows),))
     g_row = p.copy()
     for k, (a, b) in enumerate(beam_rows):
         g_row[a:b] *= coef[k]

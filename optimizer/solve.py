@@ -112,6 +112,24 @@ def _limit_shift(value, shift: float, limits) -> float:
     return ref - float(value)
 
 
+def _margin_shift(goal, margin: float, limits) -> float:
+    """A by-weight goal's reference shift: its value tightened by ``margin`` (a fraction
+    of it), within ``limits``."""
+    sign = -1.0 if goal.operator in UPPER_OPS else 1.0
+    return _limit_shift(goal.value, sign * margin * abs(float(goal.value)), limits)
+
+
+def _weight_goal_shifts(problem, state: dict, ids, margin: float, limits) -> None:
+    """A carried state (a warm re-plan of a plan made with reference shifts) keeps no
+    larger shift on a soft goal now pursued by weight than the margin's."""
+    for b in problem.bindings:
+        st, g = state.get(b.goal.id), b.goal
+        if (st and g.id in ids and not g.is_hard and g.value is not None
+                and abs(st.get("ref_shift", 0.0))
+                > abs(_margin_shift(g, margin, (limits or {}).get(g.id)))):
+            st["ref_shift"] = _margin_shift(g, margin, (limits or {}).get(g.id))
+
+
 def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
              hard_growth: float = 2.0, goal_check=None, hard_state: dict | None = None,
              attain_rounds: int = 0, attain_max_priority: int = 3,
@@ -138,7 +156,8 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     penalty at the goal's value leaves every competing goal slightly violated at the
     optimum; in each round every such goal still violated has its reference moved past
     its value by the violation (the multiplier-style shift of the hard-goal loop, weight
-    unchanged, so priorities still arbitrate conflicts), capped in total at
+    unchanged, so priorities still arbitrate conflicts; goals in ``attain_weight_ids``
+    are raised by weight instead, below), capped in total at
     ``attain_max_shift`` x the goal's value, and the solve restarts warm. Goals aim at
     their value tightened by ``attain_margin`` (a fraction of it), so that a goal met
     only at its edge on the optimised dose stays met after small dose changes
@@ -165,13 +184,17 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     min- or max-dose term penalises only the voxels on the wrong side of its reference:
     a shifted reference widens that set (a D99 coverage reference pushed to 1.2 Rx
     presses on the whole target, against an organ's max term shifted below the Rx in
-    the overlap), a heavier weight does not.
+    the overlap), a heavier weight does not. A goal raised to ``attain_max_factor`` can
+    out-weigh goals of the priority above it (a priority-3 ring at x16 weighs more than
+    a priority-2 limit at x1 with hn's base of 10): priorities then arbitrate only up to
+    that factor.
     """
     be = registry.resolve(backend)
     t0 = time.perf_counter()
     check = goal_check or problem.goal_report
     first_order = not getattr(be, "hard_constraints", False)
     state = {k: dict(v) for k, v in (hard_state or {}).items()} if first_order else {}
+    _weight_goal_shifts(problem, state, attain_weight_ids, attain_margin, attain_limits)
     current = _apply_hard_state(problem, state)
     res = be.solve(current, x0, **options)
     iterations, history = res.iterations, list(res.history)
@@ -204,7 +227,8 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             st = state.get(r["id"])
             pushed = st is not None and (st.get("weight_factor", 1.0) > 1.0
                                          if by_weight(r["id"]) else st.get("ref_shift"))
-            if (not attain_release or not pushed or r.get("hard") or r.get("achieved") is None or b is None
+            if (not attain_release or not pushed or r.get("hard")
+                    or r.get("achieved") is None or b is None
                     or b.goal.value is None or b.goal.metric.kind == "V"):
                 return 0.0
             v, a = float(b.goal.value), float(r["achieved"])
@@ -263,9 +287,10 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 cap = attain_max_shift * abs(float(g.value))
                 sign = -1.0 if g.operator in UPPER_OPS else 1.0
                 if by_weight(r["id"]):
-                    st["ref_shift"] = sign * attain_margin * abs(float(g.value))
-                    st["weight_factor"] = min(st["weight_factor"] * attain_growth,
-                                              attain_max_factor)
+                    st["ref_shift"] = _margin_shift(g, attain_margin,
+                                                    (attain_limits or {}).get(g.id))
+                    st["weight_factor"] = max(st["weight_factor"], min(
+                        st["weight_factor"] * attain_growth, attain_max_factor))
                     continue
                 shift = sign * min(abs(st["ref_shift"]) + r["violation"], cap)
                 st["ref_shift"] = _limit_shift(g.value, shift, (attain_limits or {}).get(g.id))

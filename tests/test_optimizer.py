@@ -212,6 +212,23 @@ def test_attainment_by_weight_keeps_the_reference_at_the_goal():
     assert got["PTV.Dmin"] > short["PTV.Dmin"]
 
 
+def test_a_carried_shift_is_not_kept_by_a_goal_pursued_by_weight():
+    """A warm re-plan's stored state from a plan made with reference shifts: a goal now
+    pursued by weight keeps only the margin's shift, so a met coverage goal does not stay
+    pushed 10 Gy past its value."""
+    patient, dij, goals = small_case()
+    prob = build_problem(goals, patient, dij)
+    carried = {"PTV.Dmin": {"weight_factor": 1.0, "ref_shift": 10.0}}
+    res = optimize(prob, "cpu", max_iter=300, attain_rounds=2, hard_state=carried,
+                   attain_weight_ids={"PTV.Dmin"}, attain_release=True, attain_margin=0.01)
+    assert res.hard_state["PTV.Dmin"]["ref_shift"] == pytest.approx(0.57)
+    assert carried["PTV.Dmin"]["ref_shift"] == 10.0  # the caller's state is not changed
+    shifted = optimize(prob, "cpu", max_iter=300, attain_rounds=0, hard_state=carried)
+    got = {r["id"]: r["achieved"] for r in res.goal_report}
+    pushed = {r["id"]: r["achieved"] for r in shifted.goal_report}
+    assert got["PTV.Dmin"] < pushed["PTV.Dmin"]
+
+
 def test_goal_on_missing_structure_is_an_input_error():
     patient, dij, goals = small_case()
     goals.append(ResolvedGoal("X.Dmean", "Nope", Metric("Dmean", "Dmean", "Gy"), "<=", 1.0,
