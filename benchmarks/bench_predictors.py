@@ -54,7 +54,9 @@ def main(argv=None) -> int:
         if n.endswith(".pt"):
             from atp.predictor.cnn import CNNPredictor
 
-            key = Path(n).stem if Path(n).stem not in preds else f"{Path(n).parent.name}/{Path(n).stem}"
+            key = Path(n).stem
+            if key in preds:  # a second checkpoint of that name: its folder tells them apart
+                key = f"{Path(n).parent.name}/{key}"
             if key in preds:
                 ap.error(f"--models: two checkpoints named '{key}'")
             preds[key] = CNNPredictor.from_checkpoint(n, name=key)

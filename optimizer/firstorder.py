@@ -90,12 +90,17 @@ class DeviceProblem:
         return cls(xp, A_d, AT_d, list(problem.terms), term_arrays, D, DT, scale,
                    problem.n_beamlets, mu, problem.mu_scale if mu else 0.0, leak)
 
-    def _dose_mu(self, w):
-        """The optimised dose on the rows and, when leakage or the MU term needs it, the
-        beams' MU forward pass (:func:`mu_forward`), computed once per evaluation."""
+    def _mu_mats(self):
+        """The MU surrogate's matrices (the leakage model's or the MU term's; None)."""
+        return self.leak[3] if self.leak is not None else self.mu
+
+    def _dose_mu(self, w, with_mu: bool = True):
+        """The optimised dose on the rows and the beams' MU forward pass
+        (:func:`mu_forward`; None when neither leakage nor, with ``with_mu``, the MU term
+        needs it), computed once per evaluation."""
         d = self.A @ w
-        mats = self.leak[3] if self.leak is not None else self.mu
-        if mats is None:
+        mats = self._mu_mats()
+        if mats is None or (self.leak is None and not with_mu):
             return d, None
         D, _, S, _, beam_rows, tau = mats
         fwd = mu_forward(w, D, S, beam_rows, tau)
@@ -106,7 +111,7 @@ class DeviceProblem:
 
     def dose(self, w):
         """The optimised dose on the problem's rows (``Problem.dose_rows``)."""
-        return self._dose_mu(w)[0]
+        return self._dose_mu(w, with_mu=False)[0]
 
     def value_grad(self, w):
         """Objective (0-d array) and gradient w.r.t. fluence at ``w`` (no host transfer)."""
@@ -122,7 +127,7 @@ class DeviceProblem:
             total = total + self.mu_scale * self.xp.sum(fwd[0])
             coef = self.mu_scale + (0.0 if coef is None else coef)
         if coef is not None:
-            _, DT, _, ST, beam_rows, _ = self.leak[3] if self.leak is not None else self.mu
+            _, DT, _, ST, beam_rows, _ = self._mu_mats()
             g = g + mu_backward(coef, fwd[1], fwd[2], DT, ST, beam_rows, w.dtype)
         if self.D is not None:
             Dw = self.D @ w

@@ -124,10 +124,11 @@ def _weight_goal_shifts(problem, state: dict, ids, margin: float, limits) -> Non
     larger shift on a soft goal now pursued by weight than the margin's."""
     for b in problem.bindings:
         st, g = state.get(b.goal.id), b.goal
-        if (st and g.id in ids and not g.is_hard and g.value is not None
-                and abs(st.get("ref_shift", 0.0))
-                > abs(_margin_shift(g, margin, (limits or {}).get(g.id)))):
-            st["ref_shift"] = _margin_shift(g, margin, (limits or {}).get(g.id))
+        if not st or g.id not in ids or g.is_hard or g.value is None:
+            continue
+        aim = _margin_shift(g, margin, (limits or {}).get(g.id))
+        if abs(st.get("ref_shift", 0.0)) > abs(aim):
+            st["ref_shift"] = aim
 
 
 def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
@@ -202,10 +203,6 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
     if first_order:
         by_id = {b.goal.id: b for b in problem.bindings}
 
-        def by_weight(gid) -> bool:
-            """Whether the attainment rounds pursue goal ``gid`` by its weight."""
-            return gid in attain_weight_ids
-
         def soft_shortfall(r):
             """How far a soft goal is from its value tightened by ``attain_margin``
             (0: met with the margin, or not a goal the attainment rounds steer)."""
@@ -226,7 +223,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
             b = by_id.get(r["id"])
             st = state.get(r["id"])
             pushed = st is not None and (st.get("weight_factor", 1.0) > 1.0
-                                         if by_weight(r["id"]) else st.get("ref_shift"))
+                                         if r["id"] in attain_weight_ids else st.get("ref_shift"))
             if (not attain_release or not pushed or r.get("hard")
                     or r.get("achieved") is None or b is None
                     or b.goal.value is None or b.goal.metric.kind == "V"):
@@ -286,7 +283,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 st = state.setdefault(r["id"], {"weight_factor": 1.0, "ref_shift": 0.0})
                 cap = attain_max_shift * abs(float(g.value))
                 sign = -1.0 if g.operator in UPPER_OPS else 1.0
-                if by_weight(r["id"]):
+                if r["id"] in attain_weight_ids:
                     st["ref_shift"] = _margin_shift(g, attain_margin,
                                                     (attain_limits or {}).get(g.id))
                     st["weight_factor"] = max(st["weight_factor"], min(
@@ -296,7 +293,7 @@ def optimize(problem, backend="auto", x0=None, *, hard_rounds: int = 4,
                 st["ref_shift"] = _limit_shift(g.value, shift, (attain_limits or {}).get(g.id))
             for gid, x in released:  # an over-met goal gives back the shift it needs not
                 st = state[gid]
-                if by_weight(gid):
+                if gid in attain_weight_ids:
                     st["weight_factor"] = max(1.0, st["weight_factor"] / attain_growth)
                     continue
                 sign = 1.0 if st["ref_shift"] > 0 else -1.0
