@@ -411,6 +411,7 @@ class Solve:
     deliverable_rounds: int
     final: object = None  # atp.final_dose.FinalDoseOptions (sequenced plans)
     field_beams: dict = field(default_factory=dict)  # forward.field_influence's cache
+    dmpo_state: dict = field(default_factory=dict)  # VMAT: where DMPO's rounds ended
 
 
 def attain_limits(resolved, patient) -> dict:
@@ -597,6 +598,10 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij, delivery,
                                      ideal, dose, fid, keep=field,
                                      per_control_point=dmpo is not None)
+    if dmpo is not None and dmpo.dmpo_rounds and _vmat_hard_unmet(s, delivery, dose):
+        stages.add(2)  # counted here: the pass runs only when a hard goal fails
+        delivery, dose, fid = _dmpo_reported(stages, s, res, delivery, ideal, dose, fid,
+                                             dmpo, field)
     correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
     if (s.deliverable_rounds and s.opts.get("attain_rounds")
             and s.opts.get("goal_check") is s.goal_check):
@@ -634,10 +639,56 @@ def _finish_vmat(stages, s: Solve, res) -> Finished:
                              dmpo=VmatOptions.from_dict(s.settings.get("vmat")))
 
 
-def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions):
+def _vmat_offset(s: Solve, delivery, reported):
+    """(w, offset): the delivery's beamlet weights and the reported dose minus their
+    beamlet dose (the leakage outside the planning beamlets, the per-control-point dose)."""
+    w = delivered_weights(delivery, s.dij.beamlets)
+    return w, np.asarray(reported, np.float32) - patient_dose(s.dij, w)
+
+
+def _vmat_hard_unmet(s: Solve, delivery, reported) -> list:
+    """The hard goals the reported dose of a VMAT delivery fails (ids)."""
+    w, off = _vmat_offset(s, delivery, reported)
+    return [r["id"] for r in s.goal_check(w, off) if r["hard"] and r["met"] is False]
+
+
+def _dmpo_reported(stages, s: Solve, res, delivery, ideal, dose, fid, options, field):
+    """A second DMPO pass when the reported dose fails a hard goal that DMPO's own
+    (beamlet) dose met: its rounds measure the goals on the beamlet dose plus the
+    reported-minus-beamlet offset of the first pass (as the static fields' deliverable
+    correction), from the first pass's weights; kept when it fails fewer hard goals, or
+    the same ones by less."""
+    _, off = _vmat_offset(s, delivery, dose)
+    state = s.dmpo_state or None
+
+    def check(weights):
+        return s.goal_check(weights, off)
+
+    d2, dose2, fid2 = stages.run("dmpo (reported dose)", _dmpo, s, res, delivery, ideal,
+                                 options, goal_check=check, hard_state=state)
+    d2, dose2, fid2 = stages.run("field dose", _field_dose, s.patient, s.dij, d2, ideal,
+                                 dose2, fid2, keep=field, per_control_point=True)
+
+    def shortfall(dl, rep):
+        wv, ov = _vmat_offset(s, dl, rep)
+        bad = [r for r in s.goal_check(wv, ov) if r["hard"] and r["met"] is False]
+        return len(bad), sum(r["violation"] for r in bad)
+
+    if shortfall(d2, dose2) < shortfall(delivery, dose):
+        return d2, dose2, fid2
+    return delivery, dose, fid
+
+
+def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions, goal_check=None,
+          hard_state=None):
     """The arcs' leaves and MU optimised on the goal list as ``res`` left it
-    (:func:`atp.vmatplan.dmpo_step`); the deliverable dose on the patient grid."""
-    delivery, info = dmpo_step(s.problem, res, s.dij, delivery, options)
+    (:func:`atp.vmatplan.dmpo_step`; goal_check: the goals' measure, default the plan's;
+    hard_state: where its rounds start); the deliverable dose on the patient grid."""
+    delivery, info = dmpo_step(s.problem, res, s.dij, delivery, options,
+                               solve_options=dict(s.opts,
+                                                  goal_check=goal_check or s.goal_check),
+                               hard_state=hard_state)
+    s.dmpo_state = info.pop("hard_state")
     meta = {k: v for k, v in delivery.meta.items() if k != "dmpo"}
     # flat scalars: the delivery summary (plan.json, --json) carries them
     meta.update({f"dmpo_{k}": (round(v, 6) if isinstance(v, float) else v)
@@ -828,7 +879,8 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
     vmat: VmatOptions (one pass per arc, jaw tracking as asked). The fidelity record
     (gamma, DVH deltas: ~0.5 s) is None when :func:`_field_dose` computes the reported
     one anyway (a pencil-beam dij; VMAT's DMPO records its own)."""
-    params = {} if vmat is None else {"passes": 1, "jaw_tracking": vmat.jaw_tracking}
+    params = {} if vmat is None else {"passes": 1, "jaw_tracking": vmat.jaw_tracking,
+                                      "sector_cps": int(vmat.sector_cps)}
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions, **params)
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))

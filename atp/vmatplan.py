@@ -11,14 +11,23 @@ The planning floor's part of the technique (the stages stay independent):
 2. the goal-list optimisation of :func:`atp.pipeline.plan` on that dij (every term, the
    hard-goal loop and goal attainment as for static fields);
 3. :func:`atp.sequencer.vmat.sequence_vmat` with one pass per arc (two arcs already give
-   two apertures per gantry sector), the MU fitted to the ideal dose;
+   two apertures per gantry sector), each 24-degree sector's summed fluence spread over
+   its control points as nested intensity slices (``sector_cps``, SmartArc's coarse-sector
+   start), the MU fitted to the ideal dose;
 4. :func:`atp.sequencer.dmpo.optimise_machine_parameters`: leaf tips and MU of every
-   control point on :func:`goal_objective` -- the goal-list objective exactly as the
-   optimiser left it (its terms with the hard-goal weights and the attainment references in
-   force), on the deliverable dose (leaf/jaw transmission, tongue and groove, and the
-   far-scatter tail the reported dose adds) -- under the machine limits;
+   control point on :func:`goal_objective` -- the goal-list objective as the optimiser
+   left it (its terms with the hard-goal weights and the attainment references in force),
+   on the deliverable dose (leaf/jaw transmission, tongue and groove, and the far-scatter
+   tail the reported dose adds) -- under the machine limits. DMPO runs as an optimiser
+   backend (:class:`DmpoBackend`) under :func:`atp.optimizer.solve.optimize`, so the
+   hard-goal loop and the attainment rounds go on on the delivered dose: a goal DMPO
+   leaves short (typically a target's D99, whose DVH term is weak once the goal is
+   nearly met) gets its weight raised and DMPO continues from where it stopped
+   (``dmpo_rounds``);
 5. the reported dose: the final delivery recomputed over each beam's whole jaw field
-   (``atp.pipeline._field_dose``, what ``atp dose`` computes from the RT Plan).
+   (``atp.pipeline._field_dose``, what ``atp dose`` computes from the RT Plan); when it
+   fails a hard goal, a second DMPO pass measures the goals on its beamlet dose plus the
+   reported-minus-beamlet offset (kept only when it fails less).
 """
 
 from __future__ import annotations
@@ -29,13 +38,25 @@ import numpy as np
 
 from atp.dose.geometry import Beam, arc_control_points
 from atp.errors import InputError
+from atp.optimizer.backends.base import Backend, Result
 from atp.optimizer.objectives import evaluate_terms
-from atp.optimizer.solve import apply_state
+from atp.optimizer.solve import apply_state, optimize
+from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.dmpo import DmpoOptions, machine_limit_report, optimise_machine_parameters
 
 VMAT_SPACING_DEG = 6.0
 VMAT_COLLIMATOR_DEG = 15.0
 VMAT_ARCS = 2
+VMAT_DMPO_ROUNDS = 3
+#: control points per sector whose summed fluence is spread over them as nested slices
+#: (atp.sequencer.vmat.sector_slices): 24 deg sectors at the default 6 deg spacing
+VMAT_SECTOR_CPS = 4
+#: optimize() options of the fluence solve that DMPO's rounds take over (the goal check,
+#: the attainment and hard-goal rules)
+_ROUND_OPTIONS = ("goal_check", "hard_growth", "attain_max_priority", "attain_max_shift",
+                  "attain_margin", "hard_max_factor", "hard_max_shift", "attain_ids",
+                  "attain_release", "attain_limits", "attain_weight_ids", "attain_growth",
+                  "attain_max_factor")
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,8 @@ class VmatOptions:
     spacing_deg: float = VMAT_SPACING_DEG
     collimator_deg: float = VMAT_COLLIMATOR_DEG
     jaw_tracking: bool = False
+    sector_cps: int = VMAT_SECTOR_CPS
+    dmpo_rounds: int = VMAT_DMPO_ROUNDS
     dmpo: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,6 +82,12 @@ class VmatOptions:
         if not (np.isfinite(self.collimator_deg) and 0.0 <= self.collimator_deg <= 45.0):
             raise InputError(f"vmat collimator_deg must be in [0, 45], got "
                              f"{self.collimator_deg!r}", field="vmat.collimator_deg")
+        if int(self.sector_cps) != self.sector_cps or not 1 <= self.sector_cps <= 10:
+            raise InputError(f"vmat sector_cps must be 1..10, got {self.sector_cps!r}",
+                             field="vmat.sector_cps")
+        if int(self.dmpo_rounds) != self.dmpo_rounds or not 0 <= self.dmpo_rounds <= 10:
+            raise InputError(f"vmat dmpo_rounds must be 0..10, got {self.dmpo_rounds!r}",
+                             field="vmat.dmpo_rounds")
         self.dmpo_options()  # fails early on a bad DMPO field
 
     @classmethod
@@ -163,17 +192,62 @@ def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     return value_grad
 
 
-def dmpo_step(problem, res, dij, delivery, options: VmatOptions):
+class DmpoBackend(Backend):
+    """DMPO as an optimiser backend (for :func:`atp.optimizer.solve.optimize`): the
+    variables are the arcs' leaf tips and MU, ``Result.fluence`` the beamlet weights the
+    delivery gives (:func:`atp.sequencer.deliverable.delivered_weights`, transmission in).
+    It carries its delivery from one solve to the next (``x0`` is ignored: a warm solve
+    continues from the last delivery); ``max_iter``: DMPO iterations of that solve."""
+
+    name = "dmpo"
+    description = "direct machine-parameter optimisation of VMAT arcs"
+    first_order = True
+
+    def __init__(self, delivery, dij, options: DmpoOptions):
+        self.delivery, self.dij, self.options = delivery, dij, options
+        self.infos: list[dict] = []
+
+    def solve(self, problem, x0=None, max_iter=None, **_options) -> Result:
+        opts = replace(self.options, iterations=int(max_iter or self.options.iterations))
+        self.delivery, info = optimise_machine_parameters(
+            self.delivery, self.dij.beamlets,
+            goal_objective(problem, far=self.dij.far), opts)
+        self.infos.append(info)
+        w = delivered_weights(self.delivery, self.dij.beamlets, n_sub=opts.n_sub)
+        return Result(w, float(info["plan_objective_after"]),
+                      "max_iter" if info["stop"] == "iterations" else "optimal", self.name,
+                      iterations=int(info["iterations"]),
+                      history=[(k, float(v)) for k, v in enumerate(info["history"])])
+
+
+def dmpo_step(problem, res, dij, delivery, options: VmatOptions, solve_options=None,
+              hard_state=None):
     """DMPO of ``delivery`` on the goal list of ``problem`` as ``res`` (the optimiser's
-    result) left it. Returns (delivery, info)."""
+    result) left it, then ``options.dmpo_rounds`` rounds of the optimiser's hard-goal and
+    attainment rules on the delivered dose (``solve_options``: the fluence solve's
+    :func:`optimize` options; their goal check measures the goals). hard_state: the
+    weights and shifts to start from (default ``res.hard_state``; a second DMPO pass
+    passes the first one's, ``info['hard_state']``). Returns (delivery, info)."""
     opts = options.dmpo_options()
-    out, info = optimise_machine_parameters(delivery, dij.beamlets,
-                                            goal_objective(problem, res.hard_state,
-                                                           far=dij.far), opts)
-    info = {k: v for k, v in info.items() if k != "history"} | {
-        "history": [round(float(v), 6) for v in info.get("history", [])],
-        "limits": machine_limit_report(out, opts.travel_per_deg_mm)}
-    return out, info
+    be = DmpoBackend(delivery, dij, opts)
+    rounds = int(options.dmpo_rounds) if solve_options else 0
+    kw = {k: v for k, v in (solve_options or {}).items() if k in _ROUND_OPTIONS}
+    start = res.hard_state if hard_state is None else hard_state
+    out = optimize(problem, be, hard_state=start, hard_rounds=rounds,
+                   attain_rounds=rounds, surrogate_offsets=False,
+                   max_iter=opts.iterations, **kw)
+    first, last = be.infos[0], be.infos[-1]
+    info = {k: v for k, v in first.items() if k != "history"} | {
+        "objective_after": last["objective_after"],
+        "plan_objective_after": last["plan_objective_after"],
+        "iterations": sum(i["iterations"] for i in be.infos),
+        "evaluations": sum(i["evaluations"] for i in be.infos),
+        "stop": last["stop"], "mu_after": last.get("mu_after"), "solves": len(be.infos),
+        "kept": any(i["kept"] for i in be.infos),
+        "history": [round(float(v), 6) for i in be.infos for v in i.get("history", [])],
+        "unmet_hard": [g["id"] for g in out.unmet_hard], "hard_state": out.hard_state,
+        "limits": machine_limit_report(be.delivery, opts.travel_per_deg_mm)}
+    return be.delivery, info
 
 
 def control_point_beams(delivery):

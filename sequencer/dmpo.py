@@ -28,15 +28,17 @@ C, the machine limits, per arc (jaws fixed as sequenced):
 * opposing tips at least the minimum gap apart, tips inside the leaf range;
 * MU per control point within the MU/degree limits times the degrees it covers
   (dose rate x gantry speed), i.e. a box;
-* bank span (most- minus least-extended leaf): checked; a step that breaks it is refused.
+* bank span (most- minus least-extended leaf of a bank at a control point): a fifth set
+  of the alternating projection, ``SPAN_MARGIN_MM`` inside the limit (the repair after it
+  may move a leaf by Dykstra's residual); a step that still breaks the limit is refused.
 
 The method is projected quasi-Newton: an L-BFGS direction in scaled variables (leaves /
 ``leaf_scale_mm``, MU / mean MU), a trial point projected onto C, Armijo backtracking on
 the projected step (a failed search restarts from the steepest-descent direction with the
 memory cleared). The projection onto the leaf polytope is Dykstra's alternating projection
-(Boyle & Dykstra 1986) onto four sets with closed-form projections -- even-indexed and
+(Boyle & Dykstra 1986) onto five sets with closed-form projections -- even-indexed and
 odd-indexed travel constraints (disjoint pairs of control points), the opposing-tip gap,
-the leaf range -- followed by an exact repair (range, gap, then a forward and a backward
+the leaf range, the bank span -- followed by an exact repair (range, gap, then a forward and a backward
 travel clamp, which keeps the gap and the range), so every iterate is deliverable whatever
 the number of Dykstra sweeps. Every returned delivery passes
 :func:`atp.sequencer.check_delivery`.
@@ -97,6 +99,10 @@ class DmpoOptions:
             raise InputError("dmpo mu_weight must be >= 0", field="dmpo.mu_weight")
 
 
+#: the span set of the projection lies this far inside the machine's bank-span limit
+SPAN_MARGIN_MM = 0.5
+
+
 # --- the machine polytope -------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class LeafLimits:
@@ -145,6 +151,28 @@ def _pair_project(x, step, parity):
     return out
 
 
+def _span_project(x, span: float, iterations: int = 50):
+    """Project every row of x (n_cp, n_pairs) onto {max - min <= span}: the row clipped
+    to [l, l + span], l where the mass below it balances the mass above l + span (the
+    derivative of the squared distance; found by bisection)."""
+    lo_x, hi_x = x.min(axis=1), x.max(axis=1)
+    bad = hi_x - lo_x > span
+    if not bad.any():
+        return x
+    r = x[bad]
+    lo, hi = lo_x[bad], hi_x[bad] - span
+    for _ in range(int(iterations)):
+        mid = 0.5 * (lo + hi)
+        g = (np.maximum(mid[:, None] - r, 0.0).sum(axis=1)
+             - np.maximum(r - mid[:, None] - span, 0.0).sum(axis=1))
+        lo = np.where(g < 0, mid, lo)
+        hi = np.where(g < 0, hi, mid)
+    l_ = 0.5 * (lo + hi)[:, None]
+    out = x.copy()
+    out[bad] = np.clip(r, l_, l_ + span)
+    return out
+
+
 def _gap_project(a, b, g):
     """Project (a, b) onto {b - a >= g} elementwise."""
     short = np.maximum(g - (b - a), 0.0) / 2
@@ -163,9 +191,11 @@ def repair(a, b, lim: LeafLimits):
 def project_leaves(a, b, lim: LeafLimits, sweeps: int = 20):
     """(a, b) projected onto the leaf polytope (travel, gap, range) by ``sweeps`` of
     Dykstra's alternating projection, then :func:`repair` so the result is feasible
-    exactly (the bank span is not part of it: see the module docstring)."""
+    exactly; the bank span is a set of the projection, ``SPAN_MARGIN_MM`` inside the
+    limit, but not of the repair: see the module docstring)."""
     x = [np.asarray(a, np.float64).copy(), np.asarray(b, np.float64).copy()]
-    n_sets = 4
+    n_sets = 5
+    span = max(lim.span - SPAN_MARGIN_MM, lim.min_gap)
     incr = [[np.zeros_like(x[0]), np.zeros_like(x[1])] for _ in range(n_sets)]
 
     def proj(i, y):
@@ -173,6 +203,8 @@ def project_leaves(a, b, lim: LeafLimits, sweeps: int = 20):
             return [_pair_project(y[0], lim.step, i), _pair_project(y[1], lim.step, i)]
         if i == 2:
             return list(_gap_project(y[0], y[1], lim.min_gap))
+        if i == 4:
+            return [_span_project(y[0], span), _span_project(y[1], span)]
         return [np.clip(y[0], lim.lo, lim.hi), np.clip(y[1], lim.lo, lim.hi)]
 
     for _ in range(int(sweeps)):

@@ -47,11 +47,13 @@ class StepAndShoot(_Technique, name="imrt-sns", kind="imrt",
 @dataclass(frozen=True)
 class RuleBasedVmat(_Technique, name="vmat", kind="arc", function=sequence_vmat):
     """AIRT-style rule-based VMAT; ``threshold``: significant fluence, fraction of the
-    control point's maximum; ``passes``: arcs per optimised arc (residual fluence)."""
+    control point's maximum; ``passes``: arcs per optimised arc (residual fluence);
+    ``sector_cps``: control points per sector whose summed fluence is spread over them."""
 
     threshold: float = 0.1
     mu_relative_pass: bool = True
     passes: int = 2
+    sector_cps: int = 1
 
 
 @dataclass(frozen=True)

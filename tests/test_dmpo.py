@@ -352,3 +352,43 @@ def test_cli_bad_vmat_options_are_one_line_exit_2(tmp_path, capsys):
         assert main(["plan", "phantom", "--out", str(out), *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_span_projection_is_the_nearest_row_within_the_span():
+    from atp.sequencer.dmpo import _span_project
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.0, 60.0, size=(6, 9))
+    x[0] = np.linspace(-10, 10, 9)  # already within the span: unchanged
+    out = _span_project(x, 50.0)
+    assert np.array_equal(out[0], x[0])
+    assert np.all(out.max(axis=1) - out.min(axis=1) <= 50.0 + 1e-6)
+    for row, got in zip(x[1:], out[1:]):  # brute force over the clip window
+        grid = np.linspace(row.min() - 1, row.max() + 1, 4001)
+        best = min(((row - np.clip(row, lo, lo + 50.0)) ** 2).sum() for lo in grid)
+        assert ((row - got) ** 2).sum() <= best + 1e-3
+
+
+def test_dmpo_rounds_raise_a_short_goals_weight_and_stay_deliverable(arc_case):
+    """DMPO under optimize()'s attainment rules: a coverage goal the goal check reports
+    short gets its weight doubled each round, DMPO continues from its last delivery,
+    and every control point stays deliverable."""
+    from atp.vmatplan import VmatOptions, dmpo_step
+
+    p, res = arc_case["problem"], arc_case["res"]
+    gid = next(b.goal.id for b in p.bindings if b.term_indices and b.goal.priority <= 3
+               and b.goal.metric.kind == "D" and b.goal.operator == ">=")
+    seen = []
+
+    def check(w):
+        seen.append(float(np.sum(w)))
+        return [{"id": gid, "achieved": 0.0, "met": False, "violation": 1.0, "hard": False}]
+
+    start = res.hard_state.get(gid, {}).get("weight_factor", 1.0)
+    d, info = dmpo_step(p, res, arc_case["dij"], arc_case["delivery"],
+                        VmatOptions(spacing_deg=10.0, dmpo_rounds=2, dmpo={"iterations": 5}),
+                        solve_options={"goal_check": check, "attain_weight_ids": (gid,)})
+    assert info["solves"] == 3 and len(seen) == 3  # the first solve, then two rounds
+    assert info["hard_state"][gid]["weight_factor"] == min(4.0 * start, 16.0)
+    assert info["iterations"] > 5
+    assert_machine_feasible(d)

@@ -107,7 +107,7 @@ def add_plan_arguments(p) -> None:
                         "optimisation of leaves and MU on the goal list (atp.vmatplan)")
     add_repeatable(p, "--vmat", "KEY=VALUE",
                    help="VMAT option (arcs, spacing_deg, collimator_deg, jaw_tracking, "
-                        "dmpo.iterations, dmpo.mu_weight, ...); repeatable")
+                        "sector_cps, dmpo_rounds, dmpo.iterations, dmpo.mu_weight, ...); repeatable")
     add_output_arguments(p)
     add_optimiser_arguments(p)
     add_fast_arguments(p)
