@@ -598,10 +598,12 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij, delivery,
                                      ideal, dose, fid, keep=field,
                                      per_control_point=dmpo is not None)
-    if dmpo is not None and dmpo.dmpo_rounds and _vmat_hard_unmet(s, delivery, dose):
-        stages.add(2)  # counted here: the pass runs only when a hard goal fails
-        delivery, dose, fid = _dmpo_reported(stages, s, res, delivery, ideal, dose, fid,
-                                             dmpo, field)
+    if dmpo is not None and dmpo.dmpo_rounds:
+        off, failed = _vmat_hard_failed(s, delivery, dose)
+        if failed:
+            stages.add(2)  # counted here: the pass runs only when a hard goal fails
+            delivery, dose, fid = _dmpo_reported(stages, s, res, (delivery, ideal, dose, fid),
+                                                 dmpo, field, off, failed)
     correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
     if (s.deliverable_rounds and s.opts.get("attain_rounds")
             and s.opts.get("goal_check") is s.goal_check):
@@ -639,44 +641,34 @@ def _finish_vmat(stages, s: Solve, res) -> Finished:
                              dmpo=VmatOptions.from_dict(s.settings.get("vmat")))
 
 
-def _vmat_offset(s: Solve, delivery, reported):
-    """(w, offset): the delivery's beamlet weights and the reported dose minus their
-    beamlet dose (the leakage outside the planning beamlets, the per-control-point dose)."""
+def _vmat_hard_failed(s: Solve, delivery, reported):
+    """(offset, failed): the reported dose of a VMAT delivery minus its beamlet dose (the
+    leakage outside the planning beamlets, the per-control-point dose), and the goal
+    check's records of the hard goals that reported dose fails."""
     w = delivered_weights(delivery, s.dij.beamlets)
-    return w, np.asarray(reported, np.float32) - patient_dose(s.dij, w)
+    off = np.asarray(reported, np.float32) - patient_dose(s.dij, w)
+    return off, [r for r in s.goal_check(w, off) if r["hard"] and r["met"] is False]
 
 
-def _vmat_hard_unmet(s: Solve, delivery, reported) -> list:
-    """The hard goals the reported dose of a VMAT delivery fails (ids)."""
-    w, off = _vmat_offset(s, delivery, reported)
-    return [r["id"] for r in s.goal_check(w, off) if r["hard"] and r["met"] is False]
-
-
-def _dmpo_reported(stages, s: Solve, res, delivery, ideal, dose, fid, options, field):
-    """A second DMPO pass when the reported dose fails a hard goal that DMPO's own
-    (beamlet) dose met: its rounds measure the goals on the beamlet dose plus the
-    reported-minus-beamlet offset of the first pass (as the static fields' deliverable
-    correction), from the first pass's weights; kept when it fails fewer hard goals, or
-    the same ones by less."""
-    _, off = _vmat_offset(s, delivery, dose)
-    state = s.dmpo_state or None
-
-    def check(weights):
-        return s.goal_check(weights, off)
-
+def _dmpo_reported(stages, s: Solve, res, first, options, field, off, failed):
+    """A second DMPO pass when the reported dose of ``first`` (delivery, ideal, dose,
+    fidelity) fails hard goals (``failed``) that DMPO's own (beamlet) dose met: its rounds
+    measure the goals on the beamlet dose plus the first pass's reported-minus-beamlet
+    ``off`` (as the static fields' deliverable correction), from the first pass's
+    weights; kept when it fails fewer hard goals, or the same number by less."""
+    delivery, ideal = first[0], first[1]
     d2, dose2, fid2 = stages.run("dmpo (reported dose)", _dmpo, s, res, delivery, ideal,
-                                 options, goal_check=check, hard_state=state)
+                                 options, goal_check=lambda w: s.goal_check(w, off),
+                                 hard_state=s.dmpo_state or None)
     d2, dose2, fid2 = stages.run("field dose", _field_dose, s.patient, s.dij, d2, ideal,
                                  dose2, fid2, keep=field, per_control_point=True)
 
-    def shortfall(dl, rep):
-        wv, ov = _vmat_offset(s, dl, rep)
-        bad = [r for r in s.goal_check(wv, ov) if r["hard"] and r["met"] is False]
+    def shortfall(bad):
         return len(bad), sum(r["violation"] for r in bad)
 
-    if shortfall(d2, dose2) < shortfall(delivery, dose):
+    if shortfall(_vmat_hard_failed(s, d2, dose2)[1]) < shortfall(failed):
         return d2, dose2, fid2
-    return delivery, dose, fid
+    return first[0], first[2], first[3]
 
 
 def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions, goal_check=None,
