@@ -33,7 +33,7 @@ from atp.dose.geometry import BEAM_TEMPLATES, Beam, equispaced_beams
 from atp.dose.resample import dose_to_patient_grid
 from atp.errors import InputError, quote
 from atp.fastplan import FastPlanOptions, fast_plan, fast_plan_options
-from atp.forward import forward_dose
+from atp.forward import forward_dose, forward_dose_grouped
 from atp.goals import evaluate_goals
 from atp.goals.changes import goal_changes
 from atp.goals.schema import MAX_WEIGHT, check_setting
@@ -917,16 +917,17 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
             fwd, threshold = delivery, dm.get("threshold")
             beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
                      zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
-        dose, fdij = forward_dose(patient, fwd, beams,
-                               dose_grid_factor=int(dm.get("dose_grid_factor", 2)),
-                               beamlet_size_mm=float(b.beamlet_size_mm[0]),
-                               margin_mm=float(dm.get("margin_mm", 5.0)),
-                               threshold=threshold,
-                               cache=(None if keep is None or per_control_point
-                                      else keep.setdefault("beams", {})))
+        kw = {"dose_grid_factor": int(dm.get("dose_grid_factor", 2)),
+              "beamlet_size_mm": float(b.beamlet_size_mm[0]),
+              "margin_mm": float(dm.get("margin_mm", 5.0)), "threshold": threshold}
+        if per_control_point:  # ~120 dose beams: a few at a time (memory)
+            dose, _ = forward_dose_grouped(patient, fwd, beams, **kw)
+        else:
+            dose, fdij = forward_dose(patient, fwd, beams, **kw, cache=(
+                None if keep is None else keep.setdefault("beams", {})))
+            if keep is not None:  # the final-dose stage splits the dose by beam on it
+                keep["dij"] = fdij  # (its beams: the delivery's)
         meta["dose_beamlets"] = "jaw field"
-        if keep is not None and not per_control_point:  # the final-dose stage splits
-            keep["dij"] = fdij  # the dose by beam on it (its beams: the delivery's)
         masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
         fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return replace(delivery, meta=meta), dose, fid

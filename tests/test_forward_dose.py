@@ -201,6 +201,21 @@ def test_closed_mlc_field_transmits_about_the_leaf_transmission():
     assert r["transmission_percent"] > r["machine_leaf_transmission_percent"] * 0.9
 
 
+def test_grouped_forward_dose_is_the_whole_field_dose(phantom, tmp_path):
+    """forward_dose_grouped (a few dose beams' jaw-field dij at a time: VMAT's reported
+    dose and ``atp dose`` of an arc plan) gives forward_dose's dose, for any group size."""
+    from atp.sequencer.rtplan import read_rt_plan
+
+    from atp.forward import forward_dose, forward_dose_grouped
+
+    d, beams, _ = read_rt_plan(_hand_plan(tmp_path / "hand.dcm", phantom.target_centroid_mm()))
+    whole, dij = forward_dose(phantom, d, beams)
+    for group in (1, 2, 8):
+        dose, n = forward_dose_grouped(phantom, d, beams, group=group)
+        assert n == dij.n_beamlets
+        np.testing.assert_allclose(dose, whole, rtol=1e-5, atol=1e-6 * float(whole.max()))
+
+
 def test_forward_dose_uses_the_beams_given(phantom):
     """The field dij's columns equal the planning dij's where both have the beamlet."""
     from atp import sequencer

@@ -131,6 +131,23 @@ def test_stage2s_recipe_is_stage2_on_bf16_sub_crops(reference_dose_phantom, tmp_
     assert out.shape == (1, 1, *FINE.size) and torch.isfinite(out).all()
 
 
+def test_stage2sp_input_is_stage1s_own_prediction(reference_dose_phantom):
+    """okbp_stage2sp: the dose channel is the given Stage-1 predictor's dose (what the
+    cascade hands Stage 2 at inference), not the coarse reference."""
+    pat = reference_dose_phantom
+    assert make_config(None, "okbp_stage2sp").dose_input_source == "stage1"
+
+    class Flat:
+        def predict(self, p):
+            return np.where(p.body_mask, 12.5, 0.0).astype(np.float32)
+
+    own = encode_patients([pat], FINE, None, Flat())[0][0, 13].astype(np.float32)
+    ref = encode_patients([pat], FINE, COARSE)[0][0, 13].astype(np.float32)
+    body = encode_patient(pat, FINE, Flat().predict(pat))[0][1] >= 0.5
+    assert np.allclose(own[body], 12.5 / FINE.rx_norm_gy, atol=1e-3)
+    assert not np.allclose(own, ref)
+
+
 def test_stage2_window_keeps_its_scale_on_a_fine_ct():
     """A CT finer than the OpenKBP voxels is block-averaged to about their scale in the
     Stage-2 window (the network was trained on 2.7-5.1 mm x 1.5-3.3 mm voxels); OpenKBP

@@ -36,12 +36,14 @@ def register(sub) -> None:
     p.add_argument("--config", default="small",
                    choices=["small", "full", "okbp_stage1", "okbp_stage2", "okbp_stage2s",
                             "okbp_stage1g", "okbp_stage2g", "okbp_stage2w",
-                            "okbp_stage2sw"],
+                            "okbp_stage2sw", "okbp_stage2sn", "okbp_stage2sp"],
                    help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1 / "
                         "okbp_stage2 (okbp_stage2s: on sub-crops, bf16, for a CPU; "
                         "okbp_stage1g / okbp_stage2g: longer, for a GPU; "
                         "okbp_stage2w: a deeper, wider Stage 2 for a GPU; "
-                        "okbp_stage2sw: that network on sub-crops, for a CPU): the "
+                        "okbp_stage2sw: that network on sub-crops, for a CPU; "
+                        "okbp_stage2sn: okbp_stage2s with 4-7 Gy input noise; "
+                        "okbp_stage2sp: trained on Stage 1's own predictions): the "
                         "issue-23 cascade recipes (see predictor/train.py)")
     p.add_argument("--stage1", help="okbp_stage2(s|g|w|sw): the Stage-1 best.pt, or a cascade.pt "
                                     "(its Stage 1); selection runs the cascade and "
@@ -180,10 +182,13 @@ def _run_selection(args, cfg, out: Path, cache: Path, log,  # lazy: CLI start-up
     chunks = out / "chunks.jsonl"
     prev = chunks.read_bytes() if chunks.is_file() else b""
     atomic_write_bytes(chunks, prev + (json.dumps(chunk) + "\n").encode())
+    src = {}
+    if cfg.encoding.dose_input and cfg.dose_input_source == "stage1":
+        src = {"stage1": stage1, "stage1_key": record["stage1"]["sha1"]}
     tr = encode_files(fit_files, cfg.encoding, cache, log, cfg.coarse_encoding,
-                      args.encode_workers)
+                      args.encode_workers, **src)
     va = encode_files(sel_files, cfg.encoding, cache, log, cfg.coarse_encoding,
-                      args.encode_workers)
+                      args.encode_workers, **src)
     if cfg.encoding.dose_input:  # Stage 2: selection scores the cascade with ``stage1``
         from atp.predictor.cascade import CascadePredictor
         from atp.predictor.cnn import CNNPredictor
