@@ -158,6 +158,12 @@ PRESETS[("resunet", "okbp_stage2w")] = dict(
 PRESETS[("resunet", "okbp_stage2sw")] = dict(
     PRESETS[("resunet", "okbp_stage2s")], net_kwargs=PRESETS[("resunet", "okbp_stage2w")][
         "net_kwargs"], epochs=60, select_every=10, grad_clip=1.0)
+# Stage 1 for the next GPU chunk (Stage 1 makes the cascade's error: 2026-12-05 diagnosis in
+# docs/experiments/predictor.md; it over-fits by ~1 Gy): okbp_stage1g 1.5x wider
+# (24-48-96-192) with 5x the weight decay. Not yet trained.
+PRESETS[("resunet", "okbp_stage1gw")] = dict(
+    PRESETS[("resunet", "okbp_stage1g")], net_kwargs={"channels": [24, 48, 96, 192]},
+    weight_decay=5e-2)
 # Stage 2 made to correct a worse Stage 1 (2026-12-05 diagnosis on the 20 held-out training
 # patients: Stage 2 fed the perfect coarse dose scores 1.25 Gy, fed Stage 1's (4.13 Gy
 # alone) 3.45: it trusts its input, having seen only 2-3 Gy of noise on it): okbp_stage2s
@@ -176,7 +182,7 @@ RECIPE_MODELS = {"okbp_stage1": "resunet", "okbp_stage2": "resunet",
                  "okbp_stage2s": "resunet", "okbp_stage1g": "resunet",
                  "okbp_stage2g": "resunet", "okbp_stage2w": "resunet",
                  "okbp_stage2sw": "resunet", "okbp_stage2sn": "resunet",
-                 "okbp_stage2sp": "resunet"}
+                 "okbp_stage2sp": "resunet", "okbp_stage1gw": "resunet"}
 
 
 @dataclass

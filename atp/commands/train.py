@@ -36,14 +36,16 @@ def register(sub) -> None:
     p.add_argument("--config", default="small",
                    choices=["small", "full", "okbp_stage1", "okbp_stage2", "okbp_stage2s",
                             "okbp_stage1g", "okbp_stage2g", "okbp_stage2w",
-                            "okbp_stage2sw", "okbp_stage2sn", "okbp_stage2sp"],
+                            "okbp_stage2sw", "okbp_stage2sn", "okbp_stage2sp",
+                            "okbp_stage1gw"],
                    help="small: 64^3 input for CPU; full: 128^3 for a GPU; okbp_stage1 / "
                         "okbp_stage2 (okbp_stage2s: on sub-crops, bf16, for a CPU; "
                         "okbp_stage1g / okbp_stage2g: longer, for a GPU; "
                         "okbp_stage2w: a deeper, wider Stage 2 for a GPU; "
                         "okbp_stage2sw: that network on sub-crops, for a CPU; "
                         "okbp_stage2sn: okbp_stage2s with 4-7 Gy input noise; "
-                        "okbp_stage2sp: trained on Stage 1's own predictions): the "
+                        "okbp_stage2sp: trained on Stage 1's own predictions; "
+                        "okbp_stage1gw: a wider, more regularised Stage 1 for a GPU): the "
                         "issue-23 cascade recipes (see predictor/train.py)")
     p.add_argument("--stage1", help="okbp_stage2(s|g|w|sw): the Stage-1 best.pt, or a cascade.pt "
                                     "(its Stage 1); selection runs the cascade and "

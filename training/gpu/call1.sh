@@ -11,7 +11,7 @@ $PY -c "import torch, cupy; print('torch', torch.__version__, torch.cuda.is_avai
 mkdir -p $DATA/train
 $PY -m training.openkbp_pack unpack .devdata/a $DATA/train --workers 16 || exit 1
 rm -rf /root/probe1 /root/probe2
-atp train --config okbp_stage1g --data $DATA --out /root/probe1 --limit 30 --selection 2 \
+atp train --config $S1RECIPE --data $DATA --out /root/probe1 --limit 30 --selection 2 \
     --epochs 1 --steps-per-epoch ${PROBE_STEPS:-150} --encode-workers 7 --quiet > /root/probe1.log 2>&1 &
 atp train --config $STAGE2 --stage1 $STAGE1 --data $DATA --out /root/probe2 \
     --limit 30 --selection 2 --epochs 1 --steps-per-epoch ${PROBE_STEPS:-150} --encode-workers 7 --quiet \

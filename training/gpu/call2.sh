@@ -14,7 +14,7 @@ read E1 E2 < <($PY training/gpu/size_epochs.py /root/probe1/train.log \
 echo "epochs: stage1g $E1, $STAGE2 $E2 (budget $B s)"
 M=$($PY -c "print(round(($B + 45) / 60, 2))")
 rm -rf /root/s1g /root/s2g
-atp train --config okbp_stage1g --data $DATA --out /root/s1g --epochs "$E1" \
+atp train --config $S1RECIPE --data $DATA --out /root/s1g --epochs "$E1" \
     --encode-workers 8 --max-minutes "$M" --checkpoint-minutes 2 --quiet \
     > /root/s1g.console 2>&1 &
 atp train --config $STAGE2 --stage1 $STAGE1 --data $DATA --out /root/s2g \

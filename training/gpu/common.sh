@@ -14,4 +14,5 @@ export PYTHONPATH=/tmp/src:/tmp/site
 atp() { $PY -P -c 'import sys; from atp.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 DATA=/root/okbp
 STAGE2=${STAGE2:-okbp_stage2g}
+S1RECIPE=${S1RECIPE:-okbp_stage1g}  # okbp_stage1gw: the wider, more regularised Stage 1
 STAGE1=${STAGE1:-predictor/weights/cascade.pt}
