@@ -700,7 +700,9 @@ def _rows_matrix(dij, used, fine_ids: dict, patient_grid):
         return A, None
     voxels = np.fromiter(fine_ids.keys(), dtype=np.int64, count=len(fine_ids))[virt]
     interp = interpolation_rows(voxels, patient_grid, dij.dose_grid)
-    A = sp.vstack([A, sp.csr_matrix(interp @ m, dtype=np.float32)], format="csr")
+    fine = sp.csr_matrix(interp @ m, dtype=np.float32)
+    del m  # the dij's CSR copy goes before the stacked copy of A is made (peak memory)
+    A = sp.vstack([A, fine], format="csr")
     return A, FineRows(int(real.size), voxels, interp)
 
 
