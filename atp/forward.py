@@ -180,10 +180,9 @@ def forward_dose_grouped(patient, delivery, beams, *, group: int = FORWARD_GROUP
         d = dij.dose(delivered_weights(delivery, dij.beamlets))
         total = d if total is None else total + d
         n += dij.n_beamlets
-        grid = dij
     if total is None:
         raise InputError("the delivery delivers no MU", field="delivery")
-    return grid.to_patient_grid(total), n
+    return dij.to_patient_grid(total), n  # every group's dij: the same dose grid
 
 
 def rt_plan_dose(plan_path, patient, *, machine="millennium120", **kw):
