@@ -40,6 +40,7 @@ from atp.dose.geometry import Beam, arc_control_points
 from atp.errors import InputError
 from atp.optimizer.backends.base import Backend, Result
 from atp.optimizer.objectives import evaluate_terms
+from atp.optimizer.rowop import InterpolatedRows
 from atp.optimizer.solve import apply_state, optimize
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.dmpo import DmpoOptions, machine_limit_report, optimise_machine_parameters
@@ -174,7 +175,11 @@ def goal_objective(problem, hard_state=None, dtype=np.float32, far=None):
     checks)."""
     p = apply_state(problem, hard_state) if hard_state else problem
     # no copies of the problem's matrix (an arc dij's rows run to GB): A^T as A's CSC view
-    A = p.A.tocsr().astype(dtype, copy=False)
+    A = p.A
+    if isinstance(A, InterpolatedRows):
+        A = A.astype(dtype, copy=False)
+    else:
+        A = A.tocsr().astype(dtype, copy=False)
     AT = A.T
     arrays = [(t.rows, t.voxel_weight, t.ref_gy) for t in p.terms]
     far_p = None if far is None else problem_far(far, p)

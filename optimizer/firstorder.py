@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_backward, mu_forward
+from atp.optimizer.rowop import InterpolatedRows
 
 from atp.progress import tick
 from atp.xp import csr_transpose, sparse_module, threaded_csr
@@ -38,8 +39,8 @@ class DeviceProblem:
     """A :class:`~atp.optimizer.problem.Problem`'s arrays in one array module."""
 
     xp: object
-    A: object  # CSR (n_rows, n_beamlets)
-    AT: object  # CSR (n_beamlets, n_rows)
+    A: object  # CSR (n_rows, n_beamlets), or an InterpolatedRows on the device
+    AT: object  # CSR (n_beamlets, n_rows), or that operator's transpose
     terms: list
     term_arrays: list  # per term (rows, vw, ref)
     D: object | None  # smoothness difference matrix (n_pairs, n_beamlets)
@@ -53,12 +54,16 @@ class DeviceProblem:
     @classmethod
     def from_problem(cls, problem, xp) -> DeviceProblem:
         sparse = sparse_module(xp)
-        A = problem.A if problem.A.format == "csr" else problem.A.tocsr()
-        AT = csr_transpose(A)
-        if xp is np:  # products in threads (bitwise the same): the hot loop on a CPU
-            A_d, AT_d = threaded_csr(A), threaded_csr(AT)
+        if isinstance(problem.A, InterpolatedRows):  # patient-grid rows: B once, S B
+            A_d = problem.A.on(xp)
+            AT_d = A_d.T
         else:
-            A_d, AT_d = sparse.csr_matrix(A), sparse.csr_matrix(AT)
+            A = problem.A if problem.A.format == "csr" else problem.A.tocsr()
+            AT = csr_transpose(A)
+            if xp is np:  # products in threads (bitwise the same): the hot loop on a CPU
+                A_d, AT_d = threaded_csr(A), threaded_csr(AT)
+            else:
+                A_d, AT_d = sparse.csr_matrix(A), sparse.csr_matrix(AT)
 
         def arr(a, dtype):
             return xp.asarray(np.asarray(a, dtype=dtype))

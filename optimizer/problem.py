@@ -88,6 +88,7 @@ from atp.optimizer.objectives import (
     smoothness_pairs,
     term_value_grad,
 )
+from atp.optimizer.rowop import interpolated_rows
 from scipy import ndimage
 
 from atp.dose.resample import downsample_factor, interpolation_rows, mask_to_dose_grid
@@ -158,7 +159,9 @@ MAX_TERM_WEIGHT = 1e12  # a term weight beyond this lets the objective's sums ov
 class Problem:
     """The optimisation problem (host arrays; backends move them to their device).
 
-    A: CSR (n_rows, n_beamlets) float32, Gy per unit fluence, the dij rows of ``rows``.
+    A: (n_rows, n_beamlets) float32, Gy per unit fluence, the dij rows of ``rows``: CSR,
+    or with patient-grid rows (``fine``) an :class:`~atp.optimizer.rowop.InterpolatedRows`
+    (``@``, ``.T @``, ``tocsr()``).
     rows: dose-grid voxel index (C order) of each row of A; rows >= the dose grid's
     voxel count are patient-grid voxels (``fine``: which, and their interpolation).
     terms: objective terms on rows of A. smooth_pairs / smooth_weight / smooth_norm: the
@@ -689,21 +692,18 @@ def _fine_factor(patient, dij) -> int | None:
 
 def _rows_matrix(dij, used, fine_ids: dict, patient_grid):
     """A's rows: the dij's rows ``used`` (< its voxel count), then the patient-grid rows
-    (``used`` beyond it, ids of ``fine_ids``) interpolated from the dij; and their
-    :class:`FineRows` (None without them)."""
+    (``used`` beyond it, ids of ``fine_ids``) interpolated from the dij, as the operator
+    :class:`~atp.optimizer.rowop.InterpolatedRows` (the dij's rows once, not each patient
+    row's union of eight); and their :class:`FineRows` (None without them)."""
     n_vox = dij.n_voxels
     m = dij.matrix.tocsr()
     real = used[used < n_vox]
-    A = sp.csr_matrix(m[real, :], dtype=np.float32)
     virt = used[used >= n_vox] - n_vox
     if not virt.size:
-        return A, None
+        return sp.csr_matrix(m[real, :], dtype=np.float32), None
     voxels = np.fromiter(fine_ids.keys(), dtype=np.int64, count=len(fine_ids))[virt]
     interp = interpolation_rows(voxels, patient_grid, dij.dose_grid)
-    fine = sp.csr_matrix(interp @ m, dtype=np.float32)
-    del m  # the dij's CSR copy goes before the stacked copy of A is made (peak memory)
-    A = sp.vstack([A, fine], format="csr")
-    return A, FineRows(int(real.size), voxels, interp)
+    return interpolated_rows(m, real, interp), FineRows(int(real.size), voxels, interp)
 
 
 def initial_fluence(A, terms, rx, targets, fractions, lookup) -> np.ndarray:

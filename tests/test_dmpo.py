@@ -267,7 +267,9 @@ def test_goal_objective_gradient_matches_finite_differences(arc_case):
         v[k] -= 2 * eps
         jm = j_of(a, b, v)[0]
         v[k] += eps
-        assert (jp - jm) / (2 * eps) == pytest.approx(gv[k], rel=1e-3)
+        # rel 2e-3: the dose-volume terms' sorted voxel sets make J piecewise smooth; its
+        # central differences move by ~1e-3 relative between eps 1e-3 and 1e-4 here
+        assert (jp - jm) / (2 * eps) == pytest.approx(gv[k], rel=2e-3)
 
 
 def test_a_start_outside_the_travel_limit_is_refused(arc_case):

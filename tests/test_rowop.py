@@ -1,0 +1,91 @@
+"""The problem matrix with patient-grid rows as an operator (optimizer.rowop): A = [B; S B]
+must be the matrix it replaces, forward and transposed, on the host and the device form."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from atp.optimizer.rowop import InterpolatedRows, interpolated_rows
+
+
+def _case(seed=0, n_vox=60, n_cols=40, n_fine=25, missing=True):
+    rng = np.random.default_rng(seed)
+    dij = sp.random(n_vox, n_cols, density=0.3, format="csr", dtype=np.float64,
+                    random_state=seed)
+    # each patient row interpolates 1-8 dose voxels with weights summing to 1
+    rows, cols, vals = [], [], []
+    for r in range(n_fine):
+        k = int(rng.integers(1, 9))
+        c = rng.choice(n_vox, size=k, replace=False)
+        v = rng.random(k)
+        rows += [r] * k
+        cols += list(c)
+        vals += list(v / v.sum())
+    interp = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(n_fine, n_vox))
+    src = np.unique(interp.indices)
+    # the problem's own dose rows: most of the sources (or all) plus others
+    keep = src[: -3] if missing else src
+    real = np.unique(np.concatenate([keep, rng.choice(n_vox, 10, replace=False)]))
+    if missing:
+        real = np.setdiff1d(real, src[-3:])
+    dense = np.vstack([dij[real].toarray(), interp.toarray() @ dij.toarray()])
+    return dij, real, interp, dense
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_operator_is_the_stacked_matrix(missing):
+    dij, real, interp, dense = _case(missing=missing)
+    op = interpolated_rows(dij, real, interp)
+    assert isinstance(op, InterpolatedRows) and op.shape == dense.shape
+    assert (op.B.shape[0] - op.top > 0) == missing  # absent sources: extra rows of B
+    rng = np.random.default_rng(1)
+    w = rng.random(dense.shape[1]).astype(np.float32)
+    y = rng.random(dense.shape[0]).astype(np.float32)
+    np.testing.assert_allclose(op @ w, dense @ w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(op.T @ y, dense.T @ y, rtol=1e-5, atol=1e-6)
+    Y = rng.random((dense.shape[0], 3)).astype(np.float32)
+    np.testing.assert_allclose(op.T @ Y, dense.T @ Y, rtol=1e-5, atol=1e-6)
+    X = sp.random(dense.shape[1], 4, density=0.5, format="csr", random_state=2)
+    got = op @ X
+    assert sp.issparse(got)
+    np.testing.assert_allclose(got.toarray(), dense @ X.toarray(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(op.tocsr().toarray(), dense, rtol=1e-6, atol=1e-7)
+    op64 = op.astype(np.float64)
+    assert (op64 @ w).dtype == np.float64
+
+
+def test_device_form_matches_the_host_bitwise():
+    dij, real, interp, _ = _case(seed=3)
+    op = interpolated_rows(dij, real, interp)
+    dev = op.on(np)
+    rng = np.random.default_rng(4)
+    w = rng.random(op.shape[1]).astype(np.float32)
+    y = rng.random(op.shape[0]).astype(np.float32)
+    assert np.array_equal(dev @ w, op @ w)
+    np.testing.assert_allclose(dev.T @ y, op.T @ y, rtol=1e-6)
+
+
+def test_fine_problem_uses_the_operator_with_fewer_non_zeros(phantom):
+    """On the phantom with a CT/2 dose grid, the target-edge rows make A an operator whose
+    stored non-zeros are fewer than the matrix it stands for, with the same products."""
+    from atp.optimizer.problem import build_problem, structure_fractions
+    from atp.predictor import registry as predictors
+
+    from atp.dose.geometry import Beam
+    from atp.dose.pencil_beam import PencilBeamEngine
+    from atp.goals import load_goal_list, resolve_goals, with_control_structures
+
+    pred = predictors.get("baseline").predict(phantom)
+    resolved = list(resolve_goals(load_goal_list(site="hn"), phantom, pred))
+    patient = with_control_structures(phantom, resolved)
+    beams = [Beam(gantry_deg=g) for g in (0.0, 120.0, 240.0)]
+    dij = PencilBeamEngine().influence(patient, beams, dose_grid_factor=2)
+    p = build_problem(resolved, patient, dij, fractions=structure_fractions(patient, dij))
+    assert p.fine is not None and isinstance(p.A, InterpolatedRows)
+    M = p.A.tocsr()
+    assert p.A.nnz < M.nnz
+    w = p.x0
+    np.testing.assert_allclose(p.A @ w, M @ w, rtol=1e-4, atol=1e-4 * float(np.max(M @ w)))
+    # the patient rows are the interpolation of the dose-grid dose, as the report's dose is
+    d_grid = dij.matrix @ w
+    np.testing.assert_allclose((p.A @ w)[p.fine.first:], p.fine.interp @ d_grid, rtol=1e-4,
+                               atol=1e-4 * float(np.max(d_grid)))
