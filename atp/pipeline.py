@@ -588,7 +588,8 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     delivery, ideal, dose, fid = stages.run(
         "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, dmpo)
     if dmpo is not None:
-        delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo)
+        delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo,
+                                         column_gen=True)
     # the reported dose (whole jaw field, leakage included) before any correction
     # round, so the rounds correct against what is reported (#19)
     beamlet_dose = dose
@@ -672,14 +673,14 @@ def _dmpo_reported(stages, s: Solve, res, first, options, field, off, failed):
 
 
 def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions, goal_check=None,
-          hard_state=None):
+          hard_state=None, column_gen: bool = False):
     """The arcs' leaves and MU optimised on the goal list as ``res`` left it
     (:func:`atp.vmatplan.dmpo_step`; goal_check: the goals' measure, default the plan's;
     hard_state: where its rounds start); the deliverable dose on the patient grid."""
     delivery, info = dmpo_step(s.problem, res, s.dij, delivery, options,
                                solve_options=dict(s.opts,
                                                   goal_check=goal_check or s.goal_check),
-                               hard_state=hard_state)
+                               hard_state=hard_state, column_gen=column_gen)
     s.dmpo_state = info.pop("hard_state")
     meta = {k: v for k, v in delivery.meta.items() if k != "dmpo"}
     # flat scalars: the delivery summary (plan.json, --json) carries them

@@ -44,6 +44,7 @@ from atp.optimizer.rowop import InterpolatedRows
 from atp.optimizer.solve import apply_state, optimize
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.dmpo import DmpoOptions, machine_limit_report, optimise_machine_parameters
+from atp.sequencer.vmat_cg import ColumnGenOptions, column_generation
 
 VMAT_SPACING_DEG = 6.0
 VMAT_COLLIMATOR_DEG = 15.0
@@ -52,6 +53,10 @@ VMAT_DMPO_ROUNDS = 3
 #: control points per sector whose summed fluence is spread over them as nested slices
 #: (atp.sequencer.vmat.sector_slices): 24 deg sectors at the default 6 deg spacing
 VMAT_SECTOR_CPS = 4
+#: DMPO's start: 'cg' (apertures by column generation on the goal list,
+#: atp.sequencer.vmat_cg) or 'sequence' (the rule-based arc sequencing as it is)
+VMAT_START = "sequence"
+VMAT_STARTS = ("cg", "sequence")
 #: optimize() options of the fluence solve that DMPO's rounds take over (the goal check,
 #: the attainment and hard-goal rules)
 _ROUND_OPTIONS = ("goal_check", "hard_growth", "attain_max_priority", "attain_max_shift",
@@ -72,6 +77,7 @@ class VmatOptions:
     sector_cps: int = VMAT_SECTOR_CPS
     dmpo_rounds: int = VMAT_DMPO_ROUNDS
     dmpo: dict = field(default_factory=dict)
+    start: str = VMAT_START
 
     def __post_init__(self) -> None:
         if int(self.arcs) != self.arcs or not 1 <= self.arcs <= 4:
@@ -89,6 +95,9 @@ class VmatOptions:
         if int(self.dmpo_rounds) != self.dmpo_rounds or not 0 <= self.dmpo_rounds <= 10:
             raise InputError(f"vmat dmpo_rounds must be 0..10, got {self.dmpo_rounds!r}",
                              field="vmat.dmpo_rounds")
+        if self.start not in VMAT_STARTS:
+            raise InputError(f"vmat start must be one of {', '.join(VMAT_STARTS)}, got "
+                             f"{self.start!r}", field="vmat.start")
         self.dmpo_options()  # fails early on a bad DMPO field
 
     @classmethod
@@ -226,18 +235,26 @@ class DmpoBackend(Backend):
 
 
 def dmpo_step(problem, res, dij, delivery, options: VmatOptions, solve_options=None,
-              hard_state=None):
+              hard_state=None, column_gen: bool = False):
     """DMPO of ``delivery`` on the goal list of ``problem`` as ``res`` (the optimiser's
     result) left it, then ``options.dmpo_rounds`` rounds of the optimiser's hard-goal and
     attainment rules on the delivered dose (``solve_options``: the fluence solve's
     :func:`optimize` options; their goal check measures the goals). hard_state: the
     weights and shifts to start from (default ``res.hard_state``; a second DMPO pass
-    passes the first one's, ``info['hard_state']``). Returns (delivery, info)."""
+    passes the first one's, ``info['hard_state']``). column_gen: with ``options.start``
+    'cg', the apertures and MU are first rebuilt by column generation on the same
+    objective (:func:`atp.sequencer.vmat_cg.column_generation`; the first pass only).
+    Returns (delivery, info)."""
     opts = options.dmpo_options()
+    start = res.hard_state if hard_state is None else hard_state
+    cg = None
+    if column_gen and options.start == "cg":
+        delivery, cg = column_generation(
+            delivery, dij.beamlets, goal_objective(problem, start, far=dij.far),
+            ColumnGenOptions(n_sub=opts.n_sub))
     be = DmpoBackend(delivery, dij, opts)
     rounds = int(options.dmpo_rounds) if solve_options else 0
     kw = {k: v for k, v in (solve_options or {}).items() if k in _ROUND_OPTIONS}
-    start = res.hard_state if hard_state is None else hard_state
     out = optimize(problem, be, hard_state=start, hard_rounds=rounds,
                    attain_rounds=rounds, surrogate_offsets=False,
                    max_iter=opts.iterations, **kw)
@@ -252,6 +269,9 @@ def dmpo_step(problem, res, dij, delivery, options: VmatOptions, solve_options=N
         "history": [round(float(v), 6) for i in be.infos for v in i.get("history", [])],
         "unmet_hard": [g["id"] for g in out.unmet_hard], "hard_state": out.hard_state,
         "limits": machine_limit_report(be.delivery, opts.travel_per_deg_mm)}
+    if cg is not None:
+        info.update({"cg_objective": cg["objective"], "cg_evaluations": cg["evaluations"],
+                     "cg_objective_per_level": cg["objective_per_level"]})
     return be.delivery, info
 
 
