@@ -78,6 +78,7 @@ class VmatOptions:
     dmpo_rounds: int = VMAT_DMPO_ROUNDS
     dmpo: dict = field(default_factory=dict)
     start: str = VMAT_START
+    cg: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if int(self.arcs) != self.arcs or not 1 <= self.arcs <= 4:
@@ -99,6 +100,7 @@ class VmatOptions:
             raise InputError(f"vmat start must be one of {', '.join(VMAT_STARTS)}, got "
                              f"{self.start!r}", field="vmat.start")
         self.dmpo_options()  # fails early on a bad DMPO field
+        self.cg_options()
 
     @classmethod
     def from_dict(cls, d: dict | None) -> VmatOptions:
@@ -123,6 +125,21 @@ class VmatOptions:
             return DmpoOptions(**self.dmpo)
         except TypeError as e:  # a value of the wrong type
             raise InputError(f"bad DMPO option: {e}", field="vmat.dmpo") from None
+
+    def cg_options(self) -> ColumnGenOptions:
+        """The column-generation start's options (``start='cg'``; ``n_sub`` DMPO's)."""
+        if not isinstance(self.cg, dict):
+            raise InputError("vmat cg must be a mapping of column-generation options",
+                             field="vmat.cg")
+        known = set(ColumnGenOptions.__dataclass_fields__) - {"n_sub"}
+        bad = [k for k in self.cg if k not in known]
+        if bad:
+            raise InputError(f"unknown column-generation option '{bad[0]}'; known: "
+                             f"{', '.join(sorted(known))}", field=f"vmat.cg.{bad[0]}")
+        try:
+            return ColumnGenOptions(**self.cg, n_sub=self.dmpo_options().n_sub)
+        except (TypeError, ValueError) as e:  # a value of the wrong type
+            raise InputError(f"bad column-generation option: {e}", field="vmat.cg") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -251,7 +268,7 @@ def dmpo_step(problem, res, dij, delivery, options: VmatOptions, solve_options=N
     if column_gen and options.start == "cg":
         delivery, cg = column_generation(
             delivery, dij.beamlets, goal_objective(problem, start, far=dij.far),
-            ColumnGenOptions(n_sub=opts.n_sub))
+            options.cg_options())
     be = DmpoBackend(delivery, dij, opts)
     rounds = int(options.dmpo_rounds) if solve_options else 0
     kw = {k: v for k, v in (solve_options or {}).items() if k in _ROUND_OPTIONS}

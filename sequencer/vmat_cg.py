@@ -51,11 +51,15 @@ from atp.errors import InputError
 class ColumnGenOptions:
     """levels: sampling steps, coarse to fine (each divides the one before; the last 1).
     priced_levels: how many of the levels price their new points' apertures (the rest
-    interpolate them between placed neighbours). mu_iterations: L-BFGS-B iterations of the MU solve after a level (``final_mu``: after
+    interpolate them between placed neighbours; ``unpriced`` 'copy': the nearest placed
+    shape). travel_fraction: a priced tip may move this fraction of the travel the gantry
+    allows from its placed neighbours (< 1: neighbours kept alike). mu_iterations: L-BFGS-B iterations of the MU solve after a level (``final_mu``: after
     the last). n_sub: sub-apertures per interval (as DMPO's)."""
 
     levels: tuple = (8, 4, 2, 1)
     priced_levels: int = 3
+    unpriced: str = "interpolate"
+    travel_fraction: float = 1.0
     mu_iterations: int = 25
     final_mu_iterations: int = 40
     n_sub: int = 4
@@ -69,6 +73,12 @@ class ColumnGenOptions:
         if not 1 <= int(self.priced_levels) <= len(lv):
             raise InputError(f"column generation priced_levels must be 1..{len(lv)}, got "
                              f"{self.priced_levels!r}", field="vmat.cg_priced_levels")
+        if self.unpriced not in ("interpolate", "copy"):
+            raise InputError(f"column generation unpriced must be 'interpolate' or 'copy', "
+                             f"got {self.unpriced!r}", field="vmat.cg_unpriced")
+        if not 0.0 < float(self.travel_fraction) <= 1.0:
+            raise InputError(f"column generation travel_fraction must be in (0, 1], got "
+                             f"{self.travel_fraction!r}", field="vmat.cg_travel_fraction")
 
 
 class _PricingGrid:
@@ -131,6 +141,7 @@ class _Arc:
         self.beam = beam
         self.half = machine.dosimetric_leaf_gap_mm / 2.0
         self.gap = float(machine.min_leaf_gap_mm)
+        self.travel_fraction = 1.0
 
     def fill_unplaced(self):
         """Unplaced points copy the nearest placed point's tips (0 MU)."""
@@ -157,7 +168,7 @@ class _Arc:
         hi_a = np.full(self.md.n_pairs, np.inf)
         lo_b, hi_b = lo_a.copy(), hi_a.copy()
         for j in (idx[idx < c][-1:].tolist() + idx[idx > c][:1].tolist()):
-            d = abs(self.cum[c] - self.cum[j])
+            d = self.travel_fraction * abs(self.cum[c] - self.cum[j])
             lo_a, hi_a = np.maximum(lo_a, self.a[j] - d), np.minimum(hi_a, self.a[j] + d)
             lo_b, hi_b = np.maximum(lo_b, self.b[j] - d), np.minimum(hi_b, self.b[j] + d)
         return lo_a, hi_a, lo_b, hi_b
@@ -174,6 +185,18 @@ class _Arc:
         t = (self.cum[c] - self.cum[i]) / max(self.cum[j] - self.cum[i], 1e-12)
         return ((1 - t) * self.a[i] + t * self.a[j], (1 - t) * self.b[i] + t * self.b[j])
 
+    def _park(self, open_, a, b, jx):
+        """Closed pairs' tips: a min-gap slit 10 mm behind the X1 jaw, on the same side at
+        every control point (a closed pair parked on the other side at a neighbour would
+        sweep across the field between them), brought in only as far as the bank span
+        needs (the open pairs' tips at most ``span - 1`` mm from it)."""
+        span = self.lim.span - 1.0
+        park = max(float(jx[0]) - 10.0, self.lim.lo)
+        if open_.any():
+            park = max(park, float(a[open_].max()) - span,
+                       float(b[open_].max()) - self.gap - span)
+        return np.where(open_, a, park), np.where(open_, b, park + self.gap)
+
     def price(self, c, g_w):
         """The aperture (a, b) of point c at the gradient g_w (module docstring, step 2)."""
         k = c + 1  # the beam's control point (its half-step ends are tied)
@@ -182,9 +205,9 @@ class _Arc:
         G = grid.gradient(g_w, self.md.n_pairs, jx, jy)
         i, j, s = best_runs(G)
         open_ = s < 0.0
-        park = max(float(jx[0]) - 10.0, self.lim.lo)
-        a = np.where(open_, grid.x0 + (i - 0.5) * grid.sx + self.half, park)
-        b = np.where(open_, grid.x0 + (j + 0.5) * grid.sx - self.half, park + self.gap)
+        a = grid.x0 + (i - 0.5) * grid.sx + self.half
+        b = grid.x0 + (j + 0.5) * grid.sx - self.half
+        a, b = self._park(open_, a, b, jx)
         b = np.maximum(b, a + self.gap)
         bounds = self.travel_bounds(c)
         if bounds is not None:
@@ -252,6 +275,8 @@ def column_generation(delivery: Delivery, beamlets, weight_value_grad,
                 grids[int(d)] = _PricingGrid(beamlets.columns_of_beam(int(d)), beamlets, m)
     arcs = [_Arc(b, beamlets, m, delivery.fractions, opt.n_sub, grids)
             for b in delivery.beams]
+    for arc in arcs:
+        arc.travel_fraction = float(opt.travel_fraction)
     n_w = beamlets.n_beamlets
     v_start = float(np.mean(np.concatenate([arc.md.v0 for arc in arcs])))
     history, evals = [], 0
@@ -262,14 +287,19 @@ def column_generation(delivery: Delivery, beamlets, weight_value_grad,
         n_before = sum(int(arc.placed.sum()) for arc in arcs)
         new = [np.flatnonzero((np.arange(arc.md.n_cp) % step == 0) & ~arc.placed)
                for arc in arcs]
+        copy = level >= opt.priced_levels and opt.unpriced == "copy"
         for arc, cs in zip(arcs, new):
-            shapes = [arc.price(int(c), g_w) if level < opt.priced_levels
-                      else arc.interpolated(int(c)) for c in cs]
-            for c, (a, b) in zip(cs, shapes):
-                arc.a[c], arc.b[c] = a, b
+            if not copy:  # (copy: fill_unplaced already gave them the nearest shape)
+                shapes = [arc.price(int(c), g_w) if level < opt.priced_levels
+                          else arc.interpolated(int(c)) for c in cs]
+                for c, (a, b) in zip(cs, shapes):
+                    arc.a[c], arc.b[c] = a, b
             arc.placed[cs] = True
         n_after = sum(int(arc.placed.sum()) for arc in arcs)
         for arc, cs in zip(arcs, new):  # keep the total MU as the points multiply
+            if copy:  # the same delivery as before the level, the new points at 0 MU
+                arc.v[cs] = 0.0
+                continue
             placed = arc.placed.copy()
             placed[cs] = False
             arc.v[placed] *= n_before / max(n_after, 1)

@@ -419,9 +419,12 @@ def test_column_generation_options_are_checked():
 
     from atp.vmatplan import VmatOptions
 
-    for bad in ((8, 3, 1), (4, 2), (), (2, 4, 1)):
+    for bad in ((8, 3, 1), (4, 2), (), (2, 4, 1)):  # levels
         with pytest.raises(InputError):
             ColumnGenOptions(levels=bad)
+    for bad in ({"priced_levels": 0}, {"unpriced": "nearest"}, {"travel_fraction": 0.0}):
+        with pytest.raises(InputError):
+            ColumnGenOptions(**bad)
     with pytest.raises(InputError, match="vmat start"):
         VmatOptions(start="leaf-sweep")
 

@@ -221,7 +221,8 @@ def run(args) -> int:  # lazy: CLI start-up
 
 
 def vmat_args(items) -> dict:
-    """``--vmat KEY=VALUE`` items -> VmatOptions keywords (``dmpo.KEY`` -> the dmpo dict);
+    """``--vmat KEY=VALUE`` items -> VmatOptions keywords (``dmpo.KEY`` / ``cg.KEY`` -> the
+    dmpo / cg dict);
     values are YAML scalars."""
     import yaml  # lazy: CLI start-up
 
@@ -235,8 +236,9 @@ def vmat_args(items) -> dict:
         except yaml.YAMLError:
             raise InputError(f"--vmat {key}: not a value: {value[:40]!r}",
                              field="--vmat") from None
-        if key.startswith("dmpo."):
-            out.setdefault("dmpo", {})[key[5:]] = val
+        if key.startswith(("dmpo.", "cg.")):
+            group, _, sub = key.partition(".")
+            out.setdefault(group, {})[sub] = val
         else:
             out[key] = val
     return out
