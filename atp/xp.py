@@ -190,6 +190,17 @@ def csr_transpose(A):
     return _cached(_TRANSPOSES, A, lambda m: m.T.tocsr())
 
 
+def device_csr_pair(A, xp):
+    """``(A, A^T)`` of CSR ``A`` for products on ``xp``: row-block threaded on NumPy
+    (:func:`threaded_csr`, bitwise SciPy's products; the transpose cached while ``A``
+    lives), cupyx sparse on CuPy."""
+    AT = csr_transpose(A)
+    if xp is np:
+        return threaded_csr(A), threaded_csr(AT)
+    sparse = sparse_module(xp)
+    return sparse.csr_matrix(A), sparse.csr_matrix(AT)
+
+
 def threaded_csr(A) -> ThreadedCSR:
     """:class:`ThreadedCSR` of CSR ``A`` at :func:`host_threads`, cached while ``A``
     lives and the thread count is unchanged."""

@@ -31,7 +31,7 @@ from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_backward, mu_f
 from atp.optimizer.rowop import InterpolatedRows
 
 from atp.progress import tick
-from atp.xp import csr_transpose, sparse_module, threaded_csr
+from atp.xp import device_csr_pair, sparse_module
 
 
 @dataclass(eq=False)
@@ -57,13 +57,9 @@ class DeviceProblem:
         if isinstance(problem.A, InterpolatedRows):  # patient-grid rows: B once, S B
             A_d = problem.A.on(xp)
             AT_d = A_d.T
-        else:
-            A = problem.A if problem.A.format == "csr" else problem.A.tocsr()
-            AT = csr_transpose(A)
-            if xp is np:  # products in threads (bitwise the same): the hot loop on a CPU
-                A_d, AT_d = threaded_csr(A), threaded_csr(AT)
-            else:
-                A_d, AT_d = sparse.csr_matrix(A), sparse.csr_matrix(AT)
+        else:  # on a CPU, products in threads (bitwise the same): the hot loop
+            A_d, AT_d = device_csr_pair(
+                problem.A if problem.A.format == "csr" else problem.A.tocsr(), xp)
 
         def arr(a, dtype):
             return xp.asarray(np.asarray(a, dtype=dtype))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from atp.xp import csr_transpose, sparse_module, threaded_csr
+from atp.xp import ThreadedCSR, device_csr_pair, sparse_module
 
 
 class InterpolatedRows:
@@ -92,12 +92,11 @@ class InterpolatedRows:
     def on(self, xp) -> InterpolatedRows:
         """The operator for the solvers on ``xp``: NumPy row-block threaded products
         (:func:`atp.xp.threaded_csr`, bitwise those of SciPy), CuPy sparse on a GPU."""
+        B, BT = device_csr_pair(self.B, xp)
         if xp is np:
-            return InterpolatedRows(threaded_csr(self.B), self.S, self.top, np,
-                                    threaded_csr(csr_transpose(self.B)), self.ST)
+            return InterpolatedRows(B, self.S, self.top, np, BT, self.ST)
         sparse = sparse_module(xp)
-        return InterpolatedRows(sparse.csr_matrix(self.B), sparse.csr_matrix(self.S),
-                                self.top, xp, sparse.csr_matrix(csr_transpose(self.B)),
+        return InterpolatedRows(B, sparse.csr_matrix(self.S), self.top, xp, BT,
                                 sparse.csr_matrix(self.ST))
 
 
@@ -116,8 +115,9 @@ class _Transposed:
 
 
 def _csr(m):
-    """The SciPy matrix behind a :class:`atp.xp.ThreadedCSR` (or ``m`` itself)."""
-    return getattr(m, "A", m)
+    """The SciPy matrix behind a :class:`atp.xp.ThreadedCSR` (or ``m`` itself; not
+    ``getattr(m, 'A')``: SciPy < 1.14's sparse matrices have ``.A``, their dense copy)."""
+    return m.A if isinstance(m, ThreadedCSR) else m
 
 
 def interpolated_rows(dij_csr, real: np.ndarray, interp: sp.csr_matrix,

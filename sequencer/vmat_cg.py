@@ -53,8 +53,9 @@ class ColumnGenOptions:
     priced_levels: how many of the levels price their new points' apertures (the rest
     interpolate them between placed neighbours; ``unpriced`` 'copy': the nearest placed
     shape). travel_fraction: a priced tip may move this fraction of the travel the gantry
-    allows from its placed neighbours (< 1: neighbours kept alike). mu_iterations: L-BFGS-B iterations of the MU solve after a level (``final_mu``: after
-    the last). n_sub: sub-apertures per interval (as DMPO's)."""
+    allows from its placed neighbours (< 1: neighbours kept alike). mu_iterations:
+    L-BFGS-B iterations of the MU solve after a level (``final_mu_iterations``: after the
+    last). n_sub: sub-apertures per interval (as DMPO's)."""
 
     levels: tuple = (8, 4, 2, 1)
     priced_levels: int = 3
@@ -128,8 +129,8 @@ def best_runs(G):
 class _Arc:
     """One arc's column-generation state: placed points, tips, MU."""
 
-    def __init__(self, beam, beamlets, machine, fractions, n_sub, grids):
-        self.md = ArcModel(beam, beamlets, machine, fractions, n_sub)
+    def __init__(self, beam, beamlets, machine, fractions, grids, opt: ColumnGenOptions):
+        self.md = ArcModel(beam, beamlets, machine, fractions, opt.n_sub)
         self.lim = LeafLimits.of(beam.gantry_deg[1:-1], machine)
         self.cum = np.concatenate([[0.0], np.cumsum(self.lim.step)])
         n, p = self.md.n_cp, self.md.n_pairs
@@ -141,7 +142,7 @@ class _Arc:
         self.beam = beam
         self.half = machine.dosimetric_leaf_gap_mm / 2.0
         self.gap = float(machine.min_leaf_gap_mm)
-        self.travel_fraction = 1.0
+        self.travel_fraction = float(opt.travel_fraction)
 
     def fill_unplaced(self):
         """Unplaced points copy the nearest placed point's tips (0 MU)."""
@@ -273,10 +274,7 @@ def column_generation(delivery: Delivery, beamlets, weight_value_grad,
         for d in np.unique(beam.dij_beam):
             if int(d) not in grids:
                 grids[int(d)] = _PricingGrid(beamlets.columns_of_beam(int(d)), beamlets, m)
-    arcs = [_Arc(b, beamlets, m, delivery.fractions, opt.n_sub, grids)
-            for b in delivery.beams]
-    for arc in arcs:
-        arc.travel_fraction = float(opt.travel_fraction)
+    arcs = [_Arc(b, beamlets, m, delivery.fractions, grids, opt) for b in delivery.beams]
     n_w = beamlets.n_beamlets
     v_start = float(np.mean(np.concatenate([arc.md.v0 for arc in arcs])))
     history, evals = [], 0
