@@ -31,6 +31,16 @@ total priority-1 shortfall does not grow, the objective falls, and either priori
 shortfall was removed or the weight of the goals met rose (a re-weighting that only
 moves margins leaves the plan as sequenced).
 
+A sliding-window sweep is timed at the maximum dose rate, so its MU cannot fall below the
+sequenced ones (:func:`scale_bounds`). When the re-weighting wants less
+(``resequence``), :func:`atp.pipeline._final_dose_goals` scales the plan's fluence per
+beam instead and sequences it again; that plan is kept only when, on its own reported
+dose, it lowers the priority-1 shortfall, or breaks no priority-1 goal and meets more
+goals by weight. ``resequence_for="goals"`` (the default) tries this whenever the
+re-weighting meets more goals (the usual case: a hot spot in an organ inside a target
+whose coverage has room, the mandible in PTV_70); ``"hard"`` only when a priority-1 goal
+fails. Train patients: docs/experiments/plan-quality.md (fourteenth session).
+
 Then :func:`normalise` (optional, ``normalise=True`` by default): if the primary target
 (highest prescription) misses a coverage goal, all MU are scaled up uniformly to meet it
 when the priority-1 upper limits allow (every dose metric scales with the MU), as a clinic
@@ -68,12 +78,20 @@ class FinalDoseOptions:
     reg: float = 1e-3  # x reference weight: pull towards the sequenced MU
     max_iter: int = 200
     penalty: str = "linear"  # soft goals: w * shortfall ("quadratic": w * shortfall^2)
-    resequence: bool = True  # a broken priority-1 goal may re-sequence scaled fluence
+    resequence: bool = True  # MU below a sweep's bounds: re-sequence the scaled fluence
+    # when to try it: "hard" (only when a priority-1 goal fails) or "goals" (also when the
+    # re-weighting meets more goals by weight: a hot spot above a covered target)
+    resequence_for: str = "goals"
     hot_spots: str = "all"  # "organs": target and control upper limits not in the objective
     hard_rounds: int = 4  # priority-1 weights raised by hard_growth while one is missed
     hard_growth: float = 10.0
     normalise: bool = True  # scale up to the primary target's coverage goal (hard goals allow)
     max_normalise: float = 1.1
+
+    def __post_init__(self):
+        if self.resequence_for not in ("hard", "goals"):
+            raise ValueError(f"resequence_for must be 'hard' or 'goals', got "
+                             f"{self.resequence_for!r}")
 
 
 @dataclass

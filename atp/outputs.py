@@ -35,6 +35,7 @@ import re
 import secrets
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -472,6 +473,24 @@ def atomic_write_file(path: str | os.PathLike, write) -> None:
         if err is not None:
             raise err from None
         raise
+
+
+def write_npz(fh, arrays: dict, *, stored=(), level: int = 1) -> None:
+    """An ``.npz`` (what :func:`numpy.load` reads) of ``arrays`` into the binary file object
+    ``fh``: the members named in ``stored`` uncompressed, the others deflated at ``level``.
+    A dose matrix's float32 values barely compress (the mantissa bytes are noise: 8 % at
+    zlib's default level, at ~20 MB/s), its indices and the small arrays do; so storing
+    those values plain writes a dij several times faster for a file ~15 % larger."""
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_DEFLATED,
+                         compresslevel=level, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            member = f"{name}.npy"
+            if name in stored:  # a ZipInfo of its own carries the member's method
+                member = zipfile.ZipInfo(member, date_time=time.localtime()[:6])
+                member.compress_type = zipfile.ZIP_STORED
+                member.external_attr = 0o600 << 16
+            with zf.open(member, "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -949,7 +949,10 @@ def _final_dose_options(value):
     if bad:
         raise InputError(f"unknown final-dose option {quote(bad[0])}; known: "
                          f"{', '.join(sorted(known))}", field="optimizer_options.final_dose")
-    return fd.FinalDoseOptions(**value)
+    try:
+        return fd.FinalDoseOptions(**value)
+    except ValueError as exc:
+        raise InputError(str(exc), field="optimizer_options.final_dose") from None
 
 
 def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts, *,
@@ -961,16 +964,19 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     (delivery, dose, fidelity, info, ideal dose, fluence) with the MU of the delivery
     scaled.
 
-    A priority-1 goal broken on the final dose may need a beam's MU lowered below what its
-    sequence allows (a sliding-window sweep is timed at the maximum dose rate): then the
-    plan's ``fluence`` is scaled per beam (``beam_index``: the dij beam of each beamlet) by
-    the unbounded re-weighting and ``resequence(fluence)`` -> (delivery, ideal, dose,
-    fidelity, dij) sequences it again; that plan is kept when it lowers the priority-1
-    shortfall, and its MU are then re-weighted within their bounds."""
+    A goal broken on the final dose may need a beam's MU lowered below what its sequence
+    allows (a sliding-window sweep is timed at the maximum dose rate): then the plan's
+    ``fluence`` is scaled per beam (``beam_index``: the dij beam of each beamlet) by the
+    unbounded re-weighting and ``resequence(fluence)`` -> (delivery, ideal, dose,
+    fidelity, dij) sequences it again (``opts.resequence_for``: when a priority-1 goal
+    fails, or whenever the re-weighting meets more goals); that plan is kept by
+    :func:`_resequenced_better`, and its MU are then re-weighted within their bounds."""
     info = {}
+    per_beam = None  # each beam's dose of ``delivery`` on ``dij`` (reused when kept)
     if resequence is not None and fluence is not None and opts.resequence:
-        hv0, _ = fd._hard_violation(evaluate_goals(resolved, patient, dose))
-        if hv0 > 0:
+        before = evaluate_goals(resolved, patient, dose)
+        hv0, met0 = fd._hard_violation(before)
+        if hv0 > 0 or opts.resequence_for == "goals":
             per_beam = _beam_doses(delivery, dij)
             s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
                                          wref=reference_weight(resolved))
@@ -979,17 +985,29 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
                 per_dij = _per_dij_beam(delivery, s, int(np.max(beam_index)) + 1)
                 w = np.asarray(fluence, np.float32) * per_dij[beam_index].astype(np.float32)
                 d2, i2, dose2, f2, dij2 = resequence(w)
-                hv2, _ = fd._hard_violation(evaluate_goals(resolved, patient, dose2))
-                info["resequenced"] = {"dij_beam_scales": [round(float(x), 4)
-                                                           for x in per_dij],
-                                       "hard_shortfall": [round(hv0, 5), round(hv2, 5)],
-                                       "kept": hv2 < hv0}
-                if hv2 < hv0:
+                keep, record = _resequenced_better(before, evaluate_goals(
+                    resolved, patient, dose2), hv0, met0)
+                info["resequenced"] = dict(record, dij_beam_scales=[
+                    round(float(x), 4) for x in per_dij], kept=keep)
+                if keep:
                     delivery, ideal_dose, dose, fid, dij, fluence = d2, i2, dose2, f2, dij2, w
+                    per_beam = None
     delivery, dose, fid, more = _final_mu_scaling(patient, resolved, dij, delivery,
-                                                  ideal_dose, dose, fid, opts)
+                                                  ideal_dose, dose, fid, opts, per_beam)
     info.update(more)
     return delivery, dose, fid, info, ideal_dose, fluence
+
+
+def _resequenced_better(before, after, hv0: float, met0: set) -> tuple[bool, dict]:
+    """Whether a re-sequenced plan (its goal results ``after``) is kept over the plan
+    (``before``; hv0 / met0: its priority-1 shortfall and priority-1 goals met): it lowers
+    the priority-1 shortfall, or keeps every priority-1 goal it met, adds no shortfall
+    and meets more goals by weight."""
+    hv2, met2 = fd._hard_violation(after)
+    w0, w2 = fd._weighted_met(before), fd._weighted_met(after)
+    keep = hv2 < hv0 or (hv2 <= hv0 + 1e-12 and met0 <= met2 and w2 > w0 + 1e-9)
+    return keep, {"hard_shortfall": [round(hv0, 5), round(hv2, 5)],
+                  "weighted_met": [round(w0, 4), round(w2, 4)]}
 
 
 def _beam_doses(delivery, dij) -> np.ndarray:
@@ -1016,10 +1034,12 @@ def _per_dij_beam(delivery, scales, n_dij_beams: int) -> np.ndarray:
     return out
 
 
-def _final_mu_scaling(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts):
+def _final_mu_scaling(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts,
+                      per_beam=None):
     """:func:`_final_dose_goals` within the machine's MU limits: (delivery, dose, fid,
-    info)."""
-    per_beam = _beam_doses(delivery, dij)
+    info). per_beam: :func:`_beam_doses` of ``delivery`` if already computed."""
+    if per_beam is None:
+        per_beam = _beam_doses(delivery, dij)
     gap = float(np.max(np.abs(per_beam.sum(axis=0) - dose)))
     if gap > 1e-3 * max(float(np.max(dose)), 1e-6):  # not the reported dose's model
         return delivery, dose, fid, {"kept": False, "why": f"the beams' doses differ from "

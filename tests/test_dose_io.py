@@ -40,6 +40,21 @@ def test_npz_roundtrip_exact(small_dij, tmp_path):
     assert back.meta["engine"] == "pencil-beam"
 
 
+def test_npz_stores_the_values_plain_and_deflates_the_rest(small_dij, tmp_path):
+    """The matrix values (float32 noise in the mantissa) are stored, the indices and small
+    arrays deflated; numpy reads the file as any .npz."""
+    import zipfile
+
+    f = tmp_path / "d.npz"
+    small_dij.save(f)
+    kinds = {i.filename: i.compress_type for i in zipfile.ZipFile(f).infolist()}
+    assert kinds["data.npy"] == zipfile.ZIP_STORED
+    assert kinds["indices.npy"] == zipfile.ZIP_DEFLATED
+    assert kinds["meta_json.npy"] == zipfile.ZIP_DEFLATED
+    with np.load(f, allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["indices"], small_dij.matrix.indices)
+
+
 def test_csr_is_the_matrix_converted_once(small_dij):
     csr = small_dij.csr
     assert sp.isspmatrix_csr(csr) and csr.has_sorted_indices and csr.dtype == np.float32

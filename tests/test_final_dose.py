@@ -215,3 +215,50 @@ def test_objective_gradient_matches_finite_differences(sns_plan, toy):
         e[b] = 1e-6
         fd = (model.objective(s + e)[0] - model.objective(s - e)[0]) / 2e-6
         assert fd == pytest.approx(g[b], rel=1e-3, abs=1e-6 * max(1.0, abs(f)))
+
+
+def test_sliding_window_soft_goal_is_met_by_resequencing(phantom, toy):
+    """A priority-2 upper limit a sliding-window plan misses: resequence_for="hard" leaves
+    the plan as sequenced (no priority-1 goal fails); the default ("goals") re-sequences
+    the fluence scaled per beam and keeps it only when it meets more goals by weight,
+    every priority-1 goal it met still met."""
+    p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
+                 progress=False, sequence="imrt-sliding",
+                 optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+    cord = _goal(p, "SpinalCord.D0.1cc")
+    goals = [replace(g, value=0.97 * cord.achieved, priority=2, weight=1e4)
+             if g.id == cord.goal.id else g for g in p.resolved_goals]
+    assert not any(g.is_hard and g.id == cord.goal.id for g in goals)
+    calls = []
+
+    def resequence(w):
+        calls.append(w)
+        out = _sequence(p.patient, toy, w, patient_dose(toy, w), "imrt-sliding",
+                        "millennium120")
+        return out[0], out[1], out[2], out[3], toy
+
+    args = (p.patient, goals, toy, p.delivery, p.ideal_dose_gy, p.dose_gy, p.fidelity)
+    kw = {"fluence": p.fluence, "beam_index": toy.beamlets.beam_index,
+          "resequence": resequence}
+    _, _, _, info, _, fluence = _final_dose_goals(
+        *args, FinalDoseOptions(resequence_for="hard"), **kw)
+    assert calls == [] and "resequenced" not in info and fluence is p.fluence
+
+    delivery, dose, _, info, _, fluence = _final_dose_goals(
+        *args, FinalDoseOptions(), **kw)
+    assert len(calls) == 1
+    record = info["resequenced"]
+    assert record["kept"] is True and record["weighted_met"][1] > record["weighted_met"][0]
+    assert fluence is calls[0]
+    before = {r.goal.id: r for r in evaluate_goals(goals, p.patient, p.dose_gy)}
+    after = {r.goal.id: r for r in evaluate_goals(goals, p.patient, dose)}
+    assert before[cord.goal.id].passed is False and after[cord.goal.id].passed is True
+    assert all(after[g].passed for g, r in before.items() if r.goal.is_hard and r.passed)
+    own = toy.to_patient_grid(deliverable_dose(delivery, toy))
+    np.testing.assert_allclose(own, dose, atol=1e-3 * float(dose.max()))
+    assert check_delivery(delivery) == []
+
+
+def test_resequence_for_is_checked():
+    with pytest.raises(ValueError, match="resequence_for"):
+        FinalDoseOptions(resequence_for="always")

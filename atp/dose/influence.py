@@ -45,7 +45,7 @@ from atp.dose.far_scatter import FarScatter
 from atp.dose.resample import dose_to_patient_grid
 from atp.errors import InputError
 from atp.grid import Grid
-from atp.outputs import atomic_write_file
+from atp.outputs import atomic_write_file, write_npz
 
 FORMAT_TAG = "atp-dij-1"
 
@@ -190,7 +190,7 @@ class DoseInfluence:
             arrays[f"{prefix}_origin_mm"] = g.origin_mm
             arrays[f"{prefix}_direction"] = g.direction
 
-        atomic_write_file(path, lambda fh: np.savez_compressed(fh, **arrays))
+        atomic_write_file(path, lambda fh: write_npz(fh, arrays, stored=("data",)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DoseInfluence:
