@@ -981,7 +981,11 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
             s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
                                          wref=reference_weight(resolved))
             bounds = fd.scale_bounds(delivery, opts)
-            if rinfo.get("kept") and any(x < lo for x, (lo, _) in zip(s, bounds)):
+            below = any(x < lo for x, (lo, _) in zip(s, bounds))
+            if not (rinfo.get("kept") and below):  # why no re-sequencing (plan.json)
+                info["resequence_not_tried"] = rinfo.get("why") or (
+                    "the re-weighting stays within the beams' MU bounds")
+            if rinfo.get("kept") and below:
                 per_dij = _per_dij_beam(delivery, s, int(np.max(beam_index)) + 1)
                 w = np.asarray(fluence, np.float32) * per_dij[beam_index].astype(np.float32)
                 d2, i2, dose2, f2, dij2 = resequence(w)

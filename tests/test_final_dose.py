@@ -259,6 +259,18 @@ def test_sliding_window_soft_goal_is_met_by_resequencing(phantom, toy):
     assert check_delivery(delivery) == []
 
 
+def test_a_resequencing_not_tried_says_why(sns_plan, toy):
+    """The final-dose record says why the fluence was not re-sequenced (plan.json)."""
+    p = sns_plan
+    calls = []
+    _, _, _, info, _, _ = _final_dose_goals(
+        p.patient, p.resolved_goals, toy, p.delivery, p.ideal_dose_gy, p.dose_gy,
+        p.fidelity, FinalDoseOptions(), fluence=p.fluence,
+        beam_index=toy.beamlets.beam_index, resequence=lambda w: calls.append(w))
+    assert calls == [] and "resequenced" not in info
+    assert isinstance(info["resequence_not_tried"], str) and info["resequence_not_tried"]
+
+
 def test_resequence_for_is_checked():
     with pytest.raises(ValueError, match="resequence_for"):
         FinalDoseOptions(resequence_for="always")
