@@ -975,22 +975,20 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     per_beam = None  # each beam's dose of ``delivery`` on ``dij`` (reused when kept)
     if resequence is not None and fluence is not None and opts.resequence:
         before = evaluate_goals(resolved, patient, dose)
-        hv0, met0 = fd._hard_violation(before)
-        if hv0 > 0 or opts.resequence_for == "goals":
+        if fd._hard_violation(before)[0] > 0 or opts.resequence_for == "goals":
             per_beam = _beam_doses(delivery, dij)
             s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
                                          wref=reference_weight(resolved))
             bounds = fd.scale_bounds(delivery, opts)
-            below = any(x < lo for x, (lo, _) in zip(s, bounds))
-            if not (rinfo.get("kept") and below):  # why no re-sequencing (plan.json)
-                info["resequence_not_tried"] = rinfo.get("why") or (
+            if not (rinfo.get("kept") and any(x < lo for x, (lo, _) in zip(s, bounds))):
+                info["resequence_not_tried"] = rinfo.get("why") or (  # plan.json
                     "the re-weighting stays within the beams' MU bounds")
-            if rinfo.get("kept") and below:
+            else:
                 per_dij = _per_dij_beam(delivery, s, int(np.max(beam_index)) + 1)
                 w = np.asarray(fluence, np.float32) * per_dij[beam_index].astype(np.float32)
                 d2, i2, dose2, f2, dij2 = resequence(w)
                 keep, record = _resequenced_better(before, evaluate_goals(
-                    resolved, patient, dose2), hv0, met0)
+                    resolved, patient, dose2))
                 info["resequenced"] = dict(record, dij_beam_scales=[
                     round(float(x), 4) for x in per_dij], kept=keep)
                 if keep:
@@ -1002,11 +1000,11 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     return delivery, dose, fid, info, ideal_dose, fluence
 
 
-def _resequenced_better(before, after, hv0: float, met0: set) -> tuple[bool, dict]:
+def _resequenced_better(before, after) -> tuple[bool, dict]:
     """Whether a re-sequenced plan (its goal results ``after``) is kept over the plan
-    (``before``; hv0 / met0: its priority-1 shortfall and priority-1 goals met): it lowers
-    the priority-1 shortfall, or keeps every priority-1 goal it met, adds no shortfall
-    and meets more goals by weight."""
+    (``before``): it lowers the priority-1 shortfall, or keeps every priority-1 goal the
+    plan met, adds no shortfall and meets more goals by weight."""
+    hv0, met0 = fd._hard_violation(before)
     hv2, met2 = fd._hard_violation(after)
     w0, w2 = fd._weighted_met(before), fd._weighted_met(after)
     keep = hv2 < hv0 or (hv2 <= hv0 + 1e-12 and met0 <= met2 and w2 > w0 + 1e-9)

@@ -39,6 +39,26 @@ def sns_plan(phantom, toy):
                     optimizer_options=dict(FAST, final_dose=False))
 
 
+@pytest.fixture(scope="module")
+def sliding_plan(phantom, toy):
+    """Sliding-window plan without the final-dose stage and correction rounds."""
+    return atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
+                    progress=False, sequence="imrt-sliding",
+                    optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+
+
+def _recording_resequence(plan, toy, calls):
+    """A ``resequence`` for :func:`_final_dose_goals` on the toy dij that records the
+    fluences it is given."""
+    def resequence(w):
+        calls.append(w)
+        out = _sequence(plan.patient, toy, w, patient_dose(toy, w), "imrt-sliding",
+                        "millennium120")
+        return out[0], out[1], out[2], out[3], toy
+
+    return resequence
+
+
 def _goal(plan, gid):
     return next(r for r in plan.results if r.goal.id == gid)
 
@@ -155,12 +175,10 @@ def _goal_on(plan, dose, gid):
                 if r.goal.id == gid)
 
 
-def test_sliding_window_beams_are_never_scaled_below_their_leaf_speed(phantom, toy):
+def test_sliding_window_beams_are_never_scaled_below_their_leaf_speed(sliding_plan):
     """A sliding-window sweep is timed at the maximum dose rate: fewer MU would need faster
     leaves. The bounds keep check_delivery clean; a scale below them breaks it."""
-    p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
-                 progress=False, sequence="imrt-sliding",
-                 optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+    p = sliding_plan
     bounds = scale_bounds(p.delivery)
     assert all(lo >= 1.0 - 1e-9 for lo, _ in bounds)  # swept at the speed limit
     for pick in (0, 1):
@@ -170,25 +188,16 @@ def test_sliding_window_beams_are_never_scaled_below_their_leaf_speed(phantom, t
     assert any("faster" in m for m in check_delivery(slow))
 
 
-def test_sliding_window_hard_goal_is_restored_by_resequencing(phantom, toy):
+def test_sliding_window_hard_goal_is_restored_by_resequencing(sliding_plan, toy):
     """A sliding-window beam cannot take fewer MU (its leaves are timed at the maximum
     dose rate): a priority-1 goal broken on the final dose is restored by re-sequencing
     the fluence scaled per beam; the result is deliverable and is what is reported."""
-    p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
-                 progress=False, sequence="imrt-sliding",
-                 optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+    p = sliding_plan
     cord = _goal(p, "SpinalCord.D0.1cc")
     limit = 0.95 * cord.achieved
     goals = [replace(g, value=limit) if g.id == cord.goal.id else g for g in p.resolved_goals]
-
     calls = []
-
-    def resequence(w):
-        calls.append(w)
-        out = _sequence(p.patient, toy, w, patient_dose(toy, w), "imrt-sliding",
-                        "millennium120")
-        return out[0], out[1], out[2], out[3], toy
-
+    resequence = _recording_resequence(p, toy, calls)
     delivery, dose, _, info, _ideal, fluence = _final_dose_goals(
         p.patient, goals, toy, p.delivery, p.ideal_dose_gy, p.dose_gy, p.fidelity,
         FinalDoseOptions(), fluence=p.fluence, beam_index=toy.beamlets.beam_index,
@@ -217,26 +226,18 @@ def test_objective_gradient_matches_finite_differences(sns_plan, toy):
         assert fd == pytest.approx(g[b], rel=1e-3, abs=1e-6 * max(1.0, abs(f)))
 
 
-def test_sliding_window_soft_goal_is_met_by_resequencing(phantom, toy):
+def test_sliding_window_soft_goal_is_met_by_resequencing(sliding_plan, toy):
     """A priority-2 upper limit a sliding-window plan misses: resequence_for="hard" leaves
     the plan as sequenced (no priority-1 goal fails); the default ("goals") re-sequences
     the fluence scaled per beam and keeps it only when it meets more goals by weight,
     every priority-1 goal it met still met."""
-    p = atp.plan(phantom, site="hn", predictor="baseline", dij=toy, backend="cpu",
-                 progress=False, sequence="imrt-sliding",
-                 optimizer_options=dict(FAST, final_dose=False, deliverable_rounds=0))
+    p = sliding_plan
     cord = _goal(p, "SpinalCord.D0.1cc")
     goals = [replace(g, value=0.97 * cord.achieved, priority=2, weight=1e4)
              if g.id == cord.goal.id else g for g in p.resolved_goals]
     assert not any(g.is_hard and g.id == cord.goal.id for g in goals)
     calls = []
-
-    def resequence(w):
-        calls.append(w)
-        out = _sequence(p.patient, toy, w, patient_dose(toy, w), "imrt-sliding",
-                        "millennium120")
-        return out[0], out[1], out[2], out[3], toy
-
+    resequence = _recording_resequence(p, toy, calls)
     args = (p.patient, goals, toy, p.delivery, p.ideal_dose_gy, p.dose_gy, p.fidelity)
     kw = {"fluence": p.fluence, "beam_index": toy.beamlets.beam_index,
           "resequence": resequence}
