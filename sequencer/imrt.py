@@ -10,8 +10,7 @@
   move at full speed, at a rise of the profile the trailing leaf waits, at a fall the
   leading leaf waits, which delivers the piecewise-constant profile with the least MU.
   The minimum gap plus DLG forces a floor fluence (gap / speed) along the swept span, so
-  each pair sweeps only between its first and last pixel holding at least half of it,
-  and a pair done before the beam's last MU travels, closed, behind the X1 jaw.
+  each pair sweeps only between its first and last pixel holding at least half of it.
 """
 
 from __future__ import annotations
@@ -211,14 +210,7 @@ def _bank_span_mm(beam: BeamDelivery) -> float:
 
 def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floor: float,
                   max_control_points: int, name: str) -> BeamDelivery:
-    """One dynamic beam sweeping the fluence map ``f`` (n_pairs, n_x) MU.
-
-    A pair whose sweep ends before the beam's last MU travels back, closed at the minimum
-    gap and at the leaf speed, behind the X1 jaw where the bank span allows
-    (:func:`_park_done`), instead of resting at its last edge with the gap open under the
-    jaws: the gap (minimum gap plus DLG, ~2 mm of a 5 mm pixel) left there for the
-    thousands of MU the other pairs still need put 2-4 times the planned fluence on that
-    pixel (train pt_54: a 17 Gy streak through the mandible)."""
+    """One dynamic beam sweeping the fluence map ``f`` (n_pairs, n_x) MU."""
     edges = bf.x_edges_mm
     n_pairs = f.shape[0]
     rows = []  # (pair, xs, ta, tb)
@@ -244,18 +236,15 @@ def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floo
     left = np.zeros((n_cp, n_pairs))
     right = np.zeros((n_cp, n_pairs))
     op = np.zeros((n_cp, n_pairs), dtype=bool)
-    end = np.full(n_pairs, np.inf)  # MU at which each pair's sweep ends
     for p, xs, ta, tb in rows:
         left[:, p] = np.interp(times, ta, xs)
         right[:, p] = np.interp(times, tb, xs)
         op[:, p] = True
-        end[p] = max(ta[-1], tb[-1])
     jx, jy = jaws_around(left, right, op, m)
     half = m.dosimetric_leaf_gap_mm / 2.0
     a = left + half
     b = right - half
     a = np.minimum(a, b - m.min_leaf_gap_mm)  # start/end of a sweep: keep the min gap
-    a, b = _park_done(a, b, op, times, end, jx[0], m, speed)
     for k in range(n_cp):
         a[k][~op[k]] = np.nan
         b[k][~op[k]] = np.nan
@@ -264,35 +253,3 @@ def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floo
                         bf.couch_deg, bf.isocenter_mm, a, b, np.tile(jx, (n_cp, 1)),
                         np.tile(jy, (n_cp, 1)), times, np.full(n_cp, bf.beam_index),
                         n_segments=n_cp)
-
-
-def _park_done(a, b, op, times, end, jaw_x1: float, m: Machine, speed: float):
-    """Physical tips (n_cp, n_pairs) with every pair whose sweep has ended (``end``, MU)
-    moved back, closed at the minimum gap, at 99 % of the leaf speed, until its B tip is
-    1 mm behind the X1 jaw (as :func:`atp.sequencer.apertures.park_closed` parks), and
-    kept there. Only a pair that gets there before the beam's last MU, and only where the
-    bank span of the open pairs allows that position to the end of the beam (split fields,
-    narrow beams); otherwise it rests at its last edge as before (letting it slide with
-    the span limit instead spread its gap's leakage over the organs between the targets:
-    train brainstem D0.1cc +0.5 to +2 Gy)."""
-    done = op & (times[:, None] > end[None, :])
-    if not done.any():
-        return a, b
-    b_park = max(jaw_x1 - m.dosimetric_leaf_gap_mm / 2.0 - 1.0,
-                 m.leaf_position_range_mm[0] + m.min_leaf_gap_mm)
-    # where the span of the open pairs (at their own, unparked tips) needs a parked B
-    # tip at least, from each control point to the end of the beam
-    reach = np.max(np.where(op, b, -np.inf), axis=1) - (m.max_leaf_span_mm - 1.0)
-    last = np.maximum.accumulate(reach[::-1])[::-1]
-    b_end = np.array([np.interp(e, times, b[:, p]) if np.isfinite(e) else np.nan
-                      for p, e in enumerate(end)])
-    travel = b_end[None, :] - 0.99 * speed * (times[:, None] - end[None, :])
-    arrive = end + (b_end - b_park) / (0.99 * speed)  # MU at which the pair is parked
-    k_end = np.searchsorted(times, end, side="right")  # first CP after the sweep
-    ok = np.isfinite(end) & (arrive <= times[-1]) & (k_end < times.size)
-    ok[ok] &= last[k_end[ok]] <= b_park
-    parked = np.minimum(b_end[None, :], np.maximum(b_park, travel))
-    move = done & ok[None, :]
-    b = np.where(move, parked, b)
-    a = np.where(move, b - m.min_leaf_gap_mm, a)
-    return a, b

@@ -5,15 +5,12 @@ MU per degree on arcs)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from atp.sequencer import check_delivery, fluence_set, get_sequencer, load_machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from atp.dose.aperture import Transmission
 from atp.dose.influence import BeamletInfo
-from atp.sequencer.deliverable import delivered_weights
 
 MACHINES = {n: load_machine(n) for n in ("millennium120", "hd120")}
 
@@ -132,28 +129,3 @@ def test_denormal_fluence_is_an_empty_field():
     info, w = info_for(np.array([[[5e-324]]]), [0.0], 0.0, -97.5)
     d = get_sequencer("imrt-sns").sequence(fluence_set(w, info, m.leaf_edges_mm), m)
     assert check_delivery(d) == [] and d.beams[0].cumulative_mu[-1] == 0.0
-
-
-def test_sliding_window_parks_a_finished_pair_behind_the_jaw():
-    """A pair whose sweep ends long before the beam's last MU travels, closed, behind the
-    X1 jaw: its last pixel gets its fluence plus about the floor, not the minimum gap
-    plus DLG (2 of 5 mm) open over it for the MU the other pair still needs."""
-    m = MACHINES["millennium120"]
-    maps = np.zeros((1, 2, 20))
-    maps[0, 0, :] = 800.0  # a 10 cm sweep of 800 MU: ~2000 MU for the beam
-    maps[0, 1, :2] = 100.0  # done after ~220 MU
-    info, w = info_for(maps, [0.0], -50.0, -2.5)
-    d = get_sequencer("imrt-sliding").sequence(fluence_set(w, info, m.leaf_edges_mm,
-                                                           fractions=30), m)
-    assert check_delivery(d) == []
-    (b,) = d.beams
-    pair = int(np.searchsorted(m.leaf_edges_mm, 2.5)) - 1
-    behind = b.jaw_x_mm[0, 0] - m.dosimetric_leaf_gap_mm / 2.0 - 1.0
-    assert b.leaf_b_mm[-1, pair] <= behind + 1e-6
-    assert b.leaf_b_mm[-1, pair] - b.leaf_a_mm[-1, pair] == pytest.approx(m.min_leaf_gap_mm)
-    got = delivered_weights(d, info, transmission=Transmission())
-    floor = d.meta["floor_mu"]
-    short = got[20:22]  # the short row's two pixels
-    assert np.all(short < 100.0 + 2.0 * floor) and np.all(short > 100.0 - floor)
-    long_row = got[:20]
-    assert np.allclose(long_row[1:-1], 800.0, rtol=0.02)
