@@ -980,10 +980,7 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
             s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
                                          wref=reference_weight(resolved))
             bounds = fd.scale_bounds(delivery, opts)
-            if not (rinfo.get("kept") and any(x < lo for x, (lo, _) in zip(s, bounds))):
-                info["resequence_not_tried"] = rinfo.get("why") or (  # plan.json
-                    "the re-weighting stays within the beams' MU bounds")
-            else:
+            if rinfo.get("kept") and any(x < lo for x, (lo, _) in zip(s, bounds)):
                 per_dij = _per_dij_beam(delivery, s, int(np.max(beam_index)) + 1)
                 w = np.asarray(fluence, np.float32) * per_dij[beam_index].astype(np.float32)
                 d2, i2, dose2, f2, dij2 = resequence(w)
@@ -994,6 +991,9 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
                 if keep:
                     delivery, ideal_dose, dose, fid, dij, fluence = d2, i2, dose2, f2, dij2, w
                     per_beam = None
+            else:
+                info["resequence_not_tried"] = rinfo.get("why") or (  # plan.json
+                    "the re-weighting stays within the beams' MU bounds")
     delivery, dose, fid, more = _final_mu_scaling(patient, resolved, dij, delivery,
                                                   ideal_dose, dose, fid, opts, per_beam)
     info.update(more)
