@@ -44,7 +44,9 @@ fails. Train patients: docs/experiments/plan-quality.md (fourteenth session).
 Then :func:`normalise` (optional, ``normalise=True`` by default): if the primary target
 (highest prescription) misses a coverage goal, all MU are scaled up uniformly to meet it
 when the priority-1 upper limits allow (every dose metric scales with the MU), as a clinic
-normalises a plan to its coverage goal, capped at ``max_normalise``.
+normalises a plan to its coverage goal, capped at ``max_normalise``; kept only when it
+meets more goals by weight (not when it only trades a goal for another of the same
+weight).
 
 The metrics and the goals' masks are those of :func:`atp.goals.evaluate_goals`; the masks are
 restricted to the voxels that can matter (a body maximum only needs the voxels that can
@@ -290,6 +292,9 @@ def normalise(goals, patient, dose, options: FinalDoseOptions | None = None,
               max_scale: float | None = None):
     """Uniform MU scale (>= 1) that meets the primary target's failing coverage goals
     while every priority-1 upper limit stays met (module docstring): (scale, info).
+    Kept only when the scaled dose meets more goals by weight, as the re-weighting's
+    result: a scale that trades a met goal for one of the same weight (the mandible's
+    near-max, priority 2, for PTV_70 D95, priority 2) leaves the plan as it is.
     max_scale: a further cap (the machine limits of the beams)."""
     opt = options or FinalDoseOptions()
     rx = {p.target: p.dose_gy for p in patient.prescriptions}
@@ -315,9 +320,10 @@ def normalise(goals, patient, dose, options: FinalDoseOptions | None = None,
         return 1.0, {"normalised": False, "why": "a priority-1 limit leaves no room"}
     w0 = _weighted_met(rs)
     w1 = _weighted_met(evaluate_goals(goals, patient, dose * np.float32(c)))
-    if w1 < w0:
+    if w1 <= w0 + 1e-9:  # a trade between goals of the same weight: the plan as it is
         return 1.0, {"normalised": False, "scale_tried": round(c, 4),
-                     "why": f"fewer goals met (by weight: {w0:g} -> {w1:g})"}
+                     "why": f"{'no more' if w1 >= w0 - 1e-9 else 'fewer'} goals met "
+                            f"(by weight: {w0:g} -> {w1:g})"}
     return c, {"normalised": True, "scale": round(c, 4), "needed": round(need, 4)}
 
 

@@ -170,6 +170,38 @@ def test_normalise_meets_coverage_only_as_far_as_hard_limits_allow(sns_plan):
     assert cord2.passed is True
 
 
+def test_normalise_does_not_trade_a_met_goal_for_one_of_the_same_weight(sns_plan):
+    """A normalisation that breaks a met soft limit (a mandible near-max inside the
+    target) to meet coverage goals worth exactly its weight is a tie between the goal
+    list's priorities: the plan is left as it is. Worth less than what it meets, the
+    limit gives way."""
+    p = sns_plan
+    cold = p.dose_gy * np.float32(0.9)
+    res = {r.goal.id: r for r in evaluate_goals(p.resolved_goals, p.patient, cold)}
+    trap = "Brainstem.D0.1cc.low"  # a soft (priority-2) upper limit the scale breaks
+    assert not res[trap].goal.is_hard
+
+    def with_trap(weight):
+        return [replace(g, value=1.001 * res[trap].achieved, weight=weight)
+                if g.id == trap else g for g in p.resolved_goals]
+
+    opts = FinalDoseOptions(max_normalise=1.5)
+    c, _ = normalise(with_trap(1e-9), p.patient, cold, opts)
+    assert c > 1.01
+    after = {r.goal.id: r for r in evaluate_goals(with_trap(1e-9), p.patient,
+                                                  cold * np.float32(c))}
+    assert after[trap].passed is False  # the scale breaks the limit
+    gained = sum(r.goal.weight for r in after.values() if r.passed) - sum(
+        r.goal.weight for r in evaluate_goals(with_trap(1e-9), p.patient, cold)
+        if r.passed)
+    assert gained > 0
+    tie, info = normalise(with_trap(gained), p.patient, cold, opts)
+    assert tie == 1.0 and info["normalised"] is False
+    assert info["why"].startswith("no more goals met")
+    cheaper, info = normalise(with_trap(0.5 * gained), p.patient, cold, opts)
+    assert cheaper == pytest.approx(c) and info["normalised"] is True
+
+
 def _goal_on(plan, dose, gid):
     return next(r for r in evaluate_goals(plan.resolved_goals, plan.patient, dose)
                 if r.goal.id == gid)
