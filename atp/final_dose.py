@@ -31,7 +31,7 @@ total priority-1 shortfall does not grow, the objective falls, and either priori
 shortfall was removed or the weight of the goals met rose (a re-weighting that only
 moves margins leaves the plan as sequenced).
 
-A sliding-window sweep is timed at the maximum dose rate, so its MU cannot fall below the
+A sliding-window sweep is timed at the dynamic dose rate, so its MU cannot fall below the
 sequenced ones (:func:`scale_bounds`). When the re-weighting wants less
 (``resequence``), :func:`atp.pipeline._final_dose_goals` scales the plan's fluence per
 beam instead and sequences it again; that plan is kept only when, on its own reported
@@ -330,7 +330,7 @@ def normalise(goals, patient, dose, options: FinalDoseOptions | None = None,
 def scale_bounds(delivery, options: FinalDoseOptions | None = None) -> list[tuple]:
     """Per-beam MU scale bounds that keep every control point within the machine limits
     (:func:`atp.sequencer.delivery.check_delivery`): a sliding-window beam's leaves are
-    timed at the maximum dose rate, so fewer MU would need faster leaves; an arc keeps its
+    timed at the dynamic dose rate, so fewer MU would need faster leaves; an arc keeps its
     MU per degree in range; step-and-shoot segments take any scale."""
     opt = options or FinalDoseOptions()
     m = delivery.machine

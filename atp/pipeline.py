@@ -965,7 +965,7 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     scaled.
 
     A goal broken on the final dose may need a beam's MU lowered below what its sequence
-    allows (a sliding-window sweep is timed at the maximum dose rate): then the plan's
+    allows (a sliding-window sweep is timed at the dynamic dose rate): then the plan's
     ``fluence`` is scaled per beam (``beam_index``: the dij beam of each beamlet) by the
     unbounded re-weighting and ``resequence(fluence)`` -> (delivery, ideal, dose,
     fidelity, dij) sequences it again (``opts.resequence_for``: when a priority-1 goal

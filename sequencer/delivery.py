@@ -115,7 +115,8 @@ class Delivery:
             travel = np.maximum(np.abs(np.diff(b.leaf_a_mm, axis=0)).max(axis=1),
                                 np.abs(np.diff(b.leaf_b_mm, axis=0)).max(axis=1))
             dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
-            t = np.maximum.reduce([dmu / (m.max_dose_rate_mu_min / 60.0),
+            rate = m.sliding_dose_rate_mu_min if b.kind == "dynamic" else m.max_dose_rate_mu_min
+            t = np.maximum.reduce([dmu / (rate / 60.0),
                                    travel / m.max_leaf_speed_mm_s,
                                    dg / m.max_gantry_speed_deg_s])
             total += float(t.sum())
@@ -198,7 +199,7 @@ def check_delivery(delivery: Delivery, tol_mm: float = 1e-6) -> list[str]:
             allowed = m.mm_per_mu(delivery.fractions) * dmu
             if np.any(travel > allowed + 1e-6):
                 bad.append(f"{b.name}: leaves faster than {m.max_leaf_speed_mm_s} mm/s at "
-                           "the maximum dose rate")
+                           f"{m.sliding_dose_rate_mu_min:g} MU/min (the dynamic dose rate)")
         elif b.kind == "static":
             moving = travel > 1e-9
             if np.any(dmu[moving] > 1e-9):

@@ -175,8 +175,9 @@ def sequence_sliding_window(fluence: FluenceSet, machine: Machine, *,
                             max_control_points: int = 400) -> Delivery:
     """Sliding-window IMRT (unidirectional sweep, least MU for the leaf speed).
 
-    Leaf speed is expressed per MU at the maximum dose rate
-    (``machine.mm_per_mu(fractions)``). Control points are the union of every pair's
+    Leaf speed is expressed per MU at the dynamic dose rate
+    (``machine.mm_per_mu(fractions)``: the maximum dose rate unless the machine sets
+    ``delivery.dynamic_dose_rate_mu_min``). Control points are the union of every pair's
     breakpoints; beyond ``max_control_points`` they are resampled evenly in MU. A sweep
     whose tips of one bank would at some moment lie further apart than the bank span is
     delivered as split fields instead (:func:`split_columns`), each a dynamic beam of its

@@ -93,6 +93,19 @@ def test_files_load_and_reference_each_other(exported, phantom):
         assert np.all(np.diff(g) > 0) or np.all(np.diff(g) < 0)
 
 
+def test_dynamic_beams_carry_the_dynamic_dose_rate(phantom, tmp_path):
+    """A sliding-window beam is written with the dose rate its leaves were timed at."""
+    from dataclasses import replace
+
+    d = small_delivery(phantom, "imrt-sliding")
+    slow = replace(d.machine, dynamic_dose_rate_mu_min=400.0)
+    for machine, rate in ((d.machine, 600.0), (slow, 400.0)):
+        out = export_plan_set(tmp_path / f"r{rate:g}", phantom, smooth_dose(phantom),
+                              replace(d, machine=machine))
+        rp = pydicom.dcmread(out["RTPLAN"])
+        assert {float(b.ControlPointSequence[0].DoseRateSet) for b in rp.BeamSequence} == {rate}
+
+
 def test_struct_contours_recover_the_masks(exported, phantom):
     from matplotlib.path import Path as MplPath
 

@@ -104,6 +104,49 @@ def test_machine_validation_names_file_field_line(tmp_path):
         load_machine("agility")
 
 
+def test_dynamic_dose_rate_is_validated(tmp_path):
+    from pathlib import Path
+
+    text = Path(load_machine("millennium120").source).read_text()
+    assert load_machine("millennium120").sliding_dose_rate_mu_min == 600.0  # the maximum
+    with_rate = text.replace("  max_dose_rate_mu_min: 600.0\n",
+                             "  max_dose_rate_mu_min: 600.0\n  dynamic_dose_rate_mu_min: 300\n")
+    m = load_machine_file(_write(tmp_path, with_rate))
+    assert m.sliding_dose_rate_mu_min == 300.0
+    assert np.isclose(m.mm_per_mu(30), 2.0 * load_machine("millennium120").mm_per_mu(30))
+    for bad, why in (("800", "must not exceed"), ("0", "must be >"), ("fast", "a number")):
+        with pytest.raises(InputError, match=why) as e:
+            load_machine_file(_write(tmp_path, with_rate.replace(
+                "dynamic_dose_rate_mu_min: 300", f"dynamic_dose_rate_mu_min: {bad}")))
+        assert e.value.field == "delivery.dynamic_dose_rate_mu_min"
+
+
+def test_sliding_window_at_a_lower_dose_rate_needs_fewer_mu(m120):
+    """Crossing the field costs width x rate / leaf speed MU: at half the dose rate the
+    sweep delivers the same fluence with fewer MU, within the leaf speed at that rate,
+    and takes longer."""
+    from dataclasses import replace
+
+    maps = smooth_maps(3, scale=600.0)
+    info, w = beamlets_for(maps, [0, 120, 240])
+    fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=30)
+    slow = replace(m120, dynamic_dose_rate_mu_min=300.0)
+    fast_d = get_sequencer("imrt-sliding").sequence(fs, m120)
+    slow_d = get_sequencer("imrt-sliding").sequence(fs, slow)
+    assert check_delivery(slow_d) == [] and check_delivery(fast_d) == []
+    # the slow sequence is too fast for the leaves at the maximum dose rate
+    assert any("leaves faster" in x for x in check_delivery(replace(slow_d, machine=m120)))
+    for b_fast, b_slow in zip(fast_d.beams, slow_d.beams):
+        assert b_slow.mu < b_fast.mu
+    assert slow_d.total_mu < 0.9 * fast_d.total_mu
+    assert slow_d.delivery_time_s() > fast_d.delivery_time_s()
+    shape = (3, NY, NX)
+    for d in (fast_d, slow_d):
+        wd = delivered_weights(d, info)
+        g = gamma_index(w.reshape(shape), wd.reshape(shape), (1e6, 5.0, 5.0))
+        assert g.pass_rate_pct >= 95.0
+
+
 # --- fluence maps ---------------------------------------------------------------------
 
 def test_fluence_maps_onto_leaf_pairs(m120):
