@@ -25,6 +25,7 @@ from atp.sequencer.machine import available_machines, load_machine_file
 from atp.sequencer.vmat import group_arcs, largest_runs
 from bev_lattice import beamlets_for, lattice
 
+from atp.dose.aperture import Transmission
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.errors import BackendUnavailableError, InputError
 from atp.gamma import gamma_index
@@ -363,6 +364,33 @@ def test_reweight_mu_gets_closer_to_the_reference(m120):
     sliding = get_sequencer("imrt-sliding").sequence(
         fluence_set(w, info, m120.leaf_edges_mm, 30), m120)
     assert reweight_mu(sliding, dij, dij.dose(w)) is sliding
+
+
+def test_sliding_window_pairs_that_finish_early_leave_the_field(m120):
+    """A leaf pair whose sweep needs few MU must not wait at its last edge with its
+    minimum gap open while the other pairs finish: it crosses on at full speed and ends
+    closed behind the X2 jaw, so the pixel at its end gets no more than its fluence."""
+    X, _ = lattice(NX, NY)
+    f = np.zeros((NY, NX))
+    f[:, 4:10] = 40.0  # every row: a short, low plateau on the left ...
+    f[6:8, 4:16] = np.linspace(100.0, 3000.0, 12)  # ... two rows need many MU
+    info, w = beamlets_for([f], [0])
+    fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=30)
+    d = get_sequencer("imrt-sliding").sequence(fs, m120)
+    assert check_delivery(d) == []
+    beam = d.beams[0]
+    open_w = delivered_weights(d, info, transmission=Transmission())
+    short = (np.abs(info.bev_y_mm) > 20) & (np.abs(info.bev_x_mm - X[0, 9]) < 1)
+    # the last plateau pixel of the short rows: its own 40 MU plus at most the floor of
+    # the gap passing on, not the gap's share (2 of 5 mm) of the remaining ~3000 MU
+    # (1376 MU when the pair waited there)
+    assert np.all(open_w[short] < 40.0 + d.meta["floor_mu"]), open_w[short]
+    beyond = (np.abs(info.bev_y_mm) > 20) & (info.bev_x_mm > X[0, 10])
+    assert open_w[beyond].max() < 0.05 * f.max()  # crossed at full speed: the floor
+    half = m120.dosimetric_leaf_gap_mm / 2.0
+    pairs = np.flatnonzero(np.abs(m120.leaf_centres_mm) > 22.5)
+    pairs = pairs[np.abs(m120.leaf_centres_mm[pairs]) < NY * 2.5]
+    assert np.all(beam.leaf_a_mm[-1, pairs] - half >= beam.jaw_x_mm[-1, 1] - 1e-6)
 
 
 def test_wide_fields_keep_the_bank_span(m120):
