@@ -215,18 +215,19 @@ def _leave_the_field(rows, total: float, jaw_x_mm, m: Machine, speed: float):
     fields up to 20-50 % of the map's maximum, a hot line along the fields' ends. Moving
     at full speed it gives each pixel it crosses only the sweep's floor fluence
     (``floor_mu``), and behind a jaw only the jaw's transmission. The pair takes the
-    shorter way (on to the X2 jaw, or back over its own sweep to the X1 jaw), where the bank span allows the place behind that jaw
-    with every other pair at either end of its sweep (tips of one bank at most
-    ``max_leaf_span_mm - 1.5`` apart; in fields wider than that a pair may find neither
-    and rests at its last edge as before); a pair that runs out of time stops where the
-    beam ends. rows: (pair, positions, times_A, times_B) of :func:`sweep_row`
-    (radiation edges); the jaws ``jaw_x_mm`` (X1, X2) are those around the sweeps."""
+    shorter way (on to the X2 jaw, or back over its own sweep to the X1 jaw) where the
+    bank span allows the place behind that jaw with every other pair at either end of its
+    sweep (tips of one bank at most ``max_leaf_span_mm - 1.5`` apart; in fields wider
+    than that a pair may find neither and rests at its last edge as before); a pair that
+    runs out of time stops where the beam ends. rows: (pair, positions, times_A,
+    times_B) of :func:`sweep_row` (radiation edges); the jaws ``jaw_x_mm`` (X1, X2) are
+    those around the sweeps."""
     x1, x2 = float(jaw_x_mm[0]), float(jaw_x_mm[1])
     gap = m.dosimetric_leaf_gap_mm + m.min_leaf_gap_mm  # the radiation opening, closed
     span = m.max_leaf_span_mm - 1.5
     lo, hi = m.leaf_position_range_mm
     half = m.dosimetric_leaf_gap_mm / 2.0
-    # radiation edges of a closed pair: [x - gap, x]; behind X1: x <= x1, behind X2: x - gap >= x2
+    # radiation edges of a closed pair: [x - gap, x]; behind X1: x <= x1; X2: x - gap >= x2
     back = max(x1 - 0.5, x2 - span, lo + m.min_leaf_gap_mm + half)
     on = min(x2 + gap + 0.5, x1 + span, hi + half)
     out = []
