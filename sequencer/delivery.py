@@ -115,8 +115,7 @@ class Delivery:
             travel = np.maximum(np.abs(np.diff(b.leaf_a_mm, axis=0)).max(axis=1),
                                 np.abs(np.diff(b.leaf_b_mm, axis=0)).max(axis=1))
             dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
-            rate = m.sliding_dose_rate_mu_min if b.kind == "dynamic" else m.max_dose_rate_mu_min
-            t = np.maximum.reduce([dmu / (rate / 60.0),
+            t = np.maximum.reduce([dmu / (m.dose_rate_mu_min(b.kind) / 60.0),
                                    travel / m.max_leaf_speed_mm_s,
                                    dg / m.max_gantry_speed_deg_s])
             total += float(t.sum())

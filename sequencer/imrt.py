@@ -273,15 +273,15 @@ def _sliding_beam(bf: BeamFluence, f: np.ndarray, m: Machine, speed: float, floo
         rows.append((p, xs, ta, tb))
     if not rows:
         return _static_beam(bf, m, [(0, [None] * n_pairs)], 0.0, name)
-    total = max(max(r[2][-1], r[3][-1]) for r in rows)
+    row_ends = np.array([max(r[2][-1], r[3][-1]) for r in rows])  # MU each sweep ends
+    total = float(row_ends.max())
     # the jaws around every sweep (radiation edges: from the first to the last edge)
     start = np.full((1, n_pairs), np.nan)
     end = np.full((1, n_pairs), np.nan)
     for p, xs, _, _ in rows:
         start[0, p], end[0, p] = xs[0], xs[-1]
     jx, jy = jaws_around(np.nan_to_num(start), np.nan_to_num(end), ~np.isnan(start), m)
-    ends = np.unique([max(r[2][-1], r[3][-1]) for r in rows])
-    ends = ends[ends < total]  # where a pair turns to leave the field: a control point
+    ends = np.unique(row_ends[row_ends < total])  # where pairs turn to leave: control points
     rows = _leave_the_field(rows, total, jx, m, speed)
     times = np.unique(np.concatenate([np.concatenate([r[2], r[3]]) for r in rows]
                                      + [[0.0, total]]))

@@ -102,6 +102,11 @@ class Machine:
         """The dose rate (MU/min) sliding-window (dynamic MLC) beams are delivered at."""
         return float(self.dynamic_dose_rate_mu_min or self.max_dose_rate_mu_min)
 
+    def dose_rate_mu_min(self, kind: str) -> float:
+        """The dose rate (MU/min) a beam of ``kind`` ('dynamic', 'static', 'arc') is
+        delivered at: the dynamic dose rate for sliding window, else the maximum."""
+        return self.sliding_dose_rate_mu_min if kind == "dynamic" else self.max_dose_rate_mu_min
+
     @property
     def transmission(self) -> Transmission:
         """Leaf / jaw transmission and tongue-and-groove width of this machine."""
@@ -211,6 +216,15 @@ class _Reader:
             self.fail(path, f"must be <= {top:g} (no linac has more), got {v:g}")
         return float(v)
 
+    def optional_number(self, *path: str, **kw) -> float | None:
+        """:meth:`number` of an optional field; None when it is absent."""
+        parent = self.data
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or path[-1] not in parent:
+            return None
+        return self.number(*path, **kw)
+
     def flag(self, *path: str, default: bool) -> bool:
         cur = self.data
         for key in path[:-1]:
@@ -286,18 +300,14 @@ def load_machine_file(path: str | Path) -> Machine:
         min_mu_per_deg=r.number("delivery", "min_mu_per_deg", minimum=0),
         max_mu_per_deg=r.number("delivery", "max_mu_per_deg", minimum=0, strict=True),
         source=str(path),
-        min_gantry_speed_deg_s=(
-            r.number("delivery", "min_gantry_speed_deg_s", minimum=0, strict=True)
-            if isinstance(r.data.get("delivery"), dict)
-            and "min_gantry_speed_deg_s" in r.data["delivery"] else None),
+        min_gantry_speed_deg_s=r.optional_number("delivery", "min_gantry_speed_deg_s",
+                                                 minimum=0, strict=True),
         leaf_transmission=r.number("mlc", "leaf_transmission", minimum=0),
         jaw_transmission=r.number("jaws", "transmission", minimum=0),
         tongue_groove_mm=r.number("mlc", "tongue_groove_mm", minimum=0),
         jaw_tracking=r.flag("jaws", "tracking", default=False),
-        dynamic_dose_rate_mu_min=(
-            r.number("delivery", "dynamic_dose_rate_mu_min", minimum=0, strict=True)
-            if isinstance(r.data.get("delivery"), dict)
-            and "dynamic_dose_rate_mu_min" in r.data["delivery"] else None),
+        dynamic_dose_rate_mu_min=r.optional_number("delivery", "dynamic_dose_rate_mu_min",
+                                                   minimum=0, strict=True),
     )
     if (m.dynamic_dose_rate_mu_min is not None
             and m.dynamic_dose_rate_mu_min > m.max_dose_rate_mu_min):

@@ -476,8 +476,7 @@ def _beam_dataset(b, number: int, machine, delivery) -> Dataset:
             cp.BeamLimitingDevicePositionSequence = positions
         if k == 0:
             cp.NominalBeamEnergy = _ds(machine.nominal_energy_mv)
-            cp.DoseRateSet = _ds(machine.sliding_dose_rate_mu_min if b.kind == "dynamic"
-                                 else machine.max_dose_rate_mu_min)
+            cp.DoseRateSet = _ds(machine.dose_rate_mu_min(b.kind))
             cp.GantryAngle = _ds(float(b.gantry_deg[0]) % 360.0)
             cp.GantryRotationDirection = b.rotation_direction
             cp.BeamLimitingDeviceAngle = _ds(b.collimator_deg)
