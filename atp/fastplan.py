@@ -643,7 +643,9 @@ def _sequenced(fp, o: FastPlanOptions, sparing, stages, info: dict, r):
     # MU, other objective) would only be overwritten: skip it
     params = {"passes": int(o.vmat_passes)}
     if o.vmat_sequencer == "vmat-sliding":
-        params["sector_deg"] = float(o.sector_deg)
+        # the leaves as fast as the slowest gantry allows: the fast path's arc (control
+        # points every few degrees, two samples each) was measured so (fastpath.md)
+        params.update(sector_deg=float(o.sector_deg), sweep_speed_factor=math.inf)
     delivery = stages.run("sequencing", sequencer.sequence, r.fluence_mu, dij,
                           o.vmat_sequencer, machine=o.machine,
                           fractions=patient.fractions, reweight=o.mu_iterations <= 0,

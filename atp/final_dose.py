@@ -327,18 +327,54 @@ def normalise(goals, patient, dose, options: FinalDoseOptions | None = None,
     return c, {"normalised": True, "scale": round(c, 4), "needed": round(need, 4)}
 
 
+def mu_units(delivery) -> list[tuple[int, int | None]]:
+    """The delivery's independently scalable MU: (beam, None) for a whole beam, or (beam,
+    sector) for each MU group of a sliding-window arc (``BeamDelivery.mu_group``: a
+    sector's leaf timing is fixed relative to its own MU, so each sector scales as a
+    whole)."""
+    out: list[tuple[int, int | None]] = []
+    for i, b in enumerate(delivery.beams):
+        if b.mu_group is None:
+            out.append((i, None))
+        else:
+            out += [(i, int(g)) for g in np.unique(b.mu_group)]
+    return out
+
+
+def unit_delivery(delivery, unit):
+    """The delivery of one MU unit (:func:`mu_units`) alone: its beam, or for an arc
+    sector the sector's control points (cumulative MU from 0); the units' doses add up
+    to the delivery's."""
+    i, g = unit
+    b = delivery.beams[i]
+    if g is None:
+        return replace(delivery, beams=(b,))
+    k = np.flatnonzero(b.mu_group == g)
+    cps = np.arange(k[0], k[-1] + 2)
+    cum = b.cumulative_mu[cps] - b.cumulative_mu[cps[0]]
+    sub = replace(b, gantry_deg=b.gantry_deg[cps], leaf_a_mm=b.leaf_a_mm[cps],
+                  leaf_b_mm=b.leaf_b_mm[cps], jaw_x_mm=b.jaw_x_mm[cps],
+                  jaw_y_mm=b.jaw_y_mm[cps], cumulative_mu=cum, dij_beam=b.dij_beam[cps],
+                  n_segments=cps.size, mu_group=b.mu_group[k])
+    return replace(delivery, beams=(sub,))
+
+
 def scale_bounds(delivery, options: FinalDoseOptions | None = None) -> list[tuple]:
-    """Per-beam MU scale bounds that keep every control point within the machine limits
+    """Per MU unit (:func:`mu_units`: a beam, or a sliding-window arc's sector) the MU
+    scale bounds that keep every control point within the machine limits
     (:func:`atp.sequencer.delivery.check_delivery`): a sliding-window beam's leaves are
     timed at the dynamic dose rate, so fewer MU would need faster leaves; an arc keeps its
-    MU per degree in range; step-and-shoot segments take any scale."""
+    MU per degree in range (its leaves' travel per degree does not change); step-and-shoot
+    segments take any scale."""
     opt = options or FinalDoseOptions()
     m = delivery.machine
     out = []
-    for b in delivery.beams:
+    for i, g in mu_units(delivery):
+        b = delivery.beams[i]
         lo, hi = opt.scale_min, opt.scale_max
         dmu = np.diff(b.cumulative_mu)
-        on = dmu > 1e-12
+        mine = np.ones(dmu.size, bool) if g is None else b.mu_group == g
+        on = (dmu > 1e-12) & mine
         if b.n_control_points >= 2 and on.any():
             travel = np.maximum(np.abs(np.diff(b.leaf_a_mm, axis=0)),
                                 np.abs(np.diff(b.leaf_b_mm, axis=0)))
@@ -348,7 +384,7 @@ def scale_bounds(delivery, options: FinalDoseOptions | None = None) -> list[tupl
                 lo = max(lo, float(need.max()) * (1.0 + 1e-6))
             elif b.kind == "arc":
                 dg = np.abs((np.diff(b.gantry_deg) + 180.0) % 360.0 - 180.0)
-                mu_deg = dmu / delivery.fractions / np.maximum(dg, 1e-9)
+                mu_deg = (dmu / delivery.fractions / np.maximum(dg, 1e-9))[mine]
                 lo = max(lo, m.min_mu_per_deg / max(float(mu_deg.min()), 1e-12) * (1 + 1e-6))
                 hi = min(hi, m.max_mu_per_deg / max(float(mu_deg.max()), 1e-12) * (1 - 1e-6))
         if hi < lo:
@@ -358,7 +394,22 @@ def scale_bounds(delivery, options: FinalDoseOptions | None = None) -> list[tupl
 
 
 def scale_beams(delivery, scales):
-    """The delivery with each beam's MU (every control point's cumulative MU) scaled."""
-    beams = tuple(b if s == 1.0 else replace(b, cumulative_mu=b.cumulative_mu * float(s))
-                  for b, s in zip(delivery.beams, scales))
-    return replace(delivery, beams=beams)
+    """The delivery with each MU unit's MU (:func:`mu_units`: every control point's
+    cumulative MU of a beam, or the intervals of an arc's sector) scaled."""
+    factor = [np.ones(max(b.n_control_points - 1, 0)) for b in delivery.beams]
+    whole = [1.0] * len(delivery.beams)
+    for (i, g), x in zip(mu_units(delivery), scales):
+        if g is None:
+            whole[i] = float(x)
+        else:
+            factor[i][delivery.beams[i].mu_group == g] = float(x)
+    beams = []
+    for b, f, x in zip(delivery.beams, factor, whole):
+        if b.mu_group is None:
+            beams.append(b if x == 1.0 else replace(b, cumulative_mu=b.cumulative_mu * x))
+        elif np.all(f == 1.0):
+            beams.append(b)
+        else:
+            dmu = np.diff(b.cumulative_mu) * f
+            beams.append(replace(b, cumulative_mu=np.concatenate([[0.0], np.cumsum(dmu)])))
+    return replace(delivery, beams=tuple(beams))

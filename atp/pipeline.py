@@ -62,7 +62,14 @@ from atp.score_refine import refine_plan
 from atp.scorecard import list_scorecards, load_scorecard
 from atp.sequencer.deliverable import delivered_weights
 from atp.sequencer.fidelity import fidelity
-from atp.vmatplan import VmatOptions, control_point_beams, dmpo_step, vmat_arcs
+from atp.vmatplan import (
+    VmatOptions,
+    control_point_beams,
+    dmpo_step,
+    sweep_influence,
+    sweep_sequence_params,
+    vmat_arcs,
+)
 
 #: target and control goals pursued by weight in the attainment rounds (attain_weight_ids)
 ATTAIN_BY_WEIGHT = True
@@ -138,9 +145,9 @@ def plan(patient, site: str = "hn", institution=None, goal_list=None, predictor=
         engine_name = "given" if dij is not None else dose_engine
         if dij is None:
             beams, beam_template = _beams_of(prep.goal_list, beams, beam_template)
-            dij = stages.run("dose influence", _influence, dose_engine, prep.loaded,
-                             make_beams(beams, beam_template), beamlet_size_mm,
-                             dose_grid_factor, arcs=vmat is not None)
+            dij = stages.run("dose influence", _plan_influence, dose_engine, prep.loaded,
+                             vmat, make_beams(beams, beam_template), beamlet_size_mm,
+                             dose_grid_factor)
         settings = _plan_settings(
             prep, site, institution, engine_name, backend, vmat, beams=beams,
             beam_template=beam_template, refine=refine, dose_grid_factor=dose_grid_factor,
@@ -170,10 +177,23 @@ def _technique(technique, vmat_options, *, fast, beam_template, beams, sequence,
         raise InputError("technique 'vmat' sets the beams and the sequencer; drop "
                          "fast / beam_template / sequence", field="technique")
     vmat = VmatOptions.from_dict(vmat_options)
+    if vmat.method == "sweep":  # sector beams planned as static fields, swept as arcs
+        return vmat, vmat_arcs(vmat), "vmat-sliding", optimizer_options
     # DMPO optimises the deliverable dose itself: no re-optimisation rounds; the
     # final-dose stage re-sequences without DMPO, so it is off for VMAT (for now)
     return vmat, vmat_arcs(vmat), "vmat", {"deliverable_rounds": 0, "final_dose": False,
                                            **(optimizer_options or {})}
+
+
+def _plan_influence(engine: str, patient, vmat, beams, beamlet_size_mm, dose_grid_factor):
+    """plan()'s dose-influence matrix: the sweep arcs' sector beams
+    (:func:`atp.vmatplan.sweep_influence`), or ``beams`` (DMPO arcs: at the arc
+    threshold)."""
+    if vmat is not None and vmat.method == "sweep":
+        return sweep_influence(engine, patient, vmat, beamlet_size_mm=beamlet_size_mm,
+                               dose_grid_factor=dose_grid_factor)
+    return _influence(engine, patient, beams, beamlet_size_mm, dose_grid_factor,
+                      arcs=vmat is not None)
 
 
 def _influence(engine: str, patient, beams, beamlet_size_mm, dose_grid_factor,
@@ -543,10 +563,10 @@ def _problem_options(settings, dij, be) -> ProblemOptions:
     first-order backend models the leaf leakage of its MU in the optimised dose (the
     machine's leaf transmission; ``ProblemOptions.leaf_transmission``)."""
     seq = settings.get("sequence", False)
-    if not seq or settings.get("technique") or getattr(be, "hard_constraints", False):
+    if not seq or getattr(be, "hard_constraints", False):
         return ProblemOptions()
     technique = seq if isinstance(seq, str) else sequencer.default_technique(dij)
-    if technique != "imrt-sliding":
+    if technique not in ("imrt-sliding", "vmat-sliding"):
         return ProblemOptions()
     machine = sequencer.load_machine(settings.get("machine") or "millennium120")
     return ProblemOptions(leaf_transmission=machine.leaf_transmission)
@@ -585,8 +605,9 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     technique = None if sequence is True else str(sequence)
     machine = s.settings.get("machine", "millennium120")
     patient, dij = s.patient, s.dij
+    vmat = dmpo or _vmat_of(s.settings)  # the sequencer's arc parameters
     delivery, ideal, dose, fid = stages.run(
-        "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, dmpo)
+        "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, vmat)
     if dmpo is not None:
         delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo,
                                          column_gen=True)
@@ -597,8 +618,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     # beamlets it reuses when a beam's jaws did not change (kept with the plan for re-plans)
     field: dict = {"beams": s.field_beams}
     delivery, dose, fid = stages.run("field dose", _field_dose, patient, dij, delivery,
-                                     ideal, dose, fid, keep=field,
-                                     per_control_point=dmpo is not None)
+                                     ideal, dose, fid, keep=field)
     if dmpo is not None and dmpo.dmpo_rounds:
         off, failed = _vmat_hard_failed(s, delivery, dose)
         if failed:
@@ -611,7 +631,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
         stages.add(1)  # counted here: the stage runs only when it applies
         kept = stages.run("deliverable correction", _deliverable_correction, s, res,
                           technique, machine, (delivery, ideal, dose, fid),
-                          info=correction, field_extra=dose - beamlet_dose)
+                          info=correction, field_extra=dose - beamlet_dose, vmat=vmat)
         if kept[0] is not res:  # a round was kept: its own field dose
             res, delivery, ideal, dose, fid = kept
             stages.add(1)
@@ -620,7 +640,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     final = None
     if s.final is not None and s.final.enabled:
         def resequence(w):  # the plan's fluence re-sequenced, its reported dose
-            out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine)
+            out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine, vmat)
             kept: dict = {"beams": field["beams"]}  # unchanged jaws: reused
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
             return dl, out[1], dd, ff, kept.get("dij", dij)
@@ -629,17 +649,27 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
         delivery, dose, fid, final, ideal, fluence = stages.run(
             "final-dose goals", _final_dose_goals, patient, s.resolved,
             field.get("dij", dij), delivery, ideal, dose, fid, s.final,
-            fluence=res.fluence, beam_index=dij.beamlets.beam_index, resequence=resequence)
+            fluence=res.fluence, beam_index=dij.beamlets.beam_index, resequence=resequence,
+            unit_doses=field.get("unit_doses"))
         res.fluence = fluence
     return Finished(res, delivery, ideal, dose, fid, correction, final)
 
 
 def _finish_vmat(stages, s: Solve, res) -> Finished:
-    """VMAT (:mod:`atp.vmatplan`): one rule-based sequencing pass per arc, then direct
+    """VMAT (:mod:`atp.vmatplan`). Method 'sweep': the sector beams' fluence swept as
+    arcs (``vmat-sliding``), then as static fields (deliverable-correction rounds, the
+    final-dose goals) with every control point its own dose beam in the reported dose.
+    Method 'dmpo': one rule-based sequencing pass per arc, then direct
     machine-parameter optimisation of every control point's leaves and MU on the goal
     list, then the reported field dose."""
-    return _finish_sequenced(stages, s, res,
-                             dmpo=VmatOptions.from_dict(s.settings.get("vmat")))
+    vmat = VmatOptions.from_dict(s.settings.get("vmat"))
+    return _finish_sequenced(stages, s, res, dmpo=None if vmat.method == "sweep" else vmat)
+
+
+def _vmat_of(settings) -> VmatOptions | None:
+    """The plan's VMAT options (settings ``vmat``), or None."""
+    v = settings.get("vmat")
+    return None if v is None else VmatOptions.from_dict(v)
 
 
 def _vmat_hard_failed(s: Solve, delivery, reported):
@@ -662,7 +692,7 @@ def _dmpo_reported(stages, s: Solve, res, first, options, field, off, failed):
                                  options, goal_check=lambda w: s.goal_check(w, off),
                                  hard_state=s.dmpo_state or None)
     d2, dose2, fid2 = stages.run("field dose", _field_dose, s.patient, s.dij, d2, ideal,
-                                 dose2, fid2, keep=field, per_control_point=True)
+                                 dose2, fid2, keep=field)
 
     def shortfall(bad):
         return len(bad), sum(r["violation"] for r in bad)
@@ -796,7 +826,7 @@ def _corrects(goal) -> bool:
 
 
 def _deliverable_correction(s: Solve, res, technique, machine, current, info=None,
-                            field_extra=None):
+                            field_extra=None, vmat=None):
     """Re-optimise against the sequencing loss, then sequence again (``rounds`` times).
 
     Sequencing (MLC leakage and transmission, tongue-and-groove, the minimum leaf gap)
@@ -829,7 +859,7 @@ def _deliverable_correction(s: Solve, res, technique, machine, current, info=Non
                  goal_check=lambda w, off=offset: goal_check(w, off))
         r1 = optimize(problem, be, r0.fluence, **o)
         d1 = patient_dose(dij, r1.fluence)
-        out = _sequence(patient, dij, r1.fluence, d1, technique, machine)
+        out = _sequence(patient, dij, r1.fluence, d1, technique, machine, vmat)
         if field_extra is not None:
             out = (out[0], out[1], out[2] + field_extra, out[3])
         rs1 = evaluate_goals(resolved, patient, out[2])
@@ -869,11 +899,13 @@ def _score_results(results) -> float:
 
 def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
     """Sequence the fluence into MLC apertures; deliverable dose on the patient grid.
-    vmat: VmatOptions (one pass per arc, jaw tracking as asked). The fidelity record
+    vmat: VmatOptions (one pass per arc, jaw tracking as asked; sweep arcs: one sector a
+    planning beam, :func:`atp.vmatplan.sweep_sequence_params`). The fidelity record
     (gamma, DVH deltas: ~0.5 s) is None when :func:`_field_dose` computes the reported
     one anyway (a pencil-beam dij; VMAT's DMPO records its own)."""
-    params = {} if vmat is None else {"passes": 1, "jaw_tracking": vmat.jaw_tracking,
-                                      "sector_cps": int(vmat.sector_cps)}
+    params = {} if vmat is None else sweep_sequence_params(vmat) \
+        if vmat.method == "sweep" else {"passes": 1, "jaw_tracking": vmat.jaw_tracking,
+                                        "sector_cps": int(vmat.sector_cps)}
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions, **params)
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
@@ -889,17 +921,16 @@ def _field_dose_recomputes(dij) -> bool:
     return (dij.meta or {}).get("engine") == "pencil-beam"
 
 
-def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
-                per_control_point=False):
+def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
     """The reported deliverable dose: the final delivery recomputed over each beam's whole
     jaw field (:func:`atp.forward.forward_dose`, what ``atp dose`` computes from the
     exported RT Plan), so the leakage through closed leaves and jaws outside the planning
     beamlets is in it too; plus MU per cGy in the delivery's summary. A dij not made by
-    the pencil-beam engine (imported) keeps its own deliverable dose. per_control_point
-    (VMAT): every control point its own dose beam at the engine's default threshold, as
-    ``atp dose`` reads the exported RT Plan (:func:`atp.vmatplan.control_point_beams`)."""
-
-
+    the pencil-beam engine (imported) keeps its own deliverable dose. Arcs (VMAT): every
+    control point its own dose beam at the engine's default threshold, as ``atp dose``
+    reads the exported RT Plan (:func:`atp.vmatplan.control_point_beams`; sweep arcs'
+    planning beams are their sectors' centres, DMPO arcs' their control points)."""
+    per_control_point = any(b.kind == "arc" for b in delivery.beams)
     meta = dict(delivery.meta)
     fx = delivery.fractions
     if patient.prescriptions:
@@ -921,7 +952,16 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None, *,
         kw = {"dose_grid_factor": int(dm.get("dose_grid_factor", 2)),
               "beamlet_size_mm": float(b.beamlet_size_mm[0]),
               "margin_mm": float(dm.get("margin_mm", 5.0)), "threshold": threshold}
-        if per_control_point:  # ~120 dose beams: a few at a time (memory)
+        if per_control_point and any(b.mu_group is not None for b in delivery.beams):
+            # sliding-window arcs: each sector's dose (the final-dose stage scales them)
+            subs = [fd.unit_delivery(delivery, u) for u in fd.mu_units(delivery)]
+            units = [forward_dose_grouped(patient, *control_point_beams(d), **kw)[0]
+                     if d.total_mu > 0 else np.zeros(patient.grid.shape, np.float32)
+                     for d in subs]  # a sector may deliver nothing
+            dose = np.sum(units, axis=0, dtype=np.float32)
+            if keep is not None:
+                keep["unit_doses"] = np.stack(units).astype(np.float32)
+        elif per_control_point:  # ~120 dose beams: a few at a time (memory)
             dose, _ = forward_dose_grouped(patient, fwd, beams, **kw)
         else:
             dose, fdij = forward_dose(patient, fwd, beams, **kw, cache=(
@@ -956,7 +996,7 @@ def _final_dose_options(value):
 
 
 def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts, *,
-                      fluence=None, beam_index=None, resequence=None):
+                      fluence=None, beam_index=None, resequence=None, unit_doses=None):
     """Goals held on the final deliverable dose on the CT grid (:mod:`atp.final_dose`):
     per-beam MU re-weighting against the goal list (priority-1 goals first), then the
     normalisation of the primary target's coverage where the priority-1 limits allow.
@@ -972,11 +1012,13 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     fails, or whenever the re-weighting meets more goals); that plan is kept by
     :func:`_resequenced_better`, and its MU are then re-weighted within their bounds."""
     info = {}
-    per_beam = None  # each beam's dose of ``delivery`` on ``dij`` (reused when kept)
+    # each MU unit's dose of ``delivery`` on ``dij`` (reused when kept); sliding-window
+    # arcs: ``unit_doses``, each sector's reported dose (:func:`_field_dose`)
+    per_beam = unit_doses
     if resequence is not None and fluence is not None and opts.resequence:
         before = evaluate_goals(resolved, patient, dose)
         if fd._hard_violation(before)[0] > 0 or opts.resequence_for == "goals":
-            per_beam = _beam_doses(delivery, dij)
+            per_beam = _beam_doses(delivery, dij) if per_beam is None else per_beam
             s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
                                          wref=reference_weight(resolved))
             bounds = fd.scale_bounds(delivery, opts)
@@ -1019,18 +1061,19 @@ def _beam_doses(delivery, dij) -> np.ndarray:
     included (``dij.dose``); their sum is the delivery's reported dose. Each beam's own
     delivered weights: the split fields of one gantry angle share its dij columns."""
     out = []
-    for b in delivery.beams:
-        w = delivered_weights(replace(delivery, beams=(b,)), dij.beamlets)
+    for u in fd.mu_units(delivery):  # a beam, or a sliding-window arc's sector
+        w = delivered_weights(fd.unit_delivery(delivery, u), dij.beamlets)
         out.append(dij.to_patient_grid(dij.dose(w.astype(np.float32))))
     return np.stack(out).astype(np.float32)
 
 
 def _per_dij_beam(delivery, scales, n_dij_beams: int) -> np.ndarray:
-    """Per dij beam: the smallest scale of the delivery beams it feeds (split fields)."""
+    """Per dij beam: the smallest scale of the delivery's MU units it feeds (split
+    fields; :func:`atp.final_dose.mu_units`)."""
     out = np.ones(n_dij_beams)
     seen = np.zeros(n_dij_beams, bool)
-    for b, x in zip(delivery.beams, scales):
-        for d in np.unique(b.dij_beam):
+    for u, x in zip(fd.mu_units(delivery), scales):
+        for d in np.unique(fd.unit_delivery(delivery, u).beams[0].dij_beam):
             out[d] = min(out[d], x) if seen[d] else x
             seen[d] = True
     return out
@@ -1057,12 +1100,12 @@ def _final_mu_scaling(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     if np.all(s == 1.0):
         return delivery, dose, fid, info
     new = np.asarray(new * np.float32(c), dtype=np.float32)
+    before = delivery.total_mu
     delivery = fd.scale_beams(delivery, s)
     meta = dict(delivery.meta)
     if "mu_per_cgy" in meta and delivery.beams:
         meta["mu_per_cgy"] = round(float(meta["mu_per_cgy"]) * delivery.total_mu
-                                   / max(sum(b.mu / x for b, x in zip(delivery.beams, s)),
-                                         1e-12), 3)
+                                   / max(before, 1e-12), 3)
     delivery = replace(delivery, meta=meta)
     masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
     fid = fidelity(ideal_dose, new, patient.grid.spacing_mm, masks)

@@ -35,8 +35,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+import scipy.sparse as sp
 
-from atp.dose.geometry import Beam, arc_control_points
+from atp.dose import registry as engines
+from atp.dose.far_scatter import FarScatter
+from atp.dose.geometry import Beam, arc_control_points, arc_dose_angles
+from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.errors import InputError
 from atp.optimizer.backends.base import Backend, Result
 from atp.optimizer.objectives import evaluate_terms
@@ -57,6 +61,19 @@ VMAT_SECTOR_CPS = 4
 #: atp.sequencer.vmat_cg) or 'sequence' (the rule-based arc sequencing as it is)
 VMAT_START = "sequence"
 VMAT_STARTS = ("cg", "sequence")
+#: 'sweep': sliding-window arcs (the default); 'dmpo': rule-based arc sequencing + DMPO
+VMAT_METHOD = "sweep"
+VMAT_METHODS = ("sweep", "dmpo")
+#: sweep: one optimised fluence map and one leaf sweep per sector of this many degrees
+VMAT_SECTOR_DEG = 20.0
+#: sweep: gantry angles a sector's planning beam is computed at (atp.vmatplan.
+#: sweep_influence): each beamlet takes the dose of the one its sweep passes it at
+VMAT_DIJ_ANGLES = 4
+#: sweep: control points a sector, the sweep's leaf positions sampled (1 deg apart at 20:
+#: leaves move linearly between control points, and a sweep sampled every 4 deg missed its
+#: fluence by up to 12 Gy of PTV D99 on train pt_9; the dose is computed per 4 deg,
+#: atp.dose.geometry.arc_dose_angles)
+VMAT_CPS_PER_SECTOR = 20
 #: optimize() options of the fluence solve that DMPO's rounds take over (the goal check,
 #: the attainment and hard-goal rules)
 _ROUND_OPTIONS = ("goal_check", "hard_growth", "attain_max_priority", "attain_max_shift",
@@ -68,11 +85,24 @@ _ROUND_OPTIONS = ("goal_check", "hard_growth", "attain_max_priority", "attain_ma
 @dataclass(frozen=True)
 class VmatOptions:
     """The VMAT technique's knobs (``--vmat KEY=VALUE``; ``dmpo``: a dict of
-    :class:`atp.sequencer.dmpo.DmpoOptions` fields)."""
+    :class:`atp.sequencer.dmpo.DmpoOptions` fields).
 
-    arcs: int = VMAT_ARCS
+    ``method``: ``'sweep'`` (the default: sliding-window arcs, one fluence map per
+    ``sector_deg`` sector optimised as a static field at the sector's centre, delivered
+    by one leaf sweep while the gantry turns through the sector, ``cps_per_sector``
+    control points a sector; :func:`sweep_beams`; the planning dij at ``dij_angles``
+    angles a sector, :func:`sweep_influence`) or ``'dmpo'`` (control points every
+    ``spacing_deg``, rule-based arc sequencing, then direct machine-parameter
+    optimisation). ``arcs`` and ``collimator_deg`` default to the method's own (sweep:
+    one arc, collimator 0; dmpo: two arcs, collimator +-15 deg)."""
+
+    method: str = VMAT_METHOD
+    arcs: int | None = None
     spacing_deg: float = VMAT_SPACING_DEG
-    collimator_deg: float = VMAT_COLLIMATOR_DEG
+    collimator_deg: float | None = None
+    sector_deg: float = VMAT_SECTOR_DEG
+    cps_per_sector: int = VMAT_CPS_PER_SECTOR
+    dij_angles: int = VMAT_DIJ_ANGLES
     jaw_tracking: bool = False
     sector_cps: int = VMAT_SECTOR_CPS
     dmpo_rounds: int = VMAT_DMPO_ROUNDS
@@ -81,6 +111,32 @@ class VmatOptions:
     cg: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.method not in VMAT_METHODS:
+            raise InputError(f"vmat method must be one of {', '.join(VMAT_METHODS)}, got "
+                             f"{self.method!r}", field="vmat.method")
+        sweep = self.method == "sweep"
+        if self.arcs is None:
+            object.__setattr__(self, "arcs", 1 if sweep else VMAT_ARCS)
+        if self.collimator_deg is None:
+            object.__setattr__(self, "collimator_deg", 0.0 if sweep else VMAT_COLLIMATOR_DEG)
+        if not (np.isfinite(self.sector_deg) and 5.0 <= self.sector_deg <= 60.0
+                and abs(360.0 / self.sector_deg - round(360.0 / self.sector_deg)) < 1e-6):
+            raise InputError(f"vmat sector_deg must divide 360 and be in [5, 60], got "
+                             f"{self.sector_deg!r}", field="vmat.sector_deg")
+        if (int(self.cps_per_sector) != self.cps_per_sector
+                or not 1 <= self.cps_per_sector <= 60):
+            raise InputError(f"vmat cps_per_sector must be 1..60, got "
+                             f"{self.cps_per_sector!r}", field="vmat.cps_per_sector")
+        if int(self.dij_angles) != self.dij_angles or not 1 <= self.dij_angles <= 10:
+            raise InputError(f"vmat dij_angles must be 1..10, got {self.dij_angles!r}",
+                             field="vmat.dij_angles")
+        if sweep and self.arcs > 2:
+            raise InputError(f"vmat method 'sweep' plans 1 or 2 arcs, got {self.arcs!r}",
+                             field="vmat.arcs")
+        if sweep and self.arcs == 2 and self.collimator_deg == 0:
+            raise InputError("two sweep arcs need collimator_deg > 0 (the arcs are told "
+                             "apart by their collimator, +-collimator_deg)",
+                             field="vmat.collimator_deg")
         if int(self.arcs) != self.arcs or not 1 <= self.arcs <= 4:
             raise InputError(f"vmat arcs must be 1..4, got {self.arcs!r}", field="vmat.arcs")
         if not (np.isfinite(self.spacing_deg) and 1.0 <= self.spacing_deg <= 10.0):
@@ -146,8 +202,11 @@ class VmatOptions:
 
 
 def vmat_arcs(options: VmatOptions | None = None):
-    """The control points (``atp.dose.geometry.Beam``) of the technique's arcs."""
+    """The control points (``atp.dose.geometry.Beam``) of the technique's arcs; for
+    the sweep method the sectors' centres (:func:`sweep_beams`)."""
     o = options or VmatOptions()
+    if o.method == "sweep":
+        return sweep_beams(o)
     beams = []
     for k in range(int(o.arcs)):
         cw = k % 2 == 0
@@ -155,6 +214,130 @@ def vmat_arcs(options: VmatOptions | None = None):
         beams += arc_control_points(180.0, 180.0, float(o.spacing_deg),
                                     "cw" if cw else "ccw", collimator_deg=col)
     return beams
+
+
+def sweep_beams(options: VmatOptions):
+    """The planning beams of sweep arcs: one static beam at the centre of every
+    ``sector_deg`` sector of each full arc (the first clockwise from 180 deg, the second
+    counter-clockwise with its sectors shifted by half a sector, collimator alternately
+    +-``collimator_deg``), in delivery order. Each is optimised as a static field and its
+    map delivered by one leaf sweep while the gantry turns through its sector
+    (:mod:`atp.sequencer.vmat_sliding`, one sector per planning beam)."""
+    o = options
+    n = round(360.0 / o.sector_deg)
+    beams = []
+    for k in range(int(o.arcs)):
+        cw = k % 2 == 0
+        col = (o.collimator_deg if cw else -o.collimator_deg) % 360.0
+        centre = 180.0 + o.sector_deg * (0.5 if cw else 1.0)
+        step = o.sector_deg if cw else -o.sector_deg
+        beams += [Beam(float((centre + j * step) % 360.0), col) for j in range(n)]
+    return beams
+
+
+def sweep_influence(engine, patient, options: VmatOptions, *, beamlet_size_mm=5.0,
+                    dose_grid_factor: int = 2, sectors_per_call: int = 3, **kw):
+    """The planning dose-influence matrix of sweep arcs: one beam per sector
+    (:func:`sweep_beams`, at the sector's centre), each beamlet's column the dose of the
+    gantry angle at which the sector's sweep passes it.
+
+    A sweep crosses each leaf pair's span once while the gantry turns through the sector
+    (left to right in a pass's even sectors, right to left in its odd ones,
+    :mod:`atp.sequencer.vmat_sliding`), so a beamlet a fraction f of the way along its
+    row is delivered about f of the way through the sector. The sector is computed at
+    ``dij_angles`` gantry angles (the centres of equal sub-sectors, by ``engine``,
+    ``sectors_per_call`` sectors at a time) and each beamlet takes the column of the
+    sub-sector holding its f (its row: the sector's beamlets in that leaf row; a
+    beamlet not selected at that angle takes the nearest angle's). With ``dij_angles``
+    1 every beamlet is computed at the sector's centre. ``kw``: the engine's
+    ``influence`` options."""
+    eng = engines.get(engine)
+    k_n = int(options.dij_angles)
+    centres = sweep_beams(options)
+    subs = _sweep_sub_beams(options)
+    mats, fars, index, bev_x, bev_y, first = [], [], [], [], [], None
+    for s0 in range(0, len(centres), int(sectors_per_call)):
+        chunk = range(s0, min(s0 + int(sectors_per_call), len(centres)))
+        d = eng.influence(patient, [b for s in chunk for b in subs[s]],
+                          beamlet_size_mm=beamlet_size_mm, dose_grid_factor=dose_grid_factor,
+                          **kw)
+        first = first or d
+        sel = []
+        for n, s in enumerate(chunk):
+            cols, keys = _sweep_columns(d.beamlets, n * k_n, k_n, _sweep_direction(options, s))
+            sel.append(cols)
+            index.append(np.full(cols.size, s, dtype=np.int32))
+            size_x, size_y = d.beamlets.beamlet_size_mm
+            bev_x.append((keys[:, 1] + 0.5) * size_x)
+            bev_y.append((keys[:, 0] + 0.5) * size_y)
+        sel = np.concatenate(sel)
+        mats.append(d.matrix[:, sel])
+        fars.append((None if d.far is None else replace(d.far, V=d.far.V[:, sel].tocsr()),
+                     sel.size))
+    matrix = sp.hstack(mats, format="csc", dtype=np.float32)
+    iso = first.beamlets.isocenter_mm[0]
+    info = BeamletInfo(np.concatenate(index), [c.gantry_deg for c in centres],
+                       [c.collimator_deg for c in centres], [c.couch_deg for c in centres],
+                       np.tile(iso, (len(centres), 1)), np.concatenate(bev_x),
+                       np.concatenate(bev_y), first.beamlets.beamlet_size_mm)
+    meta = dict(first.meta)
+    meta.update({"sweep": {"sector_deg": float(options.sector_deg), "dij_angles": k_n},
+                 "seconds": None})
+    return DoseInfluence(matrix, info, first.dose_grid, first.patient_grid, meta,
+                         far=FarScatter.hstack(fars, matrix.shape[0]))
+
+
+def _sweep_sub_beams(options: VmatOptions) -> list[list[Beam]]:
+    """Per sector of :func:`sweep_beams`, its ``dij_angles`` beams at the centres of equal
+    sub-sectors, in delivery order (the first arc clockwise, the second back)."""
+    k_n = int(options.dij_angles)
+    per_arc = round(360.0 / options.sector_deg)
+    out = []
+    for s, c in enumerate(sweep_beams(options)):
+        turn = 1.0 if (s // per_arc) % 2 == 0 else -1.0
+        start = c.gantry_deg - turn * options.sector_deg / 2.0
+        out.append([Beam(float((start + turn * (k + 0.5) * options.sector_deg / k_n) % 360.0),
+                         c.collimator_deg, c.couch_deg, c.isocenter_mm) for k in range(k_n)])
+    return out
+
+
+def _sweep_direction(options: VmatOptions, sector: int) -> int:
+    """+1: sector ``sector`` of :func:`sweep_beams` sweeps left to right (its arc's even
+    sectors), -1: right to left (atp.sequencer.vmat_sliding alternates them)."""
+    per_arc = round(360.0 / options.sector_deg)
+    return 1 if (sector % per_arc) % 2 == 0 else -1
+
+
+def _sweep_columns(beamlets, offset: int, k_n: int, direction: int):
+    """(columns, keys): for one sector computed as beams ``offset .. offset + k_n - 1``
+    of ``beamlets``, the union of its beamlet positions (keys (n, 2): leaf row, column
+    index) and the column each takes: the sub-beam its sweep passes it in."""
+    b = beamlets
+    mine = np.flatnonzero((b.beam_index >= offset) & (b.beam_index < offset + k_n))
+    size_x, size_y = b.beamlet_size_mm
+    ix = np.floor(b.bev_x_mm[mine] / size_x).astype(np.int64)
+    iy = np.floor(b.bev_y_mm[mine] / size_y).astype(np.int64)
+    kk = b.beam_index[mine] - offset
+    keys = np.unique(np.stack([iy, ix], axis=1), axis=0)
+    lo = {r: keys[keys[:, 0] == r, 1].min() for r in np.unique(keys[:, 0])}
+    hi = {r: keys[keys[:, 0] == r, 1].max() for r in np.unique(keys[:, 0])}
+    where = {(int(y), int(x), int(k)): int(c) for c, y, x, k in zip(mine, iy, ix, kk)}
+    cols = np.empty(keys.shape[0], dtype=np.int64)
+    for n, (y, x) in enumerate(keys):
+        f = (x - lo[y] + 0.5) / (hi[y] - lo[y] + 1.0)
+        want = min(int((f if direction > 0 else 1.0 - f) * k_n), k_n - 1)
+        k = min((k for k in range(k_n) if (int(y), int(x), k) in where),
+                key=lambda k: (abs(k - want), k))
+        cols[n] = where[(int(y), int(x), k)]
+    return cols, keys
+
+
+def sweep_sequence_params(options: VmatOptions) -> dict:
+    """The ``vmat-sliding`` sequencer's parameters for sweep arcs planned on
+    :func:`sweep_beams`: one pass, one sector per planning beam."""
+    return {"passes": 1, "sector_deg": float(options.sector_deg),
+            "samples_per_cp": int(options.cps_per_sector),
+            "jaw_tracking": bool(options.jaw_tracking)}
 
 
 class _FineFar:
@@ -294,7 +477,9 @@ def dmpo_step(problem, res, dij, delivery, options: VmatOptions, solve_options=N
 
 def control_point_beams(delivery):
     """(delivery, beams): the delivery with every control point its own dose beam (at the
-    control point's gantry angle, one per distinct geometry), as
+    control point's gantry angle, one per distinct geometry; control points closer than
+    :data:`atp.dose.geometry.ARC_DOSE_STEP_DEG` share the one at their rounded angle,
+    :func:`atp.dose.geometry.arc_dose_angles`), as
     :func:`atp.sequencer.rtplan.read_rt_plan` reads the exported RT Plan -- so the
     reported dose is what ``atp dose`` recomputes. (The planning dij has one beam per
     arc sector; the arcs' half-step end control points use the first / last sector's.)"""
@@ -304,7 +489,7 @@ def control_point_beams(delivery):
     for b in delivery.beams:
         iso = np.asarray(b.isocenter_mm, np.float64)
         idx = np.zeros(b.n_control_points, dtype=np.int64)
-        for k, g in enumerate(np.asarray(b.gantry_deg, np.float64) % 360.0):
+        for k, g in enumerate(arc_dose_angles(b.gantry_deg)):
             key = (round(float(g), 4), round(float(b.collimator_deg), 4),
                    round(float(b.couch_deg), 4), *np.round(iso, 3))
             if key not in keys:

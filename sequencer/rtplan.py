@@ -29,7 +29,7 @@ import pydicom
 from atp.sequencer.delivery import BeamDelivery, Delivery
 from atp.sequencer.machine import Machine, load_machine
 
-from atp.dose.geometry import Beam
+from atp.dose.geometry import Beam, arc_dose_angles
 from atp.errors import InputError
 
 RT_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"
@@ -221,12 +221,13 @@ def read_rt_plan(path, machine: str | Machine = "millennium120"):
                      "from 0 to FinalCumulativeMetersetWeight")
         mu = np.maximum.accumulate(np.clip(weight, 0, None)) / final * mu_fx * fractions
         dij = np.zeros(n_cp, dtype=np.int64)
+        dose_gantry = arc_dose_angles(gantry)  # close arc control points share a dose beam
         for k in range(n_cp):
-            key = (round(gantry[k], 4), round(coll[k], 4), round(couch[k], 4),
+            key = (round(dose_gantry[k], 4), round(coll[k], 4), round(couch[k], 4),
                    *np.round(iso, 3))
             if key not in keys:
                 keys[key] = len(geometry)
-                geometry.append(Beam(float(gantry[k]), float(coll[k]), float(couch[k]),
+                geometry.append(Beam(float(dose_gantry[k]), float(coll[k]), float(couch[k]),
                                      tuple(iso)))
             dij[k] = keys[key]
         if np.ptp(coll) > 1e-6 or np.ptp(couch) > 1e-6:

@@ -16,7 +16,7 @@ from atp.sequencer.fluence import FluenceSet
 from atp.sequencer.imrt import sequence_sliding_window, sequence_step_and_shoot
 from atp.sequencer.machine import Machine
 from atp.sequencer.vmat import sequence_vmat
-from atp.sequencer.vmat_sliding import sequence_vmat_sliding
+from atp.sequencer.vmat_sliding import SWEEP_SPEED_FACTOR, sequence_vmat_sliding
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class SlidingWindowVmat(_Technique, name="vmat-sliding", kind="arc",
     passes: int = 2
     samples_per_cp: int = 2
     max_sweep_fraction: float = 0.6
+    sweep_speed_factor: float = SWEEP_SPEED_FACTOR
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,23 @@ slows down while the leaves sweep):
    a pair of span W mm at speed v mm per MU needs W / v + P MU, P the sum of its profile's
    rises; the closed leaves (min gap + DLG wide) leave a floor of (gap + DLG) / v MU
    along the span, so the profile is max(fluence, floor);
+   no sweeping leaf faster than ``sweep_speed_factor`` x the leaf speed at the arc's
+   full dose rate (:func:`_sweep_mm_per_mu`: unlimited, the pairs would cross in spurts
+   one after another, each holding the dose rate, and the beam-on time grows);
 3. each pair then gets the slowest speed that still ends its sweep within ``T``
    (every pair sweeps the whole sector; none waits closed in the field);
-4. pairs with no fluence in a sector travel closed as far behind the X1 jaw as the leaf
-   speed allows between where they stop and where they start again; pairs with no
-   fluence in the whole arc stay there;
+4. pairs with no fluence in a sector travel closed as far behind the X1 jaw as they can
+   between where they stop and where they start again, no faster than the sector's
+   own time allows (its MU at the full dose rate, its widest sweep at full leaf speed);
+   pairs with no fluence in the whole arc stay there;
 5. leaf positions are sampled ``samples_per_cp`` times per control point of the sector
    (linear in between, as the machine moves them), each sample using the dose-influence
    columns of the nearest control point of the sector.
+
+Arcs: consecutive beams of one collimator and couch angle at most ``max(10,
+sector_deg)`` degrees apart, turning one way (:func:`atp.sequencer.vmat.group_arcs`), so
+an arc planned with one beam per sector (``atp plan --technique vmat``,
+:func:`atp.vmatplan.sweep_beams`) is one arc of one-beam sectors.
 
 Sectors: ``sector_deg`` degrees (rounded to whole control points); sectors grow by whole
 control points until every sweep fits: no pair's span needing more than
@@ -57,6 +66,11 @@ from atp.sequencer.machine import Machine
 from atp.sequencer.vmat import _wrap, arc_inputs, control_point_cover_deg, group_arcs, limit_travel
 
 from atp.errors import InputError
+
+#: sweeping leaves' top speed, x the leaf speed at the arc's full dose rate (train pt_10,
+#: one 18-sector arc: 1 -> 6.4 MU/cGy, 133 s beam-on; 2 -> 4.3, 152 s; 4 -> 3.2, 191 s;
+#: unlimited -> 2.5, 250 s)
+SWEEP_SPEED_FACTOR = 2.0
 
 
 def sector_bounds(n_cp: int, sector_cps: int, offset: int = 0) -> np.ndarray:
@@ -114,7 +128,8 @@ class _Sectors:
 
 
 def _sector_mu(profile, inspan, width_mm, sector, theta_deg, m: Machine,
-               max_sweep_fraction, min_mu, max_mu, travel_per_deg_mm: float):
+               max_sweep_fraction, min_mu, max_mu, travel_per_deg_mm: float,
+               mm_per_mu: float = np.inf):
     """(T per sector, floor per row), or None when a sector's sweep does not fit.
 
     Rows are the sweeping leaf pairs of every sector (``sector`` (N,) their sector
@@ -138,8 +153,10 @@ def _sector_mu(profile, inspan, width_mm, sector, theta_deg, m: Machine,
         return width_mm * c / slit + _rises(np.where(inspan, np.maximum(profile,
                                                                          c[:, None]), 0.0))
 
+    floor_min = slit / mm_per_mu  # the leaves no faster than mm_per_mu
+
     def fits(t):  # per sector: every row of it ends its sweep within t
-        late = need(slit * t[sector] / reach[sector]) > t[sector]
+        late = need(np.maximum(slit * t[sector] / reach[sector], floor_min)) > t[sector]
         return np.bincount(sector, weights=late, minlength=n_s) == 0
 
     lo = np.zeros(n_s)
@@ -156,15 +173,32 @@ def _sector_mu(profile, inspan, width_mm, sector, theta_deg, m: Machine,
     t = np.maximum(hi, min_mu)
     if np.any(used & (t > max_mu)):
         return None
+    # every row at the top speed (the least closed-leaf floor); rows done before T wait
+    # closed at the end of their sweep, behind the far jaw
     t_row = t[sector]
-    c_lo = slit * t_row / reach[sector]  # floor at the top speed
-    c_hi = t_row * slit / width_mm  # need(c_hi) >= t
+    c_lo = np.maximum(slit * t_row / reach[sector], floor_min)  # floor at the top speed
+    c_hi = np.maximum(t_row * slit / width_mm, c_lo)  # need(c_hi) >= t
     for _ in range(50):
         mid = 0.5 * (c_lo + c_hi)
         ok = need(mid) <= t_row
         c_lo = np.where(ok, mid, c_lo)
         c_hi = np.where(ok, c_hi, mid)
     return t, c_lo
+
+
+def _sweep_mm_per_mu(m: Machine, fractions: int, speed_factor: float) -> float:
+    """The fastest a sweeping leaf may travel, mm per total-course MU: ``speed_factor`` x
+    the machine's leaf speed at the arc's full dose rate. At 1 every leaf moves while the
+    MU are delivered (as a static sliding window) and the beam-on time is the MU at the
+    full dose rate; larger factors need fewer MU, the machine lowering the dose rate
+    while leaves move faster (inf: only the leaf travel per degree limits them, fewest
+    MU, but pairs then cross in spurts at full leaf speed one after another, each spurt
+    holding the dose rate, and the beam-on time grows)."""
+    if not speed_factor > 0:
+        raise InputError(f"sweep_speed_factor must be > 0, got {speed_factor}",
+                         field="sweep_speed_factor")
+    return (speed_factor * m.max_leaf_speed_mm_s / (m.dose_rate_mu_min("arc") / 60.0)
+            / max(int(fractions), 1))
 
 
 def _sweep_positions_rows(profile, lo, hi, edges_mm, speed, direction, times):
@@ -217,7 +251,7 @@ def _sweep_positions_rows(profile, lo, hi, edges_mm, speed, direction, times):
 
 
 def _pass_layout(maps, x_edges, gantry, m, sector_cps, offset, max_sweep_fraction,
-                 fractions, threshold, travel_per_deg_mm):
+                 fractions, threshold, travel_per_deg_mm, sweep_speed_factor=SWEEP_SPEED_FACTOR):
     """(sectors, per-sector (theta deg, T MU, rows, floors, (lo, hi))) with sectors grown
     until every sweep fits."""
     n_cp, _, n_x = maps.shape
@@ -237,7 +271,7 @@ def _pass_layout(maps, x_edges, gantry, m, sector_cps, offset, max_sweep_fractio
         profile = np.where(inspan, sec.sum[sector, rows], 0.0)
         width = x_edges[hi] - x_edges[lo]
         got = _sector_mu(profile, inspan, width, sector, theta, m, max_sweep_fraction,
-                         min_mu, max_mu, travel_per_deg_mm)
+                         min_mu, max_mu, travel_per_deg_mm, _sweep_mm_per_mu(m, fractions, sweep_speed_factor))
         if got is not None:
             t, floors = got
             plans = []
@@ -260,7 +294,8 @@ def _pass_layout(maps, x_edges, gantry, m, sector_cps, offset, max_sweep_fractio
 def sequence_arc_sliding(maps, x_edges_mm, gantry_deg, beam_index, machine: Machine, *,
                          fractions: int = 1, sector_cps: int = 10, offset: int = 0,
                          samples_per_cp: int = 2, max_sweep_fraction: float = 0.6,
-                         threshold: float = 0.05, travel_per_deg_mm: float | None = None):
+                         threshold: float = 0.05, travel_per_deg_mm: float | None = None,
+                         sweep_speed_factor: float = SWEEP_SPEED_FACTOR):
     """One pass over one arc, in the order given. ``maps`` (n_cp, n_pairs, n_x) MU on
     the leaf-pair grid; ``beam_index`` (n_cp,) the dij beam of each control point.
 
@@ -274,7 +309,8 @@ def sequence_arc_sliding(maps, x_edges_mm, gantry_deg, beam_index, machine: Mach
     n_pairs = maps.shape[1]
     travel_per_deg_mm = float(travel_per_deg_mm or m.leaf_travel_limit_per_deg_mm)
     sec, plans = _pass_layout(maps, x_edges, gantry, m, sector_cps, offset,
-                              max_sweep_fraction, fractions, threshold, travel_per_deg_mm)
+                              max_sweep_fraction, fractions, threshold, travel_per_deg_mm,
+                              sweep_speed_factor)
     n_s = sec.bounds.size - 1
     # position along the arc (deg, increasing in delivery order) of every control point
     step = np.abs(_wrap(np.diff(gantry)))
@@ -326,7 +362,13 @@ def sequence_arc_sliding(maps, x_edges_mm, gantry_deg, beam_index, machine: Mach
             top_a = np.nanmax(left[:, rows], axis=1) + half
             park_u = np.maximum.reduce([park_u, top_b - span_limit + half,
                                         top_a - span_limit + half + m.min_leaf_gap_mm])
-        travel = travel_per_deg_mm * theta
+        # idle pairs travel no faster than the sector's own time allows (its MU at the
+        # arc dose rate, the gantry at full speed, its widest sweep at full leaf speed),
+        # so parking never sets the pace of the arc
+        widest = float((x_edges[lohi[1]] - x_edges[lohi[0]]).max()) if rows.size else 0.0
+        t_sector = max(t_mu / fractions / (m.dose_rate_mu_min("arc") / 60.0),
+                       theta / m.max_gantry_speed_deg_s, widest / m.max_leaf_speed_mm_s)
+        travel = min(travel_per_deg_mm * theta, m.max_leaf_speed_mm_s * t_sector)
         pos = np.maximum.reduce([np.broadcast_to(park_u[:, None], (u.size, n_pairs)),
                                  p0[None] - travel * u[:, None],
                                  p1[None] - travel * (1.0 - u[:, None])])
@@ -365,7 +407,8 @@ def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: 
                           passes: int = 2, samples_per_cp: int = 2,
                           max_sweep_fraction: float = 0.6, threshold: float = 0.05,
                           travel_per_deg_mm: float | None = None,
-                          arcs: list[list[int]] | None = None) -> Delivery:
+                          arcs: list[list[int]] | None = None,
+                          sweep_speed_factor: float = SWEEP_SPEED_FACTOR) -> Delivery:
     """Sliding-window VMAT of every arc (``arcs``: beam positions in ``fluence.beams``;
     default :func:`atp.sequencer.vmat.group_arcs`); see the module docstring."""
     if not sector_deg > 0:
@@ -386,7 +429,10 @@ def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: 
         raise InputError(f"max_sweep_fraction must be in (0, 1), got {max_sweep_fraction}",
                          field="max_sweep_fraction")
     m = machine
-    arcs = group_arcs(fluence) if arcs is None else arcs
+    # control points up to one sector apart belong to one arc (sweep arcs are planned
+    # with one beam per sector, atp.vmatplan.sweep_beams)
+    arcs = group_arcs(fluence, max(10.0, float(sector_deg) * (1 + 1e-6))) \
+        if arcs is None else arcs
     beams, used = [], []
     for n, idx in enumerate(arcs):
         bfs, maps, x_edges, gantry = arc_inputs(fluence, idx, n + 1)
@@ -401,7 +447,8 @@ def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: 
                                      samples_per_cp=samples_per_cp,
                                      max_sweep_fraction=max_sweep_fraction,
                                      threshold=threshold,
-                                     travel_per_deg_mm=travel_per_deg_mm)
+                                     travel_per_deg_mm=travel_per_deg_mm,
+                                     sweep_speed_factor=sweep_speed_factor)
             _check_mu_rate(r, m, fluence.fractions)
             direction = "CW" if np.sign(_wrap(gantry[order][1] - gantry[order][0])) > 0 \
                 else "CCW"
@@ -421,7 +468,7 @@ def sequence_vmat_sliding(fluence: FluenceSet, machine: Machine, *, sector_deg: 
                      "threshold": float(threshold),
                      "travel_per_deg_mm": float(travel_per_deg_mm
                                                 or m.leaf_travel_limit_per_deg_mm),
-                     "largest_sector_cps": int(max(used, default=0))})
+                     "largest_sector_cps": int(max(used, default=0)), "sweep_speed_factor": float(sweep_speed_factor)})
 
 
 def _check_mu_rate(r: dict, m: Machine, fractions: int) -> None:

@@ -92,7 +92,7 @@ def arc_case(phantom):
     from atp.goals import load_goal_list, resolve_goals, with_control_structures
     from atp.vmatplan import VmatOptions, goal_objective, vmat_arcs
 
-    opts = VmatOptions(spacing_deg=10.0)
+    opts = VmatOptions(method="dmpo", spacing_deg=10.0)
     pred = predictors.get("baseline").predict(phantom)
     resolved = list(resolve_goals(load_goal_list(site="hn"), phantom, pred))
     # the objective these tests were written with: the mandible at its priority's weight
@@ -296,7 +296,8 @@ def vmat_plan(phantom, tmp_path_factory):
 
     p = atp.plan(phantom, predictor="baseline", technique="vmat", progress=False,
                  dose_grid_factor=3, optimizer_options={"max_iter": 60},
-                 vmat_options={"spacing_deg": 10.0, "dmpo": {"iterations": 10}})
+                 vmat_options={"method": "dmpo", "spacing_deg": 10.0,
+                               "dmpo": {"iterations": 10}})
     out = tmp_path_factory.mktemp("vmat") / "plan"
     p.save(out, report=False, dicom=True)
     return p, out
@@ -394,7 +395,8 @@ def test_dmpo_rounds_raise_a_short_goals_weight_and_stay_deliverable(arc_case):
 
     start = res.hard_state.get(gid, {}).get("weight_factor", 1.0)
     d, info = dmpo_step(p, res, arc_case["dij"], arc_case["delivery"],
-                        VmatOptions(spacing_deg=10.0, dmpo_rounds=2, dmpo={"iterations": 5}),
+                        VmatOptions(method="dmpo", spacing_deg=10.0, dmpo_rounds=2,
+                                    dmpo={"iterations": 5}),
                         solve_options={"goal_check": check, "attain_weight_ids": (gid,)})
     assert info["solves"] == 3 and len(seen) == 3  # the first solve, then two rounds
     assert info["hard_state"][gid]["weight_factor"] == min(4.0 * start, 16.0)

@@ -135,7 +135,9 @@ def test_sliding_vmat_delivers_modulated_fluence_better_than_one_aperture(m120):
     maps = _modulated_arc(n)
     info, w = beamlets_for(maps, 181 + 2 * np.arange(n))
     fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=30)
-    sliding = sequence_vmat_sliding(fs, m120, sector_deg=10.0, passes=2)
+    # leaves as fast as the slowest gantry allows: the least closed-leaf floor (MU)
+    sliding = sequence_vmat_sliding(fs, m120, sector_deg=10.0, passes=2,
+                                    sweep_speed_factor=np.inf)
     rule = get_sequencer("vmat").sequence(fs, m120)
     assert check_delivery(sliding) == [] and check_delivery(rule) == []
     assert sliding.technique == "vmat-sliding" and len(sliding.beams) == 2
@@ -154,6 +156,28 @@ def test_sliding_vmat_delivers_modulated_fluence_better_than_one_aperture(m120):
 
     assert error(sliding) < 0.06
     assert error(sliding) < 0.5 * error(rule)
+
+
+def test_sweeps_paced_by_the_dose_rate_trade_mu_for_beam_on_time(m120):
+    """Leaves no faster than the leaf speed at the full dose rate (factor 1) move while
+    the MU are delivered: more MU, no longer a beam-on time than leaves that cross in
+    spurts (no limit; on patient arcs, where pairs spurt one after another, half the
+    time: BENCHMARKS), and the same fluence delivered."""
+    n = 24
+    info, w = beamlets_for(_modulated_arc(n), 181 + 2 * np.arange(n))
+    # few fractions: the closed-leaf floor (slit / leaf speed, MU) small beside the maps
+    fs = fluence_set(w, info, m120.leaf_edges_mm, fractions=5)
+    paced = sequence_vmat_sliding(fs, m120, sector_deg=8.0, passes=1, sweep_speed_factor=1.0)
+    free = sequence_vmat_sliding(fs, m120, sector_deg=8.0, passes=1,
+                                 sweep_speed_factor=np.inf)
+    assert check_delivery(paced) == [] and check_delivery(free) == []
+    assert paced.total_mu > free.total_mu
+    assert paced.delivery_time_s() < 1.02 * free.delivery_time_s()
+    assert paced.meta["sweep_speed_factor"] == 1.0
+    ideal = w.reshape(n, NY, NX).sum(axis=0)
+    for d in (paced, free):
+        got = delivered_weights(d, info).reshape(n, NY, NX).sum(axis=0)
+        assert np.abs(got - ideal)[ideal > 0].mean() / ideal[ideal > 0].mean() < 0.06
 
 
 def test_sector_mu_is_one_free_mu_per_sector(m120):
@@ -176,7 +200,8 @@ def test_sliding_vmat_options_are_checked(m120):
     fs = fluence_set(w, info, m120.leaf_edges_mm)
     for bad in ({"sector_deg": 0.0}, {"passes": 0}, {"samples_per_cp": 0},
                 {"max_sweep_fraction": 1.0}, {"threshold": 1.0},
-                {"travel_per_deg_mm": 10 * m120.leaf_travel_limit_per_deg_mm}):
+                {"travel_per_deg_mm": 10 * m120.leaf_travel_limit_per_deg_mm},
+                {"sweep_speed_factor": 0.0}):
         with pytest.raises(InputError):
             sequence_vmat_sliding(fs, m120, **bad)
     assert "vmat-sliding" in __import__("sequencer").sequencer_names()

@@ -102,12 +102,15 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--machine", default="millennium120",
                    help="linac/MLC model for sequencing (millennium120 | hd120 | a YAML)")
     p.add_argument("--technique", choices=("vmat",), default=None,
-                   help="vmat: two full arcs (collimator +-15 deg), fluence optimisation on "
-                        "the arcs, arc sequencing, then direct machine-parameter "
-                        "optimisation of leaves and MU on the goal list (atp.vmatplan)")
+                   help="vmat: one full arc of 20-deg sectors, each sector's fluence "
+                        "optimised as a static field and delivered by one leaf sweep while "
+                        "the gantry turns through it (--vmat method=dmpo: two arcs, arc "
+                        "sequencing, then direct machine-parameter optimisation of leaves "
+                        "and MU on the goal list; atp.vmatplan)")
     add_repeatable(p, "--vmat", "KEY=VALUE",
-                   help="VMAT option (arcs, spacing_deg, collimator_deg, jaw_tracking, "
-                        "sector_cps, dmpo_rounds, dmpo.iterations, dmpo.mu_weight, ...); repeatable")
+                   help="VMAT option (method, arcs, sector_deg, cps_per_sector, "
+                        "collimator_deg, jaw_tracking; dmpo: spacing_deg, sector_cps, "
+                        "dmpo_rounds, dmpo.iterations, dmpo.mu_weight, ...); repeatable")
     add_output_arguments(p)
     add_optimiser_arguments(p)
     add_fast_arguments(p)

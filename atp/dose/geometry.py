@@ -166,6 +166,27 @@ def equispaced_beams(n: int, start_deg: float = 0.0) -> list[Beam]:
     return [Beam(float((start_deg + i * 360.0 / n) % 360.0)) for i in range(n)]
 
 
+#: an arc's dose is computed with one dose beam per this many degrees when its control
+#: points are closer (a treatment-planning system's "dose calculation gantry spacing",
+#: e.g. Pinnacle's 4 deg default): each control point's fluence goes to the dose beam at
+#: its gantry angle rounded to a multiple of this (:func:`arc_dose_angles`)
+ARC_DOSE_STEP_DEG = 4.0
+
+
+def arc_dose_angles(gantry_deg, step_deg: float = ARC_DOSE_STEP_DEG) -> np.ndarray:
+    """The dose-beam gantry angle of each control point of one beam: its own angle for
+    a static field or an arc whose control points are all >= ``step_deg`` apart; else
+    (e.g. a sliding-window arc sampled every degree) rounded to a multiple of
+    ``step_deg``, so neighbouring control points share a dose beam (the angle error at
+    most ``step_deg / 2``). The plan's reported dose and ``atp dose`` of its RT Plan both
+    group control points by this."""
+    g = np.asarray(gantry_deg, dtype=np.float64) % 360.0
+    steps = np.abs((np.diff(g) + 180.0) % 360.0 - 180.0)
+    if g.size < 2 or steps.max() <= 1e-6 or steps.min() >= step_deg - 1e-6:
+        return g
+    return (np.round(g / step_deg) * step_deg) % 360.0
+
+
 def arc_control_points(start_deg: float, stop_deg: float, spacing_deg: float = 2.0,
                        direction: str = "cw", collimator_deg: float = 0.0,
                        couch_deg: float = 0.0) -> list[Beam]:
