@@ -662,14 +662,15 @@ def _finish_vmat(stages, s: Solve, res) -> Finished:
     Method 'dmpo': one rule-based sequencing pass per arc, then direct
     machine-parameter optimisation of every control point's leaves and MU on the goal
     list, then the reported field dose."""
-    vmat = VmatOptions.from_dict(s.settings.get("vmat"))
+    vmat = _vmat_of(s.settings) or VmatOptions()
     return _finish_sequenced(stages, s, res, dmpo=None if vmat.method == "sweep" else vmat)
 
 
 def _vmat_of(settings) -> VmatOptions | None:
-    """The plan's VMAT options (settings ``vmat``), or None."""
+    """The plan's VMAT options (settings ``vmat``), or None. Settings without a method
+    are a plan saved before sweep arcs (2026-12-06): DMPO arcs."""
     v = settings.get("vmat")
-    return None if v is None else VmatOptions.from_dict(v)
+    return None if v is None else VmatOptions.from_dict({"method": "dmpo", **v})
 
 
 def _vmat_hard_failed(s: Solve, delivery, reported):

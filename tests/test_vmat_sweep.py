@@ -155,3 +155,14 @@ def test_sweep_influence_takes_each_beamlet_at_the_angle_its_sweep_passes_it(pha
                 assert abs(d2.matrix[:, c] - subs.matrix[:, sc[k[0]]]).max() == 0
                 compared += 1
         assert compared >= 2
+
+
+def test_vmat_settings_saved_before_sweep_arcs_are_dmpo():
+    """A plan.json ``vmat`` without a method (saved before sweep arcs) re-plans as DMPO."""
+    from atp.pipeline import _vmat_of
+
+    old = {"arcs": 2, "spacing_deg": 6.0, "collimator_deg": 15.0, "jaw_tracking": False,
+           "sector_cps": 4, "dmpo_rounds": 3, "dmpo": {}, "start": "sequence", "cg": {}}
+    assert _vmat_of({"vmat": old}).method == "dmpo"
+    assert _vmat_of({"vmat": {"method": "sweep", "arcs": 1}}).method == "sweep"
+    assert _vmat_of({}) is None
