@@ -67,7 +67,6 @@ from atp.vmatplan import (
     control_point_beams,
     dmpo_step,
     sweep_influence,
-    sweep_sequence_params,
     vmat_arcs,
 )
 
@@ -900,13 +899,11 @@ def _score_results(results) -> float:
 
 def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
     """Sequence the fluence into MLC apertures; deliverable dose on the patient grid.
-    vmat: VmatOptions (one pass per arc, jaw tracking as asked; sweep arcs: one sector a
-    planning beam, :func:`atp.vmatplan.sweep_sequence_params`). The fidelity record
+    vmat: VmatOptions (its sequencer parameters,
+    :meth:`atp.vmatplan.VmatOptions.sequence_params`). The fidelity record
     (gamma, DVH deltas: ~0.5 s) is None when :func:`_field_dose` computes the reported
     one anyway (a pencil-beam dij; VMAT's DMPO records its own)."""
-    params = {} if vmat is None else sweep_sequence_params(vmat) \
-        if vmat.method == "sweep" else {"passes": 1, "jaw_tracking": vmat.jaw_tracking,
-                                        "sector_cps": int(vmat.sector_cps)}
+    params = {} if vmat is None else vmat.sequence_params()
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions, **params)
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
@@ -943,16 +940,10 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
     dm = dij.meta or {}
     if _field_dose_recomputes(dij):
         b = dij.beamlets
-        if per_control_point:
-            fwd, beams = control_point_beams(delivery)
-            threshold = None
-        else:
-            fwd, threshold = delivery, dm.get("threshold")
-            beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
-                     zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
         kw = {"dose_grid_factor": int(dm.get("dose_grid_factor", 2)),
               "beamlet_size_mm": float(b.beamlet_size_mm[0]),
-              "margin_mm": float(dm.get("margin_mm", 5.0)), "threshold": threshold}
+              "margin_mm": float(dm.get("margin_mm", 5.0)),
+              "threshold": None if per_control_point else dm.get("threshold")}
         if per_control_point and any(b.mu_group is not None for b in delivery.beams):
             # sliding-window arcs: each sector's dose (the final-dose stage scales them)
             subs = [fd.unit_delivery(delivery, u) for u in fd.mu_units(delivery)]
@@ -963,9 +954,11 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
             if keep is not None:
                 keep["unit_doses"] = np.stack(units).astype(np.float32)
         elif per_control_point:  # ~120 dose beams: a few at a time (memory)
-            dose, _ = forward_dose_grouped(patient, fwd, beams, **kw)
+            dose, _ = forward_dose_grouped(patient, *control_point_beams(delivery), **kw)
         else:
-            dose, fdij = forward_dose(patient, fwd, beams, **kw, cache=(
+            beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
+                     zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
+            dose, fdij = forward_dose(patient, delivery, beams, **kw, cache=(
                 None if keep is None else keep.setdefault("beams", {})))
             if keep is not None:  # the final-dose stage splits the dose by beam on it
                 keep["dij"] = fdij  # (its beams: the delivery's)

@@ -197,6 +197,17 @@ class VmatOptions:
         except (TypeError, ValueError) as e:  # a value of the wrong type
             raise InputError(f"bad column-generation option: {e}", field="vmat.cg") from None
 
+    def sequence_params(self) -> dict:
+        """The arc sequencer's parameters: sweep arcs (``vmat-sliding``) one pass, one
+        sector per planning beam of :func:`sweep_beams`, sampled ``cps_per_sector``
+        times; DMPO arcs (rule-based ``vmat``) one pass per arc, ``sector_cps``."""
+        if self.method == "sweep":
+            return {"passes": 1, "sector_deg": float(self.sector_deg),
+                    "samples_per_cp": int(self.cps_per_sector),
+                    "jaw_tracking": bool(self.jaw_tracking)}
+        return {"passes": 1, "jaw_tracking": self.jaw_tracking,
+                "sector_cps": int(self.sector_cps)}
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -330,14 +341,6 @@ def _sweep_columns(beamlets, offset: int, k_n: int, direction: int):
                 key=lambda k: (abs(k - want), k))
         cols[n] = where[(int(y), int(x), k)]
     return cols, keys
-
-
-def sweep_sequence_params(options: VmatOptions) -> dict:
-    """The ``vmat-sliding`` sequencer's parameters for sweep arcs planned on
-    :func:`sweep_beams`: one pass, one sector per planning beam."""
-    return {"passes": 1, "sector_deg": float(options.sector_deg),
-            "samples_per_cp": int(options.cps_per_sector),
-            "jaw_tracking": bool(options.jaw_tracking)}
 
 
 class _FineFar:

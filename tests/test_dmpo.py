@@ -8,11 +8,11 @@ matches finite differences, DMPO lowers the objective, and the VMAT plan of
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from arc_plan_checks import assert_dciodvfy_clean, assert_rt_plan_recomputes
 from atp.sequencer.arc_model import ArcModel
 from atp.sequencer.delivery import check_delivery
 from atp.sequencer.dmpo import (
@@ -317,36 +317,13 @@ def test_vmat_plan_is_dmpo_optimised_and_deliverable(vmat_plan):
 
 @pytest.mark.slow
 def test_vmat_rt_plan_recomputes_to_the_plan_dose(vmat_plan, tmp_path, capsys):
-    from atp.cli import main
-
     p, out = vmat_plan
-    rtplan = sorted((out / "dicom").glob("RP*.dcm"))
-    assert rtplan, f"no RT Plan under {out}"
-    fwd_dir = tmp_path / "fwd"
-    assert main(["dose", str(rtplan[0]), "--patient", "phantom", "--out", str(fwd_dir),
-                 "--dose-grid-factor", "3", "--json"]) == 0  # the plan's dose grid
-    info = json.loads(capsys.readouterr().out)
-    fwd = np.load(fwd_dir / "dose.npy")
-    assert np.abs(fwd - p.dose_gy).max() <= 0.005 * p.dose_gy.max()
-    assert info["mu_per_fraction"] == pytest.approx(p.delivery.total_mu / p.delivery.fractions,
-                                                    rel=1e-4)
+    assert_rt_plan_recomputes(p, out, tmp_path, capsys)
 
 
 @pytest.mark.slow
 def test_vmat_rt_plan_passes_dciodvfy(vmat_plan):
-    import shutil
-    import subprocess
-
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) not installed")
-    _, out = vmat_plan
-    files = sorted((out / "dicom").glob("R[PD]*.dcm"))
-    assert len(files) == 2
-    for f in files:
-        res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True,
-                             check=False)
-        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
-        assert errors == [], (f.name, errors[:5])
+    assert_dciodvfy_clean(vmat_plan[1])
 
 
 def test_cli_bad_vmat_options_are_one_line_exit_2(tmp_path, capsys):

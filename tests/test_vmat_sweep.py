@@ -4,10 +4,9 @@ gantry turns through it (atp.vmatplan.sweep_beams, atp.sequencer.vmat_sliding)."
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from arc_plan_checks import assert_dciodvfy_clean, assert_rt_plan_recomputes
 from atp.sequencer import check_delivery
 
 from atp.errors import InputError
@@ -79,36 +78,13 @@ def test_sweep_plan_records_its_pace_and_beam_on_time(sweep_plan):
 
 @pytest.mark.slow
 def test_sweep_rt_plan_recomputes_to_the_plan_dose(sweep_plan, tmp_path, capsys):
-    from atp.cli import main
-
     p, out = sweep_plan
-    rtplan = sorted((out / "dicom").glob("RP*.dcm"))
-    assert rtplan, f"no RT Plan under {out}"
-    fwd_dir = tmp_path / "fwd"
-    assert main(["dose", str(rtplan[0]), "--patient", "phantom", "--out", str(fwd_dir),
-                 "--dose-grid-factor", "3", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    fwd = np.load(fwd_dir / "dose.npy")
-    assert np.abs(fwd - p.dose_gy).max() <= 0.005 * p.dose_gy.max()
-    assert info["mu_per_fraction"] == pytest.approx(p.delivery.total_mu / p.delivery.fractions,
-                                                    rel=1e-4)
+    assert_rt_plan_recomputes(p, out, tmp_path, capsys)
 
 
 @pytest.mark.slow
 def test_sweep_rt_plan_passes_dciodvfy(sweep_plan):
-    import shutil
-    import subprocess
-
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) not installed")
-    _, out = sweep_plan
-    files = sorted((out / "dicom").glob("R[PD]*.dcm"))
-    assert len(files) == 2
-    for f in files:
-        res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True,
-                             check=False)
-        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln]
-        assert errors == [], (f.name, errors[:5])
+    assert_dciodvfy_clean(sweep_plan[1])
 
 
 def test_sweep_influence_takes_each_beamlet_at_the_angle_its_sweep_passes_it(phantom):
