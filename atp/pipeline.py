@@ -39,6 +39,7 @@ from atp.goals.changes import goal_changes
 from atp.goals.schema import MAX_WEIGHT, check_setting
 from atp.optimizer import registry as backends
 from atp.optimizer.explain import explain_goal
+from atp.optimizer.objectives import beam_mu, mu_surrogate
 from atp.optimizer.problem import (
     ProblemOptions,
     build_problem,
@@ -606,7 +607,8 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     patient, dij = s.patient, s.dij
     vmat = dmpo or _vmat_of(s.settings)  # the sequencer's arc parameters
     delivery, ideal, dose, fid = stages.run(
-        "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, vmat)
+        "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, vmat,
+        leak=_planned_leak(s))
     if dmpo is not None:
         delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo,
                                          column_gen=True)
@@ -639,7 +641,8 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     final = None
     if s.final is not None and s.final.enabled:
         def resequence(w):  # the plan's fluence re-sequenced, its reported dose
-            out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine, vmat)
+            out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine, vmat,
+                            leak=_planned_leak(s))
             kept: dict = {"beams": field["beams"]}  # unchanged jaws: reused
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
             return dl, out[1], dd, ff, kept.get("dij", dij)
@@ -859,7 +862,8 @@ def _deliverable_correction(s: Solve, res, technique, machine, current, info=Non
                  goal_check=lambda w, off=offset: goal_check(w, off))
         r1 = optimize(problem, be, r0.fluence, **o)
         d1 = patient_dose(dij, r1.fluence)
-        out = _sequence(patient, dij, r1.fluence, d1, technique, machine, vmat)
+        out = _sequence(patient, dij, r1.fluence, d1, technique, machine, vmat,
+                        leak=_planned_leak(s))
         if field_extra is not None:
             out = (out[0], out[1], out[2] + field_extra, out[3])
         rs1 = evaluate_goals(resolved, patient, out[2])
@@ -897,13 +901,18 @@ def _score_results(results) -> float:
     return float(sum(_goal_score(r) for r in results))
 
 
-def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
+def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None,
+              leak: float = 0.0):
     """Sequence the fluence into MLC apertures; deliverable dose on the patient grid.
     vmat: VmatOptions (its sequencer parameters,
-    :meth:`atp.vmatplan.VmatOptions.sequence_params`). The fidelity record
+    :meth:`atp.vmatplan.VmatOptions.sequence_params`). leak: the leaf transmission the
+    optimiser modelled (:func:`_planned_leak`); sweep arcs then fit their sectors' MU
+    to that leaky dose (:func:`_leaky_dose`). The fidelity record
     (gamma, DVH deltas: ~0.5 s) is None when :func:`_field_dose` computes the reported
     one anyway (a pencil-beam dij; VMAT's DMPO records its own)."""
     params = {} if vmat is None else vmat.sequence_params()
+    if technique == "vmat-sliding" and leak > 0:  # the MU fit: to the dose planned
+        params["reference_dose"] = _leaky_dose(dij, fluence, leak)
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions, **params)
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
@@ -912,6 +921,30 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None):
         masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
         fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
     return delivery, ideal_dose, dose, fid
+
+
+def _planned_leak(s: Solve) -> float:
+    """The leaf transmission the plan's optimisation modelled (``Problem.leak``; 0:
+    none)."""
+    leak = getattr(s.problem, "leak", None)
+    return 0.0 if leak is None else float(leak[0])
+
+
+def _leaky_dose(dij, fluence, t: float) -> np.ndarray:
+    """The dose the optimiser planned for a sliding-window delivery of ``fluence`` (on
+    ``dij.dose_grid``): each beamlet ``(1 - T) w_i + T MU_b`` with T = ``t`` the leaf
+    transmission it modelled and MU_b its beam's sliding-window MU (the largest leaf
+    row's rises, :func:`atp.optimizer.objectives.beam_mu` at a small temperature), as
+    ``ProblemOptions.leaf_transmission`` models it. Sweep arcs fit their sectors' MU to
+    it: the leakage-free ``dij @ w`` took the planned leakage away with ~7 % of the MU
+    (docs/experiments/vmat-dmpo.md, nineteenth session)."""
+    w = np.asarray(fluence, dtype=np.float32)
+    bl = dij.beamlets
+    beams = np.unique(bl.beam_index)
+    m = mu_surrogate(bl.beam_index, bl.bev_x_mm, bl.bev_y_mm, bl.beamlet_size_mm,
+                     1e-3 * max(float(np.mean(w)), 1e-12))
+    mu = np.asarray(beam_mu(w, m.D, m.S, m.beam_rows, m.tau), dtype=np.float32)
+    return dij.dose((1.0 - t) * w + t * mu[np.searchsorted(beams, bl.beam_index)])
 
 
 def _field_dose_recomputes(dij) -> bool:

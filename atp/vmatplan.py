@@ -200,7 +200,9 @@ class VmatOptions:
     def sequence_params(self) -> dict:
         """The arc sequencer's parameters: sweep arcs (``vmat-sliding``) one pass, one
         sector per planning beam of :func:`sweep_beams`, sampled ``cps_per_sector``
-        times; DMPO arcs (rule-based ``vmat``) one pass per arc, ``sector_cps``."""
+        times (the pipeline fits the sectors' MU to the dose the optimiser planned,
+        leaf leakage included: ``atp.pipeline._leaky_dose``); DMPO arcs (rule-based
+        ``vmat``) one pass per arc, ``sector_cps``."""
         if self.method == "sweep":
             return {"passes": 1, "sector_deg": float(self.sector_deg),
                     "samples_per_cp": int(self.cps_per_sector),

@@ -27,7 +27,7 @@ def default_technique(dij: DoseInfluence) -> str:
 def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
              machine: str | Machine = "millennium120", fractions: int | None = None,
              reweight: bool = True, jaw_tracking: bool | None = None,
-             **params) -> Delivery:
+             reference_dose=None, **params) -> Delivery:
     """Sequence optimised beamlet weights (MU, total course) for ``dij``'s beams.
 
     technique: a registry name ('imrt-sns', 'imrt-sliding', 'vmat'; default
@@ -38,7 +38,9 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     leaves unchanged; not for sliding window). jaw_tracking: jaws follow the open leaves
     at every control point (:func:`atp.sequencer.apertures.track_jaws`; default: the
     machine's ``jaws.tracking``), applied before the MU fit so the MU see the leakage they
-    get. params: passed to the sequencer's constructor (e.g. ``levels=10``).
+    get. reference_dose: what the MU fit reproduces instead of ``dij @ fluence`` (Gy on
+    ``dij.dose_grid``; e.g. the optimiser's dose with the leaf leakage it planned).
+    params: passed to the sequencer's constructor (e.g. ``levels=10``).
     """
     m = machine if isinstance(machine, Machine) else load_machine(machine)
     fs = fluence_set(fluence_mu, dij.beamlets, m.leaf_edges_mm, fractions=fractions or 1)
@@ -46,5 +48,6 @@ def sequence(fluence_mu, dij: DoseInfluence, technique: str | None = None, *,
     if m.jaw_tracking if jaw_tracking is None else jaw_tracking:
         delivery = track_jaws(delivery)
     if reweight and delivery.technique in ("imrt-sns", "vmat", "vmat-sliding"):
-        delivery = reweight_mu(delivery, dij, dij.dose(fluence_mu))
+        ref = dij.dose(fluence_mu) if reference_dose is None else reference_dose
+        delivery = reweight_mu(delivery, dij, ref)
     return delivery

@@ -61,6 +61,29 @@ def test_leaky_gradient_matches_finite_differences(leaky):
         assert float(g[i]) == pytest.approx(float(fp - fm) / (2 * float(h)), rel=2e-2)
 
 
+def test_sweep_arcs_fit_their_mu_to_the_leaky_dose_the_optimiser_planned(leaky, toy):
+    """The sweep arcs' sector MU are fitted to the dose the optimiser planned, leaf
+    leakage included ((1 - T) w + T MU_b per beamlet), not to the leakage-free dij @ w:
+    on the problem's rows the two models agree (up to the soft maximum's temperature)."""
+    from atp.pipeline import _leaky_dose
+
+    w = _w(leaky)
+    ref = _leaky_dose(toy, w, 0.015)
+    rows = leaky.on_rows(ref)
+    np.testing.assert_allclose(rows, leaky.dose_rows(w), rtol=0.02, atol=0.02 * rows.max())
+    assert np.all(ref >= toy.dose(w) - 1e-4) and ref.sum() > toy.dose(w).sum()
+
+
+def test_the_mu_fit_reproduces_the_reference_dose_it_is_given(toy):
+    from atp import sequencer
+
+    w = np.random.default_rng(3).uniform(0.5, 1.5, toy.n_beamlets) * 50.0
+    one = sequencer.sequence(w, toy, "imrt-sns", fractions=30)
+    two = sequencer.sequence(w, toy, "imrt-sns", fractions=30,
+                             reference_dose=2.0 * toy.dose(w))
+    assert two.total_mu == pytest.approx(2.0 * one.total_mu, rel=0.05)
+
+
 def test_pipeline_models_leakage_for_sliding_window_only(toy):
     from atp.optimizer import registry
 
