@@ -103,6 +103,7 @@ class _GoalData:
     kind: str
     q: float | None  # percentile (np.percentile's q) for D / Dmax / Dmin
     weight: float
+    mean_grad: np.ndarray | None = None  # Dmean: its (constant) gradient, once computed
 
 
 def _percentile_q(goal, n: int, voxel_cc: float) -> float | None:
@@ -120,22 +121,24 @@ def _percentile_q(goal, n: int, voxel_cc: float) -> float | None:
     return None
 
 
-def _pct_value_grad(d: np.ndarray, B: np.ndarray, q: float):
+def _pct_value_grad(d: np.ndarray, B: np.ndarray, q: float, cols=None):
     """np.percentile(d, q) (linear) and its gradient w.r.t. the beam scales (B: beams x
-    voxels, d = s @ B)."""
+    voxels, d = s @ B; with ``cols``, d = (s @ B)[cols]: d's voxel k is B's column
+    cols[k])."""
     n = d.size
     pos = q / 100.0 * (n - 1)
     lo = int(np.floor(pos))
     hi = min(lo + 1, n - 1)
     frac = pos - lo
+    col = (lambda k: k) if cols is None else (lambda k: cols[k])
     if lo == hi:
         part = np.argpartition(d, lo)
         i = part[lo]
-        return float(d[i]), B[:, i].astype(np.float64)
+        return float(d[i]), B[:, col(i)].astype(np.float64)
     part = np.argpartition(d, (lo, hi))
     i, j = part[lo], part[hi]
     v = float(d[i]) + frac * float(d[j] - d[i])
-    return v, (1.0 - frac) * B[:, i] + frac * B[:, j]
+    return v, (1.0 - frac) * B[:, col(i)] + frac * B[:, col(j)]
 
 
 class _Model:
@@ -180,11 +183,12 @@ class _Model:
         out = []
         for gd in self.goals:
             dg = d[gd.idx]
-            Bg = self.B[:, gd.idx]
             if gd.kind == "Dmean":
-                out.append((float(dg.mean()), Bg.mean(axis=1)))
-            else:
-                out.append(_pct_value_grad(dg, Bg, gd.q))
+                if gd.mean_grad is None:  # a constant: each beam's mean over the voxels
+                    gd.mean_grad = self.B[:, gd.idx].mean(axis=1)
+                out.append((float(dg.mean()), gd.mean_grad))
+            else:  # reads the one or two columns it needs, not a copy of B[:, idx]
+                out.append(_pct_value_grad(dg, self.B, gd.q, gd.idx))
         return out
 
     def shortfalls(self, s):

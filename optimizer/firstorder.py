@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from atp.optimizer.objectives import RANK_ONE, evaluate_terms, mu_backward, mu_forward
-from atp.optimizer.rowop import InterpolatedRows
+from atp.optimizer.rowop import InterpolatedRows, TailGrouped
 
 from atp.progress import tick
 from atp.xp import device_csr_pair, sparse_module
@@ -54,12 +54,12 @@ class DeviceProblem:
     @classmethod
     def from_problem(cls, problem, xp) -> DeviceProblem:
         sparse = sparse_module(xp)
-        if isinstance(problem.A, InterpolatedRows):  # patient-grid rows: B once, S B
-            A_d = problem.A.on(xp)
+        A = problem.A if getattr(problem, "fast", None) is None else problem.fast
+        if isinstance(A, (InterpolatedRows, TailGrouped)):  # patient-grid rows: B once,
+            A_d = A.on(xp)  # S B; the scatter tail grouped (Problem.fast)
             AT_d = A_d.T
         else:  # on a CPU, products in threads (bitwise the same): the hot loop
-            A_d, AT_d = device_csr_pair(
-                problem.A if problem.A.format == "csr" else problem.A.tocsr(), xp)
+            A_d, AT_d = device_csr_pair(A if A.format == "csr" else A.tocsr(), xp)
 
         def arr(a, dtype):
             return xp.asarray(np.asarray(a, dtype=dtype))

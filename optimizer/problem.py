@@ -69,6 +69,15 @@ Rules (documented once, here):
   same term lowers the modulation, hence MU, of step-and-shoot and VMAT plans too. The
   QP backend solves it with a conic solver (Clarabel) by default; asked for OSQP it takes
   the hard maximum over leaf rows (the soft maximum is at most ``tau * log(rows)`` above).
+* **The iterations' dij** (``dij_tail_threshold``, ``dij_tail_group``). Each first-order
+  iteration multiplies by A and A^T, and most of A's non-zeros are pencil beams' scatter
+  tails (entries under 0.3 % of their beam's peak: ~95 % of the non-zeros, ~15 % of the
+  dose on OpenKBP patients), nearly the same for neighbouring beamlets. The iterations
+  use ``Problem.fast``: the entries at or above the threshold exactly and the tail once
+  per 2 x 2 block of a beam's beamlets, their mean (:class:`atp.optimizer.rowop.
+  TailGrouped`): a third of the products' cost, and within 0.1 Gy of ``A w`` on a 70 Gy
+  plan (exact for a fluence uniform over each block). Goals are measured, and the QP
+  backend solves, on the exact A; the reported dose is the jaw-field dose as always.
 """
 
 from __future__ import annotations
@@ -88,7 +97,12 @@ from atp.optimizer.objectives import (
     smoothness_pairs,
     term_value_grad,
 )
-from atp.optimizer.rowop import interpolated_rows
+from atp.optimizer.rowop import (
+    InterpolatedRows,
+    beamlet_groups,
+    interpolated_rows,
+    tail_grouped,
+)
 from scipy import ndimage
 
 from atp.dose.resample import downsample_factor, interpolation_rows, mask_to_dose_grid
@@ -128,6 +142,19 @@ class ProblemOptions:
     # sliding-window leaf leakage in the optimised dose (module docstring, "Leakage"): the
     # machine's leaf transmission (0: none, the fluence's dose alone)
     leaf_transmission: float = 0.0
+    # the iterations' operator (module docstring, "The iterations' dij"): dij entries under
+    # this fraction of their beam's peak are kept as the mean of each group x group block
+    # of a beam's beamlets (0 or group 1: the exact rows)
+    dij_tail_threshold: float = 3e-3
+    dij_tail_group: int = 2
+
+    def __post_init__(self):
+        if not (0.0 <= self.dij_tail_threshold < 1.0):
+            raise ValueError(f"dij_tail_threshold must be in [0, 1), got "
+                             f"{self.dij_tail_threshold!r}")
+        if int(self.dij_tail_group) != self.dij_tail_group or self.dij_tail_group < 1:
+            raise ValueError(f"dij_tail_group must be a positive integer, got "
+                             f"{self.dij_tail_group!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,6 +214,9 @@ class Problem:
     # leaf leakage (leaf_transmission): (T, L (n_rows, n_beams) float32: each beam's
     # dose per unit fluence of all its beamlets), with ``mu`` the beams' MU; or None
     leak: tuple | None = None
+    # the first-order iterations' operator for A (TailGrouped, or InterpolatedRows over
+    # one), or None: A itself (ProblemOptions.dij_tail_threshold)
+    fast: object = None
 
     n_beamlets = property(lambda self: self.A.shape[1], doc="Columns of A (beamlets).")
     n_rows = property(lambda self: self.A.shape[0], doc="Rows of A (the voxels terms read).")
@@ -200,7 +230,7 @@ class Problem:
                        self.smooth_pairs, self.smooth_weight, self.smooth_norm,
                        list(self.bindings), list(self.notes), self.voxel_volume_cc,
                        dict(self.prescriptions), self.mu, self.mu_scale, self.fine,
-                       self.leak)
+                       self.leak, self.fast)
 
     def convex_surrogate(self) -> Problem:
         """The convex formulation: every term soft, dose-volume terms replaced by their
@@ -664,9 +694,32 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
             leak = (float(opt.leaf_transmission), _beam_columns(A, bl.beam_index))
     problem = Problem(A, used, terms, x0, dij.dose_grid, pairs,
                       opt.smoothness_weight_rel * wref, max(smooth_norm, 1e-12), bindings,
-                      notes, dvox_cc, rx, mu, mu_scale, fine, leak)
+                      notes, dvox_cc, rx, mu, mu_scale, fine, leak, _fast_operator(A, dij, opt))
     problem.check_finite(x0)
     return problem
+
+
+def _fast_operator(A, dij, opt: ProblemOptions):
+    """The iterations' form of ``A`` (:class:`~atp.optimizer.rowop.TailGrouped`; over the
+    dose-grid rows of an InterpolatedRows), or None for the exact rows."""
+    if opt.dij_tail_threshold <= 0 or opt.dij_tail_group <= 1 or A.shape[1] == 0:
+        return None
+    bl = dij.beamlets
+    m = dij.matrix.tocsc()
+    filled = np.diff(m.indptr) > 0
+    col_max = np.zeros(m.shape[1], np.float64)
+    if m.nnz:
+        col_max[filled] = np.maximum.reduceat(m.data, m.indptr[:-1][filled])
+    beams, inv = np.unique(np.asarray(bl.beam_index), return_inverse=True)
+    peak = np.zeros(beams.size, np.float64)
+    np.maximum.at(peak, inv.reshape(-1), col_max)
+    cut = (opt.dij_tail_threshold * peak[inv.reshape(-1)]).astype(np.float32)
+    groups = beamlet_groups(bl.beam_index, bl.bev_x_mm, bl.bev_y_mm, bl.beamlet_size_mm,
+                            int(opt.dij_tail_group))
+    if isinstance(A, InterpolatedRows):
+        return InterpolatedRows(tail_grouped(A.B, cut, groups), A.S, A.top, np, None,
+                                A.ST)
+    return tail_grouped(A, cut, groups)
 
 
 def _beam_columns(A, beam_index) -> np.ndarray:

@@ -92,7 +92,11 @@ class InterpolatedRows:
     def on(self, xp) -> InterpolatedRows:
         """The operator for the solvers on ``xp``: NumPy row-block threaded products
         (:func:`atp.xp.threaded_csr`, bitwise those of SciPy), CuPy sparse on a GPU."""
-        B, BT = device_csr_pair(self.B, xp)
+        if isinstance(self.B, TailGrouped):
+            B = self.B.on(xp)
+            BT = B.T
+        else:
+            B, BT = device_csr_pair(self.B, xp)
         if xp is np:
             return InterpolatedRows(B, self.S, self.top, np, BT, self.ST)
         sparse = sparse_module(xp)
@@ -139,3 +143,98 @@ def interpolated_rows(dij_csr, real: np.ndarray, interp: sp.csr_matrix,
                       shape=(interp.shape[0], base.size))
     B = sp.csr_matrix(dij_csr[base, :], dtype=dtype)
     return InterpolatedRows(B, S, real.size)
+
+
+class TailGrouped:
+    """``A ~ N + R_c P^T``: the first-order solvers' form of a dij's rows (CSR ``A``).
+
+    A pencil beam's dose falls off smoothly away from its axis, so most of a dij's stored
+    non-zeros are its scatter tail: on OpenKBP patients the entries under 0.3 % of their
+    beam's peak are ~95 % of the non-zeros and ~15 % of the dose. Neighbouring beamlets'
+    tails are nearly the same, so the tail is kept once per group of ``g x g``
+    neighbouring beamlets of a beam (their mean, ``R_c``; ``P`` (beamlets, groups) maps
+    each beamlet to its group) and the entries at or above the threshold exactly (``N``).
+    A fluence uniform over each group gets exactly ``A w``; otherwise the error is the
+    fluence's variation within a group times the tail's variation over it (2 x 2 groups of
+    5 mm beamlets at 0.3 %: within 0.1 Gy of the exact rows on a 70 Gy plan, a third of the
+    products' cost). The exact matrix stays the problem's ``A`` (measurement, the QP
+    backend, reported doses); only the iterations use this one
+    (``ProblemOptions.dij_tail_threshold`` / ``dij_tail_group``)."""
+
+    format = "tail-grouped"
+
+    def __init__(self, N, Rc, P, xp=np, NT=None, RcT=None, PT=None):
+        self.N, self.Rc, self.P, self.xp = N, Rc, P, xp
+        self._NT, self._RcT, self._PT = NT, RcT, PT
+        self.shape = N.shape
+        self.dtype = np.dtype(N.dtype)
+
+    @property
+    def nnz(self) -> int:
+        return int(_csr(self.N).nnz + _csr(self.Rc).nnz)
+
+    def _t(self, name, m):
+        cur = getattr(self, name)
+        if cur is None:
+            cur = m.T.tocsr()
+            setattr(self, name, cur)
+        return cur
+
+    def __matmul__(self, x):
+        PT = self._t("_PT", self.P)
+        return self.N @ x + self.Rc @ (PT @ x)
+
+    def rmatvec(self, y):
+        """``A^T y`` (y: (n_rows,) or (n_rows, k) dense)."""
+        NT = self._t("_NT", self.N)
+        RcT = self._t("_RcT", self.Rc)
+        return NT @ y + self.P @ (RcT @ y)
+
+    @property
+    def T(self) -> _Transposed:
+        return _Transposed(self)
+
+    def on(self, xp) -> TailGrouped:
+        """The operator on ``xp``: each factor as :func:`atp.xp.device_csr_pair` makes it
+        (row-block threaded on NumPy, cupyx sparse on CuPy; cached while they live)."""
+        N, NT = device_csr_pair(_csr(self.N), xp)
+        Rc, RcT = device_csr_pair(_csr(self.Rc), xp)
+        P, PT = device_csr_pair(_csr(self.P), xp)
+        return TailGrouped(N, Rc, P, xp, NT, RcT, PT)
+
+
+def beamlet_groups(beam_index, bev_x_mm, bev_y_mm, beamlet_size_mm, group: int) -> np.ndarray:
+    """Each beamlet's group: the ``group x group`` block of its beam's beamlet grid that
+    holds it (group indices 0.. in the order of (beam, block x, block y))."""
+    bx, by = (float(beamlet_size_mm[0]), float(beamlet_size_mm[1])) \
+        if np.ndim(beamlet_size_mm) else (float(beamlet_size_mm),) * 2
+    ix = np.floor(np.asarray(bev_x_mm, np.float64) / bx + 1e-6).astype(np.int64)
+    iy = np.floor(np.asarray(bev_y_mm, np.float64) / by + 1e-6).astype(np.int64)
+    key = np.stack([np.asarray(beam_index, np.int64), ix // int(group), iy // int(group)], 1)
+    return np.unique(key, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def tail_grouped(A, cut: np.ndarray, groups: np.ndarray) -> TailGrouped:
+    """:class:`TailGrouped` of CSR ``A`` (rows, beamlets): entries below ``cut`` (per
+    beamlet) are the tail, averaged over ``groups`` (per beamlet, :func:`beamlet_groups`)."""
+    A = sp.csr_matrix(A)
+    n_cols = A.shape[1]
+    groups = np.asarray(groups, np.int64)
+    tail = A.data < np.asarray(cut, A.dtype)[A.indices]
+
+    def part(keep):
+        m = sp.csr_matrix((np.where(keep, A.data, 0).astype(A.dtype), A.indices.copy(),
+                           A.indptr.copy()), shape=A.shape)
+        m.eliminate_zeros()
+        return m
+
+    N, R = part(~tail), part(tail)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    count = np.bincount(groups, minlength=n_groups).astype(np.float64)
+    P = sp.csr_matrix((np.ones(n_cols, A.dtype), (np.arange(n_cols), groups)),
+                      shape=(n_cols, n_groups))
+    mean = sp.csr_matrix(((1.0 / count[groups]).astype(A.dtype),
+                          (np.arange(n_cols), groups)), shape=(n_cols, n_groups))
+    Rc = sp.csr_matrix(R @ mean, dtype=A.dtype)
+    Rc.sort_indices()
+    return TailGrouped(N, Rc, P)

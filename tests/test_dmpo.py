@@ -417,8 +417,7 @@ def test_column_generation_options_are_checked():
 def test_column_generation_builds_a_deliverable_arc_better_than_the_sequencer(arc_case):
     """The apertures priced on the goal-list gradient (levels 8, 4, 2; the last level
     interpolated) with their MU solved: every control point within the machine's limits,
-    the objective far below the rule-based sequencing's, and DMPO from there lower than
-    DMPO from the sequencing after as many iterations."""
+    the objective far below the rule-based sequencing's, and DMPO lowers it further."""
     from atp.sequencer.deliverable import delivered_weights
     from atp.sequencer.vmat_cg import column_generation
 
@@ -431,4 +430,9 @@ def test_column_generation_builds_a_deliverable_arc_better_than_the_sequencer(ar
     assert j_cg < 0.1 * j_seq
     _, i_seq = optimise_machine_parameters(d, dij.beamlets, J, DmpoOptions(iterations=15))
     _, i_cg = optimise_machine_parameters(out, dij.beamlets, J, DmpoOptions(iterations=15))
-    assert i_cg["objective_after"] < i_seq["objective_after"]
+    # DMPO improves the column-generation start too. Which start ends lower after 15
+    # iterations depends on the case (here, since the solvers iterate on the grouped
+    # scatter tail, the sequencer's: 1.81 vs 2.43, from 76.8 and 3.53; train pt_100 the
+    # same; BENCHMARKS: start=cg is not the default), so it is not asserted
+    assert i_cg["objective_after"] < j_cg
+    assert i_seq["objective_after"] < j_seq

@@ -89,3 +89,82 @@ def test_fine_problem_uses_the_operator_with_fewer_non_zeros(phantom):
     d_grid = dij.matrix @ w
     np.testing.assert_allclose((p.A @ w)[p.fine.first:], p.fine.interp @ d_grid, rtol=1e-4,
                                atol=1e-4 * float(np.max(d_grid)))
+
+
+def _tail_case(seed=5, n_rows=80, side=6, beams=2):
+    """A dij-like matrix: ``beams`` beams of side x side beamlets of 5 mm, each column a
+    peak plus a smooth, low tail."""
+    rng = np.random.default_rng(seed)
+    ix, iy = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    bev_x = np.tile((ix.ravel() - 2 + 0.5) * 5.0, beams)  # beamlet indices -2 .. side - 3
+    bev_y = np.tile((iy.ravel() - 2 + 0.5) * 5.0, beams)
+    beam = np.repeat(np.arange(beams), side * side).astype(np.int32)
+    pos = rng.random((n_rows, 2)) * side * 5.0 - 10.0
+    r = np.hypot(pos[:, None, 0] - bev_x[None], pos[:, None, 1] - bev_y[None])
+    dense = (np.exp(-r / 3.0) + 0.004 * np.exp(-r / 40.0)).astype(np.float32)
+    dense[dense < 1e-4] = 0
+    return sp.csr_matrix(dense), beam, bev_x, bev_y
+
+
+def test_tail_grouped_is_its_factors_and_near_the_matrix():
+    """TailGrouped: the products are N + R_c P^T's (forward, transposed, device form), the
+    entries at or above the cut exactly A's, exact for a fluence uniform over each group,
+    and close to A otherwise."""
+    from atp.optimizer.rowop import TailGrouped, beamlet_groups, tail_grouped
+    A, beam, bx, by = _tail_case()
+    groups = beamlet_groups(beam, bx, by, (5.0, 5.0), 2)
+    assert groups.max() + 1 == 2 * 9 and np.all(np.bincount(groups) == 4)
+    cut = np.full(A.shape[1], 0.01, np.float32)
+    op = tail_grouped(A, cut, groups)
+    assert isinstance(op, TailGrouped) and op.shape == A.shape
+    assert op.nnz < A.nnz
+    dense_N = op.N.toarray()
+    Ad = A.toarray()
+    assert np.array_equal(dense_N[Ad >= 0.01], Ad[Ad >= 0.01])
+    assert not np.any(dense_N[Ad < 0.01])
+    M = dense_N + op.Rc.toarray() @ op.P.toarray().T
+    rng = np.random.default_rng(6)
+    w = rng.random(A.shape[1]).astype(np.float32)
+    y = rng.random(A.shape[0]).astype(np.float32)
+    np.testing.assert_allclose(op @ w, M @ w, rtol=1e-5)
+    np.testing.assert_allclose(op.T @ y, M.T @ y, rtol=1e-5)
+    dev = op.on(np)
+    assert np.array_equal(dev @ w, op @ w)
+    np.testing.assert_allclose(dev.T @ y, op.T @ y, rtol=1e-6)
+    u = rng.random(groups.max() + 1).astype(np.float32)[groups]  # uniform per group
+    np.testing.assert_allclose(op @ u, A @ u, rtol=1e-5)
+    exact = A @ w
+    assert np.max(np.abs(op @ w - exact)) < 0.01 * np.max(exact)
+
+
+def test_problem_iterates_on_the_grouped_tail_and_measures_on_the_exact_rows(phantom):
+    """build_problem keeps A exact and gives the first-order solvers Problem.fast (its
+    scatter tail grouped), within 0.5 % of A w's maximum; threshold 0 turns it off."""
+    from atp.optimizer.firstorder import DeviceProblem
+    from atp.optimizer.problem import ProblemOptions, build_problem, structure_fractions
+    from atp.predictor import registry as predictors
+
+    from atp.dose.geometry import Beam
+    from atp.dose.pencil_beam import PencilBeamEngine
+    from atp.goals import load_goal_list, resolve_goals, with_control_structures
+
+    pred = predictors.get("baseline").predict(phantom)
+    resolved = list(resolve_goals(load_goal_list(site="hn"), phantom, pred))
+    patient = with_control_structures(phantom, resolved)
+    beams = [Beam(gantry_deg=g) for g in (0.0, 120.0, 240.0)]
+    dij = PencilBeamEngine().influence(patient, beams, dose_grid_factor=2)
+    fr = structure_fractions(patient, dij)
+    p = build_problem(resolved, patient, dij, fractions=fr)
+    assert isinstance(p.A, InterpolatedRows) and isinstance(p.fast, InterpolatedRows)
+    assert p.fast.nnz < p.A.nnz and p.fast.shape == p.A.shape
+    w = p.x0 * np.random.default_rng(7).uniform(0.5, 1.5, p.x0.size).astype(np.float32)
+    exact = p.A @ w
+    assert np.max(np.abs(p.fast @ w - exact)) < 5e-3 * float(np.max(exact))
+    dp = DeviceProblem.from_problem(p, np)
+    np.testing.assert_allclose(dp.A @ w, p.fast @ w, rtol=1e-5, atol=1e-6)
+    assert p.with_terms(p.terms).fast is p.fast
+    off = build_problem(resolved, patient, dij, fractions=fr,
+                        options=ProblemOptions(dij_tail_threshold=0.0))
+    assert off.fast is None
+    with pytest.raises(ValueError, match="dij_tail_group"):
+        ProblemOptions(dij_tail_group=0)
