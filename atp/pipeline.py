@@ -20,6 +20,7 @@ rebuilding matrices).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -499,7 +500,7 @@ class Finished:
     delivery: object
     ideal: np.ndarray | None
     dose: np.ndarray
-    fidelity: dict | None
+    fidelity: object  # dict, or a callable that computes it (_fidelity_later), or None
     correction: dict = field(default_factory=dict)
     final: dict | None = None  # the final-dose stage's record (_final_dose_goals)
 
@@ -554,7 +555,7 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
                 term_values=_term_values(problem, vals),
                 settings=settings, notes=notes, versions=versions(out.res.backend),
                 delivery=out.delivery, fractions=fractions, ideal_dose_gy=out.ideal,
-                fidelity=out.fidelity,
+                fidelity=out.fidelity() if callable(out.fidelity) else out.fidelity,
                 attachments={"field_beams": s.field_beams} if s.field_beams else {})
 
 
@@ -721,9 +722,7 @@ def _dmpo(s: Solve, res, delivery, ideal_dose, options: VmatOptions, goal_check=
                  for k, v in info.items() if isinstance(v, (bool, int, float, str))})
     delivery = replace(delivery, meta=meta)
     dose = s.dij.to_patient_grid(sequencer.deliverable_dose(delivery, s.dij))
-    p = s.patient
-    masks = {n: p.mask(n) for n in p.targets + p.organs}
-    return delivery, dose, fidelity(ideal_dose, dose, p.grid.spacing_mm, masks)
+    return delivery, dose, _fidelity_later(ideal_dose, dose, s.patient)
 
 
 #: how an optimised plan is finished: 'ideal' (not sequenced) or 'sequenced' (static
@@ -918,8 +917,7 @@ def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None,
     dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
     fid = None
     if vmat is None and not _field_dose_recomputes(dij):
-        masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
-        fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
+        fid = _fidelity_later(ideal_dose, dose, patient)
     return delivery, ideal_dose, dose, fid
 
 
@@ -945,6 +943,15 @@ def _leaky_dose(dij, fluence, t: float) -> np.ndarray:
                      1e-3 * max(float(np.mean(w)), 1e-12))
     mu = np.asarray(beam_mu(w, m.D, m.S, m.beam_rows, m.tau), dtype=np.float32)
     return dij.dose((1.0 - t) * w + t * mu[np.searchsorted(beams, bl.beam_index)])
+
+
+def _fidelity_later(ideal_dose, dose, patient):
+    """``fidelity(ideal_dose, dose, ...)`` (:func:`atp.sequencer.fidelity.fidelity`) to call
+    when the plan is assembled: a plan reports up to four doses on the way (sequencing,
+    correction rounds, final-dose stage) and keeps only the last one's fidelity, whose
+    gamma index costs ~0.7 s on an OpenKBP patient."""
+    masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
+    return functools.partial(fidelity, ideal_dose, dose, patient.grid.spacing_mm, masks)
 
 
 def _field_dose_recomputes(dij) -> bool:
@@ -996,8 +1003,7 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
             if keep is not None:  # the final-dose stage splits the dose by beam on it
                 keep["dij"] = fdij  # (its beams: the delivery's)
         meta["dose_beamlets"] = "jaw field"
-        masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
-        fid = fidelity(ideal_dose, dose, patient.grid.spacing_mm, masks)
+        fid = _fidelity_later(ideal_dose, dose, patient)
     return replace(delivery, meta=meta), dose, fid
 
 
@@ -1134,8 +1140,7 @@ def _final_mu_scaling(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
         meta["mu_per_cgy"] = round(float(meta["mu_per_cgy"]) * delivery.total_mu
                                    / max(before, 1e-12), 3)
     delivery = replace(delivery, meta=meta)
-    masks = {n: patient.mask(n) for n in patient.targets + patient.organs}
-    fid = fidelity(ideal_dose, new, patient.grid.spacing_mm, masks)
+    fid = _fidelity_later(ideal_dose, new, patient)
     info["mu_scales"] = [round(float(x), 4) for x in s]
     return delivery, new, fid, info
 
