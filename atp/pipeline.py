@@ -562,15 +562,18 @@ def optimise_and_finish(patient, resolved, dij, predicted_dose, *, backend, refi
 def _problem_options(settings, dij, be) -> ProblemOptions:
     """The optimisation problem's options: a sliding-window plan optimised by a
     first-order backend models the leaf leakage of its MU in the optimised dose (the
-    machine's leaf transmission; ``ProblemOptions.leaf_transmission``)."""
+    machine's leaf transmission; ``ProblemOptions.leaf_transmission``). Arcs iterate on
+    the exact dij rows: the grouped scatter tail (``dij_tail_threshold``) was measured on
+    static fields only (docs/experiments/plan-quality.md, twentieth session)."""
+    kw = {"dij_tail_threshold": 0.0} if settings.get("technique") == "vmat" else {}
     seq = settings.get("sequence", False)
     if not seq or getattr(be, "hard_constraints", False):
-        return ProblemOptions()
+        return ProblemOptions(**kw)
     technique = seq if isinstance(seq, str) else sequencer.default_technique(dij)
     if technique not in ("imrt-sliding", "vmat-sliding"):
-        return ProblemOptions()
+        return ProblemOptions(**kw)
     machine = sequencer.load_machine(settings.get("machine") or "millennium120")
-    return ProblemOptions(leaf_transmission=machine.leaf_transmission)
+    return ProblemOptions(leaf_transmission=machine.leaf_transmission, **kw)
 
 
 def _refine(stages, s: Solve, res, refine):

@@ -78,6 +78,7 @@ Rules (documented once, here):
   TailGrouped`): a third of the products' cost, and within 0.1 Gy of ``A w`` on a 70 Gy
   plan (exact for a fluence uniform over each block). Goals are measured, and the QP
   backend solves, on the exact A; the reported dose is the jaw-field dose as always.
+  (``atp.pipeline`` keeps VMAT plans on the exact rows: measured on static fields only.)
 """
 
 from __future__ import annotations

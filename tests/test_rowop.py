@@ -168,3 +168,13 @@ def test_problem_iterates_on_the_grouped_tail_and_measures_on_the_exact_rows(pha
     assert off.fast is None
     with pytest.raises(ValueError, match="dij_tail_group"):
         ProblemOptions(dij_tail_group=0)
+
+
+def test_arcs_iterate_on_the_exact_rows():
+    """The grouped tail was measured on static fields: VMAT plans keep the exact rows."""
+    from atp.pipeline import _problem_options
+    static = _problem_options({"sequence": "imrt-sliding", "technique": "imrt"}, None, None)
+    arc = _problem_options({"sequence": "vmat-sliding", "technique": "vmat"}, None, None)
+    assert static.dij_tail_threshold > 0 and static.leaf_transmission > 0
+    assert arc.dij_tail_threshold == 0.0 and arc.leaf_transmission > 0
+    assert _problem_options({"technique": "vmat"}, None, None).dij_tail_threshold == 0.0
