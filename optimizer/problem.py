@@ -706,11 +706,7 @@ def _fast_operator(A, dij, opt: ProblemOptions):
     if opt.dij_tail_threshold <= 0 or opt.dij_tail_group <= 1 or A.shape[1] == 0:
         return None
     bl = dij.beamlets
-    m = dij.matrix.tocsc()
-    filled = np.diff(m.indptr) > 0
-    col_max = np.zeros(m.shape[1], np.float64)
-    if m.nnz:
-        col_max[filled] = np.maximum.reduceat(m.data, m.indptr[:-1][filled])
+    col_max = dij.matrix.max(axis=0).toarray().reshape(-1).astype(np.float64)
     beams, inv = np.unique(np.asarray(bl.beam_index), return_inverse=True)
     peak = np.zeros(beams.size, np.float64)
     np.maximum.at(peak, inv.reshape(-1), col_max)

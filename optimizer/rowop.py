@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from atp.xp import ThreadedCSR, device_csr_pair, sparse_module
+from atp.xp import ThreadedCSR, csr_transpose, device_csr_pair, sparse_module
 
 
 class InterpolatedRows:
@@ -173,21 +173,14 @@ class TailGrouped:
     def nnz(self) -> int:
         return int(_csr(self.N).nnz + _csr(self.Rc).nnz)
 
-    def _t(self, name, m):
-        cur = getattr(self, name)
-        if cur is None:
-            cur = m.T.tocsr()
-            setattr(self, name, cur)
-        return cur
-
     def __matmul__(self, x):
-        PT = self._t("_PT", self.P)
+        PT = csr_transpose(self.P) if self._PT is None else self._PT
         return self.N @ x + self.Rc @ (PT @ x)
 
     def rmatvec(self, y):
         """``A^T y`` (y: (n_rows,) or (n_rows, k) dense)."""
-        NT = self._t("_NT", self.N)
-        RcT = self._t("_RcT", self.Rc)
+        NT = csr_transpose(self.N) if self._NT is None else self._NT
+        RcT = csr_transpose(self.Rc) if self._RcT is None else self._RcT
         return NT @ y + self.P @ (RcT @ y)
 
     @property
