@@ -146,14 +146,15 @@ def field_influence(patient, delivery, beams, *, engine="pencil-beam",
 def forward_dose(patient, delivery, beams, *, engine="pencil-beam",
                  dose_grid_factor: int = 2, beamlet_size_mm: float = 5.0,
                  margin_mm: float = 5.0, threshold=None, progress=None,
-                 cache: dict | None = None):
+                 cache: dict | None = None, per_beam: list | None = None):
     """(dose_gy on the patient grid, total course; the dij) of ``delivery``; cache: see
-    :func:`field_influence`."""
+    :func:`field_influence`; per_beam: a list that gets each delivery beam's delivered
+    weights on the dij's beamlets (:func:`atp.sequencer.deliverable.delivered_weights`)."""
     dij = field_influence(patient, delivery, beams, engine=engine,
                           dose_grid_factor=dose_grid_factor,
                           beamlet_size_mm=beamlet_size_mm, margin_mm=margin_mm,
                           threshold=threshold, progress=progress, cache=cache)
-    return dij.to_patient_grid(deliverable_dose(delivery, dij)), dij
+    return dij.to_patient_grid(deliverable_dose(delivery, dij, per_beam=per_beam)), dij
 
 
 #: dose beams per group in :func:`forward_dose_grouped` (a VMAT plan has one per control

@@ -610,9 +610,11 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     machine = s.settings.get("machine", "millennium120")
     patient, dij = s.patient, s.dij
     vmat = dmpo or _vmat_of(s.settings)  # the sequencer's arc parameters
+    correct = bool(s.deliverable_rounds and s.opts.get("attain_rounds")
+                   and s.opts.get("goal_check") is s.goal_check)
     delivery, ideal, dose, fid = stages.run(
         "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, vmat,
-        leak=_planned_leak(s))
+        leak=_planned_leak(s), beamlet_dose=correct or dmpo is not None)
     if dmpo is not None:
         delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo,
                                          column_gen=True)
@@ -631,8 +633,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
             delivery, dose, fid = _dmpo_reported(stages, s, res, (delivery, ideal, dose, fid),
                                                  dmpo, field, off, failed)
     correction: dict = {}  # _deliverable_correction: a round it did not keep, and why
-    if (s.deliverable_rounds and s.opts.get("attain_rounds")
-            and s.opts.get("goal_check") is s.goal_check):
+    if correct:
         stages.add(1)  # counted here: the stage runs only when it applies
         kept = stages.run("deliverable correction", _deliverable_correction, s, res,
                           technique, machine, (delivery, ideal, dose, fid),
@@ -646,7 +647,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
     if s.final is not None and s.final.enabled:
         def resequence(w):  # the plan's fluence re-sequenced, its reported dose
             out = _sequence(patient, dij, w, patient_dose(dij, w), technique, machine, vmat,
-                            leak=_planned_leak(s))
+                            leak=_planned_leak(s), beamlet_dose=False)
             kept: dict = {"beams": field["beams"]}  # unchanged jaws: reused
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
             return dl, out[1], dd, ff, kept.get("dij", dij)
@@ -656,7 +657,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
             "final-dose goals", _final_dose_goals, patient, s.resolved,
             field.get("dij", dij), delivery, ideal, dose, fid, s.final,
             fluence=res.fluence, beam_index=dij.beamlets.beam_index, resequence=resequence,
-            unit_doses=field.get("unit_doses"))
+            unit_doses=field.get("unit_doses"), unit_weights=field.get("unit_weights"))
         res.fluence = fluence
     return Finished(res, delivery, ideal, dose, fid, correction, final)
 
@@ -904,20 +905,24 @@ def _score_results(results) -> float:
 
 
 def _sequence(patient, dij, fluence, ideal_dose, technique, machine, vmat=None,
-              leak: float = 0.0):
+              leak: float = 0.0, beamlet_dose: bool = True):
     """Sequence the fluence into MLC apertures; deliverable dose on the patient grid.
     vmat: VmatOptions (its sequencer parameters,
     :meth:`atp.vmatplan.VmatOptions.sequence_params`). leak: the leaf transmission the
     optimiser modelled (:func:`_planned_leak`); sweep arcs then fit their sectors' MU
     to that leaky dose (:func:`_leaky_dose`). The fidelity record
     (gamma, DVH deltas: ~0.5 s) is None when :func:`_field_dose` computes the reported
-    one anyway (a pencil-beam dij; VMAT's DMPO records its own)."""
+    one anyway (a pencil-beam dij; VMAT's DMPO records its own). beamlet_dose=False:
+    the dose returned is None where :func:`_field_dose` computes the reported one
+    (the planning beamlets' deliverable dose, ~0.6 s, is then not computed)."""
     params = {} if vmat is None else vmat.sequence_params()
     if technique == "vmat-sliding" and leak > 0:  # the MU fit: to the dose planned
         params["reference_dose"] = _leaky_dose(dij, fluence, leak)
     delivery = sequencer.sequence(fluence, dij, technique, machine=machine,
                                   fractions=patient.fractions, **params)
-    dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
+    dose = None
+    if beamlet_dose or not _field_dose_recomputes(dij):
+        dose = dij.to_patient_grid(sequencer.deliverable_dose(delivery, dij))
     fid = None
     if vmat is None and not _field_dose_recomputes(dij):
         fid = _fidelity_later(ideal_dose, dose, patient)
@@ -1001,10 +1006,12 @@ def _field_dose(patient, dij, delivery, ideal_dose, dose, fid, keep=None):
         else:
             beams = [Beam(float(g), float(c), float(t), tuple(iso)) for g, c, t, iso in
                      zip(b.gantry_deg, b.collimator_deg, b.couch_deg, b.isocenter_mm)]
+            weights: list | None = None if keep is None else []
             dose, fdij = forward_dose(patient, delivery, beams, **kw, cache=(
-                None if keep is None else keep.setdefault("beams", {})))
+                None if keep is None else keep.setdefault("beams", {})), per_beam=weights)
             if keep is not None:  # the final-dose stage splits the dose by beam on it
                 keep["dij"] = fdij  # (its beams: the delivery's)
+                keep["unit_weights"] = weights  # each beam's, on fdij (_beam_doses)
         meta["dose_beamlets"] = "jaw field"
         fid = _fidelity_later(ideal_dose, dose, patient)
     return replace(delivery, meta=meta), dose, fid
@@ -1032,7 +1039,8 @@ def _final_dose_options(value):
 
 
 def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, opts, *,
-                      fluence=None, beam_index=None, resequence=None, unit_doses=None):
+                      fluence=None, beam_index=None, resequence=None, unit_doses=None,
+                      unit_weights=None):
     """Goals held on the final deliverable dose on the CT grid (:mod:`atp.final_dose`):
     per-beam MU re-weighting against the goal list (priority-1 goals first), then the
     normalisation of the primary target's coverage where the priority-1 limits allow.
@@ -1054,7 +1062,8 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     if resequence is not None and fluence is not None and opts.resequence:
         before = evaluate_goals(resolved, patient, dose)
         if fd._hard_violation(before)[0] > 0 or opts.resequence_for == "goals":
-            per_beam = _beam_doses(delivery, dij) if per_beam is None else per_beam
+            if per_beam is None:
+                per_beam = _beam_doses(delivery, dij, unit_weights)
             s, rinfo = fd.reweight_beams(resolved, patient, per_beam, opts,
                                          wref=reference_weight(resolved))
             bounds = fd.scale_bounds(delivery, opts)
@@ -1068,10 +1077,12 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
                     round(float(x), 4) for x in per_dij], kept=keep)
                 if keep:
                     delivery, ideal_dose, dose, fid, dij, fluence = d2, i2, dose2, f2, dij2, w
-                    per_beam = None
+                    per_beam = unit_weights = None
             else:
                 info["resequence_not_tried"] = rinfo.get("why") or (  # plan.json
                     "the re-weighting stays within the beams' MU bounds")
+    if per_beam is None:
+        per_beam = _beam_doses(delivery, dij, unit_weights)
     delivery, dose, fid, more = _final_mu_scaling(patient, resolved, dij, delivery,
                                                   ideal_dose, dose, fid, opts, per_beam)
     info.update(more)
@@ -1090,17 +1101,20 @@ def _resequenced_better(before, after) -> tuple[bool, dict]:
                   "weighted_met": [round(w0, 4), round(w2, 4)]}
 
 
-def _beam_doses(delivery, dij) -> np.ndarray:
+def _beam_doses(delivery, dij, weights=None) -> np.ndarray:
     """(n_beams, *patient grid) Gy: each delivery beam's dose on the patient grid from
     ``dij`` (the jaw-field dij of :func:`atp.forward.forward_dose`, or the planning dij; for
     :mod:`atp.final_dose`), the machine's transmission and the dij's far-scatter tail
     included (``dij.dose``); their sum is the delivery's reported dose. Each beam's own
-    delivered weights: the split fields of one gantry angle share its dij columns."""
-    out = []
-    for u in fd.mu_units(delivery):  # a beam, or a sliding-window arc's sector
-        w = delivered_weights(fd.unit_delivery(delivery, u), dij.beamlets)
-        out.append(dij.to_patient_grid(dij.dose(w.astype(np.float32))))
-    return np.stack(out).astype(np.float32)
+    delivered weights: the split fields of one gantry angle share its dij columns.
+    weights: those weights per MU unit when already computed (:func:`_field_dose`'s
+    ``unit_weights``, on this ``dij`` for this ``delivery``)."""
+    units = fd.mu_units(delivery)  # a beam, or a sliding-window arc's sector
+    if weights is None or len(weights) != len(units):
+        weights = [delivered_weights(fd.unit_delivery(delivery, u), dij.beamlets)
+                   for u in units]
+    return np.stack([dij.to_patient_grid(dij.dose(np.asarray(w).astype(np.float32)))
+                     for w in weights]).astype(np.float32)
 
 
 def _per_dij_beam(delivery, scales, n_dij_beams: int) -> np.ndarray:

@@ -111,16 +111,19 @@ def beam_apertures(beam: BeamDelivery, dlg_mm: float, n_sub: int = 4):
 
 
 def delivered_weights(delivery: Delivery, beamlets: BeamletInfo, n_sub: int = 4,
-                      chunk: int = 256, transmission: Transmission | None = None
-                      ) -> np.ndarray:
+                      chunk: int = 256, transmission: Transmission | None = None,
+                      per_beam: list | None = None) -> np.ndarray:
     """Beamlet weights (MU, total course) equivalent to the sequenced delivery, the
     machine's transmission included (``transmission``: another one, e.g.
-    ``Transmission()`` for the open-area fraction alone)."""
+    ``Transmission()`` for the open-area fraction alone). per_beam: a list that gets
+    each delivery beam's own weights appended (float64 over all beamlets; what
+    ``delivered_weights`` of that beam alone returns, bit for bit)."""
     m = delivery.machine
     edges = m.leaf_edges_mm
     trans = m.transmission if transmission is None else transmission
     w = np.zeros(beamlets.n_beamlets)
     for beam in delivery.beams:
+        wb = w if per_beam is None else np.zeros(beamlets.n_beamlets)
         ap = beam_apertures(beam, m.dosimetric_leaf_gap_mm, n_sub)
         for d in np.unique(ap["dij_beam"]):
             cols = beamlets.columns_of_beam(int(d))
@@ -138,12 +141,18 @@ def delivered_weights(delivery: Delivery, beamlets: BeamletInfo, n_sub: int = 4,
             # chunks in threads, summed in their order (the serial sum, bit for bit)
             for c in host_map(part, [sel[s:s + chunk] for s in range(0, sel.size, chunk)]):
                 w[cols] += c
+                if wb is not w:
+                    wb[cols] += c
+        if per_beam is not None:
+            per_beam.append(wb)
     return w
 
 
 def deliverable_dose(delivery: Delivery, dij: DoseInfluence, n_sub: int = 4,
-                     transmission: Transmission | None = None) -> np.ndarray:
+                     transmission: Transmission | None = None,
+                     per_beam: list | None = None) -> np.ndarray:
     """Dose (Gy, total course, 3-D on ``dij.dose_grid``) of the sequenced delivery
-    (the machine's transmission included unless ``transmission`` says otherwise)."""
+    (the machine's transmission included unless ``transmission`` says otherwise);
+    per_beam: as :func:`delivered_weights`'."""
     return dij.dose(delivered_weights(delivery, dij.beamlets, n_sub,
-                                      transmission=transmission))
+                                      transmission=transmission, per_beam=per_beam))

@@ -266,3 +266,37 @@ def test_field_influence_cache_reuses_unchanged_beams_and_keeps_only_the_latest(
     d2 = _replace(d, beams=[_replace(b0, jaw_x_mm=jx)] + list(d.beams[1:]))
     field_influence(phantom, d2, fb, engine=eng, dose_grid_factor=3, cache=cache)
     assert len(cache) == 2 and len(set(cache) & set(first)) == 1
+
+
+def test_per_beam_weights_are_each_beam_alone_and_dose_of_one_beam_is_bitwise(phantom):
+    """forward_dose's per-beam delivered weights are delivered_weights of each beam
+    alone, bit for bit (the final-dose stage reuses them); DoseInfluence.dose of weights
+    on one beam's columns (its column block alone) is the whole product bit for bit."""
+    from dataclasses import replace as _replace
+
+    from atp.sequencer.deliverable import delivered_weights
+
+    from atp import sequencer
+    from atp.forward import forward_dose
+
+    eng = PencilBeamEngine()
+    beams = [Beam(90.0), Beam(270.0)]
+    dij = eng.influence(phantom, beams, dose_grid_factor=3)
+    w = np.ones(dij.n_beamlets) * 10.0
+    d = sequencer.sequence(w, dij, "imrt-sns", fractions=phantom.fractions)
+    fb = [Beam(g, 0.0, 0.0, tuple(iso)) for g, iso in
+          zip(dij.beamlets.gantry_deg, dij.beamlets.isocenter_mm)]
+    per: list = []
+    _, f = forward_dose(phantom, d, fb, engine=eng, dose_grid_factor=3, per_beam=per)
+    assert len(per) == len(d.beams) == 2
+    total = delivered_weights(d, f.beamlets)
+    for b, wb in zip(d.beams, per):
+        alone = delivered_weights(_replace(d, beams=(b,)), f.beamlets)
+        assert np.array_equal(wb, alone)
+    np.testing.assert_allclose(per[0] + per[1], total, rtol=1e-12, atol=0)
+    one = per[1].astype(np.float32)
+    assert np.count_nonzero(one) and np.flatnonzero(one)[0] > 0  # a block, not column 0
+    whole = f.matrix @ one
+    if f.far is not None:
+        whole = whole + f.far.apply(one)
+    assert np.array_equal(f.dose(one).reshape(-1), whole)

@@ -178,3 +178,35 @@ def test_arcs_iterate_on_the_exact_rows():
     assert static.dij_tail_threshold > 0 and static.leaf_transmission > 0
     assert arc.dij_tail_threshold == 0.0 and arc.leaf_transmission > 0
     assert _problem_options({"technique": "vmat"}, None, None).dij_tail_threshold == 0.0
+
+
+def test_warm_problem_reuses_the_row_operators_while_the_rows_are_the_same(phantom):
+    """build_problem on the same dij with the same rows (a warm re-plan's tolerance
+    tweak) reuses A, its fine rows and Problem.fast (the same objects); other tail
+    options build them again, and only the latest are kept."""
+    from dataclasses import replace as _replace
+
+    from atp.optimizer.problem import ProblemOptions, build_problem, structure_fractions
+    from atp.predictor import registry as predictors
+
+    from atp.dose.geometry import Beam
+    from atp.dose.pencil_beam import PencilBeamEngine
+    from atp.goals import load_goal_list, resolve_goals, with_control_structures
+
+    pred = predictors.get("baseline").predict(phantom)
+    resolved = list(resolve_goals(load_goal_list(site="hn"), phantom, pred))
+    patient = with_control_structures(phantom, resolved)
+    dij = PencilBeamEngine().influence(patient, [Beam(gantry_deg=0.0), Beam(180.0)],
+                                       dose_grid_factor=2)
+    fr = structure_fractions(patient, dij)
+    p1 = build_problem(resolved, patient, dij, fractions=fr)
+    tweaked = [_replace(g, value=0.9 * g.value) if g.id.startswith("Parotid_L.Dmean")
+               else g for g in resolved]
+    p2 = build_problem(tweaked, patient, dij, fractions=fr)
+    assert p2.A is p1.A and p2.fast is p1.fast
+    off = build_problem(resolved, patient, dij, fractions=fr,
+                        options=ProblemOptions(dij_tail_threshold=0.0))
+    assert off.fast is None and off.A is not p1.A
+    again = build_problem(resolved, patient, dij, fractions=fr)  # the latest key only
+    assert again.A is not p1.A and again.fast is not p1.fast
+    np.testing.assert_array_equal(again.A @ p1.x0, p1.A @ p1.x0)
