@@ -650,7 +650,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
                             leak=_planned_leak(s), beamlet_dose=False)
             kept: dict = {"beams": field["beams"]}  # unchanged jaws: reused
             dl, dd, ff = _field_dose(patient, dij, *out, keep=kept)
-            return dl, out[1], dd, ff, kept.get("dij", dij)
+            return dl, out[1], dd, ff, kept.get("dij", dij), kept.get("unit_weights")
 
         stages.add(1)  # counted here: the stage runs only when enabled
         delivery, dose, fid, final, ideal, fluence = stages.run(
@@ -1052,12 +1052,13 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
     allows (a sliding-window sweep is timed at the dynamic dose rate): then the plan's
     ``fluence`` is scaled per beam (``beam_index``: the dij beam of each beamlet) by the
     unbounded re-weighting and ``resequence(fluence)`` -> (delivery, ideal, dose,
-    fidelity, dij) sequences it again (``opts.resequence_for``: when a priority-1 goal
+    fidelity, dij, unit weights or None) sequences it again (``opts.resequence_for``: when a priority-1 goal
     fails, or whenever the re-weighting meets more goals); that plan is kept by
     :func:`_resequenced_better`, and its MU are then re-weighted within their bounds."""
     info = {}
     # each MU unit's dose of ``delivery`` on ``dij`` (reused when kept); sliding-window
-    # arcs: ``unit_doses``, each sector's reported dose (:func:`_field_dose`)
+    # arcs: ``unit_doses``, each sector's reported dose; static beams: ``unit_weights``,
+    # each beam's delivered weights on ``dij`` (:func:`_field_dose`)
     per_beam = unit_doses
     if resequence is not None and fluence is not None and opts.resequence:
         before = evaluate_goals(resolved, patient, dose)
@@ -1070,14 +1071,14 @@ def _final_dose_goals(patient, resolved, dij, delivery, ideal_dose, dose, fid, o
             if rinfo.get("kept") and any(x < lo for x, (lo, _) in zip(s, bounds)):
                 per_dij = _per_dij_beam(delivery, s, int(np.max(beam_index)) + 1)
                 w = np.asarray(fluence, np.float32) * per_dij[beam_index].astype(np.float32)
-                d2, i2, dose2, f2, dij2 = resequence(w)
+                d2, i2, dose2, f2, dij2, uw2 = resequence(w)
                 keep, record = _resequenced_better(before, evaluate_goals(
                     resolved, patient, dose2))
                 info["resequenced"] = dict(record, dij_beam_scales=[
                     round(float(x), 4) for x in per_dij], kept=keep)
                 if keep:
                     delivery, ideal_dose, dose, fid, dij, fluence = d2, i2, dose2, f2, dij2, w
-                    per_beam = unit_weights = None
+                    per_beam, unit_weights = None, uw2
             else:
                 info["resequence_not_tried"] = rinfo.get("why") or (  # plan.json
                     "the re-weighting stays within the beams' MU bounds")

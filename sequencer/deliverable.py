@@ -25,7 +25,12 @@ from __future__ import annotations
 import numpy as np
 from atp.sequencer.delivery import BeamDelivery, Delivery
 
-from atp.dose.aperture import Transmission, beamlet_pair_slots, delivered_fraction
+from atp.dose.aperture import (
+    Transmission,
+    beamlet_pair_slots,
+    delivered_fraction,
+    delivered_weight_sum,
+)
 from atp.dose.influence import BeamletInfo, DoseInfluence
 from atp.xp import host_map
 
@@ -130,22 +135,45 @@ def delivered_weights(delivery: Delivery, beamlets: BeamletInfo, n_sub: int = 4,
             sel = np.flatnonzero(ap["dij_beam"] == d)
             slots = beamlet_pair_slots(beamlets.bev_y_mm[cols], beamlets.beamlet_size_mm[1],
                                        edges)
-
-            def part(i, cols=cols, slots=slots, ap=ap):
-                frac = delivered_fraction(
-                    beamlets.bev_x_mm[cols], beamlets.bev_y_mm[cols],
-                    beamlets.beamlet_size_mm, edges, ap["left"][i], ap["right"][i],
-                    ap["jaw_x"][i], ap["jaw_y"][i], trans, slots=slots)
-                return ap["mu"][i] @ frac
-
-            # chunks in threads, summed in their order (the serial sum, bit for bit)
-            for c in host_map(part, [sel[s:s + chunk] for s in range(0, sel.size, chunk)]):
+            for c in _weight_parts(ap, sel, beamlets, cols, slots, edges, trans, chunk):
                 w[cols] += c
                 if wb is not w:
                     wb[cols] += c
         if per_beam is not None:
             per_beam.append(wb)
     return w
+
+
+#: apertures per jaw setting from which :func:`_weight_parts` sums them by exposure
+#: integrals (:func:`atp.dose.aperture.delivered_weight_sum`) instead of per aperture
+EXPOSURE_MIN_APERTURES = 16
+
+
+def _weight_parts(ap, sel, beamlets, cols, slots, edges, trans, chunk):
+    """The MU-weighted delivered fractions of apertures ``sel`` of :func:`beam_apertures`
+    ``ap`` on the beamlets ``cols`` (one dij beam), as parts to add in order: one per
+    jaw setting shared by at least :data:`EXPOSURE_MIN_APERTURES` apertures (a static
+    beam's sliding window: one), the rest per aperture in chunks (in threads)."""
+    jaws = np.concatenate([ap["jaw_x"][sel], ap["jaw_y"][sel]], axis=1)
+    settings, inv, counts = np.unique(jaws, axis=0, return_inverse=True,
+                                      return_counts=True)
+    inv = inv.reshape(-1)
+    size = beamlets.beamlet_size_mm
+    bx, by = beamlets.bev_x_mm[cols], beamlets.bev_y_mm[cols]
+    parts = [delivered_weight_sum(bx, by, size, edges, ap["left"][sel[inv == g]],
+                                  ap["right"][sel[inv == g]], ap["mu"][sel[inv == g]],
+                                  js[:2], js[2:], trans, slots=slots)
+             for g, js in enumerate(settings) if counts[g] >= EXPOSURE_MIN_APERTURES]
+    rest = sel[counts[inv] < EXPOSURE_MIN_APERTURES]
+
+    def part(i):
+        frac = delivered_fraction(bx, by, size, edges, ap["left"][i], ap["right"][i],
+                                  ap["jaw_x"][i], ap["jaw_y"][i], trans, slots=slots)
+        return ap["mu"][i] @ frac
+
+    # chunks in threads, summed in their order (the serial sum, bit for bit)
+    return parts + list(host_map(part, [rest[s:s + chunk]
+                                        for s in range(0, rest.size, chunk)]))
 
 
 def deliverable_dose(delivery: Delivery, dij: DoseInfluence, n_sub: int = 4,

@@ -67,3 +67,52 @@ def test_bad_apertures(args):
         aperture_beamlet_weights(_grid_beamlets(), 0, *args)
     with pytest.raises(InputError):
         aperture_beamlet_weights(_grid_beamlets(), 5, [0.0, 5.0], [0.0], [1.0], 1.0)
+
+
+@pytest.mark.parametrize("tg", [0.0, 1.0])
+def test_exposure_sum_is_the_mu_weighted_per_aperture_sum(tg):
+    """delivered_weight_sum (exposure integrals per leaf pair) is mu @ delivered_fraction
+    to float64 rounding: random openings (closed pairs, openings outside the X jaws,
+    beamlets across two pairs and past the bank, Y jaws cutting a pair), with leaf and
+    jaw transmission and tongue and groove."""
+    from atp.dose.aperture import Transmission, delivered_fraction, delivered_weight_sum
+
+    rng = np.random.default_rng(3)
+    edges = np.concatenate([np.arange(-40.0, -10.0, 10.0), np.arange(-10.0, 10.0, 5.0),
+                            np.arange(10.0, 41.0, 10.0)])
+    n_pairs, n_ap = edges.size - 1, 300
+    a = rng.uniform(-60, 40, (n_ap, n_pairs))
+    b = a + rng.uniform(0, 50, (n_ap, n_pairs)) * (rng.random((n_ap, n_pairs)) > 0.2)
+    mu = rng.uniform(0.0, 3.0, n_ap)
+    bx, by = (v.ravel() for v in np.meshgrid(np.arange(-47.5, 50, 5.0),
+                                               np.arange(-47.5, 50, 5.0) + 1.3))
+    t = Transmission(leaf=0.015, jaw=0.002, tongue_groove_mm=tg)
+    jx, jy = np.array([-35.0, 22.0]), np.array([-18.3, 27.0])
+    want = mu @ delivered_fraction(bx, by, (5.0, 5.0), edges, a, b,
+                                   np.tile(jx, (n_ap, 1)), np.tile(jy, (n_ap, 1)), t)
+    got = delivered_weight_sum(bx, by, (5.0, 5.0), edges, a, b, mu, jx, jy, t)
+    assert want.max() > 1.0 and np.count_nonzero(want < 0.1 * want.max())
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * want.max())
+
+
+def test_delivered_weights_by_exposure_is_the_per_aperture_sum(phantom):
+    """The deliverable dose's weights summed by exposure integrals (a sliding-window
+    beam's apertures share one jaw setting) equal the per-aperture sum."""
+    from atp.sequencer import deliverable
+
+    from atp import sequencer
+    from atp.dose.geometry import Beam
+    from atp.dose.pencil_beam import PencilBeamEngine
+
+    dij = PencilBeamEngine().influence(phantom, [Beam(90.0), Beam(200.0)],
+                                       dose_grid_factor=3)
+    w = np.random.default_rng(0).uniform(0.0, 20.0, dij.n_beamlets)
+    d = sequencer.sequence(w, dij, "imrt-sliding", fractions=phantom.fractions)
+    fast = deliverable.delivered_weights(d, dij.beamlets)
+    try:
+        deliverable.EXPOSURE_MIN_APERTURES = 10 ** 9
+        slow = deliverable.delivered_weights(d, dij.beamlets)
+    finally:
+        deliverable.EXPOSURE_MIN_APERTURES = 16
+    assert slow.max() > 0
+    np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-10 * slow.max())

@@ -55,7 +55,7 @@ def _recording_resequence(plan, toy, calls):
         calls.append(w)
         out = _sequence(plan.patient, toy, w, patient_dose(toy, w), "imrt-sliding",
                         "millennium120")
-        return out[0], out[1], out[2], out[3], toy
+        return out[0], out[1], out[2], out[3], toy, None
 
     return resequence
 

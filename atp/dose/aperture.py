@@ -180,6 +180,112 @@ def delivered_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_
     return frac / area
 
 
+def _ramp_sums(ends, mu, pair, xs) -> list:
+    """``sum_i mu_i * max(x - ends[p, i], 0)`` for each query (``pair`` p, x) and each
+    ``x`` of ``xs`` (arrays shaped as ``pair``): ``ends`` (n_pairs, n_apertures), ``mu``
+    (n_apertures,). Each pair's ends sorted once, then cumulative sums and one search
+    for all queries (each pair's ends shifted to a band of its own)."""
+    n_pairs, n_ap = ends.shape
+    order = np.argsort(ends, axis=1, kind="stable")
+    srt = np.take_along_axis(ends, order, axis=1)
+    m = mu[order]
+    cm = np.zeros((n_pairs, n_ap + 1))
+    cs = np.zeros((n_pairs, n_ap + 1))
+    np.cumsum(m, axis=1, out=cm[:, 1:])
+    np.cumsum(m * srt, axis=1, out=cs[:, 1:])
+    cm, cs = cm.reshape(-1), cs.reshape(-1)
+    band = 2.0 * (float(np.max(np.abs(srt), initial=0.0))
+                  + max(float(np.max(np.abs(x), initial=0.0)) for x in xs)) + 1.0
+    offset = np.arange(n_pairs) * band
+    keys = (srt + offset[:, None]).reshape(-1)
+    out = []
+    for x in xs:
+        k = np.searchsorted(keys, x + offset[pair], side="left") - pair * n_ap
+        at = pair * (n_ap + 1) + k  # the ends of pair p strictly below x: k of them
+        out.append(x * cm[at] - cs[at])
+    return out
+
+
+def _exposure(lo, hi, mu, pair, x_lo, x_hi) -> np.ndarray:
+    """``sum_i mu_i * |[lo[p, i], hi[p, i]] overlap [x_lo, x_hi]|`` per query (``pair``
+    p): the integral over [x_lo, x_hi] of the MU-weighted opening profile of the
+    intervals (an empty interval, hi < lo, adds nothing); ``lo`` / ``hi`` (n_pairs,
+    n_apertures)."""
+    a_hi, a_lo = _ramp_sums(lo, mu, pair, (x_hi, x_lo))
+    b_hi, b_lo = _ramp_sums(np.maximum(hi, lo), mu, pair, (x_hi, x_lo))
+    return a_hi - b_hi - a_lo + b_lo
+
+
+def delivered_weight_sum(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm,
+                         right_mm, mu, jaw_x_mm, jaw_y_mm,
+                         transmission: Transmission | None = None,
+                         slots=None) -> np.ndarray:
+    """``mu @ delivered_fraction(...)`` (n_beamlets,) for apertures that share one jaw
+    setting (``jaw_x_mm`` / ``jaw_y_mm``: (2,)), computed without the (n_apertures,
+    n_beamlets) matrix: the delivered fraction is linear in the open lengths along x of
+    each leaf pair (inside the jaws, regardless of them, and the tongue-and-groove
+    strips' shared openings), and the MU-weighted sum of an interval's overlap with a
+    beamlet is the integral of the intervals' MU profile over the beamlet
+    (:func:`_exposure`: sorted ends and cumulative sums). The same value as
+    :func:`delivered_fraction` to float64 rounding (~1e-12 relative), in
+    O((n_apertures + n_beamlets) log n_apertures) per leaf pair instead of
+    O(n_apertures x n_beamlets): a sliding-window beam's ~1,600 sub-apertures on ~1,500
+    jaw-field beamlets 0.13 s -> a few ms."""
+    t = transmission or NO_TRANSMISSION
+    bx = np.asarray(bev_x_mm, dtype=np.float64).reshape(-1)
+    by = np.asarray(bev_y_mm, dtype=np.float64).reshape(-1)
+    sx, sy = (float(v) for v in beamlet_size_mm)
+    edges = np.asarray(leaf_edges_mm, dtype=np.float64)
+    left = np.atleast_2d(np.asarray(left_mm, dtype=np.float64))
+    right = np.atleast_2d(np.asarray(right_mm, dtype=np.float64))
+    mu = np.asarray(mu, dtype=np.float64).reshape(-1)
+    n_pairs = left.shape[1]
+    jx0, jx1 = (float(v) for v in np.asarray(jaw_x_mm, dtype=np.float64).reshape(2))
+    jy0, jy1 = (float(v) for v in np.asarray(jaw_y_mm, dtype=np.float64).reshape(2))
+    pairs, lo, hi, valid = (slots if slots is not None
+                            else beamlet_pair_slots(by, sy, edges))
+    xl = np.broadcast_to((bx - sx / 2)[:, None], pairs.shape)
+    xh = np.broadcast_to((bx + sx / 2)[:, None], pairs.shape)
+    # the leaf pairs the beamlets see (and their neighbours: tongue and groove), each
+    # pair's positions over the apertures as a row
+    used = np.unique(np.concatenate([pairs.reshape(-1), np.clip(
+        pairs.reshape(-1) + 1, 0, n_pairs - 1), np.clip(pairs.reshape(-1) - 1, 0, n_pairs - 1)]))
+    row = np.searchsorted(used, pairs)  # each slot's row
+    left, right = left[:, used].T, right[:, used].T
+    le_j, ri_j = np.maximum(left, jx0), np.minimum(right, jx1)  # inside the X jaws
+    oy = np.clip(hi - lo, 0.0, None) * valid
+    oy_j = _overlap(lo, hi, jy0, jy1) * valid
+    e_in = _exposure(le_j, ri_j, mu, row, xl, xh)
+    open_in = (e_in * oy_j).sum(axis=1)
+    area = sx * sy
+    total_mu = float(mu.sum())
+    if t.is_zero:
+        return open_in / area
+    tg = np.zeros_like(open_in)
+    if t.tongue_groove_mm > 0:
+        half = min(t.tongue_groove_mm / 2.0, float(np.min(np.diff(edges))) / 2.0)
+        for step, s_lo, s_hi in ((-1, edges[pairs], edges[pairs] + half),
+                                 (1, edges[pairs + 1] - half, edges[pairs + 1])):
+            q = pairs + step
+            ok = valid & (q >= 0) & (q < n_pairs)
+            # each used pair's neighbour (itself at the bank's edge), as a row; rows
+            # that are only neighbours are never queried (any valid row will do)
+            nb = np.minimum(np.searchsorted(used, np.clip(used + step, 0, n_pairs - 1)),
+                            used.size - 1)
+            oy_s = _overlap(np.maximum(s_lo, lo), np.minimum(s_hi, hi), jy0, jy1) * ok
+            shared = _exposure(np.maximum(le_j, left[nb]), np.minimum(ri_j, right[nb]),
+                               mu, row, xl, xh)
+            tg = tg + ((e_in - shared) * oy_s).sum(axis=1)
+    jaw_area = total_mu * (_overlap(jx0, jx1, bx - sx / 2, bx + sx / 2)
+                           * _overlap(jy0, jy1, by - sy / 2, by + sy / 2))
+    open_all = (_exposure(left, right, mu, row, xl, xh) * oy).sum(axis=1)
+    # delivered_fraction's terms, each linear in the apertures' MU:
+    # open_in - tg + leaf (covered_in + tg) + jaw open_out + jaw leaf covered_out
+    out = (open_in - tg + t.leaf * (jaw_area - open_in + tg) + t.jaw * (open_all - open_in)
+           + t.jaw * t.leaf * (total_mu * area - jaw_area - open_all + open_in))
+    return out / area
+
+
 def open_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm, right_mm,
                   jaw_x_mm=None, jaw_y_mm=None) -> np.ndarray:
     """Exact open-area fraction (no transmission): :func:`delivered_fraction` with none."""
