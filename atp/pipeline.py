@@ -614,7 +614,7 @@ def _finish_sequenced(stages, s: Solve, res, *, dmpo: VmatOptions | None = None
                    and s.opts.get("goal_check") is s.goal_check)
     delivery, ideal, dose, fid = stages.run(
         "sequence", _sequence, patient, dij, res.fluence, dose, technique, machine, vmat,
-        leak=_planned_leak(s), beamlet_dose=correct or dmpo is not None)
+        leak=_planned_leak(s), beamlet_dose=correct)
     if dmpo is not None:
         delivery, dose, fid = stages.run("dmpo", _dmpo, s, res, delivery, ideal, dmpo,
                                          column_gen=True)

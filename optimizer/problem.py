@@ -707,9 +707,10 @@ def build_problem(resolved_goals, patient, dij, *, options: ProblemOptions | Non
     return problem
 
 
-#: id(dij) -> (weakref to the dij, {"key": ..., "A": ..., "fine": ..., "fast": ...,
-#: "beam_columns": ...}): the latest rows operator built on each living dij
-_OPERATORS: dict = {}
+#: dij -> {"key": ..., "A": ..., "fine": ..., "fast": ..., "beam_columns": ...}: the
+#: latest row operators built on each living dij (gone with it; DoseInfluence hashes by
+#: identity)
+_OPERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _operators(dij, used, fine_ids: dict, patient_grid, opt: ProblemOptions) -> dict:
@@ -718,22 +719,27 @@ def _operators(dij, used, fine_ids: dict, patient_grid, opt: ProblemOptions) -> 
     :func:`_fast_operator`) and the beams' columns (``beam_columns``). Kept for the
     latest rows and options while ``dij`` lives: a warm re-plan (a tolerance tweak keeps
     the rows) reuses them instead of splitting the dij again (~0.7 s on an OpenKBP
-    patient), and with them ``A``'s cached transposes (:func:`atp.xp.csr_transpose`)."""
+    patient), and with them ``A``'s cached transposes (:func:`atp.xp.csr_transpose`).
+    Memory: a living dij keeps these (about as much as the problem's rows of the dij,
+    twice with the transposes) until it is dropped or another problem is built on it."""
     voxels = np.fromiter(fine_ids.keys(), dtype=np.int64, count=len(fine_ids))
-    key = (hashlib.sha1(np.ascontiguousarray(used, np.int64).tobytes()).hexdigest(),
-           hashlib.sha1(voxels.tobytes()).hexdigest(), tuple(patient_grid.shape),
+    key = (_digest(used), _digest(voxels), tuple(patient_grid.shape),
            tuple(np.asarray(patient_grid.spacing_mm, float).tolist()),
            tuple(np.asarray(patient_grid.origin_mm, float).tolist()),
            float(opt.dij_tail_threshold), int(opt.dij_tail_group))
-    hit = _OPERATORS.get(id(dij))
-    if hit is not None and hit[0]() is dij and hit[1]["key"] == key:
-        return hit[1]
+    hit = _OPERATORS.get(dij)
+    if hit is not None and hit["key"] == key:
+        return hit
     A, fine = _rows_matrix(dij, used, fine_ids, patient_grid)
     ops = {"key": key, "A": A, "fine": fine}
-    for k in [k for k, (r, _) in _OPERATORS.items() if r() is None]:
-        del _OPERATORS[k]
-    _OPERATORS[id(dij)] = (weakref.ref(dij), ops)
+    _OPERATORS[dij] = ops
     return ops
+
+
+def _digest(a) -> str:
+    """A content key of an integer array (its int64 bytes)."""
+    return hashlib.sha1(np.ascontiguousarray(a, np.int64).tobytes(),
+                        usedforsecurity=False).hexdigest()
 
 
 def _fast_operator(A, dij, opt: ProblemOptions):

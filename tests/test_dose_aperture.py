@@ -95,12 +95,13 @@ def test_exposure_sum_is_the_mu_weighted_per_aperture_sum(tg):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * want.max())
 
 
-def test_delivered_weights_by_exposure_is_the_per_aperture_sum(phantom):
+def test_delivered_weights_by_exposure_is_the_per_aperture_sum(phantom, monkeypatch):
     """The deliverable dose's weights summed by exposure integrals (a sliding-window
     beam's apertures share one jaw setting) equal the per-aperture sum."""
     from atp.sequencer import deliverable
 
     from atp import sequencer
+    from atp.dose.aperture import Transmission
     from atp.dose.geometry import Beam
     from atp.dose.pencil_beam import PencilBeamEngine
 
@@ -109,10 +110,12 @@ def test_delivered_weights_by_exposure_is_the_per_aperture_sum(phantom):
     w = np.random.default_rng(0).uniform(0.0, 20.0, dij.n_beamlets)
     d = sequencer.sequence(w, dij, "imrt-sliding", fractions=phantom.fractions)
     fast = deliverable.delivered_weights(d, dij.beamlets)
-    try:
-        deliverable.EXPOSURE_MIN_APERTURES = 10 ** 9
-        slow = deliverable.delivered_weights(d, dij.beamlets)
-    finally:
-        deliverable.EXPOSURE_MIN_APERTURES = 16
+    bare = deliverable.delivered_weights(d, dij.beamlets, transmission=Transmission())
+    monkeypatch.setattr(deliverable, "EXPOSURE_MIN_APERTURES", 10 ** 9)
+    slow = deliverable.delivered_weights(d, dij.beamlets)
     assert slow.max() > 0
     np.testing.assert_allclose(fast, slow, rtol=1e-10, atol=1e-10 * slow.max())
+    # no transmission: the beamlets past every opening get exactly 0, never < 0
+    want = deliverable.delivered_weights(d, dij.beamlets, transmission=Transmission())
+    assert bare.min() >= 0.0 and np.count_nonzero(want == 0.0)
+    np.testing.assert_allclose(bare, want, rtol=1e-10, atol=1e-10 * want.max())

@@ -227,7 +227,9 @@ def delivered_weight_sum(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, lef
     strips' shared openings), and the MU-weighted sum of an interval's overlap with a
     beamlet is the integral of the intervals' MU profile over the beamlet
     (:func:`_exposure`: sorted ends and cumulative sums). The same value as
-    :func:`delivered_fraction` to float64 rounding (~1e-12 relative), in
+    :func:`delivered_fraction` to float64 rounding (~1e-12 relative; the differences of
+    ramp sums leave a residue of either sign where the exact weight is 0, clipped at 0),
+    in
     O((n_apertures + n_beamlets) log n_apertures) per leaf pair instead of
     O(n_apertures x n_beamlets): a sliding-window beam's ~1,600 sub-apertures on ~1,500
     jaw-field beamlets 0.13 s -> a few ms."""
@@ -259,8 +261,8 @@ def delivered_weight_sum(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, lef
     open_in = (e_in * oy_j).sum(axis=1)
     area = sx * sy
     total_mu = float(mu.sum())
-    if t.is_zero:
-        return open_in / area
+    if t.is_zero:  # the exposures' rounding residue (~1e-11 of the MU) kept >= 0
+        return np.maximum(open_in, 0.0) / area
     tg = np.zeros_like(open_in)
     if t.tongue_groove_mm > 0:
         half = min(t.tongue_groove_mm / 2.0, float(np.min(np.diff(edges))) / 2.0)
@@ -283,7 +285,7 @@ def delivered_weight_sum(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, lef
     # open_in - tg + leaf (covered_in + tg) + jaw open_out + jaw leaf covered_out
     out = (open_in - tg + t.leaf * (jaw_area - open_in + tg) + t.jaw * (open_all - open_in)
            + t.jaw * t.leaf * (total_mu * area - jaw_area - open_all + open_in))
-    return out / area
+    return np.maximum(out, 0.0) / area  # a weight past every opening: >= 0, not -1e-11
 
 
 def open_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm, right_mm,
