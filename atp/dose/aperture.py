@@ -91,6 +91,21 @@ def beamlet_pair_slots(bev_y_mm, beamlet_size_y_mm: float, leaf_edges_mm):
     return pairs, lo, hi, valid
 
 
+def _tg_strips(edges, pairs, lo, hi, valid, tongue_groove_mm: float, n_pairs: int):
+    """The tongue-and-groove strips of each beamlet slot (``pairs``, ``lo``, ``hi``,
+    ``valid`` of :func:`beamlet_pair_slots`): per side of the slot's pair, ``(step, ok,
+    strip_lo, strip_hi)``; step -1: the strip at the pair's lower boundary (shared with
+    pair - 1), +1: at its upper one; the strip's y range within the slot; ok: the slot is
+    used and the neighbour exists. Half of ``tongue_groove_mm`` on each side of a
+    boundary, at most half the narrowest leaf."""
+    half = min(tongue_groove_mm / 2.0, float(np.min(np.diff(edges))) / 2.0)
+    for step, s_lo, s_hi in ((-1, edges[pairs], edges[pairs] + half),
+                             (1, edges[pairs + 1] - half, edges[pairs + 1])):
+        q = pairs + step
+        yield (step, valid & (q >= 0) & (q < n_pairs), np.maximum(s_lo, lo),
+               np.minimum(s_hi, hi))
+
+
 def delivered_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_mm,
                        right_mm, jaw_x_mm=None, jaw_y_mm=None,
                        transmission: Transmission | None = None,
@@ -141,14 +156,9 @@ def delivered_fraction(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, left_
     by = np.asarray(bev_y_mm, dtype=np.float64).reshape(-1)
     tg = 0.0
     if t.tongue_groove_mm > 0:
-        half = min(t.tongue_groove_mm / 2.0, float(np.min(np.diff(edges))) / 2.0)
-        for step, s_lo, s_hi in ((-1, edges[pairs], edges[pairs] + half),
-                                 (1, edges[pairs + 1] - half, edges[pairs + 1])):
-            q = pairs + step
-            ok = valid & (q >= 0) & (q < n_pairs)
-            qc = np.clip(q, 0, n_pairs - 1)
-            s_lo_b = np.maximum(s_lo, lo)
-            s_hi_b = np.minimum(s_hi, hi)
+        for step, ok, s_lo_b, s_hi_b in _tg_strips(edges, pairs, lo, hi, valid,
+                                                   t.tongue_groove_mm, n_pairs):
+            qc = np.clip(pairs + step, 0, n_pairs - 1)
             if jy0 is not None:
                 oy_s = _overlap(s_lo_b[None], s_hi_b[None], jy0, jy1)
             else:
@@ -265,16 +275,13 @@ def delivered_weight_sum(bev_x_mm, bev_y_mm, beamlet_size_mm, leaf_edges_mm, lef
         return np.maximum(open_in, 0.0) / area
     tg = np.zeros_like(open_in)
     if t.tongue_groove_mm > 0:
-        half = min(t.tongue_groove_mm / 2.0, float(np.min(np.diff(edges))) / 2.0)
-        for step, s_lo, s_hi in ((-1, edges[pairs], edges[pairs] + half),
-                                 (1, edges[pairs + 1] - half, edges[pairs + 1])):
-            q = pairs + step
-            ok = valid & (q >= 0) & (q < n_pairs)
+        for step, ok, s_lo_b, s_hi_b in _tg_strips(edges, pairs, lo, hi, valid,
+                                                   t.tongue_groove_mm, n_pairs):
             # each used pair's neighbour (itself at the bank's edge), as a row; rows
             # that are only neighbours are never queried (any valid row will do)
             nb = np.minimum(np.searchsorted(used, np.clip(used + step, 0, n_pairs - 1)),
                             used.size - 1)
-            oy_s = _overlap(np.maximum(s_lo, lo), np.minimum(s_hi, hi), jy0, jy1) * ok
+            oy_s = _overlap(s_lo_b, s_hi_b, jy0, jy1) * ok
             shared = _exposure(np.maximum(le_j, left[nb]), np.minimum(ri_j, right[nb]),
                                mu, row, xl, xh)
             tg = tg + ((e_in - shared) * oy_s).sum(axis=1)
